@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine (see README):
+#   make demo   set-up + the demo on embedded defaults
+#   make test   set-up + lint, type check and the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.glora-installed
+
+.PHONY: demo test lint typecheck pytest setup clean
+
+setup: $(STAMP)
+
+# torch is pinned to the exact CPU wheel that is available offline on our machines.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[test,proofs,lint]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/glora demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check glora_math property_tests
+	$(BIN)/ruff format --check glora_math property_tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict glora_math
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -n 2
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

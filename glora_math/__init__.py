@@ -1,0 +1,72 @@
+"""glora-math: gauge-invariant federated LoRA aggregation, typed, verified and low-rank.
+
+GLoRA (Chen, Liu, Zhu 2026, arXiv 2605.06733) as reconstructed in SPEC.md: gauge-fix each
+client update, find the consensus subspace of the clients' projectors, aggregate in shared
+coordinates and read out adapters of any rank r <= R.
+"""
+
+from glora_math.aggregate import glora_aggregate
+from glora_math.baselines import fedit
+from glora_math.consensus import consensus_basis
+from glora_math.errors import (
+    DeviceMismatchError,
+    DtypeError,
+    EmptyClientsError,
+    GaugeError,
+    GloraError,
+    GloraWarning,
+    NonFiniteError,
+    RankClampedWarning,
+    RankError,
+    ShapeMismatchError,
+    WeightError,
+    ZeroEigengapWarning,
+)
+from glora_math.gauge import (
+    apply_gauge,
+    gauge_fix,
+    random_invertible,
+    random_orthogonal,
+    random_special_orthogonal,
+)
+from glora_math.metrics import fro_distance, fro_norm, mean_update, relative_error, state_factors
+from glora_math.readout import eckart_young_error, readout, readouts
+from glora_math.types import ConsensusBasis, GaugeFixed, LoRAFactors, ServerState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConsensusBasis",
+    "DeviceMismatchError",
+    "DtypeError",
+    "EmptyClientsError",
+    "GaugeError",
+    "GaugeFixed",
+    "GloraError",
+    "GloraWarning",
+    "LoRAFactors",
+    "NonFiniteError",
+    "RankClampedWarning",
+    "RankError",
+    "ServerState",
+    "ShapeMismatchError",
+    "WeightError",
+    "ZeroEigengapWarning",
+    "__version__",
+    "apply_gauge",
+    "consensus_basis",
+    "eckart_young_error",
+    "fedit",
+    "fro_distance",
+    "fro_norm",
+    "gauge_fix",
+    "glora_aggregate",
+    "mean_update",
+    "random_invertible",
+    "random_orthogonal",
+    "random_special_orthogonal",
+    "readout",
+    "readouts",
+    "relative_error",
+    "state_factors",
+]

@@ -1,0 +1,77 @@
+"""The GLoRA aggregation operator (SPEC, GLoRA steps 1-3; arXiv 2605.06733, reconstructed).
+
+Per client: gauge-fix ``B_i A_i = U_i C_i``. Consensus: ``U_ref = TopEig_R(sum_i p_i U_i U_i^T)``.
+Shared coordinates: ``S = sum_i p_i (U_ref^T U_i) C_i``. The state ``(U_ref, S)`` represents
+``U_ref S = U_ref U_ref^T W_bar``, the projection of the mean update onto the consensus subspace
+(P1), and is gauge invariant (P3). Everything is low-rank: nothing d-by-k or d-by-d is formed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from glora_math.consensus import consensus_basis
+from glora_math.gauge import gauge_fix_all
+from glora_math.types import GaugeMode, LoRAFactors, ServerState
+from glora_math.validation import WeightsLike, normalize_weights, validate_clients, validate_rank
+
+
+def glora_aggregate(
+    factors: Sequence[LoRAFactors],
+    weights: WeightsLike = None,
+    *,
+    rank: int,
+    gauge: GaugeMode = "qr",
+) -> ServerState:
+    """Aggregate client LoRA updates into a gauge-invariant low-rank server state.
+
+    Parameters
+    ----------
+    factors
+        N clients' ``LoRAFactors(B_i, A_i)``, B_i ``(d, r_i)``, A_i ``(r_i, k)``; ranks may
+        differ. Scales must already be folded into the factors.
+    weights
+        Non-negative weights ``(N,)`` (e.g. sample counts), renormalised to sum 1;
+        ``None`` for equal weights. Zero-weight clients drop out.
+    rank
+        Server rank R (clamped, with a ``RankClampedWarning``, to the dimension spanned by the
+        clients).
+    gauge
+        ``"qr"`` or ``"svd"``: see :func:`glora_math.gauge_fix`.
+
+    Returns
+    -------
+    ServerState
+        ``U`` ``(d, R)``, ``S`` ``(R, k)``, spectrum and eigengap; ``U @ S`` equals
+        ``U U^T sum_i p_i B_i A_i``.
+
+    Raises
+    ------
+    EmptyClientsError, ShapeMismatchError, NonFiniteError, DeviceMismatchError, DtypeError,
+    WeightError, RankError
+
+    Cost O(sum_i r_i^2 (d + k) + d (sum_i r_i)^2 + R (d + k) sum_i r_i).
+    """
+    R = validate_rank(rank)
+    info = validate_clients(factors)
+    p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
+    fixed = gauge_fix_all(factors, info, gauge)
+    basis = consensus_basis(fixed, p, R)
+    U = basis.U
+    S = U.new_zeros((U.shape[1], info.k))
+    for i, f in enumerate(fixed):
+        if float(p[i]) > 0 and f.rank > 0:
+            S = S + p[i] * ((U.mT @ f.U) @ f.C)
+    return ServerState(
+        U=U,
+        S=S,
+        eigvals=basis.eigvals,
+        gap=basis.gap,
+        requested_rank=R,
+        weights=p,
+        gauge=gauge,
+        dtype=info.dtype,
+    )
+
+
+__all__ = ["glora_aggregate"]

@@ -1,0 +1,126 @@
+"""The consensus subspace of the clients (SPEC, GLoRA step 2).
+
+``K = sum_i p_i U_i U_i^T`` is never formed: its top-R eigenvectors are the top-R left singular
+vectors of the stacked, scaled bases ``M = [sqrt(p_1) U_1, ..., sqrt(p_N) U_N]`` (d by
+``sum_i rho_i``), computed as the thin QR of ``M`` followed by the SVD of its small triangular
+factor. Cost O(d (sum_i rho_i)^2); memory O(d sum_i rho_i).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from glora_math.errors import (
+    DeviceMismatchError,
+    EmptyClientsError,
+    RankClampedWarning,
+    ShapeMismatchError,
+    ZeroEigengapWarning,
+)
+from glora_math.linalg import column_signs, numerical_rank, sign_fixed_qr
+from glora_math.tolerances import zero_gap_tol
+from glora_math.types import ConsensusBasis, GaugeFixed
+from glora_math.validation import WeightsLike, normalize_weights, validate_rank
+
+
+def stacked_bases(fixed: Sequence[GaugeFixed], p: Tensor) -> Tensor:
+    """``M = [sqrt(p_1) U_1, ..., sqrt(p_N) U_N]``, skipping zero-weight and rank-0 clients."""
+    cols = [p[i].sqrt() * f.U for i, f in enumerate(fixed) if float(p[i]) > 0 and f.rank > 0]
+    if not cols:
+        U0 = fixed[0].U
+        return U0.new_zeros((U0.shape[0], 0))
+    return torch.cat(cols, dim=1)
+
+
+def _check_fixed(fixed: Sequence[GaugeFixed]) -> None:
+    if len(fixed) == 0:
+        raise EmptyClientsError("no gauge-fixed clients were given")
+    d = fixed[0].U.shape[0]
+    dev = fixed[0].U.device
+    for i, f in enumerate(fixed):
+        if f.U.shape[0] != d:
+            raise ShapeMismatchError(f"basis has {f.U.shape[0]} rows, client 0 has {d}", client=i)
+        if f.U.device != dev:
+            raise DeviceMismatchError(f"basis is on {f.U.device}, client 0 on {dev}", client=i)
+
+
+def consensus_basis(
+    fixed: Sequence[GaugeFixed], weights: WeightsLike = None, rank: int = 1
+) -> ConsensusBasis:
+    """Top-R eigenvectors of ``K = sum_i p_i U_i U_i^T``, computed from the factors.
+
+    Parameters
+    ----------
+    fixed
+        Gauge-fixed clients (:func:`~glora_math.gauge.gauge_fix`), bases of shape ``(d, rho_i)``.
+    weights
+        Non-negative client weights (renormalised); ``None`` for equal weights.
+    rank
+        The server rank R.
+
+    Returns
+    -------
+    ConsensusBasis
+        ``U`` of shape ``(d, R)``, the spectrum of K and the eigengap at R.
+
+    Warns
+    -----
+    RankClampedWarning
+        If R exceeds the numerical rank of ``M`` (the dimension of the union of the client
+        subspaces): R is clamped to it. This is the documented choice: LoRA's first round
+        (all ``B = 0``) must not be an error.
+    ZeroEigengapWarning
+        If ``lambda_R - lambda_{R+1}`` is numerically zero (U_ref not unique).
+    """
+    R = validate_rank(rank)
+    _check_fixed(fixed)
+    U0 = fixed[0].U
+    dt = U0.dtype
+    d = int(U0.shape[0])
+    p = normalize_weights(weights, len(fixed), dtype=dt, device=U0.device)
+    M = stacked_bases(fixed, p)
+    m = int(M.shape[1])
+    if m == 0:
+        warnings.warn(
+            RankClampedWarning(f"all client updates are zero; server rank clamped from {R} to 0"),
+            stacklevel=2,
+        )
+        return ConsensusBasis(U0.new_zeros((d, 0)), U0.new_zeros((0,)), 0.0)
+    if d >= m:
+        Q, T = sign_fixed_qr(M)
+        W, s, _ = torch.linalg.svd(T, full_matrices=False)
+        Uall = Q @ W
+    else:
+        Uall, s, _ = torch.linalg.svd(M, full_matrices=False)
+    eigvals = s.pow(2)
+    avail = numerical_rank(s, (d, m), dt)
+    if avail < R:
+        warnings.warn(
+            RankClampedWarning(
+                f"server rank {R} exceeds the dimension {avail} spanned by the clients; "
+                f"clamped to {avail}"
+            ),
+            stacklevel=2,
+        )
+        R = avail
+    U = Uall[:, :R]
+    U = U * column_signs(U)
+    lam_next = float(eigvals[R]) if eigvals.numel() > R else 0.0
+    gap = float(eigvals[R - 1]) - lam_next if R > 0 else 0.0
+    if R > 0 and gap <= zero_gap_tol(float(eigvals[0]), d + m, dt):
+        warnings.warn(
+            ZeroEigengapWarning(
+                f"consensus eigengap at R={R} is numerically zero "
+                f"(lambda_R={float(eigvals[R - 1]):.3e}, lambda_R+1={lam_next:.3e}): "
+                "the server subspace is not unique"
+            ),
+            stacklevel=2,
+        )
+    return ConsensusBasis(U, eigvals, gap)
+
+
+__all__ = ["consensus_basis", "stacked_bases"]

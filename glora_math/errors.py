@@ -1,0 +1,111 @@
+"""Typed errors and warnings of glora-math.
+
+Every error raised for bad input is a :class:`GloraError` (a ``ValueError``) that names the
+client (0-based index in the list passed in) and, where the caller supplied one, the module
+(for example a peft module name) so that a server log says *who* sent *what*.
+"""
+
+from __future__ import annotations
+
+from typing import Self
+
+
+class GloraError(ValueError):
+    """Base class of all input and numerical errors raised by glora-math.
+
+    Parameters
+    ----------
+    message
+        What is wrong, in words.
+    client
+        Index of the offending client, if one client is to blame.
+    module
+        Name of the adapted module (e.g. ``"layers.0.self_attn.q_proj"``), if known.
+    """
+
+    def __init__(self, message: str, *, client: int | None = None, module: str | None = None):
+        self.message = message
+        self.client = client
+        self.module = module
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = []
+        if self.module is not None:
+            where.append(f"module {self.module!r}")
+        if self.client is not None:
+            where.append(f"client {self.client}")
+        prefix = ", ".join(where)
+        return f"{prefix}: {self.message}" if prefix else self.message
+
+    def with_context(self, *, module: str | None = None, client: int | None = None) -> Self:
+        """Return a copy of this error with the module and/or client filled in."""
+        return type(self)(
+            self.message,
+            client=self.client if client is None else client,
+            module=self.module if module is None else module,
+        )
+
+
+class ShapeMismatchError(GloraError):
+    """A factor has the wrong number of dimensions, or shapes disagree within or across clients."""
+
+
+class NonFiniteError(GloraError):
+    """A factor or weight contains NaN or +-Inf."""
+
+
+class WeightError(GloraError):
+    """Aggregation weights are negative, non-finite, all zero or of the wrong length."""
+
+
+class EmptyClientsError(GloraError):
+    """No client factors were given (or none has positive weight)."""
+
+
+class RankError(GloraError):
+    """A requested rank is not a positive integer or exceeds what is available."""
+
+
+class DeviceMismatchError(GloraError):
+    """Client tensors live on different devices."""
+
+
+class DtypeError(GloraError):
+    """A tensor is not a floating-point tensor of a supported dtype."""
+
+
+class GaugeError(GloraError):
+    """A gauge matrix is not square of the right size, or is numerically singular."""
+
+
+class GloraWarning(UserWarning):
+    """Base class of glora-math warnings."""
+
+
+class ZeroEigengapWarning(GloraWarning):
+    """The consensus eigengap at the requested rank is numerically zero.
+
+    The top-R eigenspace of K is then not unique: the server basis may change under
+    arbitrarily small perturbations of the client updates.
+    """
+
+
+class RankClampedWarning(GloraWarning):
+    """The requested server rank exceeded the rank the clients span; it was clamped."""
+
+
+__all__ = [
+    "DeviceMismatchError",
+    "DtypeError",
+    "EmptyClientsError",
+    "GaugeError",
+    "GloraError",
+    "GloraWarning",
+    "NonFiniteError",
+    "RankClampedWarning",
+    "RankError",
+    "ShapeMismatchError",
+    "WeightError",
+    "ZeroEigengapWarning",
+]

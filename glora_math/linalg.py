@@ -1,0 +1,134 @@
+"""Small, canonical linear-algebra kernels (pure functions of torch tensors).
+
+Every decomposition here is sign-fixed so that its output is unique wherever the mathematics
+allows it (pymanopt's ``multiqr`` convention for QR, scikit-learn's ``svd_flip`` convention for
+the SVD). Nothing here forms a d-by-k or d-by-d matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from glora_math.tolerances import rank_tol
+
+
+def sign_fixed_qr(X: Float[Tensor, "m n"]) -> tuple[Float[Tensor, "m p"], Float[Tensor, "p n"]]:
+    """Thin Householder QR ``X = Q T`` with ``diag(T) >= 0`` (p = min(m, n)).
+
+    For X of full column rank the result is unique. Zero diagonal entries keep sign +1.
+    """
+    Q, T = torch.linalg.qr(X, mode="reduced")
+    d = torch.diagonal(T, dim1=-2, dim2=-1)
+    s = torch.where(d < 0, -torch.ones_like(d), torch.ones_like(d))
+    return Q * s.unsqueeze(-2), T * s.unsqueeze(-1)
+
+
+def column_signs(U: Float[Tensor, "m p"]) -> Float[Tensor, " p"]:
+    """Signs that make the entry of largest magnitude of each column of ``U`` positive.
+
+    This is scikit-learn's ``svd_flip`` rule; a zero column gets sign +1.
+    """
+    if U.shape[-1] == 0 or U.shape[-2] == 0:
+        return torch.ones(U.shape[-1], dtype=U.dtype, device=U.device)
+    idx = torch.argmax(U.abs(), dim=-2, keepdim=True)
+    picked = torch.gather(U, -2, idx).squeeze(-2)
+    return torch.where(picked < 0, -torch.ones_like(picked), torch.ones_like(picked))
+
+
+def sign_fixed_svd(
+    X: Float[Tensor, "m n"],
+) -> tuple[Float[Tensor, "m p"], Float[Tensor, " p"], Float[Tensor, "p n"]]:
+    """Thin SVD ``X = U diag(s) Vh`` with descending ``s`` and canonical column signs of ``U``.
+
+    Unique when the singular values are distinct and non-zero.
+    """
+    U, s, Vh = torch.linalg.svd(X, full_matrices=False)
+    sg = column_signs(U)
+    return U * sg.unsqueeze(-2), s, Vh * sg.unsqueeze(-1)
+
+
+def numerical_rank(s: Float[Tensor, " p"], shape: tuple[int, int], dtype: torch.dtype) -> int:
+    """Number of singular values ``s`` (descending) above :func:`rank_tol`."""
+    if s.numel() == 0:
+        return 0
+    smax = float(s[0])
+    if smax == 0.0:
+        return 0
+    return int((s > rank_tol(smax, shape, dtype)).sum())
+
+
+def principal_angles(U1: Float[Tensor, "d p"], U2: Float[Tensor, "d q"]) -> Float[Tensor, " m"]:
+    """Principal angles (radians, ascending) between the spans of two orthonormal bases.
+
+    m = min(p, q). Small angles come from the sines (singular values of ``U2 - U1 (U1^T U2)``),
+    large ones from the cosines (singular values of ``U1^T U2``), as in Knyazev and Argentati
+    (SIAM J. Sci. Comput. 2002), so angles near 0 are accurate to working precision.
+    """
+    if U1.shape[1] < U2.shape[1]:
+        U1, U2 = U2, U1
+    if U2.shape[1] == 0:
+        return torch.zeros(0, dtype=U1.dtype, device=U1.device)
+    cross = U1.mT @ U2
+    cos = torch.linalg.svdvals(cross).clamp(0.0, 1.0)  # descending
+    sin = torch.linalg.svdvals(U2 - U1 @ cross).clamp(0.0, 1.0).flip(0)  # ascending
+    from_cos = torch.arccos(cos)
+    from_sin = torch.arcsin(sin)
+    return torch.where(sin < 0.5**0.5, from_sin, from_cos)
+
+
+def projector_distance(U1: Float[Tensor, "d p"], U2: Float[Tensor, "d q"]) -> float:
+    """``||U1 U1^T - U2 U2^T||_F`` without forming a d-by-d matrix.
+
+    ``P1 - P2 = P1 (I - P2) - (I - P1) P2`` with orthogonal ranges, hence
+    ``||P1 - P2||_F^2 = ||(I - P2) U1||_F^2 + ||(I - P1) U2||_F^2``; cost O(d p q), and no
+    cancellation, so distances near 0 are accurate to working precision.
+    """
+    r1 = U1 - U2 @ (U2.mT @ U1)
+    r2 = U2 - U1 @ (U1.mT @ U2)
+    total = torch.linalg.matrix_norm(r1).pow(2) + torch.linalg.matrix_norm(r2).pow(2)
+    return float(total.sqrt())
+
+
+def lowrank_fro_norm(B: Float[Tensor, "d r"], A: Float[Tensor, "r k"]) -> float:
+    """``||B @ A||_F`` without forming the product: ``||T A||_F`` where ``B = Q T``.
+
+    Costs O(d r^2 + r^2 k). Accurate to working precision relative to ``||B|| ||A||`` (no
+    cancellation of squared norms), so it can measure differences ~1e-16 in float64.
+    """
+    if B.shape[1] == 0:
+        return 0.0
+    if B.shape[0] <= B.shape[1]:
+        return float(torch.linalg.matrix_norm(B @ A))
+    _, T = torch.linalg.qr(B, mode="reduced")
+    return float(torch.linalg.matrix_norm(T @ A))
+
+
+def lowrank_svd(
+    B: Float[Tensor, "d m"], A: Float[Tensor, "m k"]
+) -> tuple[Float[Tensor, "d p"], Float[Tensor, " p"], Float[Tensor, "p k"]]:
+    """Thin, sign-fixed SVD of ``B @ A`` computed from the factors (p = min(d, m, k)).
+
+    ``B = Q T`` (thin QR), ``T A = W diag(s) Vh`` (small SVD), so ``B A = (Q W) diag(s) Vh``.
+    Cost O(d m^2 + m^2 k); nothing d-by-k is formed (the dense route costs O(d k min(d, k))).
+    """
+    if B.shape[0] <= B.shape[1]:
+        return sign_fixed_svd(B @ A)
+    Q, T = torch.linalg.qr(B, mode="reduced")
+    W, s, Vh = torch.linalg.svd(T @ A, full_matrices=False)
+    U = Q @ W
+    sg = column_signs(U)
+    return U * sg, s, Vh * sg.unsqueeze(-1)
+
+
+__all__ = [
+    "column_signs",
+    "lowrank_fro_norm",
+    "lowrank_svd",
+    "numerical_rank",
+    "principal_angles",
+    "projector_distance",
+    "sign_fixed_qr",
+    "sign_fixed_svd",
+]

@@ -1,0 +1,98 @@
+"""Rank-compatible readout of LoRA factors from a GLoRA server state (SPEC, step 4).
+
+``S = U~ diag(s) V~^T``; the rank-r readout is ``B = U_ref U~_r s_r^a``, ``A = s_r^(1-a) V~_r^T``
+with ``a = 1/2`` (balanced), 1 (left) or 0 (right). Its product is a best rank-r approximation
+of ``U_ref S`` (Eckart-Young, P4); readouts are nested in r. Cost O(R^2 k + d R r).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from glora_math.errors import RankError
+from glora_math.linalg import sign_fixed_svd
+from glora_math.types import LoRAFactors, ServerState, Split
+from glora_math.validation import validate_rank
+
+
+def _check_readout_rank(state: ServerState, rank: int) -> int:
+    r = validate_rank(rank)
+    if r > state.requested_rank:
+        raise RankError(f"readout rank {r} exceeds the server rank R={state.requested_rank}")
+    return r
+
+
+def _readout_from_svd(
+    state: ServerState, svd: tuple[Tensor, Tensor, Tensor], r: int, split: Split
+) -> LoRAFactors:
+    Us, s, Vh = svd
+    if split not in ("balanced", "left", "right"):
+        raise ValueError(f"unknown split {split!r}; expected 'balanced', 'left' or 'right'")
+    rr = min(r, int(s.numel()))
+    B = state.U @ Us[:, :rr]
+    A = Vh[:rr]
+    sr = s[:rr]
+    if split == "balanced":
+        root = sr.sqrt()
+        B, A = B * root, A * root[:, None]
+    elif split == "left":
+        B = B * sr
+    else:
+        A = A * sr[:, None]
+    if rr < r:
+        # The state has rank rr < r: its best rank-r approximation is itself. Pad with zero
+        # columns/rows so that the client still gets rank-r factors.
+        B = torch.cat([B, B.new_zeros((B.shape[0], r - rr))], dim=1)
+        A = torch.cat([A, A.new_zeros((r - rr, A.shape[1]))], dim=0)
+    return LoRAFactors(B.to(state.dtype), A.to(state.dtype))
+
+
+def readout(state: ServerState, rank: int, split: Split = "balanced") -> LoRAFactors:
+    """Rank-``rank`` LoRA factors whose product best approximates the server update.
+
+    Parameters
+    ----------
+    state
+        A :class:`ServerState` from :func:`glora_math.glora_aggregate`.
+    rank
+        Readout rank r, ``1 <= r <= state.requested_rank``. If r exceeds the effective rank of
+        the state, the factors are zero-padded to rank r (the product is then exact).
+    split
+        How the singular values are shared: ``"balanced"`` (``sqrt(s)`` each side), ``"left"``
+        (all in B) or ``"right"`` (all in A).
+
+    Returns
+    -------
+    LoRAFactors
+        B ``(d, r)``, A ``(r, k)`` in the clients' dtype, with
+        ``||B A - U_ref S||_F^2 = sum_{j > r} s_j(S)^2``.
+
+    Raises
+    ------
+    RankError
+        If ``rank`` is not a positive int or exceeds the server rank.
+    """
+    r = _check_readout_rank(state, rank)
+    return _readout_from_svd(state, sign_fixed_svd(state.S), r, split)
+
+
+def readouts(
+    state: ServerState, ranks: Sequence[int], split: Split = "balanced"
+) -> list[LoRAFactors]:
+    """Readouts at several ranks (e.g. one per heterogeneous client) from one small SVD."""
+    rs = [_check_readout_rank(state, r) for r in ranks]
+    svd = sign_fixed_svd(state.S)
+    return [_readout_from_svd(state, svd, r, split) for r in rs]
+
+
+def eckart_young_error(state: ServerState, rank: int) -> float:
+    """``sqrt(sum_{j > r} s_j(S)^2)``: the Frobenius error of the best rank-r readout."""
+    r = _check_readout_rank(state, rank)
+    s = torch.linalg.svdvals(state.S)
+    return float(s[r:].pow(2).sum().sqrt())
+
+
+__all__ = ["eckart_young_error", "readout", "readouts"]

@@ -1,0 +1,124 @@
+"""All numerical tolerances of glora-math, derived from dtype, dimension and conditioning.
+
+No other module (library or tests) may invent a tolerance: it calls one of these.
+
+The bounds follow the standard normwise forward/backward error analysis of Householder QR,
+the SVD and matrix products (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed.,
+ch. 3, 19, 20): a backward-stable factorisation of an m-by-n matrix ``X`` returns the exact
+factorisation of ``X + dX`` with ``||dX|| <= c * n * eps * ||X||`` for a modest constant ``c``
+that the theory leaves unspecified. We fix that constant once, as :data:`SAFETY`.
+Forward errors then scale with the condition number ``kappa`` of the problem, and errors in an
+invariant subspace scale with ``1 / gap`` (Davis-Kahan sin-theta theorem).
+
+Everything is computed in the *working* dtype returned by :func:`working_dtype`; half-precision
+inputs are computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glora_math.errors import DtypeError
+
+#: The unspecified constant in the ``c * n * eps`` normwise error bounds (see module docstring).
+SAFETY: float = 10.0
+
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Return the dtype in which factors of ``dtype`` are computed.
+
+    float16 and bfloat16 are computed in float32; float32 and float64 in themselves.
+
+    Raises
+    ------
+    DtypeError
+        If ``dtype`` is not one of float16, bfloat16, float32, float64.
+    """
+    if dtype not in _SUPPORTED:
+        raise DtypeError(f"unsupported dtype {dtype}; expected one of {_SUPPORTED}")
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype
+
+
+def eps(dtype: torch.dtype) -> float:
+    """Machine epsilon of the working dtype for ``dtype``."""
+    return float(torch.finfo(working_dtype(dtype)).eps)
+
+
+def rank_tol(sigma_max: float, shape: tuple[int, int], dtype: torch.dtype) -> float:
+    """Singular values at or below this are treated as zero (numerical rank).
+
+    ``max(m, n) * eps * sigma_max``: the LAPACK / ``numpy.linalg.matrix_rank`` convention, the
+    size of the backward error of the SVD of an m-by-n matrix.
+    """
+    return max(shape) * eps(dtype) * sigma_max
+
+
+def zero_gap_tol(lambda_max: float, n: int, dtype: torch.dtype) -> float:
+    """An eigengap at or below this is numerically zero.
+
+    The computed eigenvalues of ``K`` (spectral norm ``lambda_max``) carry absolute errors up to
+    ``SAFETY * n * eps * lambda_max``; a gap smaller than that cannot be told from zero.
+    """
+    return SAFETY * n * eps(dtype) * lambda_max
+
+
+def product_tol(dtype: torch.dtype, *, n: int, scale: float, kappa: float = 1.0) -> float:
+    """Absolute Frobenius-norm tolerance for a matrix reached by stable factorisations.
+
+    Parameters
+    ----------
+    dtype
+        dtype of the inputs (the working dtype's epsilon is used).
+    n
+        Sum of the dimensions the computation runs over (e.g. ``d + k + sum(r_i)``).
+    scale
+        Norm of the quantity, e.g. ``sum_i p_i ||B_i|| ||A_i||``.
+    kappa
+        Condition number of the worst factor involved (1 for orthonormal inputs).
+    """
+    return SAFETY * n * eps(dtype) * kappa * scale
+
+
+def subspace_tol(dtype: torch.dtype, *, n: int, kappa: float, gap: float) -> float:
+    """Tolerance on ``sin`` of the largest principal angle of a computed invariant subspace.
+
+    Davis-Kahan: a perturbation of size ``delta`` moves an invariant subspace separated by
+    ``gap`` by at most ``delta / gap``; the perturbation here is the backward error of the
+    factorisations, ``SAFETY * n * eps * kappa``. Capped at 1 (the largest possible sine).
+    """
+    if gap <= 0.0:
+        return 1.0
+    return min(1.0, SAFETY * n * eps(dtype) * kappa / gap)
+
+
+def aggregate_tol(dtype: torch.dtype, *, n: int, kappa: float, gap: float, scale: float) -> float:
+    """Tolerance for comparing two server updates ``U_ref S`` that should agree exactly.
+
+    Error of the products (:func:`product_tol`) plus the error from the consensus subspace
+    moving within :func:`subspace_tol`, times the size of what it projects (``scale``).
+    """
+    return product_tol(dtype, n=n, scale=scale, kappa=kappa) + 2.0 * scale * subspace_tol(
+        dtype, n=n, kappa=kappa, gap=gap
+    )
+
+
+def orthonormality_tol(dtype: torch.dtype, *, n: int) -> float:
+    """Tolerance on ``||U^T U - I||_F`` for a basis from Householder QR (n = rows + columns)."""
+    return SAFETY * n * eps(dtype)
+
+
+__all__ = [
+    "SAFETY",
+    "aggregate_tol",
+    "eps",
+    "orthonormality_tol",
+    "product_tol",
+    "rank_tol",
+    "subspace_tol",
+    "working_dtype",
+    "zero_gap_tol",
+]

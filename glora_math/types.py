@@ -1,0 +1,195 @@
+"""Named, typed containers of glora-math.
+
+Shapes are written in jaxtyping notation at the public boundaries (checked at test time);
+every container validates its own shapes on construction and raises
+:class:`~glora_math.errors.ShapeMismatchError` otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from glora_math.errors import DtypeError, ShapeMismatchError
+
+GaugeMode = Literal["qr", "svd"]
+Split = Literal["balanced", "left", "right"]
+
+
+def _check_matrix(name: str, x: object) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise DtypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ShapeMismatchError(f"{name} must be a matrix (2-D), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise DtypeError(f"{name} must be floating point, got {x.dtype}")
+    return x
+
+
+@dataclass(frozen=True, slots=True)
+class LoRAFactors:
+    """The factors of one LoRA update ``dW = B @ A``.
+
+    Parameters
+    ----------
+    B
+        Left factor, shape ``(d, r)``.
+    A
+        Right factor, shape ``(r, k)``.
+
+    The scale (peft's ``alpha / r``) is assumed folded into the factors.
+
+    Raises
+    ------
+    ShapeMismatchError
+        If B or A is not 2-D or their inner dimensions differ.
+    DtypeError
+        If B or A is not a floating-point tensor.
+    """
+
+    B: Float[Tensor, "d r"]
+    A: Float[Tensor, "r k"]
+
+    def __post_init__(self) -> None:
+        _check_matrix("B", self.B)
+        _check_matrix("A", self.A)
+        if self.B.shape[1] != self.A.shape[0]:
+            raise ShapeMismatchError(
+                f"inner dimensions differ: B is {tuple(self.B.shape)}, A is {tuple(self.A.shape)}"
+            )
+
+    @property
+    def rank(self) -> int:
+        """The factor rank r (the inner dimension; the product may have lower rank)."""
+        return int(self.B.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape ``(d, k)`` of the update ``B @ A``."""
+        return int(self.B.shape[0]), int(self.A.shape[1])
+
+    def delta(self) -> Float[Tensor, "d k"]:
+        """The dense update ``B @ A`` (d-by-k: for tests and small problems)."""
+        return self.B @ self.A
+
+    def __iter__(self) -> Iterator[Tensor]:
+        """Allow ``B, A = factors``."""
+        yield self.B
+        yield self.A
+
+
+@dataclass(frozen=True, slots=True)
+class GaugeFixed:
+    """A gauge-fixed client update ``dW = U @ C`` with orthonormal columns in ``U``.
+
+    Parameters
+    ----------
+    U
+        Orthonormal basis, shape ``(d, rho)``; ``rho`` is the numerical rank kept.
+    C
+        Coordinates in that basis, shape ``(rho, k)``.
+    """
+
+    U: Float[Tensor, "d rho"]
+    C: Float[Tensor, "rho k"]
+
+    def __post_init__(self) -> None:
+        _check_matrix("U", self.U)
+        _check_matrix("C", self.C)
+        if self.U.shape[1] != self.C.shape[0]:
+            raise ShapeMismatchError(
+                f"inner dimensions differ: U is {tuple(self.U.shape)}, C is {tuple(self.C.shape)}"
+            )
+
+    @property
+    def rank(self) -> int:
+        """Number of basis columns kept (the numerical rank)."""
+        return int(self.U.shape[1])
+
+    def delta(self) -> Float[Tensor, "d k"]:
+        """The dense update ``U @ C`` (for tests)."""
+        return self.U @ self.C
+
+
+@dataclass(frozen=True, slots=True)
+class ConsensusBasis:
+    """The consensus subspace of the clients: top-R eigenvectors of ``K = sum_i p_i U_i U_i^T``.
+
+    Parameters
+    ----------
+    U
+        Orthonormal basis ``U_ref``, shape ``(d, R)``.
+    eigvals
+        The non-zero part of the spectrum of K, descending, shape ``(m,)`` with
+        ``m = min(d, sum_i rho_i)``; entries beyond the numerical rank are ~0.
+    gap
+        ``lambda_R - lambda_{R+1}`` (``lambda_{m+1} = 0``); 0.0 when R = 0.
+    """
+
+    U: Float[Tensor, "d R"]
+    eigvals: Float[Tensor, " m"]
+    gap: float
+
+    @property
+    def rank(self) -> int:
+        """The server rank R."""
+        return int(self.U.shape[1])
+
+
+@dataclass(frozen=True, slots=True)
+class ServerState:
+    """The GLoRA server state: basis ``U_ref`` and shared coordinates ``S``.
+
+    The state represents the update ``U_ref @ S = U_ref U_ref^T W_bar`` (SPEC P1). It is kept
+    in the working dtype (float32 for half inputs); readouts are cast back to ``dtype``.
+
+    Parameters
+    ----------
+    U
+        Consensus basis ``U_ref``, shape ``(d, R)``, orthonormal columns.
+    S
+        Shared coordinates ``sum_i p_i (U_ref^T U_i) C_i``, shape ``(R, k)``.
+    eigvals
+        Spectrum of K (see :class:`ConsensusBasis`).
+    gap
+        Consensus eigengap at R.
+    requested_rank
+        The rank asked for; ``R = U.shape[1]`` is smaller if it was clamped.
+    weights
+        The renormalised client weights ``p`` actually used, shape ``(N,)``.
+    gauge
+        Gauge-fixing mode used for the clients.
+    dtype
+        dtype of the client factors (readouts are returned in it).
+    """
+
+    U: Float[Tensor, "d R"]
+    S: Float[Tensor, "R k"]
+    eigvals: Float[Tensor, " m"]
+    gap: float
+    requested_rank: int
+    weights: Float[Tensor, " N"]
+    gauge: GaugeMode
+    dtype: torch.dtype
+
+    @property
+    def rank(self) -> int:
+        """The effective server rank R (columns of ``U``)."""
+        return int(self.U.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape ``(d, k)`` of the represented update."""
+        return int(self.U.shape[0]), int(self.S.shape[1])
+
+    def delta(self) -> Float[Tensor, "d k"]:
+        """The dense update ``U_ref @ S`` (d-by-k: for tests and small problems only)."""
+        return self.U @ self.S
+
+
+__all__ = ["ConsensusBasis", "GaugeFixed", "GaugeMode", "LoRAFactors", "ServerState", "Split"]

@@ -1,0 +1,152 @@
+"""Input validation shared by every operator: clients, weights, ranks.
+
+Each check raises a typed :class:`~glora_math.errors.GloraError` naming the client at fault.
+Costs are O(N r (d + k)): every entry of every factor is read once (finiteness), nothing more.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from glora_math.errors import (
+    DeviceMismatchError,
+    EmptyClientsError,
+    GloraError,
+    NonFiniteError,
+    RankError,
+    ShapeMismatchError,
+    WeightError,
+)
+from glora_math.tolerances import working_dtype
+from glora_math.types import LoRAFactors
+
+WeightsLike = Tensor | Sequence[float] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientsInfo:
+    """What all clients agree on: update shape, input dtype (promoted), working dtype, device."""
+
+    d: int
+    k: int
+    dtype: torch.dtype
+    work_dtype: torch.dtype
+    device: torch.device
+
+
+def as_factors(client: object, index: int) -> LoRAFactors:
+    """Return ``client`` as :class:`LoRAFactors`, accepting a ``(B, A)`` pair.
+
+    Raises
+    ------
+    GloraError
+        (a subclass) naming client ``index`` if it cannot be read as factors.
+    """
+    if isinstance(client, LoRAFactors):
+        return client
+    if isinstance(client, tuple) and len(client) == 2:
+        try:
+            return LoRAFactors(client[0], client[1])
+        except GloraError as err:
+            raise err.with_context(client=index) from None
+    raise ShapeMismatchError(
+        f"expected LoRAFactors(B, A) or a (B, A) tuple, got {type(client).__name__}", client=index
+    )
+
+
+def validate_clients(factors: Sequence[LoRAFactors]) -> ClientsInfo:
+    """Check that clients are non-empty, shape-compatible, on one device and finite.
+
+    Ranks may differ between clients; ``d`` and ``k`` may not.
+
+    Raises
+    ------
+    EmptyClientsError, ShapeMismatchError, DeviceMismatchError, NonFiniteError, DtypeError
+    """
+    if len(factors) == 0:
+        raise EmptyClientsError("no client factors were given")
+    clients = [as_factors(f, i) for i, f in enumerate(factors)]
+    d, k = clients[0].shape
+    device = clients[0].B.device
+    dtype = clients[0].B.dtype
+    for i, f in enumerate(clients):
+        if f.shape != (d, k):
+            raise ShapeMismatchError(
+                f"update shape {f.shape} (B {tuple(f.B.shape)}, A {tuple(f.A.shape)}) differs "
+                f"from client 0's {(d, k)}",
+                client=i,
+            )
+        for name, x in (("B", f.B), ("A", f.A)):
+            if x.device != device:
+                raise DeviceMismatchError(
+                    f"{name} is on {x.device}, client 0 is on {device}", client=i
+                )
+            dtype = torch.promote_types(dtype, x.dtype)
+            working_dtype(x.dtype)  # raises DtypeError for unsupported dtypes
+            if x.numel() and not bool(torch.isfinite(x).all()):
+                bad = int((~torch.isfinite(x)).sum())
+                raise NonFiniteError(f"{name} has {bad} NaN/Inf entries", client=i)
+    return ClientsInfo(d=d, k=k, dtype=dtype, work_dtype=working_dtype(dtype), device=device)
+
+
+def normalize_weights(
+    weights: WeightsLike, n: int, *, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """Return weights ``p`` (shape ``(n,)``) that are non-negative and sum to 1.
+
+    ``None`` means equal weights. Zero weights are allowed (those clients drop out).
+
+    Raises
+    ------
+    WeightError
+        On wrong length, NaN/Inf, a negative entry (naming the client) or an all-zero vector.
+    """
+    if weights is None:
+        return torch.full((n,), 1.0 / n, dtype=dtype, device=device)
+    w = torch.as_tensor(weights, dtype=torch.float64).detach().flatten().cpu()
+    if w.numel() != n:
+        raise WeightError(f"got {w.numel()} weights for {n} clients")
+    for i, wi in enumerate(w.tolist()):
+        if not math.isfinite(wi):
+            raise WeightError(f"weight is {wi}", client=i)
+        if wi < 0:
+            raise WeightError(f"weight {wi} is negative", client=i)
+    total = float(w.sum())
+    if total <= 0.0:
+        raise WeightError("all weights are zero")
+    return (w / total).to(dtype=dtype, device=device)
+
+
+def validate_rank(rank: object, *, name: str = "rank") -> int:
+    """Return ``rank`` as a positive int.
+
+    Raises
+    ------
+    RankError
+        If ``rank`` is not an integer (bools excluded) or is < 1.
+    """
+    if isinstance(rank, bool):
+        raise RankError(f"{name} must be a positive int, got {rank!r}")
+    try:
+        rank = operator.index(rank)  # type: ignore[arg-type]
+    except TypeError:
+        raise RankError(f"{name} must be a positive int, got {rank!r}") from None
+    if rank < 1:
+        raise RankError(f"{name} must be >= 1, got {rank}")
+    return rank
+
+
+__all__ = [
+    "ClientsInfo",
+    "WeightsLike",
+    "as_factors",
+    "normalize_weights",
+    "validate_clients",
+    "validate_rank",
+]
