@@ -1,0 +1,16 @@
+"""Hypothesis profiles: ``ci`` (default), ``dev`` (fewer examples), ``nightly`` (many).
+
+Choose with ``GLORA_HYPOTHESIS_PROFILE=nightly make test``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+_COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+settings.register_profile("ci", max_examples=60, derandomize=False, print_blob=True, **_COMMON)
+settings.register_profile("dev", max_examples=20, **_COMMON)
+settings.register_profile("nightly", max_examples=2000, **_COMMON)
+settings.load_profile(os.environ.get("GLORA_HYPOTHESIS_PROFILE", "ci"))

@@ -1,0 +1,171 @@
+"""Hypothesis strategies for federated LoRA problems.
+
+Hypothesis draws small integers and floats (so failures shrink to small dimensions, few clients
+and mild conditioning); tensors are then built from a drawn seed with a ``torch.Generator``
+(hypothesis does not seed torch). Matrices are built as ``P diag(sigma) Q^T`` with a drawn,
+shrinkable condition number, as in array-api-tests' ``hypothesis_helpers``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from hypothesis import strategies as st
+from torch import Tensor
+
+from glora_math import LoRAFactors, random_invertible, random_orthogonal
+
+SEEDS = st.integers(min_value=0, max_value=2**32 - 1)
+
+
+def conditioned_matrix(
+    m: int, n: int, *, cond: float, scale: float, generator: torch.Generator, dtype: torch.dtype
+) -> Tensor:
+    """An m-by-n matrix of full rank min(m, n), 2-norm ``scale`` and condition number ``cond``."""
+    p = min(m, n)
+    P = random_orthogonal(m, generator=generator)[:, :p]
+    Q = random_orthogonal(n, generator=generator)[:, :p]
+    t = torch.linspace(0.0, 1.0, p, dtype=torch.float64)
+    sigma = scale * torch.pow(torch.tensor(cond, dtype=torch.float64), -t)
+    return ((P * sigma) @ Q.mT).to(dtype)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A drawn federated problem: N clients' factors, their weights and how they were built."""
+
+    factors: list[LoRAFactors]
+    weights: Tensor | None
+    d: int
+    k: int
+    cond: float
+    seed: int
+    dtype: torch.dtype
+    zero_clients: tuple[int, ...] = field(default=())
+
+    @property
+    def n(self) -> int:
+        return len(self.factors)
+
+    @property
+    def ranks(self) -> list[int]:
+        return [f.rank for f in self.factors]
+
+    @property
+    def p(self) -> Tensor:
+        """Normalised weights in float64."""
+        if self.weights is None:
+            return torch.full((self.n,), 1.0 / self.n, dtype=torch.float64)
+        w = self.weights.to(torch.float64)
+        return w / w.sum()
+
+    def mean(self) -> Tensor:
+        """Dense exact mean update in float64 (reference)."""
+        return sum(
+            (
+                float(self.p[i]) * (f.B.to(torch.float64) @ f.A.to(torch.float64))
+                for i, f in enumerate(self.factors)
+            ),
+            start=torch.zeros(self.d, self.k, dtype=torch.float64),
+        )
+
+    def scale(self) -> float:
+        """``sum_i p_i ||B_i||_F ||A_i||_F``: the size the backward errors are relative to."""
+        return sum(
+            float(self.p[i]) * float(f.B.norm()) * float(f.A.norm())
+            for i, f in enumerate(self.factors)
+        )
+
+    def union_dim(self) -> int:
+        """Dimension of the sum of the client column spaces (dense reference rank)."""
+        Bs = [
+            f.B.to(torch.float64)
+            for i, f in enumerate(self.factors)
+            if float(self.p[i]) > 0 and i not in self.zero_clients
+        ]
+        if not Bs:
+            return 0
+        return int(torch.linalg.matrix_rank(torch.cat(Bs, dim=1)))
+
+
+@st.composite
+def problems(
+    draw: st.DrawFn,
+    *,
+    dtype: torch.dtype = torch.float64,
+    min_clients: int = 1,
+    max_clients: int = 5,
+    max_rank: int = 4,
+    max_cond: float = 100.0,
+    equal_ranks: bool = False,
+    weights: str = "random",
+    zero_updates: bool = False,
+) -> Problem:
+    """A federated problem with shrinkable dimensions, ranks, conditioning and weights.
+
+    ``weights``: ``"equal"`` (None), ``"random"`` (positive) or ``"with_zeros"`` (some zero,
+    at least one positive). ``zero_updates``: some clients have ``B = 0`` (LoRA's start).
+    """
+    d = draw(st.integers(min_value=3, max_value=24), label="d")
+    k = draw(st.integers(min_value=2, max_value=20), label="k")
+    n = draw(st.integers(min_value=min_clients, max_value=max_clients), label="N")
+    top = max(1, min(max_rank, d, k))
+    if equal_ranks:
+        ranks = [draw(st.integers(1, top), label="r")] * n
+    else:
+        ranks = draw(st.lists(st.integers(1, top), min_size=n, max_size=n), label="ranks")
+    cond = draw(st.floats(min_value=1.0, max_value=max_cond), label="cond")
+    seed = draw(SEEDS, label="seed")
+    g = torch.Generator().manual_seed(seed)
+    zero: tuple[int, ...] = ()
+    if zero_updates:
+        zero = tuple(
+            sorted(draw(st.sets(st.integers(0, n - 1), max_size=n), label="zero_clients"))
+        )
+    factors = []
+    for i, r in enumerate(ranks):
+        B = conditioned_matrix(d, r, cond=cond, scale=1.0, generator=g, dtype=dtype)
+        A = conditioned_matrix(r, k, cond=cond, scale=1.0, generator=g, dtype=dtype)
+        if i in zero:
+            B = torch.zeros_like(B)
+        factors.append(LoRAFactors(B, A))
+    w: Tensor | None
+    if weights == "equal":
+        w = None
+    elif weights == "random":
+        vals = draw(st.lists(st.floats(0.1, 10.0), min_size=n, max_size=n), label="weights")
+        w = torch.tensor(vals, dtype=torch.float64)
+    elif weights == "with_zeros":
+        vals = draw(
+            st.lists(st.sampled_from([0.0, 0.5, 1.0, 3.0]), min_size=n, max_size=n).filter(
+                lambda v: sum(v) > 0
+            ),
+            label="weights",
+        )
+        w = torch.tensor(vals, dtype=torch.float64)
+    else:  # pragma: no cover - programming error in a test
+        raise ValueError(weights)
+    return Problem(factors, w, d, k, cond, seed, dtype, zero)
+
+
+@st.composite
+def gauges_for(
+    draw: st.DrawFn, ranks: list[int], *, kind: str = "invertible", max_cond: float = 100.0
+) -> tuple[list[Tensor], float]:
+    """One gauge per client (``kind``: invertible, orthogonal, special_orthogonal).
+
+    Returns the gauges and the drawn condition number (1 for orthogonal gauges).
+    """
+    seed = draw(SEEDS, label="gauge_seed")
+    g = torch.Generator().manual_seed(seed)
+    if kind == "invertible":
+        cond = draw(st.floats(1.0, max_cond), label="gauge_cond")
+        return [random_invertible(r, cond=cond, generator=g) for r in ranks], cond
+    if kind == "orthogonal":
+        return [random_orthogonal(r, generator=g) for r in ranks], 1.0
+    if kind == "special_orthogonal":
+        from glora_math import random_special_orthogonal
+
+        return [random_special_orthogonal(r, generator=g) for r in ranks], 1.0
+    raise ValueError(kind)  # pragma: no cover
