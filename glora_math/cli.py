@@ -78,9 +78,9 @@ def run_demo(args: argparse.Namespace) -> str:
 
     ops: list[tuple[str, Operator]] = [
         ("FedIT (factor averaging)", fedit),
-        (f"GLoRA qr,  R={args.server_rank}", glora_op(args.server_rank, "qr")),
-        (f"GLoRA svd, R={args.server_rank}", glora_op(args.server_rank, "svd")),
-        (f"GLoRA qr,  R={total_rank} (=N*r)", glora_op(total_rank, "qr")),
+        (f"GLoRA (qr) R={args.server_rank}", glora_op(args.server_rank, "qr")),
+        (f"GLoRA (svd) R={args.server_rank}", glora_op(args.server_rank, "svd")),
+        (f"GLoRA (qr) R={total_rank} = N*r", glora_op(total_rank, "qr")),
     ]
     rows = []
     for name, op in ops:

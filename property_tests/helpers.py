@@ -85,7 +85,14 @@ def n_dims(d: int, k: int, ranks: Sequence[int]) -> int:
 
 
 def state_tol(
-    dtype: torch.dtype, *, d: int, k: int, ranks: Sequence[int], kappa: float, gap: float, scale: float
+    dtype: torch.dtype,
+    *,
+    d: int,
+    k: int,
+    ranks: Sequence[int],
+    kappa: float,
+    gap: float,
+    scale: float,
 ) -> float:
     return aggregate_tol(dtype, n=n_dims(d, k, ranks), kappa=kappa, gap=gap, scale=scale)
 

@@ -43,6 +43,7 @@ class Problem:
     seed: int
     dtype: torch.dtype
     zero_clients: tuple[int, ...] = field(default=())
+    deficient_clients: tuple[int, ...] = field(default=())
 
     @property
     def n(self) -> int:
@@ -101,11 +102,13 @@ def problems(
     equal_ranks: bool = False,
     weights: str = "random",
     zero_updates: bool = False,
+    deficient: bool = False,
 ) -> Problem:
     """A federated problem with shrinkable dimensions, ranks, conditioning and weights.
 
     ``weights``: ``"equal"`` (None), ``"random"`` (positive) or ``"with_zeros"`` (some zero,
     at least one positive). ``zero_updates``: some clients have ``B = 0`` (LoRA's start).
+    ``deficient``: some clients of rank r >= 2 have a non-zero B of rank r - 1.
     """
     d = draw(st.integers(min_value=3, max_value=24), label="d")
     k = draw(st.integers(min_value=2, max_value=20), label="k")
@@ -120,12 +123,18 @@ def problems(
     g = torch.Generator().manual_seed(seed)
     zero: tuple[int, ...] = ()
     if zero_updates:
-        zero = tuple(
-            sorted(draw(st.sets(st.integers(0, n - 1), max_size=n), label="zero_clients"))
-        )
+        zero = tuple(sorted(draw(st.sets(st.integers(0, n - 1), max_size=n), label="zero_clients")))
+    low: set[int] = set()
+    if deficient:
+        low = draw(st.sets(st.integers(0, n - 1), max_size=n), label="deficient_clients")
     factors = []
     for i, r in enumerate(ranks):
-        B = conditioned_matrix(d, r, cond=cond, scale=1.0, generator=g, dtype=dtype)
+        if i in low and r >= 2:
+            B = conditioned_matrix(d, r - 1, cond=cond, scale=1.0, generator=g, dtype=torch.float64)
+            X = conditioned_matrix(r - 1, r, cond=1.0, scale=1.0, generator=g, dtype=torch.float64)
+            B = (B @ X).to(dtype)
+        else:
+            B = conditioned_matrix(d, r, cond=cond, scale=1.0, generator=g, dtype=dtype)
         A = conditioned_matrix(r, k, cond=cond, scale=1.0, generator=g, dtype=dtype)
         if i in zero:
             B = torch.zeros_like(B)
@@ -146,7 +155,7 @@ def problems(
         w = torch.tensor(vals, dtype=torch.float64)
     else:  # pragma: no cover - programming error in a test
         raise ValueError(weights)
-    return Problem(factors, w, d, k, cond, seed, dtype, zero)
+    return Problem(factors, w, d, k, cond, seed, dtype, zero, tuple(sorted(low)))
 
 
 @st.composite

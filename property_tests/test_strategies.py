@@ -26,7 +26,12 @@ def test_conditioned_matrix_has_the_drawn_condition_and_norm(
     m: int, n: int, c: float, scale: float, seed: int
 ) -> None:
     X = conditioned_matrix(
-        m, n, cond=c, scale=scale, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        m,
+        n,
+        cond=c,
+        scale=scale,
+        generator=torch.Generator().manual_seed(seed),
+        dtype=torch.float64,
     )
     s = torch.linalg.svdvals(X)
     tol = product_tol(torch.float64, n=m + n, scale=1.0, kappa=c)
@@ -74,16 +79,19 @@ def test_special_orthogonal_flips_a_negative_determinant() -> None:
     assert min(dets_so) > 0
 
 
-@given(problems(weights="with_zeros", zero_updates=True))
+@given(problems(weights="with_zeros", zero_updates=True, deficient=True))
 def test_problems_respect_their_contract(pb) -> None:  # type: ignore[no-untyped-def]
     assert pb.n == len(pb.factors) >= 1
     assert pb.weights is not None
-    assert float(pb.weights.sum()) > 0 and bool((pb.weights >= 0).all())
+    assert float(pb.weights.sum()) > 0
+    assert bool((pb.weights >= 0).all())
     for i, f in enumerate(pb.factors):
         assert f.shape == (pb.d, pb.k)
         assert 1 <= f.rank <= min(pb.d, pb.k)
         if i in pb.zero_clients:
             assert not bool(f.B.any())
+        elif i in pb.deficient_clients and f.rank >= 2:
+            assert int(torch.linalg.matrix_rank(f.B)) == f.rank - 1
         else:
             tol = product_tol(torch.float64, n=pb.d + f.rank, scale=1.0, kappa=pb.cond)
             assert f.rank == 1 or math.isclose(cond(f.B), pb.cond, rel_tol=tol)
