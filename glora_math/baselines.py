@@ -1,41 +1,368 @@
-"""Baseline aggregation rules that the core needs (the full operator zoo builds on these).
+"""Baseline federated-LoRA aggregation rules as pure functions of client factors.
 
-FedIT (arXiv 2305.05644): average the factors separately,
-``B_bar = sum_i p_i B_i``, ``A_bar = sum_i p_i A_i``. Its product is NOT the mean update
-(SPEC P7) and it is NOT invariant under per-client gauges: the reason GLoRA exists.
+Each function takes client factors (scale folded in) and weights, and returns factors (and,
+where the method is dense by definition, a dense residual). The registry
+(:mod:`glora_math.registry`) wraps them behind one interface with declared guarantees.
+Weights are renormalised as everywhere (:func:`glora_math.validation.normalize_weights`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
-from glora_math.errors import ShapeMismatchError
+from glora_math.errors import ProtocolError, ShapeMismatchError
+from glora_math.linalg import lowrank_svd, sign_fixed_svd
+from glora_math.metrics import mean_update
 from glora_math.types import LoRAFactors
-from glora_math.validation import WeightsLike, normalize_weights, validate_clients
+from glora_math.validation import (
+    ClientsInfo,
+    WeightsLike,
+    normalize_weights,
+    validate_clients,
+    validate_rank,
+)
+
+Layout = Literal["out_in", "in_out"]
+
+
+def _prepare(
+    factors: Sequence[LoRAFactors], weights: WeightsLike
+) -> tuple[ClientsInfo, Tensor, list[LoRAFactors]]:
+    info = validate_clients(factors)
+    p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
+    wd = info.work_dtype
+    return info, p, [LoRAFactors(f.B.to(wd), f.A.to(wd)) for f in factors]
+
+
+def _require_equal_ranks(factors: Sequence[LoRAFactors], method: str) -> int:
+    r0 = factors[0].rank
+    for i, f in enumerate(factors):
+        if f.rank != r0:
+            raise ShapeMismatchError(
+                f"{method} needs equal ranks: rank {f.rank} differs from client 0's {r0}", client=i
+            )
+    return r0
+
+
+def _weighted_sum(p: Tensor, xs: Sequence[Tensor]) -> Tensor:
+    out: Tensor = torch.tensordot(p, torch.stack(list(xs)), dims=1)
+    return out
+
+
+def _cast(f: LoRAFactors, dtype: torch.dtype) -> LoRAFactors:
+    return LoRAFactors(f.B.to(dtype), f.A.to(dtype))
 
 
 def fedit(factors: Sequence[LoRAFactors], weights: WeightsLike = None) -> LoRAFactors:
-    """Factor averaging: ``(sum_i p_i B_i, sum_i p_i A_i)``, in the clients' dtype.
+    """FedIT (arXiv 2305.05644): ``(sum_i p_i B_i, sum_i p_i A_i)``, in the clients' dtype.
+
+    Its product is not the mean update (SPEC P7) and it is not invariant under per-client
+    gauges; it is equivariant under a gauge common to all clients.
 
     Raises
     ------
     ShapeMismatchError
         If client ranks differ (FedIT has no rule for heterogeneous ranks).
     """
-    info = validate_clients(factors)
-    r0 = factors[0].rank
-    for i, f in enumerate(factors):
-        if f.rank != r0:
-            raise ShapeMismatchError(
-                f"FedIT needs equal ranks: rank {f.rank} differs from client 0's {r0}", client=i
+    info, p, fs = _prepare(factors, weights)
+    _require_equal_ranks(fs, "FedIT")
+    out = LoRAFactors(_weighted_sum(p, [f.B for f in fs]), _weighted_sum(p, [f.A for f in fs]))
+    return _cast(out, info.dtype)
+
+
+def ffa_lora(factors: Sequence[LoRAFactors], weights: WeightsLike = None) -> LoRAFactors:
+    """FFA-LoRA (arXiv 2403.12313): A is frozen and shared; average B only. Exact.
+
+    ``sum_i p_i B_i A = (sum_i p_i B_i) A``.
+
+    Raises
+    ------
+    ProtocolError
+        If a client's A differs from client 0's (A must be the shared, frozen matrix).
+    """
+    info, p, fs = _prepare(factors, weights)
+    _require_equal_ranks(fs, "FFA-LoRA")
+    A0 = fs[0].A
+    for i, f in enumerate(fs):
+        if not torch.equal(f.A, A0):
+            raise ProtocolError(
+                "A differs from client 0's; FFA-LoRA requires the frozen, shared A", client=i
             )
-    p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
-    wd = info.work_dtype
-    B = torch.tensordot(p, torch.stack([f.B.to(wd) for f in factors]), dims=1)
-    A = torch.tensordot(p, torch.stack([f.A.to(wd) for f in factors]), dims=1)
-    return LoRAFactors(B.to(info.dtype), A.to(info.dtype))
+    return _cast(LoRAFactors(_weighted_sum(p, [f.B for f in fs]), A0), info.dtype)
 
 
-__all__ = ["fedit"]
+def fedsa_lora(
+    factors: Sequence[LoRAFactors], weights: WeightsLike = None
+) -> tuple[Float[Tensor, "r k"], list[LoRAFactors]]:
+    """FedSA-LoRA (arXiv 2410.01463): share the average of A, keep each client's B personal.
+
+    Returns the shared ``A_bar = sum_i p_i A_i`` and each client's next factors ``(B_i, A_bar)``.
+    """
+    info, p, fs = _prepare(factors, weights)
+    _require_equal_ranks(fs, "FedSA-LoRA")
+    A_bar = _weighted_sum(p, [f.A for f in fs])
+    per_client = [_cast(LoRAFactors(f.B, A_bar), info.dtype) for f in fs]
+    return A_bar.to(info.dtype), per_client
+
+
+def fedex_lora(
+    factors: Sequence[LoRAFactors], weights: WeightsLike = None, *, layout: Layout = "out_in"
+) -> tuple[LoRAFactors, Tensor]:
+    """FedEx-LoRA (arXiv 2410.09432): FedIT factors plus the exact residual, folded into W0.
+
+    The residual ``W_bar - B_bar A_bar`` is dense (d-by-k) by definition. It is returned in the
+    **base weight's own layout**: ``"out_in"`` for ``torch.nn.Linear`` (weight ``(d, k)`` =
+    ``(out_features, in_features)``, update ``B A``), ``"in_out"`` for transposed layers such as
+    GPT-2's ``Conv1D`` (peft's ``fan_in_fan_out=True``; weight ``(k, d)``). FedEx's public code
+    adds the transposed residual, which is wrong for ``nn.Linear``.
+
+    Returns
+    -------
+    (factors, residual)
+        ``(B_bar, A_bar)`` in the clients' dtype and the residual in the working dtype.
+    """
+    info, p, fs = _prepare(factors, weights)
+    _require_equal_ranks(fs, "FedEx-LoRA")
+    avg = LoRAFactors(_weighted_sum(p, [f.B for f in fs]), _weighted_sum(p, [f.A for f in fs]))
+    mean = mean_update(fs, p)
+    residual = mean.B @ mean.A - avg.B @ avg.A
+    if layout == "in_out":
+        residual = residual.mT.contiguous()
+    elif layout != "out_in":
+        raise ValueError(f"unknown layout {layout!r}; expected 'out_in' or 'in_out'")
+    return _cast(avg, info.dtype), residual
+
+
+def flora_stack(factors: Sequence[LoRAFactors], weights: WeightsLike = None) -> LoRAFactors:
+    """FLoRA (arXiv 2409.05976): stack ``[B_1 ... B_N]`` and ``[p_1 A_1; ...; p_N A_N]``.
+
+    The product is exactly the mean update, of rank up to ``sum_i r_i``; the server merges it
+    into the base weight and clients re-initialise their adapters. Ranks may differ.
+    """
+    info, p, fs = _prepare(factors, weights)
+    B = torch.cat([f.B for f in fs], dim=1)
+    A = torch.cat([p[i] * f.A for i, f in enumerate(fs)], dim=0)
+    return _cast(LoRAFactors(B, A), info.dtype)
+
+
+def svd_of_mean(
+    factors: Sequence[LoRAFactors], weights: WeightsLike = None, *, rank: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Leading ``rank`` singular triplets of the mean update, from the factors (working dtype).
+
+    ``W_bar = [p_i B_i] [A_i]``: thin QR of the stacked left factor, SVD of the small
+    ``(sum r_i)``-by-k core. Never forms ``W_bar``: O(d (sum r_i)^2 + (sum r_i)^2 k).
+    """
+    R = validate_rank(rank)
+    _, p, fs = _prepare(factors, weights)
+    mean = mean_update(fs, p)
+    U, s, Vh = lowrank_svd(mean.B, mean.A)
+    return U[:, :R], s[:R], Vh[:R]
+
+
+def truncate_svd(U: Tensor, s: Tensor, Vh: Tensor, rank: int, dtype: torch.dtype) -> LoRAFactors:
+    """Balanced rank-``rank`` factors ``(U_r sqrt(s_r), sqrt(s_r) Vh_r)``, zero-padded if short."""
+    r = validate_rank(rank)
+    rr = min(r, int(s.numel()))
+    root = s[:rr].sqrt()
+    B = U[:, :rr] * root
+    A = Vh[:rr] * root[:, None]
+    if rr < r:
+        B = torch.cat([B, B.new_zeros((B.shape[0], r - rr))], dim=1)
+        A = torch.cat([A, A.new_zeros((r - rr, A.shape[1]))], dim=0)
+    return LoRAFactors(B.to(dtype), A.to(dtype))
+
+
+def flexlora(
+    factors: Sequence[LoRAFactors],
+    weights: WeightsLike = None,
+    *,
+    client_ranks: Sequence[int] | None = None,
+) -> list[LoRAFactors]:
+    """FlexLoRA (arXiv 2402.11505): each client gets the best rank-r_i approximation of W_bar.
+
+    Computed from the factors (QR of the stacked factors + small SVD); equal to the dense
+    truncated SVD of ``W_bar`` that FlexLoRA's public code computes, without forming it.
+    """
+    info = validate_clients(factors)
+    ranks = [f.rank for f in factors] if client_ranks is None else list(client_ranks)
+    U, s, Vh = svd_of_mean(factors, weights, rank=max(validate_rank(r) for r in ranks))
+    return [truncate_svd(U, s, Vh, r, info.dtype) for r in ranks]
+
+
+def hetlora(
+    factors: Sequence[LoRAFactors],
+    weights: WeightsLike = None,
+    *,
+    client_ranks: Sequence[int] | None = None,
+) -> tuple[LoRAFactors, list[LoRAFactors]]:
+    """HetLoRA (arXiv 2401.06432): zero-pad to the largest rank, norm-weighted average, truncate.
+
+    Aggregation weights are ``p_i ||B_i A_i||_F`` renormalised (the paper's sparsity-weighted
+    aggregation; with equal ``p`` they are the update norms). Client i receives the first
+    ``r_i`` columns of B and rows of A.
+
+    Returns
+    -------
+    (global, per_client)
+        The padded global factors (rank ``max r_i``) and each client's truncation.
+    """
+    info, p, fs = _prepare(factors, weights)
+    rmax = max(f.rank for f in fs)
+    norms = torch.stack(
+        [torch.linalg.matrix_norm(_core(f)) for f in fs]  # ||B A||_F from the factors
+    )
+    w = p * norms
+    if float(w.sum()) == 0.0:  # every update is zero: fall back to the plain weights
+        w = p
+    w = w / w.sum()
+    Bs = [torch.cat([f.B, f.B.new_zeros((f.B.shape[0], rmax - f.rank))], 1) for f in fs]
+    As = [torch.cat([f.A, f.A.new_zeros((rmax - f.rank, f.A.shape[1]))], 0) for f in fs]
+    glob = LoRAFactors(_weighted_sum(w, Bs), _weighted_sum(w, As))
+    ranks = [f.rank for f in fs] if client_ranks is None else list(client_ranks)
+    per = []
+    for i, want in enumerate(ranks):
+        r = validate_rank(want)
+        if r > rmax:
+            raise ShapeMismatchError(f"requested rank {r} exceeds the padded rank {rmax}", client=i)
+        per.append(_cast(LoRAFactors(glob.B[:, :r], glob.A[:r]), info.dtype))
+    return _cast(glob, info.dtype), per
+
+
+def _core(f: LoRAFactors) -> Tensor:
+    """A small matrix with the same Frobenius norm as ``B A`` (the T A of ``B = Q T``)."""
+    if f.B.shape[0] <= f.B.shape[1]:
+        return f.B @ f.A
+    _, T = torch.linalg.qr(f.B, mode="reduced")
+    out: Tensor = T @ f.A
+    return out
+
+
+def procrustes(X: Float[Tensor, "r r"], *, special: bool = False) -> Float[Tensor, "r r"]:
+    """Orthogonal polar factor ``U V^T`` of ``X = U diag(s) V^T``.
+
+    It maximises ``tr(R^T X)`` over O(r) (orthogonal Procrustes). With ``special=True`` the
+    maximiser over SO(r) is returned (Kabsch: flip the last singular direction if
+    ``det(U V^T) < 0``).
+    """
+    U, _, Vh = sign_fixed_svd(X)
+    R = U @ Vh
+    if special and float(torch.linalg.det(R)) < 0:
+        U = U.clone()
+        U[:, -1] = -U[:, -1]
+        R = U @ Vh
+    return R
+
+
+def fedrot_rotation(
+    client: LoRAFactors, reference: LoRAFactors, *, align: Literal["A", "B"], lam: float = 1.0
+) -> Tensor:
+    """FedRot-LoRA's rotation for one client (arXiv 2602.23638).
+
+    ``align="A"``: ``R* = polar(A_i A_ref^T)`` minimises ``||R^T A_i - A_ref||_F`` over O(r);
+    ``align="B"``: ``R* = polar(B_i^T B_ref)`` minimises ``||B_i R - B_ref||_F``. Soft alignment
+    ``lam < 1``: ``R = polar((1 - lam) I + lam R*)`` with ``R*`` restricted to SO(r), which
+    satisfies ``||R - I||_F <= 2 lam ||R* - I||_F`` (SPEC P9). ``lam = 1`` returns ``R*`` in O(r).
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"alignment strength must be in [0, 1], got {lam}")
+    if align == "A":
+        M = client.A @ reference.A.mT
+    elif align == "B":
+        M = client.B.mT @ reference.B
+    else:
+        raise ValueError(f"align must be 'A' or 'B', got {align!r}")
+    if lam == 1.0:
+        return procrustes(M)
+    Rstar = procrustes(M, special=True)
+    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    return procrustes((1.0 - lam) * eye + lam * Rstar, special=True)
+
+
+def fedrot_lora(
+    factors: Sequence[LoRAFactors],
+    weights: WeightsLike = None,
+    *,
+    reference: LoRAFactors | None,
+    round_index: int,
+    lam: float = 1.0,
+) -> tuple[LoRAFactors, list[LoRAFactors]]:
+    """FedRot-LoRA: rotate each client towards the reference factors, then average (FedIT).
+
+    Odd rounds align A, even rounds align B (``round_index`` counts from 1). ``reference`` is the
+    previous round's global factors; ``None`` (first round) means no alignment. Each rotation
+    preserves the client's product ``B_i A_i`` exactly.
+
+    Returns
+    -------
+    (global, aligned)
+        The averaged factors and the aligned client factors (working dtype).
+    """
+    info, p, fs = _prepare(factors, weights)
+    r = _require_equal_ranks(fs, "FedRot-LoRA")
+    aligned = fs
+    if reference is not None:
+        if reference.rank != r or reference.shape != (info.d, info.k):
+            raise ShapeMismatchError(
+                f"reference factors {tuple(reference.B.shape)}x{tuple(reference.A.shape)} do not "
+                f"match the clients' rank {r} and shape {(info.d, info.k)}"
+            )
+        ref = LoRAFactors(reference.B.to(info.work_dtype), reference.A.to(info.work_dtype))
+        side: Literal["A", "B"] = "A" if round_index % 2 == 1 else "B"
+        aligned = []
+        for f in fs:
+            R = fedrot_rotation(f, ref, align=side, lam=lam)
+            aligned.append(LoRAFactors(f.B @ R, R.mT @ f.A))
+    glob = LoRAFactors(
+        _weighted_sum(p, [f.B for f in aligned]), _weighted_sum(p, [f.A for f in aligned])
+    )
+    return _cast(glob, info.dtype), aligned
+
+
+def flora_na(
+    factors: Sequence[LoRAFactors], weights: WeightsLike = None, *, steps: int = 3
+) -> LoRAFactors:
+    """FLoRA-NA (arXiv 2509.26399), **reconstruction**: server-side estimate of (B_hat, A_hat).
+
+    The paper's estimator is not public. This labelled reconstruction starts from FedIT's
+    ``(B_bar, A_bar)`` and takes ``steps`` alternating least-squares steps on
+    ``||W_bar - B_hat A_hat||_F``, each computed from factor products only:
+    ``A_hat = (B_hat^T B_hat)^+ sum_i p_i (B_hat^T B_i) A_i`` and
+    ``B_hat = sum_i p_i B_i (A_i A_hat^T) (A_hat A_hat^T)^+``. Clients receive factors of the
+    usual size (vanilla communication). The error never exceeds FedIT's (ALS is monotone).
+    """
+    info, p, fs = _prepare(factors, weights)
+    _require_equal_ranks(fs, "FLoRA-NA")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    B = _weighted_sum(p, [f.B for f in fs])
+    A = _weighted_sum(p, [f.A for f in fs])
+    for _ in range(steps):
+        rhs = sum((p[i] * ((B.mT @ f.B) @ f.A) for i, f in enumerate(fs)), torch.zeros_like(A))
+        A = torch.linalg.pinv(B.mT @ B, hermitian=True) @ rhs
+        rhs_b = sum((p[i] * (f.B @ (f.A @ A.mT)) for i, f in enumerate(fs)), torch.zeros_like(B))
+        B = rhs_b @ torch.linalg.pinv(A @ A.mT, hermitian=True)
+    return _cast(LoRAFactors(B, A), info.dtype)
+
+
+__all__ = [
+    "Layout",
+    "fedex_lora",
+    "fedit",
+    "fedrot_lora",
+    "fedrot_rotation",
+    "fedsa_lora",
+    "ffa_lora",
+    "flexlora",
+    "flora_na",
+    "flora_stack",
+    "hetlora",
+    "procrustes",
+    "svd_of_mean",
+    "truncate_svd",
+]

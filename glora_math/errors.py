@@ -79,6 +79,10 @@ class GaugeError(GloraError):
     """A gauge matrix is not square of the right size, or is numerically singular."""
 
 
+class ProtocolError(GloraError):
+    """Client factors violate a method's protocol (e.g. FFA-LoRA's frozen, shared A)."""
+
+
 class GloraWarning(UserWarning):
     """Base class of glora-math warnings."""
 
@@ -103,6 +107,7 @@ __all__ = [
     "GloraError",
     "GloraWarning",
     "NonFiniteError",
+    "ProtocolError",
     "RankClampedWarning",
     "RankError",
     "ShapeMismatchError",

@@ -1,5 +1,8 @@
 """Hypothesis profiles: ``ci`` (default), ``dev`` (fewer examples), ``nightly`` (many).
 
+``ci`` is derandomized (the same examples on every run, so CI is reproducible); ``dev`` and
+``nightly`` explore with fresh random draws and keep failures in the local example database.
+
 Choose with ``GLORA_HYPOTHESIS_PROFILE=nightly make test``.
 """
 
@@ -10,7 +13,7 @@ import os
 from hypothesis import HealthCheck, settings
 
 _COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
-settings.register_profile("ci", max_examples=60, derandomize=False, print_blob=True, **_COMMON)
-settings.register_profile("dev", max_examples=20, **_COMMON)
+settings.register_profile("ci", max_examples=60, derandomize=True, print_blob=True, **_COMMON)
+settings.register_profile("dev", max_examples=100, **_COMMON)
 settings.register_profile("nightly", max_examples=2000, **_COMMON)
 settings.load_profile(os.environ.get("GLORA_HYPOTHESIS_PROFILE", "ci"))

@@ -1,0 +1,572 @@
+"""The operator zoo: every aggregation rule behind one typed interface.
+
+Each :class:`AggregationOperator` wraps a pure function (:mod:`glora_math.baselines`,
+:mod:`glora_math.aggregate`) and declares its paper, what the server sends back, its
+communication cost and the set of :class:`Guarantee` s it has. The contract test suite checks
+every declared guarantee as a property and finds a counterexample for every one it lacks.
+
+Usage::
+
+    op = get_operator("glora")
+    result = op(clients, weights, rank=16, client_ranks=[8] * len(clients))
+    result.update          # the server's low-rank update (factors)
+    result.client_factors  # what each client continues from
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import torch
+from torch import Tensor
+
+from glora_math import baselines as bl
+from glora_math.aggregate import glora_aggregate
+from glora_math.errors import GloraError, RankError
+from glora_math.metrics import mean_update
+from glora_math.readout import readouts
+from glora_math.types import GaugeMode, LoRAFactors
+from glora_math.validation import (
+    WeightsLike,
+    normalize_weights,
+    validate_clients,
+    validate_rank,
+)
+
+
+class Guarantee(StrEnum):
+    """Mathematical guarantees an operator may declare (each is a property test).
+
+    The *server update* is the change the round makes to the global model: the low-rank update
+    plus any dense residual folded into the base weight.
+    """
+
+    #: The server update is unchanged by independent per-client gauges G_i in GL(r_i).
+    GAUGE_INVARIANT_GL = "gauge_invariant_GL"
+    #: ... by independent per-client orthogonal gauges G_i in O(r_i).
+    GAUGE_INVARIANT_O = "gauge_invariant_O"
+    #: ... by independent per-client special orthogonal gauges G_i in SO(r_i).
+    GAUGE_INVARIANT_SO = "gauge_invariant_SO"
+    #: A gauge G shared by all clients leaves the server update unchanged.
+    COMMON_GAUGE_EQUIVARIANT = "common_gauge_equivariant"
+    #: The server update equals the mean update sum_i p_i B_i A_i.
+    EXACT_MEAN = "exact_mean"
+    #: Heterogeneous client ranks are accepted and each client receives rank-r_i factors that
+    #: are a best rank-r_i approximation of the server's low-rank update.
+    RANK_COMPATIBLE = "rank_compatible"
+    #: Permuting the clients (with their weights) leaves the server update unchanged.
+    PERMUTATION_INVARIANT = "permutation_invariant"
+    #: Scaling one client's update by c > 0 leaves the server's subspace unchanged (its
+    #: ``basis``, e.g. GLoRA's U_ref; otherwise the column space of the update).
+    SCALE_ROBUST_SUBSPACE = "scale_robust_subspace"
+
+
+@dataclass(frozen=True)
+class OperatorState:
+    """Explicit, serialisable operator state carried between rounds.
+
+    ``round_index`` counts rounds from 1; ``tensors`` holds named tensors (e.g. FedRot's
+    reference factors ``B_ref``/``A_ref``, FedSA's personal ``B_<i>``). ``to_tensors`` /
+    ``from_tensors`` give a flat ``{name: tensor}`` dict for safetensors (never pickle).
+    """
+
+    round_index: int = 1
+    tensors: Mapping[str, Tensor] = field(default_factory=dict)
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        """Flatten to ``{name: tensor}`` with the round index as a 0-d int64 tensor."""
+        out = {f"t.{k}": v.detach().contiguous() for k, v in self.tensors.items()}
+        out["round_index"] = torch.tensor(self.round_index, dtype=torch.int64)
+        return out
+
+    @classmethod
+    def from_tensors(cls, flat: Mapping[str, Tensor]) -> OperatorState:
+        """Inverse of :meth:`to_tensors`."""
+        if "round_index" not in flat:
+            raise GloraError("operator state has no 'round_index'")
+        tensors = {k[2:]: v for k, v in flat.items() if k.startswith("t.")}
+        return cls(round_index=int(flat["round_index"]), tensors=tensors)
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """What an operator computed in one round.
+
+    Parameters
+    ----------
+    update
+        The server's low-rank update as factors (d-by-k through ``update.delta()``).
+    residual
+        Dense ``(d, k)`` part folded into the base weight, layout ``out_in`` (as ``B A``), or
+        ``None``. Only operators that are dense by definition have one.
+    client_factors
+        The factors each client continues from (rank ``client_ranks[i]``), or ``None`` when
+        clients re-initialise their adapters (FLoRA).
+    state
+        State for the next round, or ``None`` for stateless operators.
+    basis
+        Orthonormal basis ``(d, R)`` of the server's subspace where the method defines one
+        (GLoRA's ``U_ref``, the SVD operators' top-R left singular vectors); ``None`` means the
+        column space of the update.
+    """
+
+    update: LoRAFactors
+    residual: Tensor | None
+    client_factors: list[LoRAFactors] | None
+    state: OperatorState | None = None
+    basis: Tensor | None = None
+
+    def dense(self) -> Tensor:
+        """The server update ``update.delta() + residual`` as a dense matrix (tests only)."""
+        d = self.update.delta()
+        return d if self.residual is None else d.to(self.residual.dtype) + self.residual
+
+
+@dataclass(frozen=True)
+class Communication:
+    """Floats per client per round: sent to the server (``up``) and received (``down``)."""
+
+    up: int
+    down: int
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """Everything an operator's function sees besides factors and normalised weights."""
+
+    rank: int
+    client_ranks: list[int]
+    state: OperatorState | None
+
+
+OperatorFn = Callable[[Sequence[LoRAFactors], Tensor, RoundContext], AggregateResult]
+CostFn = Callable[[int, int, int, int, int], Communication]
+
+
+@dataclass(frozen=True)
+class AggregationOperator:
+    """A registered aggregation rule: metadata, declared guarantees and a pure function."""
+
+    name: str
+    paper: str
+    summary: str
+    sends_back: str
+    guarantees: frozenset[Guarantee]
+    fn: OperatorFn
+    cost: CostFn
+    equal_ranks: bool = False
+    shared_A: bool = False
+    stateful: bool = False
+    reconstruction: bool = False
+
+    def __call__(
+        self,
+        factors: Sequence[LoRAFactors],
+        weights: WeightsLike = None,
+        *,
+        rank: int | None = None,
+        client_ranks: Sequence[int] | None = None,
+        state: OperatorState | None = None,
+    ) -> AggregateResult:
+        """Aggregate one round.
+
+        Parameters
+        ----------
+        factors
+            Client factors (scale folded in).
+        weights
+            Client weights (renormalised; ``None`` for equal).
+        rank
+            Server rank R where the method has one (default: the largest client rank).
+        client_ranks
+            Rank of the factors each client receives (default: its own rank).
+        state
+            The previous round's state for stateful methods.
+        """
+        info = validate_clients(factors)
+        p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
+        ranks = [f.rank for f in factors] if client_ranks is None else list(client_ranks)
+        if len(ranks) != len(factors):
+            raise RankError(f"got {len(ranks)} client ranks for {len(factors)} clients")
+        ranks = [validate_rank(r, name="client rank") for r in ranks]
+        R = validate_rank(max(ranks) if rank is None else rank)
+        return self.fn(factors, p, RoundContext(R, ranks, state))
+
+    def communication(
+        self, d: int, k: int, client_rank: int, rank: int | None = None, n_clients: int = 1
+    ) -> Communication:
+        """Floats a client of rank ``client_rank`` sends and receives per round."""
+        return self.cost(d, k, client_rank, client_rank if rank is None else rank, n_clients)
+
+
+_REGISTRY: dict[str, AggregationOperator] = {}
+
+
+def register(op: AggregationOperator) -> AggregationOperator:
+    """Add an operator to the registry (names are unique)."""
+    if op.name in _REGISTRY:
+        raise ValueError(f"operator {op.name!r} is already registered")
+    _REGISTRY[op.name] = op
+    return op
+
+
+def get_operator(name: str) -> AggregationOperator:
+    """The registered operator called ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown operator {name!r}; known: {sorted(_REGISTRY)}") from None
+
+
+def list_operators() -> list[str]:
+    """Names of all registered operators, in registration order."""
+    return list(_REGISTRY)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers of the wrappers
+
+
+def _same_for_all(n: int, f: LoRAFactors, ranks: Sequence[int], method: str) -> list[LoRAFactors]:
+    for i, r in enumerate(ranks):
+        if r != f.rank:
+            raise RankError(
+                f"{method} returns rank-{f.rank} factors; client asked for {r}", client=i
+            )
+    return [f] * n
+
+
+def _factors_cost(d: int, k: int, r: int, R: int, n: int) -> Communication:
+    return Communication(up=r * (d + k), down=r * (d + k))
+
+
+G = Guarantee
+
+# ----------------------------------------------------------------------------------------------
+# FedIT, FFA-LoRA, FedSA-LoRA, FedEx-LoRA, FLoRA-NA
+
+
+def _fedit(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
+    g = bl.fedit(fs, p)
+    return AggregateResult(g, None, _same_for_all(len(fs), g, ctx.client_ranks, "FedIT"))
+
+
+register(
+    AggregationOperator(
+        name="fedit",
+        paper="arXiv 2305.05644",
+        summary="average B and A separately",
+        sends_back="global factors (rank r)",
+        guarantees=frozenset({G.COMMON_GAUGE_EQUIVARIANT, G.PERMUTATION_INVARIANT}),
+        fn=_fedit,
+        cost=_factors_cost,
+        equal_ranks=True,
+    )
+)
+
+
+def _ffa(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
+    g = bl.ffa_lora(fs, p)
+    return AggregateResult(g, None, _same_for_all(len(fs), g, ctx.client_ranks, "FFA-LoRA"))
+
+
+register(
+    AggregationOperator(
+        name="ffa_lora",
+        paper="arXiv 2403.12313",
+        summary="A frozen and shared, average B only (exact)",
+        sends_back="averaged B (A is fixed)",
+        guarantees=frozenset({G.EXACT_MEAN, G.COMMON_GAUGE_EQUIVARIANT, G.PERMUTATION_INVARIANT}),
+        fn=_ffa,
+        cost=lambda d, k, r, R, n: Communication(up=d * r, down=d * r),
+        equal_ranks=True,
+        shared_A=True,
+    )
+)
+
+
+def _fedsa(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
+    A_bar, per = bl.fedsa_lora(fs, p)
+    info = validate_clients(fs)
+    B_bar = bl.fedit(fs, p).B
+    _same_for_all(len(fs), per[0], ctx.client_ranks, "FedSA-LoRA")
+    personal = {f"B_{i}": f.B for i, f in enumerate(per)}
+    round_index = 1 if ctx.state is None else ctx.state.round_index
+    state = OperatorState(round_index + 1, {"A_bar": A_bar, **personal})
+    # Server update = mean of the personalised updates sum_i p_i B_i A_bar = B_bar A_bar.
+    return AggregateResult(LoRAFactors(B_bar.to(info.dtype), A_bar), None, per, state)
+
+
+register(
+    AggregationOperator(
+        name="fedsa_lora",
+        paper="arXiv 2410.01463",
+        summary="share the average of A, keep B personal",
+        sends_back="averaged A; each client keeps its own B",
+        guarantees=frozenset({G.COMMON_GAUGE_EQUIVARIANT, G.PERMUTATION_INVARIANT}),
+        fn=_fedsa,
+        cost=lambda d, k, r, R, n: Communication(up=r * k, down=r * k),
+        equal_ranks=True,
+        stateful=True,
+    )
+)
+
+
+def _fedex(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
+    g, residual = bl.fedex_lora(fs, p, layout="out_in")
+    return AggregateResult(g, residual, _same_for_all(len(fs), g, ctx.client_ranks, "FedEx-LoRA"))
+
+
+register(
+    AggregationOperator(
+        name="fedex_lora",
+        paper="arXiv 2410.09432",
+        summary="FedIT factors + exact dense residual folded into the base weight",
+        sends_back="global factors (rank r) + dense d x k residual for the base weight",
+        guarantees=frozenset(
+            {
+                G.EXACT_MEAN,
+                G.GAUGE_INVARIANT_GL,
+                G.GAUGE_INVARIANT_O,
+                G.GAUGE_INVARIANT_SO,
+                G.COMMON_GAUGE_EQUIVARIANT,
+                G.PERMUTATION_INVARIANT,
+            }
+        ),
+        fn=_fedex,
+        cost=lambda d, k, r, R, n: Communication(up=r * (d + k), down=r * (d + k) + d * k),
+        equal_ranks=True,
+    )
+)
+
+
+def _flora_na(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
+    g = bl.flora_na(fs, p)
+    return AggregateResult(g, None, _same_for_all(len(fs), g, ctx.client_ranks, "FLoRA-NA"))
+
+
+register(
+    AggregationOperator(
+        name="flora_na",
+        paper="arXiv 2509.26399",
+        summary="server-side ALS estimate of (B, A) from FedIT (reconstruction)",
+        sends_back="global factors (rank r)",
+        guarantees=frozenset({G.COMMON_GAUGE_EQUIVARIANT, G.PERMUTATION_INVARIANT}),
+        fn=_flora_na,
+        cost=_factors_cost,
+        equal_ranks=True,
+        reconstruction=True,
+    )
+)
+
+# ----------------------------------------------------------------------------------------------
+# FLoRA stacking, FlexLoRA, exact SVD of the mean, HetLoRA
+
+
+def _flora(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
+    return AggregateResult(bl.flora_stack(fs, p), None, None)
+
+
+register(
+    AggregationOperator(
+        name="flora",
+        paper="arXiv 2409.05976",
+        summary="stack all clients' factors (exact); merge into base, clients re-initialise",
+        sends_back="stacked factors (rank sum r_i) merged into the base weight",
+        guarantees=frozenset(
+            {
+                G.EXACT_MEAN,
+                G.GAUGE_INVARIANT_GL,
+                G.GAUGE_INVARIANT_O,
+                G.GAUGE_INVARIANT_SO,
+                G.COMMON_GAUGE_EQUIVARIANT,
+                G.PERMUTATION_INVARIANT,
+            }
+        ),
+        fn=_flora,
+        cost=lambda d, k, r, R, n: Communication(up=r * (d + k), down=n * r * (d + k)),
+    )
+)
+
+
+def _svd_result(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
+    info = validate_clients(fs)
+    U, s, Vh = bl.svd_of_mean(fs, p, rank=ctx.rank)
+    glob = bl.truncate_svd(U, s, Vh, ctx.rank, info.dtype)
+    per = [bl.truncate_svd(U, s, Vh, r, info.dtype) for r in ctx.client_ranks]
+    return AggregateResult(glob, None, per, basis=U)
+
+
+_SVD_GUARANTEES = frozenset(
+    {
+        G.GAUGE_INVARIANT_GL,
+        G.GAUGE_INVARIANT_O,
+        G.GAUGE_INVARIANT_SO,
+        G.COMMON_GAUGE_EQUIVARIANT,
+        G.PERMUTATION_INVARIANT,
+        G.RANK_COMPATIBLE,
+    }
+)
+
+register(
+    AggregationOperator(
+        name="flexlora",
+        paper="arXiv 2402.11505",
+        summary="best rank-r_i approximation of the mean, per client (from factors)",
+        sends_back="rank-r_i factors per client",
+        guarantees=_SVD_GUARANTEES,
+        fn=_svd_result,
+        cost=lambda d, k, r, R, n: Communication(up=r * (d + k), down=r * (d + k)),
+    )
+)
+
+register(
+    AggregationOperator(
+        name="svd_mean",
+        paper="Eckart-Young (the rank-R optimum)",
+        summary="exact truncated SVD of the mean at server rank R, readouts per client",
+        sends_back="rank-r_i factors per client",
+        guarantees=_SVD_GUARANTEES,
+        fn=_svd_result,
+        cost=lambda d, k, r, R, n: Communication(up=r * (d + k), down=r * (d + k)),
+    )
+)
+
+
+def _hetlora(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
+    glob, per = bl.hetlora(fs, p, client_ranks=ctx.client_ranks)
+    return AggregateResult(glob, None, per)
+
+
+register(
+    AggregationOperator(
+        name="hetlora",
+        paper="arXiv 2401.06432",
+        summary="zero-pad to max rank, norm-weighted average, truncate per client",
+        sends_back="truncated global factors (rank r_i)",
+        # With equal ranks HetLoRA is a norm-weighted FedIT, hence common-gauge equivariant.
+        guarantees=frozenset({G.PERMUTATION_INVARIANT, G.COMMON_GAUGE_EQUIVARIANT}),
+        fn=_hetlora,
+        cost=_factors_cost,
+    )
+)
+
+# ----------------------------------------------------------------------------------------------
+# FedRot-LoRA
+
+
+def _fedrot(lam: float) -> OperatorFn:
+    def fn(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
+        state = ctx.state or OperatorState()
+        ref = None
+        if "B_ref" in state.tensors and "A_ref" in state.tensors:
+            ref = LoRAFactors(state.tensors["B_ref"], state.tensors["A_ref"])
+        glob, _ = bl.fedrot_lora(fs, p, reference=ref, round_index=state.round_index, lam=lam)
+        nxt = OperatorState(state.round_index + 1, {"B_ref": glob.B, "A_ref": glob.A})
+        return AggregateResult(
+            glob, None, _same_for_all(len(fs), glob, ctx.client_ranks, "FedRot-LoRA"), nxt
+        )
+
+    return fn
+
+
+register(
+    AggregationOperator(
+        name="fedrot_lora",
+        paper="arXiv 2602.23638",
+        summary="orthogonal Procrustes alignment to the previous global factors, then FedIT",
+        sends_back="global factors (rank r)",
+        guarantees=frozenset({G.GAUGE_INVARIANT_O, G.GAUGE_INVARIANT_SO, G.PERMUTATION_INVARIANT}),
+        fn=_fedrot(1.0),
+        cost=_factors_cost,
+        equal_ranks=True,
+        stateful=True,
+    )
+)
+
+register(
+    AggregationOperator(
+        name="fedrot_lora_soft",
+        paper="arXiv 2602.23638",
+        summary="soft alignment (lambda = 0.5) restricted to SO(r), then FedIT",
+        sends_back="global factors (rank r)",
+        guarantees=frozenset({G.PERMUTATION_INVARIANT}),
+        fn=_fedrot(0.5),
+        cost=_factors_cost,
+        equal_ranks=True,
+        stateful=True,
+    )
+)
+
+# ----------------------------------------------------------------------------------------------
+# GLoRA
+
+
+def _glora(gauge: GaugeMode, fold_residual: bool) -> OperatorFn:
+    def fn(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
+        if max(ctx.client_ranks) > ctx.rank:
+            raise RankError(
+                f"client rank {max(ctx.client_ranks)} exceeds the server rank R={ctx.rank}"
+            )
+        state = glora_aggregate(fs, p, rank=ctx.rank, gauge=gauge)
+        per = readouts(state, ctx.client_ranks)
+        update = LoRAFactors(state.U, state.S)
+        residual = None
+        if fold_residual:
+            mean = mean_update(fs, p)
+            residual = mean.B @ mean.A - state.U @ state.S
+        return AggregateResult(update, residual, per, basis=state.U)
+
+    return fn
+
+
+_GLORA_BASE = {
+    G.GAUGE_INVARIANT_GL,
+    G.GAUGE_INVARIANT_O,
+    G.GAUGE_INVARIANT_SO,
+    G.COMMON_GAUGE_EQUIVARIANT,
+    G.PERMUTATION_INVARIANT,
+    G.RANK_COMPATIBLE,
+    G.SCALE_ROBUST_SUBSPACE,
+}
+
+_MODES: tuple[GaugeMode, ...] = ("qr", "svd")
+for _gauge in _MODES:
+    for _fold in (False, True):
+        _name = "glora" + ("" if _gauge == "qr" else "_svd") + ("_residual" if _fold else "")
+        _g = set(_GLORA_BASE) | ({G.EXACT_MEAN} if _fold else set())
+        register(
+            AggregationOperator(
+                name=_name,
+                paper="arXiv 2605.06733 (reconstruction)",
+                summary=(
+                    f"gauge-fixed ({_gauge}) consensus subspace + shared coordinates"
+                    + (" + dense residual folded into the base" if _fold else "")
+                ),
+                sends_back="rank-r_i readouts per client"
+                + (" + dense d x k residual" if _fold else ""),
+                guarantees=frozenset(_g),
+                fn=_glora(_gauge, _fold),
+                cost=(
+                    (lambda d, k, r, R, n: Communication(up=r * (d + k), down=r * (d + k) + d * k))
+                    if _fold
+                    else _factors_cost
+                ),
+                reconstruction=True,
+            )
+        )
+
+
+__all__ = [
+    "AggregateResult",
+    "AggregationOperator",
+    "Communication",
+    "Guarantee",
+    "OperatorState",
+    "RoundContext",
+    "get_operator",
+    "list_operators",
+    "register",
+]
