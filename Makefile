@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[test,proofs,lint]"
+	$(BIN)/python -m pip install --quiet -e ".[test,proofs,lint,io]"
 	touch $(STAMP)
 
 demo: $(STAMP)

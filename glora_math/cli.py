@@ -11,6 +11,8 @@ import torch
 
 from glora_math.aggregate import glora_aggregate
 from glora_math.baselines import fedit
+from glora_math.compare import compare_operators
+from glora_math.errors import GloraError
 from glora_math.gauge import apply_gauge, random_invertible
 from glora_math.metrics import (
     best_rank_approx,
@@ -134,6 +136,106 @@ def run_demo(args: argparse.Namespace) -> str:
     )
 
 
+def load_clients(path: str) -> tuple[list[LoRAFactors], torch.Tensor | None]:
+    """Client factors from a safetensors file: ``clients.<i>.B``, ``clients.<i>.A``, ``weights``.
+
+    Only safetensors is read (never pickle): client payloads are untrusted.
+    """
+    try:
+        from safetensors.torch import load_file  # noqa: PLC0415 - optional 'io' extra
+    except ImportError as err:  # pragma: no cover - the io extra is installed by make
+        raise SystemExit(
+            "loading client factors needs safetensors: pip install safetensors"
+        ) from err
+    flat = load_file(path)
+    ids = sorted({int(key.split(".")[1]) for key in flat if key.startswith("clients.")})
+    if not ids:
+        raise GloraError(f"{path}: no 'clients.<i>.B' / 'clients.<i>.A' tensors found")
+    clients = []
+    for i in ids:
+        try:
+            clients.append(LoRAFactors(flat[f"clients.{i}.B"], flat[f"clients.{i}.A"]))
+        except KeyError as err:
+            raise GloraError(f"{path}: missing tensor {err.args[0]}", client=i) from None
+        except GloraError as err:
+            raise err.with_context(client=i) from None
+    return clients, flat.get("weights")
+
+
+def _fmt(x: float | None, spec: str = ".2e") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def run_compare(args: argparse.Namespace) -> str:
+    """Build the comparison report (a string) from parsed arguments."""
+    weights: torch.Tensor | None = None
+    if args.load:
+        clients, weights = load_clients(args.load)
+        source = f"loaded from {args.load}"
+    else:
+        ranks = [int(x) for x in args.ranks.split(",")] if args.ranks else args.rank
+        clients = random_clients(
+            n_clients=args.clients,
+            d=args.d,
+            k=args.k,
+            rank=ranks,
+            shared_dim=args.shared_dim,
+            heterogeneity=args.heterogeneity,
+            seed=args.seed,
+            dtype=_DTYPES[args.dtype],
+        )
+        source = (
+            f"random: N={args.clients}, d={args.d}, k={args.k}, ranks "
+            f"{ranks}, heterogeneity {args.heterogeneity}, seed {args.seed}"
+        )
+    names = args.operators.split(",") if args.operators else None
+    rows = compare_operators(
+        clients,
+        weights,
+        rank=args.server_rank,
+        names=names,
+        trials=args.trials,
+        cond=args.gauge_cond,
+        seed=args.seed,
+    )
+    table = format_table(
+        [
+            "operator",
+            "paper",
+            "error to W_bar",
+            "GL-gauge change",
+            "O-gauge change",
+            "floats up",
+            "floats down",
+            "time ms",
+            "note",
+        ],
+        [
+            [
+                row.name,
+                row.paper,
+                _fmt(row.error),
+                _fmt(row.sensitivity_gl),
+                _fmt(row.sensitivity_o),
+                str(row.up),
+                str(row.down),
+                _fmt(row.time_ms, ".2f"),
+                row.note,
+            ]
+            for row in rows
+        ],
+    )
+    d, k = clients[0].shape
+    return (
+        f"glora-math compare: clients {source}; server rank R={args.server_rank}.\n"
+        f"Errors and gauge changes are relative to |W_bar| (W_bar = exact mean update); gauge "
+        f"changes are the largest over {args.trials} draws of per-client gauges "
+        f"(GL: cond {args.gauge_cond:g}). Communication: floats per client per round "
+        f"(d={d}, k={k}). Stateful FedRot starts from a warm reference (FedIT of these "
+        f"clients). Times: median of 3 runs on this machine.\n\n{table}\n"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``glora`` command."""
     parser = argparse.ArgumentParser(
@@ -152,15 +254,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--trials", type=int, default=5)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--dtype", choices=sorted(_DTYPES), default="float64")
+    cmp = sub.add_parser("compare", help="every registered operator on the same clients")
+    cmp.add_argument("--load", help="safetensors file with clients.<i>.B/A (and weights)")
+    cmp.add_argument("--clients", type=int, default=8)
+    cmp.add_argument("--d", type=int, default=256)
+    cmp.add_argument("--k", type=int, default=192)
+    cmp.add_argument("--rank", type=int, default=4)
+    cmp.add_argument("--ranks", help="comma-separated per-client ranks (heterogeneous)")
+    cmp.add_argument("--server-rank", type=int, default=8)
+    cmp.add_argument("--shared-dim", type=int, default=6)
+    cmp.add_argument("--heterogeneity", type=float, default=0.5)
+    cmp.add_argument("--gauge-cond", type=float, default=10.0)
+    cmp.add_argument("--trials", type=int, default=3)
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--dtype", choices=sorted(_DTYPES), default="float64")
+    cmp.add_argument("--operators", help="comma-separated operator names (default: all)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``glora`` command."""
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        sys.stdout.write(run_demo(args))
-        return 0
+    try:
+        if args.command == "demo":
+            sys.stdout.write(run_demo(args))
+            return 0
+        if args.command == "compare":
+            sys.stdout.write(run_compare(args))
+            return 0
+    except (GloraError, KeyError) as err:
+        sys.stderr.write(f"glora: error: {err}\n")
+        return 1
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -1,0 +1,182 @@
+"""Compare registered operators on the same client factors (``glora compare``).
+
+For each operator: relative error of the server update to the exact mean update, gauge
+sensitivity (largest relative change of the server update over random per-client GL(r) and
+O(r) gauges), communication per client and wall time (median of repeats, this machine).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from glora_math.errors import GloraError, GloraWarning
+from glora_math.gauge import apply_gauge, random_invertible, random_orthogonal
+from glora_math.metrics import fro_distance, fro_norm, mean_update
+from glora_math.registry import (
+    AggregateResult,
+    AggregationOperator,
+    OperatorState,
+    get_operator,
+    list_operators,
+)
+from glora_math.types import LoRAFactors
+from glora_math.validation import WeightsLike
+
+
+def update_distance(a: AggregateResult, b: AggregateResult) -> float:
+    """``||server update a - server update b||_F``; low-rank unless a dense residual is present."""
+    if a.residual is None and b.residual is None:
+        return fro_distance(a.update, b.update)
+    return float(torch.linalg.matrix_norm(a.dense().double() - b.dense().double()))
+
+
+def server_error(
+    result: AggregateResult, factors: Sequence[LoRAFactors], weights: WeightsLike = None
+) -> float:
+    """``||server update - W_bar||_F / ||W_bar||_F`` (d-by-k only for dense-residual methods)."""
+    mean = mean_update(factors, weights)
+    den = fro_norm(mean)
+    if result.residual is None:
+        num = fro_distance(result.update, mean)
+    else:
+        num = float(torch.linalg.matrix_norm(result.dense().double() - (mean.B @ mean.A).double()))
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return num / den
+
+
+def warm_state(op: AggregationOperator, factors: Sequence[LoRAFactors]) -> OperatorState | None:
+    """A warm state for stateful operators (FedRot: reference = FedIT of these clients)."""
+    if not op.name.startswith("fedrot"):
+        return None
+    ref = get_operator("fedit")(factors).update
+    return OperatorState(2, {"B_ref": ref.B, "A_ref": ref.A})
+
+
+def gauge_sensitivity(
+    op: AggregationOperator,
+    factors: Sequence[LoRAFactors],
+    weights: WeightsLike = None,
+    *,
+    rank: int | None = None,
+    kind: str = "invertible",
+    cond: float = 10.0,
+    trials: int = 3,
+    seed: int = 0,
+    state: OperatorState | None = None,
+) -> float:
+    """Largest ``||update(gauged) - update|| / ||W_bar||`` over random per-client gauges.
+
+    ``kind``: ``"invertible"`` (GL(r), condition number ``cond``) or ``"orthogonal"``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    base = op(factors, weights, rank=rank, state=state)
+    den = fro_norm(mean_update(factors, weights)) or 1.0
+    worst = 0.0
+    for _ in range(trials):
+        gauged = []
+        for f in factors:
+            if kind == "invertible":
+                G = random_invertible(f.rank, cond=cond, generator=gen, dtype=torch.float64)
+            elif kind == "orthogonal":
+                G = random_orthogonal(f.rank, generator=gen, dtype=torch.float64)
+            else:
+                raise ValueError(f"unknown gauge kind {kind!r}")
+            gauged.append(apply_gauge(f, G))
+        moved = op(gauged, weights, rank=rank, state=state)
+        worst = max(worst, update_distance(base, moved) / den)
+    return worst
+
+
+@dataclass(frozen=True)
+class CompareRow:
+    """One operator's line in the comparison table."""
+
+    name: str
+    paper: str
+    error: float | None
+    sensitivity_gl: float | None
+    sensitivity_o: float | None
+    up: int
+    down: int
+    time_ms: float | None
+    note: str = ""
+
+
+def compare_operators(
+    factors: Sequence[LoRAFactors],
+    weights: WeightsLike = None,
+    *,
+    rank: int,
+    names: Sequence[str] | None = None,
+    trials: int = 3,
+    cond: float = 10.0,
+    repeats: int = 3,
+    seed: int = 0,
+) -> list[CompareRow]:
+    """Run every (or each named) operator on the same clients and measure it."""
+    d, k = factors[0].shape
+    r = max(f.rank for f in factors)
+    rows = []
+    for name in names or list_operators():
+        op = get_operator(name)
+        comm = op.communication(d, k, r, rank, len(factors))
+        state = warm_state(op, factors)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", GloraWarning)
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    result = op(factors, weights, rank=rank, state=state)
+                    times.append((time.perf_counter() - t0) * 1e3)
+                err = server_error(result, factors, weights)
+                sens = {
+                    kind: gauge_sensitivity(
+                        op,
+                        factors,
+                        weights,
+                        rank=rank,
+                        kind=kind,
+                        cond=cond,
+                        trials=trials,
+                        seed=seed,
+                        state=state,
+                    )
+                    for kind in ("invertible", "orthogonal")
+                }
+        except GloraError as err_:
+            why = f"refused ({type(err_).__name__}): {err_}"
+            rows.append(CompareRow(name, op.paper, None, None, None, comm.up, comm.down, None, why))
+            continue
+        note = "reconstruction" if op.reconstruction else ""
+        rows.append(
+            CompareRow(
+                name,
+                op.paper,
+                err,
+                sens["invertible"],
+                sens["orthogonal"],
+                comm.up,
+                comm.down,
+                statistics.median(times),
+                note,
+            )
+        )
+    return rows
+
+
+__all__ = [
+    "CompareRow",
+    "compare_operators",
+    "gauge_sensitivity",
+    "server_error",
+    "update_distance",
+    "warm_state",
+]
