@@ -1,12 +1,12 @@
 # Two commands do everything on a fresh machine (see README):
 #   make demo   set-up + the demo on embedded defaults
-#   make test   set-up + lint, type check and the test suite
+#   make test   set-up + lint, type check, the test suite and glora verify
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.glora-installed
 
-.PHONY: demo test lint typecheck pytest setup clean
+.PHONY: demo test lint typecheck pytest verify setup clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,8 @@ demo: $(STAMP)
 	$(BIN)/glora demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check glora_math property_tests
-	$(BIN)/ruff format --check glora_math property_tests
+	$(BIN)/ruff check glora_math property_tests proofs
+	$(BIN)/ruff format --check glora_math property_tests proofs
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict glora_math
@@ -31,7 +31,11 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -n 2
 
-test: lint typecheck pytest
+# Propositions table: symbolic proofs, 50-digit checks and their properties (exit 1 on failure).
+verify: $(STAMP)
+	$(BIN)/glora verify
+
+test: lint typecheck pytest verify
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -269,7 +271,27 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--seed", type=int, default=0)
     cmp.add_argument("--dtype", choices=sorted(_DTYPES), default="float64")
     cmp.add_argument("--operators", help="comma-separated operator names (default: all)")
+    ver = sub.add_parser(
+        "verify", help="symbolic proofs, high-precision checks and properties of P1-P10"
+    )
+    ver.add_argument("--dps", type=int, default=50, help="mpmath digits (>= 50 recommended)")
+    ver.add_argument("--no-properties", action="store_true", help="skip the hypothesis runs")
+    ver.add_argument("--only", help="comma-separated proposition ids, e.g. P1,P3")
     return parser
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Run ``proofs.verify`` from a source checkout (proofs/ and property_tests/ beside us)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "proofs" / "verify.py").exists():
+        sys.stderr.write("glora verify needs a source checkout (proofs/ and property_tests/)\n")
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    verify = importlib.import_module("proofs.verify")
+    only = args.only.split(",") if args.only else None
+    code: int = verify.main(dps=args.dps, properties=not args.no_properties, only=only)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "compare":
             sys.stdout.write(run_compare(args))
             return 0
+        if args.command == "verify":
+            return run_verify(args)
     except (GloraError, KeyError) as err:
         sys.stderr.write(f"glora: error: {err}\n")
         return 1

@@ -1,0 +1,1 @@
+"""Symbolic proofs and high-precision checks of the SPEC propositions."""

@@ -1,0 +1,285 @@
+"""High-precision checks (mpmath, >= 50 digits) of the SPEC propositions.
+
+An independent reference implementation of GLoRA in mpmath (skinny QR, symmetric eigensolver,
+SVD at ``dps`` digits) is run on random problems whose entries are float64 numbers (exactly
+representable), and each proposition's residual is reported relative to the problem's scale.
+A true identity leaves a residual near ``10**-dps``; a real error would stay at its size no
+matter the precision. Float64 noise (~1e-16) therefore cannot hide a real error here.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mpmath as mp
+
+Matrix = mp.matrix
+
+
+@dataclass(frozen=True)
+class HighPrecResult:
+    """Largest relative residual over the trials, and the threshold it must sit under."""
+
+    residual: float
+    threshold: float
+    dps: int
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.residual <= self.threshold
+
+
+def _rand(m: int, n: int, rng: random.Random) -> Matrix:
+    # float64 values, converted exactly.
+    return mp.matrix([[mp.mpf(rng.gauss(0.0, 1.0)) for _ in range(n)] for _ in range(m)])
+
+
+def _fro(X: Matrix) -> mp.mpf:
+    return mp.mnorm(X, "f")
+
+
+def _hstack(blocks: list[Matrix]) -> Matrix:
+    rows = blocks[0].rows
+    out = mp.zeros(rows, sum(b.cols for b in blocks))
+    c = 0
+    for b in blocks:
+        for i in range(rows):
+            for j in range(b.cols):
+                out[i, c + j] = b[i, j]
+        c += b.cols
+    return out
+
+
+def _cols(X: Matrix, start: int, stop: int) -> Matrix:
+    out = mp.zeros(X.rows, stop - start)
+    for i in range(X.rows):
+        for j in range(start, stop):
+            out[i, j - start] = X[i, j]
+    return out
+
+
+def _rows(X: Matrix, start: int, stop: int) -> Matrix:
+    return _cols(X.T, start, stop).T
+
+
+def gauge_fix_qr(B: Matrix, A: Matrix) -> tuple[Matrix, Matrix]:
+    """U = Q, C = T A from the skinny QR of B (full column rank)."""
+    Q, T = mp.qr(B, mode="skinny")
+    return Q, T * A
+
+
+def consensus(Us: list[Matrix], p: list[mp.mpf], R: int) -> tuple[Matrix, list[mp.mpf]]:
+    """Top-R eigenvectors of K = sum p_i U_i U_i^T (dense d-by-d: a reference, not the core)."""
+    d = Us[0].rows
+    K = mp.zeros(d, d)
+    for pi, U in zip(p, Us, strict=True):
+        K += pi * (U * U.T)
+    E, Q = mp.eigsy(K)  # ascending
+    order = sorted(range(d), key=lambda i: -E[i])
+    Uref = mp.zeros(d, R)
+    for j, idx in enumerate(order[:R]):
+        for i in range(d):
+            Uref[i, j] = Q[i, idx]
+    return Uref, [E[i] for i in order]
+
+
+def glora(
+    Bs: list[Matrix], As: list[Matrix], p: list[mp.mpf], R: int
+) -> tuple[Matrix, Matrix, Matrix]:
+    """Reference GLoRA: (U_ref, S, K)."""
+    fixed = [gauge_fix_qr(B, A) for B, A in zip(Bs, As, strict=True)]
+    Uref, _ = consensus([f[0] for f in fixed], p, R)
+    S = mp.zeros(R, As[0].cols)
+    for pi, (U, C) in zip(p, fixed, strict=True):
+        S += pi * (Uref.T * U * C)
+    d = Bs[0].rows
+    K = mp.zeros(d, d)
+    for pi, (U, _) in zip(p, fixed, strict=True):
+        K += pi * (U * U.T)
+    return Uref, S, K
+
+
+@dataclass
+class _Problem:
+    Bs: list[Matrix]
+    As: list[Matrix]
+    p: list[mp.mpf]
+    d: int
+    k: int
+    r: int
+
+    @property
+    def mean(self) -> Matrix:
+        W = mp.zeros(self.d, self.k)
+        for pi, B, A in zip(self.p, self.Bs, self.As, strict=True):
+            W += pi * (B * A)
+        return W
+
+    @property
+    def scale(self) -> mp.mpf:
+        return sum(
+            pi * _fro(B) * _fro(A) for pi, B, A in zip(self.p, self.Bs, self.As, strict=True)
+        )
+
+
+def _problem(rng: random.Random, n: int = 3, d: int = 7, k: int = 5, r: int = 2) -> _Problem:
+    w = [mp.mpf(rng.uniform(0.5, 2.0)) for _ in range(n)]
+    total = sum(w)
+    return _Problem(
+        [_rand(d, r, rng) for _ in range(n)],
+        [_rand(r, k, rng) for _ in range(n)],
+        [x / total for x in w],
+        d,
+        k,
+        r,
+    )
+
+
+def _random_orthogonal(n: int, rng: random.Random) -> Matrix:
+    Q, _ = mp.qr(_rand(n, n, rng), mode="skinny")
+    return Q
+
+
+def _run(
+    check: Callable[[random.Random], tuple[mp.mpf, str]], dps: int, trials: int, seed: int
+) -> HighPrecResult:
+    with mp.workdps(dps):
+        rng = random.Random(seed)
+        worst = mp.mpf(0)
+        detail = ""
+        for _ in range(trials):
+            res, detail = check(rng)
+            worst = max(worst, res)
+        # Threshold: 10^(8 - dps), i.e. the working precision times a generous dimension factor.
+        return HighPrecResult(float(worst), float(mp.mpf(10) ** (8 - dps)), dps, detail)
+
+
+def check_P1(rng: random.Random) -> tuple[mp.mpf, str]:
+    pb = _problem(rng)
+    U, S, _ = glora(pb.Bs, pb.As, pb.p, 3)
+    return _fro(U * S - U * (U.T * pb.mean)) / pb.scale, "||U S - U U^T W|| / scale, R = 3 < N r"
+
+
+def check_P2(rng: random.Random) -> tuple[mp.mpf, str]:
+    pb = _problem(rng)
+    U, S, _ = glora(pb.Bs, pb.As, pb.p, pb.r * len(pb.Bs))
+    return _fro(U * S - pb.mean) / pb.scale, "||U S - W|| / scale, R = N r"
+
+
+def check_P3(rng: random.Random) -> tuple[mp.mpf, str]:
+    pb = _problem(rng)
+    Gs = [_rand(pb.r, pb.r, rng) + 2 * mp.eye(pb.r) for _ in pb.Bs]
+    Bg = [B * G for B, G in zip(pb.Bs, Gs, strict=True)]
+    Ag = [mp.inverse(G) * A for G, A in zip(Gs, pb.As, strict=True)]
+    U0, S0, K0 = glora(pb.Bs, pb.As, pb.p, 3)
+    U1, S1, K1 = glora(Bg, Ag, pb.p, 3)
+    res = max(_fro(U0 * S0 - U1 * S1) / pb.scale, _fro(K0 - K1))
+    return res, "max(||dK||, ||d(U S)|| / scale) under GL(r) gauges, R = 3"
+
+
+def check_P4(rng: random.Random) -> tuple[mp.mpf, str]:
+    pb = _problem(rng)
+    U, S, _ = glora(pb.Bs, pb.As, pb.p, 4)
+    Us, sig, Vh = mp.svd_r(S, full_matrices=False)
+    X = U * S
+    worst = mp.mpf(0)
+    for r in range(1, 5):
+        B = U * _cols(Us, 0, r) * mp.diag([mp.sqrt(sig[j]) for j in range(r)])
+        A = mp.diag([mp.sqrt(sig[j]) for j in range(r)]) * _rows(Vh, 0, r)
+        ey = mp.sqrt(sum(sig[j] ** 2 for j in range(r, len(sig))))
+        worst = max(worst, abs(_fro(X - B * A) - ey) / pb.scale)
+    return worst, "| ||B A - U S|| - sqrt(sum_{j>r} s_j^2) | / scale, r = 1..R"
+
+
+def check_P5(rng: random.Random) -> tuple[mp.mpf, str]:
+    pb = _problem(rng)
+    c = mp.mpf(rng.uniform(0.01, 100.0))
+    Bs = list(pb.Bs)
+    Bs[0] = Bs[0] * c
+    _, _, K0 = glora(pb.Bs, pb.As, pb.p, 3)
+    _, _, K1 = glora(Bs, pb.As, pb.p, 3)
+    return _fro(K0 - K1), "||K(c B_1) - K(B_1)||, c in [0.01, 100]"
+
+
+def check_P6(rng: random.Random) -> tuple[mp.mpf, str]:
+    pb = _problem(rng)
+    perm = [2, 0, 1]
+    U0, S0, _ = glora(pb.Bs, pb.As, pb.p, 3)
+    U1, S1, _ = glora(
+        [pb.Bs[i] for i in perm], [pb.As[i] for i in perm], [pb.p[i] for i in perm], 3
+    )
+    return _fro(U0 * S0 - U1 * S1) / pb.scale, "||d(U S)|| / scale under a permutation"
+
+
+def check_P7(rng: random.Random) -> tuple[mp.mpf, str]:
+    pb = _problem(rng)
+    Bb = sum((pi * B for pi, B in zip(pb.p, pb.Bs, strict=True)), mp.zeros(pb.d, pb.r))
+    Ab = sum((pi * A for pi, A in zip(pb.p, pb.As, strict=True)), mp.zeros(pb.r, pb.k))
+    rhs = mp.zeros(pb.d, pb.k)
+    for pi, B, A in zip(pb.p, pb.Bs, pb.As, strict=True):
+        rhs += pi * ((B - Bb) * (A - Ab))
+    return _fro(pb.mean - Bb * Ab - rhs) / pb.scale, "FedIT error identity residual / scale"
+
+
+def check_P8(rng: random.Random) -> tuple[mp.mpf, str]:
+    pb = _problem(rng)
+    U, S, _ = glora(pb.Bs, pb.As, pb.p, 3)
+    W = pb.mean
+    sig = mp.svd_r(W, compute_uv=False)
+    floor = mp.sqrt(sum(sig[j] ** 2 for j in range(3, len(sig))))
+    slack = _fro(W - U * S) - floor  # must be >= 0 (Eckart-Young)
+    return max(-slack, mp.mpf(0)) / pb.scale, "max(0, floor - ||W - U S||) / scale (violation)"
+
+
+def check_P9(rng: random.Random) -> tuple[mp.mpf, str]:
+    r = 3
+    A = _rand(r, 5, rng)
+    Aref = _rand(r, 5, rng)
+    B = _rand(6, r, rng)
+    Uu, _, Vh = mp.svd_r(A * Aref.T)
+    Rs = Uu * Vh
+    prod = _fro(B * Rs * (Rs.T * A) - B * A) / (_fro(B) * _fro(A))
+    best = _fro(Rs.T * A - Aref)
+    viol = mp.mpf(0)
+    for _ in range(5):
+        Q = _random_orthogonal(r, rng)
+        viol = max(viol, best - _fro(Q.T * A - Aref))
+    # Soft alignment bound in 2-D, where SO(2) polar factors have a closed form.
+    theta = mp.mpf(rng.uniform(-3.0, 3.0))
+    lam = mp.mpf(rng.uniform(0.0, 1.0))
+    phi = mp.atan2(lam * mp.sin(theta), 1 - lam + lam * mp.cos(theta))
+    soft = 2 * mp.sqrt(2) * abs(mp.sin(phi / 2))
+    hard = 2 * mp.sqrt(2) * abs(mp.sin(theta / 2))
+    bound_viol = max(soft - 2 * lam * hard, mp.mpf(0))
+    return max(
+        prod, viol / _fro(A), bound_viol
+    ), "product, optimality and 2-D soft-bound violations"
+
+
+def check_P10(rng: random.Random) -> tuple[mp.mpf, str]:
+    pb = _problem(rng)
+    Bst = _hstack(pb.Bs)
+    Ast = _hstack([(pi * A).T for pi, A in zip(pb.p, pb.As, strict=True)]).T
+    return _fro(Bst * Ast - pb.mean) / pb.scale, "||[B_i][p_i A_i] - W|| / scale"
+
+
+CHECKS: dict[str, Callable[[random.Random], tuple[mp.mpf, str]]] = {
+    "P1": check_P1,
+    "P2": check_P2,
+    "P3": check_P3,
+    "P4": check_P4,
+    "P5": check_P5,
+    "P6": check_P6,
+    "P7": check_P7,
+    "P8": check_P8,
+    "P9": check_P9,
+    "P10": check_P10,
+}
+
+
+def run_check(pid: str, *, dps: int = 50, trials: int = 3, seed: int = 0) -> HighPrecResult:
+    """Run one proposition's high-precision check."""
+    return _run(CHECKS[pid], dps, trials, seed)

@@ -1,0 +1,152 @@
+"""The propositions registry: every SPEC proposition with its three checks.
+
+Each entry names the proposition, states it in words and LaTeX, lists the operators it
+concerns, and links to its symbolic proof (:mod:`proofs.symbolic`), its high-precision check
+(:mod:`proofs.highprec`) and its hypothesis properties (``property_tests`` functions, run by
+``glora verify``; contract-suite node ids are listed for reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Proposition:
+    """One proposition of SPEC.md and where it is checked."""
+
+    id: str
+    title: str
+    statement: str
+    latex: str
+    operators: tuple[str, ...]
+    properties: tuple[str, ...]  # "module:function" in property_tests, run by glora verify
+    contract: tuple[str, ...] = ()  # pytest node ids in the contract suite (reference)
+
+
+PROPOSITIONS: tuple[Proposition, ...] = (
+    Proposition(
+        "P1",
+        "projection of the mean",
+        "The GLoRA server update is the orthogonal projection of the mean update onto the "
+        "consensus subspace.",
+        r"U_{\mathrm{ref}} S = U_{\mathrm{ref}} U_{\mathrm{ref}}^\top \bar W",
+        ("glora", "glora_svd"),
+        ("test_propositions:test_P1_server_update_is_the_projection_of_the_mean",),
+    ),
+    Proposition(
+        "P2",
+        "exactness (paper's Proposition 1)",
+        "If R >= dim sum_i col(B_i) and all p_i > 0, the server update equals the mean update; "
+        "in particular for one client, and for coinciding client subspaces with R = r.",
+        r"R \ge \dim \textstyle\sum_i \mathrm{col}(B_i) \Rightarrow U_{\mathrm{ref}} S = \bar W",
+        ("glora", "glora_svd"),
+        (
+            "test_propositions:test_P2_exact_when_R_spans_the_union",
+            "test_propositions:test_P2_single_client_is_reproduced_at_its_own_rank",
+            "test_propositions:test_P2_coinciding_subspaces_with_R_equal_r",
+        ),
+    ),
+    Proposition(
+        "P3",
+        "gauge invariance (paper's Proposition 2)",
+        "K, span(U_ref) and U_ref S are unchanged by per-client gauges G_i in GL(r_i).",
+        r"(B_i, A_i) \mapsto (B_i G_i, G_i^{-1} A_i) \Rightarrow K, P_{U_{\mathrm{ref}}}, "
+        r"U_{\mathrm{ref}} S \text{ unchanged}",
+        ("glora", "glora_svd", "glora_residual", "glora_svd_residual"),
+        ("test_propositions:test_P3_gauge_invariance_of_K_subspace_and_update",),
+        ("property_tests/test_contract.py::test_contract[glora-gauge_invariant_GL]",),
+    ),
+    Proposition(
+        "P4",
+        "rank-compatible readout",
+        "B^(r) A^(r) is a best rank-r approximation of U_ref S (error^2 = sum_{j>r} s_j(S)^2); "
+        "readouts are nested in r, readout(R) reproduces U_ref S, the error is monotone in r.",
+        r"\|B^{(r)}A^{(r)} - U_{\mathrm{ref}}S\|_F^2 = \textstyle\sum_{j>r}\sigma_j(S)^2",
+        ("glora", "glora_svd", "flexlora", "svd_mean"),
+        ("test_propositions:test_P4_readout_is_best_nested_exact_at_R_and_monotone",),
+        ("property_tests/test_contract.py::test_contract[glora-rank_compatible]",),
+    ),
+    Proposition(
+        "P5",
+        "scale robustness",
+        "Scaling one client's update by c > 0 leaves K and U_ref unchanged.",
+        r"B_i \mapsto c B_i \Rightarrow K, U_{\mathrm{ref}} \text{ unchanged}",
+        ("glora", "glora_svd"),
+        ("test_propositions:test_P5_scaling_one_client_leaves_K_and_U_ref_unchanged",),
+        ("property_tests/test_contract.py::test_contract[glora-scale_robust_subspace]",),
+    ),
+    Proposition(
+        "P6",
+        "client permutation; zero weights",
+        "The server update does not depend on the order of clients; zero-weight clients drop out.",
+        r"\pi \in S_N: \; \mathrm{GLoRA}(\{B_{\pi i}, A_{\pi i}, p_{\pi i}\}) = "
+        r"\mathrm{GLoRA}(\{B_i, A_i, p_i\})",
+        ("all",),
+        (
+            "test_propositions:test_P6_permutation_invariance",
+            "test_propositions:test_P6_zero_weight_clients_drop_out",
+        ),
+        ("property_tests/test_contract.py::test_contract[<every operator>-permutation_invariant]",),
+    ),
+    Proposition(
+        "P7",
+        "factor-averaging error identity",
+        "sum_i p_i B_i A_i - B_bar A_bar = sum_i p_i (B_i - B_bar)(A_i - A_bar) when "
+        "sum_i p_i = 1; FedIT is not gauge invariant.",
+        r"\bar W - \bar B \bar A = \textstyle\sum_i p_i (B_i - \bar B)(A_i - \bar A)",
+        ("fedit",),
+        ("test_identities:test_P7_factor_averaging_error_identity",),
+        ("property_tests/test_contract.py::test_contract[fedit-gauge_invariant_GL]",),
+    ),
+    Proposition(
+        "P8",
+        "optimality gap (Eckart-Young)",
+        "||W_bar - U_ref S||_F >= ||W_bar - best_R(W_bar)||_F, with equality when span(U_ref) "
+        "contains the top-R left singular space of W_bar.",
+        r"\|\bar W - U_{\mathrm{ref}}S\|_F \ge \|\bar W - [\bar W]_R\|_F",
+        ("glora", "svd_mean"),
+        ("test_verification:test_P8_optimality_gap",),
+    ),
+    Proposition(
+        "P9",
+        "Procrustes alignment",
+        "Alignment preserves each client's product; R* minimises ||R^T A_i - A_ref|| over O(r); "
+        "the soft rotation satisfies ||R_soft - I||_F <= 2 lambda ||R* - I||_F.",
+        r"R^\star = \arg\min_{R \in O(r)} \|R^\top A_i - A_{\mathrm{ref}}\|_F",
+        ("fedrot_lora", "fedrot_lora_soft"),
+        (
+            "test_identities:test_P9_procrustes_preserves_products_and_minimises",
+            "test_identities:test_P9_soft_alignment_bound",
+        ),
+    ),
+    Proposition(
+        "P10",
+        "exactness of stacking, shared A, residual folding",
+        "FLoRA's stacking, FFA-LoRA's shared-A averaging and FedEx-LoRA's residual folding "
+        "reproduce the mean update exactly.",
+        r"[B_1 \cdots B_N][p_1A_1; \dots; p_NA_N] = \bar W",
+        ("flora", "ffa_lora", "fedex_lora"),
+        (
+            "test_identities:test_P10_stacking_is_exact",
+            "test_identities:test_P10_shared_A_averaging_is_exact_and_requires_a_shared_A",
+            "test_identities:test_P10_fedex_residual_in_the_base_weight_layout",
+        ),
+    ),
+    Proposition(
+        "L1",
+        "low-rank Frobenius norms (used by every metric)",
+        "||B A||_F = ||T A||_F for the thin QR B = Q T: distances need no d-by-k matrix.",
+        r"\|QTA\|_F = \|TA\|_F",
+        ("metrics",),
+        ("test_verification:test_L1_lowrank_norms",),
+    ),
+)
+
+
+def get(pid: str) -> Proposition:
+    """The proposition with id ``pid``."""
+    for p in PROPOSITIONS:
+        if p.id == pid:
+            return p
+    raise KeyError(pid)
