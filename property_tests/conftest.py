@@ -16,4 +16,6 @@ _COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 settings.register_profile("ci", max_examples=60, derandomize=True, print_blob=True, **_COMMON)
 settings.register_profile("dev", max_examples=100, **_COMMON)
 settings.register_profile("nightly", max_examples=2000, **_COMMON)
+# Mutation testing reruns the suite once per mutant: few, fixed examples.
+settings.register_profile("mutation", max_examples=15, derandomize=True, database=None, **_COMMON)
 settings.load_profile(os.environ.get("GLORA_HYPOTHESIS_PROFILE", "ci"))

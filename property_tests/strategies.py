@@ -178,3 +178,47 @@ def gauges_for(
 
         return [random_special_orthogonal(r, generator=g) for r in ranks], 1.0
     raise ValueError(kind)  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class GappedProblem:
+    """Clients that all contain a common R-dim subspace V plus private, mutually orthogonal
+    directions: K = V V^T + sum_i p_i E_i E_i^T, so the consensus eigengap at R is exactly
+    ``1 - max_i p_i`` (the top eigenvalue 1 has multiplicity R, the rest are the p_i)."""
+
+    problem: Problem
+    V: Tensor
+    R: int
+    gap: float
+
+
+@st.composite
+def gapped_problems(draw: st.DrawFn, *, dtype: torch.dtype = torch.float64) -> GappedProblem:
+    """Problems with a drawn, exactly known consensus eigengap (down to 1e-6)."""
+    n = draw(st.integers(2, 4), label="N")
+    R = draw(st.integers(1, 3), label="R")
+    extras = draw(st.lists(st.integers(1, 2), min_size=n, max_size=n), label="extras")
+    d = R + sum(extras) + draw(st.integers(0, 4), label="spare")
+    k = draw(st.integers(max(R + max(extras), 2), 16), label="k")
+    gap = draw(st.floats(1e-6, 0.5), label="gap")
+    cond = draw(st.floats(1.0, 10.0), label="cond")
+    seed = draw(SEEDS, label="seed")
+    g = torch.Generator().manual_seed(seed)
+    basis = random_orthogonal(d, generator=g)
+    V = basis[:, :R]
+    # Weights: client 0 has p_0 = 1 - gap (the largest), the rest share gap.
+    rest = torch.rand(n - 1, generator=g, dtype=torch.float64) + 0.5
+    p = torch.cat([torch.tensor([1.0 - gap], dtype=torch.float64), gap * rest / rest.sum()])
+    col = R
+    factors = []
+    for e in extras:
+        E = basis[:, col : col + e]
+        col += e
+        r = R + e
+        X = conditioned_matrix(r, r, cond=cond, scale=1.0, generator=g, dtype=torch.float64)
+        B = torch.cat([V, E], dim=1) @ X
+        A = conditioned_matrix(r, k, cond=cond, scale=1.0, generator=g, dtype=torch.float64)
+        factors.append(LoRAFactors(B.to(dtype), A.to(dtype)))
+    # p_0 = 1 - gap >= 1/2 >= every other weight, so max_i p_i = 1 - gap.
+    pb = Problem(factors, p, d, k, cond**2, seed, dtype)
+    return GappedProblem(pb, V, R, gap)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import glora_math as gm
 from glora_math import RankClampedWarning, consensus_basis, gauge_fix
 from glora_math.linalg import projector_distance
 from glora_math.tolerances import product_tol, subspace_tol
 
 from .helpers import dense_K, f64, n_dims, top_eigenspace, unique_or_reject
-from .strategies import problems
+from .strategies import SEEDS, problems
 
 
 @given(
@@ -50,3 +53,39 @@ def test_rank_above_the_union_is_clamped_with_a_warning(pb) -> None:  # type: ig
     with pytest.warns(RankClampedWarning):
         basis = consensus_basis(fixed, pb.weights, union + 1)
     assert basis.rank == union
+
+
+def test_zero_eigengap_warns() -> None:
+    # Two clients with orthogonal 1-D subspaces and equal weights: K has eigenvalue 1/2 twice,
+    # so the top-1 eigenspace is not unique.
+    e = torch.eye(4, dtype=torch.float64)
+    A = torch.ones(1, 3, dtype=torch.float64)
+    fs = [gm.LoRAFactors(e[:, :1], A), gm.LoRAFactors(e[:, 1:2], A)]
+    with pytest.warns(gm.ZeroEigengapWarning, match="not unique"):
+        state = gm.glora_aggregate(fs, rank=1)
+    assert state.gap == 0.0
+    # With unequal weights the gap is |p_1 - p_2| and no warning is raised.
+    state = gm.glora_aggregate(fs, [3.0, 1.0], rank=1)
+    assert abs(state.gap - 0.5) <= product_tol(torch.float64, n=8, scale=1.0)
+
+
+@given(st.integers(2, 12), st.integers(1, 4), st.floats(1e-9, 1.5), SEEDS)
+def test_principal_angles_match_a_dense_reference_and_resolve_small_angles(
+    d, p, theta, seed
+) -> None:  # type: ignore[no-untyped-def]
+    from glora_math.linalg import principal_angles
+
+    if 2 * p > d:
+        return
+    g = torch.Generator().manual_seed(seed)
+    Q = gm.random_orthogonal(d, generator=g)
+    X, Y = Q[:, :p], Q[:, p : 2 * p]
+    rotated = X * math.cos(theta) + Y * math.sin(theta)  # every principal angle equals theta
+    angles = principal_angles(X, rotated)
+    assert angles.shape == (p,)
+    tol = product_tol(torch.float64, n=d + p, scale=1.0)
+    assert float((angles - theta).abs().max()) <= tol  # accurate even for theta ~ 1e-9
+    # Dense reference by cosines for angles where arccos is well conditioned.
+    if theta > 1e-3:
+        ref = torch.arccos(torch.linalg.svdvals(X.mT @ rotated).clamp(0, 1)).sort().values
+        assert float((angles - ref).abs().max()) <= tol / math.sin(theta)
