@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.glora-installed
 
-.PHONY: demo test lint typecheck pytest verify setup clean
+.PHONY: demo test lint typecheck pytest verify mutation setup clean
 
 setup: $(STAMP)
 
@@ -37,5 +37,12 @@ verify: $(STAMP)
 
 test: lint typecheck pytest verify
 
+# Mutation testing of the GLoRA operator modules (slow: about 30-60 min on 2 cores; not in CI).
+mutation: $(STAMP)
+	$(BIN)/python -m pip install --quiet "mutmut==3.8.1"
+	rm -rf mutants
+	GLORA_HYPOTHESIS_PROFILE=mutation $(BIN)/mutmut run --max-children 2 || true
+	$(BIN)/mutmut results
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis mutants

@@ -1,0 +1,208 @@
+"""Batched GLoRA: many modules of the same shape aggregated in one call.
+
+A model has many adapted modules of few distinct shapes (e.g. 32 layers x q, k, v, o of
+4096 x 4096). Stacking modules of one shape along a leading batch dimension L turns the
+per-module QR, SVD and products into batched torch kernels (CPU or GPU) instead of a Python loop
+per module. The result equals :func:`glora_math.glora_aggregate` applied to each module; layers
+the batched path cannot treat uniformly (a rank-deficient client factor, or a server rank to
+clamp) are recomputed one by one with the unbatched operator.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from glora_math.aggregate import glora_aggregate
+from glora_math.errors import (
+    DeviceMismatchError,
+    EmptyClientsError,
+    NonFiniteError,
+    RankError,
+    ShapeMismatchError,
+    ZeroEigengapWarning,
+)
+from glora_math.linalg import sign_fixed_qr
+from glora_math.tolerances import rank_tol, working_dtype, zero_gap_tol
+from glora_math.types import LoRAFactors, Split
+from glora_math.validation import WeightsLike, normalize_weights, validate_rank
+
+
+@dataclass(frozen=True, slots=True)
+class BatchedState:
+    """GLoRA server states of L modules of one shape.
+
+    Parameters
+    ----------
+    U
+        Consensus bases, ``(L, d, R)``.
+    S
+        Shared coordinates, ``(L, R, k)``.
+    gap
+        Eigengap at R per module, ``(L,)``.
+    dtype
+        The clients' dtype (readouts are returned in it).
+    """
+
+    U: Float[Tensor, "L d R"]
+    S: Float[Tensor, "L R k"]
+    gap: Float[Tensor, " L"]
+    dtype: torch.dtype
+
+    def delta(self) -> Float[Tensor, "L d k"]:
+        """Dense updates ``U @ S`` (tests only)."""
+        return self.U @ self.S
+
+
+def _sign_columns(U: Tensor) -> Tensor:
+    """Batched :func:`column_signs` (the largest-magnitude entry of each column positive)."""
+    idx = torch.argmax(U.abs(), dim=-2, keepdim=True)
+    picked = torch.gather(U, -2, idx)
+    return torch.where(picked < 0, -torch.ones_like(picked), torch.ones_like(picked))
+
+
+def _validate(
+    Bs: Sequence[Tensor], As: Sequence[Tensor]
+) -> tuple[int, int, int, torch.dtype, torch.device]:
+    if len(Bs) == 0 or len(Bs) != len(As):
+        raise EmptyClientsError(f"got {len(Bs)} left and {len(As)} right factors")
+    L, d, _ = Bs[0].shape
+    k = As[0].shape[-1]
+    dtype = Bs[0].dtype
+    for i, (B, A) in enumerate(zip(Bs, As, strict=True)):
+        if B.ndim != 3 or A.ndim != 3 or B.shape[0] != L or A.shape[0] != L:
+            raise ShapeMismatchError(
+                f"expected (L, d, r) and (L, r, k) with L={L}, got {tuple(B.shape)} and "
+                f"{tuple(A.shape)}",
+                client=i,
+            )
+        if B.shape[1] != d or A.shape[2] != k or B.shape[2] != A.shape[1]:
+            raise ShapeMismatchError(
+                f"B {tuple(B.shape)} and A {tuple(A.shape)} do not give ({L}, {d}, {k}) updates",
+                client=i,
+            )
+        if B.device != Bs[0].device or A.device != Bs[0].device:
+            raise DeviceMismatchError("factors on different devices", client=i)
+        for name, x in (("B", B), ("A", A)):
+            if not bool(torch.isfinite(x).all()):
+                raise NonFiniteError(f"{name} has non-finite entries", client=i)
+        dtype = torch.promote_types(dtype, torch.promote_types(B.dtype, A.dtype))
+    return L, d, k, dtype, Bs[0].device
+
+
+def glora_aggregate_batched(
+    Bs: Sequence[Float[Tensor, "L d r"]],
+    As: Sequence[Float[Tensor, "L r k"]],
+    weights: WeightsLike = None,
+    *,
+    rank: int,
+) -> BatchedState:
+    """GLoRA (qr gauge) for L modules at once; equal to the per-module operator.
+
+    Parameters
+    ----------
+    Bs, As
+        Per client, the stacked factors of the L modules: ``(L, d, r_i)`` and ``(L, r_i, k)``.
+    weights
+        Client weights (shared by all modules).
+    rank
+        Server rank R.
+
+    Cost: the per-module cost of :func:`glora_aggregate` times L, in batched kernels.
+    """
+    R = validate_rank(rank)
+    L, d, k, dtype, device = _validate(Bs, As)
+    wd = working_dtype(dtype)
+    p = normalize_weights(weights, len(Bs), dtype=wd, device=device)
+    live = [i for i in range(len(Bs)) if float(p[i]) > 0]
+    Qs, Cs, uniform = [], [], torch.ones(L, dtype=torch.bool, device=device)
+    for i in live:
+        B, A = Bs[i].to(wd), As[i].to(wd)
+        Q, T = sign_fixed_qr(B)
+        s = torch.linalg.svdvals(T)
+        tol = max(B.shape[-2:]) * torch.finfo(wd).eps * s[..., :1]
+        full = (s > tol).all(dim=-1) & (s[..., 0] > 0) & (T.shape[-2] == T.shape[-1])
+        uniform &= full
+        Qs.append(Q)
+        Cs.append(p[i] * (T @ A))
+    M = torch.cat([Q * p[i].sqrt() for i, Q in zip(live, Qs, strict=True)], dim=-1)  # (L, d, m)
+    m = M.shape[-1]
+    if d >= m:
+        Qm, Tm = sign_fixed_qr(M)
+        W, sv, _ = torch.linalg.svd(Tm, full_matrices=False)
+        Uall = Qm @ W
+    else:
+        Uall, sv, _ = torch.linalg.svd(M, full_matrices=False)
+    # A layer whose stacked bases have numerical rank < R needs clamping: do it unbatched.
+    if R > sv.shape[-1]:
+        uniform[:] = False
+    else:
+        uniform &= sv[..., R - 1] > rank_tol(1.0, (d, m), wd) * sv[..., 0]
+    U = Uall[..., :R]
+    U = U * _sign_columns(U)
+    # S = sum_i p_i (U^T U_i) C_i, with U_i = Q_i and C_i = T_i A_i (p folded above).
+    S = sum(
+        ((U.mT @ Qi) @ Ci for Qi, Ci in zip(Qs, Cs, strict=True)),
+        torch.zeros(L, R, k, dtype=wd, device=device),
+    )
+    eig = sv.pow(2)
+    nxt = eig[..., R] if R < eig.shape[-1] else torch.zeros(L, dtype=wd, device=device)
+    gap = eig[..., R - 1] - nxt if R <= eig.shape[-1] else torch.zeros(L, dtype=wd, device=device)
+    zero = gap <= torch.tensor(
+        [zero_gap_tol(float(e), d + m, wd) for e in eig[..., 0]], dtype=wd, device=device
+    )
+    if bool((zero & uniform).any()):
+        warnings.warn(
+            ZeroEigengapWarning(
+                f"consensus eigengap at R={R} is numerically zero in modules "
+                f"{torch.nonzero(zero & uniform).flatten().tolist()}: the server subspace is "
+                "not unique"
+            ),
+            stacklevel=2,
+        )
+    # Layers that need the general path (rank deficiency, clamping): per-module operator.
+    U = U.clone()
+    S = S.clone()
+    for layer in torch.nonzero(~uniform).flatten().tolist():
+        st = glora_aggregate(
+            [LoRAFactors(Bs[i][layer], As[i][layer]) for i in range(len(Bs))], p, rank=R
+        )
+        U[layer] = 0.0
+        S[layer] = 0.0
+        U[layer, :, : st.rank] = st.U
+        S[layer, : st.rank] = st.S
+        gap[layer] = st.gap
+    return BatchedState(U=U, S=S, gap=gap, dtype=dtype)
+
+
+def readout_batched(
+    state: BatchedState, rank: int, split: Split = "balanced"
+) -> tuple[Float[Tensor, "L d r"], Float[Tensor, "L r k"]]:
+    """Rank-r readouts of every module (batched SVD of S); see :func:`glora_math.readout`."""
+    r = validate_rank(rank)
+    R = state.U.shape[-1]
+    if r > R:
+        raise RankError(f"readout rank {r} exceeds the server rank R={R}")
+    Us, s, Vh = torch.linalg.svd(state.S, full_matrices=False)
+    sg = _sign_columns(state.U @ Us)
+    Us, Vh = Us * sg, Vh * sg.mT
+    B = state.U @ Us[..., :r]
+    A = Vh[..., :r, :]
+    sr = s[..., :r]
+    if split == "balanced":
+        B, A = B * sr.sqrt().unsqueeze(-2), A * sr.sqrt().unsqueeze(-1)
+    elif split == "left":
+        B = B * sr.unsqueeze(-2)
+    elif split == "right":
+        A = A * sr.unsqueeze(-1)
+    else:
+        raise ValueError(f"unknown split {split!r}")
+    return B.to(state.dtype), A.to(state.dtype)
+
+
+__all__ = ["BatchedState", "glora_aggregate_batched", "readout_batched"]
