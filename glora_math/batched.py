@@ -139,12 +139,13 @@ def glora_aggregate_batched(
     else:
         Uall, sv, _ = torch.linalg.svd(M, full_matrices=False)
     # A layer whose stacked bases have numerical rank < R needs clamping: do it unbatched.
-    if R > sv.shape[-1]:
+    Rb = min(R, sv.shape[-1])
+    if Rb < R:
         uniform[:] = False
     else:
         uniform &= sv[..., R - 1] > rank_tol(1.0, (d, m), wd) * sv[..., 0]
-    U = Uall[..., :R]
-    U = U * _sign_columns(U)
+    U = torch.zeros(L, d, R, dtype=wd, device=device)
+    U[..., :Rb] = Uall[..., :Rb] * _sign_columns(Uall[..., :Rb])
     # S = sum_i p_i (U^T U_i) C_i, with U_i = Q_i and C_i = T_i A_i (p folded above).
     S = sum(
         ((U.mT @ Qi) @ Ci for Qi, Ci in zip(Qs, Cs, strict=True)),
@@ -166,8 +167,6 @@ def glora_aggregate_batched(
             stacklevel=2,
         )
     # Layers that need the general path (rank deficiency, clamping): per-module operator.
-    U = U.clone()
-    S = S.clone()
     for layer in torch.nonzero(~uniform).flatten().tolist():
         st = glora_aggregate(
             [LoRAFactors(Bs[i][layer], As[i][layer]) for i in range(len(Bs))], p, rank=R

@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--seed", type=int, default=0)
     cmp.add_argument("--dtype", choices=sorted(_DTYPES), default="float64")
     cmp.add_argument("--operators", help="comma-separated operator names (default: all)")
+    sub.add_parser(
+        "simulate", help="federated fine-tuning run (see: glora simulate --help)", add_help=False
+    )
     ver = sub.add_parser(
         "verify", help="symbolic proofs, high-precision checks and properties of P1-P10"
     )
@@ -296,6 +299,16 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``glora`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["simulate"]:
+        # Federated fine-tuning lives in the integration layer (transformers + peft).
+        try:
+            simulate = importlib.import_module("integration.simulate")
+        except ImportError as err:
+            sys.stderr.write(f"glora simulate needs the integration extra: {err}\n")
+            return 2
+        code: int = simulate.main(argv[1:])
+        return code
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":

@@ -68,3 +68,24 @@ def test_batched_clamps_layers_like_the_operator() -> None:
     assert float((st_.delta()[1] - ref.delta()).norm()) <= product_tol(
         torch.float64, n=12, scale=scale
     )
+
+
+def test_batched_with_fewer_client_directions_than_R() -> None:
+    import pytest
+
+    from glora_math import RankClampedWarning
+
+    g = torch.Generator().manual_seed(1)
+    Bs = [torch.randn(3, 8, r, generator=g, dtype=torch.float64) for r in (2, 3)]
+    As = [torch.randn(3, r, 5, generator=g, dtype=torch.float64) for r in (2, 3)]
+    with pytest.warns(RankClampedWarning):
+        st_ = glora_aggregate_batched(Bs, As, [1.0, 2.0], rank=6)  # only 5 directions exist
+    assert st_.U.shape == (3, 8, 6)
+    assert st_.S.shape == (3, 6, 5)
+    from glora_math.tolerances import product_tol
+
+    for layer in range(3):
+        W = (Bs[0][layer] @ As[0][layer] + 2 * Bs[1][layer] @ As[1][layer]) / 3
+        assert float((st_.delta()[layer] - W).norm()) <= product_tol(
+            torch.float64, n=8 + 5 + 5, scale=float(W.norm()) + 1
+        )
