@@ -297,18 +297,22 @@ def run_verify(args: argparse.Namespace) -> int:
     return code
 
 
+def run_simulate(argv: list[str]) -> int:
+    """Forward to ``integration.simulate`` (transformers + peft live in the integration layer)."""
+    try:
+        simulate = importlib.import_module("integration.simulate")
+    except ImportError as err:
+        sys.stderr.write(f"glora simulate needs the integration extra: {err}\n")
+        return 2
+    code: int = simulate.main(argv)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``glora`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["simulate"]:
-        # Federated fine-tuning lives in the integration layer (transformers + peft).
-        try:
-            simulate = importlib.import_module("integration.simulate")
-        except ImportError as err:
-            sys.stderr.write(f"glora simulate needs the integration extra: {err}\n")
-            return 2
-        code: int = simulate.main(argv[1:])
-        return code
+        return run_simulate(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":
