@@ -40,7 +40,7 @@ from transformers.utils import logging as hf_logging
 
 from glora_math import GloraWarning, LoRAFactors
 from glora_math.compare import server_error
-from glora_math.registry import OperatorState
+from glora_math.registry import OperatorState, get_operator
 from integration.data import Examples, dirichlet_split, load_task, sample
 from integration.peft_io import (
     PREFIX,
@@ -184,7 +184,10 @@ class Simulation:
         base_sd = self.base.state_dict()
         for name, w in self._target_weights(model).items():
             w.data.copy_(base_sd[f"{name}.weight"])
-        torch.manual_seed(_seed_for(self.cfg.seed, self.round, i, 1))
+        shared_a = get_operator(self.cfg.operator).shared_A  # FFA-LoRA: one frozen A for all
+        torch.manual_seed(
+            _seed_for(self.cfg.seed, 0 if shared_a else self.round, 0 if shared_a else i, 1)
+        )
         init = self.client_init[i]
         if init is None:  # a fresh LoRA start: B = 0, A random (seeded per client and round)
             for mod in model.modules():
@@ -204,7 +207,12 @@ class Simulation:
 
     def _train(self, model: torch.nn.Module, shard: Examples, i: int) -> None:
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
+        frozen_a = get_operator(self.cfg.operator).shared_A
+        params = [
+            p
+            for n, p in model.named_parameters()
+            if p.requires_grad and not (frozen_a and ".lora_A." in n)
+        ]
         opt = torch.optim.AdamW(params, lr=self.cfg.lr)
         g = torch.Generator().manual_seed(_seed_for(self.cfg.seed, self.round, i, 2))
         for _ in range(self.cfg.local_steps):

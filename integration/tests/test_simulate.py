@@ -38,10 +38,10 @@ def test_glora_run_with_heterogeneous_ranks_and_sparse_participation(tmp_path: P
     assert json.loads((out / "results.json").read_text())["metrics"] == metrics
 
 
-@pytest.mark.parametrize("operator", ["fedex_lora", "flora", "fedrot_lora"])
+@pytest.mark.parametrize("operator", ["fedex_lora", "flora", "fedrot_lora", "ffa_lora"])
 def test_folding_and_stateful_operators_run(tmp_path: Path, operator: str) -> None:
     metrics = _run(tmp_path, operator, operator=operator)
-    if operator in ("fedex_lora", "flora"):  # exact operators: the update is the mean update
+    if operator in ("fedex_lora", "flora", "ffa_lora"):  # exact: the update is the mean update
         assert all(float(m["aggregation_error"]) < 1e-5 for m in metrics)  # type: ignore[arg-type]
     if operator == "fedrot_lora":
         flat = load_file(str(tmp_path / operator / "checkpoint-2.safetensors"))
@@ -83,3 +83,17 @@ def test_cli_flags_parse() -> None:
     assert cfg.client_ranks == [2, 4]
     assert cfg.server_rank == 8
     assert resume
+
+
+def test_the_packaged_pretrained_minilm_loads_offline() -> None:
+    from safetensors.torch import load_file as load
+
+    from integration.simulate import build_model, minilm_path
+
+    model, tok = build_model("minilm", num_labels=2, seed=0)
+    shipped = load(str(minilm_path() / "model.safetensors"))
+    key = next(k for k in shipped if k.endswith("embeddings.word_embeddings.weight"))
+    mine = dict(model.named_parameters())
+    match = next(v for k, v in mine.items() if k.endswith("embeddings.word_embeddings.weight"))
+    assert torch.equal(match.detach(), shipped[key])  # real pretrained weights, not random
+    assert tok("a test")["input_ids"][0] == tok.cls_token_id
