@@ -56,7 +56,7 @@ def glora_aggregate(
     info = validate_clients(factors)
     p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
     fixed = gauge_fix_all(factors, info, gauge)
-    basis = consensus_basis(fixed, p, R)
+    basis = consensus_basis(fixed, p, rank=R)
     U = basis.U
     S = U.new_zeros((U.shape[1], info.k))
     for i, f in enumerate(fixed):

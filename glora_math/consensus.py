@@ -49,7 +49,7 @@ def _check_fixed(fixed: Sequence[GaugeFixed]) -> None:
 
 
 def consensus_basis(
-    fixed: Sequence[GaugeFixed], weights: WeightsLike = None, rank: int = 1
+    fixed: Sequence[GaugeFixed], weights: WeightsLike = None, *, rank: int
 ) -> ConsensusBasis:
     """Top-R eigenvectors of ``K = sum_i p_i U_i U_i^T``, computed from the factors.
 

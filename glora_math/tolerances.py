@@ -106,6 +106,16 @@ def aggregate_tol(dtype: torch.dtype, *, n: int, kappa: float, gap: float, scale
     )
 
 
+def storage_tol(dtype: torch.dtype, *, scale: float, kappa: float = 1.0) -> float:
+    """Tolerance for results *stored* in ``dtype`` (e.g. bfloat16 factors).
+
+    Rounding a computed result to the storage dtype costs ``eps(storage)`` relative per entry,
+    amplified by the conditioning of the factors being rounded: ``SAFETY * eps * kappa * scale``
+    with the storage dtype's own epsilon (not the working dtype's).
+    """
+    return SAFETY * float(torch.finfo(dtype).eps) * kappa * scale
+
+
 def orthonormality_tol(dtype: torch.dtype, *, n: int) -> float:
     """Tolerance on ``||U^T U - I||_F`` for a basis from Householder QR (n = rows + columns)."""
     return SAFETY * n * eps(dtype)
@@ -118,6 +128,7 @@ __all__ = [
     "orthonormality_tol",
     "product_tol",
     "rank_tol",
+    "storage_tol",
     "subspace_tol",
     "working_dtype",
     "zero_gap_tol",

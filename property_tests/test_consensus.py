@@ -31,7 +31,7 @@ def test_consensus_basis_is_the_top_eigenspace_of_K(pb, mode, data) -> None:  # 
     if avail == 0:
         return
     R = data.draw(st.integers(1, avail), label="R")
-    basis = unique_or_reject(lambda: consensus_basis(fixed, pb.weights, R))
+    basis = unique_or_reject(lambda: consensus_basis(fixed, pb.weights, rank=R))
     V, lam = top_eigenspace(K, R)
     n = n_dims(pb.d, pb.k, pb.ranks)
     # Spectrum: eigenvalues of K from the stacked bases.
@@ -51,7 +51,7 @@ def test_rank_above_the_union_is_clamped_with_a_warning(pb) -> None:  # type: ig
     fixed = [gauge_fix(f, "qr") for f in pb.factors]
     union = pb.union_dim()
     with pytest.warns(RankClampedWarning):
-        basis = consensus_basis(fixed, pb.weights, union + 1)
+        basis = consensus_basis(fixed, pb.weights, rank=union + 1)
     assert basis.rank == union
 
 
