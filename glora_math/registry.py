@@ -248,9 +248,16 @@ G = Guarantee
 # FedIT, FFA-LoRA, FedSA-LoRA, FedEx-LoRA, FLoRA-NA
 
 
-def _fedit(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
-    g = bl.fedit(fs, p)
-    return AggregateResult(g, None, _same_for_all(len(fs), g, ctx.client_ranks, "FedIT"))
+def _broadcast(
+    rule: Callable[[Sequence[LoRAFactors], Tensor], LoRAFactors], method: str
+) -> OperatorFn:
+    """An operator whose global factors are sent unchanged to every client."""
+
+    def fn(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
+        g = rule(fs, p)
+        return AggregateResult(g, None, _same_for_all(len(fs), g, ctx.client_ranks, method))
+
+    return fn
 
 
 register(
@@ -260,16 +267,11 @@ register(
         summary="average B and A separately",
         sends_back="global factors (rank r)",
         guarantees=frozenset({G.COMMON_GAUGE_EQUIVARIANT, G.PERMUTATION_INVARIANT}),
-        fn=_fedit,
+        fn=_broadcast(bl.fedit, "FedIT"),
         cost=_factors_cost,
         equal_ranks=True,
     )
 )
-
-
-def _ffa(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
-    g = bl.ffa_lora(fs, p)
-    return AggregateResult(g, None, _same_for_all(len(fs), g, ctx.client_ranks, "FFA-LoRA"))
 
 
 register(
@@ -279,7 +281,7 @@ register(
         summary="A frozen and shared, average B only (exact)",
         sends_back="averaged B (A is fixed)",
         guarantees=frozenset({G.EXACT_MEAN, G.COMMON_GAUGE_EQUIVARIANT, G.PERMUTATION_INVARIANT}),
-        fn=_ffa,
+        fn=_broadcast(bl.ffa_lora, "FFA-LoRA"),
         cost=lambda d, k, r, R, n: Communication(up=d * r, down=d * r),
         equal_ranks=True,
         shared_A=True,
@@ -342,11 +344,6 @@ register(
 )
 
 
-def _flora_na(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
-    g = bl.flora_na(fs, p)
-    return AggregateResult(g, None, _same_for_all(len(fs), g, ctx.client_ranks, "FLoRA-NA"))
-
-
 register(
     AggregationOperator(
         name="flora_na",
@@ -354,7 +351,7 @@ register(
         summary="server-side ALS estimate of (B, A) from FedIT (reconstruction)",
         sends_back="global factors (rank r)",
         guarantees=frozenset({G.COMMON_GAUGE_EQUIVARIANT, G.PERMUTATION_INVARIANT}),
-        fn=_flora_na,
+        fn=_broadcast(bl.flora_na, "FLoRA-NA"),
         cost=_factors_cost,
         equal_ranks=True,
         reconstruction=True,
