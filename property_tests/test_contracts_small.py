@@ -6,6 +6,7 @@ the empty server state, spectrum length with zero-weight clients, warning attrib
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -133,6 +134,9 @@ def test_spectrum_length_counts_only_positive_weight_clients(pb) -> None:  # typ
     assert basis.eigvals.numel() == min(pb.d, live)
 
 
+@pytest.mark.skipif(
+    "MUTANT_UNDER_TEST" in os.environ, reason="mutmut's trampolines add a stack frame"
+)
 def test_warnings_point_at_the_caller() -> None:
     fs = [
         gm.LoRAFactors(
@@ -150,3 +154,25 @@ def test_warnings_point_at_the_caller() -> None:
     with pytest.warns(gm.ZeroEigengapWarning) as rec:
         gm.consensus_basis(two, rank=1)
     assert rec[0].filename == __file__
+
+
+@pytest.mark.parametrize("mode", ["qr", "svd"])
+def test_numerical_rank_uses_the_lapack_rule(mode: str) -> None:
+    # tol = max(d, k or r) * eps * s_max. With d = 20, a singular value of 1e-15 (between
+    # 2 eps and 20 eps) is numerically zero: the update has rank 1, not 2.
+    d = 20
+    B = torch.zeros(d, 2, dtype=torch.float64)
+    B[0, 0], B[1, 1] = 1.0, 1e-15
+    A = torch.eye(2, 3, dtype=torch.float64)
+    assert gm.gauge_fix(gm.LoRAFactors(B, A), mode).rank == 1  # type: ignore[arg-type]
+    B[1, 1] = 1e-13  # above the threshold: rank 2
+    assert gm.gauge_fix(gm.LoRAFactors(B, A), mode).rank == 2  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True])
+@pytest.mark.parametrize(
+    "make", [gm.random_orthogonal, gm.random_special_orthogonal, gm.random_invertible]
+)
+def test_gauge_generators_reject_bad_sizes(make, bad) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(gm.RankError, match="gauge size must be a positive int"):
+        make(bad)
