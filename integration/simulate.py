@@ -39,8 +39,10 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from glora_math import GloraWarning, LoRAFactors
+from glora_math.baselines import truncate_svd
 from glora_math.compare import server_error
-from glora_math.registry import OperatorState, get_operator
+from glora_math.linalg import lowrank_svd
+from glora_math.registry import Guarantee, OperatorState, get_operator
 from integration.data import Examples, dirichlet_split, load_task, sample
 from integration.peft_io import (
     PREFIX,
@@ -306,6 +308,32 @@ class Simulation:
         self.op_states = dict(rnd.states)
         for j, i in enumerate(who):
             self.client_init[i] = rnd.client_modules[j]
+        self._broadcast_to_absent(rnd, who)
+
+    def _broadcast_to_absent(self, rnd: Any, who: Sequence[int]) -> None:
+        """Clients that sat this round out get the current broadcast, not stale factors.
+
+        A participant of the same rank received exactly the broadcast for that rank; for
+        rank-compatible operators any rank is the best rank-r truncation of the server update.
+        FedSA-LoRA keeps personal B matrices by design, so its absent clients keep theirs.
+        """
+        if self.cfg.operator == "fedsa_lora":
+            return
+        op = get_operator(self.cfg.operator)
+        ranks = self.cfg.ranks()
+        by_rank = {ranks[i]: rnd.client_modules[j] for j, i in enumerate(who)}
+        for i in range(self.cfg.clients):
+            if i in who:
+                continue
+            r = ranks[i]
+            if r in by_rank:
+                self.client_init[i] = by_rank[r]
+            elif Guarantee.RANK_COMPATIBLE in op.guarantees:
+                out = {}
+                for name, res in rnd.results.items():
+                    U, sv, Vh = lowrank_svd(res.update.B, res.update.A)
+                    out[name] = truncate_svd(U, sv, Vh, r, res.update.B.dtype)
+                self.client_init[i] = out
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from glora_math.tolerances import product_tol
 from integration.simulate import SimConfig, Simulation, parse_args
 
 TINY = {
@@ -97,3 +98,34 @@ def test_the_packaged_pretrained_minilm_loads_offline() -> None:
     match = next(v for k, v in mine.items() if k.endswith("embeddings.word_embeddings.weight"))
     assert torch.equal(match.detach(), shipped[key])  # real pretrained weights, not random
     assert tok("a test")["input_ids"][0] == tok.cls_token_id
+
+
+def test_absent_clients_receive_the_current_broadcast(tmp_path: Path) -> None:
+    # 3 clients, 2 participate per round; the absent one must not keep stale factors.
+    sim = Simulation(
+        SimConfig(
+            **(
+                TINY
+                | {
+                    "out": str(tmp_path / "b"),
+                    "participation": 0.5,
+                    "client_ranks": [2, 2, 3],
+                    "server_rank": 4,
+                }
+            )
+        )
+    )  # type: ignore[arg-type]
+    row = sim.step()
+    who = row["participants"]
+    assert isinstance(who, list)
+    absent = next(i for i in range(3) if i not in who)
+    init = sim.client_init[absent]
+    assert init is not None
+    for name, f in init.items():
+        assert f.rank == [2, 2, 3][absent]
+        # The broadcast at rank r is the best rank-r approximation of the server update.
+        upd = sim.global_update[name].delta()
+        s = torch.linalg.svdvals(upd)
+        best = float(s[f.rank :].pow(2).sum().sqrt())
+        tol = product_tol(upd.dtype, n=sum(upd.shape) + 4, scale=float(s[0]) + 1.0)
+        assert abs(float((f.delta() - upd).norm()) - best) <= tol
