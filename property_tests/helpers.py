@@ -15,7 +15,7 @@ from hypothesis import assume
 from torch import Tensor
 
 from glora_math import GaugeFixed, LoRAFactors, ZeroEigengapWarning
-from glora_math.tolerances import aggregate_tol
+from glora_math.tolerances import aggregate_tol, rank_tol
 
 T = TypeVar("T")
 
@@ -27,7 +27,10 @@ def f64(x: Tensor) -> Tensor:
 def cond(x: Tensor) -> float:
     """2-norm condition number on the numerical range (inf for a zero matrix)."""
     s = torch.linalg.svdvals(f64(x))
-    s = s[s > s[0] * 1e-12] if s.numel() and float(s[0]) > 0 else s[:0]
+    if s.numel() and float(s[0]) > 0:
+        s = s[s > rank_tol(float(s[0]), (int(x.shape[0]), int(x.shape[1])), torch.float64)]
+    else:
+        s = s[:0]
     return float(s[0] / s[-1]) if s.numel() else 1.0
 
 

@@ -211,7 +211,8 @@ def test_fedrot_alternates_and_carries_its_reference() -> None:
         clients, reference=LoRAFactors(ref_B, first.state.tensors["A_ref"]), round_index=2
     )
     for c, a in zip(clients, aligned, strict=True):
-        assert float((a.B - ref_B).norm()) <= float((c.B - ref_B).norm()) + 1e-12
+        slack = product_tol(torch.float64, n=7 + 2, scale=float(c.B.norm() + ref_B.norm()))
+        assert float((a.B - ref_B).norm()) <= float((c.B - ref_B).norm()) + slack
         assert torch.allclose(
             a.delta(),
             c.delta(),

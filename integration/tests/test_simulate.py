@@ -43,7 +43,9 @@ def test_glora_run_with_heterogeneous_ranks_and_sparse_participation(tmp_path: P
 def test_folding_and_stateful_operators_run(tmp_path: Path, operator: str) -> None:
     metrics = _run(tmp_path, operator, operator=operator)
     if operator in ("fedex_lora", "flora", "ffa_lora"):  # exact: the update is the mean update
-        assert all(float(m["aggregation_error"]) < 1e-5 for m in metrics)  # type: ignore[arg-type]
+        # Relative error in float64 factors of the tiny model (hidden 32, 3 clients of rank 4).
+        tol = product_tol(torch.float64, n=32 + 32 + 3 * 4, scale=1.0)
+        assert all(float(m["aggregation_error"]) <= tol for m in metrics)  # type: ignore[arg-type]
     if operator == "fedrot_lora":
         flat = load_file(str(tmp_path / operator / "checkpoint-2.safetensors"))
         assert any(k.startswith("state.") and k.endswith("round_index") for k in flat)
