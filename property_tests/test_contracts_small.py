@@ -176,3 +176,27 @@ def test_numerical_rank_uses_the_lapack_rule(mode: str) -> None:
 def test_gauge_generators_reject_bad_sizes(make, bad) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(gm.RankError, match="gauge size must be a positive int"):
         make(bad)
+
+
+@given(problems(weights="random"), st.sampled_from(["qr", "svd"]), st.data())
+def test_server_state_records_spectrum_and_gauge(pb, mode, data) -> None:  # type: ignore[no-untyped-def]
+    R = data.draw(st.integers(1, pb.union_dim()), label="R")
+    state = unique_or_reject(lambda: gm.glora_aggregate(pb.factors, pb.weights, rank=R, gauge=mode))
+    basis = unique_or_reject(
+        lambda: gm.consensus_basis([gm.gauge_fix(f, mode) for f in pb.factors], pb.weights, rank=R)
+    )
+    assert state.gauge == mode
+    assert torch.equal(state.eigvals, basis.eigvals)
+    assert state.gap == basis.gap
+
+
+def test_clamp_warning_says_what_happened() -> None:
+    f = gm.gauge_fix(
+        gm.LoRAFactors(
+            torch.eye(4, dtype=torch.float64)[:, :1], torch.ones(1, 3, dtype=torch.float64)
+        )
+    )
+    with pytest.warns(
+        gm.RankClampedWarning, match=r"server rank 3 exceeds the dimension 1 .*clamped to 1"
+    ):
+        gm.consensus_basis([f], rank=3)
