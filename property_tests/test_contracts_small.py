@@ -186,8 +186,10 @@ def test_server_state_records_spectrum_and_gauge(pb, mode, data) -> None:  # typ
         lambda: gm.consensus_basis([gm.gauge_fix(f, mode) for f in pb.factors], pb.weights, rank=R)
     )
     assert state.gauge == mode
-    assert torch.equal(state.eigvals, basis.eigvals)
-    assert state.gap == basis.gap
+    tol = product_tol(pb.dtype, n=pb.d + pb.k + sum(pb.ranks), scale=1.0, kappa=pb.cond)
+    assert state.eigvals.shape == basis.eigvals.shape
+    assert float((state.eigvals - basis.eigvals).abs().max()) <= tol
+    assert abs(state.gap - basis.gap) <= tol
 
 
 def test_clamp_warning_says_what_happened() -> None:
