@@ -61,9 +61,14 @@ def test_zero_eigengap_warns() -> None:
     e = torch.eye(4, dtype=torch.float64)
     A = torch.ones(1, 3, dtype=torch.float64)
     fs = [gm.LoRAFactors(e[:, :1], A), gm.LoRAFactors(e[:, 1:2], A)]
-    with pytest.warns(gm.ZeroEigengapWarning, match="not unique"):
+    with pytest.warns(gm.ZeroEigengapWarning, match=r"lambda_R=5\.000e-01, lambda_R\+1=5\.000e-01"):
         state = gm.glora_aggregate(fs, rank=1)
     assert state.gap == 0.0
+    # More client directions than d (m = 4 > d = 2): still a zero gap, still a warning.
+    e2 = torch.eye(2, dtype=torch.float64)
+    many = [gm.LoRAFactors(e2[:, i % 2 : i % 2 + 1], A) for i in range(4)]
+    with pytest.warns(gm.ZeroEigengapWarning, match="not unique"):
+        gm.glora_aggregate(many, rank=1)
     # With unequal weights the gap is |p_1 - p_2| and no warning is raised.
     state = gm.glora_aggregate(fs, [3.0, 1.0], rank=1)
     assert abs(state.gap - 0.5) <= product_tol(torch.float64, n=8, scale=1.0)
