@@ -244,6 +244,18 @@ def _factors_cost(d: int, k: int, r: int, R: int, n: int) -> Communication:
 
 G = Guarantee
 
+# Operators whose server update is exactly the mean update W_bar, which every gauge leaves alone.
+_EXACT_GUARANTEES = frozenset(
+    {
+        G.EXACT_MEAN,
+        G.GAUGE_INVARIANT_GL,
+        G.GAUGE_INVARIANT_O,
+        G.GAUGE_INVARIANT_SO,
+        G.COMMON_GAUGE_EQUIVARIANT,
+        G.PERMUTATION_INVARIANT,
+    }
+)
+
 # ----------------------------------------------------------------------------------------------
 # FedIT, FFA-LoRA, FedSA-LoRA, FedEx-LoRA, FLoRA-NA
 
@@ -327,16 +339,7 @@ register(
         paper="arXiv 2410.09432",
         summary="FedIT factors + exact dense residual folded into the base weight",
         sends_back="global factors (rank r) + dense d x k residual for the base weight",
-        guarantees=frozenset(
-            {
-                G.EXACT_MEAN,
-                G.GAUGE_INVARIANT_GL,
-                G.GAUGE_INVARIANT_O,
-                G.GAUGE_INVARIANT_SO,
-                G.COMMON_GAUGE_EQUIVARIANT,
-                G.PERMUTATION_INVARIANT,
-            }
-        ),
+        guarantees=_EXACT_GUARANTEES,
         fn=_fedex,
         cost=lambda d, k, r, R, n: Communication(up=r * (d + k), down=r * (d + k) + d * k),
         equal_ranks=True,
@@ -372,16 +375,7 @@ register(
         paper="arXiv 2409.05976",
         summary="stack all clients' factors (exact); merge into base, clients re-initialise",
         sends_back="stacked factors (rank sum r_i) merged into the base weight",
-        guarantees=frozenset(
-            {
-                G.EXACT_MEAN,
-                G.GAUGE_INVARIANT_GL,
-                G.GAUGE_INVARIANT_O,
-                G.GAUGE_INVARIANT_SO,
-                G.COMMON_GAUGE_EQUIVARIANT,
-                G.PERMUTATION_INVARIANT,
-            }
-        ),
+        guarantees=_EXACT_GUARANTEES,
         fn=_flora,
         cost=lambda d, k, r, R, n: Communication(up=r * (d + k), down=n * r * (d + k)),
     )
