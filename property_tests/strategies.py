@@ -31,6 +31,28 @@ def conditioned_matrix(
     return ((P * sigma) @ Q.mT).to(dtype)
 
 
+def conditioned_factors(
+    d: int, k: int, r: int, *, cond: float, generator: torch.Generator, dtype: torch.dtype
+) -> LoRAFactors:
+    """Factors ``(B, A)`` of shapes (d, r), (r, k), each of norm 1 and condition ``cond``."""
+    B = conditioned_matrix(d, r, cond=cond, scale=1.0, generator=generator, dtype=dtype)
+    A = conditioned_matrix(r, k, cond=cond, scale=1.0, generator=generator, dtype=dtype)
+    return LoRAFactors(B, A)
+
+
+def gaussian_clients(
+    n: int, d: int, r: int, k: int, *, generator: torch.Generator
+) -> list[LoRAFactors]:
+    """n clients with i.i.d. standard Gaussian float64 factors, for fixed unit tests."""
+    return [
+        LoRAFactors(
+            torch.randn(d, r, generator=generator, dtype=torch.float64),
+            torch.randn(r, k, generator=generator, dtype=torch.float64),
+        )
+        for _ in range(n)
+    ]
+
+
 @dataclass(frozen=True)
 class Problem:
     """A drawn federated problem: N clients' factors, their weights and how they were built."""

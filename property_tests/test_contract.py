@@ -30,7 +30,7 @@ from glora_math.registry import (
 from glora_math.tolerances import product_tol, subspace_tol
 
 from .helpers import cond, f64, n_dims, state_tol
-from .strategies import Problem, conditioned_matrix, gauges_for, problems
+from .strategies import Problem, conditioned_factors, gauges_for, problems
 
 G = Guarantee
 
@@ -60,10 +60,9 @@ def _state(op: AggregationOperator, pb: Problem, data: st.DataObject) -> Operato
         return None
     r = pb.ranks[0]
     g = torch.Generator().manual_seed(pb.seed + 11)
-    ref_B = conditioned_matrix(pb.d, r, cond=2.0, scale=1.0, generator=g, dtype=pb.dtype)
-    ref_A = conditioned_matrix(r, pb.k, cond=2.0, scale=1.0, generator=g, dtype=pb.dtype)
+    ref = conditioned_factors(pb.d, pb.k, r, cond=2.0, generator=g, dtype=pb.dtype)
     round_index = data.draw(st.sampled_from([1, 2]), label="round")
-    return OperatorState(round_index, {"B_ref": ref_B, "A_ref": ref_A})
+    return OperatorState(round_index, {"B_ref": ref.B, "A_ref": ref.A})
 
 
 def _run(

@@ -14,7 +14,7 @@ from glora_math.registry import OperatorState, get_operator, list_operators
 from glora_math.tolerances import product_tol
 
 from .helpers import cond, f64, n_dims
-from .strategies import SEEDS, conditioned_matrix, problems
+from .strategies import SEEDS, conditioned_factors, gaussian_clients, problems
 
 
 def _tol(pb, kappa: float | None = None) -> float:  # type: ignore[no-untyped-def]
@@ -116,10 +116,7 @@ def test_flexlora_from_factors_equals_the_dense_truncated_svd(pb, data) -> None:
 def test_P9_procrustes_preserves_products_and_minimises(pb, seed, side) -> None:  # type: ignore[no-untyped-def]
     g = torch.Generator().manual_seed(seed)
     r = pb.ranks[0]
-    ref = LoRAFactors(
-        conditioned_matrix(pb.d, r, cond=3.0, scale=1.0, generator=g, dtype=pb.dtype),
-        conditioned_matrix(r, pb.k, cond=3.0, scale=1.0, generator=g, dtype=pb.dtype),
-    )
+    ref = conditioned_factors(pb.d, pb.k, r, cond=3.0, generator=g, dtype=pb.dtype)
     f = pb.factors[0]
     R = bl.fedrot_rotation(f, ref, align=side)
     eye = torch.eye(r, dtype=torch.float64)
@@ -147,10 +144,7 @@ def test_P9_procrustes_preserves_products_and_minimises(pb, seed, side) -> None:
 def test_P9_soft_alignment_bound(pb, seed, lam) -> None:  # type: ignore[no-untyped-def]
     g = torch.Generator().manual_seed(seed)
     r = pb.ranks[0]
-    ref = LoRAFactors(
-        conditioned_matrix(pb.d, r, cond=3.0, scale=1.0, generator=g, dtype=pb.dtype),
-        conditioned_matrix(r, pb.k, cond=3.0, scale=1.0, generator=g, dtype=pb.dtype),
-    )
+    ref = conditioned_factors(pb.d, pb.k, r, cond=3.0, generator=g, dtype=pb.dtype)
     f = pb.factors[0]
     Rstar = bl.procrustes(f.A @ ref.A.mT, special=True)
     Rsoft = bl.fedrot_rotation(f, ref, align="A", lam=lam) if lam < 1.0 else Rstar
@@ -192,14 +186,7 @@ def test_hetlora_pads_weights_by_norm_and_truncates(pb) -> None:  # type: ignore
 
 def test_fedrot_alternates_and_carries_its_reference() -> None:
     op = get_operator("fedrot_lora")
-    g = torch.Generator().manual_seed(3)
-    clients = [
-        LoRAFactors(
-            torch.randn(7, 2, generator=g, dtype=torch.float64),
-            torch.randn(2, 5, generator=g, dtype=torch.float64),
-        )
-        for _ in range(3)
-    ]
+    clients = gaussian_clients(3, 7, 2, 5, generator=torch.Generator().manual_seed(3))
     first = op(clients)
     assert first.state is not None
     assert first.state.round_index == 2

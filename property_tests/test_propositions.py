@@ -31,7 +31,7 @@ from .helpers import (
     state_tol,
     unique_or_reject,
 )
-from .strategies import gauges_for, problems
+from .strategies import gauges_for, gaussian_clients, problems
 
 MODES = st.sampled_from(["qr", "svd"])
 GAUGE_KINDS = st.sampled_from(["invertible", "orthogonal", "special_orthogonal"])
@@ -239,13 +239,7 @@ def test_P7_witness_fedit_is_not_gauge_invariant() -> None:
     from glora_math import fedit, random_orthogonal
 
     g = torch.Generator().manual_seed(0)
-    fs = [
-        LoRAFactors(
-            torch.randn(6, 2, generator=g, dtype=torch.float64),
-            torch.randn(2, 5, generator=g, dtype=torch.float64),
-        )
-        for _ in range(2)
-    ]
+    fs = gaussian_clients(2, 6, 2, 5, generator=g)
     G = random_orthogonal(2, generator=g)
     moved = [fs[0], apply_gauge(fs[1], G)]
     change = float((fedit(fs).delta() - fedit(moved).delta()).norm())
