@@ -16,7 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from glora_math.errors import ProtocolError, ShapeMismatchError
-from glora_math.linalg import lowrank_svd, sign_fixed_svd
+from glora_math.linalg import lowrank_fro_norm, lowrank_svd, sign_fixed_svd
 from glora_math.metrics import mean_update
 from glora_math.types import LoRAFactors
 from glora_math.validation import (
@@ -214,9 +214,9 @@ def hetlora(
     """
     info, p, fs = _prepare(factors, weights)
     rmax = max(f.rank for f in fs)
-    norms = torch.stack(
-        [torch.linalg.matrix_norm(_core(f)) for f in fs]  # ||B A||_F from the factors
-    )
+    norms = torch.tensor(
+        [lowrank_fro_norm(f.B, f.A) for f in fs], dtype=p.dtype, device=p.device
+    )  # ||B_i A_i||_F from the factors
     w = p * norms
     if float(w.sum()) == 0.0:  # every update is zero: fall back to the plain weights
         w = p
@@ -232,15 +232,6 @@ def hetlora(
             raise ShapeMismatchError(f"requested rank {r} exceeds the padded rank {rmax}", client=i)
         per.append(_cast(LoRAFactors(glob.B[:, :r], glob.A[:r]), info.dtype))
     return _cast(glob, info.dtype), per
-
-
-def _core(f: LoRAFactors) -> Tensor:
-    """A small matrix with the same Frobenius norm as ``B A`` (the T A of ``B = Q T``)."""
-    if f.B.shape[0] <= f.B.shape[1]:
-        return f.B @ f.A
-    _, T = torch.linalg.qr(f.B, mode="reduced")
-    out: Tensor = T @ f.A
-    return out
 
 
 def procrustes(X: Float[Tensor, "r r"], *, special: bool = False) -> Float[Tensor, "r r"]:
