@@ -31,7 +31,7 @@ from glora_math.gauge import (
 )
 from glora_math.metrics import fro_distance, fro_norm, mean_update, relative_error, state_factors
 from glora_math.readout import eckart_young_error, readout, readouts
-from glora_math.types import ConsensusBasis, GaugeFixed, LoRAFactors, ServerState
+from glora_math.types import ConsensusBasis, GaugeFixed, LoRAFactors, ServerState, Sketch
 
 __version__ = "0.1.0"
 
@@ -50,6 +50,7 @@ __all__ = [
     "RankError",
     "ServerState",
     "ShapeMismatchError",
+    "Sketch",
     "WeightError",
     "ZeroEigengapWarning",
     "__version__",

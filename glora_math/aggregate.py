@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from glora_math.consensus import consensus_basis
 from glora_math.gauge import gauge_fix_all
-from glora_math.types import GaugeMode, LoRAFactors, ServerState
+from glora_math.types import GaugeMode, LoRAFactors, ServerState, Sketch
 from glora_math.validation import WeightsLike, normalize_weights, validate_clients, validate_rank
 
 
@@ -22,6 +22,7 @@ def glora_aggregate(
     *,
     rank: int,
     gauge: GaugeMode = "qr",
+    sketch: Sketch | None = None,
 ) -> ServerState:
     """Aggregate client LoRA updates into a gauge-invariant low-rank server state.
 
@@ -38,6 +39,11 @@ def glora_aggregate(
         clients).
     gauge
         ``"qr"`` or ``"svd"``: see :func:`glora_math.gauge_fix`.
+    sketch
+        ``None`` for the exact consensus subspace; a :class:`~glora_math.types.Sketch` for the
+        randomized one (see :func:`glora_math.consensus_basis`). P1 then holds for the
+        subspace the sketch found: the state is still the exact projection of the mean update
+        onto its own ``U``.
 
     Returns
     -------
@@ -56,7 +62,7 @@ def glora_aggregate(
     info = validate_clients(factors)
     p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
     fixed = gauge_fix_all(factors, info, gauge)
-    basis = consensus_basis(fixed, p, rank=R)
+    basis = consensus_basis(fixed, p, rank=R, sketch=sketch)
     U = basis.U
     S = U.new_zeros((U.shape[1], info.k))
     for i, f in enumerate(fixed):

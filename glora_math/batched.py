@@ -27,10 +27,10 @@ from glora_math.errors import (
     ShapeMismatchError,
     ZeroEigengapWarning,
 )
-from glora_math.linalg import sign_fixed_qr
+from glora_math.linalg import randomized_left_svd, sign_fixed_qr, tall_left_svd
 from glora_math.tolerances import rank_tol, working_dtype, zero_gap_tol
-from glora_math.types import LoRAFactors, Split
-from glora_math.validation import WeightsLike, normalize_weights, validate_rank
+from glora_math.types import LoRAFactors, Sketch, Split
+from glora_math.validation import WeightsLike, all_finite, normalize_weights, validate_rank
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +89,7 @@ def _validate(
         if B.device != Bs[0].device or A.device != Bs[0].device:
             raise DeviceMismatchError("factors on different devices", client=i)
         for name, x in (("B", B), ("A", A)):
-            if not bool(torch.isfinite(x).all()):
+            if not all_finite(x):
                 raise NonFiniteError(f"{name} has non-finite entries", client=i)
         dtype = torch.promote_types(dtype, torch.promote_types(B.dtype, A.dtype))
     return L, d, k, dtype, Bs[0].device
@@ -101,6 +101,7 @@ def glora_aggregate_batched(
     weights: WeightsLike = None,
     *,
     rank: int,
+    sketch: Sketch | None = None,
 ) -> BatchedState:
     """GLoRA (qr gauge) for L modules at once; equal to the per-module operator.
 
@@ -112,6 +113,9 @@ def glora_aggregate_batched(
         Client weights (shared by all modules).
     rank
         Server rank R.
+    sketch
+        ``None`` for the exact consensus; a :class:`Sketch` for randomized subspace iteration
+        (one Gaussian test matrix shared by the L modules).
 
     Cost: the per-module cost of :func:`glora_aggregate` times L, in batched kernels.
     """
@@ -132,12 +136,13 @@ def glora_aggregate_batched(
         Cs.append(p[i] * (T @ A))
     M = torch.cat([Q * p[i].sqrt() for i, Q in zip(live, Qs, strict=True)], dim=-1)  # (L, d, m)
     m = M.shape[-1]
-    if d >= m:
-        Qm, Tm = sign_fixed_qr(M)
-        W, sv, _ = torch.linalg.svd(Tm, full_matrices=False)
-        Uall = Qm @ W
+    if sketch is None:
+        Uall, sv = tall_left_svd(M)
     else:
-        Uall, sv, _ = torch.linalg.svd(M, full_matrices=False)
+        gen = torch.Generator().manual_seed(sketch.seed)
+        Uall, sv = randomized_left_svd(
+            M, R + sketch.oversample, power_iters=sketch.power_iters, generator=gen
+        )
     # A layer whose stacked bases have numerical rank < R needs clamping: do it unbatched.
     Rb = min(R, sv.shape[-1])
     if Rb < R:
@@ -169,7 +174,10 @@ def glora_aggregate_batched(
     # Layers that need the general path (rank deficiency, clamping): per-module operator.
     for layer in torch.nonzero(~uniform).flatten().tolist():
         st = glora_aggregate(
-            [LoRAFactors(Bs[i][layer], As[i][layer]) for i in range(len(Bs))], p, rank=R
+            [LoRAFactors(Bs[i][layer], As[i][layer]) for i in range(len(Bs))],
+            p,
+            rank=R,
+            sketch=sketch,
         )
         U[layer] = 0.0
         S[layer] = 0.0

@@ -15,10 +15,36 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from glora_math.errors import DtypeError, ShapeMismatchError
+from glora_math.errors import DtypeError, GloraError, ShapeMismatchError
 
 GaugeMode = Literal["qr", "svd"]
 Split = Literal["balanced", "left", "right"]
+
+
+@dataclass(frozen=True, slots=True)
+class Sketch:
+    """Settings of the randomized consensus (Halko, Martinsson, Tropp, arXiv 0909.4061).
+
+    Parameters
+    ----------
+    oversample
+        Extra sketch columns beyond R (the sketch has ``R + oversample`` columns).
+    power_iters
+        Subspace-iteration passes; each one raises the decay factor of the subspace error,
+        ``(lambda_{R+oversample+1} / lambda_R)^(2 q + 1)``, by a power.
+    seed
+        Seed of the Gaussian test matrix (the result is deterministic given it).
+    """
+
+    oversample: int = 10
+    power_iters: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("oversample", "power_iters", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise GloraError(f"Sketch.{name} must be a non-negative int, got {v!r}")
 
 
 def _check_matrix(name: str, x: object) -> Tensor:
@@ -192,4 +218,12 @@ class ServerState:
         return self.U @ self.S
 
 
-__all__ = ["ConsensusBasis", "GaugeFixed", "GaugeMode", "LoRAFactors", "ServerState", "Split"]
+__all__ = [
+    "ConsensusBasis",
+    "GaugeFixed",
+    "GaugeMode",
+    "LoRAFactors",
+    "ServerState",
+    "Sketch",
+    "Split",
+]

@@ -60,6 +60,18 @@ def as_factors(client: object, index: int) -> LoRAFactors:
     )
 
 
+def all_finite(x: Tensor) -> bool:
+    """True if every entry of ``x`` is finite, in one cheap reduction where possible.
+
+    A sum is finite only if every term is (a NaN or an infinity propagates), so a finite sum
+    settles it; a non-finite sum may be an overflow of finite terms, and then the elementwise
+    check decides. The sum reads ``x`` once and allocates nothing of its size.
+    """
+    if x.numel() == 0 or bool(torch.isfinite(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
 def validate_clients(factors: Sequence[LoRAFactors]) -> ClientsInfo:
     """Check that clients are non-empty, shape-compatible, on one device and finite.
 
@@ -89,7 +101,7 @@ def validate_clients(factors: Sequence[LoRAFactors]) -> ClientsInfo:
                 )
             dtype = torch.promote_types(dtype, x.dtype)
             working_dtype(x.dtype)  # raises DtypeError for unsupported dtypes
-            if x.numel() and not bool(torch.isfinite(x).all()):
+            if not all_finite(x):
                 bad = int((~torch.isfinite(x)).sum())
                 raise NonFiniteError(f"{name} has {bad} NaN/Inf entries", client=i)
     return ClientsInfo(d=d, k=k, dtype=dtype, work_dtype=working_dtype(dtype), device=device)
@@ -145,6 +157,7 @@ def validate_rank(rank: object, *, name: str = "rank") -> int:
 __all__ = [
     "ClientsInfo",
     "WeightsLike",
+    "all_finite",
     "as_factors",
     "normalize_weights",
     "validate_clients",
