@@ -1,0 +1,1 @@
+"""Benchmarks of glora-math (run as modules: ``python -m bench.aggregate``)."""
