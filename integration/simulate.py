@@ -18,8 +18,8 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from glora_math.baselines import truncate_svd
 from glora_math.compare import server_error
 from glora_math.linalg import lowrank_svd
 from glora_math.registry import Guarantee, OperatorState, get_operator
+from integration.causal_lm import build_causal_lm, lm_batch_loss, lm_evaluate, template
 from integration.data import Examples, dirichlet_split, load_task, sample
 from integration.peft_io import (
     PREFIX,
@@ -75,8 +76,15 @@ class SimConfig:
     max_train: int = 2000
     max_eval: int = 400
     max_len: int = 64
-    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    target_modules: list[str] | None = None  # None: query,value (BERT-style), q_proj,v_proj (LM)
+    objective: str = "classification"  # or "causal_lm": instruction tuning (SmolLM2)
     out: str = "out/simulate"
+
+    def modules(self) -> list[str]:
+        """The LoRA target modules (the objective's default when not set)."""
+        if self.target_modules:
+            return list(self.target_modules)
+        return ["q_proj", "v_proj"] if self.objective == "causal_lm" else ["query", "value"]
 
     def ranks(self) -> list[int]:
         """Each client's LoRA rank."""
@@ -120,6 +128,128 @@ def _seed_for(*parts: int) -> int:
     return h
 
 
+def lora_config(r: int, target_modules: Sequence[str], *, head: bool = True) -> LoraConfig:
+    """The LoRA configuration of a client of rank r (alpha = 2 r).
+
+    ``head`` trains the classifier as ``modules_to_save`` (sequence classification).
+    """
+    return LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=list(target_modules),
+        lora_dropout=0.0,
+        modules_to_save=["classifier"] if head else None,
+    )
+
+
+BatchLoss = Callable[[torch.nn.Module, list[str], list[int]], Tensor]
+
+
+def classification_loss(
+    tok: PreTrainedTokenizerBase, max_len: int, device: torch.device
+) -> BatchLoss:
+    """Sequence-classification cross-entropy of a batch of texts and labels."""
+
+    def loss(model: torch.nn.Module, texts: list[str], labels: list[int]) -> Tensor:
+        batch = tok(
+            texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+        ).to(device)
+        out: Tensor = model(**batch, labels=torch.tensor(labels, device=device)).loss
+        return out
+
+    return loss
+
+
+def target_weights(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The base weights of a peft model's LoRA-adapted modules, by module name."""
+    out = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "base_layer") and hasattr(mod, "lora_A"):
+            out[name.removeprefix(PREFIX)] = mod.base_layer.weight
+    return out
+
+
+def train_local(
+    model: torch.nn.Module,
+    tok: PreTrainedTokenizerBase,
+    shard: Examples,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    max_len: int,
+    seed: int,
+    freeze_a: bool,
+    device: torch.device,
+    batch_loss: BatchLoss | None = None,
+) -> float:
+    """``steps`` AdamW steps on random batches of ``shard``; returns the mean training loss.
+
+    ``batch_loss`` defaults to sequence classification. ``freeze_a`` keeps every ``lora_A``
+    fixed (FFA-LoRA). Batches come from a generator seeded with ``seed`` alone, so a rerun is
+    bit-identical on the CPU.
+    """
+    loss_fn = batch_loss or classification_loss(tok, max_len, device)
+    model.train()
+    params = [
+        p
+        for n, p in model.named_parameters()
+        if p.requires_grad and not (freeze_a and ".lora_A." in n)
+    ]
+    opt = torch.optim.AdamW(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(steps):
+        idx = torch.randint(len(shard), (min(batch_size, len(shard)),), generator=g).tolist()
+        loss = loss_fn(model, [shard.texts[j] for j in idx], [shard.labels[j] for j in idx])
+        opt.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+        total += float(loss.detach())
+    return total / max(steps, 1)
+
+
+def merged_model(
+    base: torch.nn.Module, updates: dict[str, Tensor], dense: dict[str, Tensor]
+) -> torch.nn.Module:
+    """A copy of ``base`` with dense updates added to module weights and heads copied in."""
+    model = copy.deepcopy(base)
+    sd = model.state_dict()
+    with torch.no_grad():
+        for name, delta in updates.items():
+            sd[f"{name}.weight"].add_(delta.to(sd[f"{name}.weight"].dtype))
+        for key, value in dense.items():
+            plain = key.replace("modules_to_save.default.", "")
+            if plain in sd:
+                sd[plain].copy_(value)
+    return model
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: torch.nn.Module,
+    tok: PreTrainedTokenizerBase,
+    examples: Examples,
+    *,
+    max_len: int,
+    device: torch.device,
+) -> tuple[float, float]:
+    """Accuracy and mean loss of ``model`` on ``examples`` (batches of 64)."""
+    torch.nn.Module.eval(model)
+    correct = 0
+    total_loss = 0.0
+    for start in range(0, len(examples), 64):
+        texts = examples.texts[start : start + 64]
+        labels = torch.tensor(examples.labels[start : start + 64], device=device)
+        batch = tok(
+            texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+        ).to(device)
+        out = model(**batch, labels=labels)
+        total_loss += float(out.loss) * len(texts)
+        correct += int((out.logits.argmax(-1) == labels).sum())
+    return correct / len(examples), total_loss / len(examples)
+
+
 class Simulation:
     """State of one federated run; ``run()`` executes (or resumes) it."""
 
@@ -132,7 +262,13 @@ class Simulation:
         self.num_labels = max(*train.labels, *self.eval.labels) + 1
         parts = dirichlet_split(train.labels, cfg.clients, cfg.dirichlet, cfg.seed)
         self.shards = [train.subset(p) for p in parts]
-        self.base, self.tok = build_model(cfg.model, self.num_labels, cfg.seed)
+        if cfg.objective == "causal_lm":
+            template(cfg.task)  # fail early for a task without an instruction template
+            self.base, self.tok = build_causal_lm(cfg.model, cfg.seed)
+        elif cfg.objective == "classification":
+            self.base, self.tok = build_model(cfg.model, self.num_labels, cfg.seed)
+        else:
+            raise ValueError(f"unknown objective {cfg.objective!r}")
         torch.nn.Module.to(self.base, self.device)
         for prm in self.base.parameters():
             prm.requires_grad_(False)
@@ -155,13 +291,7 @@ class Simulation:
     # ------------------------------------------------------------------ models and training
 
     def _lora_config(self, r: int) -> LoraConfig:
-        return LoraConfig(
-            r=r,
-            lora_alpha=2 * r,
-            target_modules=self.cfg.target_modules,
-            lora_dropout=0.0,
-            modules_to_save=["classifier"],
-        )
+        return lora_config(r, self.cfg.modules(), head=self.cfg.objective == "classification")
 
     def _config_dict(self, r: int) -> dict[str, Any]:
         out: dict[str, Any] = self._lora_config(r).to_dict()  # type: ignore[no-untyped-call]
@@ -174,11 +304,7 @@ class Simulation:
         return self.models[r]
 
     def _target_weights(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-        out = {}
-        for name, mod in model.named_modules():
-            if hasattr(mod, "base_layer") and hasattr(mod, "lora_A"):
-                out[name.removeprefix(PREFIX)] = mod.base_layer.weight
-        return out
+        return target_weights(model)
 
     def _load_client(self, i: int, r: int) -> torch.nn.Module:
         model = self._model(r)
@@ -208,31 +334,26 @@ class Simulation:
         return model
 
     def _train(self, model: torch.nn.Module, shard: Examples, i: int) -> None:
-        model.train()
-        frozen_a = get_operator(self.cfg.operator).shared_A
-        params = [
-            p
-            for n, p in model.named_parameters()
-            if p.requires_grad and not (frozen_a and ".lora_A." in n)
-        ]
-        opt = torch.optim.AdamW(params, lr=self.cfg.lr)
-        g = torch.Generator().manual_seed(_seed_for(self.cfg.seed, self.round, i, 2))
-        for _ in range(self.cfg.local_steps):
-            idx = torch.randint(
-                len(shard), (min(self.cfg.batch_size, len(shard)),), generator=g
-            ).tolist()
-            batch = self.tok(
-                [shard.texts[j] for j in idx],
-                padding=True,
-                truncation=True,
-                max_length=self.cfg.max_len,
-                return_tensors="pt",
-            ).to(self.device)
-            labels = torch.tensor([shard.labels[j] for j in idx], device=self.device)
-            loss = model(**batch, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        train_local(
+            model,
+            self.tok,
+            shard,
+            steps=self.cfg.local_steps,
+            batch_size=self.cfg.batch_size,
+            lr=self.cfg.lr,
+            max_len=self.cfg.max_len,
+            seed=_seed_for(self.cfg.seed, self.round, i, 2),
+            freeze_a=get_operator(self.cfg.operator).shared_A,
+            device=self.device,
+            batch_loss=self._batch_loss(),
+        )
+
+    def _batch_loss(self) -> BatchLoss:
+        if self.cfg.objective == "causal_lm":
+            cfg, tok, dev = self.cfg, self.tok, self.device
+            return lambda m, x, y: lm_batch_loss(m, tok, cfg.task, x, y, max_len=cfg.max_len,
+                                                 device=dev)  # fmt: skip
+        return classification_loss(self.tok, self.cfg.max_len, self.device)
 
     # ------------------------------------------------------------------------- a round
 
@@ -335,34 +456,19 @@ class Simulation:
                     out[name] = truncate_svd(U, sv, Vh, r, res.update.B.dtype)
                 self.client_init[i] = out
 
-    @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
         """Accuracy and loss of the global model (base + global update + averaged head)."""
-        model = copy.deepcopy(self.base)
-        sd = model.state_dict()
-        for name, upd in self.global_update.items():
-            sd[f"{name}.weight"].add_(upd.delta().to(sd[f"{name}.weight"].dtype))
-        for key, value in self.dense.items():
-            plain = key.replace("modules_to_save.default.", "")
-            if plain in sd:
-                sd[plain].copy_(value)
-        torch.nn.Module.eval(model)
-        correct = 0
-        total_loss = 0.0
-        for start in range(0, len(self.eval), 64):
-            texts = self.eval.texts[start : start + 64]
-            labels = torch.tensor(self.eval.labels[start : start + 64], device=self.device)
-            batch = self.tok(
-                texts,
-                padding=True,
-                truncation=True,
-                max_length=self.cfg.max_len,
-                return_tensors="pt",
-            ).to(self.device)
-            out = model(**batch, labels=labels)
-            total_loss += float(out.loss) * len(texts)
-            correct += int((out.logits.argmax(-1) == labels).sum())
-        return correct / len(self.eval), total_loss / len(self.eval)
+        model = merged_model(
+            self.base, {n: u.delta() for n, u in self.global_update.items()}, self.dense
+        )
+        if self.cfg.objective == "causal_lm":
+            return lm_evaluate(
+                model, self.tok, self.cfg.task, self.eval, max_len=self.cfg.max_len,
+                device=self.device,
+            )  # fmt: skip
+        return evaluate_model(
+            model, self.tok, self.eval, max_len=self.cfg.max_len, device=self.device
+        )
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -513,9 +619,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SimConfig, bool]:
     resume = kw.pop("resume")
     if kw["client_ranks"]:
         kw["client_ranks"] = [int(x) for x in kw["client_ranks"].split(",")]
-    kw["target_modules"] = (
-        kw["target_modules"].split(",") if kw["target_modules"] else d.target_modules
-    )
+    kw["target_modules"] = kw["target_modules"].split(",") if kw["target_modules"] else None
     kw["server_rank"] = int(kw["server_rank"]) if kw["server_rank"] else None
     return SimConfig(**kw), resume
 
