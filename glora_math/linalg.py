@@ -110,13 +110,20 @@ def lowrank_svd(
 ) -> tuple[Float[Tensor, "d p"], Float[Tensor, " p"], Float[Tensor, "p k"]]:
     """Thin, sign-fixed SVD of ``B @ A`` computed from the factors (p = min(d, m, k)).
 
-    ``B = Q T`` (thin QR), ``T A = W diag(s) Vh`` (small SVD), so ``B A = (Q W) diag(s) Vh``.
-    Cost O(d m^2 + m^2 k); nothing d-by-k is formed (the dense route costs O(d k min(d, k))).
+    ``B = Q T`` (thin QR), and for a wide ``A`` also ``A^T = P L`` (thin QR), so the core
+    ``T A = T L^T P^T`` has a small m-by-m SVD ``T L^T = W diag(s) Zh``; then
+    ``B A = (Q W) diag(s) (Zh P^T)``. Cost O((d + k) m^2 + m^3); nothing d-by-k is formed (the
+    dense route costs O(d k min(d, k))), and no SVD of a wide m-by-k matrix either.
     """
     if B.shape[0] <= B.shape[1]:
         return sign_fixed_svd(B @ A)
     Q, T = torch.linalg.qr(B, mode="reduced")
-    W, s, Vh = torch.linalg.svd(T @ A, full_matrices=False)
+    if A.shape[1] > A.shape[0]:
+        P, L = torch.linalg.qr(A.mT, mode="reduced")
+        W, s, Zh = torch.linalg.svd(T @ L.mT, full_matrices=False)
+        Vh = Zh @ P.mT
+    else:
+        W, s, Vh = torch.linalg.svd(T @ A, full_matrices=False)
     U = Q @ W
     sg = column_signs(U)
     return U * sg, s, Vh * sg.unsqueeze(-1)
