@@ -81,6 +81,44 @@ class ClientAdapter:
     config: dict[str, Any] = field(default_factory=dict)
 
 
+def _config_number(value: object, what: str, client: int | None) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise AdapterError(f"adapter config: {what} must be a finite number, got {value!r}",
+                           client=client)  # fmt: skip
+    return float(value)
+
+
+def _config_flag(config: Mapping[str, Any], key: str, client: int | None) -> bool:
+    value = config.get(key, False)
+    if not isinstance(value, bool):
+        raise AdapterError(f"adapter config: {key} must be true or false, got {value!r}",
+                           client=client)  # fmt: skip
+    return value
+
+
+def _scaling_config(
+    config: Mapping[str, Any], client: int | None
+) -> tuple[bool, float, dict[str, float], bool]:
+    """``(use_rslora, lora_alpha, alpha_pattern, fan_in_fan_out)`` of an untrusted config.
+
+    Raises
+    ------
+    AdapterError
+        Naming the client and the key, if a value has the wrong type or is not finite.
+    """
+    if not isinstance(config, Mapping):
+        raise AdapterError(f"adapter config must be a mapping, got {type(config).__name__}",
+                           client=client)  # fmt: skip
+    alpha0 = _config_number(config.get("lora_alpha", config.get("r", 8)), "lora_alpha", client)
+    raw = config.get("alpha_pattern") or {}
+    if not isinstance(raw, Mapping):
+        raise AdapterError(f"adapter config: alpha_pattern must be a mapping, got {raw!r}",
+                           client=client)  # fmt: skip
+    pattern = {str(k): _config_number(v, f"alpha_pattern[{k!r}]", client) for k, v in raw.items()}
+    return (_config_flag(config, "use_rslora", client), alpha0, pattern,
+            _config_flag(config, "fan_in_fan_out", client))  # fmt: skip
+
+
 def adapter_from_state_dict(
     state: Mapping[str, Tensor], config: Mapping[str, Any], *, client: int | None = None
 ) -> ClientAdapter:
@@ -89,14 +127,13 @@ def adapter_from_state_dict(
     Raises
     ------
     AdapterError
-        If a module has only one of lora_A / lora_B, or inner dimensions disagree.
+        If a module has only one of lora_A / lora_B, inner dimensions disagree, or a scaling
+        entry of the config (``lora_alpha``, ``alpha_pattern``, ``use_rslora``,
+        ``fan_in_fan_out``) has the wrong type.
     NonFiniteError
         If a tensor has NaN/Inf entries.
     """
-    use_rslora = bool(config.get("use_rslora", False))
-    alpha0 = float(config.get("lora_alpha", config.get("r", 8)))
-    alpha_pattern = dict(config.get("alpha_pattern") or {})
-    fan = bool(config.get("fan_in_fan_out", False))
+    use_rslora, alpha0, alpha_pattern, fan = _scaling_config(config, client)
     pairs: dict[str, dict[str, Tensor]] = defaultdict(dict)
     dense: dict[str, Tensor] = {}
     for key, value in state.items():

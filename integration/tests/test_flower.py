@@ -202,6 +202,24 @@ def test_malformed_replies_are_rejected_with_reasons_and_the_round_goes_on(
         assert float((st.global_update[m].delta().double() - want).norm()) <= tol
 
 
+def test_a_malformed_lora_config_is_rejected_with_the_key_named() -> None:
+    sent = Message(RecordDict(), dst_node_id=21, message_type=MessageType.TRAIN)
+    bad_alpha = Message(
+        RecordDict(
+            {
+                "adapter": ArrayRecord(_state(4, 1)),
+                "lora": ConfigRecord({"r": 4, "lora_alpha": "not a number"}),
+                "metrics": MetricRecord({"num-examples": 10}),
+            }
+        ),
+        reply_to=sent,
+    )
+    st = LoRAStrategy("glora")
+    arrays, _ = st.aggregate_train(1, [_reply(1, 4, 1), _reply(2, 4, 2), bad_alpha])
+    assert arrays is not None
+    assert "lora_alpha must be a finite number" in st.history[-1].rejected[21]
+
+
 def test_a_round_with_only_bad_replies_keeps_the_model() -> None:
     st = LoRAStrategy("glora")
     st.aggregate_train(1, [_reply(1, 4, 1), _reply(2, 4, 2)])

@@ -213,3 +213,24 @@ def test_bad_payloads_are_rejected_naming_client_and_module(tmp_path: Path) -> N
     )
     with pytest.raises(ShapeMismatchError, match=rf"module '{name}', client 1: update shape"):
         aggregate_adapters([a0, a2], rank=2)
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"lora_alpha": "16"}, r"client 4: adapter config: lora_alpha must be a finite number"),
+        ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number"),
+        ({"lora_alpha": True}, "lora_alpha must be a finite number"),
+        ({"alpha_pattern": {"query": None}}, r"alpha_pattern\['query'\] must be a finite"),
+        ({"alpha_pattern": [1, 2]}, "alpha_pattern must be a mapping"),
+        ({"use_rslora": "yes"}, "use_rslora must be true or false"),
+        ({"fan_in_fan_out": 1}, "fan_in_fan_out must be true or false"),
+    ],
+)
+def test_untrusted_configs_are_rejected_with_the_key_named(
+    patch: dict[str, object], message: str
+) -> None:
+    model = _peft_roberta(0, r=2, lora_alpha=4)
+    cfg = {**model.peft_config["default"].to_dict(), **patch}
+    with pytest.raises(AdapterError, match=message):
+        adapter_from_state_dict(get_peft_model_state_dict(model), cfg, client=4)
