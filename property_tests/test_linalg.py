@@ -1,0 +1,267 @@
+"""The linear-algebra kernels and the factor metrics against dense float64 references.
+
+Each kernel is checked for what it promises: its defining identity, its canonical form (signs),
+both branches of every shape test, and the accuracy claims (principal angles and projector
+distances near 0 to working precision, where the naive formulas lose half the digits).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from glora_math import LoRAFactors
+from glora_math.linalg import (
+    column_signs,
+    lowrank_fro_norm,
+    lowrank_svd,
+    numerical_rank,
+    principal_angles,
+    projector_distance,
+    randomized_left_svd,
+    sign_fixed_qr,
+    sign_fixed_svd,
+    tall_left_svd,
+)
+from glora_math.metrics import (
+    best_rank_approx,
+    difference,
+    fro_distance,
+    fro_norm,
+    mean_update,
+    relative_error,
+    singular_values,
+)
+from glora_math.tolerances import orthonormality_tol, product_tol, rank_tol
+
+from .strategies import SEEDS, conditioned_matrix
+
+F64 = torch.float64
+DIMS = st.integers(1, 9)
+
+
+def _mat(m: int, n: int, seed: int, cond: float = 10.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return conditioned_matrix(m, n, cond=cond, scale=1.0, generator=g, dtype=F64)
+
+
+def _maxabs(x: torch.Tensor) -> float:
+    """Largest magnitude of ``x`` (0 for an empty tensor)."""
+    return float(x.abs().max()) if x.numel() else 0.0
+
+
+def _tol(*dims: int, scale: float = 1.0, kappa: float = 1.0) -> float:
+    return product_tol(F64, n=sum(dims), scale=scale, kappa=kappa)
+
+
+@given(DIMS, DIMS, SEEDS)
+def test_sign_fixed_qr_is_a_qr_with_nonnegative_diagonal(m: int, n: int, seed: int) -> None:
+    X = _mat(m, n, seed)
+    Q, T = sign_fixed_qr(X)
+    p = min(m, n)
+    assert Q.shape == (m, p)
+    assert T.shape == (p, n)
+    assert float((Q @ T - X).norm()) <= _tol(m, n, kappa=10.0)
+    assert float((Q.mT @ Q - torch.eye(p, dtype=F64)).norm()) <= orthonormality_tol(F64, n=m + n)
+    assert bool((torch.diagonal(T) >= 0).all())
+    assert torch.equal(torch.triu(T), T)
+
+
+@given(DIMS, DIMS, SEEDS)
+def test_sign_fixed_qr_is_unique_for_full_column_rank(m: int, n: int, seed: int) -> None:
+    n = min(m, n)
+    X = _mat(m, n, seed)
+    Q1, T1 = sign_fixed_qr(X)
+    # Another QR of X: flip signs of the columns of Q and rows of T; the fix must undo it.
+    s = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0).to(F64)
+    Q2, _ = sign_fixed_qr((Q1 * s) @ (T1 * s[:, None]))
+    assert float((Q1 - Q2).norm()) <= _tol(m, n, kappa=10.0)
+
+
+def test_column_signs_rules() -> None:
+    U = torch.tensor([[0.1, -3.0, 0.0], [-0.5, 2.0, 0.0]], dtype=F64)
+    assert column_signs(U).tolist() == [-1.0, -1.0, 1.0]  # zero column keeps +1
+    assert column_signs(torch.zeros(3, 0, dtype=F64)).shape == (0,)
+    assert column_signs(torch.zeros(0, 2, dtype=F64)).tolist() == [1.0, 1.0]
+
+
+@given(DIMS, DIMS, SEEDS)
+def test_sign_fixed_svd_reconstructs_with_canonical_signs(m: int, n: int, seed: int) -> None:
+    X = _mat(m, n, seed)
+    U, s, Vh = sign_fixed_svd(X)
+    assert float(((U * s) @ Vh - X).norm()) <= _tol(m, n)
+    assert bool((s[:-1] >= s[1:]).all())
+    idx = U.abs().argmax(dim=0)
+    assert bool((U[idx, torch.arange(U.shape[1])] > 0).all())
+
+
+@given(DIMS, DIMS, st.integers(0, 9), SEEDS)
+def test_numerical_rank_counts_values_above_rank_tol(m: int, n: int, true: int, seed: int) -> None:
+    true = min(true, m, n)
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(m, true, generator=g, dtype=F64) @ torch.randn(true, n, generator=g, dtype=F64)
+    s = torch.linalg.svdvals(X)
+    assert numerical_rank(s, (m, n), F64) == true
+    tol = rank_tol(float(s[0]), (m, n), F64) if true else 0.0
+    assert numerical_rank(s, (m, n), F64) == int((s > tol).sum())
+
+
+def test_numerical_rank_edge_cases() -> None:
+    assert numerical_rank(torch.zeros(0, dtype=F64), (3, 0), F64) == 0
+    assert numerical_rank(torch.zeros(3, dtype=F64), (3, 3), F64) == 0
+    s = torch.tensor([1.0, 1e-3, 1e-30], dtype=F64)
+    assert numerical_rank(s, (3, 3), F64) == 2
+
+
+def _rotated_pair(
+    d: int, p: int, q: int, angles: torch.Tensor, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bases with exactly known principal angles: U2[:, j] = cos(a_j) U1[:, j] + sin(a_j) W_j."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, p + q, generator=g, dtype=F64))
+    U1, W = Q[:, :p], Q[:, p : p + q]
+    m = min(p, q)
+    U2 = W.clone()
+    U2[:, :m] = U1[:, :m] * torch.cos(angles[:m]) + W[:, :m] * torch.sin(angles[:m])
+    return U1, U2
+
+
+@given(
+    st.integers(1, 3),
+    st.integers(1, 3),
+    st.lists(st.floats(1e-12, 1.5), min_size=3, max_size=3),
+    SEEDS,
+)
+def test_principal_angles_are_accurate_near_zero_and_near_pi_over_2(p, q, angles, seed) -> None:  # type: ignore[no-untyped-def]
+    a = torch.tensor(angles, dtype=F64)
+    U1, U2 = _rotated_pair(12, p, q, a, seed)
+    got = principal_angles(U1, U2)
+    want = torch.sort(a[: min(p, q)]).values
+    assert got.shape == (min(p, q),)
+    # Relative accuracy for small angles (sines), absolute near pi/2 (cosines).
+    err = (got - want).abs()
+    assert bool((err <= _tol(12, p, q) * torch.maximum(want, torch.ones_like(want) * 1e-3)).all())
+    # Symmetric in its arguments, and empty when a basis is empty.
+    assert float((principal_angles(U2, U1) - got).abs().max()) <= _tol(12, p, q)
+    assert principal_angles(U1, U1[:, :0]).shape == (0,)
+
+
+@given(
+    st.integers(1, 3),
+    st.integers(1, 3),
+    st.lists(st.floats(1e-12, 1.5), min_size=3, max_size=3),
+    SEEDS,
+)
+def test_projector_distance_matches_the_angles_and_the_dense_norm(p, q, angles, seed) -> None:  # type: ignore[no-untyped-def]
+    a = torch.tensor(angles, dtype=F64)
+    U1, U2 = _rotated_pair(12, p, q, a, seed)
+    dense = float((U1 @ U1.mT - U2 @ U2.mT).norm())
+    got = projector_distance(U1, U2)
+    assert abs(got - dense) <= _tol(12, p, q)
+    # ||P1 - P2||_F^2 = 2 sum sin^2(angles) + |p - q| (the unmatched directions).
+    m = min(p, q)
+    exact = math.sqrt(2 * float(torch.sin(a[:m]).pow(2).sum()) + abs(p - q))
+    assert abs(got - exact) <= _tol(12, p, q) * max(exact, 1e-3)
+
+
+@given(DIMS, DIMS, st.integers(0, 6), SEEDS)
+def test_lowrank_fro_norm_and_svd_match_the_dense_product(
+    d: int, k: int, m: int, seed: int
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(d, m, generator=g, dtype=F64)
+    A = torch.randn(m, k, generator=g, dtype=F64)
+    W = B @ A
+    scale = float(B.norm() * A.norm())
+    assert abs(lowrank_fro_norm(B, A) - float(W.norm())) <= _tol(d, k, m, scale=scale)
+    U, s, Vh = lowrank_svd(B, A)
+    p = min(d, k, m)
+    assert U.shape == (d, p)
+    assert s.shape == (p,)
+    assert Vh.shape == (p, k)
+    assert float(((U * s) @ Vh - W).norm()) <= _tol(d, k, m, scale=scale)
+    assert _maxabs(s - torch.linalg.svdvals(W)[:p]) <= _tol(d, k, m, scale=scale)
+    assert float((Vh @ Vh.mT - torch.eye(p, dtype=F64)).norm()) <= orthonormality_tol(
+        F64, n=d + k + m
+    )
+    if p:
+        idx = U.abs().argmax(dim=0)
+        assert bool((U[idx, torch.arange(p)] >= 0).all())
+
+
+@given(DIMS, DIMS, SEEDS)
+def test_tall_left_svd_both_branches(m: int, n: int, seed: int) -> None:
+    X = _mat(m, n, seed)
+    U, s = tall_left_svd(X)
+    ref = torch.linalg.svdvals(X)
+    assert float((s - ref).abs().max()) <= _tol(m, n)
+    assert float(((U.mT @ X).norm(dim=1) - s).abs().max()) <= _tol(m, n)  # U are left vectors
+    assert float((U.mT @ U - torch.eye(U.shape[1], dtype=F64)).norm()) <= orthonormality_tol(
+        F64, n=m + n
+    )
+
+
+def test_randomized_svd_falls_back_to_the_exact_one_when_wide_enough() -> None:
+    X = _mat(20, 6, 1)
+    U, s = tall_left_svd(X)
+    for width in (6, 7, 50):
+        U2, s2 = randomized_left_svd(X, width, power_iters=1, generator=torch.Generator())
+        assert torch.equal(U, U2)
+        assert torch.equal(s, s2)
+    U3, s3 = randomized_left_svd(X, 5, power_iters=1, generator=torch.Generator().manual_seed(0))
+    assert U3.shape == (20, 5)
+    assert s3.shape == (5,)
+
+
+def test_randomized_svd_is_exact_for_a_matrix_of_low_rank() -> None:
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(30, 3, generator=g, dtype=F64) @ torch.randn(3, 12, generator=g, dtype=F64)
+    U, s = randomized_left_svd(X, 5, power_iters=0, generator=torch.Generator().manual_seed(1))
+    ref = torch.linalg.svdvals(X)
+    scale = float(ref[0])
+    assert float((s[:3] - ref[:3]).abs().max()) <= _tol(30, 12, scale=scale)
+    assert float((X - U[:, :3] @ (U[:, :3].mT @ X)).norm()) <= _tol(30, 12, scale=scale)
+
+
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=4), DIMS, DIMS, SEEDS)
+def test_metrics_from_factors_match_dense(ranks: list[int], d: int, k: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    fs = [
+        LoRAFactors(
+            torch.randn(d, r, generator=g, dtype=F64), torch.randn(r, k, generator=g, dtype=F64)
+        )
+        for r in ranks
+    ]
+    w = torch.rand(len(fs), generator=g, dtype=F64) + 0.1
+    p = w / w.sum()
+    dense = sum((float(p[i]) * (f.B @ f.A) for i, f in enumerate(fs)), torch.zeros(d, k, dtype=F64))
+    mean = mean_update(fs, w)
+    scale = sum(float(f.B.norm() * f.A.norm()) for f in fs) + 1.0
+    tol = _tol(d, k, sum(ranks), scale=scale)
+    assert float((mean.delta() - dense).norm()) <= tol
+    assert abs(fro_norm(mean) - float(dense.norm())) <= tol
+    other = fs[0]
+    assert float((difference(mean, other).delta() - (dense - other.delta())).norm()) <= tol
+    assert abs(fro_distance(mean, other) - float((dense - other.delta()).norm())) <= tol
+    sv = singular_values(mean)
+    ref = torch.linalg.svdvals(dense)
+    assert _maxabs(sv - ref[: sv.numel()]) <= tol
+    for r in (1, 2):
+        best = best_rank_approx(mean, r)
+        assert best.rank == min(r, sv.numel())  # min(d, k, sum r_i) directions exist
+        assert abs(fro_distance(best, mean) - float(ref[r:].pow(2).sum().sqrt())) <= tol
+    if float(dense.norm()) > tol:
+        assert abs(relative_error(mean, fs, w)) <= tol / float(dense.norm())
+        zero = LoRAFactors(torch.zeros(d, 1, dtype=F64), torch.zeros(1, k, dtype=F64))
+        assert relative_error(zero, fs, w) == pytest.approx(1.0)
+
+
+def test_relative_error_of_a_zero_mean() -> None:
+    z = LoRAFactors(torch.zeros(4, 1, dtype=F64), torch.zeros(1, 3, dtype=F64))
+    nz = LoRAFactors(torch.ones(4, 1, dtype=F64), torch.ones(1, 3, dtype=F64))
+    assert relative_error(z, [z]) == 0.0
+    assert relative_error(nz, [z]) == math.inf
