@@ -34,7 +34,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -319,6 +319,29 @@ def memory_table(rows: Sequence[Row], methods: Sequence[str]) -> str:
     return "\n".join("| " + line + " |" for line in lines)
 
 
+def report(result: Mapping[str, Any]) -> str:
+    """Markdown tables (times, ratios, memory, exponents, LLaMA set) of a saved result."""
+    rows = []
+    for x in result["rows"]:
+        row = Row(d=x["d"], k=x["k"], n=x["n"], r=x["r"], seconds=x["seconds"],
+                  peak_extra_bytes=x["peak_extra_bytes"], sketch_sin_rms=x["sketch_sin_rms"],
+                  sketch_rel_update_diff=x["sketch_rel_update_diff"])  # fmt: skip
+        rows.append(row)
+    methods = [m for m in METHODS if any(m in x.seconds for x in rows)]
+    out = [f"Machine: {result['machine']}", "", table(rows, methods), "",
+           memory_table(rows, methods), "", "Scaling exponents (t ~ N^a r^b d^e):", ""]  # fmt: skip
+    out += [f"- {m}: {e}" for m, e in result["exponents"].items()]
+    ll = result.get("llama7b")
+    if ll:
+        out += ["", f"LLaMA-7B-shaped set ({ll['modules']} modules, N={ll['n']}, r={ll['r']}, "
+                f"factors {_mib(ll['factor_bytes'])} MiB):", ""]  # fmt: skip
+        out += [
+            f"- {m}: {ll[m + '_seconds']:.2f} s, peak extra {_mib(ll[m + '_peak_extra_bytes'])} MiB"
+            for m in ("fedit", "glora_exact", "glora_sketch")
+        ]
+    return "\n".join(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: run the grid (and the LLaMA-7B-shaped set), print and save."""
     ap = argparse.ArgumentParser(prog="python -m bench.aggregate", description=__doc__)
@@ -335,7 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--llama", action="store_true", help="also the LLaMA-7B-shaped model set")
     ap.add_argument("--llama-layers", type=int, default=32)
     ap.add_argument("--out", type=Path, default=Path("bench/results/aggregate.json"))
+    ap.add_argument("--report", type=Path, default=None, help="print the tables of a saved JSON")
     args = ap.parse_args(argv)
+    if args.report is not None:
+        print(report(json.loads(args.report.read_text())))
+        return 0
     if args.quick:
         args.dims, args.clients, args.ranks = [128], [4, 8], [4]
         args.repeats = args.dense_repeats = 1
