@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from glora_math.consensus import consensus_basis
+import torch
+
+from glora_math.consensus import consensus, live_clients, stacked_weights
 from glora_math.gauge import gauge_fix_all
 from glora_math.types import GaugeMode, LoRAFactors, ServerState, Sketch
 from glora_math.validation import WeightsLike, normalize_weights, validate_clients, validate_rank
@@ -62,12 +64,15 @@ def glora_aggregate(
     info = validate_clients(factors)
     p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
     fixed = gauge_fix_all(factors, info, gauge)
-    basis = consensus_basis(fixed, p, rank=R, sketch=sketch)
+    basis, M = consensus(fixed, p, R, sketch, stacklevel=3)
     U = basis.U
-    S = U.new_zeros((U.shape[1], info.k))
-    for i, f in enumerate(fixed):
-        if float(p[i]) > 0 and f.rank > 0:
-            S = S + p[i] * ((U.mT @ f.U) @ f.C)
+    # S = sum_i p_i (U^T U_i) C_i = (U^T M) [sqrt(p_1) C_1; ...; sqrt(p_N) C_N]: two products.
+    live = live_clients(fixed, p)
+    if live and U.shape[1] > 0:
+        C = torch.cat([fixed[i].C for i in live], dim=0)
+        S = (U.mT @ M) @ (C * stacked_weights(fixed, p, live).unsqueeze(-1))
+    else:
+        S = U.new_zeros((U.shape[1], info.k))
     return ServerState(
         U=U,
         S=S,

@@ -4,8 +4,9 @@ A model has many adapted modules of few distinct shapes (e.g. 32 layers x q, k, 
 4096 x 4096). Stacking modules of one shape along a leading batch dimension L turns the
 per-module QR, SVD and products into batched torch kernels (CPU or GPU) instead of a Python loop
 per module. The result equals :func:`glora_math.glora_aggregate` applied to each module; layers
-the batched path cannot treat uniformly (a rank-deficient client factor, or a server rank to
-clamp) are recomputed one by one with the unbatched operator.
+the batched path cannot treat uniformly (a rank-deficient client factor, a server rank at or
+above the numerical rank, or more client directions than rows) are recomputed one by one with
+the unbatched operator.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from glora_math.errors import (
     ShapeMismatchError,
     ZeroEigengapWarning,
 )
-from glora_math.linalg import randomized_left_svd, sign_fixed_qr, tall_left_svd
+from glora_math.linalg import gram_top_left_svd, randomized_left_svd, sign_fixed_qr
 from glora_math.tolerances import rank_tol, working_dtype, zero_gap_tol
 from glora_math.types import LoRAFactors, Sketch, Split
 from glora_math.validation import WeightsLike, all_finite, normalize_weights, validate_rank
@@ -120,43 +121,42 @@ def glora_aggregate_batched(
     Cost: the per-module cost of :func:`glora_aggregate` times L, in batched kernels.
     """
     R = validate_rank(rank)
-    L, d, k, dtype, device = _validate(Bs, As)
+    L, d, _, dtype, device = _validate(Bs, As)
     wd = working_dtype(dtype)
     p = normalize_weights(weights, len(Bs), dtype=wd, device=device)
-    live = [i for i in range(len(Bs)) if float(p[i]) > 0]
+    live = [i for i, pi in enumerate(p.tolist()) if pi > 0]
     Qs, Cs, uniform = [], [], torch.ones(L, dtype=torch.bool, device=device)
     for i in live:
         B, A = Bs[i].to(wd), As[i].to(wd)
         Q, T = sign_fixed_qr(B)
         s = torch.linalg.svdvals(T)
-        tol = max(B.shape[-2:]) * torch.finfo(wd).eps * s[..., :1]
+        tol = rank_tol(1.0, (B.shape[-2], B.shape[-1]), wd) * s[..., :1]
         full = (s > tol).all(dim=-1) & (s[..., 0] > 0) & (T.shape[-2] == T.shape[-1])
         uniform &= full
-        Qs.append(Q)
-        Cs.append(p[i] * (T @ A))
-    M = torch.cat([Q * p[i].sqrt() for i, Q in zip(live, Qs, strict=True)], dim=-1)  # (L, d, m)
+        Qs.append(Q * p[i].sqrt())
+        Cs.append(p[i].sqrt() * (T @ A))
+    M = torch.cat(Qs, dim=-1)  # (L, d, m): [sqrt(p_i) U_i]
     m = M.shape[-1]
     if sketch is None:
-        Uall, sv = tall_left_svd(M)
+        # The Gram route where it is accurate; layers where it is not go unbatched below.
+        Uall, eig, ok = gram_top_left_svd(M, R)
+        uniform &= ok
     else:
         gen = torch.Generator().manual_seed(sketch.seed)
         Uall, sv = randomized_left_svd(
             M, R + sketch.oversample, power_iters=sketch.power_iters, generator=gen
         )
-    # A layer whose stacked bases have numerical rank < R needs clamping: do it unbatched.
-    Rb = min(R, sv.shape[-1])
-    if Rb < R:
-        uniform[:] = False
-    else:
-        uniform &= sv[..., R - 1] > rank_tol(1.0, (d, m), wd) * sv[..., 0]
+        eig = sv.pow(2)
+        # A layer whose stacked bases have numerical rank < R needs clamping: do it unbatched.
+        if sv.shape[-1] < R:
+            uniform[:] = False
+        else:
+            uniform &= sv[..., R - 1] > rank_tol(1.0, (d, m), wd) * sv[..., 0]
+    Rb = min(R, Uall.shape[-1])
     U = torch.zeros(L, d, R, dtype=wd, device=device)
     U[..., :Rb] = Uall[..., :Rb] * _sign_columns(Uall[..., :Rb])
-    # S = sum_i p_i (U^T U_i) C_i, with U_i = Q_i and C_i = T_i A_i (p folded above).
-    S = sum(
-        ((U.mT @ Qi) @ Ci for Qi, Ci in zip(Qs, Cs, strict=True)),
-        torch.zeros(L, R, k, dtype=wd, device=device),
-    )
-    eig = sv.pow(2)
+    # S = sum_i p_i (U^T U_i) C_i = (U^T M) [sqrt(p_i) C_i]_i, with U_i = Q_i, C_i = T_i A_i.
+    S = (U.mT @ M) @ torch.cat(Cs, dim=-2)
     nxt = eig[..., R] if R < eig.shape[-1] else torch.zeros(L, dtype=wd, device=device)
     gap = eig[..., R - 1] - nxt if R <= eig.shape[-1] else torch.zeros(L, dtype=wd, device=device)
     zero = gap <= torch.tensor(

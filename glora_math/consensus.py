@@ -2,8 +2,11 @@
 
 ``K = sum_i p_i U_i U_i^T`` is never formed: its top-R eigenvectors are the top-R left singular
 vectors of the stacked, scaled bases ``M = [sqrt(p_1) U_1, ..., sqrt(p_N) U_N]`` (d by
-``sum_i rho_i``), computed as the thin QR of ``M`` followed by the SVD of its small triangular
-factor. Cost O(d (sum_i rho_i)^2); memory O(d sum_i rho_i).
+m = ``sum_i rho_i``). They come from the m-by-m Gram matrix ``M^T M`` (one matrix product and
+a symmetric eigensolver, :func:`~glora_math.linalg.gram_top_left_svd`) wherever lambda_R lies
+above the Gram's rounding level, and otherwise (R at or above the numerical rank, where the
+clamp decision needs full accuracy, or d < m) from the thin QR of ``M`` followed by the SVD of
+its small triangular factor. Cost O(d m^2); memory O(d m + m^2).
 
 With a :class:`~glora_math.types.Sketch` the top-R eigenvectors come instead from randomized
 subspace iteration on K (arXiv 0909.4061): cost O(d (sum_i rho_i) (R + oversample)) per pass,
@@ -25,19 +28,38 @@ from glora_math.errors import (
     ShapeMismatchError,
     ZeroEigengapWarning,
 )
-from glora_math.linalg import column_signs, numerical_rank, randomized_left_svd, tall_left_svd
+from glora_math.linalg import (
+    column_signs,
+    gram_top_left_svd,
+    numerical_rank,
+    randomized_left_svd,
+    tall_left_svd,
+)
 from glora_math.tolerances import zero_gap_tol
 from glora_math.types import ConsensusBasis, GaugeFixed, Sketch
 from glora_math.validation import WeightsLike, normalize_weights, validate_rank
 
 
+def live_clients(fixed: Sequence[GaugeFixed], p: Tensor) -> list[int]:
+    """Indices of the clients that enter K: positive weight and rank > 0."""
+    return [i for i, (pi, f) in enumerate(zip(p.tolist(), fixed, strict=True)) if pi > 0 and f.rank]
+
+
 def stacked_bases(fixed: Sequence[GaugeFixed], p: Tensor) -> Tensor:
     """``M = [sqrt(p_1) U_1, ..., sqrt(p_N) U_N]``, skipping zero-weight and rank-0 clients."""
-    cols = [p[i].sqrt() * f.U for i, f in enumerate(fixed) if float(p[i]) > 0 and f.rank > 0]
-    if not cols:
+    live = live_clients(fixed, p)
+    if not live:
         U0 = fixed[0].U
         return U0.new_zeros((U0.shape[0], 0))
-    return torch.cat(cols, dim=1)
+    M = torch.cat([fixed[i].U for i in live], dim=1)
+    return M * stacked_weights(fixed, p, live)
+
+
+def stacked_weights(fixed: Sequence[GaugeFixed], p: Tensor, live: Sequence[int]) -> Tensor:
+    """``sqrt(p_i)`` repeated once per column of client i (i in ``live``): the scales in ``M``."""
+    idx = torch.tensor(live, device=p.device)
+    reps = torch.tensor([fixed[i].rank for i in live], device=p.device)
+    return p[idx].sqrt().repeat_interleave(reps)
 
 
 def _check_fixed(fixed: Sequence[GaugeFixed]) -> None:
@@ -91,33 +113,48 @@ def consensus_basis(
     R = validate_rank(rank)
     _check_fixed(fixed)
     U0 = fixed[0].U
+    p = normalize_weights(weights, len(fixed), dtype=U0.dtype, device=U0.device)
+    return consensus(fixed, p, R, sketch, stacklevel=3)[0]
+
+
+def consensus(
+    fixed: Sequence[GaugeFixed], p: Tensor, R: int, sketch: Sketch | None, *, stacklevel: int
+) -> tuple[ConsensusBasis, Tensor]:
+    """:func:`consensus_basis` on checked inputs (normalised ``p``); also returns ``M``.
+
+    ``stacklevel`` makes the warnings point at the public caller.
+    """
+    U0 = fixed[0].U
     dt = U0.dtype
     d = int(U0.shape[0])
-    p = normalize_weights(weights, len(fixed), dtype=dt, device=U0.device)
     M = stacked_bases(fixed, p)
     m = int(M.shape[1])
     if m == 0:
         warnings.warn(
             RankClampedWarning(f"all client updates are zero; server rank clamped from {R} to 0"),
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
-        return ConsensusBasis(U0.new_zeros((d, 0)), U0.new_zeros((0,)), 0.0)
-    if sketch is None:
-        Uall, s = tall_left_svd(M)
-    else:
+        return ConsensusBasis(U0.new_zeros((d, 0)), U0.new_zeros((0,)), 0.0), M
+    if sketch is not None:
         gen = torch.Generator().manual_seed(sketch.seed)
         Uall, s = randomized_left_svd(
             M, R + sketch.oversample, power_iters=sketch.power_iters, generator=gen
         )
-    eigvals = s.pow(2)
-    avail = numerical_rank(s, (d, m), dt)
+        eigvals = s.pow(2)
+    else:
+        Uall, eigvals, ok = gram_top_left_svd(M, R)
+        if not bool(ok):  # R near or above the numerical rank: the accurate route decides
+            Uall, s = tall_left_svd(M)
+            eigvals = s.pow(2)
+    # Numerical rank from the singular values (sqrt of the eigenvalues) by the LAPACK rule.
+    avail = numerical_rank(eigvals.sqrt(), (d, m), dt)
     if avail < R:
         warnings.warn(
             RankClampedWarning(
                 f"server rank {R} exceeds the dimension {avail} spanned by the clients; "
                 f"clamped to {avail}"
             ),
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
         R = avail
     U = Uall[:, :R]
@@ -131,9 +168,15 @@ def consensus_basis(
                 f"(lambda_R={float(eigvals[R - 1]):.3e}, lambda_R+1={lam_next:.3e}): "
                 "the server subspace is not unique"
             ),
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
-    return ConsensusBasis(U, eigvals, gap)
+    return ConsensusBasis(U, eigvals, gap), M
 
 
-__all__ = ["consensus_basis", "stacked_bases"]
+__all__ = [
+    "consensus",
+    "consensus_basis",
+    "live_clients",
+    "stacked_bases",
+    "stacked_weights",
+]

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from glora_math.errors import GaugeError, RankError
 from glora_math.linalg import column_signs, numerical_rank, sign_fixed_qr, sign_fixed_svd
-from glora_math.tolerances import working_dtype
+from glora_math.tolerances import rank_tol, working_dtype
 from glora_math.types import GaugeFixed, GaugeMode, LoRAFactors
 from glora_math.validation import ClientsInfo, as_factors, validate_clients
 
@@ -82,13 +82,31 @@ def gauge_fix_all(
     """Gauge-fix clients already checked by :func:`validate_clients`, in ``info.work_dtype``."""
     if mode not in ("qr", "svd"):
         raise ValueError(f"unknown gauge mode {mode!r}; expected 'qr' or 'svd'")
+    wd = info.work_dtype
+    cs = [as_factors(f, i) for i, f in enumerate(factors)]
+    out: list[GaugeFixed | None] = [None] * len(cs)
+    if mode == "qr":
+        # Clients of one rank share one batched QR; those whose B is numerically
+        # rank-deficient are redone one by one below.
+        by_rank: dict[int, list[int]] = {}
+        for i, c in enumerate(cs):
+            if 0 < c.rank <= info.d:
+                by_rank.setdefault(c.rank, []).append(i)
+        for r, idx in by_rank.items():
+            if len(idx) < 2:
+                continue
+            Q, T = sign_fixed_qr(torch.stack([cs[i].B.to(wd) for i in idx]))
+            s = torch.linalg.svdvals(T)
+            full = (s[:, -1] > rank_tol(1.0, (info.d, r), wd) * s[:, 0]).tolist()
+            C = T @ torch.stack([cs[i].A.to(wd) for i in idx])
+            for j, i in enumerate(idx):
+                if full[j]:
+                    out[i] = GaugeFixed(Q[j], C[j])
     fix = _fix_qr if mode == "qr" else _fix_svd
-    out = []
-    for i, f in enumerate(factors):
-        c = as_factors(f, i)
-        U, C = fix(c.B.to(info.work_dtype), c.A.to(info.work_dtype), info.work_dtype)
-        out.append(GaugeFixed(U, C))
-    return out
+    for i, c in enumerate(cs):
+        if out[i] is None:
+            out[i] = GaugeFixed(*fix(c.B.to(wd), c.A.to(wd), wd))
+    return [f for f in out if f is not None]
 
 
 def apply_gauge(factors: LoRAFactors, G: Float[Tensor, "r r"]) -> LoRAFactors:

@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from glora_math.tolerances import rank_tol
+from glora_math.tolerances import eigenvalue_error, rank_tol
 
 
 def sign_fixed_qr(X: Float[Tensor, "m n"]) -> tuple[Float[Tensor, "m p"], Float[Tensor, "p n"]]:
@@ -146,6 +146,47 @@ def tall_left_svd(
     return U, s
 
 
+def gram_top_left_svd(
+    M: Float[Tensor, "... d m"], rank: int
+) -> tuple[Float[Tensor, "... d R"], Float[Tensor, "... m"], Tensor]:
+    """Top-``rank`` left singular vectors of a tall ``M`` through its m-by-m Gram matrix, batched.
+
+    The symmetric eigendecomposition ``M^T M = V diag(lam) V^T`` gives the squared singular
+    values ``lam`` (the eigenvalues of ``M M^T``) and the right singular vectors; ``M V_R``
+    spans the top-R left singular subspace, and one Rayleigh-Ritz step (thin QR of ``M V_R``,
+    SVD of the small R-by-m ``Q^T M``) turns it into singular vectors orthonormal to working
+    precision. Cost: one d-by-m-by-m matrix product, an m-by-m symmetric eigensolver and
+    O(d m R), against a Householder QR of ``M`` (about twice the flops at a fraction of the
+    speed of a matrix product) plus an m-by-m SVD for :func:`tall_left_svd`.
+
+    Forming ``M^T M`` squares the singular values: the computed ``lam`` carry absolute errors
+    up to :func:`~glora_math.tolerances.eigenvalue_error` of ``lam_1``, so small singular
+    values lose half their digits. ``ok`` is true where ``lam_R`` lies above that level; there
+    the top-R subspace is as accurate as from :func:`tall_left_svd` (Davis-Kahan: both move
+    by at most about ``eps lam_1 / gap``) and nothing needs clamping. Where ``ok`` is false
+    (R at or above the numerical rank, or ``rank > m``), callers use :func:`tall_left_svd`.
+
+    Returns
+    -------
+    U, lam, ok
+        ``U`` of shape ``(..., d, R)`` (signs not fixed; R = min(rank, m)), ``lam`` of shape
+        ``(..., m)`` descending and non-negative, and ``ok`` of shape ``(...)`` (bool).
+    """
+    d, m = M.shape[-2], M.shape[-1]
+    R = min(rank, m)
+    lam, V = torch.linalg.eigh(M.mT @ M)  # ascending
+    lam = lam.flip(-1).clamp_min(0.0)
+    Q, _ = torch.linalg.qr(M @ V[..., m - R :].flip(-1), mode="reduced")
+    W, _, _ = torch.linalg.svd(Q.mT @ M, full_matrices=False)
+    noise = eigenvalue_error(lam[..., :1], d + m, M.dtype).squeeze(-1)
+    ok = (
+        lam[..., R - 1] > noise
+        if rank <= m and d >= m
+        else torch.zeros_like(noise, dtype=torch.bool)
+    )
+    return Q @ W, lam, ok
+
+
 def randomized_left_svd(
     M: Float[Tensor, "... d m"],
     width: int,
@@ -178,6 +219,7 @@ def randomized_left_svd(
 
 __all__ = [
     "column_signs",
+    "gram_top_left_svd",
     "lowrank_fro_norm",
     "lowrank_svd",
     "numerical_rank",

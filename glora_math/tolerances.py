@@ -16,9 +16,13 @@ inputs are computed in float32.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 
 from glora_math.errors import DtypeError
+
+Num = TypeVar("Num", float, torch.Tensor)
 
 #: The unspecified constant in the ``c * n * eps`` normwise error bounds (see module docstring).
 SAFETY: float = 10.0
@@ -57,13 +61,23 @@ def rank_tol(sigma_max: float, shape: tuple[int, int], dtype: torch.dtype) -> fl
     return max(shape) * eps(dtype) * sigma_max
 
 
+def eigenvalue_error(lambda_max: Num, n: int, dtype: torch.dtype) -> Num:
+    """Absolute error of computed eigenvalues of a symmetric PSD matrix of norm ``lambda_max``.
+
+    ``SAFETY * n * eps * lambda_max``: the normwise backward error of a symmetric eigensolver,
+    and of forming the matrix as a Gram product ``M^T M`` over n terms; eigenvalues at or below
+    it cannot be told from zero. ``lambda_max`` may be a float or a tensor (batched).
+    """
+    return SAFETY * n * eps(dtype) * lambda_max
+
+
 def zero_gap_tol(lambda_max: float, n: int, dtype: torch.dtype) -> float:
     """An eigengap at or below this is numerically zero.
 
     The computed eigenvalues of ``K`` (spectral norm ``lambda_max``) carry absolute errors up to
-    ``SAFETY * n * eps * lambda_max``; a gap smaller than that cannot be told from zero.
+    :func:`eigenvalue_error`; a gap smaller than that cannot be told from zero.
     """
-    return SAFETY * n * eps(dtype) * lambda_max
+    return eigenvalue_error(lambda_max, n, dtype)
 
 
 def product_tol(dtype: torch.dtype, *, n: int, scale: float, kappa: float = 1.0) -> float:
@@ -124,6 +138,7 @@ def orthonormality_tol(dtype: torch.dtype, *, n: int) -> float:
 __all__ = [
     "SAFETY",
     "aggregate_tol",
+    "eigenvalue_error",
     "eps",
     "orthonormality_tol",
     "product_tol",
