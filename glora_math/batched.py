@@ -4,9 +4,8 @@ A model has many adapted modules of few distinct shapes (e.g. 32 layers x q, k, 
 4096 x 4096). Stacking modules of one shape along a leading batch dimension L turns the
 per-module QR, SVD and products into batched torch kernels (CPU or GPU) instead of a Python loop
 per module. The result equals :func:`glora_math.glora_aggregate` applied to each module; layers
-the batched path cannot treat uniformly (a rank-deficient client factor, a server rank at or
-above the numerical rank, or more client directions than rows) are recomputed one by one with
-the unbatched operator.
+the batched path cannot treat uniformly (a rank-deficient client factor, or a server rank at or
+above the numerical rank) are recomputed one by one with the unbatched operator.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """The consensus subspace of the clients (SPEC, GLoRA step 2).
 
-``K = sum_i p_i U_i U_i^T`` is never formed: its top-R eigenvectors are the top-R left singular
-vectors of the stacked, scaled bases ``M = [sqrt(p_1) U_1, ..., sqrt(p_N) U_N]`` (d by
-m = ``sum_i rho_i``). They come from the m-by-m Gram matrix ``M^T M`` (one matrix product and
-a symmetric eigensolver, :func:`~glora_math.linalg.gram_top_left_svd`) wherever lambda_R lies
-above the Gram's rounding level, and otherwise (R at or above the numerical rank, where the
-clamp decision needs full accuracy, or d < m) from the thin QR of ``M`` followed by the SVD of
-its small triangular factor. Cost O(d m^2); memory O(d m + m^2).
+``K = sum_i p_i U_i U_i^T`` is not formed while d > m: its top-R eigenvectors are the top-R
+left singular vectors of the stacked, scaled bases ``M = [sqrt(p_1) U_1, ..., sqrt(p_N) U_N]``
+(d by m = ``sum_i rho_i``). They come from the smaller Gram matrix, ``M^T M`` (m by m), or
+``M M^T = K`` itself when d < m, where it is smaller than ``M`` (one matrix product and a
+symmetric eigensolver, :func:`~glora_math.linalg.gram_top_left_svd`), wherever lambda_R lies
+above the Gram's rounding level; otherwise (R at or above the numerical rank, where the clamp
+decision needs full accuracy) from the thin QR of ``M`` followed by the SVD of its small
+triangular factor (or the SVD of a wide ``M``). Cost O(d m min(d, m)); memory O(d m).
 
 With a :class:`~glora_math.types.Sketch` the top-R eigenvectors come instead from randomized
 subspace iteration on K (arXiv 0909.4061): cost O(d (sum_i rho_i) (R + oversample)) per pass,

@@ -148,43 +148,47 @@ def tall_left_svd(
 
 def gram_top_left_svd(
     M: Float[Tensor, "... d m"], rank: int
-) -> tuple[Float[Tensor, "... d R"], Float[Tensor, "... m"], Tensor]:
-    """Top-``rank`` left singular vectors of a tall ``M`` through its m-by-m Gram matrix, batched.
+) -> tuple[Float[Tensor, "... d R"], Float[Tensor, "... p"], Tensor]:
+    """Top-``rank`` left singular vectors of ``M`` through its smaller Gram matrix, batched.
 
-    The symmetric eigendecomposition ``M^T M = V diag(lam) V^T`` gives the squared singular
-    values ``lam`` (the eigenvalues of ``M M^T``) and the right singular vectors; ``M V_R``
-    spans the top-R left singular subspace, and one Rayleigh-Ritz step (thin QR of ``M V_R``,
-    SVD of the small R-by-m ``Q^T M``) turns it into singular vectors orthonormal to working
-    precision. Cost: one d-by-m-by-m matrix product, an m-by-m symmetric eigensolver and
-    O(d m R), against a Householder QR of ``M`` (about twice the flops at a fraction of the
-    speed of a matrix product) plus an m-by-m SVD for :func:`tall_left_svd`.
+    Tall ``M`` (d >= m): the symmetric eigendecomposition ``M^T M = V diag(lam) V^T`` gives the
+    squared singular values ``lam`` (the eigenvalues of ``M M^T``) and the right singular
+    vectors; ``M V_R`` spans the top-R left singular subspace, and one Rayleigh-Ritz step (thin
+    QR of ``M V_R``, SVD of the small R-by-m ``Q^T M``) turns it into singular vectors
+    orthonormal to working precision. Wide ``M`` (d < m): the eigenvectors of the d-by-d
+    ``M M^T``, which is then smaller than ``M`` itself, are the left singular vectors. Cost:
+    one matrix product of d m p flops, a p-by-p symmetric eigensolver and O(d m R), with
+    p = min(d, m), against a Householder QR or an SVD of ``M`` for :func:`tall_left_svd`.
 
-    Forming ``M^T M`` squares the singular values: the computed ``lam`` carry absolute errors
-    up to :func:`~glora_math.tolerances.eigenvalue_error` of ``lam_1``, so small singular
-    values lose half their digits. ``ok`` is true where ``lam_R`` lies above that level; there
-    the top-R subspace is as accurate as from :func:`tall_left_svd` (Davis-Kahan: both move
-    by at most about ``eps lam_1 / gap``) and nothing needs clamping. Where ``ok`` is false
-    (R at or above the numerical rank, or ``rank > m``), callers use :func:`tall_left_svd`.
+    Forming the Gram matrix squares the singular values: the computed ``lam`` carry absolute
+    errors up to :func:`~glora_math.tolerances.eigenvalue_error` of ``lam_1``, so small
+    singular values lose half their digits. ``ok`` is true where ``lam_R`` lies above that
+    level; there the top-R subspace is as accurate as from :func:`tall_left_svd` (Davis-Kahan:
+    both move by at most about ``eps lam_1 / gap``) and nothing needs clamping. Where ``ok`` is
+    false (R at or above the numerical rank, or ``rank > p``), callers use
+    :func:`tall_left_svd`.
 
     Returns
     -------
     U, lam, ok
-        ``U`` of shape ``(..., d, R)`` (signs not fixed; R = min(rank, m)), ``lam`` of shape
-        ``(..., m)`` descending and non-negative, and ``ok`` of shape ``(...)`` (bool).
+        ``U`` of shape ``(..., d, R)`` (signs not fixed; R = min(rank, p)), ``lam`` of shape
+        ``(..., p)`` descending and non-negative, and ``ok`` of shape ``(...)`` (bool).
     """
     d, m = M.shape[-2], M.shape[-1]
-    R = min(rank, m)
-    lam, V = torch.linalg.eigh(M.mT @ M)  # ascending
+    p = min(d, m)
+    R = min(rank, p)
+    lam, V = torch.linalg.eigh(M.mT @ M if d >= m else M @ M.mT)  # ascending
     lam = lam.flip(-1).clamp_min(0.0)
-    Q, _ = torch.linalg.qr(M @ V[..., m - R :].flip(-1), mode="reduced")
-    W, _, _ = torch.linalg.svd(Q.mT @ M, full_matrices=False)
+    top = V[..., p - R :].flip(-1)
+    if d >= m:
+        Q, _ = torch.linalg.qr(M @ top, mode="reduced")
+        W, _, _ = torch.linalg.svd(Q.mT @ M, full_matrices=False)
+        top = Q @ W
     noise = eigenvalue_error(lam[..., :1], d + m, M.dtype).squeeze(-1)
-    ok = (
-        lam[..., R - 1] > noise
-        if rank <= m and d >= m
-        else torch.zeros_like(noise, dtype=torch.bool)
-    )
-    return Q @ W, lam, ok
+    ok = lam[..., R - 1] > noise
+    if rank > p:
+        ok = torch.zeros_like(ok)
+    return top, lam, ok
 
 
 def randomized_left_svd(

@@ -274,18 +274,19 @@ def test_relative_error_of_a_zero_mean() -> None:
     assert relative_error(nz, [z]) == math.inf
 
 
-@given(st.integers(1, 12), st.integers(1, 6), st.integers(1, 6), st.floats(1.0, 1e12), SEEDS)
+@given(DIMS, DIMS, st.integers(1, 6), st.floats(1.0, 1e12), SEEDS)
 def test_gram_top_left_svd_agrees_with_the_qr_route_where_it_claims_to(
-    extra: int, m: int, R: int, cond: float, seed: int
+    d: int, m: int, R: int, cond: float, seed: int
 ) -> None:
-    d = m + extra - 1  # tall: d >= m
-    R = min(R, m)
+    # Tall (the m-by-m Gram and a Rayleigh-Ritz step) and wide (the d-by-d Gram) branches.
+    p = min(d, m)
+    R = min(R, p)
     X = _mat(d, m, seed, cond=cond)
     U, lam, ok = gram_top_left_svd(X, R)
     ref_U, ref_s = tall_left_svd(X)
     ref = ref_s.pow(2)
     assert U.shape == (d, R)
-    assert lam.shape == (m,)
+    assert lam.shape == (p,)
     assert bool((lam[:-1] >= lam[1:]).all())
     assert bool((lam >= 0).all())
     noise = eigenvalue_error(float(lam[0]), d + m, F64)
@@ -297,14 +298,12 @@ def test_gram_top_left_svd_agrees_with_the_qr_route_where_it_claims_to(
         assert float((U.mT @ U - torch.eye(R, dtype=F64)).norm()) <= orthonormality_tol(
             F64, n=d + m
         )
-        gap = float(ref[R - 1] - (ref[R] if R < m else 0.0))
+        gap = float(ref[R - 1] - (ref[R] if R < p else 0.0))
         tol = subspace_tol(F64, n=d + m, kappa=1.0, gap=gap)
         assert projector_distance(U, ref_U[:, :R]) <= tol * (2 * R) ** 0.5
 
 
-def test_gram_top_left_svd_declines_wide_matrices_and_ranks_above_m() -> None:
-    X = _mat(3, 5, 0)
-    assert not bool(gram_top_left_svd(X, 1)[2])  # d < m: K is the smaller problem
+def test_gram_top_left_svd_declines_ranks_above_min_d_m() -> None:
     Y = _mat(8, 3, 0)
     U, lam, ok = gram_top_left_svd(Y, 4)
     assert not bool(ok)
@@ -314,14 +313,16 @@ def test_gram_top_left_svd_declines_wide_matrices_and_ranks_above_m() -> None:
 
 
 def test_gram_top_left_svd_is_batched() -> None:
-    Xs = torch.stack([_mat(9, 4, s, cond=c) for s, c in ((0, 10.0), (1, 1e10), (2, 3.0))])
-    U, lam, ok = gram_top_left_svd(Xs, 4)
-    assert U.shape == (3, 9, 4)
-    assert lam.shape == (3, 4)
-    assert ok.tolist() == [True, False, True]  # cond 1e10: lambda_4 = 1e-20 is noise
-    for i in range(3):
-        Ui, lami, oki = gram_top_left_svd(Xs[i], 4)
-        assert bool(oki) == bool(ok[i])
-        assert _maxabs(lami - lam[i]) <= eigenvalue_error(1.0, 13, F64)
-        if oki:
-            assert projector_distance(Ui, U[i]) <= orthonormality_tol(F64, n=13)
+    for d, m in ((9, 4), (4, 9)):
+        conds = ((0, 10.0), (1, 1e10), (2, 3.0))
+        Xs = torch.stack([_mat(d, m, s, cond=c) for s, c in conds])
+        U, lam, ok = gram_top_left_svd(Xs, 4)
+        assert U.shape == (3, d, 4)
+        assert lam.shape == (3, 4)
+        assert ok.tolist() == [True, False, True]  # cond 1e10: lambda_4 = 1e-20 is noise
+        for i in range(3):
+            Ui, lami, oki = gram_top_left_svd(Xs[i], 4)
+            assert bool(oki) == bool(ok[i])
+            assert _maxabs(lami - lam[i]) <= eigenvalue_error(1.0, 13, F64)
+            if oki:
+                assert projector_distance(Ui, U[i]) <= orthonormality_tol(F64, n=13)
