@@ -3,7 +3,8 @@
 Per client: gauge-fix ``B_i A_i = U_i C_i``. Consensus: ``U_ref = TopEig_R(sum_i p_i U_i U_i^T)``.
 Shared coordinates: ``S = sum_i p_i (U_ref^T U_i) C_i``. The state ``(U_ref, S)`` represents
 ``U_ref S = U_ref U_ref^T W_bar``, the projection of the mean update onto the consensus subspace
-(P1), and is gauge invariant (P3). Everything is low-rank: nothing d-by-k or d-by-d is formed.
+(P1), and is gauge invariant (P3). Everything is low-rank: nothing d-by-k is formed, and a
+d-by-d matrix only when d is below the total client rank (then it is smaller than the factors).
 """
 
 from __future__ import annotations

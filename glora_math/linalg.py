@@ -2,7 +2,8 @@
 
 Every decomposition here is sign-fixed so that its output is unique wherever the mathematics
 allows it (pymanopt's ``multiqr`` convention for QR, scikit-learn's ``svd_flip`` convention for
-the SVD). Nothing here forms a d-by-k or d-by-d matrix.
+the SVD). Nothing here forms a d-by-k matrix, nor a d-by-d one unless it is smaller than the
+input (:func:`gram_top_left_svd` of a wide matrix).
 """
 
 from __future__ import annotations
