@@ -49,6 +49,8 @@ from .strategies import SEEDS, conditioned_matrix
 
 F64 = torch.float64
 DIMS = st.integers(1, 9)
+BASIS_DIMS = st.integers(1, 3)
+ANGLES = st.lists(st.floats(1e-12, 1.5), min_size=3, max_size=3)  # near 0 to near pi/2
 
 
 def _mat(m: int, n: int, seed: int, cond: float = 10.0) -> torch.Tensor:
@@ -137,12 +139,7 @@ def _rotated_pair(
     return U1, U2
 
 
-@given(
-    st.integers(1, 3),
-    st.integers(1, 3),
-    st.lists(st.floats(1e-12, 1.5), min_size=3, max_size=3),
-    SEEDS,
-)
+@given(BASIS_DIMS, BASIS_DIMS, ANGLES, SEEDS)
 def test_principal_angles_are_accurate_near_zero_and_near_pi_over_2(p, q, angles, seed) -> None:  # type: ignore[no-untyped-def]
     a = torch.tensor(angles, dtype=F64)
     U1, U2 = _rotated_pair(12, p, q, a, seed)
@@ -157,12 +154,7 @@ def test_principal_angles_are_accurate_near_zero_and_near_pi_over_2(p, q, angles
     assert principal_angles(U1, U1[:, :0]).shape == (0,)
 
 
-@given(
-    st.integers(1, 3),
-    st.integers(1, 3),
-    st.lists(st.floats(1e-12, 1.5), min_size=3, max_size=3),
-    SEEDS,
-)
+@given(BASIS_DIMS, BASIS_DIMS, ANGLES, SEEDS)
 def test_projector_distance_matches_the_angles_and_the_dense_norm(p, q, angles, seed) -> None:  # type: ignore[no-untyped-def]
     a = torch.tensor(angles, dtype=F64)
     U1, U2 = _rotated_pair(12, p, q, a, seed)
