@@ -27,7 +27,12 @@ from glora_math.errors import (
     ShapeMismatchError,
     ZeroEigengapWarning,
 )
-from glora_math.linalg import gram_top_left_svd, randomized_left_svd, sign_fixed_qr
+from glora_math.linalg import (
+    full_column_rank,
+    gram_top_left_svd,
+    randomized_left_svd,
+    sign_fixed_qr,
+)
 from glora_math.tolerances import rank_tol, working_dtype, zero_gap_tol
 from glora_math.types import LoRAFactors, Sketch, Split
 from glora_math.validation import WeightsLike, all_finite, normalize_weights, validate_rank
@@ -129,9 +134,9 @@ def glora_aggregate_batched(
         B, A = Bs[i].to(wd), As[i].to(wd)
         Q, T = sign_fixed_qr(B)
         s = torch.linalg.svdvals(T)
-        tol = rank_tol(1.0, (B.shape[-2], B.shape[-1]), wd) * s[..., :1]
-        full = (s > tol).all(dim=-1) & (s[..., 0] > 0) & (T.shape[-2] == T.shape[-1])
-        uniform &= full
+        uniform &= full_column_rank(s, (B.shape[-2], B.shape[-1]), wd) & (
+            T.shape[-2] == T.shape[-1]
+        )
         Qs.append(Q * p[i].sqrt())
         Cs.append(p[i].sqrt() * (T @ A))
     M = torch.cat(Qs, dim=-1)  # (L, d, m): [sqrt(p_i) U_i]

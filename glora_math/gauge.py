@@ -15,8 +15,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from glora_math.errors import GaugeError, RankError
-from glora_math.linalg import column_signs, numerical_rank, sign_fixed_qr, sign_fixed_svd
-from glora_math.tolerances import rank_tol, working_dtype
+from glora_math.linalg import (
+    column_signs,
+    full_column_rank,
+    numerical_rank,
+    sign_fixed_qr,
+    sign_fixed_svd,
+)
+from glora_math.tolerances import working_dtype
 from glora_math.types import GaugeFixed, GaugeMode, LoRAFactors
 from glora_math.validation import ClientsInfo, as_factors, validate_clients
 
@@ -97,7 +103,7 @@ def gauge_fix_all(
                 continue
             Q, T = sign_fixed_qr(torch.stack([cs[i].B.to(wd) for i in idx]))
             s = torch.linalg.svdvals(T)
-            full = (s[:, -1] > rank_tol(1.0, (info.d, r), wd) * s[:, 0]).tolist()
+            full = full_column_rank(s, (info.d, r), wd).tolist()
             C = T @ torch.stack([cs[i].A.to(wd) for i in idx])
             for j, i in enumerate(idx):
                 if full[j]:

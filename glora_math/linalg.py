@@ -60,6 +60,17 @@ def numerical_rank(s: Float[Tensor, " p"], shape: tuple[int, int], dtype: torch.
     return int((s > rank_tol(smax, shape, dtype)).sum())
 
 
+def full_column_rank(
+    s: Float[Tensor, "... p"], shape: tuple[int, int], dtype: torch.dtype
+) -> Tensor:
+    """Batched: whether descending singular values ``s`` of ``shape`` matrices have rank ``p``.
+
+    The rule of :func:`numerical_rank` (every value above :func:`rank_tol`), vectorised over the
+    leading dimensions; an all-zero matrix is rank-deficient.
+    """
+    return s[..., -1] > rank_tol(1.0, shape, dtype) * s[..., 0]
+
+
 def principal_angles(U1: Float[Tensor, "d p"], U2: Float[Tensor, "d q"]) -> Float[Tensor, " m"]:
     """Principal angles (radians, ascending) between the spans of two orthonormal bases.
 
@@ -224,6 +235,7 @@ def randomized_left_svd(
 
 __all__ = [
     "column_signs",
+    "full_column_rank",
     "gram_top_left_svd",
     "lowrank_fro_norm",
     "lowrank_svd",

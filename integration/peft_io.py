@@ -195,9 +195,7 @@ def adapter_state_dict(
     module's rank in ``rank_pattern`` (the most common rank becomes ``r``), so that
     ``scale(r_written) * B A`` equals the folded product.
     """
-    use_rslora = bool(config.get("use_rslora", False))
-    alpha0 = float(config.get("lora_alpha", config.get("r", 8)))
-    alpha_pattern = dict(config.get("alpha_pattern") or {})
+    use_rslora, alpha0, alpha_pattern, _ = _scaling_config(config, None)
     ranks = {name: f.rank for name, f in modules.items()}
     counts: dict[int, int] = defaultdict(int)
     for r in ranks.values():

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from glora_math import LoRAFactors
 from glora_math.linalg import (
     column_signs,
+    full_column_rank,
     gram_top_left_svd,
     lowrank_fro_norm,
     lowrank_svd,
@@ -318,3 +319,16 @@ def test_gram_top_left_svd_is_batched() -> None:
             assert _maxabs(lami - lam[i]) <= eigenvalue_error(1.0, 13, F64)
             if oki:
                 assert projector_distance(Ui, U[i]) <= orthonormality_tol(F64, n=13)
+
+
+@given(st.integers(1, 4), DIMS, DIMS, st.floats(1.0, 1e18), SEEDS)
+def test_full_column_rank_is_the_batched_numerical_rank_rule(
+    L: int, m: int, n: int, cond: float, seed: int
+) -> None:
+    X = torch.stack([_mat(m, n, seed + i, cond=cond) for i in range(L)])
+    X[0] = 0.0  # an all-zero matrix is rank-deficient
+    s = torch.linalg.svdvals(X)
+    got = full_column_rank(s, (m, n), F64).tolist()
+    want = [numerical_rank(s[i], (m, n), F64) == min(m, n) for i in range(L)]
+    assert got == want
+    assert got[0] is False
