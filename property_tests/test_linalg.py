@@ -153,6 +153,17 @@ def test_principal_angles_are_accurate_near_zero_and_near_pi_over_2(p, q, angles
     # Symmetric in its arguments, and empty when a basis is empty.
     assert float((principal_angles(U2, U1) - got).abs().max()) <= _tol(12, p, q)
     assert principal_angles(U1, U1[:, :0]).shape == (0,)
+    assert principal_angles(U1, U1[:, :0]).dtype == F64
+
+
+@pytest.mark.parametrize("offset", [1e-9, 1e-6, 1e-3])
+def test_principal_angles_near_pi_over_2_are_accurate_to_working_precision(offset: float) -> None:
+    # Near pi/2 the sine is 1 - offset^2/2: arcsin would lose digits like eps / offset, so the
+    # angle must come from the cosine (an absolute error of order eps).
+    a = torch.tensor([1e-10, 0.7, math.pi / 2 - offset], dtype=F64)
+    U1, U2 = _rotated_pair(12, 3, 3, a, 5)
+    got = principal_angles(U1, U2)
+    assert float((got - a).abs().max()) <= _tol(12, 3, 3)
 
 
 @given(BASIS_DIMS, BASIS_DIMS, ANGLES, SEEDS)
@@ -203,6 +214,18 @@ def test_tall_left_svd_both_branches(m: int, n: int, seed: int) -> None:
     assert float((U.mT @ U - torch.eye(U.shape[1], dtype=F64)).norm()) <= orthonormality_tol(
         F64, n=m + n
     )
+
+
+@pytest.mark.parametrize("shape", [(3, 9, 4), (3, 4, 9)])
+def test_tall_left_svd_is_batched(shape: tuple[int, int, int]) -> None:
+    g = torch.Generator().manual_seed(2)
+    Xs = torch.randn(*shape, generator=g, dtype=F64)
+    U, s = tall_left_svd(Xs)
+    for i in range(shape[0]):
+        Ui, si = tall_left_svd(Xs[i])
+        assert float((s[i] - si).abs().max()) <= _tol(*shape[1:])
+        # Same left singular vectors up to sign (distinct singular values here).
+        assert float(((U[i] * Ui).sum(0).abs() - 1.0).abs().max()) <= _tol(*shape[1:])
 
 
 def test_randomized_svd_falls_back_to_the_exact_one_when_wide_enough() -> None:
@@ -258,6 +281,23 @@ def test_metrics_from_factors_match_dense(ranks: list[int], d: int, k: int, seed
         assert abs(relative_error(mean, fs, w)) <= tol / float(dense.norm())
         zero = LoRAFactors(torch.zeros(d, 1, dtype=F64), torch.zeros(1, k, dtype=F64))
         assert relative_error(zero, fs, w) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_metrics_work_in_the_working_dtype(half: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(6)
+    fs = [
+        LoRAFactors(
+            torch.randn(5, 2, generator=g).to(half), torch.randn(2, 4, generator=g).to(half)
+        )
+        for _ in range(3)
+    ]
+    mean = mean_update(fs, [1.0, 2.0, 3.0])
+    assert mean.B.dtype == mean.A.dtype == torch.float32
+    other = LoRAFactors(fs[0].B.to(F64), fs[0].A.to(F64))
+    diff = difference(fs[0], other)
+    assert diff.B.dtype == diff.A.dtype == F64
+    assert diff.rank == 4
 
 
 def test_relative_error_of_a_zero_mean() -> None:

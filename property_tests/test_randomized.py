@@ -144,3 +144,26 @@ def test_all_finite_falls_back_when_the_sum_overflows() -> None:
     assert not all_finite(torch.tensor([1.0, float("nan")]))
     assert not all_finite(torch.tensor([float("inf"), -float("inf")]))
     assert all_finite(torch.zeros(0))
+
+
+def test_consensus_basis_uses_the_sketch_it_is_given() -> None:
+    # Random client subspaces give K a flat spectrum, so a narrow sketch without power
+    # iterations finds a subspace visibly different from the exact one; consensus_basis must
+    # return that sketched subspace, the one glora_aggregate builds its state on.
+    g = torch.Generator().manual_seed(8)
+    shapes = [((60, 4), (4, 9))] * 6
+    clients = [
+        (
+            torch.randn(b, generator=g, dtype=torch.float64),
+            torch.randn(a, generator=g, dtype=torch.float64),
+        )
+        for b, a in shapes
+    ]
+    fixed = [gauge_fix(f, "qr") for f in clients]
+    sketch = Sketch(oversample=0, power_iters=0, seed=1)
+    sketched = consensus_basis(fixed, None, rank=3, sketch=sketch)
+    state = glora_aggregate(clients, rank=3, sketch=sketch)
+    tol = orthonormality_tol(torch.float64, n=60 + 9 + 24)
+    assert projector_distance(sketched.U, state.U) <= tol
+    exact = consensus_basis(fixed, None, rank=3)
+    assert projector_distance(sketched.U, exact.U) > 0.1
