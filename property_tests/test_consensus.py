@@ -54,6 +54,12 @@ def test_rank_above_the_union_is_clamped_with_a_warning(pb) -> None:  # type: ig
     with pytest.warns(RankClampedWarning):
         basis = consensus_basis(fixed, pb.weights, rank=union + 1)
     assert basis.rank == union
+    # The spectrum reported on this (QR) route is still that of K.
+    lam = torch.linalg.eigvalsh(dense_K(fixed, pb.p)).flip(0)
+    m = basis.eigvals.numel()
+    n = n_dims(pb.d, pb.k, pb.ranks)
+    err = (f64(basis.eigvals) - lam[:m]).abs()
+    assert m == 0 or float(err.max()) <= product_tol(pb.dtype, n=n, scale=1.0)
 
 
 def test_zero_eigengap_warns() -> None:
@@ -70,6 +76,10 @@ def test_zero_eigengap_warns() -> None:
     many = [gm.LoRAFactors(e2[:, i % 2 : i % 2 + 1], A) for i in range(4)]
     with pytest.warns(gm.ZeroEigengapWarning, match="not unique"):
         gm.glora_aggregate(many, rank=1)
+    # The message names lambda_R and lambda_R+1: here K = diag(1/2, 1/4, 1/4) and R = 2.
+    three = [*fs, gm.LoRAFactors(e[:, 2:3], A)]
+    with pytest.warns(gm.ZeroEigengapWarning, match=r"lambda_R=2\.500e-01, lambda_R\+1=2\.500e-01"):
+        gm.glora_aggregate(three, [2.0, 1.0, 1.0], rank=2)
     # With unequal weights the gap is |p_1 - p_2| and no warning is raised.
     state = gm.glora_aggregate(fs, [3.0, 1.0], rank=1)
     assert abs(state.gap - 0.5) <= product_tol(torch.float64, n=8, scale=1.0)

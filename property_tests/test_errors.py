@@ -91,7 +91,7 @@ def test_weights_rules() -> None:
     ] * 2
     with pytest.raises(WeightError, match="got 3 weights for 2 clients"):
         glora_aggregate(fs, [1.0, 1.0, 1.0], rank=1)
-    with pytest.raises(WeightError, match="all weights are zero"):
+    with pytest.raises(WeightError, match=r"^all weights are zero$"):
         glora_aggregate(fs, [0.0, 0.0], rank=1)
     # Renormalisation: weights (2, 6) act as (1/4, 3/4).
     a = glora_aggregate(fs, [2.0, 6.0], rank=2)
@@ -100,8 +100,25 @@ def test_weights_rules() -> None:
     )
 
 
+@pytest.mark.parametrize("bad", [5, None, [torch.ones(2, 1), torch.ones(1, 2)]])
+def test_a_client_that_is_not_a_pair_names_its_type(bad: object) -> None:
+    good = LoRAFactors(torch.ones(2, 1), torch.ones(1, 2))
+    with pytest.raises(ShapeMismatchError, match=rf"client 1: .* got {type(bad).__name__}$"):
+        glora_aggregate([good, bad], rank=1)  # type: ignore[list-item]
+
+
+def test_weights_are_normalised_in_float64_whatever_their_type() -> None:
+    from glora_math.validation import normalize_weights
+
+    want = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64) / 7.0
+    for w in ([1, 2, 4], [1.0, 2.0, 4.0], torch.tensor([1.0, 2.0, 4.0])):
+        got = normalize_weights(w, 3, dtype=torch.float64, device=torch.device("cpu"))
+        assert got.dtype == torch.float64
+        assert float((got - want).abs().max()) <= 2 * torch.finfo(torch.float64).eps
+
+
 def test_empty_client_list() -> None:
-    with pytest.raises(EmptyClientsError, match="no client factors"):
+    with pytest.raises(EmptyClientsError, match=r"^no client factors were given$"):
         glora_aggregate([], rank=1)
     with pytest.raises(EmptyClientsError):
         fedit([])

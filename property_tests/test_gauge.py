@@ -143,3 +143,31 @@ def test_zero_B_gives_an_empty_basis() -> None:
         assert gf.U.shape == (6, 0)
         assert gf.C.shape == (0, 4)
         assert not bool(gf.delta().any())
+
+
+@pytest.mark.parametrize("mode", ["qr", "svd"])
+def test_gauge_fix_all_equals_the_per_client_gauge_fix(mode: str) -> None:
+    # Clients of equal rank go through one batched QR; each must still get its own canonical
+    # form of the requested mode (Gaussian factors: distinct singular values, so it is unique).
+    from glora_math.gauge import gauge_fix_all
+    from glora_math.validation import validate_clients
+
+    g = torch.Generator().manual_seed(12)
+    fs = [
+        LoRAFactors(
+            torch.randn(8, 3, generator=g, dtype=torch.float64),
+            torch.randn(3, 6, generator=g, dtype=torch.float64),
+        )
+        for _ in range(3)
+    ]
+    together = gauge_fix_all(fs, validate_clients(fs), mode)  # type: ignore[arg-type]
+    for f, got in zip(fs, together, strict=True):
+        one = gauge_fix(f, mode)  # type: ignore[arg-type]
+        # Rounding is amplified by cond(B), and in svd mode also by the relative singular gap.
+        kappa = cond(f.B)
+        if mode == "svd":
+            s = torch.linalg.svdvals(f.B @ f.A)
+            kappa *= float(s[0] / (s[:-1] - s[1:]).min())
+        tol = product_tol(torch.float64, n=8 + 6 + 3, scale=1.0, kappa=kappa)
+        assert float((got.U - one.U).norm()) <= tol
+        assert float((got.C - one.C).norm()) <= tol * float(f.B.norm() * f.A.norm())

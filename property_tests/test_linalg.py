@@ -372,3 +372,13 @@ def test_full_column_rank_is_the_batched_numerical_rank_rule(
     want = [numerical_rank(s[i], (m, n), F64) == min(m, n) for i in range(L)]
     assert got == want
     assert got[0] is False
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_rank_rules_switch_at_rank_tol_relative_to_the_largest_value(scale: float) -> None:
+    shape = (5, 2)
+    tol = rank_tol(scale, shape, F64)
+    for factor, full in ((1.5, True), (0.75, False)):
+        s = torch.tensor([scale, factor * tol], dtype=F64)
+        assert numerical_rank(s, shape, F64) == (2 if full else 1)
+        assert bool(full_column_rank(s, shape, F64)) is full
