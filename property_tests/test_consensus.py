@@ -138,3 +138,23 @@ def test_nearly_coincident_subspaces_are_aggregated_exactly_at_the_union_rank(
     scale = sum(float(f.A.norm()) for f in fs)
     err = gm.fro_distance(gm.state_factors(state), mean)
     assert err <= product_tol(torch.float64, n=d + k + n, scale=scale)
+
+
+@pytest.mark.parametrize("mode", ["qr", "svd"])
+def test_rank_zero_clients_contribute_nothing(mode: str) -> None:
+    # Empty factors (rank 0) are valid updates (zero); several of them must not disturb the
+    # batched gauge fixing, and the state equals the one without them (weights renormalised).
+    g = torch.Generator().manual_seed(3)
+    f = gm.LoRAFactors(
+        torch.randn(5, 2, generator=g, dtype=torch.float64),
+        torch.randn(2, 4, generator=g, dtype=torch.float64),
+    )
+    z = gm.LoRAFactors(
+        torch.zeros(5, 0, dtype=torch.float64), torch.zeros(0, 4, dtype=torch.float64)
+    )
+    with_zeros = gm.glora_aggregate([z, z, f], [1.0, 1.0, 2.0], rank=2, gauge=mode)  # type: ignore[arg-type]
+    alone = gm.glora_aggregate([f], rank=2, gauge=mode)  # type: ignore[arg-type]
+    # p = 1/2 for f: the state is half of f's own.
+    assert float((with_zeros.delta() - 0.5 * alone.delta()).norm()) <= product_tol(
+        torch.float64, n=5 + 4 + 2, scale=float(f.B.norm() * f.A.norm())
+    )

@@ -378,7 +378,22 @@ def test_full_column_rank_is_the_batched_numerical_rank_rule(
 def test_rank_rules_switch_at_rank_tol_relative_to_the_largest_value(scale: float) -> None:
     shape = (5, 2)
     tol = rank_tol(scale, shape, F64)
-    for factor, full in ((1.5, True), (0.75, False)):
+    # rank_tol is the largest value treated as zero: an exact tie is rank-deficient.
+    for factor, full in ((1.5, True), (1.0, False), (0.75, False)):
         s = torch.tensor([scale, factor * tol], dtype=F64)
         assert numerical_rank(s, shape, F64) == (2 if full else 1)
         assert bool(full_column_rank(s, shape, F64)) is full
+
+
+def test_sign_fixing_leaves_columns_with_a_zero_diagonal_alone() -> None:
+    # X with a zero first column: R[0, 0] = 0, so the first column of Q keeps LAPACK's sign,
+    # and columns with a non-zero diagonal get diag(T) > 0.
+    g = torch.Generator().manual_seed(9)
+    X = torch.randn(6, 3, generator=g, dtype=F64)
+    X[:, 0] = 0.0
+    Q0, T0 = torch.linalg.qr(X, mode="reduced")
+    Q, T = sign_fixed_qr(X)
+    assert float(T0[0, 0]) == 0.0
+    assert torch.equal(Q[:, 0], Q0[:, 0])
+    assert torch.equal(T[0], T0[0])
+    assert bool((torch.diagonal(T)[1:] > 0).all())
