@@ -166,8 +166,10 @@ def test_gauge_fix_all_equals_the_per_client_gauge_fix(mode: str) -> None:
         # Rounding is amplified by cond(B), and in svd mode also by the relative singular gap.
         kappa = cond(f.B)
         if mode == "svd":
-            s = torch.linalg.svdvals(f.B @ f.A)
-            kappa *= float(s[0] / (s[:-1] - s[1:]).min())
+            # Gaps between the rank-many non-zero singular values, and from the last to 0.
+            s = torch.linalg.svdvals(f.B @ f.A)[: f.rank]
+            gaps = torch.cat([s[:-1] - s[1:], s[-1:]])
+            kappa *= float(s[0] / gaps.min())
         tol = product_tol(torch.float64, n=8 + 6 + 3, scale=1.0, kappa=kappa)
         assert float((got.U - one.U).norm()) <= tol
         assert float((got.C - one.C).norm()) <= tol * float(f.B.norm() * f.A.norm())

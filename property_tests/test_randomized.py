@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 
 from glora_math import GloraError, Sketch, apply_gauge, consensus_basis, gauge_fix, glora_aggregate
 from glora_math.linalg import projector_distance, randomized_left_svd, tall_left_svd
-from glora_math.tolerances import aggregate_tol, orthonormality_tol, subspace_tol
+from glora_math.tolerances import aggregate_tol, orthonormality_tol, product_tol, subspace_tol
 from glora_math.validation import all_finite
 
-from .helpers import f64, n_dims, state_tol, unique_or_reject
+from .helpers import dense_K, f64, n_dims, state_tol, unique_or_reject
 from .strategies import gapped_problems, gauges_for, problems
 
 
@@ -61,6 +61,10 @@ def test_a_sketch_as_wide_as_the_union_finds_the_exact_subspace(gp) -> None:  # 
     n = n_dims(pb.d, pb.k, pb.ranks)
     tol = subspace_tol(pb.dtype, n=n, kappa=kappa, gap=gp.gap)
     assert projector_distance(f64(basis.U), gp.V) <= tol * (2 * gp.R) ** 0.5
+    # The reported spectrum (squared Ritz values) is then K's spectrum.
+    lam = torch.linalg.eigvalsh(dense_K(fixed, pb.p)).flip(0)[:union]
+    err = float((f64(basis.eigvals[:union]) - lam).abs().max())
+    assert err <= product_tol(pb.dtype, n=n, scale=1.0, kappa=kappa)
 
 
 @given(problems(deficient=False), st.data())
