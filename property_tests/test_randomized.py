@@ -148,6 +148,9 @@ def test_all_finite_falls_back_when_the_sum_overflows() -> None:
     assert not all_finite(torch.tensor([1.0, float("nan")]))
     assert not all_finite(torch.tensor([float("inf"), -float("inf")]))
     assert all_finite(torch.zeros(0))
+    # One entry: no reduction shortcut may skip it.
+    assert not all_finite(torch.tensor([float("nan")]))
+    assert all_finite(torch.tensor([2.0]))
 
 
 def test_consensus_basis_uses_the_sketch_it_is_given() -> None:
