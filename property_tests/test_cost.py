@@ -1,0 +1,126 @@
+"""Cost contracts checked by structure, not by timing.
+
+The package promises that cost grows with the client factors, never with d x k, and that fast
+routes (the batched QR of equal-rank clients, the Gram route of the consensus, the single
+reduction of the finiteness check) are taken wherever they apply. Timings belong to ``bench/``;
+here we record what runs: the size of every tensor an operator creates (through a torch
+dispatch mode) and which internal routes are called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import glora_math as gm
+from glora_math import consensus as consensus_module
+from glora_math import gauge as gauge_module
+from glora_math import metrics
+from glora_math.validation import all_finite, validate_clients
+
+F64 = torch.float64
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor produced by a torch op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(  # type: ignore[override]
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(o, torch.Tensor):
+                self.largest = max(self.largest, o.numel())
+        return out
+
+
+def _largest(fn: Callable[[], object]) -> int:
+    with LargestTensor() as rec:
+        fn()
+    return rec.largest
+
+
+def _clients(d: int, k: int, ranks: list[int], seed: int = 0) -> list[gm.LoRAFactors]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        gm.LoRAFactors(
+            torch.randn(d, r, generator=g, dtype=F64), torch.randn(r, k, generator=g, dtype=F64)
+        )
+        for r in ranks
+    ]
+
+
+def test_no_operator_creates_a_tensor_of_size_d_times_k() -> None:
+    d, k, ranks = 300, 200, [2, 3, 2]
+    fs = _clients(d, k, ranks)
+    m = sum(ranks)
+    # Stacked factors (d or k by m), their small products (m by m): all far below d * k.
+    bound = (d + k) * m
+    assert bound < d * k // 10
+    state = gm.glora_aggregate(fs, rank=3)
+    calls: dict[str, Callable[[], object]] = {
+        "glora qr": lambda: gm.glora_aggregate(fs, rank=3),
+        "glora svd": lambda: gm.glora_aggregate(fs, rank=3, gauge="svd"),
+        "glora sketch": lambda: gm.glora_aggregate(fs, rank=3, sketch=gm.Sketch()),
+        "readout": lambda: gm.readout(state, 2),
+        "mean_update": lambda: metrics.mean_update(fs),
+        "fro_norm": lambda: metrics.fro_norm(metrics.mean_update(fs)),
+        "fro_distance": lambda: metrics.fro_distance(fs[0], fs[1]),
+        "singular_values": lambda: metrics.singular_values(metrics.mean_update(fs)),
+        "best_rank_approx": lambda: metrics.best_rank_approx(metrics.mean_update(fs), 2),
+        "relative_error": lambda: metrics.relative_error(fs[0], fs),
+    }
+    for name, fn in calls.items():
+        assert _largest(fn) <= bound, name
+
+
+def test_the_finiteness_check_allocates_nothing_of_the_input_size() -> None:
+    x = torch.randn(50, 40, dtype=F64)
+    assert _largest(lambda: all_finite(x)) == 1  # one sum, one scalar test
+    x[3, 4] = float("nan")
+    assert _largest(lambda: all_finite(x)) == x.numel()  # the elementwise check decides
+
+
+def test_equal_rank_clients_share_one_batched_qr(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ranks 2 (alone), 1 (a pair) and 3 = d (a triple): only the lone client is fixed by itself.
+    fs = _clients(3, 5, [2, 1, 1, 3, 3, 3], seed=1)
+    alone: list[int] = []
+    real = gauge_module._fix_qr
+
+    def spy(B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        alone.append(int(B.shape[1]))
+        return real(B, A, dtype)
+
+    monkeypatch.setattr(gauge_module, "_fix_qr", spy)
+    fixed = gauge_module.gauge_fix_all(fs, validate_clients(fs), "qr")
+    assert alone == [2]
+    assert [f.rank for f in fixed] == [2, 1, 1, 3, 3, 3]
+
+
+def test_the_gram_route_decides_where_it_is_accurate(monkeypatch: pytest.MonkeyPatch) -> None:
+    fs = _clients(40, 10, [3, 3, 3], seed=2)
+    used: list[int] = []
+    real = consensus_module.tall_left_svd
+
+    def spy(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        used.append(int(M.shape[-1]))
+        return real(M)
+
+    monkeypatch.setattr(consensus_module, "tall_left_svd", spy)
+    gm.glora_aggregate(fs, rank=4)  # R well below the union (9): the Gram route is accurate
+    assert used == []
+    with pytest.warns(gm.RankClampedWarning):
+        gm.glora_aggregate(fs, rank=10)  # R above the union: the QR route decides
+    assert used == [9]
