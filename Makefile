@@ -40,11 +40,14 @@ verify: $(STAMP)
 
 test: lint typecheck pytest verify
 
-# Mutation testing of the GLoRA operator modules (slow: about 30-60 min on 2 cores; not in CI).
+# Mutation testing of the core modules (slow: about 30 min on 2 cores; not in CI). One BLAS
+# thread per mutmut child: two children with two threads each oversubscribe 2 cores and push
+# surviving mutants past mutmut's CPU-time limit, where they would count as timeouts (killed).
 mutation: $(STAMP)
 	$(BIN)/python -m pip install --quiet "mutmut==3.8.1"
 	rm -rf mutants
-	GLORA_HYPOTHESIS_PROFILE=mutation $(BIN)/mutmut run --max-children 2 || true
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 GLORA_HYPOTHESIS_PROFILE=mutation \
+		$(BIN)/mutmut run --max-children 2 || true
 	$(BIN)/mutmut results
 
 # Aggregation benchmark (not in CI: about 20 min on 2 cores); see docs/benchmarks.md.
