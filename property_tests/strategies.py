@@ -8,6 +8,7 @@ shrinkable condition number, as in array-api-tests' ``hypothesis_helpers``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -41,15 +42,20 @@ def conditioned_factors(
 
 
 def gaussian_clients(
-    n: int, d: int, r: int, k: int, *, generator: torch.Generator
+    n: int, d: int, r: int | Sequence[int], k: int, *, generator: torch.Generator
 ) -> list[LoRAFactors]:
-    """n clients with i.i.d. standard Gaussian float64 factors, for fixed unit tests."""
+    """n clients with i.i.d. standard Gaussian float64 factors, for fixed unit tests.
+
+    ``r`` is every client's rank, or one rank per client (then ``len(r) == n``).
+    """
+    ranks = [r] * n if isinstance(r, int) else list(r)
+    assert len(ranks) == n, f"{len(ranks)} ranks for {n} clients"
     return [
         LoRAFactors(
-            torch.randn(d, r, generator=generator, dtype=torch.float64),
-            torch.randn(r, k, generator=generator, dtype=torch.float64),
+            torch.randn(d, ri, generator=generator, dtype=torch.float64),
+            torch.randn(ri, k, generator=generator, dtype=torch.float64),
         )
-        for _ in range(n)
+        for ri in ranks
     ]
 
 

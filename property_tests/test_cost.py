@@ -22,6 +22,8 @@ from glora_math import gauge as gauge_module
 from glora_math import metrics
 from glora_math.validation import all_finite, validate_clients
 
+from .strategies import gaussian_clients
+
 F64 = torch.float64
 
 
@@ -52,19 +54,9 @@ def _largest(fn: Callable[[], object]) -> int:
     return rec.largest
 
 
-def _clients(d: int, k: int, ranks: list[int], seed: int = 0) -> list[gm.LoRAFactors]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        gm.LoRAFactors(
-            torch.randn(d, r, generator=g, dtype=F64), torch.randn(r, k, generator=g, dtype=F64)
-        )
-        for r in ranks
-    ]
-
-
 def test_no_operator_creates_a_tensor_of_size_d_times_k() -> None:
     d, k, ranks = 300, 200, [2, 3, 2]
-    fs = _clients(d, k, ranks)
+    fs = gaussian_clients(len(ranks), d, ranks, k, generator=torch.Generator().manual_seed(0))
     m = sum(ranks)
     # Stacked factors (d or k by m), their small products (m by m): all far below d * k.
     bound = (d + k) * m
@@ -95,7 +87,7 @@ def test_the_finiteness_check_allocates_nothing_of_the_input_size() -> None:
 
 def test_equal_rank_clients_share_one_batched_qr(monkeypatch: pytest.MonkeyPatch) -> None:
     # Ranks 2 (alone), 1 (a pair) and 3 = d (a triple): only the lone client is fixed by itself.
-    fs = _clients(3, 5, [2, 1, 1, 3, 3, 3], seed=1)
+    fs = gaussian_clients(6, 3, [2, 1, 1, 3, 3, 3], 5, generator=torch.Generator().manual_seed(1))
     alone: list[int] = []
     real = gauge_module._fix_qr
 
@@ -110,7 +102,7 @@ def test_equal_rank_clients_share_one_batched_qr(monkeypatch: pytest.MonkeyPatch
 
 
 def test_the_gram_route_decides_where_it_is_accurate(monkeypatch: pytest.MonkeyPatch) -> None:
-    fs = _clients(40, 10, [3, 3, 3], seed=2)
+    fs = gaussian_clients(3, 40, 3, 10, generator=torch.Generator().manual_seed(2))
     used: list[int] = []
     real = consensus_module.tall_left_svd
 

@@ -12,7 +12,7 @@ from glora_math.linalg import projector_distance
 from glora_math.tolerances import orthonormality_tol, product_tol, subspace_tol
 
 from .helpers import cond, f64, orth
-from .strategies import SEEDS, conditioned_matrix, problems
+from .strategies import SEEDS, conditioned_matrix, gaussian_clients, problems
 
 MODES = st.sampled_from(["qr", "svd"])
 
@@ -153,13 +153,7 @@ def test_gauge_fix_all_equals_the_per_client_gauge_fix(mode: str) -> None:
     from glora_math.validation import validate_clients
 
     g = torch.Generator().manual_seed(12)
-    fs = [
-        LoRAFactors(
-            torch.randn(8, 3, generator=g, dtype=torch.float64),
-            torch.randn(3, 6, generator=g, dtype=torch.float64),
-        )
-        for _ in range(3)
-    ]
+    fs = gaussian_clients(3, 8, 3, 6, generator=g)
     together = gauge_fix_all(fs, validate_clients(fs), mode)  # type: ignore[arg-type]
     for f, got in zip(fs, together, strict=True):
         one = gauge_fix(f, mode)  # type: ignore[arg-type]

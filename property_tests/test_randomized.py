@@ -22,7 +22,7 @@ from glora_math.tolerances import aggregate_tol, orthonormality_tol, product_tol
 from glora_math.validation import all_finite
 
 from .helpers import dense_K, f64, n_dims, state_tol, unique_or_reject
-from .strategies import gapped_problems, gauges_for, problems
+from .strategies import gapped_problems, gauges_for, gaussian_clients, problems
 
 
 def _narrow(extra: int) -> Sketch:
@@ -158,14 +158,7 @@ def test_consensus_basis_uses_the_sketch_it_is_given() -> None:
     # iterations finds a subspace visibly different from the exact one; consensus_basis must
     # return that sketched subspace, the one glora_aggregate builds its state on.
     g = torch.Generator().manual_seed(8)
-    shapes = [((60, 4), (4, 9))] * 6
-    clients = [
-        (
-            torch.randn(b, generator=g, dtype=torch.float64),
-            torch.randn(a, generator=g, dtype=torch.float64),
-        )
-        for b, a in shapes
-    ]
+    clients = gaussian_clients(6, 60, 4, 9, generator=g)
     fixed = [gauge_fix(f, "qr") for f in clients]
     sketch = Sketch(oversample=0, power_iters=0, seed=1)
     sketched = consensus_basis(fixed, None, rank=3, sketch=sketch)

@@ -12,7 +12,7 @@ from glora_math import random_invertible, random_orthogonal, random_special_orth
 from glora_math.tolerances import product_tol
 
 from .helpers import cond
-from .strategies import SEEDS, conditioned_matrix, problems
+from .strategies import SEEDS, conditioned_matrix, gaussian_clients, problems
 
 
 @given(
@@ -101,3 +101,11 @@ def test_problems_respect_their_contract(pb) -> None:  # type: ignore[no-untyped
 def test_equal_rank_problems(pb) -> None:  # type: ignore[no-untyped-def]
     assert len(set(pb.ranks)) == 1
     assert pb.weights is None
+
+
+def test_gaussian_clients_takes_one_rank_or_one_per_client() -> None:
+    same = gaussian_clients(3, 5, 2, 4, generator=torch.Generator().manual_seed(0))
+    assert [(f.B.shape, f.A.shape) for f in same] == [((5, 2), (2, 4))] * 3
+    mixed = gaussian_clients(3, 5, [1, 0, 3], 4, generator=torch.Generator().manual_seed(0))
+    assert [f.rank for f in mixed] == [1, 0, 3]
+    assert all(f.B.dtype == f.A.dtype == torch.float64 for f in mixed)
