@@ -27,12 +27,7 @@ from glora_math.errors import (
     ShapeMismatchError,
     ZeroEigengapWarning,
 )
-from glora_math.linalg import (
-    full_column_rank,
-    gram_top_left_svd,
-    randomized_left_svd,
-    sign_fixed_qr,
-)
+from glora_math.linalg import full_rank_qr, gram_top_left_svd, randomized_left_svd
 from glora_math.tolerances import rank_tol, working_dtype, zero_gap_tol
 from glora_math.types import LoRAFactors, Sketch, Split
 from glora_math.validation import WeightsLike, all_finite, normalize_weights, validate_rank
@@ -132,11 +127,8 @@ def glora_aggregate_batched(
     Qs, Cs, uniform = [], [], torch.ones(L, dtype=torch.bool, device=device)
     for i in live:
         B, A = Bs[i].to(wd), As[i].to(wd)
-        Q, T = sign_fixed_qr(B)
-        s = torch.linalg.svdvals(T)
-        uniform &= full_column_rank(s, (B.shape[-2], B.shape[-1]), wd) & (
-            T.shape[-2] == T.shape[-1]
-        )
+        Q, T, full = full_rank_qr(B)
+        uniform &= full
         Qs.append(Q * p[i].sqrt())
         Cs.append(p[i].sqrt() * (T @ A))
     M = torch.cat(Qs, dim=-1)  # (L, d, m): [sqrt(p_i) U_i]

@@ -17,7 +17,7 @@ from torch import Tensor
 from glora_math.errors import GaugeError, RankError
 from glora_math.linalg import (
     column_signs,
-    full_column_rank,
+    full_rank_qr,
     numerical_rank,
     sign_fixed_qr,
     sign_fixed_svd,
@@ -98,12 +98,11 @@ def gauge_fix_all(
         for i, c in enumerate(cs):
             if 0 < c.rank <= info.d:
                 by_rank.setdefault(c.rank, []).append(i)
-        for r, idx in by_rank.items():
+        for idx in by_rank.values():
             if len(idx) < 2:
                 continue
-            Q, T = sign_fixed_qr(torch.stack([cs[i].B.to(wd) for i in idx]))
-            s = torch.linalg.svdvals(T)
-            full = full_column_rank(s, (info.d, r), wd).tolist()
+            Q, T, ok = full_rank_qr(torch.stack([cs[i].B.to(wd) for i in idx]))
+            full = ok.tolist()
             C = T @ torch.stack([cs[i].A.to(wd) for i in idx])
             for j, i in enumerate(idx):
                 if full[j]:

@@ -71,6 +71,21 @@ def full_column_rank(
     return s[..., -1] > rank_tol(1.0, shape, dtype) * s[..., 0]
 
 
+def full_rank_qr(
+    X: Float[Tensor, "... m n"],
+) -> tuple[Float[Tensor, "... m p"], Float[Tensor, "... p n"], Tensor]:
+    """Batched :func:`sign_fixed_qr` and whether each ``X`` has full numerical column rank.
+
+    The rank rule is :func:`full_column_rank` on the singular values of ``T``; a wide ``X``
+    (n > m) never has full column rank.
+    """
+    Q, T = sign_fixed_qr(X)
+    m, n = int(X.shape[-2]), int(X.shape[-1])
+    if n > m:
+        return Q, T, torch.zeros(X.shape[:-2], dtype=torch.bool, device=X.device)
+    return Q, T, full_column_rank(torch.linalg.svdvals(T), (m, n), X.dtype)
+
+
 def principal_angles(U1: Float[Tensor, "d p"], U2: Float[Tensor, "d q"]) -> Float[Tensor, " m"]:
     """Principal angles (radians, ascending) between the spans of two orthonormal bases.
 
@@ -236,6 +251,7 @@ def randomized_left_svd(
 __all__ = [
     "column_signs",
     "full_column_rank",
+    "full_rank_qr",
     "gram_top_left_svd",
     "lowrank_fro_norm",
     "lowrank_svd",

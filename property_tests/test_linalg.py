@@ -18,6 +18,7 @@ from glora_math import LoRAFactors
 from glora_math.linalg import (
     column_signs,
     full_column_rank,
+    full_rank_qr,
     gram_top_left_svd,
     lowrank_fro_norm,
     lowrank_svd,
@@ -372,6 +373,12 @@ def test_full_column_rank_is_the_batched_numerical_rank_rule(
     want = [numerical_rank(s[i], (m, n), F64) == min(m, n) for i in range(L)]
     assert got == want
     assert got[0] is False
+    # full_rank_qr: the same QR as sign_fixed_qr, with this rule on T (never for wide X).
+    Q, T, full = full_rank_qr(X)
+    Q0, T0 = sign_fixed_qr(X)
+    assert torch.equal(Q, Q0)
+    assert torch.equal(T, T0)
+    assert full.tolist() == (want if n <= m else [False] * L)
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
