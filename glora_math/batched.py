@@ -27,7 +27,7 @@ from glora_math.errors import (
     ShapeMismatchError,
     ZeroEigengapWarning,
 )
-from glora_math.linalg import full_rank_qr, gram_top_left_svd, randomized_left_svd
+from glora_math.linalg import column_signs, full_rank_qr, gram_top_left_svd, randomized_left_svd
 from glora_math.tolerances import rank_tol, working_dtype, zero_gap_tol
 from glora_math.types import LoRAFactors, Sketch, Split
 from glora_math.validation import WeightsLike, all_finite, normalize_weights, validate_rank
@@ -57,13 +57,6 @@ class BatchedState:
     def delta(self) -> Float[Tensor, "L d k"]:
         """Dense updates ``U @ S`` (tests only)."""
         return self.U @ self.S
-
-
-def _sign_columns(U: Tensor) -> Tensor:
-    """Batched :func:`column_signs` (the largest-magnitude entry of each column positive)."""
-    idx = torch.argmax(U.abs(), dim=-2, keepdim=True)
-    picked = torch.gather(U, -2, idx)
-    return torch.where(picked < 0, -torch.ones_like(picked), torch.ones_like(picked))
 
 
 def _validate(
@@ -150,7 +143,7 @@ def glora_aggregate_batched(
             uniform &= sv[..., R - 1] > rank_tol(1.0, (d, m), wd) * sv[..., 0]
     Rb = min(R, Uall.shape[-1])
     U = torch.zeros(L, d, R, dtype=wd, device=device)
-    U[..., :Rb] = Uall[..., :Rb] * _sign_columns(Uall[..., :Rb])
+    U[..., :Rb] = Uall[..., :Rb] * column_signs(Uall[..., :Rb]).unsqueeze(-2)
     # S = sum_i p_i (U^T U_i) C_i = (U^T M) [sqrt(p_i) C_i]_i, with U_i = Q_i, C_i = T_i A_i.
     S = (U.mT @ M) @ torch.cat(Cs, dim=-2)
     nxt = eig[..., R] if R < eig.shape[-1] else torch.zeros(L, dtype=wd, device=device)
@@ -192,7 +185,7 @@ def readout_batched(
     if r > R:
         raise RankError(f"readout rank {r} exceeds the server rank R={R}")
     Us, s, Vh = torch.linalg.svd(state.S, full_matrices=False)
-    sg = _sign_columns(state.U @ Us)
+    sg = column_signs(state.U @ Us).unsqueeze(-2)
     Us, Vh = Us * sg, Vh * sg.mT
     B = state.U @ Us[..., :r]
     A = Vh[..., :r, :]

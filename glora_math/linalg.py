@@ -26,13 +26,13 @@ def sign_fixed_qr(X: Float[Tensor, "m n"]) -> tuple[Float[Tensor, "m p"], Float[
     return Q * s.unsqueeze(-2), T * s.unsqueeze(-1)
 
 
-def column_signs(U: Float[Tensor, "m p"]) -> Float[Tensor, " p"]:
-    """Signs that make the entry of largest magnitude of each column of ``U`` positive.
+def column_signs(U: Float[Tensor, "... m p"]) -> Float[Tensor, "... p"]:
+    """Signs that make the entry of largest magnitude of each column of ``U`` positive, batched.
 
     This is scikit-learn's ``svd_flip`` rule; a zero column gets sign +1.
     """
     if U.shape[-1] == 0 or U.shape[-2] == 0:
-        return torch.ones(U.shape[-1], dtype=U.dtype, device=U.device)
+        return torch.ones((*U.shape[:-2], U.shape[-1]), dtype=U.dtype, device=U.device)
     idx = torch.argmax(U.abs(), dim=-2, keepdim=True)
     picked = torch.gather(U, -2, idx).squeeze(-2)
     return torch.where(picked < 0, -torch.ones_like(picked), torch.ones_like(picked))

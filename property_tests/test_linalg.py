@@ -98,6 +98,10 @@ def test_column_signs_rules() -> None:
     assert column_signs(U).tolist() == [-1.0, -1.0, 1.0]  # zero column keeps +1
     assert column_signs(torch.zeros(3, 0, dtype=F64)).shape == (0,)
     assert column_signs(torch.zeros(0, 2, dtype=F64)).tolist() == [1.0, 1.0]
+    # Batched: the rule slice by slice, and empty slices keep the batch shape.
+    Us = torch.stack([U, -U, torch.flip(U, dims=(0,))])
+    assert column_signs(Us).tolist() == [column_signs(x).tolist() for x in Us]
+    assert column_signs(torch.zeros(4, 0, 2, dtype=F64)).shape == (4, 2)
 
 
 @given(DIMS, DIMS, SEEDS)
