@@ -15,6 +15,7 @@ import torch
 
 from glora_math.consensus import consensus, live_clients, stacked_weights
 from glora_math.gauge import gauge_fix_all
+from glora_math.sketched import sketched_state
 from glora_math.types import GaugeMode, LoRAFactors, ServerState, Sketch
 from glora_math.validation import WeightsLike, normalize_weights, validate_clients, validate_rank
 
@@ -64,6 +65,20 @@ def glora_aggregate(
     R = validate_rank(rank)
     info = validate_clients(factors)
     p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
+    if sketch is not None and gauge == "qr":
+        fast = sketched_state(factors, info, p, R, sketch)
+        if fast is not None:
+            U, S, eigvals, gap = fast
+            return ServerState(
+                U=U,
+                S=S,
+                eigvals=eigvals,
+                gap=gap,
+                requested_rank=R,
+                weights=p,
+                gauge=gauge,
+                dtype=info.dtype,
+            )
     fixed = gauge_fix_all(factors, info, gauge)
     basis, M = consensus(fixed, p, R, sketch, stacklevel=3)
     U = basis.U

@@ -126,7 +126,6 @@ def consensus(
     ``stacklevel`` makes the warnings point at the public caller.
     """
     U0 = fixed[0].U
-    dt = U0.dtype
     d = int(U0.shape[0])
     M = stacked_bases(fixed, p)
     m = int(M.shape[1])
@@ -147,6 +146,20 @@ def consensus(
         if not bool(ok):  # R near or above the numerical rank: the accurate route decides
             Uall, s = tall_left_svd(M)
             eigvals = s.pow(2)
+    return finish_basis(Uall, eigvals, (d, m), R, stacklevel=stacklevel + 1), M
+
+
+def finish_basis(
+    Uall: Tensor, eigvals: Tensor, shape: tuple[int, int], R: int, *, stacklevel: int
+) -> ConsensusBasis:
+    """The common end of every consensus route: clamp R, fix signs, compute and check the gap.
+
+    ``Uall`` (d by at least R columns, descending) and ``eigvals`` (descending) describe the top
+    of K's spectrum; ``shape`` is that of the stacked bases ``M`` (d by m), whose numerical rank
+    (by the LAPACK rule on ``sqrt(eigvals)``) caps R.
+    """
+    d, m = shape
+    dt = Uall.dtype
     # Numerical rank from the singular values (sqrt of the eigenvalues) by the LAPACK rule.
     avail = numerical_rank(eigvals.sqrt(), (d, m), dt)
     if avail < R:
@@ -171,12 +184,13 @@ def consensus(
             ),
             stacklevel=stacklevel,
         )
-    return ConsensusBasis(U, eigvals, gap), M
+    return ConsensusBasis(U, eigvals, gap)
 
 
 __all__ = [
     "consensus",
     "consensus_basis",
+    "finish_basis",
     "live_clients",
     "stacked_bases",
     "stacked_weights",

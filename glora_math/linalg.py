@@ -240,7 +240,7 @@ def randomized_left_svd(
     d, m = M.shape[-2], M.shape[-1]
     if width >= min(d, m):
         return tall_left_svd(M)
-    omega = torch.randn((d, width), generator=generator, dtype=M.dtype, device="cpu").to(M.device)
+    omega = gaussian_sketch(d, width, generator=generator, like=M)
     Q, _ = torch.linalg.qr(M @ (M.mT @ omega), mode="reduced")
     for _ in range(power_iters):
         Q, _ = torch.linalg.qr(M @ (M.mT @ Q), mode="reduced")
@@ -248,10 +248,62 @@ def randomized_left_svd(
     return Q @ W, s
 
 
+def gaussian_sketch(
+    d: int, width: int, *, generator: torch.Generator, like: Tensor
+) -> Float[Tensor, "d l"]:
+    """The Gaussian test matrix (d by ``width``) of the randomized routes.
+
+    Drawn on the CPU (the same numbers on every device for a given generator state) in
+    ``like``'s dtype, then moved to its device.
+    """
+    return torch.randn((d, width), generator=generator, dtype=like.dtype, device="cpu").to(
+        like.device
+    )
+
+
+def randomized_left_svd_factored(
+    B: Float[Tensor, "d n"],
+    D: Float[Tensor, "n m"],
+    width: int,
+    *,
+    power_iters: int,
+    generator: torch.Generator,
+) -> tuple[Float[Tensor, "d l"], Float[Tensor, " l"], Float[Tensor, "n l"]]:
+    """:func:`randomized_left_svd` of ``M = B D`` without forming ``M``; also ``B^T U``.
+
+    The same algorithm, the same test matrix for the same generator state, with every product
+    taken through the factors: ``M^T X = D^T (B^T X)`` and ``M Z = B (D Z)``. This pays off
+    when ``B`` is stored (the clients' raw factors) and ``D`` is small (the block-diagonal
+    maps that turn them into orthonormal bases): the d-by-m ``M`` is never written. The last
+    product ``B^T Q`` serves both the Rayleigh-Ritz step and the returned ``B^T U``. Requires
+    ``width < min(d, m)``.
+
+    Returns
+    -------
+    U, s, BtU
+        Approximate left singular vectors of ``M`` (d by ``width``), its Ritz values
+        (descending) and ``B^T U`` (n by ``width``).
+    """
+    d, m = int(B.shape[0]), int(D.shape[1])
+    if width >= min(d, m):
+        raise ValueError(f"sketch width {width} must be below min(d, m) = {min(d, m)}")
+
+    def k_times(X: Tensor) -> Tensor:
+        return B @ (D @ (D.mT @ (B.mT @ X)))
+
+    Q, _ = torch.linalg.qr(k_times(gaussian_sketch(d, width, generator=generator, like=B)))
+    for _ in range(power_iters):
+        Q, _ = torch.linalg.qr(k_times(Q))
+    BtQ = B.mT @ Q
+    W, s, _ = torch.linalg.svd((D.mT @ BtQ).mT, full_matrices=False)
+    return Q @ W, s, BtQ @ W
+
+
 __all__ = [
     "column_signs",
     "full_column_rank",
     "full_rank_qr",
+    "gaussian_sketch",
     "gram_top_left_svd",
     "lowrank_fro_norm",
     "lowrank_svd",
@@ -259,6 +311,7 @@ __all__ = [
     "principal_angles",
     "projector_distance",
     "randomized_left_svd",
+    "randomized_left_svd_factored",
     "sign_fixed_qr",
     "sign_fixed_svd",
     "tall_left_svd",

@@ -135,11 +135,26 @@ def orthonormality_tol(dtype: torch.dtype, *, n: int) -> float:
     return SAFETY * n * eps(dtype)
 
 
+def gram_basis_accurate(kappa: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Whether a basis from a float64 Gram matrix is as accurate as a Householder QR in ``dtype``.
+
+    ``U = B V S^{-1}`` from the eigendecomposition ``B^T B = V S^2 V^T`` computed in float64
+    (exact products of the stored entries) deviates from orthonormality by the Gram's error
+    relative to its smallest kept eigenvalue, ``SAFETY * n * eps64 * kappa^2`` for the
+    condition number ``kappa`` of the kept part of ``B``. That is within
+    :func:`orthonormality_tol` of ``dtype``, ``SAFETY * n * eps``, exactly when
+    ``kappa^2 * eps64 <= eps``: ``kappa`` up to about 23000 for float32 (half inputs too), and
+    only ``kappa = 1`` for float64. Batched: ``kappa`` is a tensor, the result a bool tensor.
+    """
+    return kappa * kappa * float(torch.finfo(torch.float64).eps) <= eps(dtype)
+
+
 __all__ = [
     "SAFETY",
     "aggregate_tol",
     "eigenvalue_error",
     "eps",
+    "gram_basis_accurate",
     "orthonormality_tol",
     "product_tol",
     "rank_tol",

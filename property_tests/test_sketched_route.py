@@ -1,0 +1,193 @@
+"""The randomized route without explicit client bases (``glora_math.sketched``).
+
+Statements:
+- ``gram_basis_maps`` turns every B into an orthonormal basis of its column space, to the
+  Householder tolerance, with the numerical rank of the Householder rule.
+- It declines (``None``) exactly where the float64 Gram cannot match a Householder basis in the
+  working dtype (``tolerances.gram_basis_accurate``), and the operator then takes the general
+  route and still returns a correct state.
+- For float32 clients the route is taken, and it finds the subspace the general route finds
+  from the same test matrix, with P1 (``U S = U U^T W_bar``) for it.
+- ``randomized_left_svd_factored`` is ``randomized_left_svd`` of the product, to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import glora_math.aggregate as aggregate_module
+from glora_math import LoRAFactors, Sketch, consensus_basis, gauge_fix, glora_aggregate
+from glora_math.linalg import (
+    projector_distance,
+    randomized_left_svd,
+    randomized_left_svd_factored,
+)
+from glora_math.sketched import gram_basis_maps, sketched_state
+from glora_math.tolerances import (
+    eps,
+    gram_basis_accurate,
+    orthonormality_tol,
+    product_tol,
+    subspace_tol,
+)
+from glora_math.validation import normalize_weights, validate_clients
+
+from .helpers import f64, n_dims, state_tol, unique_or_reject
+from .strategies import conditioned_matrix, problems
+
+F32 = torch.float32
+
+
+def test_gram_basis_accurate_switches_at_the_ratio_of_the_epsilons() -> None:
+    limit = math.sqrt(eps(F32) / float(torch.finfo(torch.float64).eps))
+    kappa = torch.tensor([1.0, limit * 0.999, limit * 1.001], dtype=torch.float64)
+    assert gram_basis_accurate(kappa, F32).tolist() == [True, True, False]
+    # float64 work: only a perfectly conditioned basis qualifies.
+    assert gram_basis_accurate(kappa, torch.float64).tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("cond", [1.0, 30.0, 3000.0])
+def test_gram_basis_maps_orthonormalise_and_keep_the_column_space(cond: float) -> None:
+    g = torch.Generator().manual_seed(int(cond))
+    d, r = 300, 6
+    full = conditioned_matrix(d, r, cond=cond, scale=2.0, generator=g, dtype=torch.float64)
+    low = conditioned_matrix(d, r - 2, cond=cond, scale=1.0, generator=g, dtype=torch.float64)
+    low = low @ torch.randn(r - 2, r, generator=g, dtype=torch.float64)  # rank r - 2
+    Bs = [full.to(F32), low.to(F32), torch.zeros(d, 3, dtype=F32)]
+    p = [0.5, 0.3, 0.2]
+    maps = gram_basis_maps(Bs, p, F32)
+    assert maps is not None
+    D, ranks = maps
+    assert ranks == [r, r - 2, 0]
+    assert D.shape == (r + r + 3, 2 * r - 2)
+    W = torch.cat(Bs, dim=1) @ D  # [sqrt(p_i) U_i]
+    cols = 0
+    for B, pi, rho in zip(Bs, p, ranks, strict=True):
+        U = f64(W[:, cols : cols + rho]) / math.sqrt(pi)
+        cols += rho
+        if rho == 0:
+            continue
+        eye = torch.eye(rho, dtype=torch.float64)
+        assert float((U.mT @ U - eye).norm()) <= orthonormality_tol(F32, n=d + r)
+        # U spans col(B): the part of B outside it is rounding, relative to the conditioning.
+        Bd = f64(B)
+        resid = float((Bd - U @ (U.mT @ Bd)).norm())
+        assert resid <= product_tol(F32, n=d + r, scale=float(Bd.norm()), kappa=cond)
+    # Off-diagonal blocks are zero: client i's columns map only to client i's basis.
+    assert float(D[:r, r:].abs().max()) == 0.0
+
+
+def test_gram_basis_maps_decline_where_the_gram_is_not_accurate_enough() -> None:
+    g = torch.Generator().manual_seed(2)
+    # float32, d = 6: the rank rule keeps a direction 1e-5 below the top, but a float64 Gram
+    # cannot orthonormalise a basis of condition 1e5 to float32 accuracy.
+    B = conditioned_matrix(6, 2, cond=1e5, scale=1.0, generator=g, dtype=torch.float64)
+    assert gram_basis_maps([B.to(F32)], [1.0], F32) is None
+    # float64 work: any conditioning above 1 declines.
+    assert gram_basis_maps([B], [1.0], torch.float64) is None
+    # ... and the operator still answers correctly, through the general route.
+    A = conditioned_matrix(2, 5, cond=1.0, scale=1.0, generator=g, dtype=torch.float64)
+    other = conditioned_matrix(6, 2, cond=2.0, scale=1.0, generator=g, dtype=torch.float64)
+    fs = [LoRAFactors(B.to(F32), A.to(F32)), LoRAFactors(other.to(F32), A.to(F32))]
+    state = glora_aggregate(fs, rank=1, sketch=Sketch(oversample=1, power_iters=1, seed=0))
+    U = f64(state.U)
+    mean = sum((f64(f.B) @ f64(f.A) for f in fs), start=torch.zeros(6, 5, dtype=torch.float64))
+    tol = state_tol(F32, d=6, k=5, ranks=[2, 2], kappa=1e5, gap=1.0, scale=float(mean.norm()))
+    assert float((f64(state.delta()) - U @ (U.mT @ mean / 2)).norm()) <= tol
+
+
+def test_float32_clients_take_the_route_and_float64_clients_do_not(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(3)
+    fs64 = [
+        LoRAFactors(
+            torch.randn(40, 4, generator=g, dtype=torch.float64),
+            torch.randn(4, 30, generator=g, dtype=torch.float64),
+        )
+        for _ in range(6)
+    ]
+    fs32 = [LoRAFactors(f.B.to(F32), f.A.to(F32)) for f in fs64]
+    sketch = Sketch(oversample=2, power_iters=1, seed=0)
+    calls: list[int] = []
+    real = aggregate_module.gauge_fix_all
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(aggregate_module, "gauge_fix_all", spy)
+    glora_aggregate(fs32, rank=3, sketch=sketch)
+    assert calls == []
+    glora_aggregate(fs64, rank=3, sketch=sketch)
+    assert calls == [1]
+    # The exact consensus and the svd gauge always gauge-fix.
+    glora_aggregate(fs32, rank=3)
+    glora_aggregate(fs32, rank=3, sketch=sketch, gauge="svd")
+    assert calls == [1, 1, 1]
+
+
+@given(
+    problems(dtype=F32, weights="with_zeros", deficient=True, zero_updates=True, max_clients=6),
+    st.data(),
+)
+def test_the_route_finds_the_general_routes_subspace_with_P1(pb, data) -> None:  # type: ignore[no-untyped-def]
+    live = [f.B for f, pi in zip(pb.factors, pb.p.tolist(), strict=True) if pi > 0]
+    # The union of the client subspaces in float32 (the problem's own union_dim is float64's).
+    union = int(torch.linalg.matrix_rank(torch.cat(live, dim=1)))
+    if union < 2:
+        return
+    R = data.draw(st.integers(1, union - 1), label="R")
+    extra = data.draw(st.integers(0, min(1, union - 1 - R)), label="oversample")
+    sketch = Sketch(oversample=extra, power_iters=1)
+    info = validate_clients(pb.factors)
+    p = normalize_weights(pb.weights, pb.n, dtype=F32, device=info.device)
+    fast = unique_or_reject(lambda: sketched_state(pb.factors, info, p, R, sketch))
+    # The sketch is narrower than the union and the clients are well conditioned: taken.
+    assert fast is not None
+    U, S, eigvals, gap = fast
+    fixed = [gauge_fix(f, "qr") for f in pb.factors]
+    general = unique_or_reject(lambda: consensus_basis(fixed, pb.weights, rank=R, sketch=sketch))
+    assert U.shape == general.U.shape
+    n = n_dims(pb.d, pb.k, pb.ranks)
+    # Both routes sketch the same K with the same test matrix; they differ by rounding in K,
+    # amplified by the Ritz gap (as in the gauge-invariance test of the general route).
+    rel_gap = min(gap, general.gap) / float(eigvals[0])
+    tol = subspace_tol(F32, n=n, kappa=pb.cond, gap=rel_gap)
+    assert projector_distance(f64(U), f64(general.U)) <= tol * (2 * U.shape[1]) ** 0.5
+    # P1 for the route's own subspace, and an orthonormal U.
+    Ud = f64(U)
+    eye = torch.eye(Ud.shape[1], dtype=torch.float64)
+    assert float((Ud.mT @ Ud - eye).norm()) <= orthonormality_tol(F32, n=n)
+    tol1 = state_tol(F32, d=pb.d, k=pb.k, ranks=pb.ranks, kappa=pb.cond, gap=1.0, scale=pb.scale())
+    assert float((Ud @ f64(S) - Ud @ (Ud.mT @ pb.mean())).norm()) <= tol1
+
+
+def test_randomized_left_svd_factored_is_the_sketch_of_the_product() -> None:
+    g = torch.Generator().manual_seed(9)
+    B = torch.randn(80, 30, generator=g, dtype=torch.float64)
+    D = torch.randn(30, 20, generator=g, dtype=torch.float64)
+    U1, s1 = randomized_left_svd(
+        B @ D, 6, power_iters=2, generator=torch.Generator().manual_seed(4)
+    )
+    U2, s2, BtU = randomized_left_svd_factored(
+        B, D, 6, power_iters=2, generator=torch.Generator().manual_seed(4)
+    )
+    scale = float(torch.linalg.matrix_norm(B @ D, ord=2))
+    kappa = float(torch.linalg.cond(B @ D))
+    assert float((s1 - s2).abs().max()) <= product_tol(
+        torch.float64, n=110, scale=scale, kappa=kappa
+    )
+    # The same singular vectors up to sign.
+    signs = torch.sign((U1 * U2).sum(0))
+    assert float((U1 - U2 * signs).norm()) <= subspace_tol(
+        torch.float64, n=110, kappa=kappa, gap=float((s1[:-1] - s1[1:]).min() / s1[0])
+    )
+    assert float((BtU - B.mT @ U2).norm()) <= product_tol(
+        torch.float64, n=110, scale=float(B.norm())
+    )
+    with pytest.raises(ValueError, match="sketch width 20"):
+        randomized_left_svd_factored(B, D, 20, power_iters=0, generator=torch.Generator())
