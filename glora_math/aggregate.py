@@ -47,7 +47,9 @@ def glora_aggregate(
         ``None`` for the exact consensus subspace; a :class:`~glora_math.types.Sketch` for the
         randomized one (see :func:`glora_math.consensus_basis`). P1 then holds for the
         subspace the sketch found: the state is still the exact projection of the mean update
-        onto its own ``U``.
+        onto its own ``U``. For float32 (and half) clients with the ``qr`` gauge the sketch
+        runs on the raw factors (:mod:`glora_math.sketched`), without writing the client
+        bases; it finds the same subspace as the general route from the same test matrix.
 
     Returns
     -------

@@ -27,8 +27,20 @@ from glora_math.errors import (
     ShapeMismatchError,
     ZeroEigengapWarning,
 )
-from glora_math.linalg import column_signs, full_rank_qr, gram_top_left_svd, randomized_left_svd
-from glora_math.tolerances import rank_tol, working_dtype, zero_gap_tol
+from glora_math.linalg import (
+    column_signs,
+    full_rank_qr,
+    gram_top_left_svd,
+    randomized_left_svd,
+    randomized_left_svd_factored,
+)
+from glora_math.tolerances import (
+    gram_basis_accurate,
+    gram_route_possible,
+    rank_tol,
+    working_dtype,
+    zero_gap_tol,
+)
 from glora_math.types import LoRAFactors, Sketch, Split
 from glora_math.validation import WeightsLike, all_finite, normalize_weights, validate_rank
 
@@ -117,6 +129,13 @@ def glora_aggregate_batched(
     wd = working_dtype(dtype)
     p = normalize_weights(weights, len(Bs), dtype=wd, device=device)
     live = [i for i, pi in enumerate(p.tolist()) if pi > 0]
+    if sketch is not None and live:
+        fast = _sketched_batched(Bs, As, p, live=live, R=R, sketch=sketch, wd=wd)
+        if fast is not None:
+            Uf, Sf, eigf, unif, mf = fast
+            return _finish(
+                Bs, As, p, R=R, sketch=sketch, dtype=dtype, U=Uf, S=Sf, eig=eigf, uniform=unif, m=mf
+            )
     Qs, Cs, uniform = [], [], torch.ones(L, dtype=torch.bool, device=device)
     for i in live:
         B, A = Bs[i].to(wd), As[i].to(wd)
@@ -146,6 +165,83 @@ def glora_aggregate_batched(
     U[..., :Rb] = Uall[..., :Rb] * column_signs(Uall[..., :Rb]).unsqueeze(-2)
     # S = sum_i p_i (U^T U_i) C_i = (U^T M) [sqrt(p_i) C_i]_i, with U_i = Q_i, C_i = T_i A_i.
     S = (U.mT @ M) @ torch.cat(Cs, dim=-2)
+    return _finish(
+        Bs, As, p, R=R, sketch=sketch, dtype=dtype, U=U, S=S, eig=eig, uniform=uniform, m=m
+    )
+
+
+def _sketched_batched(
+    Bs: Sequence[Tensor],
+    As: Sequence[Tensor],
+    p: Tensor,
+    *,
+    live: Sequence[int],
+    R: int,
+    sketch: Sketch,
+    wd: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int] | None:
+    """The randomized route of :mod:`glora_math.sketched`, batched over the L modules.
+
+    Returns ``(U, S, eig, uniform, m)`` or ``None`` where that route does not apply (see
+    :func:`~glora_math.sketched.sketched_state`). Layers where some client's B is
+    rank-deficient or too ill-conditioned for its float64 Gram matrix
+    (:func:`~glora_math.tolerances.gram_basis_accurate`) are marked non-uniform and redone by
+    the per-module operator.
+    """
+    if not gram_route_possible(wd):
+        return None
+    B0 = Bs[live[0]]
+    L, d = int(B0.shape[0]), int(B0.shape[1])
+    n = sum(int(Bs[i].shape[-1]) for i in live)
+    if any(int(Bs[i].shape[-1]) > d for i in live) or R + sketch.oversample >= min(d, n):
+        return None
+    uniform = torch.ones(L, dtype=torch.bool, device=B0.device)
+    D = torch.zeros(L, n, n, dtype=wd, device=B0.device)
+    col = 0
+    for i in live:
+        B64 = Bs[i].to(torch.float64)
+        lam, V = torch.linalg.eigh(B64.mT @ B64)  # ascending, (L, r) and (L, r, r)
+        s = lam.flip(-1).clamp_min(0.0).sqrt()
+        r = int(s.shape[-1])
+        full = s[..., -1] > rank_tol(1.0, (d, r), wd) * s[..., 0]
+        kappa = s[..., 0] / torch.where(full, s[..., -1], 1.0)
+        uniform &= full & gram_basis_accurate(kappa, wd)
+        keep = s > rank_tol(1.0, (d, r), wd) * s[..., :1]
+        inv = torch.where(keep, p[i].to(torch.float64).sqrt() / torch.where(keep, s, 1.0), 0.0)
+        D[:, col : col + r, col : col + r] = (V.flip(-1) * inv.unsqueeze(-2)).to(wd)
+        col += r
+    B = torch.cat([Bs[i].to(wd) for i in live], dim=-1)  # (L, d, n)
+    gen = torch.Generator().manual_seed(sketch.seed)
+    Uall, sv, BtU = randomized_left_svd_factored(
+        B, D, R + sketch.oversample, power_iters=sketch.power_iters, generator=gen
+    )
+    eig = sv.pow(2)
+    uniform &= sv[..., R - 1] > rank_tol(1.0, (d, n), wd) * sv[..., 0]
+    sg = column_signs(Uall[..., :R])
+    U = Uall[..., :R] * sg.unsqueeze(-2)
+    p_cols = torch.cat([p[i].expand(int(Bs[i].shape[-1])) for i in live])
+    coef = (BtU[..., :R] * p_cols[:, None] * sg.unsqueeze(-2)).mT  # (L, R, n)
+    S = coef @ torch.cat([As[i].to(wd) for i in live], dim=-2)
+    return U, S, eig, uniform, n
+
+
+def _finish(
+    Bs: Sequence[Tensor],
+    As: Sequence[Tensor],
+    p: Tensor,
+    *,
+    R: int,
+    sketch: Sketch | None,
+    dtype: torch.dtype,
+    U: Tensor,
+    S: Tensor,
+    eig: Tensor,
+    uniform: Tensor,
+    m: int,
+) -> BatchedState:
+    """Gap, zero-gap warning and the per-module redo of the non-uniform layers."""
+    L, d = int(U.shape[0]), int(U.shape[1])
+    wd, device = U.dtype, U.device
     nxt = eig[..., R] if R < eig.shape[-1] else torch.zeros(L, dtype=wd, device=device)
     gap = eig[..., R - 1] - nxt if R <= eig.shape[-1] else torch.zeros(L, dtype=wd, device=device)
     zero = gap <= torch.tensor(
@@ -158,7 +254,7 @@ def glora_aggregate_batched(
                 f"{torch.nonzero(zero & uniform).flatten().tolist()}: the server subspace is "
                 "not unique"
             ),
-            stacklevel=2,
+            stacklevel=3,
         )
     # Layers that need the general path (rank deficiency, clamping): per-module operator.
     for layer in torch.nonzero(~uniform).flatten().tolist():

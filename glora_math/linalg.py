@@ -263,20 +263,25 @@ def gaussian_sketch(
 
 def randomized_left_svd_factored(
     B: Float[Tensor, "d n"],
-    D: Float[Tensor, "n m"],
+    D: Tensor,
     width: int,
     *,
     power_iters: int,
     generator: torch.Generator,
+    rank: int | None = None,
 ) -> tuple[Float[Tensor, "d l"], Float[Tensor, " l"], Float[Tensor, "n l"]]:
     """:func:`randomized_left_svd` of ``M = B D`` without forming ``M``; also ``B^T U``.
 
     The same algorithm, the same test matrix for the same generator state, with every product
     taken through the factors: ``M^T X = D^T (B^T X)`` and ``M Z = B (D Z)``. This pays off
     when ``B`` is stored (the clients' raw factors) and ``D`` is small (the block-diagonal
-    maps that turn them into orthonormal bases): the d-by-m ``M`` is never written. The last
-    product ``B^T Q`` serves both the Rayleigh-Ritz step and the returned ``B^T U``. Requires
-    ``width < min(d, m)``.
+    maps that turn them into orthonormal bases): the d-by-m ``M`` is never written. For a
+    matrix ``B``, ``D`` is a matrix (n by m) or a stack of N diagonal blocks ``(N, n / N, c)``,
+    applied block by block (then m = N c); a batch of L matrices ``B`` (L, d, n) takes a batch
+    of matrices ``D`` (L, n, m), with one test matrix shared by the batch. The last product
+    ``B^T Q`` serves both the Rayleigh-Ritz step and the returned ``B^T U``. ``rank`` is the
+    rank of ``M`` when known to be below m (zero columns); ``width`` must be below
+    ``min(d, rank)``.
 
     Returns
     -------
@@ -284,19 +289,38 @@ def randomized_left_svd_factored(
         Approximate left singular vectors of ``M`` (d by ``width``), its Ritz values
         (descending) and ``B^T U`` (n by ``width``).
     """
-    d, m = int(B.shape[0]), int(D.shape[1])
+    d = int(B.shape[-2])
+    if D.ndim == 3 and B.ndim == 2:
+        N, c = int(D.shape[0]), int(D.shape[2])
+        cols = m = N * c
+
+        def d_times(Z: Tensor) -> Tensor:
+            return (D @ Z.reshape(N, c, -1)).reshape(-1, Z.shape[-1])
+
+        def dt_times(X: Tensor) -> Tensor:
+            return (D.mT @ X.reshape(N, -1, X.shape[-1])).reshape(cols, -1)
+    else:
+        m = int(D.shape[1])
+
+        def d_times(Z: Tensor) -> Tensor:
+            return D @ Z
+
+        def dt_times(X: Tensor) -> Tensor:
+            return D.mT @ X
+
+    m = m if rank is None else min(m, rank)
     if width >= min(d, m):
         raise ValueError(f"sketch width {width} must be below min(d, m) = {min(d, m)}")
 
     def k_times(X: Tensor) -> Tensor:
-        return B @ (D @ (D.mT @ (B.mT @ X)))
+        return B @ d_times(dt_times(B.mT @ X))
 
     Q, _ = torch.linalg.qr(k_times(gaussian_sketch(d, width, generator=generator, like=B)))
     for _ in range(power_iters):
         Q, _ = torch.linalg.qr(k_times(Q))
     BtQ = B.mT @ Q
-    W, s, _ = torch.linalg.svd((D.mT @ BtQ).mT, full_matrices=False)
-    return Q @ W, s, BtQ @ W
+    W, s, _ = torch.linalg.svd(dt_times(BtQ).mT, full_matrices=False)
+    return Q @ W, s[..., :width], BtQ @ W
 
 
 __all__ = [

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from glora_math.consensus import finish_basis
 from glora_math.linalg import column_signs, randomized_left_svd_factored
-from glora_math.tolerances import gram_basis_accurate, rank_tol
+from glora_math.tolerances import gram_basis_accurate, gram_route_possible, rank_tol
 from glora_math.types import LoRAFactors, Sketch
 from glora_math.validation import ClientsInfo, as_factors
 
@@ -41,16 +41,19 @@ from glora_math.validation import ClientsInfo, as_factors
 def gram_basis_maps(
     Bs: Sequence[Tensor], p: Sequence[float], dtype: torch.dtype
 ) -> tuple[Tensor, list[int]] | None:
-    """Block-diagonal ``D = diag(sqrt(p_i) V_i S_i^{-1})`` that orthonormalises the B's.
+    """The maps ``sqrt(p_i) V_i S_i^{-1}`` that turn each ``B_i`` into ``sqrt(p_i) U_i``.
 
-    ``[B_1 ... B_N] D = [sqrt(p_1) U_1, ..., sqrt(p_N) U_N]`` with orthonormal ``U_i``
-    spanning ``col(B_i)``. ``Bs`` are the clients' B factors (d by r_i, all in ``dtype``), ``p``
-    their positive weights. Returns ``D`` (``sum r_i`` by ``sum rho_i``, in ``dtype``) and the
-    numerical ranks ``rho_i`` (the rule of :func:`~glora_math.linalg.numerical_rank` on the
+    ``U_i = B_i V_i S_i^{-1}`` is an orthonormal basis of ``col(B_i)``. ``Bs`` are the clients'
+    B factors (d by r_i, all in ``dtype``), ``p`` their positive weights. Returns the maps and
+    the numerical ranks ``rho_i`` (the rule of :func:`~glora_math.linalg.numerical_rank` on the
     singular values ``S_i``), or ``None`` if some client's kept part is too ill-conditioned for
     the float64 Gram matrix to match a Householder basis in ``dtype``
-    (:func:`~glora_math.tolerances.gram_basis_accurate`). Clients of one rank share one
-    batched eigensolver.
+    (:func:`~glora_math.tolerances.gram_basis_accurate`).
+
+    The maps come as a stack ``(N, r, r)`` when all ranks are equal, the columns of the
+    directions a client does not keep set to zero (so ``[B_1 ... B_N]`` times the block
+    diagonal of the stack has ``N r - sum rho_i`` zero columns, which change nothing in K), and
+    otherwise as the dense block-diagonal matrix, ``sum r_i`` by ``sum rho_i``.
     """
     d = int(Bs[0].shape[0])
     grams = []
@@ -65,18 +68,20 @@ def gram_basis_maps(
     for r, idx in by_rank.items():
         lam, V = torch.linalg.eigh(torch.stack([grams[i] for i in idx]))  # ascending
         s = lam.flip(-1).clamp_min(0.0).sqrt()  # descending singular values of each B
-        top = V.flip(-1)
-        rho = (s > rank_tol(1.0, (d, r), dtype) * s[:, :1]).sum(-1)
-        rho_list = rho.tolist()
+        keep = s > rank_tol(1.0, (d, r), dtype) * s[:, :1]
+        rho = keep.sum(-1)
         kept = s.gather(1, (rho - 1).clamp_min(0)[:, None]).squeeze(1)
         kappa = torch.where(rho > 0, s[:, 0] / torch.where(rho > 0, kept, 1.0), 1.0)
         if not bool(gram_basis_accurate(kappa, dtype).all()):
             return None
         scale = torch.tensor([p[i] for i in idx], dtype=torch.float64, device=s.device).sqrt()
-        maps = (top * (scale[:, None] / torch.where(s > 0, s, 1.0))[:, None, :]).to(dtype)
-        for j, i in enumerate(idx):
-            blocks[i] = maps[j, :, : rho_list[j]]
-            ranks[i] = int(rho_list[j])
+        inv = torch.where(keep, scale[:, None] / torch.where(keep, s, 1.0), 0.0)
+        maps = (V.flip(-1) * inv[:, None, :]).to(dtype)
+        if len(by_rank) == 1:
+            return maps, [int(x) for x in rho.tolist()]
+        for j, (i, rj) in enumerate(zip(idx, rho.tolist(), strict=True)):
+            blocks[i] = maps[j, :, :rj]
+            ranks[i] = int(rj)
     D = Bs[0].new_zeros((sum(int(B.shape[1]) for B in Bs), sum(ranks)))
     row = col = 0
     for blk in blocks:
@@ -95,6 +100,8 @@ def sketched_state(
     Warnings (rank clamped, zero eigengap) point at the caller of the caller.
     """
     wd = info.work_dtype
+    if not gram_route_possible(wd):
+        return None
     pl = p.tolist()
     live = [i for i, pi in enumerate(pl) if pi > 0]
     cs = [as_factors(factors[i], i) for i in live]
@@ -104,15 +111,15 @@ def sketched_state(
     maps = gram_basis_maps(Bs, [pl[i] for i in live], wd)
     if maps is None:
         return None
-    D, _ = maps
-    d, m = info.d, int(D.shape[1])
+    D, ranks = maps
+    d, m = info.d, sum(ranks)
     width = R + sketch.oversample
     if m == 0 or width >= min(d, m):
         return None
     B = torch.cat(Bs, dim=1)
     gen = torch.Generator().manual_seed(sketch.seed)
     Uall, s, BtU = randomized_left_svd_factored(
-        B, D, width, power_iters=sketch.power_iters, generator=gen
+        B, D, width, power_iters=sketch.power_iters, generator=gen, rank=m
     )
     basis = finish_basis(Uall, s.pow(2), (d, m), R, stacklevel=4)
     U = basis.U

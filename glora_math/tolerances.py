@@ -149,12 +149,22 @@ def gram_basis_accurate(kappa: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return kappa * kappa * float(torch.finfo(torch.float64).eps) <= eps(dtype)
 
 
+def gram_route_possible(dtype: torch.dtype) -> bool:
+    """Whether any client with a condition number above 1 can pass :func:`gram_basis_accurate`.
+
+    True when float64 is more precise than the working dtype of ``dtype`` (float32 and the half
+    types); for float64 itself the routes that rely on it are skipped.
+    """
+    return float(torch.finfo(torch.float64).eps) < eps(dtype)
+
+
 __all__ = [
     "SAFETY",
     "aggregate_tol",
     "eigenvalue_error",
     "eps",
     "gram_basis_accurate",
+    "gram_route_possible",
     "orthonormality_tol",
     "product_tol",
     "rank_tol",

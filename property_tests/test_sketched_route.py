@@ -191,3 +191,80 @@ def test_randomized_left_svd_factored_is_the_sketch_of_the_product() -> None:
     )
     with pytest.raises(ValueError, match="sketch width 20"):
         randomized_left_svd_factored(B, D, 20, power_iters=0, generator=torch.Generator())
+
+
+def test_equal_ranks_give_a_stack_of_maps_that_acts_like_the_block_diagonal() -> None:
+    g = torch.Generator().manual_seed(12)
+    d, r = 50, 4
+    full = torch.randn(d, r, generator=g, dtype=torch.float64)
+    low = torch.randn(d, 2, generator=g, dtype=torch.float64)
+    low = low @ torch.randn(2, r, generator=g, dtype=torch.float64)  # rank 2 of 4
+    Bs = [full.to(F32), low.to(F32), (2 * full).to(F32)]
+    maps = gram_basis_maps(Bs, [0.2, 0.3, 0.5], F32)
+    assert maps is not None
+    stack, ranks = maps
+    assert stack.shape == (3, r, r)
+    assert ranks == [4, 2, 4]
+    # The directions client 1 does not keep map to zero columns.
+    assert float(stack[1, :, 2:].abs().max()) == 0.0
+    dense = torch.zeros(3 * r, 3 * r, dtype=F32)
+    for i in range(3):
+        dense[i * r : (i + 1) * r, i * r : (i + 1) * r] = stack[i]
+    B = torch.cat(Bs, dim=1)
+    out = []
+    for D in (stack, dense):
+        out.append(
+            randomized_left_svd_factored(
+                B, D, 3, power_iters=1, generator=torch.Generator().manual_seed(0), rank=sum(ranks)
+            )
+        )
+    for a, b in zip(out[0], out[1], strict=True):
+        assert torch.equal(a, b) or float((a - b).abs().max()) <= product_tol(
+            F32, n=d + 3 * r, scale=float(b.abs().max())
+        )
+    with pytest.raises(ValueError, match=r"min\(d, m\) = 10"):
+        randomized_left_svd_factored(B, stack, 10, power_iters=0, generator=g, rank=10)
+
+
+def test_the_batched_route_matches_the_per_module_route_and_redoes_odd_layers(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import glora_math.batched as batched_module
+
+    g = torch.Generator().manual_seed(21)
+    L, d, k, r, n = 4, 48, 30, 4, 5
+    Bs = [torch.randn(L, d, r, generator=g, dtype=torch.float64) for _ in range(n)]
+    As = [torch.randn(L, r, k, generator=g, dtype=torch.float64) for _ in range(n)]
+    # Layer 1: client 3's B is rank-deficient; layer 2: client 0's B has condition number 1e5,
+    # beyond what its float64 Gram can orthonormalise to float32 accuracy (d = 48 keeps it).
+    Bs[3][1] = Bs[3][1, :, :2] @ torch.randn(2, r, generator=g, dtype=torch.float64)
+    Bs[0][2] = conditioned_matrix(d, r, cond=1e5, scale=1.0, generator=g, dtype=torch.float64)
+    Bs = [B.to(F32) for B in Bs]
+    As = [A.to(F32) for A in As]
+    w = torch.tensor([1.0, 2.0, 0.0, 1.0, 3.0])
+    sketch = Sketch(oversample=2, power_iters=2, seed=11)
+    redone: list[int] = []
+    real = batched_module.glora_aggregate
+
+    def spy(fs, *args, **kwargs):  # type: ignore[no-untyped-def]
+        redone.append(1)
+        return real(fs, *args, **kwargs)
+
+    monkeypatch.setattr(batched_module, "glora_aggregate", spy)
+    batched = batched_module.glora_aggregate_batched(Bs, As, w, rank=3, sketch=sketch)
+    # Only the two odd layers went through the per-module operator.
+    assert len(redone) == 2
+    for layer in range(L):
+        fs = [LoRAFactors(B[layer], A[layer]) for B, A in zip(Bs, As, strict=True)]
+        single = glora_aggregate(fs, w, rank=3, sketch=sketch)
+        tol = subspace_tol(F32, n=d + k + n * r, kappa=1e5, gap=single.gap / single.eigvals[0])
+        assert projector_distance(f64(batched.U[layer]), f64(single.U)) <= tol * 6**0.5
+        # P1 for the batched layer's own subspace.
+        U = f64(batched.U[layer])
+        mean = sum(
+            (float(w[i] / w.sum()) * (f64(f.B) @ f64(f.A)) for i, f in enumerate(fs)),
+            start=torch.zeros(d, k, dtype=torch.float64),
+        )
+        scale = sum(
+            float(w[i] / w.sum()) * float(f.B.norm() * f.A.norm()) for i, f in enumerate(fs)
+        )
+        tol1 = state_tol(F32, d=d, k=k, ranks=[r] * n, kappa=1e5, gap=1.0, scale=scale)
+        assert float((U @ f64(batched.S[layer]) - U @ (U.mT @ mean)).norm()) <= tol1
