@@ -12,12 +12,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
 from glora_math.consensus import consensus, live_clients, stacked_weights
 from glora_math.gauge import gauge_fix_all
 from glora_math.sketched import sketched_state
 from glora_math.types import GaugeMode, LoRAFactors, ServerState, Sketch
-from glora_math.validation import WeightsLike, normalize_weights, validate_clients, validate_rank
+from glora_math.validation import (
+    ClientsInfo,
+    WeightsLike,
+    normalize_weights,
+    validate_clients,
+    validate_rank,
+)
 
 
 def glora_aggregate(
@@ -67,22 +74,34 @@ def glora_aggregate(
     R = validate_rank(rank)
     info = validate_clients(factors)
     p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
+    fast = None
     if sketch is not None and gauge == "qr":
         fast = sketched_state(factors, info, p, R, sketch)
-        if fast is not None:
-            U, S, eigvals, gap = fast
-            return ServerState(
-                U=U,
-                S=S,
-                eigvals=eigvals,
-                gap=gap,
-                requested_rank=R,
-                weights=p,
-                gauge=gauge,
-                dtype=info.dtype,
-            )
+    U, S, eigvals, gap = fast or _general_state(factors, info, p, R, gauge=gauge, sketch=sketch)
+    return ServerState(
+        U=U,
+        S=S,
+        eigvals=eigvals,
+        gap=gap,
+        requested_rank=R,
+        weights=p,
+        gauge=gauge,
+        dtype=info.dtype,
+    )
+
+
+def _general_state(
+    factors: Sequence[LoRAFactors],
+    info: ClientsInfo,
+    p: Tensor,
+    R: int,
+    *,
+    gauge: GaugeMode,
+    sketch: Sketch | None,
+) -> tuple[Tensor, Tensor, Tensor, float]:
+    """``(U, S, eigvals, gap)`` through explicit gauge-fixed clients (every mode and dtype)."""
     fixed = gauge_fix_all(factors, info, gauge)
-    basis, M = consensus(fixed, p, R, sketch, stacklevel=3)
+    basis, M = consensus(fixed, p, R, sketch, stacklevel=4)
     U = basis.U
     # S = sum_i p_i (U^T U_i) C_i = (U^T M) [sqrt(p_1) C_1; ...; sqrt(p_N) C_N]: two products.
     live = live_clients(fixed, p)
@@ -91,16 +110,7 @@ def glora_aggregate(
         S = (U.mT @ M) @ (C * stacked_weights(fixed, p, live).unsqueeze(-1))
     else:
         S = U.new_zeros((U.shape[1], info.k))
-    return ServerState(
-        U=U,
-        S=S,
-        eigvals=basis.eigvals,
-        gap=basis.gap,
-        requested_rank=R,
-        weights=p,
-        gauge=gauge,
-        dtype=info.dtype,
-    )
+    return U, S, basis.eigvals, basis.gap
 
 
 __all__ = ["glora_aggregate"]

@@ -34,8 +34,8 @@ from glora_math.linalg import (
     randomized_left_svd,
     randomized_left_svd_factored,
 )
+from glora_math.sketched import maps_from_gram
 from glora_math.tolerances import (
-    gram_basis_accurate,
     gram_route_possible,
     rank_tol,
     working_dtype,
@@ -200,15 +200,10 @@ def _sketched_batched(
     col = 0
     for i in live:
         B64 = Bs[i].to(torch.float64)
-        lam, V = torch.linalg.eigh(B64.mT @ B64)  # ascending, (L, r) and (L, r, r)
-        s = lam.flip(-1).clamp_min(0.0).sqrt()
-        r = int(s.shape[-1])
-        full = s[..., -1] > rank_tol(1.0, (d, r), wd) * s[..., 0]
-        kappa = s[..., 0] / torch.where(full, s[..., -1], 1.0)
-        uniform &= full & gram_basis_accurate(kappa, wd)
-        keep = s > rank_tol(1.0, (d, r), wd) * s[..., :1]
-        inv = torch.where(keep, p[i].to(torch.float64).sqrt() / torch.where(keep, s, 1.0), 0.0)
-        D[:, col : col + r, col : col + r] = (V.flip(-1) * inv.unsqueeze(-2)).to(wd)
+        r = int(B64.shape[-1])
+        maps, rho, accurate = maps_from_gram(B64.mT @ B64, d, p[i].to(torch.float64).sqrt(), wd)
+        uniform &= (rho == r) & accurate
+        D[:, col : col + r, col : col + r] = maps
         col += r
     B = torch.cat([Bs[i].to(wd) for i in live], dim=-1)  # (L, d, n)
     gen = torch.Generator().manual_seed(sketch.seed)

@@ -320,7 +320,7 @@ def randomized_left_svd_factored(
         Q, _ = torch.linalg.qr(k_times(Q))
     BtQ = B.mT @ Q
     W, s, _ = torch.linalg.svd(dt_times(BtQ).mT, full_matrices=False)
-    return Q @ W, s[..., :width], BtQ @ W
+    return Q @ W, s, BtQ @ W
 
 
 __all__ = [

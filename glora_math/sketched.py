@@ -38,6 +38,28 @@ from glora_math.types import LoRAFactors, Sketch
 from glora_math.validation import ClientsInfo, as_factors
 
 
+def maps_from_gram(
+    G: Tensor, d: int, sqrt_p: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """From float64 Gram matrices ``B^T B`` (..., r, r) of d-row B's: the maps, ranks, accuracy.
+
+    Returns ``sqrt_p V S^{-1}`` (..., r, r) in ``dtype``, with zero columns for the directions
+    the rank rule of :func:`~glora_math.linalg.numerical_rank` does not keep; the numerical
+    ranks (...); and whether :func:`~glora_math.tolerances.gram_basis_accurate` holds for the
+    kept part (...). ``sqrt_p`` broadcasts against the leading dimensions. Batched, so one
+    eigensolver call serves many clients (or many modules of one client).
+    """
+    r = int(G.shape[-1])
+    lam, V = torch.linalg.eigh(G)  # ascending
+    s = lam.flip(-1).clamp_min(0.0).sqrt()  # descending singular values of each B
+    keep = s > rank_tol(1.0, (d, r), dtype) * s[..., :1]
+    rho = keep.sum(-1)
+    kept = s.gather(-1, (rho - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    kappa = torch.where(rho > 0, s[..., 0] / torch.where(rho > 0, kept, 1.0), 1.0)
+    inv = torch.where(keep, sqrt_p.unsqueeze(-1) / torch.where(keep, s, 1.0), 0.0)
+    return (V.flip(-1) * inv.unsqueeze(-2)).to(dtype), rho, gram_basis_accurate(kappa, dtype)
+
+
 def gram_basis_maps(
     Bs: Sequence[Tensor], p: Sequence[float], dtype: torch.dtype
 ) -> tuple[Tensor, list[int]] | None:
@@ -65,18 +87,12 @@ def gram_basis_maps(
         by_rank.setdefault(int(B.shape[1]), []).append(i)
     blocks: list[Tensor | None] = [None] * len(Bs)
     ranks = [0] * len(Bs)
-    for r, idx in by_rank.items():
-        lam, V = torch.linalg.eigh(torch.stack([grams[i] for i in idx]))  # ascending
-        s = lam.flip(-1).clamp_min(0.0).sqrt()  # descending singular values of each B
-        keep = s > rank_tol(1.0, (d, r), dtype) * s[:, :1]
-        rho = keep.sum(-1)
-        kept = s.gather(1, (rho - 1).clamp_min(0)[:, None]).squeeze(1)
-        kappa = torch.where(rho > 0, s[:, 0] / torch.where(rho > 0, kept, 1.0), 1.0)
-        if not bool(gram_basis_accurate(kappa, dtype).all()):
+    for idx in by_rank.values():
+        pi = torch.tensor([p[i] for i in idx], dtype=torch.float64, device=Bs[0].device)
+        G = torch.stack([grams[i] for i in idx])
+        maps, rho, accurate = maps_from_gram(G, d, pi.sqrt(), dtype)
+        if not bool(accurate.all()):
             return None
-        scale = torch.tensor([p[i] for i in idx], dtype=torch.float64, device=s.device).sqrt()
-        inv = torch.where(keep, scale[:, None] / torch.where(keep, s, 1.0), 0.0)
-        maps = (V.flip(-1) * inv[:, None, :]).to(dtype)
         if len(by_rank) == 1:
             return maps, [int(x) for x in rho.tolist()]
         for j, (i, rj) in enumerate(zip(idx, rho.tolist(), strict=True)):
@@ -136,4 +152,4 @@ def sketched_state(
     return U, S, basis.eigvals, basis.gap
 
 
-__all__ = ["gram_basis_maps", "sketched_state"]
+__all__ = ["gram_basis_maps", "maps_from_gram", "sketched_state"]
