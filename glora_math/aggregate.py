@@ -16,7 +16,7 @@ from torch import Tensor
 
 from glora_math.consensus import consensus, live_clients, stacked_weights
 from glora_math.gauge import gauge_fix_all
-from glora_math.sketched import sketched_state
+from glora_math.implicit import implicit_state
 from glora_math.types import GaugeMode, LoRAFactors, ServerState, Sketch
 from glora_math.validation import (
     ClientsInfo,
@@ -54,9 +54,7 @@ def glora_aggregate(
         ``None`` for the exact consensus subspace; a :class:`~glora_math.types.Sketch` for the
         randomized one (see :func:`glora_math.consensus_basis`). P1 then holds for the
         subspace the sketch found: the state is still the exact projection of the mean update
-        onto its own ``U``. For float32 (and half) clients with the ``qr`` gauge the sketch
-        runs on the raw factors (:mod:`glora_math.sketched`), without writing the client
-        bases; it finds the same subspace as the general route from the same test matrix.
+        onto its own ``U``.
 
     Returns
     -------
@@ -70,13 +68,17 @@ def glora_aggregate(
     WeightError, RankError
 
     Cost O(sum_i r_i^2 (d + k) + d (sum_i r_i)^2 + R (d + k) sum_i r_i).
+
+    For float32 (and half) clients with the ``qr`` gauge, both consensus modes run on the raw
+    factors (:mod:`glora_math.implicit`): the client bases come from float64 Gram matrices,
+    and neither the Householder QR of each client nor its coordinates ``C_i`` are computed.
+    The result is the general route's to rounding (the same subspace; for a sketch, from the
+    same test matrix).
     """
     R = validate_rank(rank)
     info = validate_clients(factors)
     p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
-    fast = None
-    if sketch is not None and gauge == "qr":
-        fast = sketched_state(factors, info, p, R, sketch)
+    fast = implicit_state(factors, info, p, R, sketch) if gauge == "qr" else None
     U, S, eigvals, gap = fast or _general_state(factors, info, p, R, gauge=gauge, sketch=sketch)
     return ServerState(
         U=U,

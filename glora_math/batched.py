@@ -27,6 +27,7 @@ from glora_math.errors import (
     ShapeMismatchError,
     ZeroEigengapWarning,
 )
+from glora_math.implicit import maps_from_gram
 from glora_math.linalg import (
     column_signs,
     full_rank_qr,
@@ -34,7 +35,6 @@ from glora_math.linalg import (
     randomized_left_svd,
     randomized_left_svd_factored,
 )
-from glora_math.sketched import maps_from_gram
 from glora_math.tolerances import (
     gram_route_possible,
     rank_tol,
@@ -129,8 +129,8 @@ def glora_aggregate_batched(
     wd = working_dtype(dtype)
     p = normalize_weights(weights, len(Bs), dtype=wd, device=device)
     live = [i for i, pi in enumerate(p.tolist()) if pi > 0]
-    if sketch is not None and live:
-        fast = _sketched_batched(Bs, As, p, live=live, R=R, sketch=sketch, wd=wd)
+    if live:
+        fast = _implicit_batched(Bs, As, p, live=live, R=R, sketch=sketch, wd=wd)
         if fast is not None:
             Uf, Sf, eigf, unif, mf = fast
             return _finish(
@@ -170,52 +170,72 @@ def glora_aggregate_batched(
     )
 
 
-def _sketched_batched(
+def _implicit_batched(
     Bs: Sequence[Tensor],
     As: Sequence[Tensor],
     p: Tensor,
     *,
     live: Sequence[int],
     R: int,
-    sketch: Sketch,
+    sketch: Sketch | None,
     wd: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, int] | None:
-    """The randomized route of :mod:`glora_math.sketched`, batched over the L modules.
+    """The route of :mod:`glora_math.implicit` (exact or randomized), batched over L modules.
 
     Returns ``(U, S, eig, uniform, m)`` or ``None`` where that route does not apply (see
-    :func:`~glora_math.sketched.sketched_state`). Layers where some client's B is
+    :func:`~glora_math.implicit.implicit_state`). Layers where some client's B is
     rank-deficient or too ill-conditioned for its float64 Gram matrix
-    (:func:`~glora_math.tolerances.gram_basis_accurate`) are marked non-uniform and redone by
-    the per-module operator.
+    (:func:`~glora_math.tolerances.gram_basis_accurate`), or where the consensus needs the
+    accurate route (R near the numerical rank), are marked non-uniform and redone by the
+    per-module operator.
     """
     if not gram_route_possible(wd):
         return None
     B0 = Bs[live[0]]
     L, d = int(B0.shape[0]), int(B0.shape[1])
-    n = sum(int(Bs[i].shape[-1]) for i in live)
-    if any(int(Bs[i].shape[-1]) > d for i in live) or R + sketch.oversample >= min(d, n):
+    widths = [int(Bs[i].shape[-1]) for i in live]
+    n = sum(widths)
+    if any(r > d for r in widths):
+        return None
+    if sketch is not None and R + sketch.oversample >= min(d, n):
         return None
     uniform = torch.ones(L, dtype=torch.bool, device=B0.device)
-    D = torch.zeros(L, n, n, dtype=wd, device=B0.device)
-    col = 0
+    blocks = []
     for i in live:
         B64 = Bs[i].to(torch.float64)
         r = int(B64.shape[-1])
         maps, rho, accurate = maps_from_gram(B64.mT @ B64, d, p[i].to(torch.float64).sqrt(), wd)
         uniform &= (rho == r) & accurate
-        D[:, col : col + r, col : col + r] = maps
-        col += r
-    B = torch.cat([Bs[i].to(wd) for i in live], dim=-1)  # (L, d, n)
-    gen = torch.Generator().manual_seed(sketch.seed)
-    Uall, sv, BtU = randomized_left_svd_factored(
-        B, D, R + sketch.oversample, power_iters=sketch.power_iters, generator=gen
-    )
-    eig = sv.pow(2)
-    uniform &= sv[..., R - 1] > rank_tol(1.0, (d, n), wd) * sv[..., 0]
-    sg = column_signs(Uall[..., :R])
-    U = Uall[..., :R] * sg.unsqueeze(-2)
-    p_cols = torch.cat([p[i].expand(int(Bs[i].shape[-1])) for i in live])
-    coef = (BtU[..., :R] * p_cols[:, None] * sg.unsqueeze(-2)).mT  # (L, R, n)
+        blocks.append(maps)
+    Bw = [Bs[i].to(wd) for i in live]
+    if sketch is None:
+        M = torch.cat([B @ blk for B, blk in zip(Bw, blocks, strict=True)], dim=-1)  # (L, d, n)
+        Uall, eig, ok = gram_top_left_svd(M, R)
+        uniform &= ok
+        sg = column_signs(Uall[..., :R])
+        U = Uall[..., :R] * sg.unsqueeze(-2)
+        BtU = torch.cat([B.mT @ U for B in Bw], dim=-2)  # (L, n, R)
+    else:
+        D = torch.zeros(L, n, n, dtype=wd, device=B0.device)
+        col = 0
+        for blk, r in zip(blocks, widths, strict=True):
+            D[:, col : col + r, col : col + r] = blk
+            col += r
+        gen = torch.Generator().manual_seed(sketch.seed)
+        Uall, sv, BtQ = randomized_left_svd_factored(
+            torch.cat(Bw, dim=-1),
+            D,
+            R + sketch.oversample,
+            power_iters=sketch.power_iters,
+            generator=gen,
+        )
+        eig = sv.pow(2)
+        uniform &= sv[..., R - 1] > rank_tol(1.0, (d, n), wd) * sv[..., 0]
+        sg = column_signs(Uall[..., :R])
+        U = Uall[..., :R] * sg.unsqueeze(-2)
+        BtU = BtQ[..., :R] * sg.unsqueeze(-2)
+    p_cols = torch.cat([p[i].expand(r) for i, r in zip(live, widths, strict=True)])
+    coef = (BtU * p_cols[:, None]).mT  # (L, R, n)
     S = coef @ torch.cat([As[i].to(wd) for i in live], dim=-2)
     return U, S, eig, uniform, n
 

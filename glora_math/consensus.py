@@ -142,11 +142,22 @@ def consensus(
         )
         eigvals = s.pow(2)
     else:
-        Uall, eigvals, ok = gram_top_left_svd(M, R)
-        if not bool(ok):  # R near or above the numerical rank: the accurate route decides
-            Uall, s = tall_left_svd(M)
-            eigvals = s.pow(2)
+        Uall, eigvals = exact_top(M, R)
     return finish_basis(Uall, eigvals, (d, m), R, stacklevel=stacklevel + 1), M
+
+
+def exact_top(M: Tensor, R: int) -> tuple[Tensor, Tensor]:
+    """Left singular vectors of ``M`` (at least the top R, descending) and K's spectrum.
+
+    The Gram route (:func:`~glora_math.linalg.gram_top_left_svd`) where lambda_R lies above the
+    Gram's rounding level; otherwise (R near or above the numerical rank, where the clamp
+    decision needs full accuracy) the thin QR of ``M`` and the SVD of its triangular factor.
+    """
+    Uall, eigvals, ok = gram_top_left_svd(M, R)
+    if not bool(ok):
+        Uall, s = tall_left_svd(M)
+        eigvals = s.pow(2)
+    return Uall, eigvals
 
 
 def finish_basis(
@@ -190,6 +201,7 @@ def finish_basis(
 __all__ = [
     "consensus",
     "consensus_basis",
+    "exact_top",
     "finish_basis",
     "live_clients",
     "stacked_bases",

@@ -204,7 +204,7 @@ def gram_top_left_svd(
     d, m = M.shape[-2], M.shape[-1]
     p = min(d, m)
     R = min(rank, p)
-    lam, V = torch.linalg.eigh(M.mT @ M if d >= m else M @ M.mT)  # ascending
+    lam, V = torch.linalg.eigh(gram_lower(M if d >= m else M.mT))  # ascending
     lam = lam.flip(-1).clamp_min(0.0)
     top = V[..., p - R :].flip(-1)
     if d >= m:
@@ -216,6 +216,24 @@ def gram_top_left_svd(
     if rank > p:
         ok = torch.zeros_like(ok)
     return top, lam, ok
+
+
+def gram_lower(X: Float[Tensor, "... n m"]) -> Float[Tensor, "... m m"]:
+    """``X^T X`` on and below the diagonal, batched; above it, ``X^T X`` or zero.
+
+    The lower triangle is what a symmetric eigensolver reads (``torch.linalg.eigh`` with its
+    default ``UPLO="L"``). It is computed as products of column blocks of X with everything to
+    their right, so that about half of the off-diagonal blocks are skipped: a symmetric rank-k
+    update in matrix-product kernels. The diagonal blocks are computed whole; the blocks above
+    them are left at zero. Blocks of at least 128 columns, at most 8 of them; one block (the
+    full product) below 256 columns.
+    """
+    m = int(X.shape[-1])
+    b = m if m < 256 else max(128, -(-m // 8))
+    G = X.new_zeros((*X.shape[:-2], m, m))
+    for i in range(0, m, b):
+        torch.matmul(X[..., :, i:].mT, X[..., :, i : i + b], out=G[..., i:, i : i + b])
+    return G
 
 
 def randomized_left_svd(
@@ -328,6 +346,7 @@ __all__ = [
     "full_column_rank",
     "full_rank_qr",
     "gaussian_sketch",
+    "gram_lower",
     "gram_top_left_svd",
     "lowrank_fro_norm",
     "lowrank_svd",

@@ -19,6 +19,7 @@ from glora_math.linalg import (
     column_signs,
     full_column_rank,
     full_rank_qr,
+    gram_lower,
     gram_top_left_svd,
     lowrank_fro_norm,
     lowrank_svd,
@@ -339,6 +340,30 @@ def test_gram_top_left_svd_agrees_with_the_qr_route_where_it_claims_to(
         gap = float(ref[R - 1] - (ref[R] if R < p else 0.0))
         tol = subspace_tol(F64, n=d + m, kappa=1.0, gap=gap)
         assert projector_distance(U, ref_U[:, :R]) <= tol * (2 * R) ** 0.5
+
+
+@pytest.mark.parametrize("shape", [(30, 7), (40, 255), (40, 256), (20, 700), (3, 25, 300)])
+def test_gram_lower_is_the_lower_triangle_of_the_gram_matrix(shape: tuple[int, ...]) -> None:
+    # Below 256 columns one product; from 256 on, column blocks (2 to 8 of them, the last
+    # shorter when the block size does not divide m).
+    X = torch.randn(*shape, generator=torch.Generator().manual_seed(len(shape)), dtype=F64)
+    G = gram_lower(X)
+    full = X.mT @ X
+    m = shape[-1]
+    assert G.shape == (*shape[:-2], m, m)
+    scale = float(X.pow(2).sum(-2).max())  # the largest diagonal entry bounds every entry
+    tol = product_tol(F64, n=shape[-2], scale=scale)
+    assert float((torch.tril(G) - torch.tril(full)).abs().max()) <= tol
+    # Above the diagonal: the Gram's entries (diagonal blocks) or zeros (skipped blocks).
+    upper = torch.triu(torch.ones(m, m, dtype=torch.bool), diagonal=1)
+    close = (G - full).abs() <= tol
+    assert bool((close | (G == 0))[..., upper].all())
+    if m >= 256:  # blocks were skipped: some of the upper triangle is zero
+        assert bool((G[..., upper] == 0).any())
+    # And what the eigensolver reads gives the spectrum of the Gram matrix.
+    assert float((torch.linalg.eigvalsh(G) - torch.linalg.eigvalsh(full)).abs().max()) <= (
+        eigenvalue_error(scale, m + shape[-2], F64)
+    )
 
 
 def test_gram_top_left_svd_declines_ranks_above_min_d_m() -> None:

@@ -1,4 +1,4 @@
-"""The randomized route without explicit client bases (``glora_math.sketched``).
+"""The routes without explicit client bases (``glora_math.implicit``), exact and randomized.
 
 Statements:
 - ``gram_basis_maps`` turns every B into an orthonormal basis of its column space, to the
@@ -6,8 +6,13 @@ Statements:
 - It declines (``None``) exactly where the float64 Gram cannot match a Householder basis in the
   working dtype (``tolerances.gram_basis_accurate``), and the operator then takes the general
   route and still returns a correct state.
-- For float32 clients the route is taken, and it finds the subspace the general route finds
-  from the same test matrix, with P1 (``U S = U U^T W_bar``) for it.
+- For float32 clients with the qr gauge the route is taken, in both consensus modes.
+- Exact: it finds the general route's subspace and spectrum, to the Davis-Kahan tolerance
+  of the exact gap, with P1 (``U S = U U^T W_bar``).
+- Randomized: it finds the subspace the general route finds from the same test matrix, with
+  P1 for it.
+- Batched, it matches the per-module operator and redoes the layers it cannot treat
+  uniformly.
 - ``randomized_left_svd_factored`` is ``randomized_left_svd`` of the product, to rounding.
 """
 
@@ -22,12 +27,12 @@ from hypothesis import strategies as st
 
 import glora_math.aggregate as aggregate_module
 from glora_math import LoRAFactors, Sketch, consensus_basis, gauge_fix, glora_aggregate
+from glora_math.implicit import gram_basis_maps, implicit_state
 from glora_math.linalg import (
     projector_distance,
     randomized_left_svd,
     randomized_left_svd_factored,
 )
-from glora_math.sketched import gram_basis_maps, sketched_state
 from glora_math.tolerances import (
     eps,
     gram_basis_accurate,
@@ -37,7 +42,7 @@ from glora_math.tolerances import (
 )
 from glora_math.validation import normalize_weights, validate_clients
 
-from .helpers import f64, n_dims, state_tol, unique_or_reject
+from .helpers import dense_K, f64, n_dims, state_tol, top_eigenspace, unique_or_reject
 from .strategies import conditioned_matrix, problems
 
 F32 = torch.float32
@@ -121,13 +126,15 @@ def test_float32_clients_take_the_route_and_float64_clients_do_not(monkeypatch) 
 
     monkeypatch.setattr(aggregate_module, "gauge_fix_all", spy)
     glora_aggregate(fs32, rank=3, sketch=sketch)
+    glora_aggregate(fs32, rank=3)
     assert calls == []
     glora_aggregate(fs64, rank=3, sketch=sketch)
-    assert calls == [1]
-    # The exact consensus and the svd gauge always gauge-fix.
-    glora_aggregate(fs32, rank=3)
+    glora_aggregate(fs64, rank=3)
+    assert calls == [1, 1]
+    # The svd gauge always gauge-fixes.
+    glora_aggregate(fs32, rank=3, gauge="svd")
     glora_aggregate(fs32, rank=3, sketch=sketch, gauge="svd")
-    assert calls == [1, 1, 1]
+    assert calls == [1, 1, 1, 1]
 
 
 @given(
@@ -145,7 +152,7 @@ def test_the_route_finds_the_general_routes_subspace_with_P1(pb, data) -> None: 
     sketch = Sketch(oversample=extra, power_iters=1)
     info = validate_clients(pb.factors)
     p = normalize_weights(pb.weights, pb.n, dtype=F32, device=info.device)
-    fast = unique_or_reject(lambda: sketched_state(pb.factors, info, p, R, sketch))
+    fast = unique_or_reject(lambda: implicit_state(pb.factors, info, p, R, sketch))
     # The sketch is narrower than the union and the clients are well conditioned: taken.
     assert fast is not None
     U, S, eigvals, gap = fast
@@ -159,6 +166,44 @@ def test_the_route_finds_the_general_routes_subspace_with_P1(pb, data) -> None: 
     tol = subspace_tol(F32, n=n, kappa=pb.cond, gap=rel_gap)
     assert projector_distance(f64(U), f64(general.U)) <= tol * (2 * U.shape[1]) ** 0.5
     # P1 for the route's own subspace, and an orthonormal U.
+    Ud = f64(U)
+    eye = torch.eye(Ud.shape[1], dtype=torch.float64)
+    assert float((Ud.mT @ Ud - eye).norm()) <= orthonormality_tol(F32, n=n)
+    tol1 = state_tol(F32, d=pb.d, k=pb.k, ranks=pb.ranks, kappa=pb.cond, gap=1.0, scale=pb.scale())
+    assert float((Ud @ f64(S) - Ud @ (Ud.mT @ pb.mean())).norm()) <= tol1
+
+
+@given(
+    problems(dtype=F32, weights="with_zeros", deficient=True, zero_updates=True, max_clients=6),
+    st.data(),
+)
+def test_the_exact_route_finds_the_top_eigenspace_of_K_with_P1(pb, data) -> None:  # type: ignore[no-untyped-def]
+    fixed = [gauge_fix(f, "qr") for f in pb.factors]
+    K = dense_K(fixed, pb.p)
+    lam = torch.linalg.eigvalsh(K).flip(0)
+    avail = int((lam > lam[0] * pb.d * eps(F32) * 10).sum())
+    if avail == 0:
+        return
+    R = data.draw(st.integers(1, avail), label="R")
+    info = validate_clients(pb.factors)
+    p = normalize_weights(pb.weights, pb.n, dtype=F32, device=info.device)
+    fast = unique_or_reject(lambda: implicit_state(pb.factors, info, p, R, None))
+    # Well-conditioned float32 clients with some update: the route is taken.
+    assert fast is not None
+    U, S, eigvals, gap = fast
+    V, lam = top_eigenspace(K, R)
+    n = n_dims(pb.d, pb.k, pb.ranks)
+    # The spectrum of K, as long as the general route's (the nonzero part).
+    general = consensus_basis(fixed, pb.weights, rank=R)
+    assert eigvals.shape == general.eigvals.shape
+    m = eigvals.numel()
+    assert float((f64(eigvals) - lam[:m]).abs().max()) <= product_tol(F32, n=n, scale=1.0)
+    # The top-R eigenspace of K, within Davis-Kahan of the dense one.
+    exact_gap = float(lam[R - 1] - (lam[R] if lam.numel() > R else 0.0))
+    assert abs(gap - exact_gap) <= product_tol(F32, n=n, scale=1.0)
+    tol = subspace_tol(F32, n=n, kappa=1.0, gap=exact_gap)
+    assert projector_distance(f64(U), V) <= tol * (2 * R) ** 0.5
+    # P1 for that subspace, and an orthonormal U.
     Ud = f64(U)
     eye = torch.eye(Ud.shape[1], dtype=torch.float64)
     assert float((Ud.mT @ Ud - eye).norm()) <= orthonormality_tol(F32, n=n)
@@ -226,7 +271,10 @@ def test_equal_ranks_give_a_stack_of_maps_that_acts_like_the_block_diagonal() ->
         randomized_left_svd_factored(B, stack, 10, power_iters=0, generator=g, rank=10)
 
 
-def test_the_batched_route_matches_the_per_module_route_and_redoes_odd_layers(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("sketch", [None, Sketch(oversample=2, power_iters=2, seed=11)])
+def test_the_batched_route_matches_the_per_module_route_and_redoes_odd_layers(  # type: ignore[no-untyped-def]
+    monkeypatch, sketch
+) -> None:
     import glora_math.batched as batched_module
 
     g = torch.Generator().manual_seed(21)
@@ -240,7 +288,6 @@ def test_the_batched_route_matches_the_per_module_route_and_redoes_odd_layers(mo
     Bs = [B.to(F32) for B in Bs]
     As = [A.to(F32) for A in As]
     w = torch.tensor([1.0, 2.0, 0.0, 1.0, 3.0])
-    sketch = Sketch(oversample=2, power_iters=2, seed=11)
     redone: list[int] = []
     real = batched_module.glora_aggregate
 
