@@ -50,7 +50,14 @@ def _require_equal_ranks(factors: Sequence[LoRAFactors], method: str) -> int:
 
 
 def _weighted_sum(p: Tensor, xs: Sequence[Tensor]) -> Tensor:
-    out: Tensor = torch.tensordot(p, torch.stack(list(xs)), dims=1)
+    """``sum_i p_i x_i``, accumulated in place: one read of each x_i, one output written.
+
+    (Stacking the x's first would write a copy of all of them: N times the output's memory.)
+    """
+    w: list[float] = p.tolist()
+    out = xs[0] * w[0]
+    for wi, x in zip(w[1:], xs[1:], strict=True):
+        out.add_(x, alpha=wi)
     return out
 
 
