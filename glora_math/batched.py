@@ -208,13 +208,11 @@ def _implicit_batched(
         uniform &= (rho == r) & accurate
         blocks.append(maps)
     Bw = [Bs[i].to(wd) for i in live]
+    BtQ = None
     if sketch is None:
         M = torch.cat([B @ blk for B, blk in zip(Bw, blocks, strict=True)], dim=-1)  # (L, d, n)
         Uall, eig, ok = gram_top_left_svd(M, R)
         uniform &= ok
-        sg = column_signs(Uall[..., :R])
-        U = Uall[..., :R] * sg.unsqueeze(-2)
-        BtU = torch.cat([B.mT @ U for B in Bw], dim=-2)  # (L, n, R)
     else:
         D = torch.zeros(L, n, n, dtype=wd, device=B0.device)
         col = 0
@@ -231,9 +229,10 @@ def _implicit_batched(
         )
         eig = sv.pow(2)
         uniform &= sv[..., R - 1] > rank_tol(1.0, (d, n), wd) * sv[..., 0]
-        sg = column_signs(Uall[..., :R])
-        U = Uall[..., :R] * sg.unsqueeze(-2)
-        BtU = BtQ[..., :R] * sg.unsqueeze(-2)
+    sg = column_signs(Uall[..., :R]).unsqueeze(-2)
+    U = Uall[..., :R] * sg
+    # B_i^T U: from the sketch's last product, or one small product per client.
+    BtU = torch.cat([B.mT @ U for B in Bw], dim=-2) if BtQ is None else BtQ[..., :R] * sg
     p_cols = torch.cat([p[i].expand(r) for i, r in zip(live, widths, strict=True)])
     coef = (BtU * p_cols[:, None]).mT  # (L, R, n)
     S = coef @ torch.cat([As[i].to(wd) for i in live], dim=-2)
