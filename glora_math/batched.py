@@ -27,7 +27,7 @@ from glora_math.errors import (
     ShapeMismatchError,
     ZeroEigengapWarning,
 )
-from glora_math.implicit import maps_from_gram
+from glora_math.implicit import implicit_bases, maps_from_gram
 from glora_math.linalg import (
     column_signs,
     full_rank_qr,
@@ -210,7 +210,7 @@ def _implicit_batched(
     Bw = [Bs[i].to(wd) for i in live]
     BtQ = None
     if sketch is None:
-        M = torch.cat([B @ blk for B, blk in zip(Bw, blocks, strict=True)], dim=-1)  # (L, d, n)
+        M = implicit_bases(Bw, blocks)  # (L, d, n)
         Uall, eig, ok = gram_top_left_svd(M, R)
         uniform &= ok
     else:

@@ -132,18 +132,19 @@ def map_blocks(D: Tensor, widths: Sequence[int], ranks: Sequence[int]) -> list[T
 
 
 def implicit_bases(Bs: Sequence[Tensor], blocks: Sequence[Tensor]) -> Tensor:
-    """``M = [sqrt(p_1) U_1, ..., sqrt(p_N) U_N]``, d by ``sum_i rho_i``: ``B_i`` times its block.
+    """``M = [sqrt(p_1) U_1, ..., sqrt(p_N) U_N]``: each ``B_i`` times its block, batched.
 
-    One d-by-r_i times r_i-by-rho_i product per client, written into M's columns; cost
-    O(d sum_i r_i rho_i).
+    ``Bs[i]`` is ``(..., d, r_i)``, ``blocks[i]`` ``(..., r_i, c_i)``; M is ``(..., d, sum_i c_i)``.
+    One product per client, written into M's columns (no stacked copy); cost O(d sum_i r_i c_i).
     """
-    M = Bs[0].new_empty((int(Bs[0].shape[0]), sum(int(b.shape[1]) for b in blocks)))
+    B0 = Bs[0]
+    M = B0.new_empty((*B0.shape[:-1], sum(int(b.shape[-1]) for b in blocks)))
     col = 0
     for B, blk in zip(Bs, blocks, strict=True):
-        rho = int(blk.shape[1])
-        if rho:
-            torch.matmul(B, blk, out=M[:, col : col + rho])
-        col += rho
+        c = int(blk.shape[-1])
+        if c:
+            torch.matmul(B, blk, out=M[..., col : col + c])
+        col += c
     return M
 
 
