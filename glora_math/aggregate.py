@@ -5,35 +5,51 @@ Shared coordinates: ``S = sum_i p_i (U_ref^T U_i) C_i``. The state ``(U_ref, S)`
 ``U_ref S = U_ref U_ref^T W_bar``, the projection of the mean update onto the consensus subspace
 (P1), and is gauge invariant (P3). Everything is low-rank: nothing d-by-k is formed, and a
 d-by-d matrix only when d is below the total client rank (then it is smaller than the factors).
+
+Extensions beyond the paper (ours, SPEC "Extensions"): the consensus of the clients' row
+spaces (``side="right"``, the transpose problem: ``W_bar V_ref V_ref^T``), the better of the two
+sides by their certified residuals (``side="auto"``), a certificate of the exact error on every
+state, and the smallest server rank that meets a certified tolerance (``rank="auto"``).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from glora_math.consensus import consensus, live_clients, stacked_weights
+from glora_math.certificate import certify, residual_curve
+from glora_math.consensus import consensus, eigengap, live_clients, stacked_weights
+from glora_math.errors import GloraError, GloraWarning, ResidualWarning
 from glora_math.gauge import gauge_fix_all
 from glora_math.implicit import implicit_state
-from glora_math.types import GaugeMode, LoRAFactors, ServerState, Sketch
+from glora_math.types import GaugeMode, LoRAFactors, ServerState, Side, Sketch
 from glora_math.validation import (
     ClientsInfo,
     WeightsLike,
+    as_factors,
     normalize_weights,
     validate_clients,
     validate_rank,
 )
+
+RankLike = int | Literal["auto"]
 
 
 def glora_aggregate(
     factors: Sequence[LoRAFactors],
     weights: WeightsLike = None,
     *,
-    rank: int,
+    rank: RankLike,
     gauge: GaugeMode = "qr",
     sketch: Sketch | None = None,
+    side: Side = "left",
+    tol: float | None = None,
+    max_residual: float | None = None,
 ) -> ServerState:
     """Aggregate client LoRA updates into a gauge-invariant low-rank server state.
 
@@ -47,27 +63,42 @@ def glora_aggregate(
         ``None`` for equal weights. Zero-weight clients drop out.
     rank
         Server rank R (clamped, with a ``RankClampedWarning``, to the dimension spanned by the
-        clients).
+        clients), or ``"auto"``: the smallest R whose certified relative residual is at most
+        ``tol`` (capped by the clients' total rank, where the residual is zero, P2).
     gauge
         ``"qr"`` or ``"svd"``: see :func:`glora_math.gauge_fix`.
     sketch
         ``None`` for the exact consensus subspace; a :class:`~glora_math.types.Sketch` for the
         randomized one (see :func:`glora_math.consensus_basis`). P1 then holds for the
         subspace the sketch found: the state is still the exact projection of the mean update
-        onto its own ``U``.
+        onto its own ``U``. Not with ``rank="auto"``.
+    side
+        ``"left"`` (the paper's): consensus of the column spaces of the B_i, update
+        ``U U^T W_bar``. ``"right"`` (ours): consensus of the row spaces of the A_i, update
+        ``W_bar V V^T``. ``"auto"`` (ours): both, keeping the one with the smaller certified
+        residual (with ``rank="auto"``: the smaller R, then the smaller residual); ties go
+        left. Only the kept side's warnings are emitted.
+    tol
+        Relative residual target of ``rank="auto"`` (a float in (0, 1)); only with it.
+    max_residual
+        If given, a :class:`~glora_math.errors.ResidualWarning` is emitted when the certified
+        relative residual exceeds it.
 
     Returns
     -------
     ServerState
-        ``U`` ``(d, R)``, ``S`` ``(R, k)``, spectrum and eigengap; ``U @ S`` equals
+        ``U`` ``(d, R)``, ``S`` ``(R, k)`` (right side: ``(k, R)`` and ``(R, d)``), spectrum,
+        eigengap and the certificate ``state.relative_residual`` =
+        ``||W_bar - update||_F / ||W_bar||_F``; on the left ``U @ S`` equals
         ``U U^T sum_i p_i B_i A_i``.
 
     Raises
     ------
     EmptyClientsError, ShapeMismatchError, NonFiniteError, DeviceMismatchError, DtypeError,
-    WeightError, RankError
+    WeightError, RankError, GloraError (bad ``side``, ``tol`` or ``max_residual``)
 
-    Cost O(sum_i r_i^2 (d + k) + d (sum_i r_i)^2 + R (d + k) sum_i r_i).
+    Cost O(sum_i r_i^2 (d + k) + d (sum_i r_i)^2 + R (d + k) sum_i r_i), twice for
+    ``side="auto"``; the certificate adds one QR of the stacked weighted B's.
 
     For float32 (and half) clients with the ``qr`` gauge, both consensus modes run on the raw
     factors (:mod:`glora_math.implicit`): the client bases come from float64 Gram matrices,
@@ -75,11 +106,99 @@ def glora_aggregate(
     The result is the general route's to rounding (the same subspace; for a sketch, from the
     same test matrix).
     """
-    R = validate_rank(rank)
     info = validate_clients(factors)
+    auto = isinstance(rank, str) and rank == "auto"
+    if auto:
+        target = _check_fraction(tol, "tol")
+        if sketch is not None:
+            raise GloraError("rank='auto' needs the exact consensus (sketch=None)")
+        R = max(1, sum(as_factors(f, i).rank for i, f in enumerate(factors)))
+    else:
+        R = validate_rank(rank)
+        if tol is not None:
+            raise GloraError("tol is only used with rank='auto'")
+        target = None
+    if side not in ("left", "right", "auto"):
+        raise GloraError(f"side must be 'left', 'right' or 'auto', got {side!r}")
+    limit = None if max_residual is None else _check_fraction(max_residual, "max_residual", 1e300)
     p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
-    fast = implicit_state(factors, info, p, R, sketch) if gauge == "qr" else None
-    U, S, eigvals, gap = fast or _general_state(factors, info, p, R, gauge=gauge, sketch=sketch)
+    sides: tuple[Literal["left", "right"], ...] = ("left", "right") if side == "auto" else (side,)
+    found: list[tuple[ServerState, list[Warning]]] = []
+    for sd in sides:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            st = _side_state(factors, info, p, R, gauge, sketch, sd, target)
+        found.append((st, [w.message for w in caught if isinstance(w.message, Warning)]))
+    if auto:
+        best, notes = min(found, key=lambda c: (c[0].rank, c[0].relative_residual))
+    else:
+        best, notes = min(found, key=lambda c: c[0].relative_residual)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    if limit is not None and best.relative_residual > limit:
+        warnings.warn(
+            ResidualWarning(
+                f"certified relative residual {best.relative_residual:.3e} exceeds "
+                f"{limit:.3e} (side={best.side}, R={best.rank})"
+            ),
+            stacklevel=2,
+        )
+    return best
+
+
+def _check_fraction(value: object, name: str, upper: float = 1.0) -> float:
+    """A float in (0, upper) (tolerances and thresholds), else a typed error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise GloraError(f"{name} must be a float in (0, {upper:g}), got {value!r}")
+    v = float(value)
+    if not (math.isfinite(v) and 0.0 < v < upper):
+        raise GloraError(f"{name} must be a float in (0, {upper:g}), got {value!r}")
+    return v
+
+
+def _transposed(factors: Sequence[LoRAFactors]) -> list[LoRAFactors]:
+    """The transpose problem: ``(A_i^T, B_i^T)``, whose update is ``W_bar^T``."""
+    out = []
+    for i, f in enumerate(factors):
+        c = as_factors(f, i)
+        out.append(LoRAFactors(c.A.mT, c.B.mT))
+    return out
+
+
+def _side_state(  # noqa: PLR0917 - private, called once with every setting of the public call
+    factors: Sequence[LoRAFactors],
+    info: ClientsInfo,
+    p: Tensor,
+    R: int,
+    gauge: GaugeMode,
+    sketch: Sketch | None,
+    side: Literal["left", "right"],
+    tol: float | None,
+) -> ServerState:
+    """The certified state of one side; ``tol`` set means the auto-rank rule with cap R."""
+    fs = [as_factors(f, i) for i, f in enumerate(factors)] if side == "left" else None
+    if fs is None:
+        fs = _transposed(factors)
+        info = ClientsInfo(info.k, info.d, info.dtype, info.work_dtype, info.device)
+    wd = info.work_dtype
+    with warnings.catch_warnings():
+        if tol is not None:  # the cap is reached through the clamp by design; its gap is moot
+            warnings.simplefilter("ignore", GloraWarning)
+        fast = implicit_state(fs, info, p, R, sketch) if gauge == "qr" else None
+        U, S, eigvals, gap = fast or _general_state(fs, info, p, R, gauge=gauge, sketch=sketch)
+    cert = certify(fs, p, U, S, wd)
+    if tol is not None:
+        meets = torch.nonzero(residual_curve(S, cert.mean_norm) <= tol * tol)
+        chosen = int(meets[0]) if meets.numel() else int(U.shape[1])
+        # The curve subtracts squared norms; confirm with the certificate (direct where the
+        # difference loses digits) and step up while it misses the target.
+        while True:
+            cert = certify(fs, p, U[:, :chosen], S[:chosen], wd)
+            if cert.relative_residual <= tol or chosen >= int(U.shape[1]):
+                break
+            chosen += 1
+        U, S = U[:, :chosen], S[:chosen]
+        gap = eigengap(eigvals, chosen, n=info.d + sum(f.rank for f in fs), stacklevel=2)
     return ServerState(
         U=U,
         S=S,
@@ -89,6 +208,10 @@ def glora_aggregate(
         weights=p,
         gauge=gauge,
         dtype=info.dtype,
+        side=side,
+        certificate=cert,
+        rank_rule="fixed" if tol is None else "auto",
+        tol=tol,
     )
 
 

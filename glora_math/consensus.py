@@ -184,9 +184,18 @@ def finish_basis(
         R = avail
     U = Uall[:, :R]
     U = U * column_signs(U)
+    return ConsensusBasis(U, eigvals, eigengap(eigvals, R, n=d + m, stacklevel=stacklevel + 1))
+
+
+def eigengap(eigvals: Tensor, R: int, *, n: int, stacklevel: int) -> float:
+    """``lambda_R - lambda_{R+1}`` of a descending spectrum (0.0 for R = 0), checked.
+
+    Warns with :class:`ZeroEigengapWarning` when the gap is within the eigenvalues' rounding
+    (:func:`~glora_math.tolerances.zero_gap_tol` over ``n`` terms).
+    """
     lam_next = float(eigvals[R]) if eigvals.numel() > R else 0.0
     gap = float(eigvals[R - 1]) - lam_next if R > 0 else 0.0
-    if R > 0 and gap <= zero_gap_tol(float(eigvals[0]), d + m, dt):
+    if R > 0 and gap <= zero_gap_tol(float(eigvals[0]), n, eigvals.dtype):
         warnings.warn(
             ZeroEigengapWarning(
                 f"consensus eigengap at R={R} is numerically zero "
@@ -195,12 +204,13 @@ def finish_basis(
             ),
             stacklevel=stacklevel,
         )
-    return ConsensusBasis(U, eigvals, gap)
+    return gap
 
 
 __all__ = [
     "consensus",
     "consensus_basis",
+    "eigengap",
     "exact_top",
     "finish_basis",
     "live_clients",

@@ -99,6 +99,14 @@ class RankClampedWarning(GloraWarning):
     """The requested server rank exceeded the rank the clients span; it was clamped."""
 
 
+class ResidualWarning(GloraWarning):
+    """The certified relative residual of a server update exceeds the caller's threshold.
+
+    The server update then misses more of the mean update than the caller accepts; the message
+    names the residual, the threshold, the side and the rank (and the module when known).
+    """
+
+
 __all__ = [
     "DeviceMismatchError",
     "DtypeError",
@@ -110,6 +118,7 @@ __all__ = [
     "ProtocolError",
     "RankClampedWarning",
     "RankError",
+    "ResidualWarning",
     "ShapeMismatchError",
     "WeightError",
     "ZeroEigengapWarning",

@@ -44,7 +44,9 @@ def difference(x: LoRAFactors, y: LoRAFactors) -> LoRAFactors:
 
 
 def state_factors(state: ServerState) -> LoRAFactors:
-    """The server update ``U_ref S`` as factors ``(U_ref, S)``."""
+    """The server update as factors: ``(U_ref, S)`` on the left, ``(S^T, V_ref^T)`` on the right."""
+    if state.side == "right":
+        return LoRAFactors(state.S.mT, state.U.mT)
     return LoRAFactors(state.U, state.S)
 
 

@@ -31,6 +31,9 @@ def _readout_from_svd(
     Us, s, Vh = svd
     if split not in ("balanced", "left", "right"):
         raise ValueError(f"unknown split {split!r}; expected 'balanced', 'left' or 'right'")
+    if state.side == "right":  # the transposed problem's B is the update's A
+        swap: dict[Split, Split] = {"balanced": "balanced", "left": "right", "right": "left"}
+        split = swap[split]
     rr = min(r, int(s.numel()))
     B = state.U @ Us[:, :rr]
     A = Vh[:rr]
@@ -47,6 +50,8 @@ def _readout_from_svd(
         # columns/rows so that the client still gets rank-r factors.
         B = torch.cat([B, B.new_zeros((B.shape[0], r - rr))], dim=1)
         A = torch.cat([A, A.new_zeros((r - rr, A.shape[1]))], dim=0)
+    if state.side == "right":  # a readout of the transpose problem, transposed back
+        B, A = A.mT.contiguous(), B.mT.contiguous()
     return LoRAFactors(B.to(state.dtype), A.to(state.dtype))
 
 

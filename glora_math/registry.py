@@ -25,9 +25,9 @@ from torch import Tensor
 from glora_math import baselines as bl
 from glora_math.aggregate import glora_aggregate
 from glora_math.errors import GloraError, RankError
-from glora_math.metrics import mean_update
+from glora_math.metrics import mean_update, state_factors
 from glora_math.readout import readouts
-from glora_math.types import GaugeMode, LoRAFactors
+from glora_math.types import Certificate, GaugeMode, LoRAFactors, Side
 from glora_math.validation import (
     WeightsLike,
     normalize_weights,
@@ -110,6 +110,9 @@ class AggregateResult:
         Orthonormal basis ``(d, R)`` of the server's subspace where the method defines one
         (GLoRA's ``U_ref``, the SVD operators' top-R left singular vectors); ``None`` means the
         column space of the update.
+    certificate
+        The exact relative error of ``update`` against the mean update, where the operator
+        certifies it (the GLoRA family); ``None`` otherwise.
     """
 
     update: LoRAFactors
@@ -117,6 +120,7 @@ class AggregateResult:
     client_factors: list[LoRAFactors] | None
     state: OperatorState | None = None
     basis: Tensor | None = None
+    certificate: Certificate | None = None
 
     def dense(self) -> Tensor:
         """The server update ``update.delta() + residual`` as a dense matrix (tests only)."""
@@ -139,6 +143,8 @@ class RoundContext:
     rank: int
     client_ranks: list[int]
     state: OperatorState | None
+    #: Operator options (e.g. GLoRA's ``tol`` and ``max_residual``); each operator reads its own.
+    options: Mapping[str, float] = field(default_factory=dict)
 
 
 OperatorFn = Callable[[Sequence[LoRAFactors], Tensor, RoundContext], AggregateResult]
@@ -160,6 +166,8 @@ class AggregationOperator:
     shared_A: bool = False
     stateful: bool = False
     reconstruction: bool = False
+    #: Options the operator takes, with their defaults (see :class:`RoundContext`).
+    options: Mapping[str, float] = field(default_factory=dict)
 
     def __call__(
         self,
@@ -169,6 +177,7 @@ class AggregationOperator:
         rank: int | None = None,
         client_ranks: Sequence[int] | None = None,
         state: OperatorState | None = None,
+        options: Mapping[str, float] | None = None,
     ) -> AggregateResult:
         """Aggregate one round.
 
@@ -184,6 +193,9 @@ class AggregationOperator:
             Rank of the factors each client receives (default: its own rank).
         state
             The previous round's state for stateful methods.
+        options
+            Operator options: the GLoRA family reads ``max_residual`` (warn above it) and, for
+            ``rank="auto"`` operators, ``tol``; unknown keys are an error.
         """
         info = validate_clients(factors)
         p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
@@ -192,7 +204,14 @@ class AggregationOperator:
             raise RankError(f"got {len(ranks)} client ranks for {len(factors)} clients")
         ranks = [validate_rank(r, name="client rank") for r in ranks]
         R = validate_rank(max(ranks) if rank is None else rank)
-        return self.fn(factors, p, RoundContext(R, ranks, state))
+        opts = dict(options or {})
+        unknown = sorted(set(opts) - set(self.options))
+        if unknown:
+            raise GloraError(
+                f"operator {self.name!r} has no option(s) {unknown}; "
+                f"it takes {sorted(self.options)}"
+            )
+        return self.fn(factors, p, RoundContext(R, ranks, state, {**self.options, **opts}))
 
     def communication(
         self, d: int, k: int, client_rank: int, rank: int | None = None, n_clients: int = 1
@@ -495,20 +514,32 @@ register(
 # GLoRA
 
 
-def _glora(gauge: GaugeMode, fold_residual: bool) -> OperatorFn:
+def _glora(
+    gauge: GaugeMode, fold_residual: bool, side: Side = "left", auto_rank: bool = False
+) -> OperatorFn:
     def fn(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
-        if max(ctx.client_ranks) > ctx.rank:
+        if not auto_rank and max(ctx.client_ranks) > ctx.rank:
             raise RankError(
                 f"client rank {max(ctx.client_ranks)} exceeds the server rank R={ctx.rank}"
             )
-        state = glora_aggregate(fs, p, rank=ctx.rank, gauge=gauge)
+        limit = ctx.options.get("max_residual")
+        state = glora_aggregate(
+            fs,
+            p,
+            rank="auto" if auto_rank else ctx.rank,
+            gauge=gauge,
+            side=side,
+            tol=ctx.options["tol"] if auto_rank else None,
+            max_residual=None if limit is None or limit <= 0 else limit,
+        )
         per = readouts(state, ctx.client_ranks)
-        update = LoRAFactors(state.U, state.S)
+        update = state_factors(state)
         residual = None
         if fold_residual:
             mean = mean_update(fs, p)
-            residual = mean.B @ mean.A - state.U @ state.S
-        return AggregateResult(update, residual, per, basis=state.U)
+            residual = mean.B @ mean.A - update.B @ update.A
+        basis = state.U if state.side == "left" else None
+        return AggregateResult(update, residual, per, basis=basis, certificate=state.certificate)
 
     return fn
 
@@ -522,6 +553,9 @@ _GLORA_BASE = {
     G.RANK_COMPATIBLE,
     G.SCALE_ROBUST_SUBSPACE,
 }
+
+#: ``max_residual <= 0`` means no warning.
+_GLORA_OPTIONS = {"max_residual": 0.0}
 
 _MODES: tuple[GaugeMode, ...] = ("qr", "svd")
 for _gauge in _MODES:
@@ -546,8 +580,42 @@ for _gauge in _MODES:
                     else _factors_cost
                 ),
                 reconstruction=True,
+                options=_GLORA_OPTIONS,
             )
         )
+
+# The side-aware extensions (ours, SPEC "Extensions"): the side with the smaller certified
+# residual. Scaling one client changes the residuals and so may change the side: the subspace
+# is not scale robust (the contract suite finds the counterexample).
+_SIDED = _GLORA_BASE - {G.SCALE_ROBUST_SUBSPACE}
+
+register(
+    AggregationOperator(
+        name="glora_auto",
+        paper="arXiv 2605.06733 + side-aware consensus (ours)",
+        summary="GLoRA on the side (B column spaces or A row spaces) with the smaller "
+        "certified residual, server rank R",
+        sends_back="rank-r_i readouts per client",
+        guarantees=frozenset(_SIDED),
+        fn=_glora("qr", False, side="auto"),
+        cost=_factors_cost,
+        options=_GLORA_OPTIONS,
+    )
+)
+
+register(
+    AggregationOperator(
+        name="glora_auto_rank",
+        paper="arXiv 2605.06733 + side-aware consensus and certified rank (ours)",
+        summary="side-aware GLoRA at the smallest server rank whose certified relative "
+        "residual is at most tol (default 0.05)",
+        sends_back="rank-r_i readouts per client",
+        guarantees=frozenset(_SIDED),
+        fn=_glora("qr", False, side="auto", auto_rank=True),
+        cost=_factors_cost,
+        options={**_GLORA_OPTIONS, "tol": 0.05},
+    )
+)
 
 
 __all__ = [

@@ -19,6 +19,11 @@ from glora_math.errors import DtypeError, GloraError, ShapeMismatchError
 
 GaugeMode = Literal["qr", "svd"]
 Split = Literal["balanced", "left", "right"]
+#: Which factor's subspaces the consensus is built from: the column spaces of the B_i
+#: ("left", the paper's), the row spaces of the A_i ("right", ours), or the better of the two.
+Side = Literal["left", "right", "auto"]
+#: How a certificate's residual was computed (see :class:`Certificate`).
+ResidualMethod = Literal["difference", "direct"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,11 +173,48 @@ class ConsensusBasis:
 
 
 @dataclass(frozen=True, slots=True)
+class Certificate:
+    """The exact error of a server update against the mean update, computed from factors.
+
+    For the orthogonal projector ``P`` of the state (left: ``U U^T .``; right: ``. V V^T``),
+    ``||W_bar - P W_bar||_F^2 = ||W_bar||_F^2 - ||P W_bar||_F^2`` (SPEC, L1), and
+    ``||P W_bar||_F = ||S||_F`` because ``S`` holds the coordinates of ``P W_bar`` (P1).
+
+    Parameters
+    ----------
+    relative_residual
+        ``||W_bar - update||_F / ||W_bar||_F`` (0.0 when ``W_bar = 0``).
+    mean_norm
+        ``||W_bar||_F``.
+    method
+        ``"difference"``: from the two squared norms above (cost of a QR of the stacked B's);
+        ``"direct"``: the norm of the stacked difference ``[W_bar, -update]`` (used where the
+        difference would lose digits to cancellation, see
+        :func:`glora_math.tolerances.certificate_by_difference`).
+    """
+
+    relative_residual: float
+    mean_norm: float
+    method: ResidualMethod
+
+    @property
+    def residual(self) -> float:
+        """The absolute residual ``||W_bar - update||_F``."""
+        return self.relative_residual * self.mean_norm
+
+
+@dataclass(frozen=True, slots=True)
 class ServerState:
     """The GLoRA server state: basis ``U_ref`` and shared coordinates ``S``.
 
     The state represents the update ``U_ref @ S = U_ref U_ref^T W_bar`` (SPEC P1). It is kept
     in the working dtype (float32 for half inputs); readouts are cast back to ``dtype``.
+
+    A right-side state (``side="right"``, our extension) is the same object for the transposed
+    problem: ``U`` is the consensus basis ``V_ref`` of the clients' row spaces, shape
+    ``(k, R)``, ``S = V_ref^T W_bar^T`` has shape ``(R, d)`` and the update is
+    ``(U S)^T = W_bar V_ref V_ref^T``. Use :meth:`delta`, :attr:`shape` or
+    :func:`glora_math.state_factors`, which hold for both sides.
 
     Parameters
     ----------
@@ -192,16 +234,29 @@ class ServerState:
         Gauge-fixing mode used for the clients.
     dtype
         dtype of the client factors (readouts are returned in it).
+    side
+        ``"left"`` (consensus of the B_i column spaces) or ``"right"`` (of the A_i row spaces).
+    certificate
+        The exact error of the update against the mean update (:class:`Certificate`).
+    rank_rule
+        ``"fixed"`` (R as requested, clamped) or ``"auto"`` (the smallest R whose certified
+        relative residual is at most ``tol``).
+    tol
+        The tolerance of ``rank_rule="auto"``, else ``None``.
     """
 
-    U: Float[Tensor, "d R"]
-    S: Float[Tensor, "R k"]
+    U: Float[Tensor, "n R"]
+    S: Float[Tensor, "R m"]
     eigvals: Float[Tensor, " m"]
     gap: float
     requested_rank: int
     weights: Float[Tensor, " N"]
     gauge: GaugeMode
     dtype: torch.dtype
+    side: Literal["left", "right"] = "left"
+    certificate: Certificate | None = None
+    rank_rule: Literal["fixed", "auto"] = "fixed"
+    tol: float | None = None
 
     @property
     def rank(self) -> int:
@@ -210,20 +265,30 @@ class ServerState:
 
     @property
     def shape(self) -> tuple[int, int]:
-        """Shape ``(d, k)`` of the represented update."""
-        return int(self.U.shape[0]), int(self.S.shape[1])
+        """Shape ``(d, k)`` of the represented update (for either side)."""
+        n, m = int(self.U.shape[0]), int(self.S.shape[1])
+        return (n, m) if self.side == "left" else (m, n)
+
+    @property
+    def relative_residual(self) -> float:
+        """``||W_bar - update||_F / ||W_bar||_F`` from the certificate (NaN without one)."""
+        return float("nan") if self.certificate is None else self.certificate.relative_residual
 
     def delta(self) -> Float[Tensor, "d k"]:
-        """The dense update ``U_ref @ S`` (d-by-k: for tests and small problems only)."""
-        return self.U @ self.S
+        """The dense update (d-by-k: for tests and small problems only)."""
+        prod = self.U @ self.S
+        return prod if self.side == "left" else prod.mT
 
 
 __all__ = [
+    "Certificate",
     "ConsensusBasis",
     "GaugeFixed",
     "GaugeMode",
     "LoRAFactors",
+    "ResidualMethod",
     "ServerState",
+    "Side",
     "Sketch",
     "Split",
 ]

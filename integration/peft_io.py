@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,8 +29,10 @@ from torch import Tensor
 
 from glora_math import LoRAFactors
 from glora_math.batched import glora_aggregate_batched, readout_batched
-from glora_math.errors import GloraError, NonFiniteError, ShapeMismatchError
+from glora_math.certificate import certify
+from glora_math.errors import GloraError, NonFiniteError, ResidualWarning, ShapeMismatchError
 from glora_math.registry import AggregateResult, OperatorState, get_operator
+from glora_math.types import Certificate
 from glora_math.validation import WeightsLike, normalize_weights
 
 PREFIX = "base_model.model."
@@ -292,6 +295,57 @@ def fedavg_dense(clients: Sequence[ClientAdapter], p: Tensor) -> dict[str, Tenso
     return out
 
 
+def _warn_residual(cert: Certificate, limit: float, module: str) -> None:
+    """A :class:`ResidualWarning` naming ``module`` when its residual exceeds ``limit`` > 0."""
+    if limit > 0 and cert.relative_residual > limit:
+        warnings.warn(
+            ResidualWarning(
+                f"module {module!r}: certified relative residual "
+                f"{cert.relative_residual:.3e} exceeds {limit:.3e}"
+            ),
+            stacklevel=3,
+        )
+
+
+def _glora_batched(
+    clients: Sequence[ClientAdapter],
+    names: Sequence[str],
+    want: Sequence[Mapping[str, int]],
+    p: Tensor,
+    *,
+    rank: int,
+    limit: float,
+) -> dict[str, AggregateResult]:
+    """Plain GLoRA over modules grouped by (shape, ranks), one batched call per group."""
+    groups: dict[tuple[Any, ...], list[str]] = defaultdict(list)
+    for name in names:
+        key = (
+            clients[0].modules[name].factors.shape,
+            tuple(c.modules[name].factors.rank for c in clients),
+            tuple(w[name] for w in want),
+        )
+        groups[key].append(name)
+    results: dict[str, AggregateResult] = {}
+    for (_, _, ranks_out), group in groups.items():
+        Bs = [torch.stack([c.modules[m].factors.B for m in group]) for c in clients]
+        As = [torch.stack([c.modules[m].factors.A for m in group]) for c in clients]
+        try:
+            st = glora_aggregate_batched(Bs, As, p.to(Bs[0].dtype), rank=rank)
+        except GloraError as err:
+            raise err.with_context(
+                module=group[0] if len(group) == 1 else f"{group[0]} (+{len(group) - 1})"
+            ) from None
+        outs = {r: readout_batched(st, r) for r in set(ranks_out)}
+        for j, m in enumerate(group):
+            update = LoRAFactors(st.U[j], st.S[j])
+            per = [LoRAFactors(outs[r][0][j], outs[r][1][j]) for r in ranks_out]
+            fs = [c.modules[m].factors for c in clients]
+            cert = certify(fs, p.to(st.S.dtype), st.U[j], st.S[j], st.S.dtype)
+            _warn_residual(cert, limit, m)
+            results[m] = AggregateResult(update, None, per, basis=st.U[j], certificate=cert)
+    return results
+
+
 def aggregate_adapters(
     clients: Sequence[ClientAdapter],
     weights: WeightsLike = None,
@@ -300,6 +354,7 @@ def aggregate_adapters(
     rank: int,
     client_ranks: Sequence[Mapping[str, int]] | None = None,
     states: Mapping[str, OperatorState | None] | None = None,
+    options: Mapping[str, float] | None = None,
 ) -> AdapterRound:
     """Aggregate whole adapters module by module with a registered operator.
 
@@ -321,6 +376,13 @@ def aggregate_adapters(
         Per client, the rank of each module it should receive (default: its own ranks).
     states
         Per-module operator states (stateful operators), from the previous round.
+    options
+        Operator options (:attr:`glora_math.registry.AggregationOperator.options`), e.g.
+        ``{"max_residual": 0.1}`` for the GLoRA family: a ``ResidualWarning`` naming the
+        module when a module's certified relative residual exceeds it.
+
+    Every GLoRA-family result carries ``certificate`` (its exact relative error against the
+    module's mean update).
     """
     if not clients:
         raise AdapterError("no client adapters")
@@ -335,35 +397,19 @@ def aggregate_adapters(
         for i, c in enumerate(clients)
     ]
     op = get_operator(operator)
+    unknown = sorted(set(options or {}) - set(op.options))
+    if unknown:
+        raise AdapterError(f"operator {operator!r} has no option(s) {unknown}")
+    limit = float((options or {}).get("max_residual", 0.0))
     results: dict[str, AggregateResult] = {}
     per_client: list[dict[str, LoRAFactors]] = [{} for _ in range(n)]
     new_states: dict[str, OperatorState | None] = {}
     if operator == "glora":
-        groups: dict[tuple[Any, ...], list[str]] = defaultdict(list)
-        for name in names:
-            key = (
-                clients[0].modules[name].factors.shape,
-                tuple(c.modules[name].factors.rank for c in clients),
-                tuple(w[name] for w in want),
-            )
-            groups[key].append(name)
-        for (_, _, ranks_out), group in groups.items():
-            Bs = [torch.stack([c.modules[m].factors.B for m in group]) for c in clients]
-            As = [torch.stack([c.modules[m].factors.A for m in group]) for c in clients]
-            try:
-                st = glora_aggregate_batched(Bs, As, p.to(Bs[0].dtype), rank=rank)
-            except GloraError as err:
-                raise err.with_context(
-                    module=group[0] if len(group) == 1 else f"{group[0]} (+{len(group) - 1})"
-                ) from None
-            outs = {r: readout_batched(st, r) for r in set(ranks_out)}
-            for j, m in enumerate(group):
-                update = LoRAFactors(st.U[j], st.S[j])
-                per = [LoRAFactors(outs[r][0][j], outs[r][1][j]) for r in ranks_out]
-                results[m] = AggregateResult(update, None, per, basis=st.U[j])
-                new_states[m] = None
-                for i in range(n):
-                    per_client[i][m] = per[i]
+        results = _glora_batched(clients, names, want, p, rank=rank, limit=limit)
+        for m, res in results.items():
+            new_states[m] = None
+            for i in range(n):
+                per_client[i][m] = (res.client_factors or [])[i]
     else:
         for name in names:
             fs = [c.modules[name].factors for c in clients]
@@ -374,9 +420,12 @@ def aggregate_adapters(
                     rank=rank,
                     client_ranks=[w[name] for w in want],
                     state=(states or {}).get(name),
+                    options={k: v for k, v in (options or {}).items() if k != "max_residual"},
                 )
             except GloraError as err:
                 raise err.with_context(module=name) from None
+            if res.certificate is not None:
+                _warn_residual(res.certificate, limit, name)
             results[name] = res
             new_states[name] = res.state
             if res.client_factors is not None:
