@@ -246,7 +246,7 @@ class ServerState:
     """
 
     U: Float[Tensor, "n R"]
-    S: Float[Tensor, "R m"]
+    S: Float[Tensor, "R c"]
     eigvals: Float[Tensor, " m"]
     gap: float
     requested_rank: int

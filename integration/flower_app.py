@@ -39,11 +39,14 @@ from integration.data import Examples, dirichlet_split, load_task, sample
 from integration.flower import LoRAStrategy, record_to_factors
 from integration.peft_io import PREFIX, adapter_state_dict
 from integration.simulate import (
-    _seed_for,
     build_model,
     evaluate_model,
+    fresh_factors,
     lora_config,
+    lora_shapes,
     merged_model,
+    seed_for,
+    shared_lora_init,
     target_weights,
     train_local,
 )
@@ -71,6 +74,9 @@ class FlowerConfig:
     max_len: int = 32
     target_modules: tuple[str, ...] = ("query", "value")
     faulty: tuple[tuple[int, str], ...] = ()  # (partition, "nan" | "missing" | "shape")
+    # Fresh LoRA starts: one shared init (the rank-r part of one draw at the largest client
+    # rank, seeded by seed and round), or, if True, a per-client draw (an ablation).
+    per_client_init: bool = False
     out: str = "out/flower"
     timeout: float = 300.0  # seconds the server waits for a round's replies
 
@@ -173,16 +179,23 @@ def make_client_app(default: FlowerConfig | None = None) -> ClientApp:
             copy.deepcopy(_with_folds(base, msg.content)),
             lora_config(r, cfg.target_modules),
         )
-        torch.manual_seed(_seed_for(cfg.seed, 0 if freeze_a else rnd, 0 if freeze_a else pid, 1))
-        for mod in model.modules():  # a fresh LoRA start: B = 0, A seeded
-            reset = getattr(mod, "reset_lora_parameters", None)
-            if callable(reset) and hasattr(mod, "lora_A"):
-                reset("default", True)
         init, dense = _arrays(msg.content, "init"), _arrays(msg.content, "dense")
         config_dict: dict[str, Any] = lora_config(r, cfg.target_modules).to_dict()  # type: ignore[no-untyped-call]
         state: dict[str, Tensor] = {}
         if len(init):
             state, _ = adapter_state_dict(record_to_factors(init), {}, config_dict)
+        elif cfg.per_client_init:  # B = 0, A drawn by peft per client (and round)
+            torch.manual_seed(seed_for(cfg.seed, 0 if freeze_a else rnd, 0 if freeze_a else pid, 1))
+            for mod in model.modules():
+                reset = getattr(mod, "reset_lora_parameters", None)
+                if callable(reset) and hasattr(mod, "lora_A"):
+                    reset("default", True)
+        else:  # the rank-r part of the round's one server-drawn init (FFA-LoRA: round 0's)
+            shapes = lora_shapes(model)
+            top = max(cfg.rank_of(q) for q in range(n))
+            draw = 0 if freeze_a else rnd
+            shared = shared_lora_init(shapes, top, seed=cfg.seed, round_index=draw)
+            state, _ = adapter_state_dict(fresh_factors(shapes, shared, r), {}, config_dict)
         state.update({f"{PREFIX}{k}": v for k, v in dense.to_torch_state_dict().items()})
         set_peft_model_state_dict(model, {k: v.to(torch.float32) for k, v in state.items()})
         if not target_weights(model):
@@ -195,7 +208,7 @@ def make_client_app(default: FlowerConfig | None = None) -> ClientApp:
             batch_size=cfg.batch_size,
             lr=cfg.lr,
             max_len=cfg.max_len,
-            seed=_seed_for(cfg.seed, rnd, pid, 2),
+            seed=seed_for(cfg.seed, rnd, pid, 2),
             freeze_a=freeze_a,
             device=torch.device("cpu"),
         )
@@ -349,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--faulty", nargs="*", default=[], help="partition:kind, kind in nan|missing|shape"
     )
+    ap.add_argument("--per-client-init", action="store_true", help="per-client LoRA inits")
     ap.add_argument("--out", default=d.out)
     a = ap.parse_args(argv)
     cfg = FlowerConfig(
@@ -356,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         client_ranks=tuple(a.client_ranks), server_rank=a.server_rank,
         participation=a.participation, local_steps=a.local_steps, max_train=a.max_train,
         seed=a.seed, faulty=tuple((int(x.split(":")[0]), x.split(":")[1]) for x in a.faulty),
-        out=a.out,
+        out=a.out, per_client_init=a.per_client_init,
     )  # fmt: skip
     res = run(cfg)
     for row in res["rounds"]:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import importlib.resources
 import json
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,10 @@ from transformers.utils import logging as hf_logging
 
 from glora_math import GloraWarning, LoRAFactors
 from glora_math.baselines import truncate_svd
-from glora_math.compare import server_error
+from glora_math.gauge import apply_gauge, random_invertible
 from glora_math.linalg import lowrank_svd
-from glora_math.registry import Guarantee, OperatorState, get_operator
+from glora_math.metrics import fro_distance, fro_norm, mean_update
+from glora_math.registry import AggregateResult, Guarantee, OperatorState, get_operator
 from integration.causal_lm import build_causal_lm, lm_batch_loss, lm_evaluate, template
 from integration.data import Examples, dirichlet_split, load_task, sample
 from integration.peft_io import (
@@ -79,6 +81,19 @@ class SimConfig:
     target_modules: list[str] | None = None  # None: query,value (BERT-style), q_proj,v_proj (LM)
     objective: str = "classification"  # or "causal_lm": instruction tuning (SmolLM2)
     out: str = "out/simulate"
+    # Every client starts from the rank-r_i part of ONE server-drawn LoRA init (B = 0, A the
+    # first r_i rows of one draw at the largest client rank), as every federated LoRA system
+    # broadcasts one initial adapter. True: each client draws its own A (an ablation).
+    per_client_init: bool = False
+    # GLoRA family: a ResidualWarning (recorded in the round's row) per module whose certified
+    # relative residual exceeds this; <= 0 disables the warning.
+    max_residual: float = 0.2
+    # Operators with a "tol" option (glora_auto_rank): the certified-residual tolerance; None
+    # keeps the operator's default.
+    tol: float | None = None
+    # > 0: each client uploads its factors in a random gauge (B G, G^-1 A), G random invertible
+    # with this condition number, seeded by (seed, round, client). Products are unchanged.
+    scramble_gauge: float = 0.0
 
     def modules(self) -> list[str]:
         """The LoRA target modules (the objective's default when not set)."""
@@ -121,11 +136,78 @@ def build_model(
     return model, tok
 
 
-def _seed_for(*parts: int) -> int:
+def seed_for(*parts: int) -> int:
+    """A seed derived from integers (run seed, round, client, purpose): no hidden RNG state."""
     h = 1469598103934665603
     for x in parts:
         h = ((h ^ (x + 0x9E3779B9)) * 1099511628211) % (2**61 - 1)
     return h
+
+
+_seed_for = seed_for  # the former private name
+
+
+def lora_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """``(out_features, in_features)`` of each LoRA-adapted module of a peft model, by name."""
+    out = {}
+    for name, mod in model.named_modules():
+        lora_a, lora_b = getattr(mod, "lora_A", None), getattr(mod, "lora_B", None)
+        if (
+            isinstance(lora_a, torch.nn.ModuleDict)
+            and isinstance(lora_b, torch.nn.ModuleDict)
+            and "default" in lora_a
+        ):
+            a_w, b_w = lora_a["default"].weight, lora_b["default"].weight
+            if isinstance(a_w, Tensor) and isinstance(b_w, Tensor):
+                out[name.removeprefix(PREFIX)] = (int(b_w.shape[0]), int(a_w.shape[1]))
+    return out
+
+
+def shared_lora_init(
+    shapes: Mapping[str, tuple[int, int]], rank: int, *, seed: int, round_index: int
+) -> dict[str, Tensor]:
+    """One server-drawn LoRA ``A`` per module (``rank`` x in_features, float32).
+
+    peft's default init of ``lora_A`` (Kaiming-uniform with a = sqrt(5): U(-1/sqrt(k),
+    1/sqrt(k))), drawn from a generator seeded by (``seed``, ``round_index``) only, in sorted
+    module order. Draw it at the largest client rank: a client of rank r takes the first r rows
+    (:func:`fresh_factors`), so all clients start from parts of one init.
+    """
+    g = torch.Generator().manual_seed(seed_for(seed, round_index, 5))
+    out = {}
+    for name in sorted(shapes):
+        k = shapes[name][1]
+        bound = 1.0 / math.sqrt(k)
+        out[name] = (torch.rand(rank, k, generator=g) * 2.0 - 1.0) * bound
+    return out
+
+
+def fresh_factors(
+    shapes: Mapping[str, tuple[int, int]], init: Mapping[str, Tensor], r: int
+) -> dict[str, LoRAFactors]:
+    """The rank-``r`` part of a shared init: ``B = 0`` (d x r), ``A`` = first r rows."""
+    out = {}
+    for name, (d, _) in shapes.items():
+        A = init[name]
+        if A.shape[0] < r:
+            raise ValueError(f"shared init has rank {A.shape[0]} < client rank {r} ({name})")
+        out[name] = LoRAFactors(torch.zeros(d, r, dtype=A.dtype), A[:r].clone())
+    return out
+
+
+def scramble_adapter(adapter: ClientAdapter, cond: float, seed: int) -> ClientAdapter:
+    """Each module's factors in a random gauge ``(B G, G^-1 A)``, cond(G) = ``cond``.
+
+    One generator seeded by ``seed`` draws G for the modules in sorted order. Products (and
+    hence the exact mean update) are unchanged up to rounding; factor averages are not.
+    """
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for name in sorted(adapter.modules):
+        m = adapter.modules[name]
+        G = random_invertible(m.factors.rank, cond=cond, generator=g, dtype=m.factors.B.dtype)
+        modules[name] = dataclasses.replace(m, factors=apply_gauge(m.factors, G))
+    return ClientAdapter(modules, adapter.dense, adapter.config)
 
 
 def lora_config(r: int, target_modules: Sequence[str], *, head: bool = True) -> LoraConfig:
@@ -145,15 +227,66 @@ def lora_config(r: int, target_modules: Sequence[str], *, head: bool = True) -> 
 BatchLoss = Callable[[torch.nn.Module, list[str], list[int]], Tensor]
 
 
+class Encoder:
+    """Token ids of texts, encoded once (truncated to ``max_len``) and padded per batch.
+
+    The padded batch equals ``tok(texts, padding=True, truncation=True, max_length=max_len)``;
+    each text is tokenised only the first time it is seen (:meth:`prefill` does a whole list in
+    one batched call), so a run tokenises every shard and the evaluation set once.
+    """
+
+    def __init__(self, tok: PreTrainedTokenizerBase, max_len: int) -> None:
+        self.tok = tok
+        self.max_len = max_len
+        self.cache: dict[str, list[int]] = {}
+        self.pad_id = int(tok.pad_token_id) if tok.pad_token_id is not None else 0
+        self.types = "token_type_ids" in tok.model_input_names
+        self.left = tok.padding_side == "left"
+
+    def prefill(self, texts: Sequence[str]) -> None:
+        """Tokenise the texts not seen yet, in one batched call."""
+        new = sorted({t for t in texts if t not in self.cache})
+        if new:
+            ids = self.tok(new, truncation=True, max_length=self.max_len)["input_ids"]
+            self.cache.update(zip(new, ids, strict=True))
+
+    def ids(self, text: str) -> list[int]:
+        """The token ids of one text."""
+        if text not in self.cache:
+            self.prefill([text])
+        return self.cache[text]
+
+    def batch(self, texts: Sequence[str], device: torch.device) -> dict[str, Tensor]:
+        """``input_ids``, ``attention_mask`` (and ``token_type_ids``) padded to the longest."""
+        self.prefill(texts)
+        rows = [self.cache[t] for t in texts]
+        width = max(len(x) for x in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, x in enumerate(rows):
+            sl = slice(width - len(x), width) if self.left else slice(0, len(x))
+            ids[j, sl] = torch.tensor(x, dtype=torch.long)
+            mask[j, sl] = 1
+        out = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if self.types:
+            out["token_type_ids"] = torch.zeros_like(out["input_ids"])
+        return out
+
+
 def classification_loss(
-    tok: PreTrainedTokenizerBase, max_len: int, device: torch.device
+    tok: PreTrainedTokenizerBase,
+    max_len: int,
+    device: torch.device,
+    encoder: Encoder | None = None,
 ) -> BatchLoss:
-    """Sequence-classification cross-entropy of a batch of texts and labels."""
+    """Sequence-classification cross-entropy of a batch of texts and labels.
+
+    Texts are tokenised once (``encoder``, or one private to this loss) and padded per batch.
+    """
+    enc = encoder or Encoder(tok, max_len)
 
     def loss(model: torch.nn.Module, texts: list[str], labels: list[int]) -> Tensor:
-        batch = tok(
-            texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt"
-        ).to(device)
+        batch = enc.batch(texts, device)
         out: Tensor = model(**batch, labels=torch.tensor(labels, device=device)).loss
         return out
 
@@ -186,7 +319,8 @@ def train_local(
     """``steps`` AdamW steps on random batches of ``shard``; returns the mean training loss.
 
     ``batch_loss`` defaults to sequence classification. ``freeze_a`` keeps every ``lora_A``
-    fixed (FFA-LoRA). Batches come from a generator seeded with ``seed`` alone, so a rerun is
+    fixed (FFA-LoRA). Batches come from a generator seeded with ``seed`` alone and the global
+    torch RNG (dropout masks) is seeded from ``seed`` too, so a rerun (or a resumed run) is
     bit-identical on the CPU.
     """
     loss_fn = batch_loss or classification_loss(tok, max_len, device)
@@ -198,6 +332,7 @@ def train_local(
     ]
     opt = torch.optim.AdamW(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed_for(seed, 9))  # dropout
     total = 0.0
     for _ in range(steps):
         idx = torch.randint(len(shard), (min(batch_size, len(shard)),), generator=g).tolist()
@@ -210,11 +345,26 @@ def train_local(
 
 
 def merged_model(
-    base: torch.nn.Module, updates: dict[str, Tensor], dense: dict[str, Tensor]
+    base: torch.nn.Module,
+    updates: dict[str, Tensor],
+    dense: dict[str, Tensor],
+    *,
+    into: torch.nn.Module | None = None,
 ) -> torch.nn.Module:
-    """A copy of ``base`` with dense updates added to module weights and heads copied in."""
-    model = copy.deepcopy(base)
-    sd = model.state_dict()
+    """``base`` with dense updates added to module weights and heads copied in.
+
+    A fresh copy of ``base``, or ``into`` (a model of the same architecture, overwritten: no
+    new allocation per round).
+    """
+    if into is None:
+        model = copy.deepcopy(base)
+        sd = model.state_dict()
+    else:
+        model = into
+        sd = model.state_dict()
+        with torch.no_grad():
+            for key, value in base.state_dict().items():
+                sd[key].copy_(value)
     with torch.no_grad():
         for name, delta in updates.items():
             sd[f"{name}.weight"].add_(delta.to(sd[f"{name}.weight"].dtype))
@@ -225,7 +375,56 @@ def merged_model(
     return model
 
 
+def matthews_corrcoef(labels: Sequence[int], preds: Sequence[int]) -> float:
+    """Matthews correlation coefficient (multi-class form; 0.0 when undefined), as in GLUE."""
+    n = max(max(labels, default=0), max(preds, default=0)) + 1
+    C = torch.zeros(n, n, dtype=torch.float64)
+    for y, q in zip(labels, preds, strict=True):
+        C[y, q] += 1
+    t, p = C.sum(1), C.sum(0)
+    c, s = float(C.trace()), float(C.sum())
+    den = math.sqrt(float(s * s - p @ p) * float(s * s - t @ t))
+    return 0.0 if den == 0.0 else float(c * s - t @ p) / den
+
+
 @torch.no_grad()
+def evaluate_classifier(
+    model: torch.nn.Module,
+    tok: PreTrainedTokenizerBase,
+    examples: Examples,
+    *,
+    max_len: int,
+    device: torch.device,
+    batch_size: int = 128,
+    encoder: Encoder | None = None,
+) -> dict[str, float]:
+    """``accuracy``, ``eval_loss`` (mean cross-entropy) and ``mcc`` of ``model``.
+
+    Examples are batched by token length (less padding); the metrics do not depend on it.
+    """
+    torch.nn.Module.eval(model)
+    enc = encoder or Encoder(tok, max_len)
+    enc.prefill(examples.texts)
+    order = sorted(range(len(examples)), key=lambda j: (len(enc.ids(examples.texts[j])), j))
+    preds = [0] * len(examples)
+    total_loss = 0.0
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        labels = torch.tensor([examples.labels[j] for j in idx], device=device)
+        batch = enc.batch([examples.texts[j] for j in idx], device)
+        logits = model(**batch).logits.float()
+        total_loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        for j, q in zip(idx, logits.argmax(-1).tolist(), strict=True):
+            preds[j] = int(q)
+    n = max(len(examples), 1)
+    correct = sum(int(q == y) for q, y in zip(preds, examples.labels, strict=True))
+    return {
+        "accuracy": correct / n,
+        "eval_loss": total_loss / n,
+        "mcc": matthews_corrcoef(examples.labels, preds),
+    }
+
+
 def evaluate_model(
     model: torch.nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -234,20 +433,9 @@ def evaluate_model(
     max_len: int,
     device: torch.device,
 ) -> tuple[float, float]:
-    """Accuracy and mean loss of ``model`` on ``examples`` (batches of 64)."""
-    torch.nn.Module.eval(model)
-    correct = 0
-    total_loss = 0.0
-    for start in range(0, len(examples), 64):
-        texts = examples.texts[start : start + 64]
-        labels = torch.tensor(examples.labels[start : start + 64], device=device)
-        batch = tok(
-            texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt"
-        ).to(device)
-        out = model(**batch, labels=labels)
-        total_loss += float(out.loss) * len(texts)
-        correct += int((out.logits.argmax(-1) == labels).sum())
-    return correct / len(examples), total_loss / len(examples)
+    """Accuracy and mean loss of ``model`` on ``examples``."""
+    m = evaluate_classifier(model, tok, examples, max_len=max_len, device=device)
+    return m["accuracy"], m["eval_loss"]
 
 
 class Simulation:
@@ -273,6 +461,12 @@ class Simulation:
         for prm in self.base.parameters():
             prm.requires_grad_(False)
         self.models: dict[int, torch.nn.Module] = {}
+        self._eval_model: torch.nn.Module | None = None
+        # Every shard and the evaluation set are tokenised once, here.
+        self.encoder = Encoder(self.tok, cfg.max_len)
+        if cfg.objective == "classification":
+            self.encoder.prefill(train.texts)
+            self.encoder.prefill(self.eval.texts)
         self.round = 0
         self.metrics: list[dict[str, Any]] = []
         # Server state carried between rounds (all in safetensors checkpoints):
@@ -299,12 +493,29 @@ class Simulation:
 
     def _model(self, r: int) -> torch.nn.Module:
         if r not in self.models:
-            torch.manual_seed(_seed_for(self.cfg.seed, 7, r))
+            torch.manual_seed(seed_for(self.cfg.seed, 7, r))
             self.models[r] = get_peft_model(copy.deepcopy(self.base), self._lora_config(r))
         return self.models[r]
 
     def _target_weights(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         return target_weights(model)
+
+    def _fresh_init(self, i: int, r: int, model: torch.nn.Module) -> dict[str, LoRAFactors] | None:
+        """A fresh LoRA start for client ``i``: the rank-r part of the round's shared init.
+
+        FFA-LoRA freezes one A for the whole run (round 0's draw); FLoRA re-initialises every
+        round from that round's draw. ``per_client_init`` returns None: the caller then lets
+        peft draw A per client (seeded by run seed, round and client).
+        """
+        shared_a = get_operator(self.cfg.operator).shared_A  # FFA-LoRA: one frozen A for all
+        rnd = 0 if shared_a else self.round
+        if self.cfg.per_client_init:
+            torch.manual_seed(seed_for(self.cfg.seed, rnd, 0 if shared_a else i, 1))
+            return None
+        shapes = lora_shapes(model)
+        init = shared_lora_init(shapes, max(self.cfg.ranks()), seed=self.cfg.seed,
+                                round_index=rnd)  # fmt: skip
+        return fresh_factors(shapes, init, r)
 
     def _load_client(self, i: int, r: int) -> torch.nn.Module:
         model = self._model(r)
@@ -312,12 +523,10 @@ class Simulation:
         base_sd = self.base.state_dict()
         for name, w in self._target_weights(model).items():
             w.data.copy_(base_sd[f"{name}.weight"])
-        shared_a = get_operator(self.cfg.operator).shared_A  # FFA-LoRA: one frozen A for all
-        torch.manual_seed(
-            _seed_for(self.cfg.seed, 0 if shared_a else self.round, 0 if shared_a else i, 1)
-        )
         init = self.client_init[i]
-        if init is None:  # a fresh LoRA start: B = 0, A random (seeded per client and round)
+        if init is None:
+            init = self._fresh_init(i, r, model)
+        if init is None:  # per-client init: B = 0, A drawn by peft (seeded in _fresh_init)
             for mod in model.modules():
                 reset = getattr(mod, "reset_lora_parameters", None)
                 if callable(reset) and hasattr(mod, "lora_A"):
@@ -342,7 +551,7 @@ class Simulation:
             batch_size=self.cfg.batch_size,
             lr=self.cfg.lr,
             max_len=self.cfg.max_len,
-            seed=_seed_for(self.cfg.seed, self.round, i, 2),
+            seed=seed_for(self.cfg.seed, self.round, i, 2),
             freeze_a=get_operator(self.cfg.operator).shared_A,
             device=self.device,
             batch_loss=self._batch_loss(),
@@ -353,15 +562,25 @@ class Simulation:
             cfg, tok, dev = self.cfg, self.tok, self.device
             return lambda m, x, y: lm_batch_loss(m, tok, cfg.task, x, y, max_len=cfg.max_len,
                                                  device=dev)  # fmt: skip
-        return classification_loss(self.tok, self.cfg.max_len, self.device)
+        return classification_loss(self.tok, self.cfg.max_len, self.device, self.encoder)
 
     # ------------------------------------------------------------------------- a round
 
     def _participants(self) -> list[int]:
         n = self.cfg.clients
         m = max(1, math.ceil(self.cfg.participation * n))
-        g = torch.Generator().manual_seed(_seed_for(self.cfg.seed, self.round, 3))
+        g = torch.Generator().manual_seed(seed_for(self.cfg.seed, self.round, 3))
         return sorted(torch.randperm(n, generator=g)[:m].tolist())
+
+    def _options(self) -> dict[str, float]:
+        """Operator options from the config: ``max_residual`` and ``tol`` where it takes them."""
+        op = get_operator(self.cfg.operator)
+        out = {}
+        if "max_residual" in op.options:
+            out["max_residual"] = float(self.cfg.max_residual)
+        if "tol" in op.options and self.cfg.tol is not None:
+            out["tol"] = float(self.cfg.tol)
+        return out
 
     def step(self) -> dict[str, Any]:
         """One federated round: local training, aggregation, folds, evaluation."""
@@ -376,7 +595,12 @@ class Simulation:
                 k: v.detach().to("cpu", torch.float64)
                 for k, v in get_peft_model_state_dict(model).items()
             }
-            adapters.append(adapter_from_state_dict(sd, self._config_dict(ranks[i]), client=i))
+            adapter = adapter_from_state_dict(sd, self._config_dict(ranks[i]), client=i)
+            if self.cfg.scramble_gauge > 0:
+                adapter = scramble_adapter(
+                    adapter, self.cfg.scramble_gauge, seed_for(self.cfg.seed, self.round, i, 4)
+                )
+            adapters.append(adapter)
         weights = [float(len(self.shards[i])) for i in who]
         R = self.cfg.server_rank or max(ranks)
         with warnings.catch_warnings(record=True) as caught:
@@ -388,27 +612,26 @@ class Simulation:
                 rank=R,
                 client_ranks=[{m: ranks[i] for m in adapters[0].modules} for i in who],
                 states=self.op_states,
+                options=self._options(),
             )
         notes = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
-        # Aggregation error of the server update against the exact mean, over all modules.
-        num = den = 0.0
-        for name, res in rnd.results.items():
-            fs = [a.modules[name].factors for a in adapters]
-            e = server_error(res, fs, weights)
-            mean_norm = sum(w * float(f.delta().norm()) for w, f in zip(weights, fs, strict=True))
-            num += (e * mean_norm) ** 2
-            den += mean_norm**2
+        errors = aggregation_errors(rnd.results, adapters, weights)
+        t_agg = time.perf_counter()
         self._apply(rnd, who)
-        acc, loss = self.evaluate()
-        row = {
+        ev = self.evaluate()
+        row: dict[str, Any] = {
             "round": self.round + 1,
             "participants": who,
-            "accuracy": acc,
-            "eval_loss": loss,
-            "aggregation_error": math.sqrt(num / den) if den else 0.0,
-            "seconds": time.perf_counter() - t0,
-            "warnings": notes,
+            "accuracy": ev["accuracy"],
+            "eval_loss": ev["eval_loss"],
         }
+        if self.cfg.task.lower() == "cola" and "mcc" in ev:
+            row["mcc"] = ev["mcc"]
+        row.update(errors)
+        row.update(server_shape(rnd.results))
+        row["seconds"] = time.perf_counter() - t0
+        row["eval_seconds"] = time.perf_counter() - t_agg
+        row["warnings"] = notes
         self.metrics.append(row)
         self.round += 1
         return row
@@ -456,19 +679,30 @@ class Simulation:
                     out[name] = truncate_svd(U, sv, Vh, r, res.update.B.dtype)
                 self.client_init[i] = out
 
-    def evaluate(self) -> tuple[float, float]:
-        """Accuracy and loss of the global model (base + global update + averaged head)."""
+    def evaluate(self) -> dict[str, float]:
+        """``accuracy``, ``eval_loss`` (and ``mcc``, classification) of the global model.
+
+        The global model is base + global update + averaged head, written into one evaluation
+        model kept across rounds.
+        """
+        if self._eval_model is None:
+            self._eval_model = copy.deepcopy(self.base)
         model = merged_model(
-            self.base, {n: u.delta() for n, u in self.global_update.items()}, self.dense
+            self.base,
+            {n: u.delta() for n, u in self.global_update.items()},
+            self.dense,
+            into=self._eval_model,
         )
         if self.cfg.objective == "causal_lm":
-            return lm_evaluate(
+            acc, loss = lm_evaluate(
                 model, self.tok, self.cfg.task, self.eval, max_len=self.cfg.max_len,
                 device=self.device,
             )  # fmt: skip
-        return evaluate_model(
-            model, self.tok, self.eval, max_len=self.cfg.max_len, device=self.device
-        )
+            return {"accuracy": acc, "eval_loss": loss}
+        return evaluate_classifier(
+            model, self.tok, self.eval, max_len=self.cfg.max_len, device=self.device,
+            encoder=self.encoder,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -568,6 +802,69 @@ class Simulation:
         return self.metrics
 
 
+def aggregation_errors(
+    results: Mapping[str, AggregateResult],
+    adapters: Sequence[ClientAdapter],
+    weights: Sequence[float],
+) -> dict[str, float | None]:
+    """Exact error of the server update against the mean update, over all modules.
+
+    ``aggregation_error`` = sqrt(sum_m ||W_bar_m - update_m||^2 / sum_m ||W_bar_m||^2), from
+    factors (dense only where the operator folds a dense residual into the base);
+    ``aggregation_error_max``: the largest per-module relative error. Where every module has a
+    certificate (GLoRA family), ``certified_residual`` and ``certified_residual_max`` are the
+    same quantities from the certificates (None otherwise): the two must agree to rounding.
+    """
+    num = den = worst = 0.0
+    c_num = c_den = c_worst = 0.0
+    certified = bool(results)
+    for name, res in results.items():
+        fs = [a.modules[name].factors for a in adapters]
+        mean = mean_update(fs, weights)
+        norm = fro_norm(mean)
+        if res.residual is None:
+            err = fro_distance(res.update, mean)
+        else:
+            dense = res.dense().double() - (mean.B @ mean.A).double()
+            err = float(torch.linalg.matrix_norm(dense))
+        num += err * err
+        den += norm * norm
+        worst = max(worst, err / norm if norm else (0.0 if err == 0.0 else math.inf))
+        cert = res.certificate
+        if cert is None:
+            certified = False
+            continue
+        c_num += cert.residual**2
+        c_den += cert.mean_norm**2
+        c_worst = max(c_worst, cert.relative_residual)
+    rel = math.sqrt(num / den) if den else (0.0 if num == 0.0 else math.inf)
+    return {
+        "aggregation_error": rel,
+        "aggregation_error_max": worst,
+        "certified_residual": (math.sqrt(c_num / c_den) if c_den else 0.0) if certified else None,
+        "certified_residual_max": c_worst if certified else None,
+    }
+
+
+def server_shape(results: Mapping[str, AggregateResult]) -> dict[str, Any]:
+    """The effective server rank and, for certified results, the consensus side per module.
+
+    ``server_rank``/``server_rank_mean``: max and mean of the update ranks over modules;
+    ``sides``: for the GLoRA family, how many modules took each side. A certified result
+    without a basis is right-sided (``glora_auto``: the A row spaces).
+    """
+    ranks = [res.update.rank for res in results.values()]
+    out: dict[str, Any] = {
+        "server_rank": max(ranks, default=0),
+        "server_rank_mean": sum(ranks) / len(ranks) if ranks else 0.0,
+        "sides": None,
+    }
+    if results and all(res.certificate is not None for res in results.values()):
+        right = sum(res.basis is None for res in results.values())
+        out["sides"] = {"left": len(results) - right, "right": right}
+    return out
+
+
 def write_results(out: Path, cfg: SimConfig, metrics: list[dict[str, Any]]) -> None:
     """results.json and PNG plots of accuracy and aggregation error per round."""
     out.mkdir(parents=True, exist_ok=True)
@@ -621,6 +918,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SimConfig, bool]:
         kw["client_ranks"] = [int(x) for x in kw["client_ranks"].split(",")]
     kw["target_modules"] = kw["target_modules"].split(",") if kw["target_modules"] else None
     kw["server_rank"] = int(kw["server_rank"]) if kw["server_rank"] else None
+    kw["tol"] = float(kw["tol"]) if kw["tol"] else None
     return SimConfig(**kw), resume
 
 

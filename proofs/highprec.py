@@ -1,7 +1,8 @@
 """High-precision checks (mpmath, >= 50 digits) of the SPEC propositions.
 
 An independent reference implementation of GLoRA in mpmath (skinny QR, symmetric eigensolver,
-SVD at ``dps`` digits) is run on random problems whose entries are float64 numbers (exactly
+SVD at ``dps`` digits), with its right-side variant (ours) by transposition and the certificate
+of the relative residual, is run on random problems whose entries are float64 numbers (exactly
 representable), and each proposition's residual is reported relative to the problem's scale.
 A true identity leaves a residual near ``10**-dps``; a real error would stay at its size no
 matter the precision. Float64 noise (~1e-16) therefore cannot hide a real error here.
@@ -9,6 +10,7 @@ matter the precision. Float64 noise (~1e-16) therefore cannot hide a real error 
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,6 +102,33 @@ def glora(
     for pi, (U, _) in zip(p, fixed, strict=True):
         K += pi * (U * U.T)
     return Uref, S, K
+
+
+def glora_right(
+    Bs: list[Matrix], As: list[Matrix], p: list[mp.mpf], R: int
+) -> tuple[Matrix, Matrix, Matrix]:
+    """Reference right-side GLoRA (ours): (V_ref, S', K_R), update ``S' V_ref^T``.
+
+    V_i from the skinny QR of A_i^T (an orthonormal basis of row(A_i)), V_ref the top-R
+    eigenvectors of K_R = sum p_i V_i V_i^T (k-by-k), S' = sum p_i B_i (A_i V_ref) (d-by-R):
+    the transpose problem (A_i^T, B_i^T) of :func:`glora`.
+    """
+    Vs = [mp.qr(A.T, mode="skinny")[0] for A in As]
+    Vref, _ = consensus(Vs, p, R)
+    S = mp.zeros(Bs[0].rows, R)
+    for pi, B, A in zip(p, Bs, As, strict=True):
+        S += pi * (B * (A * Vref))
+    k = As[0].cols
+    K = mp.zeros(k, k)
+    for pi, V in zip(p, Vs, strict=True):
+        K += pi * (V * V.T)
+    return Vref, S, K
+
+
+def certificate(W: Matrix, update: Matrix, S: Matrix) -> tuple[mp.mpf, mp.mpf]:
+    """rho^2 by the difference 1 - ||S||^2 / ||W||^2 and directly ||W - update||^2 / ||W||^2."""
+    total = _fro(W) ** 2
+    return 1 - _fro(S) ** 2 / total, _fro(W - update) ** 2 / total
 
 
 @dataclass
@@ -266,6 +295,114 @@ def check_P10(rng: random.Random) -> tuple[mp.mpf, str]:
     return _fro(Bst * Ast - pb.mean) / pb.scale, "||[B_i][p_i A_i] - W|| / scale"
 
 
+def _gauged(pb: _Problem, rng: random.Random) -> tuple[list[Matrix], list[Matrix]]:
+    """The clients under random per-client gauges (B_i G_i, G_i^-1 A_i)."""
+    Gs = [_rand(pb.r, pb.r, rng) + 2 * mp.eye(pb.r) for _ in pb.Bs]
+    Bg = [B * G for B, G in zip(pb.Bs, Gs, strict=True)]
+    Ag = [mp.inverse(G) * A for G, A in zip(Gs, pb.As, strict=True)]
+    return Bg, Ag
+
+
+def check_P11(rng: random.Random) -> tuple[mp.mpf, str]:
+    pb = _problem(rng, d=5, k=7)  # row-space union N r = 6 < k
+    W = pb.mean
+    V, S, K = glora_right(pb.Bs, pb.As, pb.p, 3)
+    projection = _fro(S * V.T - W * V * V.T) / pb.scale
+    V6, S6, _ = glora_right(pb.Bs, pb.As, pb.p, pb.r * len(pb.Bs))
+    exact = _fro(S6 * V6.T - W) / pb.scale
+    Ut, St, Kt = glora([A.T for A in pb.As], [B.T for B in pb.Bs], pb.p, 3)
+    transpose = max(_fro((Ut * St).T - S * V.T) / pb.scale, _fro(Kt - K))
+    Bg, Ag = _gauged(pb, rng)
+    V1, S1, K1 = glora_right(Bg, Ag, pb.p, 3)
+    gauge = max(_fro(S1 * V1.T - S * V.T) / pb.scale, _fro(K1 - K))
+    return max(projection, exact, transpose, gauge), (
+        "max(||S'V^T - W V V^T||, ||S'V^T - W|| at R = N r, vs transposed left, GL(r) gauges)"
+    )
+
+
+def check_P12(rng: random.Random) -> tuple[mp.mpf, str]:
+    pb = _problem(rng)
+    W = pb.mean
+    U, S, _ = glora(pb.Bs, pb.As, pb.p, 3)
+    V, Sr, _ = glora_right(pb.Bs, pb.As, pb.p, 3)
+    Ur = _cols(_random_orthogonal(pb.d, rng), 0, 3)
+    cases = [(U * S, S), (Sr * V.T, Sr), (Ur * (Ur.T * W), Ur.T * W)]
+    worst = mp.mpf(0)
+    for update, coords in cases:
+        by_difference, direct = certificate(W, update, coords)
+        worst = max(worst, abs(by_difference - direct), abs(_fro(update) - _fro(coords)) / pb.scale)
+    # The direct form from factors: [p_1 B_1 ... p_N B_N, -U][A_1; ...; A_N; S] = W - U S.
+    left = _hstack([pi * B for pi, B in zip(pb.p, pb.Bs, strict=True)] + [-U])
+    right = _hstack([A.T for A in pb.As] + [S.T]).T
+    worst = max(worst, _fro(left * right - (W - U * S)) / pb.scale)
+    return worst, "|rho^2 by difference - rho^2 direct|, | ||PW|| - ||S|| |: left, right, random U"
+
+
+def _curve_violation(Ms: list[Matrix], p: list[mp.mpf], W: Matrix, union: int) -> mp.mpf:
+    """P13 on one side: the curve from the rows of S against the measured residuals."""
+    n = W.rows
+    U, ev = consensus(Ms, p, n)  # the full ordered basis: nested top eigenvectors
+    S = U.T * W
+    total = _fro(W) ** 2
+    curve = [mp.mpf(1)]
+    for j in range(n):
+        curve.append(curve[-1] - sum(S[j, c] ** 2 for c in range(S.cols)) / total)
+    worst = abs(ev[union])  # the union has exactly `union` positive eigenvalues
+    direct = [mp.mpf(1)]  # R = 0: nothing kept
+    for RR in range(1, n + 1):
+        X = _cols(U, 0, RR)
+        direct.append(_fro(W - X * (X.T * W)) ** 2 / total)
+        worst = max(worst, abs(curve[RR] - direct[RR]))
+    for a, b in itertools.pairwise(direct):
+        worst = max(worst, b - a)  # non-increasing
+    worst = max(worst, abs(curve[union]), direct[union])  # 0 at the union (P2)
+    tiny = mp.mpf(10) ** ((8 - mp.mp.dps) // 2)  # tiny^2: the working precision's threshold
+    for tol in (mp.mpf("0.5"), mp.mpf("0.1"), mp.mpf("1e-3"), tiny):
+        meets = [RR for RR, v in enumerate(curve) if v <= tol**2]
+        if not meets or meets[0] > union:
+            worst = max(worst, mp.mpf(1))
+    return worst
+
+
+def check_P13(rng: random.Random) -> tuple[mp.mpf, str]:
+    pb = _problem(rng, d=7, k=7)  # both unions have dimension N r = 6 < 7
+    W = pb.mean
+    union = pb.r * len(pb.Bs)
+    Us = [mp.qr(B, mode="skinny")[0] for B in pb.Bs]
+    Vs = [mp.qr(A.T, mode="skinny")[0] for A in pb.As]
+    worst = max(_curve_violation(Us, pb.p, W, union), _curve_violation(Vs, pb.p, W.T, union))
+    return worst, "max |curve - measured rho^2|, increase, rho^2 at the union, auto R > union"
+
+
+def _side_residuals(Bs: list[Matrix], As: list[Matrix], pb: _Problem, R: int) -> list[mp.mpf]:
+    W = pb.mean  # gauges leave it unchanged: compared against the original mean on purpose
+    U, S, _ = glora(Bs, As, pb.p, R)
+    V, Sr, _ = glora_right(Bs, As, pb.p, R)
+    return [certificate(W, U * S, S)[1], certificate(W, Sr * V.T, Sr)[1]]
+
+
+def check_P14(rng: random.Random) -> tuple[mp.mpf, str]:
+    pb = _problem(rng)
+    rho = _side_residuals(pb.Bs, pb.As, pb, 3)
+    Bg, Ag = _gauged(pb, rng)
+    rho_g = _side_residuals(Bg, Ag, pb, 3)
+    worst = max(abs(a - b) for a, b in zip(rho, rho_g, strict=True))
+    side = min(range(2), key=lambda i: rho[i])  # ties go left
+    side_g = min(range(2), key=lambda i: rho_g[i])
+    if side != side_g and abs(rho[0] - rho[1]) > mp.mpf(10) ** (10 - mp.mp.dps):
+        worst = max(worst, mp.mpf(1))  # the choice moved under a gauge
+    # Shared-init regime: the clients' A's span one row space, the B_i diverge. The right side
+    # is exact at R = r (P11), the left is not: auto must keep the right.
+    A = _rand(pb.r, pb.k, rng)
+    shared = [_rand(pb.r, pb.r, rng) + 2 * mp.eye(pb.r) for _ in pb.Bs]
+    As = [G * A for G in shared]
+    left, right = _side_residuals(pb.Bs, As, _Problem(pb.Bs, As, pb.p, pb.d, pb.k, pb.r), pb.r)
+    worst = max(worst, right)
+    if not left > right:
+        worst = max(worst, mp.mpf(1))
+    return worst, "max |d rho^2| of both sides under GL(r) gauges, choice moved, shared-A right"
+
+
 CHECKS: dict[str, Callable[[random.Random], tuple[mp.mpf, str]]] = {
     "P1": check_P1,
     "P2": check_P2,
@@ -277,6 +414,10 @@ CHECKS: dict[str, Callable[[random.Random], tuple[mp.mpf, str]]] = {
     "P8": check_P8,
     "P9": check_P9,
     "P10": check_P10,
+    "P11": check_P11,
+    "P12": check_P12,
+    "P13": check_P13,
+    "P14": check_P14,
 }
 
 

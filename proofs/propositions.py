@@ -133,6 +133,58 @@ PROPOSITIONS: tuple[Proposition, ...] = (
             "test_identities:test_P10_fedex_residual_in_the_base_weight_layout",
         ),
     ),
+    # Extensions beyond the paper (ours, SPEC "Extensions"): right side, certificate, auto rules.
+    Proposition(
+        "P11",
+        "right-side consensus (ours)",
+        "With V_i an orthonormal basis of row(A_i), K_R = sum_i p_i V_i V_i^T, V_ref = "
+        "TopEig_R(K_R) and S' = sum_i p_i B_i (A_i V_ref), the update S' V_ref^T is the "
+        "projection of the mean from the right, W_bar V_ref V_ref^T; exact when "
+        "R >= dim sum_i row(A_i); invariant under per-client GL(r_i) gauges.",
+        r"S' V_{\mathrm{ref}}^\top = \bar W V_{\mathrm{ref}} V_{\mathrm{ref}}^\top, \quad "
+        r"R \ge \dim \textstyle\sum_i \mathrm{row}(A_i) "
+        r"\Rightarrow S' V_{\mathrm{ref}}^\top = \bar W",
+        ("glora_auto", "glora_auto_rank"),
+        (
+            "test_sided:test_P11_right_side_is_the_projection_of_the_mean",
+            "test_sided:test_P11_right_side_gauge_invariance",
+            "test_sided:test_P11_right_side_exact_when_R_spans_the_row_union",
+        ),
+    ),
+    Proposition(
+        "P12",
+        "certificate identity",
+        "For an orthogonal projector P (left U U^T W_bar, right W_bar V V^T), "
+        "||W_bar - P W_bar||_F^2 = ||W_bar||_F^2 - ||P W_bar||_F^2 and ||P W_bar||_F = ||S||_F "
+        "with S = U^T W_bar (right: W_bar V): the relative residual from factors.",
+        r"\|\bar W - U S\|_F^2 = \|\bar W\|_F^2 - \|S\|_F^2, \quad S = U^\top \bar W",
+        ("glora", "glora_svd", "glora_auto", "glora_auto_rank"),
+        ("test_sided:test_P12_certificate_equals_the_measured_error",),
+    ),
+    Proposition(
+        "P13",
+        "auto-rank rule",
+        "For nested top eigenvectors U_R, rho(R)^2 = 1 - sum_{j<=R} ||s_j||^2 / ||W_bar||^2 "
+        "(s_j the rows of U_full^T W_bar) is non-increasing in R and 0 at R = dim of the union "
+        "(P2): the smallest R with rho(R) <= tol exists and is at most that dimension.",
+        r"\rho(R)^2 = 1 - \textstyle\sum_{j \le R} \|s_j\|^2 / \|\bar W\|_F^2 \downarrow, "
+        r"\quad \rho(\dim \textstyle\sum_i \mathrm{col}(B_i)) = 0",
+        ("glora_auto_rank",),
+        (
+            "test_sided:test_P13_auto_rank_is_the_smallest_certified_rank",
+            "test_sided:test_P13_auto_rank_with_auto_side_takes_the_smaller_rank",
+        ),
+    ),
+    Proposition(
+        "P14",
+        "auto side is optimal between the two",
+        "The side='auto' residual is min(rho_left, rho_right) by construction, and both sides' "
+        "residuals are gauge invariant (P3, P11), so the choice is gauge invariant.",
+        r"\rho_{\mathrm{auto}} = \min(\rho_{\mathrm{left}}, \rho_{\mathrm{right}}), "
+        r"\text{ both invariant under } (B_i, A_i) \mapsto (B_i G_i, G_i^{-1} A_i)",
+        ("glora_auto", "glora_auto_rank"),
+        ("test_sided:test_P14_auto_side_is_the_better_side",),
+    ),
     Proposition(
         "L1",
         "low-rank Frobenius norms (used by every metric)",

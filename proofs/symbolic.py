@@ -9,7 +9,9 @@ Two kinds of proof, as each proposition allows:
 * **Statements that need a decomposition** (a top-R eigenspace, an SVD) are proved exactly on
   rational matrices of several sizes: rational orthogonal matrices come from the Cayley
   transform ``Q = (I - X)(I + X)^-1`` of a rational skew-symmetric X, rational projectors from
-  ``M (M^T M)^-1 M^T``; all arithmetic is exact, so "equal" means equal.
+  ``M (M^T M)^-1 M^T``; all arithmetic is exact, so "equal" means equal. Where a proof needs
+  the consensus eigenvectors themselves (P11-P14, ours), the clients are *aligned*:
+  ``B_i = Q[:, J_i] G_i`` with Q rational orthogonal, so K is exactly diagonal in Q's basis.
 
 Each ``prove_*`` returns a :class:`SymbolicResult`; none raises on a failed proof.
 """
@@ -22,7 +24,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import sympy as sp
-from sympy import BlockMatrix, Identity, MatrixSymbol, Rational, block_collapse, symbols
+from sympy import (
+    BlockMatrix,
+    Identity,
+    MatMul,
+    MatPow,
+    MatrixSymbol,
+    Rational,
+    block_collapse,
+    symbols,
+)
 
 # Symbolic dimensions for the general identities.
 d, k, r, R = symbols("d k r R", integer=True, positive=True)
@@ -420,6 +431,433 @@ def prove_L1() -> SymbolicResult:
     return SymbolicResult(ok, "matrix symbols", "(QTA)^T(QTA) = (TA)^T(TA), so the traces agree")
 
 
+# ------------------------------------------------------- extensions beyond the paper (ours)
+
+
+def _apply_projector_lemma(expr: sp.Basic, P: sp.MatrixExpr) -> sp.Basic:
+    """Rewrite ``expr`` with the stated lemma ``P^T = P`` and ``P P = P``.
+
+    sympy cannot use the assumption by itself: every ``P^T`` becomes ``P`` and every run of
+    P's (a product or a power) collapses to one P, until nothing changes. The lemma holds for
+    ``P = U U^T`` with ``U^T U = I`` (:func:`_lemma_orthonormal_projector`).
+    """
+
+    def collapse(m: sp.Basic) -> sp.Basic:
+        out: list[sp.Basic] = []
+        for a in m.args:
+            f = P if isinstance(a, MatPow) and a.base == P else a
+            if not (f == P and out and out[-1] == P):
+                out.append(f)
+        return MatMul(*out)
+
+    expr = expr.subs(P.T, P)
+    prev = None
+    while prev != expr:
+        prev = expr
+        expr = expr.replace(lambda e: isinstance(e, MatMul), collapse)
+        expr = expr.replace(lambda e: isinstance(e, MatPow) and e.base == P, lambda e: P)
+    return expr
+
+
+def _lemma_orthonormal_projector() -> bool:
+    """``U^T U = I`` => ``U U^T`` is symmetric and idempotent (left; right: ``V V^T``)."""
+    U = MatrixSymbol("U", d, R)
+    V = MatrixSymbol("V", k, R)
+    ok = True
+    for X in (U, V):
+        P = X * X.T
+        ok &= _is_zero(P.T - P)
+        ok &= _is_zero(MatMul(X, X.T, X, X.T).subs(X.T * X, Identity(R)).doit() - P)
+    return ok
+
+
+def _lemma_inverse_of_product_right() -> bool:
+    """(H X H^T)^-1 = H^-T X^-1 H^-1 for square invertible H, X: their product is I."""
+    H = MatrixSymbol("H", r, r)
+    X = MatrixSymbol("X", r, r)
+    return bool((H * X * H.T * (H.T.I * X.I * H.I)).doit() == Identity(r))
+
+
+def _right_gauge_invariance() -> tuple[bool, str]:
+    """Row-space projectors, K_R and the clients' products under (B H^-1, H A), H invertible.
+
+    P(A^T) = A^T (A A^T)^-1 A is the projector onto row(A) (it is V V^T for any orthonormal
+    basis V of row(A)). With the lemma, P((H A)^T) = P(A^T) and (B H^-1)(H A) = B A, so
+    K_R = sum_i p_i P(A_i^T), W_bar, V_ref V_ref^T and W_bar V_ref V_ref^T are unchanged.
+    Exact rationals confirm K_R on three sizes.
+    """
+    lemma = _lemma_inverse_of_product_right()
+    B = MatrixSymbol("B", d, r)
+    A = MatrixSymbol("A", r, k)
+    H = MatrixSymbol("H", r, r)
+    inv = H.T.I * (A * A.T).I * H.I  # the lemma applied to (H (A A^T) H^T)^-1
+    projector_ok = _is_zero((H * A).T * inv * (H * A) - _projector(A.T))
+    product_ok = _is_zero((B * H.I) * (H * A) - B * A)
+    rng = _rng(11)
+    exact_ok = True
+    for kk, rr, n in ((4, 2, 2), (5, 2, 3), (6, 3, 2)):
+        As = [rational_matrix(rr, kk, rng) for _ in range(n)]
+        Hs = [_rational_invertible(rr, rng) for _ in range(n)]
+        ps = [Rational(rng.randint(1, 5)) for _ in range(n)]
+        K0 = sum((p * rational_projector(Ai.T) for p, Ai in zip(ps, As, strict=True)), sp.zeros(kk))
+        K1 = sum(
+            (p * rational_projector((Hi * Ai).T) for p, Ai, Hi in zip(ps, As, Hs, strict=True)),
+            sp.zeros(kk),
+        )
+        exact_ok &= (K0 - K1).is_zero_matrix is True
+    ok = lemma and projector_ok and product_ok and exact_ok
+    detail = (
+        f"lemma {lemma}, P((HA)^T)=P(A^T) {projector_ok}, (BH^-1)(HA)=BA {product_ok}, "
+        f"K_R {exact_ok}"
+    )
+    return ok, detail
+
+
+def _rational_invertible(n: int, rng: random.Random) -> sp.Matrix:
+    """A random rational n-by-n matrix with non-zero determinant (a gauge)."""
+    while True:
+        G = rational_matrix(n, n, rng) + 3 * sp.eye(n)
+        if G.det() != 0:
+            return G
+
+
+@dataclass(frozen=True)
+class _Aligned:
+    """Clients whose consensus matrices have exact rational eigenvectors.
+
+    ``B_i = Q1[:, J_i] G_i`` and ``A_i = H_i Q2[:, L_i]^T`` with rational orthogonal Q1 (d x d),
+    Q2 (k x k) and invertible G_i, H_i: then P(B_i) = Q1_J Q1_J^T, so K = Q1 diag(c) Q1^T with
+    c_j = sum of p_i over the clients that use column j, and likewise K_R = Q2 diag(c') Q2^T.
+    """
+
+    Bs: list[sp.Matrix]
+    As: list[sp.Matrix]
+    ps: list[sp.Expr]
+    Q1: sp.Matrix
+    Q2: sp.Matrix
+
+    @property
+    def mean(self) -> sp.Matrix:
+        W = sp.zeros(self.Bs[0].rows, self.As[0].cols)
+        for p, Bi, Ai in zip(self.ps, self.Bs, self.As, strict=True):
+            W += p * Bi * Ai
+        return W
+
+    def K(self, side: str) -> sp.Matrix:
+        """K (left, from the B_i's column spaces) or K_R (right, from the A_i's row spaces)."""
+        Ms = self.Bs if side == "left" else [Ai.T for Ai in self.As]
+        K = sp.zeros(Ms[0].rows)
+        for p, Mi in zip(self.ps, Ms, strict=True):
+            K += p * rational_projector(Mi)
+        return K
+
+    def ordered_basis(self, side: str) -> tuple[sp.Matrix, list[sp.Expr], bool]:
+        """All eigenvectors of the side's K, by decreasing eigenvalue, and their eigenvalues.
+
+        The flag is True when Q^T K Q is exactly diagonal (so the columns are eigenvectors).
+        """
+        Q = self.Q1 if side == "left" else self.Q2
+        D = Q.T * self.K(side) * Q
+        diagonal = (D - sp.diag(*[D[j, j] for j in range(D.rows)])).is_zero_matrix is True
+        order = sorted(range(D.rows), key=lambda j: -D[j, j])  # stable: ties keep Q's order
+        basis = sp.Matrix.hstack(*[Q[:, j] for j in order])
+        return basis, [D[j, j] for j in order], diagonal
+
+    def gauged(self, rng: random.Random) -> _Aligned:
+        """The same clients under random per-client gauges (B_i M_i, M_i^-1 A_i)."""
+        Ms = [_rational_invertible(Bi.cols, rng) for Bi in self.Bs]
+        return _Aligned(
+            [Bi * Mi for Bi, Mi in zip(self.Bs, Ms, strict=True)],
+            [Mi.inv() * Ai for Mi, Ai in zip(Ms, self.As, strict=True)],
+            self.ps,
+            self.Q1,
+            self.Q2,
+        )
+
+
+def _aligned(  # noqa: PLR0917 - a test-problem builder
+    dd: int,
+    kk: int,
+    J: list[list[int]],
+    L: list[list[int]],
+    ps: list[sp.Expr],
+    rng: random.Random,
+) -> _Aligned:
+    Q1 = rational_orthogonal(dd, rng)
+    Q2 = rational_orthogonal(kk, rng)
+    Bs = [
+        sp.Matrix.hstack(*[Q1[:, j] for j in Ji]) * _rational_invertible(len(Ji), rng) for Ji in J
+    ]
+    As = [
+        _rational_invertible(len(Li), rng) * sp.Matrix.hstack(*[Q2[:, j] for j in Li]).T for Li in L
+    ]
+    return _Aligned(Bs, As, ps, Q1, Q2)
+
+
+def _side_update(pb: _Aligned, side: str, RR: int) -> tuple[sp.Matrix, sp.Matrix, bool]:
+    """(update, S) of one side at rank RR from the exact ordered basis; flag: exact eigvecs, a
+    strict eigengap at RR (so the top-RR eigenspace is unique)."""
+    basis, ev, diagonal = pb.ordered_basis(side)
+    X = basis[:, :RR]
+    W = pb.mean
+    gap = RR >= len(ev) or ev[RR - 1] > ev[RR]
+    if side == "left":
+        S = X.T * W  # = sum_i p_i (U_ref^T B_i) A_i
+        return X * S, S, diagonal and gap
+    S = sum(
+        (p * Bi * (Ai * X) for p, Bi, Ai in zip(pb.ps, pb.Bs, pb.As, strict=True)),
+        sp.zeros(W.rows, RR),
+    )  # S' = sum_i p_i B_i (A_i V_ref)
+    return S * X.T, S, diagonal and gap
+
+
+# Weights and column sets of the aligned test problems: (d, k, J_i, L_i, R), p = (1/2, 1/3, 1/6).
+_ALIGNED_CASES: tuple[tuple[int, int, list[list[int]], list[list[int]], int], ...] = (
+    (5, 6, [[0, 1], [1, 2], [3, 4]], [[0, 1], [1, 2], [4, 5]], 2),
+    (6, 5, [[0, 1], [2], [2, 3]], [[0, 1], [2], [2, 3]], 3),
+    (6, 7, [[0, 1, 2], [2, 3], [4]], [[0, 1, 2], [3, 4], [5]], 3),
+)
+_WEIGHTS = [Rational(1, 2), Rational(1, 3), Rational(1, 6)]
+
+
+def prove_P11() -> SymbolicResult:
+    """Right-side consensus (ours): S' V_ref^T = W_bar V_ref V_ref^T; exact when R >= dim of the
+    union of the row spaces; invariant under per-client GL(r_i) gauges.
+
+    Matrix symbols (N = 3, d, k, r, R symbolic) in the gauge-fixed form B_i A_i = C_i V_i^T:
+    S' = sum_i p_i C_i (V_i^T V_ref) gives S' V_ref^T = W_bar V_ref V_ref^T for any V_ref (by
+    linearity), and S'^T = V_ref^T W_bar^T is the left state of the transposed clients. Gauges:
+    :func:`_right_gauge_invariance`. Exact rationals: the identity at R below the union with
+    exact eigenvectors of K_R (aligned clients, three sizes), and exactness W_bar P = W_bar for
+    the projector onto the union of the row spaces (three sizes).
+    """
+    V = MatrixSymbol("V_ref", k, R)
+    ps = symbols("p1:4", positive=True)
+    Cs = [MatrixSymbol(f"C{i}", d, r) for i in range(1, 4)]
+    Vs = [MatrixSymbol(f"V{i}", k, r) for i in range(1, 4)]
+    W = sum((p * Ci * Vi.T for p, Ci, Vi in zip(ps, Cs, Vs, strict=True)), sp.ZeroMatrix(d, k))
+    S = sum(
+        (p * Ci * (Vi.T * V) for p, Ci, Vi in zip(ps, Cs, Vs, strict=True)), sp.ZeroMatrix(d, R)
+    )
+    projection_ok = _is_zero(S * V.T - W * V * V.T)
+    transpose_ok = _is_zero(S.T - V.T * W.T)
+    gauge_ok, gauge_detail = _right_gauge_invariance()
+    rng = _rng(11)
+    exact_ok = True
+    for dd, kk, J, L, RR in _ALIGNED_CASES:
+        pb = _aligned(dd, kk, J, L, _WEIGHTS, rng)
+        update, _, eig_ok = _side_update(pb, "right", RR)
+        basis, _, _ = pb.ordered_basis("right")
+        X = basis[:, :RR]
+        exact_ok &= eig_ok and (update - pb.mean * X * X.T).is_zero_matrix is True
+    for dd, kk, rr, n in ((4, 5, 2, 2), (3, 7, 2, 3), (5, 6, 3, 1)):
+        Bs = [rational_matrix(dd, rr, rng) for _ in range(n)]
+        As = [rational_matrix(rr, kk, rng) for _ in range(n)]
+        ps_ = [Rational(rng.randint(1, 5)) for _ in range(n)]
+        Wr = sum((p * Bi * Ai for p, Bi, Ai in zip(ps_, Bs, As, strict=True)), sp.zeros(dd, kk))
+        P = rational_projector(sp.Matrix.hstack(*[Ai.T for Ai in As]))
+        exact_ok &= (Wr * P - Wr).is_zero_matrix is True
+    ok = projection_ok and transpose_ok and gauge_ok and exact_ok
+    return SymbolicResult(
+        ok,
+        "matrix symbols (N = 3) + lemma (H invertible); exact rationals (aligned eigvecs, union)",
+        f"S'V^T = W V V^T {projection_ok}, transpose {transpose_ok}, {gauge_detail}, "
+        f"exact cases {exact_ok}",
+    )
+
+
+def prove_P12() -> SymbolicResult:
+    """Certificate identity: ||W - P W||^2 = ||W||^2 - ||P W||^2 and ||P W|| = ||S||.
+
+    Stated and proved lemma: for U^T U = I, P = U U^T is symmetric and idempotent. Then
+    (W - P W)^T (W - P W) = W^T W - (P W)^T (P W) (left; right: (W - W Q)(W - W Q)^T =
+    W W^T - (W Q)(W Q)^T for Q = V V^T) and the traces are the squared norms;
+    (U U^T W)^T (U U^T W) = (U^T W)^T (U^T W), i.e. ||P W|| = ||S|| with S = U^T W (right:
+    S = W V). The direct form of the certificate is the block identity
+    [p_1 B_1 ... p_N B_N, -U][A_1; ...; A_N; S] = W_bar - U S. Exact rationals: both
+    orientations with rational orthonormal bases and with GLoRA states (three sizes).
+    """
+    lemma = _lemma_orthonormal_projector()
+    W = MatrixSymbol("W", d, k)
+    P = MatrixSymbol("P", d, d)
+    Q = MatrixSymbol("Q", k, k)
+    left = _apply_projector_lemma(((W - P * W).T * (W - P * W)).expand(), P)
+    left_ok = _is_zero(left - _apply_projector_lemma((W.T * W - (P * W).T * (P * W)).expand(), P))
+    right = _apply_projector_lemma(((W - W * Q) * (W - W * Q).T).expand(), Q)
+    right_ok = _is_zero(right - _apply_projector_lemma((W * W.T - (W * Q) * (W * Q).T).expand(), Q))
+    # Without the lemma the identity is not an algebraic consequence (the proof uses it).
+    needs_lemma = not _is_zero((W - P * W).T * (W - P * W) - (W.T * W - (P * W).T * (P * W)))
+    U = MatrixSymbol("U", d, R)
+    V = MatrixSymbol("V", k, R)
+    kept_left = ((U * U.T * W).T * (U * U.T * W)).doit().subs(U.T * U, Identity(R))
+    kept_right = ((W * V * V.T) * (W * V * V.T).T).doit().subs(V.T * V, Identity(R))
+    kept_ok = _is_zero(kept_left - (U.T * W).T * (U.T * W)) and _is_zero(
+        kept_right - (W * V) * (W * V).T
+    )
+    ps = symbols("p1:4", positive=True)
+    Bs = [MatrixSymbol(f"B{i}", d, r) for i in range(1, 4)]
+    As = [MatrixSymbol(f"A{i}", r, k) for i in range(1, 4)]
+    Wbar = sum((p * Bi * Ai for p, Bi, Ai in zip(ps, Bs, As, strict=True)), sp.ZeroMatrix(d, k))
+    S = U.T * Wbar
+    stacked = block_collapse(
+        BlockMatrix([[*(p * Bi for p, Bi in zip(ps, Bs, strict=True)), -U]])
+        * BlockMatrix([[Ai] for Ai in As] + [[S]])
+    )
+    direct_ok = _is_zero(stacked - (Wbar - U * S))
+    rng = _rng(12)
+    exact_ok = True
+    for m, n, RR in ((5, 4, 2), (4, 6, 3), (6, 5, 1)):
+        Wr = rational_matrix(m, n, rng)
+        Ur = rational_orthogonal(m, rng)[:, :RR]
+        Vr = rational_orthogonal(n, rng)[:, :RR]
+        Sl, Sr = Ur.T * Wr, Wr * Vr
+        exact_ok &= _fro2(Wr - Ur * Sl) == _fro2(Wr) - _fro2(Sl)
+        exact_ok &= _fro2(Ur * Sl) == _fro2(Sl)
+        exact_ok &= _fro2(Wr - Sr * Vr.T) == _fro2(Wr) - _fro2(Sr)
+        exact_ok &= _fro2(Sr * Vr.T) == _fro2(Sr)
+    for dd, kk, J, L, RR in _ALIGNED_CASES:
+        pb = _aligned(dd, kk, J, L, _WEIGHTS, rng)
+        Wr = pb.mean
+        for side in ("left", "right"):
+            update, S_, eig_ok = _side_update(pb, side, RR)
+            exact_ok &= eig_ok and _fro2(Wr - update) == _fro2(Wr) - _fro2(S_)
+    ok = lemma and left_ok and right_ok and needs_lemma and kept_ok and direct_ok and exact_ok
+    return SymbolicResult(
+        ok,
+        "matrix symbols + lemma (P^T = P = P^2 from U^T U = I); exact rationals, 2 x 3 sizes",
+        f"lemma {lemma}, Pythagoras left {left_ok} right {right_ok} (needs the lemma "
+        f"{needs_lemma}), ||PW|| = ||S|| {kept_ok}, direct form {direct_ok}, exact {exact_ok}",
+    )
+
+
+def _auto_rank(curve: list[sp.Expr], tol: sp.Expr) -> int | None:
+    """The smallest R with rho(R)^2 <= tol^2 (None if there is none)."""
+    return next((RR for RR, v in enumerate(curve) if v <= tol**2), None)
+
+
+def _residual_curve(pb: _Aligned, side: str) -> tuple[list[sp.Expr], list[sp.Expr], int, bool]:
+    """rho(R)^2 for R = 0..n from the rows of S of the full ordered basis, the same from the
+    projected update directly, the number of positive eigenvalues, and the eigvec flag."""
+    basis, ev, diagonal = pb.ordered_basis(side)
+    W = pb.mean if side == "left" else pb.mean.T
+    S = basis.T * W  # rows s_j (right: the transposed problem)
+    total = _fro2(W)
+    curve = [
+        1 - sum((_fro2(S[j, :]) for j in range(RR)), Rational(0)) / total
+        for RR in range(basis.cols + 1)
+    ]
+    direct = [
+        _fro2(W - basis[:, :RR] * basis[:, :RR].T * W) / total for RR in range(basis.cols + 1)
+    ]
+    return curve, direct, sum(1 for e in ev if e > 0), diagonal
+
+
+def prove_P13() -> SymbolicResult:
+    """Auto-rank rule: rho(R)^2 = 1 - sum_{j<=R} ||s_j||^2 / ||W||^2 is non-increasing in R,
+    0 at R = dim of the union, so the smallest certified R exists and is at most that dimension.
+
+    Matrix symbols: for a nested basis [U_R u] (u one more column), the kept mass is additive,
+    [U_R u]^T W has Gram W^T U_R U_R^T W + W^T u u^T W, so ||S_{R+1}||^2 = ||S_R||^2 +
+    ||u^T W||^2 >= ||S_R||^2 (and P_{R+1} = P_R + u u^T); with P12 this is rho(R)^2 and it cannot
+    increase. Exact rationals (aligned clients with exact eigenvectors, both sides, three
+    sizes): the curve equals the directly measured residual at every R, is non-increasing, is 0
+    exactly at the number of positive eigenvalues = dim of the union (P2), and the smallest R
+    meeting each tol in {1/2, 1/10, 1/1000} exists and is at most that dimension.
+    """
+    U = MatrixSymbol("U_R", d, R)
+    u = MatrixSymbol("u", d, 1)
+    W = MatrixSymbol("W", d, k)
+    Ub = BlockMatrix([[U, u]])
+    gram_ok = _is_zero(
+        block_collapse((Ub.T * W).T * (Ub.T * W)) - (W.T * U * U.T * W + (u.T * W).T * (u.T * W))
+    )
+    proj_ok = _is_zero(block_collapse(Ub * Ub.T) - (U * U.T + u * u.T))
+    rng = _rng(13)
+    exact_ok = True
+    for dd, kk, J, L, _ in _ALIGNED_CASES:
+        pb = _aligned(dd, kk, J, L, _WEIGHTS, rng)
+        for side in ("left", "right"):
+            curve, direct, m, diagonal = _residual_curve(pb, side)
+            Ms = pb.Bs if side == "left" else [Ai.T for Ai in pb.As]
+            union = sp.Matrix.hstack(*Ms).rank()
+            exact_ok &= diagonal and m == union
+            exact_ok &= all(c == e for c, e in zip(curve, direct, strict=True))
+            exact_ok &= all(a >= b for a, b in itertools.pairwise(curve))
+            exact_ok &= curve[m] == 0 and (m == 0 or curve[m - 1] > 0)
+            for tol in (Rational(1, 2), Rational(1, 10), Rational(1, 1000)):
+                RR = _auto_rank(curve, tol)
+                exact_ok &= RR is not None and RR <= m
+    ok = gram_ok and proj_ok and exact_ok
+    return SymbolicResult(
+        ok,
+        "matrix symbols (nested block basis) + exact rationals (aligned eigvecs, both sides)",
+        f"kept mass additive {gram_ok}, P_(R+1) = P_R + u u^T {proj_ok}, curve = measured, "
+        f"monotone, 0 at the union, auto R <= union {exact_ok}",
+    )
+
+
+def _side_residuals(pb: _Aligned, RR: int) -> tuple[sp.Expr, sp.Expr, bool]:
+    """rho^2 of the left and of the right state at rank RR (exact), and the eigvec/gap flag."""
+    W = pb.mean
+    total = _fro2(W)
+    out = []
+    flag = True
+    for side in ("left", "right"):
+        update, _, ok = _side_update(pb, side, RR)
+        out.append(_fro2(W - update) / total)
+        flag &= ok
+    return out[0], out[1], flag
+
+
+def prove_P14() -> SymbolicResult:
+    """side="auto" keeps min(rho_left, rho_right) and the choice is gauge invariant.
+
+    Each side's residual ||W - P W|| / ||W|| depends only on W_bar (gauge invariant: (B G)(G^-1
+    A) = B A) and on its projector, a function of K (left, P3) or K_R (right, P11's lemma), so
+    both residuals and hence the kept side are gauge invariant; by construction the kept
+    residual is the minimum (ties go left). Exact rationals (aligned clients, three sizes):
+    residuals before and after random GL(r_i) gauges are equal, so are the kept side and its
+    residual, and the rank="auto" choice (smaller R, then smaller residual). Witnesses that
+    neither side dominates: clients sharing A's row space (the shared-init regime) are exact on
+    the right and not on the left at R = r; sharing B's column space, the reverse.
+    """
+    left_ok = prove_P3().ok
+    right_ok, _ = _right_gauge_invariance()
+    rng = _rng(14)
+    exact_ok = True
+    for dd, kk, J, L, RR in _ALIGNED_CASES:
+        pb = _aligned(dd, kk, J, L, _WEIGHTS, rng)
+        pg = pb.gauged(rng)
+        rl, rr_, f0 = _side_residuals(pb, RR)
+        gl, gr, f1 = _side_residuals(pg, RR)
+        auto = min((rl, "left"), (rr_, "right"), key=lambda c: c[0])  # min keeps the first tie
+        gauged_auto = min((gl, "left"), (gr, "right"), key=lambda c: c[0])
+        exact_ok &= f0 and f1 and rl == gl and rr_ == gr and auto == gauged_auto
+        exact_ok &= auto[0] <= rl and auto[0] <= rr_
+        choices = []
+        for q in (pb, pg):
+            cands = []
+            for side in ("left", "right"):
+                curve, _, _, _ = _residual_curve(q, side)
+                Ra = _auto_rank(curve, Rational(1, 10))
+                cands.append((Ra, curve[Ra] if Ra is not None else 1, side))
+            choices.append(min(cands, key=lambda c: (c[0], c[1])))
+        exact_ok &= choices[0] == choices[1]
+    # Witnesses: shared row space (right exact at R = r, left not); shared column space (reverse).
+    shared_rows = _aligned(5, 5, [[0, 1], [1, 2], [3, 4]], [[0, 1], [0, 1], [0, 1]], _WEIGHTS, rng)
+    shared_cols = _aligned(5, 5, [[0, 1], [0, 1], [0, 1]], [[0, 1], [1, 2], [3, 4]], _WEIGHTS, rng)
+    a_l, a_r, fa = _side_residuals(shared_rows, 2)
+    b_l, b_r, fb = _side_residuals(shared_cols, 2)
+    witness_ok = fa and fb and a_r == 0 < a_l and b_l == 0 < b_r
+    ok = left_ok and right_ok and exact_ok and witness_ok
+    return SymbolicResult(
+        ok,
+        "gauge lemmas of P3 and P11 + exact rationals (aligned eigvecs, gauges, witnesses)",
+        f"left invariance {left_ok}, right invariance {right_ok}, residuals/choice/auto rank "
+        f"invariant and auto = min {exact_ok}, each side wins somewhere {witness_ok}",
+    )
+
+
 PROOFS: dict[str, Callable[[], SymbolicResult]] = {
     "P1": prove_P1,
     "P2": prove_P2,
@@ -431,5 +869,9 @@ PROOFS: dict[str, Callable[[], SymbolicResult]] = {
     "P8": prove_P8,
     "P9": prove_P9,
     "P10": prove_P10,
+    "P11": prove_P11,
+    "P12": prove_P12,
+    "P13": prove_P13,
+    "P14": prove_P14,
     "L1": prove_L1,
 }

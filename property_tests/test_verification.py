@@ -71,7 +71,7 @@ def test_registry_links_resolve() -> None:
     import importlib
 
     ids = [p.id for p in PROPOSITIONS]
-    assert ids[:10] == [f"P{i}" for i in range(1, 11)]
+    assert ids[:14] == [f"P{i}" for i in range(1, 15)]
     for p in PROPOSITIONS:
         assert p.id in symbolic.PROOFS
         assert p.properties

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from glora_math import LoRAFactors
 from glora_math.tolerances import product_tol
 from integration.simulate import SimConfig, Simulation, parse_args
 
@@ -60,8 +61,9 @@ def test_resume_after_a_kill_gives_the_uninterrupted_results(tmp_path: Path) -> 
     resumed = Simulation(
         SimConfig(**(TINY | {"out": str(tmp_path / "cut"), "operator": "fedrot_lora"}))
     ).run(resume=True)  # type: ignore[arg-type]
-    strip = [{k: v for k, v in m.items() if k != "seconds"} for m in full]
-    assert [{k: v for k, v in m.items() if k != "seconds"} for m in resumed] == strip
+    timing = ("seconds", "eval_seconds")
+    strip = [{k: v for k, v in m.items() if k not in timing} for m in full]
+    assert [{k: v for k, v in m.items() if k not in timing} for m in resumed] == strip
     a = load_file(str(tmp_path / "full" / "checkpoint-2.safetensors"))
     b = load_file(str(tmp_path / "cut" / "checkpoint-2.safetensors"))
     assert set(a) == set(b)
@@ -131,3 +133,118 @@ def test_absent_clients_receive_the_current_broadcast(tmp_path: Path) -> None:
         best = float(s[f.rank :].pow(2).sum().sqrt())
         tol = product_tol(upd.dtype, n=sum(upd.shape) + 4, scale=float(s[0]) + 1.0)
         assert abs(float((f.delta() - upd).norm()) - best) <= tol
+
+
+def _lora_a(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from integration.peft_io import PREFIX
+
+    return {
+        n.removeprefix(PREFIX).removesuffix(".lora_A.default.weight"): p.detach().clone()
+        for n, p in model.named_parameters()
+        if ".lora_A." in n
+    }
+
+
+def test_clients_start_from_one_shared_init(tmp_path: Path) -> None:
+    cfg = SimConfig(**(TINY | {"out": str(tmp_path / "s"), "client_ranks": [4, 2, 4]}))  # type: ignore[arg-type]
+    sim = Simulation(cfg)
+    a0 = _lora_a(sim._load_client(0, 4))
+    a1 = _lora_a(sim._load_client(1, 2))
+    a2 = _lora_a(sim._load_client(2, 4))
+    assert a0
+    assert set(a0) == set(a1) == set(a2)
+    for name in a0:
+        assert torch.equal(a0[name], a2[name])  # same rank: the same A
+        assert torch.equal(a1[name], a0[name][:2])  # rank 2: the first 2 rows of the rank-4 A
+    # The ablation: per-client inits differ.
+    per = Simulation(SimConfig(**(TINY | {"out": str(tmp_path / "p"), "per_client_init": True})))  # type: ignore[arg-type]
+    p0, p1 = _lora_a(per._load_client(0, 4)), _lora_a(per._load_client(1, 4))
+    assert not any(torch.equal(p0[n], p1[n]) for n in p0)
+
+
+def test_flora_draws_one_shared_fresh_init_per_round(tmp_path: Path) -> None:
+    sim = Simulation(SimConfig(**(TINY | {"out": str(tmp_path / "f"), "operator": "flora"})))  # type: ignore[arg-type]
+    sim.step()
+    assert all(init is None for init in sim.client_init)  # FLoRA re-initialises
+    r1 = [_lora_a(sim._load_client(i, 4)) for i in range(3)]
+    for name in r1[0]:
+        assert torch.equal(r1[0][name], r1[1][name])
+        assert torch.equal(r1[0][name], r1[2][name])
+    sim.round = 0
+    r0 = _lora_a(sim._load_client(0, 4))
+    assert not any(torch.equal(r0[n], r1[0][n]) for n in r0)  # a new draw each round
+
+
+@pytest.mark.parametrize(("operator", "server_rank"), [("glora", 2), ("glora_auto", 2)])
+def test_certified_residual_equals_the_aggregation_error(
+    tmp_path: Path, operator: str, server_rank: int
+) -> None:
+    cfg = SimConfig(**(TINY | {"out": str(tmp_path / operator), "operator": operator,
+                               "rank": 2, "server_rank": server_rank, "max_residual": 1e-12}))  # type: ignore[arg-type]  # fmt: skip
+    row = Simulation(cfg).step()
+    err, cert = float(row["aggregation_error"]), row["certified_residual"]
+    assert isinstance(cert, float)
+    assert 0.0 < err < 1.0
+    # Both are the exact relative error in float64, computed two ways (certificates: the
+    # difference of squared norms or the direct norm).
+    assert abs(cert - err) <= 1e-9 + 1e-6 * err
+    assert abs(float(row["certified_residual_max"]) - float(row["aggregation_error_max"])) <= 1e-6
+    assert row["server_rank"] == server_rank
+    sides = row["sides"]
+    assert isinstance(sides, dict)
+    assert sum(sides.values()) == 4  # 2 layers x (query, value)
+    if operator == "glora":
+        assert sides["right"] == 0
+    warned = [w for w in row["warnings"] if w.startswith("ResidualWarning")]  # type: ignore[union-attr]
+    assert len(warned) == 4  # max_residual 1e-12: every module warns, named
+
+
+def test_non_certified_operators_report_no_certificate(tmp_path: Path) -> None:
+    row = Simulation(SimConfig(**(TINY | {"out": str(tmp_path / "x"), "operator": "fedit"}))).step()  # type: ignore[arg-type]
+    assert row["certified_residual"] is None
+    assert row["sides"] is None
+    assert float(row["aggregation_error"]) > 0.0
+
+
+def test_scrambled_gauges_keep_products_and_glora_but_change_fedit(tmp_path: Path) -> None:
+    from integration.peft_io import AdapterModule, ClientAdapter
+    from integration.simulate import scramble_adapter
+
+    g = torch.Generator().manual_seed(0)
+    f = LoRAFactors(torch.randn(6, 3, generator=g, dtype=torch.float64),
+                    torch.randn(3, 5, generator=g, dtype=torch.float64))  # fmt: skip
+    ad = ClientAdapter({"m": AdapterModule("m", f, 8.0, False)})
+    sc = scramble_adapter(ad, 10.0, seed=1).modules["m"].factors
+    assert not torch.allclose(sc.B, f.B)
+    assert torch.allclose(sc.delta(), f.delta(), atol=1e-12)
+
+    def update(operator: str, scramble: float) -> dict[str, torch.Tensor]:
+        cfg = SimConfig(**(TINY | {"out": str(tmp_path / f"{operator}{scramble}"),
+                                   "operator": operator, "scramble_gauge": scramble}))  # type: ignore[arg-type]  # fmt: skip
+        sim = Simulation(cfg)
+        sim.step()
+        return {n: u.delta() for n, u in sim.global_update.items()}
+
+    plain, scrambled = update("glora", 0.0), update("glora", 10.0)
+    for n in plain:  # gauge invariant: the same server update up to rounding
+        assert torch.allclose(plain[n], scrambled[n], atol=1e-9 * (1 + float(plain[n].abs().max())))
+    fp, fs = update("fedit", 0.0), update("fedit", 10.0)
+    assert any(not torch.allclose(fp[n], fs[n], atol=1e-6) for n in fp)
+
+
+def test_encoder_pads_like_the_tokenizer_and_mcc() -> None:
+    from transformers import AutoTokenizer
+
+    from integration.simulate import Encoder, matthews_corrcoef, minilm_path
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
+    texts = ["a short one", "a much longer sentence " * 20, "mid length text here"]
+    enc = Encoder(tok, 16)
+    got = enc.batch(texts, torch.device("cpu"))
+    want = tok(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert matthews_corrcoef([1, 1, 0, 0], [1, 1, 0, 0]) == 1.0
+    assert matthews_corrcoef([1, 1, 0, 0], [1, 1, 1, 1]) == 0.0  # undefined: 0, as in GLUE
+    # tp=2, tn=1, fp=1, fn=0: (2*1 - 1*0) / sqrt(3 * 2 * 2 * 1)
+    assert abs(matthews_corrcoef([1, 1, 0, 0], [1, 1, 1, 0]) - 2 / 12**0.5) < 1e-12
