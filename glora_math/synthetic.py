@@ -51,4 +51,32 @@ def random_clients(
     return out
 
 
-__all__ = ["random_clients"]
+def shared_init_clients(
+    *,
+    n_clients: int,
+    d: int,
+    k: int,
+    rank: int,
+    drift: float = 0.01,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> list[LoRAFactors]:
+    """Clients after local steps from one broadcast adapter (the shared-init regime).
+
+    Every federated LoRA round starts all clients from the same factors; during local steps A
+    barely moves while each client's B grows in its own directions (issue 16's reproducer):
+    ``A_i = A_0 + drift * noise`` and ``B_i = 0.01 * randn(d, r)`` independent, A_0 Gaussian.
+    """
+    n = validate_rank(n_clients, name="n_clients")
+    r = validate_rank(rank)
+    g = torch.Generator().manual_seed(seed)
+    A0 = torch.randn(r, k, generator=g, dtype=torch.float64)
+    out = []
+    for _ in range(n):
+        B = 0.01 * torch.randn(d, r, generator=g, dtype=torch.float64)
+        A = A0 + drift * torch.randn(r, k, generator=g, dtype=torch.float64)
+        out.append(LoRAFactors(B.to(dtype), A.to(dtype)))
+    return out
+
+
+__all__ = ["random_clients", "shared_init_clients"]
