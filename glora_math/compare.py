@@ -7,10 +7,11 @@ O(r) gauges), communication per client and wall time (median of repeats, this ma
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,49 @@ def server_error(
     if den == 0.0:
         return 0.0 if num == 0.0 else float("inf")
     return num / den
+
+
+@dataclass(frozen=True)
+class RoundError:
+    """The error of a whole round (all modules) against the exact mean updates.
+
+    ``relative`` is ``sqrt(sum_m ||update_m - W_bar_m||^2 / sum_m ||W_bar_m||^2)`` (the
+    server update includes dense residuals); ``worst_module`` the largest per-module relative
+    error; ``certified`` the same aggregate from the operators' certificates, or ``None`` when
+    a module has none.
+    """
+
+    relative: float
+    worst_module: float
+    certified: float | None
+
+
+def round_error(
+    results: Mapping[str, AggregateResult],
+    factors: Mapping[str, Sequence[LoRAFactors]],
+    weights: WeightsLike = None,
+) -> RoundError:
+    """:class:`RoundError` of per-module results against their clients' factors.
+
+    Computed from factors: no d-by-k matrix except for operators with a dense residual.
+    """
+    num = den = cnum = 0.0
+    worst = 0.0
+    certified = True
+    for name, res in results.items():
+        mean_norm = fro_norm(mean_update(factors[name], weights))
+        e = server_error(res, factors[name], weights)
+        worst = max(worst, e)
+        if mean_norm > 0:
+            num += (e * mean_norm) ** 2
+            den += mean_norm**2
+        if res.certificate is None:
+            certified = False
+        else:
+            cnum += res.certificate.residual**2
+    rel = math.sqrt(num / den) if den else 0.0
+    cert = (math.sqrt(cnum / den) if den else 0.0) if certified and results else None
+    return RoundError(rel, worst, cert)
 
 
 def warm_state(op: AggregationOperator, factors: Sequence[LoRAFactors]) -> OperatorState | None:

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from glora_math import GloraError, GloraWarning, LoRAFactors
 from glora_math.baselines import truncate_svd
-from glora_math.compare import server_error
+from glora_math.compare import round_error
 from glora_math.linalg import lowrank_svd
 from glora_math.registry import Guarantee, OperatorState, get_operator
 from integration.peft_io import ClientAdapter, adapter_from_state_dict, aggregate_adapters
@@ -120,6 +120,7 @@ class RoundLog:
     accepted: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
     aggregation_error: float = math.nan
+    certified_residual: float = math.nan
     train_loss: float = math.nan
     warnings: list[str] = field(default_factory=list)
 
@@ -133,6 +134,11 @@ class LoRAStrategy(Strategy):
         A name from :func:`glora_math.registry.list_operators`.
     server_rank
         The server rank R (default: the largest client rank of the round).
+    max_residual
+        For the GLoRA family: a logged ``ResidualWarning`` naming the module when its
+        certified relative residual exceeds this (0 turns the warning off).
+    options
+        Further operator options (e.g. ``{"tol": 0.05}`` for ``glora_auto_rank``).
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes
         Node sampling, as in Flower's ``FedAvg``; ``fraction_train < 1`` gives sparse
         participation.
@@ -142,9 +148,11 @@ class LoRAStrategy(Strategy):
 
     def __init__(
         self,
-        operator: str = "glora",
+        operator: str = "glora_auto",
         *,
         server_rank: int | None = None,
+        max_residual: float = 0.2,
+        options: Mapping[str, float] | None = None,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
         min_train_nodes: int = 2,
@@ -154,6 +162,9 @@ class LoRAStrategy(Strategy):
     ) -> None:
         self.op = get_operator(operator)
         self.server_rank = server_rank
+        self.options = dict(options or {})
+        if "max_residual" in self.op.options:
+            self.options["max_residual"] = max_residual
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
         self.min_train_nodes = min_train_nodes
@@ -243,7 +254,12 @@ class LoRAStrategy(Strategy):
             warnings.simplefilter("always", GloraWarning)
             try:
                 rnd = aggregate_adapters(
-                    adapters, weights, operator=self.op.name, rank=R, states=self.op_states
+                    adapters,
+                    weights,
+                    operator=self.op.name,
+                    rank=R,
+                    states=self.op_states,
+                    options=self.options,
                 )
             except GloraError as err:  # e.g. a client rank above R for GLoRA
                 log(WARNING, "round %d: aggregation refused: %s", server_round, err)
@@ -254,7 +270,13 @@ class LoRAStrategy(Strategy):
         logged.train_loss = sum(w * a[3] for w, a in zip(weights, accepted, strict=True)) / sum(
             weights
         )
-        logged.aggregation_error = self._aggregation_error(rnd.results, adapters, weights)
+        errors = round_error(
+            rnd.results,
+            {name: [a.modules[name].factors for a in adapters] for name in rnd.results},
+            weights,
+        )
+        logged.aggregation_error = errors.relative
+        logged.certified_residual = math.nan if errors.certified is None else errors.certified
         self._apply(rnd, nodes, ranks)
         return self.global_record(), self._metrics(logged)
 
@@ -373,19 +395,6 @@ class LoRAStrategy(Strategy):
             ok = [a for a in ok if a[0] not in logged.rejected]
         return ok
 
-    @staticmethod
-    def _aggregation_error(
-        results: Mapping[str, Any], adapters: list[ClientAdapter], weights: list[float]
-    ) -> float:
-        num = den = 0.0
-        for name, res in results.items():
-            fs = [a.modules[name].factors for a in adapters]
-            e = server_error(res, fs, weights)
-            scale = sum(w * float(f.delta().norm()) for w, f in zip(weights, fs, strict=True))
-            num += (e * scale) ** 2
-            den += scale**2
-        return math.sqrt(num / den) if den else 0.0
-
     def _apply(self, rnd: Any, nodes: list[int], ranks: list[int]) -> None:
         update = {}
         for name, res in rnd.results.items():
@@ -425,6 +434,7 @@ class LoRAStrategy(Strategy):
                 "accepted": len(logged.accepted),
                 "rejected": len(logged.rejected),
                 "aggregation-error": logged.aggregation_error,
+                "certified-residual": logged.certified_residual,
                 "train-loss": logged.train_loss,
             }
         )

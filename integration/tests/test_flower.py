@@ -318,3 +318,23 @@ def test_flower_simulation_end_to_end(tmp_path: Path) -> None:
         assert r["aggregation_error"] is not None
         assert r["evaluate"] is not None
         assert 0.0 <= r["evaluate"]["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("operator", ["glora", "glora_auto", "glora_auto_rank"])
+def test_glora_rounds_report_a_certificate_equal_to_the_measured_error(operator: str) -> None:
+    st = LoRAStrategy(operator, max_residual=1e-3)
+    _, metrics = st.aggregate_train(1, [_reply(n, 4, n) for n in (1, 2, 3)])
+    assert metrics is not None
+    assert math.isclose(
+        metrics["certified-residual"], metrics["aggregation-error"], rel_tol=1e-4, abs_tol=1e-6
+    )
+    # Random clients are far from any rank-4 consensus: the threshold warning is logged.
+    if operator != "glora_auto_rank":
+        assert any("ResidualWarning" in w for w in st.history[-1].warnings)
+
+
+def test_the_default_strategy_is_the_side_aware_glora() -> None:
+    assert LoRAStrategy().op.name == "glora_auto"
+    _, metrics = LoRAStrategy("fedit").aggregate_train(1, [_reply(n, 4, n) for n in (1, 2)])
+    assert metrics is not None
+    assert math.isnan(metrics["certified-residual"])
