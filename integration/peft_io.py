@@ -350,7 +350,7 @@ def aggregate_adapters(
     clients: Sequence[ClientAdapter],
     weights: WeightsLike = None,
     *,
-    operator: str = "glora",
+    operator: str = "glora_auto",
     rank: int,
     client_ranks: Sequence[Mapping[str, int]] | None = None,
     states: Mapping[str, OperatorState | None] | None = None,
@@ -358,9 +358,13 @@ def aggregate_adapters(
 ) -> AdapterRound:
     """Aggregate whole adapters module by module with a registered operator.
 
-    For ``glora`` the modules are grouped by (shape, client ranks) and each group is
-    aggregated by one batched call (:func:`glora_math.batched.glora_aggregate_batched`); other
-    operators run per module. Errors name the module and the client.
+    The default, ``glora_auto``, is GLoRA on the side (the B column spaces or the A row
+    spaces) with the smaller certified residual: at the same server rank its error is never
+    above the paper's ``glora`` (P14), and in the shared-init regime of federated rounds the
+    paper's left side misses most of the mean (SPEC extensions). For ``glora`` the modules are
+    grouped by (shape, client ranks) and each group is aggregated by one batched call
+    (:func:`glora_math.batched.glora_aggregate_batched`); other operators run per module.
+    Errors name the module and the client.
 
     Parameters
     ----------

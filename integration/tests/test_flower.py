@@ -103,7 +103,9 @@ def test_glora_round_with_heterogeneous_ranks_and_readouts_of_each_rank() -> Non
     assert metrics["accepted"] == 3
     assert metrics["rejected"] == 0
     # The strategy only converts records: its update is aggregate_adapters' on the same inputs.
-    ref = aggregate_adapters([_adapter(r, n) for n, r in ranks.items()], [10.0] * 3, rank=4)
+    ref = aggregate_adapters(
+        [_adapter(r, n) for n, r in ranks.items()], [10.0] * 3, rank=4, operator="glora"
+    )
     for m in MODULES:
         got = st.global_update[m]
         want = ref.results[m].update
@@ -195,7 +197,9 @@ def test_malformed_replies_are_rejected_with_reasons_and_the_round_goes_on(
     assert "num-examples" in log.rejected[16]
     assert "rejected the reply of node 10" in caplog.text
     # The accepted clients' aggregate is exactly what the three alone give.
-    ref = aggregate_adapters([_adapter(4, n) for n in (1, 2, 3)], [10.0] * 3, rank=4)
+    ref = aggregate_adapters(
+        [_adapter(4, n) for n in (1, 2, 3)], [10.0] * 3, rank=4, operator="glora"
+    )
     for m in MODULES:
         want = ref.results[m].update.delta()
         tol = product_tol(torch.float32, n=D + K + 12, scale=float(want.norm()))

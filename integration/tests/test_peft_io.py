@@ -234,3 +234,28 @@ def test_untrusted_configs_are_rejected_with_the_key_named(
     cfg = {**model.peft_config["default"].to_dict(), **patch}
     with pytest.raises(AdapterError, match=message):
         adapter_from_state_dict(get_peft_model_state_dict(model), cfg, client=4)
+
+
+def test_default_operator_certifies_every_module_and_warns_naming_it() -> None:
+    from glora_math.errors import ResidualWarning
+    from glora_math.metrics import relative_error
+
+    g = torch.Generator().manual_seed(3)
+    cfg = {"r": 4, "lora_alpha": 8.0}
+    sds = []
+    for _ in range(3):
+        sd = {}
+        for m in ("layer.0.query", "layer.0.value"):
+            sd[f"base_model.model.{m}.lora_A.weight"] = torch.randn(4, 16, generator=g).double()
+            sd[f"base_model.model.{m}.lora_B.weight"] = torch.randn(12, 4, generator=g).double()
+        sds.append(sd)
+    adapters = [adapter_from_state_dict(sd, cfg, client=i) for i, sd in enumerate(sds)]
+    with pytest.warns(ResidualWarning, match=r"module 'layer\.0\.(query|value)'"):
+        rnd = aggregate_adapters(adapters, [1.0, 2.0, 3.0], rank=4, options={"max_residual": 0.01})
+    for name, res in rnd.results.items():
+        assert res.certificate is not None
+        fs = [a.modules[name].factors for a in adapters]
+        rho = relative_error(res.update, fs, [1.0, 2.0, 3.0])
+        assert abs(res.certificate.relative_residual - rho) <= 1e-10
+    with pytest.raises(AdapterError, match="no option"):
+        aggregate_adapters(adapters, rank=4, options={"bogus": 1.0})
