@@ -46,7 +46,7 @@ from glora_math.baselines import flexlora
 from glora_math.batched import glora_aggregate_batched
 from glora_math.linalg import lowrank_fro_norm, projector_distance
 
-METHODS = ("fedit", "glora_exact", "glora_sketch", "flexlora_factors", "dense")
+METHODS = ("fedit", "glora_exact", "glora_sketch", "glora_auto", "flexlora_factors", "dense")
 SKETCH = Sketch(oversample=10, power_iters=2, seed=0)
 
 
@@ -84,6 +84,7 @@ def runners(clients: Sequence[LoRAFactors], R: int) -> dict[str, Callable[[], ob
         "fedit": lambda: fedit(clients),
         "glora_exact": lambda: glora_aggregate(clients, rank=R),
         "glora_sketch": lambda: glora_aggregate(clients, rank=R, sketch=SKETCH),
+        "glora_auto": lambda: glora_aggregate(clients, rank=R, side="auto"),
         "flexlora_factors": lambda: flexlora(clients),
         "dense": lambda: dense_path(clients, R),
     }

@@ -16,7 +16,6 @@ inputs are computed in float32.
 
 from __future__ import annotations
 
-import math
 from typing import TypeVar
 
 import torch
@@ -159,45 +158,19 @@ def gram_route_possible(dtype: torch.dtype) -> bool:
     return float(torch.finfo(torch.float64).eps) < eps(dtype)
 
 
-def certificate_error(dtype: torch.dtype, *, n: int, scale: float) -> float:
-    """Absolute error bound on a squared relative residual ``rho^2`` from the difference formula.
-
-    ``rho^2 = 1 - ||S||^2 / ||W_bar||^2`` subtracts two computed squared norms, each with a
-    relative error up to ``SAFETY * n * eps * scale`` (stable QR and products over n terms;
-    ``scale = sum_i p_i ||B_i|| ||A_i|| / ||W_bar||`` >= 1 measures cancellation between clients).
-    The difference inherits their sum, ``2 * SAFETY * n * eps * scale``, independent of rho.
-    """
-    return 2.0 * SAFETY * n * eps(dtype) * scale
-
-
-def certificate_by_difference(rho_sq: float, dtype: torch.dtype, *, n: int, scale: float) -> bool:
-    """Whether ``rho^2`` from the difference formula keeps at least half the working digits.
-
-    The absolute error :func:`certificate_error` is a relative error of
-    ``certificate_error / rho^2`` in ``rho^2``. We accept it when that is at most ``sqrt(eps)``
-    (relative error of rho at most ``sqrt(eps) / 2``: 7 digits in float64, 3 in float32);
-    otherwise the residual is computed directly from the stacked difference, which has no
-    cancellation.
-    """
-    return certificate_error(dtype, n=n, scale=scale) <= math.sqrt(eps(dtype)) * rho_sq
-
-
-def certificate_tol(rho: float, dtype: torch.dtype, *, n: int, scale: float) -> float:
+def certificate_tol(dtype: torch.dtype, *, n: int, scale: float) -> float:
     """Absolute tolerance when comparing a certified relative residual with a measured one.
 
-    The larger of the two ways' errors: the difference formula's ``rho`` error
-    ``sqrt(eps) * rho / 2`` (where it is used) and a stable norm's
-    ``SAFETY * n * eps * scale``, plus the measured side's own ``SAFETY * n * eps * scale``.
+    Both are norms of the same stacked difference computed by stable QR and products over n
+    terms, each within ``SAFETY * n * eps * scale`` relative to ``||W_bar||``, where
+    ``scale = (sum_i p_i ||B_i|| ||A_i|| + ||S||) / ||W_bar||`` >= 1 measures cancellation.
     """
-    stable = SAFETY * n * eps(dtype) * scale
-    return math.sqrt(eps(dtype)) * rho / 2.0 + 2.0 * stable
+    return 2.0 * SAFETY * n * eps(dtype) * scale
 
 
 __all__ = [
     "SAFETY",
     "aggregate_tol",
-    "certificate_by_difference",
-    "certificate_error",
     "certificate_tol",
     "eigenvalue_error",
     "eps",

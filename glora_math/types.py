@@ -22,8 +22,6 @@ Split = Literal["balanced", "left", "right"]
 #: Which factor's subspaces the consensus is built from: the column spaces of the B_i
 #: ("left", the paper's), the row spaces of the A_i ("right", ours), or the better of the two.
 Side = Literal["left", "right", "auto"]
-#: How a certificate's residual was computed (see :class:`Certificate`).
-ResidualMethod = Literal["difference", "direct"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,16 +184,14 @@ class Certificate:
         ``||W_bar - update||_F / ||W_bar||_F`` (0.0 when ``W_bar = 0``).
     mean_norm
         ``||W_bar||_F``.
-    method
-        ``"difference"``: from the two squared norms above (cost of a QR of the stacked B's);
-        ``"direct"``: the norm of the stacked difference ``[W_bar, -update]`` (used where the
-        difference would lose digits to cancellation, see
-        :func:`glora_math.tolerances.certificate_by_difference`).
+
+    The difference of squared norms loses digits when the residual is small, so both norms are
+    computed directly from one QR of the stacked factors (:func:`glora_math.certificate.certify`);
+    the difference serves the auto-rank rule's residual curve only.
     """
 
     relative_residual: float
     mean_norm: float
-    method: ResidualMethod
 
     @property
     def residual(self) -> float:
@@ -286,7 +282,6 @@ __all__ = [
     "GaugeFixed",
     "GaugeMode",
     "LoRAFactors",
-    "ResidualMethod",
     "ServerState",
     "Side",
     "Sketch",
