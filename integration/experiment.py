@@ -1,65 +1,296 @@
-"""Run an experiment config (operators x seeds) and write a results table (mean +- std).
+"""Run an experiment cell (a JSON config: runs x seeds) resumably, and write its table.
 
-``python -m integration.experiment integration/experiments/sst2_compare.json --device cuda``
-writes ``<out>/<operator>-seed<k>/`` runs (resumable) and ``<out>/table.md``.
+``python -m integration.experiment integration/experiments/a_sst2.json`` runs every
+(seed, entry) of the cell in order (all entries of the first seed, then the next seed, so
+partial results are useful), each in its own folder ``<out>/<id>-seed<k>/``: a finished run
+(``results.json`` present) is skipped, an interrupted one resumes from its checkpoint. After
+each run it writes the run's small raw JSON (config and per-round metrics) to
+``<docs>/raw/<cell>/<id>-seed<k>.json`` and regenerates the table ``<docs>/<cell>.md``.
+
+``python -m integration.experiment --table integration/experiments/a_sst2.json`` only
+regenerates the table from the raw JSON files (final and best accuracy mean ± std over seeds,
+mean per-round aggregation error and certified residual, seconds per round; the floor, i.e.
+the majority-class rate of the evaluation set, and the ceiling, a centralised run, beside it).
+
+Config keys: ``name`` (the cell; default: the file's stem), ``description``, ``seeds``,
+``base`` (:class:`integration.simulate.SimConfig` fields), ``runs`` (entries, most important
+first: ``{"operator": ..., "label": ..., "id": ..., <SimConfig overrides>}``), ``ceiling``
+(true: add a centralised run, one client holding all the training data with the same number
+of optimizer steps, ``rounds * local_steps``, as each federated client), ``out`` (run
+folders; cells may share one, so that identical runs are done once). The older form with an
+``operators`` list is accepted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from integration.data import load_task, sample
 from integration.simulate import SimConfig, Simulation
 
+#: Per-round metrics kept in the raw JSON.
+ROUND_KEYS = (
+    "round",
+    "accuracy",
+    "eval_loss",
+    "mcc",
+    "aggregation_error",
+    "aggregation_error_max",
+    "certified_residual",
+    "certified_residual_max",
+    "server_rank",
+    "server_rank_mean",
+    "sides",
+    "seconds",
+    "eval_seconds",
+)
+#: Config fields that do not change results (ignored when matching a run folder's config).
+_NOT_RESULTS = ("out", "device", "threads")
+CEILING_ID = "ceiling"
 
-def run_experiment(config: dict[str, Any], out: Path, device: str, resume: bool) -> str:
-    """Run every (operator, seed) and return the markdown table."""
-    rows = []
-    for op in config["operators"]:
-        finals = []
-        for seed in config["seeds"]:
-            run_dir = out / f"{op}-seed{seed}"
-            cfg = SimConfig(
-                **(
-                    config["base"]
-                    | {"operator": op, "seed": seed, "device": device, "out": str(run_dir)}
-                )
+
+def cell_name(config: Mapping[str, Any], path: Path) -> str:
+    """The cell's name: ``name`` in the config, else the config file's stem."""
+    return str(config.get("name") or path.stem)
+
+
+def entries(config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The cell's run entries, in order (the ceiling first, if asked for)."""
+    runs = [dict(e) for e in config.get("runs", [])]
+    runs += [{"operator": op} for op in config.get("operators", [])]
+    if config.get("ceiling"):
+        runs.insert(
+            0,
+            {"operator": "fedit", "clients": 1, "participation": 1.0, "id": CEILING_ID,
+             "label": "centralised (ceiling)"},
+        )  # fmt: skip
+    return runs
+
+
+def run_id(entry: Mapping[str, Any]) -> str:
+    """``id`` of an entry, or its operator with its overrides (``glora-server_rank8``)."""
+    if "id" in entry:
+        return str(entry["id"])
+    extra = [f"{k}{v}" for k, v in sorted(entry.items()) if k not in ("operator", "label")]
+    return "-".join([str(entry["operator"]), *extra])
+
+
+def label(entry: Mapping[str, Any]) -> str:
+    """The entry's table label."""
+    return str(entry.get("label") or run_id(entry))
+
+
+def run_config(
+    config: Mapping[str, Any], entry: Mapping[str, Any], seed: int, out: Path, device: str
+) -> SimConfig:
+    """The :class:`SimConfig` of one (entry, seed)."""
+    over = {k: v for k, v in entry.items() if k not in ("id", "label")}
+    kw = dict(config["base"]) | over | {"seed": seed, "device": device}
+    kw["out"] = str(out / f"{run_id(entry)}-seed{seed}")
+    return SimConfig(**kw)
+
+
+def plan(
+    config: Mapping[str, Any], out: Path, device: str = "cpu"
+) -> list[tuple[dict[str, Any], int, SimConfig]]:
+    """Every (entry, seed, config) in run order: all entries of a seed, then the next seed."""
+    return [
+        (e, int(seed), run_config(config, e, int(seed), out, device))
+        for seed in config["seeds"]
+        for e in entries(config)
+    ]
+
+
+def _comparable(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The result-defining fields; a field a run did not record counts as its default."""
+    full = asdict(SimConfig()) | dict(cfg)
+    return {k: v for k, v in full.items() if k not in _NOT_RESULTS}
+
+
+def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
+    """The finished results of a run folder (None if unfinished); its config must match."""
+    folder = Path(cfg.out)
+    for name in ("results.json", "checkpoint.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        saved = json.loads(path.read_text())
+        if _comparable(saved["config"]) != _comparable(asdict(cfg)):
+            raise SystemExit(
+                f"{path} was written with another config; remove {folder} to rerun it "
+                "with the current settings"
             )
-            metrics = Simulation(cfg).run(resume=resume)
-            finals.append(metrics[-1])
-        accs = [float(m["accuracy"]) for m in finals]
-        errs = [float(m["aggregation_error"]) for m in finals]
-        secs = [float(m["seconds"]) for m in finals]
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        rows.append(
-            f"| {op} | {statistics.mean(accs):.4f} ± {std:.4f} | {statistics.mean(errs):.2e} | "
-            f"{statistics.mean(secs):.1f} |"
-        )
-    head = (
-        "| operator | final accuracy (mean ± std over seeds) | aggregation error, last round | "
-        "seconds per round |\n| --- | --- | --- | --- |"
-    )
-    return head + "\n" + "\n".join(rows) + "\n"
+        if name == "results.json":
+            out: dict[str, Any] = saved
+            return out
+    return None
+
+
+def raw_record(
+    cell: str, entry: Mapping[str, Any], seed: int, results: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The small JSON kept in docs: config and per-round metrics of one run."""
+    rounds = []
+    for m in results["metrics"]:
+        row = {k: m[k] for k in ROUND_KEYS if k in m}
+        row["warnings"] = len(m.get("warnings", []))
+        rounds.append(row)
+    return {
+        "cell": cell,
+        "id": run_id(entry),
+        "label": label(entry),
+        "seed": seed,
+        "config": {k: v for k, v in results["config"].items() if k not in ("out",)},
+        "rounds": rounds,
+    }
+
+
+def floor(config: Mapping[str, Any]) -> float:
+    """Majority-class rate of the evaluation set, averaged over the cell's seeds."""
+    base = SimConfig(**config["base"])
+    if base.objective != "classification":
+        return math.nan
+    dev = load_task(base.task, "dev")
+    rates = []
+    for seed in config["seeds"]:
+        ev = sample(dev, base.max_eval, int(seed) + 1)  # the runner's evaluation sample
+        counts: dict[int, int] = {}
+        for y in ev.labels:
+            counts[y] = counts.get(y, 0) + 1
+        rates.append(max(counts.values()) / len(ev))
+    return statistics.mean(rates)
+
+
+def _ms(xs: Sequence[float], fmt: str = ".4f") -> str:
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:{fmt}}"
+    return f"{statistics.mean(xs):{fmt}} ± {statistics.stdev(xs):{fmt}}"
+
+
+def _mean(xs: Sequence[float | None]) -> float | None:
+    vals = [float(x) for x in xs if x is not None]
+    return statistics.mean(vals) if vals else None
+
+
+def table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
+    """The markdown of a cell from the raw JSON files present (partial results included)."""
+    raw = docs / "raw" / cell
+    base = SimConfig(**config["base"])
+    cola = base.task.lower() == "cola"
+    head = ["run", "seeds", "final accuracy", "best accuracy"]
+    head += ["final MCC", "best MCC"] if cola else []
+    head += ["mean aggregation error", "mean certified residual", "server rank", "s / round"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    ceiling = ""
+    for e in entries(config):
+        recs = []
+        for seed in config["seeds"]:
+            path = raw / f"{run_id(e)}-seed{seed}.json"
+            if path.is_file():
+                recs.append(json.loads(path.read_text()))
+        if not recs:
+            lines.append(f"| {label(e)} | 0 |" + " |" * (len(head) - 2))
+            continue
+        final = [r["rounds"][-1]["accuracy"] for r in recs]
+        best = [max(x["accuracy"] for x in r["rounds"]) for r in recs]
+        cells = [label(e), str(len(recs)), _ms(final), _ms(best)]
+        if cola:
+            cells += [
+                _ms([r["rounds"][-1].get("mcc", math.nan) for r in recs]),
+                _ms([max(x.get("mcc", math.nan) for x in r["rounds"]) for r in recs]),
+            ]
+        err = [_mean([x["aggregation_error"] for x in r["rounds"]]) for r in recs]
+        cert = [_mean([x.get("certified_residual") for x in r["rounds"]]) for r in recs]
+        rank = [_mean([x.get("server_rank_mean") for x in r["rounds"]]) for r in recs]
+        secs = [_mean([x["seconds"] for x in r["rounds"]]) for r in recs]
+        e_m, c_m, r_m, s_m = _mean(err), _mean(cert), _mean(rank), _mean(secs)
+        cells += [
+            "-" if e_m is None else f"{e_m:.2e}",
+            "-" if c_m is None else f"{c_m:.2e}",
+            "-" if r_m is None else f"{r_m:.1f}",
+            "-" if s_m is None else f"{s_m:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+        if run_id(e) == CEILING_ID:
+            ceiling = f"final accuracy {_ms(final)}, best {_ms(best)} ({len(recs)} seeds)"
+    b = config["base"]
+    steps = int(b.get("rounds", base.rounds)) * int(b.get("local_steps", base.local_steps))
+    notes = [
+        f"# Cell {cell}",
+        "",
+        str(config.get("description", "")),
+        "",
+        f"- Floor (majority-class rate of the evaluation set): {floor(config):.4f}",
+        f"- Ceiling (centralised: one client with all {base.max_train} training examples, "
+        f"{steps} optimizer steps): {ceiling or 'not run yet'}",
+        f"- Settings: {json.dumps(config['base'], sort_keys=True)}",
+        "- Accuracy: mean ± std over seeds; aggregation error: exact relative error of the "
+        "server update against the mean update over all modules, averaged over rounds; "
+        "certified residual: the same from the GLoRA-family certificates.",
+        f"- Regenerate: `python -m integration.experiment --table <config of {cell}>`; raw "
+        f"per-round JSON in `raw/{cell}/`.",
+        "",
+        "",
+    ]
+    return "\n".join(notes) + "\n".join(lines) + "\n"
+
+
+def write_table(config: Mapping[str, Any], cell: str, docs: Path) -> Path:
+    """Write ``<docs>/<cell>.md``."""
+    docs.mkdir(parents=True, exist_ok=True)
+    path = docs / f"{cell}.md"
+    path.write_text(table(config, cell, docs))
+    return path
+
+
+def run_cell(config: Mapping[str, Any], cell: str, out: Path, docs: Path, device: str) -> None:
+    """Run (or resume, or skip) every (seed, entry) in order; raw JSON and table after each."""
+    raw = docs / "raw" / cell
+    raw.mkdir(parents=True, exist_ok=True)
+    for entry, seed, cfg in plan(config, out, device):
+        results = _check_folder(cfg)
+        if results is None:
+            print(f"[{cell}] running {run_id(entry)} seed {seed} -> {cfg.out}", flush=True)
+            Simulation(cfg).run(resume=True)
+            results = _check_folder(cfg)
+            assert results is not None
+        rec = raw_record(cell, entry, seed, results)
+        (raw / f"{run_id(entry)}-seed{seed}.json").write_text(json.dumps(rec, indent=1) + "\n")
+        write_table(config, cell, docs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
     p = argparse.ArgumentParser(prog="python -m integration.experiment", description=__doc__)
     p.add_argument("config")
-    p.add_argument("--out", default="out/experiment")
+    p.add_argument("--table", action="store_true", help="only regenerate the table")
+    p.add_argument("--list", action="store_true", help="print the run order and exit")
+    p.add_argument("--out", default=None, help="run folders (default: config 'out')")
+    p.add_argument("--docs", default="docs/experiments", help="tables and raw JSON")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help="ignored: runs always resume")
     args = p.parse_args(argv)
-    config = json.loads(Path(args.config).read_text())
-    out = Path(args.out)
-    table = run_experiment(config, out, args.device, args.resume)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(f"{config.get('description', '')}\n\n{table}")
-    print(table)
+    path = Path(args.config)
+    config = json.loads(path.read_text())
+    cell = cell_name(config, path)
+    out = Path(args.out or config.get("out") or f"out/experiments/{cell}")
+    docs = Path(args.docs)
+    if args.list:
+        for entry, seed, cfg in plan(config, out, args.device):
+            print(f"{run_id(entry)} seed {seed}: {cfg.out}")
+        return 0
+    if not args.table:
+        run_cell(config, cell, out, docs, args.device)
+    print(write_table(config, cell, docs).read_text())
     return 0
 
 

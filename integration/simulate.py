@@ -41,9 +41,9 @@ from transformers.utils import logging as hf_logging
 
 from glora_math import GloraWarning, LoRAFactors
 from glora_math.baselines import truncate_svd
+from glora_math.compare import round_error
 from glora_math.gauge import apply_gauge, random_invertible
 from glora_math.linalg import lowrank_svd
-from glora_math.metrics import fro_distance, fro_norm, mean_update
 from glora_math.registry import AggregateResult, Guarantee, OperatorState, get_operator
 from integration.causal_lm import build_causal_lm, lm_batch_loss, lm_evaluate, template
 from integration.data import Examples, dirichlet_split, load_task, sample
@@ -94,6 +94,9 @@ class SimConfig:
     # > 0: each client uploads its factors in a random gauge (B G, G^-1 A), G random invertible
     # with this condition number, seeded by (seed, round, client). Products are unchanged.
     scramble_gauge: float = 0.0
+    # torch intra-op threads (0: torch's default). 1 is much faster on a machine whose cores
+    # are busy with other work (two threads contending with other processes spin-wait).
+    threads: int = 0
 
     def modules(self) -> list[str]:
         """The LoRA target modules (the objective's default when not set)."""
@@ -445,6 +448,8 @@ class Simulation:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.device = torch.device(cfg.device)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
         train = sample(load_task(cfg.task, "train"), cfg.max_train, cfg.seed)
         self.eval = sample(load_task(cfg.task, "dev"), cfg.max_eval, cfg.seed + 1)
         self.num_labels = max(*train.labels, *self.eval.labels) + 1
@@ -810,39 +815,22 @@ def aggregation_errors(
     """Exact error of the server update against the mean update, over all modules.
 
     ``aggregation_error`` = sqrt(sum_m ||W_bar_m - update_m||^2 / sum_m ||W_bar_m||^2), from
-    factors (dense only where the operator folds a dense residual into the base);
-    ``aggregation_error_max``: the largest per-module relative error. Where every module has a
-    certificate (GLoRA family), ``certified_residual`` and ``certified_residual_max`` are the
-    same quantities from the certificates (None otherwise): the two must agree to rounding.
+    factors (dense only where the operator folds a dense residual into the base), and
+    ``aggregation_error_max``, the largest per-module relative error
+    (:func:`glora_math.compare.round_error`). Where every module has a certificate (GLoRA
+    family), ``certified_residual`` is the same aggregate from the certificates and
+    ``certified_residual_max`` their largest relative residual (None otherwise): certificate
+    and measurement must agree to rounding.
     """
-    num = den = worst = 0.0
-    c_num = c_den = c_worst = 0.0
-    certified = bool(results)
-    for name, res in results.items():
-        fs = [a.modules[name].factors for a in adapters]
-        mean = mean_update(fs, weights)
-        norm = fro_norm(mean)
-        if res.residual is None:
-            err = fro_distance(res.update, mean)
-        else:
-            dense = res.dense().double() - (mean.B @ mean.A).double()
-            err = float(torch.linalg.matrix_norm(dense))
-        num += err * err
-        den += norm * norm
-        worst = max(worst, err / norm if norm else (0.0 if err == 0.0 else math.inf))
-        cert = res.certificate
-        if cert is None:
-            certified = False
-            continue
-        c_num += cert.residual**2
-        c_den += cert.mean_norm**2
-        c_worst = max(c_worst, cert.relative_residual)
-    rel = math.sqrt(num / den) if den else (0.0 if num == 0.0 else math.inf)
+    err = round_error(results, {m: [a.modules[m].factors for a in adapters] for m in results},
+                      weights)  # fmt: skip
+    certs = [res.certificate for res in results.values()]
+    worst = max((c.relative_residual for c in certs if c is not None), default=0.0)
     return {
-        "aggregation_error": rel,
-        "aggregation_error_max": worst,
-        "certified_residual": (math.sqrt(c_num / c_den) if c_den else 0.0) if certified else None,
-        "certified_residual_max": c_worst if certified else None,
+        "aggregation_error": err.relative,
+        "aggregation_error_max": err.worst_module,
+        "certified_residual": err.certified,
+        "certified_residual_max": worst if err.certified is not None else None,
     }
 
 

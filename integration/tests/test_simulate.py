@@ -248,3 +248,36 @@ def test_encoder_pads_like_the_tokenizer_and_mcc() -> None:
     assert matthews_corrcoef([1, 1, 0, 0], [1, 1, 1, 1]) == 0.0  # undefined: 0, as in GLUE
     # tp=2, tn=1, fp=1, fn=0: (2*1 - 1*0) / sqrt(3 * 2 * 2 * 1)
     assert abs(matthews_corrcoef([1, 1, 0, 0], [1, 1, 1, 0]) - 2 / 12**0.5) < 1e-12
+
+
+def test_experiment_smoke_config_runs_resumably_and_writes_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from integration import experiment
+
+    config = Path(__file__).parents[1] / "experiments" / "smoke.json"
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    args = [str(config), "--out", str(out), "--docs", str(docs)]
+    assert experiment.main(args) == 0
+    cfg = json.loads(config.read_text())
+    ids = [experiment.run_id(e) for e in experiment.entries(cfg)]
+    assert ids[0] == experiment.CEILING_ID  # the centralised ceiling comes first
+    for rid in ids:
+        rec = json.loads((docs / "raw" / "smoke" / f"{rid}-seed0.json").read_text())
+        assert [r["round"] for r in rec["rounds"]] == [1]
+        assert {"accuracy", "eval_loss", "aggregation_error", "seconds"} <= set(rec["rounds"][0])
+    ceiling = json.loads((docs / "raw" / "smoke" / "ceiling-seed0.json").read_text())
+    assert ceiling["config"]["clients"] == 1
+    table = (docs / "smoke.md").read_text()
+    assert "Floor" in table
+    assert "glora (R = 2r)" in table
+    # Finished runs are skipped: a second pass trains nothing.
+    monkeypatch.setattr(experiment.Simulation, "run", lambda *a, **k: pytest.fail("reran"))
+    assert experiment.main(args) == 0
+    assert experiment.main([*args, "--table"]) == 0
+    # A folder written with other settings is refused, not silently reused.
+    changed = cfg | {"base": cfg["base"] | {"lr": 0.5}}
+    other = tmp_path / "changed.json"
+    other.write_text(json.dumps(changed))
+    with pytest.raises(SystemExit):
+        experiment.main([str(other), "--out", str(out), "--docs", str(docs)])
