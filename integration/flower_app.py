@@ -66,7 +66,7 @@ class FlowerConfig:
     lr: float = 5e-4
     client_ranks: tuple[int, ...] = (2, 4, 4)
     server_rank: int | None = None
-    operator: str = "glora"
+    operator: str = "glora_auto"
     participation: float = 1.0
     seed: int = 0
     max_train: int = 120

@@ -71,7 +71,7 @@ class SimConfig:
     rank: int = 4
     client_ranks: list[int] | None = None
     server_rank: int | None = None
-    operator: str = "glora"
+    operator: str = "glora_auto"
     participation: float = 1.0
     seed: int = 0
     device: str = "cpu"
