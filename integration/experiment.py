@@ -245,10 +245,71 @@ def table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
 
 
 def write_table(config: Mapping[str, Any], cell: str, docs: Path) -> Path:
-    """Write ``<docs>/<cell>.md``."""
+    """Write ``<docs>/<cell>.md`` and its curves ``<docs>/<cell>.png``."""
     docs.mkdir(parents=True, exist_ok=True)
     path = docs / f"{cell}.md"
-    path.write_text(table(config, cell, docs))
+    text = table(config, cell, docs)
+    if write_plot(config, cell, docs) is not None:
+        text += f"\n![accuracy and aggregation error per round]({cell}.png)\n"
+    path.write_text(text)
+    return path
+
+
+def curves(config: Mapping[str, Any], cell: str, docs: Path) -> dict[str, dict[str, list[float]]]:
+    """Per run label: seed-mean accuracy and aggregation error per round (raw JSON present)."""
+    raw = docs / "raw" / cell
+    out: dict[str, dict[str, list[float]]] = {}
+    for e in entries(config):
+        runs = []
+        for seed in config.get("seeds", [0]):
+            path = raw / f"{run_id(e)}-seed{seed}.json"
+            if path.is_file():
+                runs.append(json.loads(path.read_text())["rounds"])
+        if not runs:
+            continue
+        n = min(len(r) for r in runs)
+        seeds = f"{len(runs)} seed" + ("s" if len(runs) > 1 else "")
+        out[f"{label(e)} ({seeds})"] = {
+            key: [statistics.fmean(float(r[j].get(key) or 0.0) for r in runs) for j in range(n)]
+            for key in ("accuracy", "aggregation_error")
+        }
+    return out
+
+
+def write_plot(config: Mapping[str, Any], cell: str, docs: Path) -> Path | None:
+    """``<docs>/<cell>.png``: accuracy and aggregation error per round, one line per run.
+
+    Uses matplotlib's object API (no pyplot, no global backend change).
+    """
+    data = curves(config, cell, docs)
+    if not data:
+        return None
+    from matplotlib.figure import Figure  # noqa: PLC0415 - heavy, only needed here
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+
+    fig = Figure(figsize=(11, 4))
+    ax_acc, ax_err = fig.subplots(1, 2)
+    for name, c in data.items():
+        rounds = list(range(1, len(c["accuracy"]) + 1))
+        ax_acc.plot(rounds, c["accuracy"], marker="o", ms=3, label=name)
+        errs = c["aggregation_error"]
+        if max(errs, default=0.0) > 1e-12:  # the one-client ceiling is exact: nothing to plot
+            ax_err.plot(rounds, errs, marker="o", ms=3)
+        else:
+            ax_err.plot([], [])  # keep the colours of the two panels in step
+    for ax, title in (
+        (ax_acc, "accuracy (mean over seeds)"),
+        (ax_err, "aggregation error to the mean update"),
+    ):
+        ax.set_xlabel("round")
+        ax.set_title(title, fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_err.set_yscale("log")
+    fig.suptitle(f"{cell}: {config.get('base', {}).get('task', '')}", fontsize=11)
+    fig.legend(loc="center right", fontsize=7)
+    fig.subplots_adjust(right=0.78, wspace=0.25)
+    path = docs / f"{cell}.png"
+    fig.savefig(path, dpi=90)
     return path
 
 
