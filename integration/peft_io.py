@@ -330,7 +330,7 @@ def _glora_batched(
         Bs = [torch.stack([c.modules[m].factors.B for m in group]) for c in clients]
         As = [torch.stack([c.modules[m].factors.A for m in group]) for c in clients]
         try:
-            st = glora_aggregate_batched(Bs, As, p.to(Bs[0].dtype), rank=rank)
+            st = glora_aggregate_batched(Bs, As, p, rank=rank)
         except GloraError as err:
             raise err.with_context(
                 module=group[0] if len(group) == 1 else f"{group[0]} (+{len(group) - 1})"

@@ -259,3 +259,22 @@ def test_default_operator_certifies_every_module_and_warns_naming_it() -> None:
         assert abs(res.certificate.relative_residual - rho) <= 1e-10
     with pytest.raises(AdapterError, match="no option"):
         aggregate_adapters(adapters, rank=4, options={"bogus": 1.0})
+
+
+@pytest.mark.parametrize("operator", ["glora", "glora_auto"])
+def test_bf16_adapters_keep_their_weights_apart(operator: str) -> None:
+    # 1000 and 1001 samples round to the same bfloat16 weight; the aggregate must not.
+    g = torch.Generator().manual_seed(5)
+    cfg = {"r": 2, "lora_alpha": 2.0}
+    sds = [
+        {
+            "base_model.model.q.lora_A.weight": torch.randn(2, 6, generator=g).bfloat16(),
+            "base_model.model.q.lora_B.weight": torch.randn(5, 2, generator=g).bfloat16(),
+        }
+        for _ in range(2)
+    ]
+    adapters = [adapter_from_state_dict(sd, cfg, client=i) for i, sd in enumerate(sds)]
+    a = aggregate_adapters(adapters, [1000.0, 1001.0], rank=4, operator=operator)
+    b = aggregate_adapters(adapters, [1000.0, 1000.0], rank=4, operator=operator)
+    diff = float((a.results["q"].update.delta() - b.results["q"].update.delta()).norm())
+    assert diff > 0.0
