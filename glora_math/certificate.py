@@ -20,11 +20,13 @@ clients ``(A_i^T, B_i^T)``, which have the same residual norms.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from glora_math.errors import NonFiniteError
 from glora_math.types import Certificate, LoRAFactors
 
 
@@ -68,6 +70,11 @@ def certify(
     if mean_norm == 0.0:
         return Certificate(0.0, 0.0)
     num = float(torch.linalg.matrix_norm(T[:, :m] @ Ac + T[:, m:] @ S.to(wd)))
+    if not (math.isfinite(mean_norm) and math.isfinite(num)):
+        raise NonFiniteError(
+            f"the certificate overflowed {wd}: the mean update's norm is beyond its range "
+            "(rescale the clients' factors)"
+        )
     return Certificate(num / mean_norm, mean_norm)
 
 

@@ -344,3 +344,11 @@ def test_registry_operators_certify_and_take_options() -> None:
     assert res.certificate.relative_residual <= 0.3
     with pytest.raises(GloraError, match="no option"):
         get_operator("fedit")(clients, None, options={"tol": 0.3})
+
+
+def test_a_certificate_that_would_overflow_is_a_typed_error() -> None:
+    from glora_math import NonFiniteError
+
+    big = [LoRAFactors(f.B.float() * 1e20, f.A.float() * 1e20) for f in _trap()]
+    with pytest.raises(NonFiniteError, match="certificate overflowed"):
+        glora_aggregate(big, rank=4, side="auto")
