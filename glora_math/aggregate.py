@@ -129,12 +129,25 @@ def glora_aggregate(
             warnings.simplefilter("always")
             st = _side_state(factors, info, p, R, gauge, sketch, sd, target)
         found.append((st, [w.message for w in caught if isinstance(w.message, Warning)]))
-    if auto:
-        best, notes = min(found, key=lambda c: (c[0].rank, c[0].relative_residual))
+    if auto:  # a side that meets tol first, then the smaller rank, then the smaller residual
+        best, notes = min(
+            found,
+            key=lambda c: (c[0].relative_residual > (target or 0.0), c[0].rank,
+                           c[0].relative_residual),
+        )  # fmt: skip
     else:
         best, notes = min(found, key=lambda c: c[0].relative_residual)
     for note in notes:
         warnings.warn(note, stacklevel=2)
+    if auto and best.relative_residual > (target or 0.0):
+        warnings.warn(
+            ResidualWarning(
+                f"rank='auto' could not meet tol={target:.3e}: the certified relative "
+                f"residual is {best.relative_residual:.3e} at the largest rank R={best.rank} "
+                f"(side={best.side}; rounding in {info.work_dtype} limits it)"
+            ),
+            stacklevel=2,
+        )
     if limit is not None and best.relative_residual > limit:
         warnings.warn(
             ResidualWarning(
@@ -181,11 +194,16 @@ def _side_state(  # noqa: PLR0917 - private, called once with every setting of t
         fs = _transposed(factors)
         info = ClientsInfo(info.k, info.d, info.dtype, info.work_dtype, info.device)
     wd = info.work_dtype
+    # A client whose other factor is exactly zero (LoRA's B = 0 start, seen from the right)
+    # has a zero update: its basis carries nothing and would only dilute the consensus. The
+    # left side's svd gauge drops such clients by construction; this does it for every route.
+    zero = torch.tensor([not bool(f.A.any()) for f in fs], device=p.device)
+    p_side = p.masked_fill(zero, 0.0) if bool(zero.any()) and not bool(zero.all()) else p
     with warnings.catch_warnings():
         if tol is not None:  # the cap is reached through the clamp by design; its gap is moot
             warnings.simplefilter("ignore", GloraWarning)
-        fast = implicit_state(fs, info, p, R, sketch) if gauge == "qr" else None
-        U, S, eigvals, gap = fast or _general_state(fs, info, p, R, gauge=gauge, sketch=sketch)
+        fast = implicit_state(fs, info, p_side, R, sketch) if gauge == "qr" else None
+        U, S, eigvals, gap = fast or _general_state(fs, info, p_side, R, gauge=gauge, sketch=sketch)
     cert = certify(fs, p, U, S, wd)
     if tol is not None:
         meets = torch.nonzero(residual_curve(S, cert.mean_norm) <= tol * tol)

@@ -608,7 +608,8 @@ register(
         name="glora_auto_rank",
         paper="arXiv 2605.06733 + side-aware consensus and certified rank (ours)",
         summary="side-aware GLoRA at the smallest server rank whose certified relative "
-        "residual is at most tol (default 0.05)",
+        "residual is at most tol (default 0.05); the rank argument is not used (the rule "
+        "picks R, capped by the clients' total rank)",
         sends_back="rank-r_i readouts per client",
         guarantees=frozenset(_SIDED),
         fn=_glora("qr", False, side="auto", auto_rank=True),
