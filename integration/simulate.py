@@ -44,7 +44,13 @@ from glora_math.baselines import truncate_svd
 from glora_math.compare import round_error
 from glora_math.gauge import apply_gauge, random_invertible
 from glora_math.linalg import lowrank_svd
-from glora_math.registry import AggregateResult, Guarantee, OperatorState, get_operator
+from glora_math.registry import (
+    AggregateResult,
+    Guarantee,
+    OperatorState,
+    get_operator,
+    list_operators,
+)
 from integration.causal_lm import build_causal_lm, lm_batch_loss, lm_evaluate, template
 from integration.data import Examples, dirichlet_split, load_task, sample
 from integration.peft_io import (
@@ -881,23 +887,63 @@ def write_results(out: Path, cfg: SimConfig, metrics: list[dict[str, Any]]) -> N
         plt.close(fig)
 
 
+_HELP = {
+    "model": "'minilm' (packaged pretrained), 'tiny-roberta' (tests), 'smollm2', "
+    "'tiny-llama' or any local HF model path",
+    "task": "sst2, cola, rte, mr, subj, cr, mpqa or trec",
+    "clients": "number of simulated clients",
+    "dirichlet": "Dirichlet(alpha) label skew of the client shards (100: about IID)",
+    "rounds": "federated rounds",
+    "local_steps": "AdamW steps per client per round",
+    "batch_size": "examples per local step",
+    "lr": "local AdamW learning rate",
+    "rank": "LoRA rank of every client (unless --client-ranks)",
+    "client_ranks": "comma-separated per-client LoRA ranks, e.g. 2,4,8",
+    "server_rank": "server rank R (default: the largest client rank)",
+    "operator": "aggregation operator (glora_math.registry)",
+    "participation": "fraction of clients sampled each round",
+    "seed": "run seed (data split, shared init, batches, sampling)",
+    "device": "torch device, e.g. cpu or cuda",
+    "max_train": "training examples drawn from the task",
+    "max_eval": "evaluation examples drawn from the task's dev split",
+    "max_len": "token length cap",
+    "target_modules": "comma-separated LoRA target modules (default: query,value; "
+    "q_proj,v_proj for causal LMs)",
+    "objective": "classification or causal_lm (instruction tuning)",
+    "out": "output folder (checkpoints, results.json, plots)",
+    "per_client_init": "each client draws its own initial LoRA A (an ablation; default: one "
+    "shared initial adapter, as every federated LoRA system broadcasts)",
+    "max_residual": "GLoRA family: warn (ResidualWarning, in the round's row) when a module's "
+    "certified relative residual exceeds this; <= 0 turns it off",
+    "tol": "glora_auto_rank: certified relative residual tolerance (default: the operator's, 0.05)",
+    "scramble_gauge": "> 0: every client uploads its factors in a random gauge (B G, G^-1 A) "
+    "with this condition number",
+    "threads": "torch intra-op threads (0: torch's default; 1 is fastest on a busy machine)",
+}
+_CHOICES: dict[str, list[str]] = {"objective": ["classification", "causal_lm"]}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[SimConfig, bool]:
     """Command-line flags -> (config, resume)."""
     d = SimConfig()
-    p = argparse.ArgumentParser(prog="glora simulate", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="glora simulate",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     for name, value in asdict(d).items():
         flag = "--" + name.replace("_", "-")
+        text = _HELP.get(name, "")
         if isinstance(value, bool):
-            p.add_argument(flag, action="store_true")
+            p.add_argument(flag, action="store_true", help=text)
         elif isinstance(value, list) or value is None:
-            p.add_argument(
-                flag,
-                type=str,
-                default=None,
-                help="comma-separated" if name != "server_rank" else None,
-            )
+            p.add_argument(flag, type=str, default=None, help=text)
+        elif name == "operator":
+            p.add_argument(flag, default=value, choices=list_operators(), help=text)
         else:
-            p.add_argument(flag, type=type(value), default=value)
+            p.add_argument(
+                flag, type=type(value), default=value, choices=_CHOICES.get(name), help=text
+            )
     p.add_argument("--resume", action="store_true", help="continue from out/checkpoint.json")
     ns = p.parse_args(argv)
     kw = vars(ns)
