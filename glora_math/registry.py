@@ -61,6 +61,9 @@ class Guarantee(StrEnum):
     #: Scaling one client's update by c > 0 leaves the server's subspace unchanged (its
     #: ``basis``, e.g. GLoRA's U_ref; otherwise the column space of the update).
     SCALE_ROBUST_SUBSPACE = "scale_robust_subspace"
+    #: The result carries a certificate whose relative residual equals the measured relative
+    #: error ``||update - W_bar||_F / ||W_bar||_F`` of its low-rank update (to rounding).
+    CERTIFIED = "certified"
 
 
 @dataclass(frozen=True)
@@ -552,6 +555,7 @@ _GLORA_BASE = {
     G.PERMUTATION_INVARIANT,
     G.RANK_COMPATIBLE,
     G.SCALE_ROBUST_SUBSPACE,
+    G.CERTIFIED,
 }
 
 #: ``max_residual <= 0`` means no warning.

@@ -160,6 +160,7 @@ PROPOSITIONS: tuple[Proposition, ...] = (
         r"\|\bar W - U S\|_F^2 = \|\bar W\|_F^2 - \|S\|_F^2, \quad S = U^\top \bar W",
         ("glora", "glora_svd", "glora_auto", "glora_auto_rank"),
         ("test_sided:test_P12_certificate_equals_the_measured_error",),
+        ("property_tests/test_contract.py::test_contract[glora_auto-certified]",),
     ),
     Proposition(
         "P13",

@@ -27,7 +27,7 @@ from glora_math.registry import (
     get_operator,
     list_operators,
 )
-from glora_math.tolerances import product_tol, subspace_tol
+from glora_math.tolerances import certificate_tol, product_tol, subspace_tol
 
 from .helpers import cond, f64, n_dims, state_tol
 from .strategies import Problem, conditioned_factors, gauges_for, problems
@@ -271,6 +271,25 @@ def _scale_robust(op: AggregationOperator, data: st.DataObject) -> None:
     _check(dist <= tol * (2 * max(Ua.shape[1], 1)) ** 0.5, f"column space moved by {dist:.3e}")
 
 
+def _certified(op: AggregationOperator, data: st.DataObject) -> None:
+    pb = data.draw(_equal_rank_problems(op, weights="with_zeros"), label="problem")
+    clients = _prepare(op, pb)
+    R = _server_rank(pb, data)
+    res = _run(op, clients, pb.weights, rank=R, state=_state(op, pb, data))
+    _check(res.certificate is not None, "the result carries no certificate")
+    assert res.certificate is not None
+    W = sum(
+        (float(pb.p[i]) * f64(c.delta()) for i, c in enumerate(clients)),
+        start=torch.zeros(pb.d, pb.k, dtype=torch.float64),
+    )
+    den = float(W.norm())
+    measured = float((f64(res.update.delta()) - W).norm()) / den if den > 0 else 0.0
+    scale = pb.scale() / den if den > 0 else 1.0
+    tol = certificate_tol(pb.dtype, n=n_dims(pb.d, pb.k, pb.ranks), scale=scale)
+    got = res.certificate.relative_residual
+    _check(abs(got - measured) <= tol, f"certificate {got:.3e} vs measured {measured:.3e}")
+
+
 PROPERTIES: dict[Guarantee, Callable[[AggregationOperator, st.DataObject], None]] = {
     G.GAUGE_INVARIANT_GL: _gauge_property("invertible"),
     G.GAUGE_INVARIANT_O: _gauge_property("orthogonal"),
@@ -280,6 +299,7 @@ PROPERTIES: dict[Guarantee, Callable[[AggregationOperator, st.DataObject], None]
     G.RANK_COMPATIBLE: _rank_compatible,
     G.PERMUTATION_INVARIANT: _permutation,
     G.SCALE_ROBUST_SUBSPACE: _scale_robust,
+    G.CERTIFIED: _certified,
 }
 
 
