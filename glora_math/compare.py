@@ -96,11 +96,13 @@ def round_error(
 
 
 def warm_state(op: AggregationOperator, factors: Sequence[LoRAFactors]) -> OperatorState | None:
-    """A warm state for stateful operators (FedRot: reference = FedIT of these clients)."""
-    if not op.name.startswith("fedrot"):
+    """A warm state for operators that declare one.
+
+    The reference is FedIT of these clients, at round 2 (a round after the first).
+    """
+    if op.warm_state is None:
         return None
-    ref = get_operator("fedit")(factors).update
-    return OperatorState(2, {"B_ref": ref.B, "A_ref": ref.A})
+    return op.warm_state(get_operator("fedit")(factors).update, 2)
 
 
 def gauge_sensitivity(

@@ -15,6 +15,7 @@ Usage::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -24,9 +25,12 @@ from torch import Tensor
 
 from glora_math import baselines as bl
 from glora_math.aggregate import glora_aggregate
-from glora_math.errors import GloraError, RankError
+from glora_math.batched import glora_aggregate_batched, readout_batched
+from glora_math.certificate import certify
+from glora_math.errors import GloraError, GloraWarning, RankError, ResidualWarning
 from glora_math.metrics import mean_update, state_factors
 from glora_math.readout import readouts
+from glora_math.tolerances import rank_tol
 from glora_math.types import Certificate, GaugeMode, LoRAFactors, Side
 from glora_math.validation import (
     WeightsLike,
@@ -152,6 +156,13 @@ class RoundContext:
 
 OperatorFn = Callable[[Sequence[LoRAFactors], Tensor, RoundContext], AggregateResult]
 CostFn = Callable[[int, int, int, int, int], Communication]
+#: Same-shape modules in one call: ``modules[j][i]`` is client i's factors of module j.
+GroupFn = Callable[[Sequence[Sequence[LoRAFactors]], Tensor, RoundContext], list[AggregateResult]]
+#: The operator's state built from a reference global adapter and a round index.
+WarmStateFn = Callable[[LoRAFactors, int], "OperatorState"]
+#: A relative gap in (0, 1] that bounds how far the operator's output moves under rounding
+#: (1 for operators whose output is a stable function of the input; smaller near a tie).
+SensitivityFn = Callable[[Sequence[LoRAFactors], Tensor, int, "OperatorState | None"], float]
 
 
 @dataclass(frozen=True)
@@ -171,6 +182,17 @@ class AggregationOperator:
     reconstruction: bool = False
     #: Options the operator takes, with their defaults (see :class:`RoundContext`).
     options: Mapping[str, float] = field(default_factory=dict)
+    #: Clients keep personal factors between rounds (FedSA-LoRA): a client that sits a round
+    #: out keeps its own, instead of receiving the broadcast.
+    personal: bool = False
+    #: Builds the operator's state from a reference global adapter and a round index
+    #: (stateful operators; e.g. FedRot-LoRA's alignment reference).
+    warm_state: WarmStateFn | None = None
+    #: Aggregates same-shape modules in one batched call (equal to ``fn`` per module).
+    group_fn: GroupFn | None = None
+    #: The relative gap that bounds how far the output moves under rounding (tests and
+    #: error analysis); ``None`` means 1 (a stable function of the input).
+    sensitivity: SensitivityFn | None = None
 
     def __call__(
         self,
@@ -200,6 +222,51 @@ class AggregationOperator:
             Operator options: the GLoRA family reads ``max_residual`` (warn above it) and, for
             ``rank="auto"`` operators, ``tol``; unknown keys are an error.
         """
+        p, ctx = self._context(
+            factors, weights, rank=rank, client_ranks=client_ranks, state=state, options=options
+        )
+        return self.fn(factors, p, ctx)
+
+    def aggregate_group(
+        self,
+        modules: Sequence[Sequence[LoRAFactors]],
+        weights: WeightsLike = None,
+        *,
+        rank: int | None = None,
+        client_ranks: Sequence[int] | None = None,
+        options: Mapping[str, float] | None = None,
+    ) -> list[AggregateResult]:
+        """Aggregate same-shape modules of stateless operators (``modules[j][i]``: client i).
+
+        One batched call where the operator has ``group_fn``, else ``fn`` module by module;
+        the results are the same either way.
+        """
+        if self.stateful:
+            raise GloraError(f"operator {self.name!r} is stateful: aggregate module by module")
+        ctxs = []
+        for fs in modules:  # one validation per module, at the boundary
+            ctxs.append(
+                self._context(
+                    fs, weights, rank=rank, client_ranks=client_ranks, state=None, options=options
+                )
+            )
+        if not ctxs:
+            return []
+        p, ctx = ctxs[0]
+        if self.group_fn is not None:
+            return self.group_fn(modules, p, ctx)
+        return [self.fn(fs, pc, c) for fs, (pc, c) in zip(modules, ctxs, strict=True)]
+
+    def _context(
+        self,
+        factors: Sequence[LoRAFactors],
+        weights: WeightsLike,
+        *,
+        rank: int | None,
+        client_ranks: Sequence[int] | None,
+        state: OperatorState | None,
+        options: Mapping[str, float] | None,
+    ) -> tuple[Tensor, RoundContext]:
         info = validate_clients(factors)
         p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
         ranks = [f.rank for f in factors] if client_ranks is None else list(client_ranks)
@@ -214,7 +281,7 @@ class AggregationOperator:
                 f"operator {self.name!r} has no option(s) {unknown}; "
                 f"it takes {sorted(self.options)}"
             )
-        return self.fn(factors, p, RoundContext(R, ranks, state, {**self.options, **opts}))
+        return p, RoundContext(R, ranks, state, {**self.options, **opts})
 
     def communication(
         self, d: int, k: int, client_rank: int, rank: int | None = None, n_clients: int = 1
@@ -346,6 +413,7 @@ register(
         cost=lambda d, k, r, R, n: Communication(up=r * k, down=r * k),
         equal_ranks=True,
         stateful=True,
+        personal=True,
     )
 )
 
@@ -369,6 +437,23 @@ register(
 )
 
 
+def _flora_na_sensitivity(
+    fs: Sequence[LoRAFactors], p: Tensor, R: int, state: OperatorState | None
+) -> float:
+    """1 / (cond(B_bar) cond(A_bar))^2 at FedIT's start: ALS solves with the Gram matrices."""
+    g = bl.fedit(fs, p)
+    return 1.0 / (_cond(g.B) * _cond(g.A)) ** 2
+
+
+def _cond(x: Tensor) -> float:
+    """2-norm condition number on the numerical range (1 for a zero matrix)."""
+    s = torch.linalg.svdvals(x.detach().to(torch.float64))
+    if not s.numel() or float(s[0]) == 0.0:
+        return 1.0
+    kept = s[s > rank_tol(float(s[0]), (int(x.shape[0]), int(x.shape[1])), torch.float64)]
+    return float(kept[0] / kept[-1])
+
+
 register(
     AggregationOperator(
         name="flora_na",
@@ -380,6 +465,7 @@ register(
         cost=_factors_cost,
         equal_ranks=True,
         reconstruction=True,
+        sensitivity=_flora_na_sensitivity,
     )
 )
 
@@ -412,6 +498,17 @@ def _svd_result(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> Aggr
     return AggregateResult(glob, None, per, basis=U)
 
 
+def _svd_sensitivity(
+    fs: Sequence[LoRAFactors], p: Tensor, R: int, state: OperatorState | None
+) -> float:
+    """The relative singular gap (s_R - s_{R+1}) / s_1 of the mean (1 when R >= its rank)."""
+    s = bl.svd_of_mean(fs, p, rank=max(1, min(R + 1, sum(f.rank for f in fs))))[1]
+    s = s.detach().to(torch.float64)
+    if s.numel() <= R or float(s[0]) == 0.0:
+        return 1.0
+    return max((float(s[R - 1]) - float(s[R])) / float(s[0]), 0.0)
+
+
 _SVD_GUARANTEES = frozenset(
     {
         G.GAUGE_INVARIANT_GL,
@@ -432,6 +529,7 @@ register(
         guarantees=_SVD_GUARANTEES,
         fn=_svd_result,
         cost=lambda d, k, r, R, n: Communication(up=r * (d + k), down=r * (d + k)),
+        sensitivity=_svd_sensitivity,
     )
 )
 
@@ -444,6 +542,7 @@ register(
         guarantees=_SVD_GUARANTEES,
         fn=_svd_result,
         cost=lambda d, k, r, R, n: Communication(up=r * (d + k), down=r * (d + k)),
+        sensitivity=_svd_sensitivity,
     )
 )
 
@@ -468,6 +567,31 @@ register(
 
 # ----------------------------------------------------------------------------------------------
 # FedRot-LoRA
+
+
+def _fedrot_state(reference: LoRAFactors, round_index: int) -> OperatorState:
+    """FedRot-LoRA aligns to the previous global factors: the reference, at a round index."""
+    return OperatorState(round_index, {"B_ref": reference.B, "A_ref": reference.A})
+
+
+def _fedrot_sensitivity(
+    fs: Sequence[LoRAFactors], p: Tensor, R: int, state: OperatorState | None
+) -> float:
+    """The smallest relative gap (s_r + s_{r-1}) / (2 s_1) of the alignment matrices M.
+
+    The polar factor of M moves by at most 2 ||dM|| / (s_r + s_{r-1}) (Higham, Functions of
+    Matrices, thm. 8.9).
+    """
+    if state is None or "B_ref" not in state.tensors:
+        return 1.0
+    ref_B, ref_A = state.tensors["B_ref"], state.tensors["A_ref"]
+    gaps = [1.0]
+    for c in fs:
+        M = c.A @ ref_A.mT if state.round_index % 2 == 1 else c.B.mT @ ref_B
+        s = torch.linalg.svdvals(M.detach().to(torch.float64))
+        low = float(s[-1] + (s[-2] if s.numel() > 1 else s[-1]))
+        gaps.append(low / (2 * float(s[0])) if float(s[0]) > 0 else 1.0)
+    return max(min(gaps), 0.0)
 
 
 def _fedrot(lam: float) -> OperatorFn:
@@ -496,6 +620,8 @@ register(
         cost=_factors_cost,
         equal_ranks=True,
         stateful=True,
+        warm_state=_fedrot_state,
+        sensitivity=_fedrot_sensitivity,
     )
 )
 
@@ -510,6 +636,8 @@ register(
         cost=_factors_cost,
         equal_ranks=True,
         stateful=True,
+        warm_state=_fedrot_state,
+        sensitivity=_fedrot_sensitivity,
     )
 )
 
@@ -545,6 +673,58 @@ def _glora(
         return AggregateResult(update, residual, per, basis=basis, certificate=state.certificate)
 
     return fn
+
+
+def _glora_sensitivity(gauge: GaugeMode, sides: tuple[Side, ...]) -> SensitivityFn:
+    """The consensus eigengap at R (K's eigenvalues lie in [0, 1]).
+
+    The smaller of both sides' gaps for the side-aware operators.
+    """
+
+    def sensitivity(
+        fs: Sequence[LoRAFactors], p: Tensor, R: int, state: OperatorState | None
+    ) -> float:
+        gaps = [1.0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GloraWarning)
+            for side in sides:
+                gaps.append(glora_aggregate(fs, p, rank=R, gauge=gauge, side=side).gap)
+        return max(min(gaps), 0.0)
+
+    return sensitivity
+
+
+def _glora_group(
+    modules: Sequence[Sequence[LoRAFactors]], p: Tensor, ctx: RoundContext
+) -> list[AggregateResult]:
+    """The paper's GLoRA over same-shape modules in one batched call, certified per module.
+
+    :func:`glora_math.batched.glora_aggregate_batched` on the stacked factors, batched
+    readouts for each distinct client rank, and each module's certificate.
+    """
+    if max(ctx.client_ranks) > ctx.rank:
+        raise RankError(f"client rank {max(ctx.client_ranks)} exceeds the server rank R={ctx.rank}")
+    n = len(modules[0])
+    Bs = [torch.stack([m[i].B for m in modules]) for i in range(n)]
+    As = [torch.stack([m[i].A for m in modules]) for i in range(n)]
+    st = glora_aggregate_batched(Bs, As, p, rank=ctx.rank)
+    outs = {r: readout_batched(st, r) for r in set(ctx.client_ranks)}
+    limit = ctx.options.get("max_residual", 0.0)
+    results = []
+    for j, fs in enumerate(modules):
+        per = [LoRAFactors(outs[r][0][j], outs[r][1][j]) for r in ctx.client_ranks]
+        cert = certify(fs, p.to(st.S.dtype), st.U[j], st.S[j], st.S.dtype)
+        if limit > 0 and cert.relative_residual > limit:
+            warnings.warn(
+                ResidualWarning(
+                    f"certified relative residual {cert.relative_residual:.3e} exceeds "
+                    f"{limit:.3e} (side=left, R={int(st.U.shape[-1])})"
+                ),
+                stacklevel=4,
+            )
+        update = LoRAFactors(st.U[j], st.S[j])
+        results.append(AggregateResult(update, None, per, basis=st.U[j], certificate=cert))
+    return results
 
 
 _GLORA_BASE = {
@@ -585,6 +765,8 @@ for _gauge in _MODES:
                 ),
                 reconstruction=True,
                 options=_GLORA_OPTIONS,
+                group_fn=_glora_group if (_gauge, _fold) == ("qr", False) else None,
+                sensitivity=_glora_sensitivity(_gauge, ("left",)),
             )
         )
 
@@ -604,6 +786,7 @@ register(
         fn=_glora("qr", False, side="auto"),
         cost=_factors_cost,
         options=_GLORA_OPTIONS,
+        sensitivity=_glora_sensitivity("qr", ("left", "right")),
     )
 )
 
@@ -619,6 +802,7 @@ register(
         fn=_glora("qr", False, side="auto", auto_rank=True),
         cost=_factors_cost,
         options={**_GLORA_OPTIONS, "tol": 0.05},
+        sensitivity=_glora_sensitivity("qr", ("left", "right")),
     )
 )
 

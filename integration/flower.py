@@ -407,7 +407,7 @@ class LoRAStrategy(Strategy):
         self.global_update = update
         self.dense = {k: v.to(torch.float32) for k, v in rnd.dense.items()}
         self.op_states = dict(rnd.states)
-        self.node_init = {} if self.op.name != "fedsa_lora" else self.node_init
+        self.node_init = self.node_init if self.op.personal else {}
         for j, node in enumerate(nodes):
             self.node_rank[node] = ranks[j]
             if rnd.client_modules[j] is not None:

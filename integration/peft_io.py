@@ -28,10 +28,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from glora_math import LoRAFactors
-from glora_math.batched import glora_aggregate_batched, readout_batched
-from glora_math.certificate import certify
 from glora_math.errors import GloraError, NonFiniteError, ResidualWarning, ShapeMismatchError
-from glora_math.registry import AggregateResult, OperatorState, get_operator
+from glora_math.registry import (
+    AggregateResult,
+    AggregationOperator,
+    OperatorState,
+    get_operator,
+)
 from glora_math.types import Certificate
 from glora_math.validation import WeightsLike, normalize_weights
 
@@ -307,16 +310,17 @@ def _warn_residual(cert: Certificate, limit: float, module: str) -> None:
         )
 
 
-def _glora_batched(
+def _grouped(
+    op: AggregationOperator,
     clients: Sequence[ClientAdapter],
     names: Sequence[str],
     want: Sequence[Mapping[str, int]],
     p: Tensor,
     *,
     rank: int,
-    limit: float,
+    options: Mapping[str, float],
 ) -> dict[str, AggregateResult]:
-    """Plain GLoRA over modules grouped by (shape, ranks), one batched call per group."""
+    """Modules grouped by (shape, client ranks, ranks sent back), one call per group."""
     groups: dict[tuple[Any, ...], list[str]] = defaultdict(list)
     for name in names:
         key = (
@@ -327,22 +331,16 @@ def _glora_batched(
         groups[key].append(name)
     results: dict[str, AggregateResult] = {}
     for (_, _, ranks_out), group in groups.items():
-        Bs = [torch.stack([c.modules[m].factors.B for m in group]) for c in clients]
-        As = [torch.stack([c.modules[m].factors.A for m in group]) for c in clients]
+        modules = [[c.modules[m].factors for c in clients] for m in group]
         try:
-            st = glora_aggregate_batched(Bs, As, p, rank=rank)
+            outs = op.aggregate_group(
+                modules, p, rank=rank, client_ranks=list(ranks_out), options=options
+            )
         except GloraError as err:
             raise err.with_context(
                 module=group[0] if len(group) == 1 else f"{group[0]} (+{len(group) - 1})"
             ) from None
-        outs = {r: readout_batched(st, r) for r in set(ranks_out)}
-        for j, m in enumerate(group):
-            update = LoRAFactors(st.U[j], st.S[j])
-            per = [LoRAFactors(outs[r][0][j], outs[r][1][j]) for r in ranks_out]
-            fs = [c.modules[m].factors for c in clients]
-            cert = certify(fs, p.to(st.S.dtype), st.U[j], st.S[j], st.S.dtype)
-            _warn_residual(cert, limit, m)
-            results[m] = AggregateResult(update, None, per, basis=st.U[j], certificate=cert)
+        results.update(zip(group, outs, strict=True))
     return results
 
 
@@ -361,10 +359,9 @@ def aggregate_adapters(
     The default, ``glora_auto``, is GLoRA on the side (the B column spaces or the A row
     spaces) with the smaller certified residual: at the same server rank its error is never
     above the paper's ``glora`` (P14), and in the shared-init regime of federated rounds the
-    paper's left side misses most of the mean (SPEC extensions). For ``glora`` the modules are
-    grouped by (shape, client ranks) and each group is aggregated by one batched call
-    (:func:`glora_math.batched.glora_aggregate_batched`); other operators run per module.
-    Errors name the module and the client.
+    paper's left side misses most of the mean (SPEC extensions). Operators that declare a
+    ``group_fn`` (the paper's ``glora``: one batched call) get the modules grouped by (shape,
+    client ranks); the others run per module. Errors name the module and the client.
 
     Parameters
     ----------
@@ -405,11 +402,13 @@ def aggregate_adapters(
     if unknown:
         raise AdapterError(f"operator {operator!r} has no option(s) {unknown}")
     limit = float((options or {}).get("max_residual", 0.0))
+    # The residual warning is raised here, per module by name, not by the operator.
+    per_call = {k: v for k, v in (options or {}).items() if k != "max_residual"}
     results: dict[str, AggregateResult] = {}
     per_client: list[dict[str, LoRAFactors]] = [{} for _ in range(n)]
     new_states: dict[str, OperatorState | None] = {}
-    if operator == "glora":
-        results = _glora_batched(clients, names, want, p, rank=rank, limit=limit)
+    if op.group_fn is not None and not op.stateful:
+        results = _grouped(op, clients, names, want, p, rank=rank, options=per_call)
         for m, res in results.items():
             new_states[m] = None
             for i in range(n):
@@ -424,17 +423,18 @@ def aggregate_adapters(
                     rank=rank,
                     client_ranks=[w[name] for w in want],
                     state=(states or {}).get(name),
-                    options={k: v for k, v in (options or {}).items() if k != "max_residual"},
+                    options=per_call,
                 )
             except GloraError as err:
                 raise err.with_context(module=name) from None
-            if res.certificate is not None:
-                _warn_residual(res.certificate, limit, name)
             results[name] = res
             new_states[name] = res.state
             if res.client_factors is not None:
                 for i in range(n):
                     per_client[i][name] = res.client_factors[i]
+    for name, res in results.items():
+        if res.certificate is not None:
+            _warn_residual(res.certificate, limit, name)
     reinit = any(r.client_factors is None for r in results.values())
     return AdapterRound(
         results=results,

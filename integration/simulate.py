@@ -672,9 +672,9 @@ class Simulation:
         rank-compatible operators any rank is the best rank-r truncation of the server update.
         FedSA-LoRA keeps personal B matrices by design, so its absent clients keep theirs.
         """
-        if self.cfg.operator == "fedsa_lora":
-            return
         op = get_operator(self.cfg.operator)
+        if op.personal:
+            return
         ranks = self.cfg.ranks()
         by_rank = {ranks[i]: rnd.client_modules[j] for j, i in enumerate(who)}
         for i in range(self.cfg.clients):

@@ -55,14 +55,14 @@ def _prepare(op: AggregationOperator, pb: Problem) -> list[LoRAFactors]:
 
 
 def _state(op: AggregationOperator, pb: Problem, data: st.DataObject) -> OperatorState | None:
-    """A warm state for stateful operators: a random reference and a drawn round parity."""
-    if not op.name.startswith("fedrot"):
+    """A warm state for operators that declare one: a random reference and a drawn round."""
+    if op.warm_state is None:
         return None
     r = pb.ranks[0]
     g = torch.Generator().manual_seed(pb.seed + 11)
     ref = conditioned_factors(pb.d, pb.k, r, cond=2.0, generator=g, dtype=pb.dtype)
     round_index = data.draw(st.sampled_from([1, 2]), label="round")
-    return OperatorState(round_index, {"B_ref": ref.B, "A_ref": ref.A})
+    return op.warm_state(ref, round_index)
 
 
 def _run(
@@ -96,42 +96,10 @@ def _sensitivity(
     R: int,
     state: OperatorState | None = None,
 ) -> float:
-    """The gap that bounds how far this operator's output moves under rounding (dense ref)."""
-    gaps = [1.0]
-    W = sum(
-        (float(pb.p[i]) * f64(c.delta()) for i, c in enumerate(clients)),
-        start=torch.zeros(pb.d, pb.k, dtype=torch.float64),
-    )
-    if op.name in ("flexlora", "svd_mean"):
-        s = torch.linalg.svdvals(W)
-        if s.numel() > R and float(s[0]) > 0:  # R >= rank(W_bar): the truncation is exact
-            gaps.append((float(s[R - 1]) - float(s[R])) / float(s[0]))
-    if op.name.startswith("glora"):
-        from glora_math import gauge_fix
-
-        from .helpers import dense_K
-
-        mode = "svd" if "svd" in op.name else "qr"
-        lam = torch.linalg.eigvalsh(dense_K([gauge_fix(c, mode) for c in clients], pb.p)).flip(0)
-        nxt = float(lam[R]) if lam.numel() > R else 0.0
-        gaps.append(float(lam[R - 1]) - nxt)
-    if op.name.startswith("fedrot") and state is not None:
-        # The polar factor of M moves by at most 2 ||dM|| / (s_r + s_{r-1}) (Higham, Functions
-        # of Matrices, thm. 8.9): the relative gap is (s_r + s_{r-1}) / (2 s_1).
-        ref_B, ref_A = state.tensors["B_ref"], state.tensors["A_ref"]
-        for c in clients:
-            M = c.A @ ref_A.mT if state.round_index % 2 == 1 else c.B.mT @ ref_B
-            s = torch.linalg.svdvals(f64(M))
-            low = float(s[-1] + (s[-2] if s.numel() > 1 else s[-1]))
-            gaps.append(low / (2 * float(s[0])))
-    if op.name == "flora_na":
-        # Alternating least squares solves with the Gram matrices of the iterates, starting at
-        # FedIT's (B_bar, A_bar): their squared condition numbers bound the amplification.
-        from glora_math import fedit
-
-        g = fedit(clients, pb.weights)
-        gaps.append(1.0 / (cond(g.B) * cond(g.A)) ** 2)
-    return max(min(gaps), 0.0)
+    """The gap that bounds how far this operator's output moves under rounding (declared)."""
+    if op.sensitivity is None:
+        return 1.0
+    return op.sensitivity(clients, pb.p.to(clients[0].B.dtype), R, state)
 
 
 def _tol(pb: Problem, clients: list[LoRAFactors], others: list[LoRAFactors], gap: float) -> float:
