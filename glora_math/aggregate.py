@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from glora_math.certificate import certify, residual_curve
+from glora_math.certificate import certify, residual_curve, warn_residual
 from glora_math.consensus import consensus, eigengap, live_clients, stacked_weights
 from glora_math.errors import GloraError, GloraWarning, ResidualWarning
 from glora_math.gauge import gauge_fix_all
@@ -148,14 +148,7 @@ def glora_aggregate(
             ),
             stacklevel=2,
         )
-    if limit is not None and best.relative_residual > limit:
-        warnings.warn(
-            ResidualWarning(
-                f"certified relative residual {best.relative_residual:.3e} exceeds "
-                f"{limit:.3e} (side={best.side}, R={best.rank})"
-            ),
-            stacklevel=2,
-        )
+    warn_residual(best.relative_residual, limit, f"side={best.side}, R={best.rank}", stacklevel=2)
     return best
 
 

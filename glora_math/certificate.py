@@ -21,12 +21,13 @@ clients ``(A_i^T, B_i^T)``, which have the same residual norms.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from glora_math.errors import NonFiniteError
+from glora_math.errors import NonFiniteError, ResidualWarning
 from glora_math.types import Certificate, LoRAFactors
 
 
@@ -92,4 +93,17 @@ def residual_curve(S: Tensor, mean_norm: float) -> Tensor:
     return (1.0 - kept / (mean_norm * mean_norm)).clamp_(min=0.0)
 
 
-__all__ = ["certify", "residual_curve"]
+def warn_residual(rho: float, limit: float | None, where: str, *, stacklevel: int) -> None:
+    """A :class:`~glora_math.errors.ResidualWarning` when ``rho`` exceeds ``limit`` (> 0).
+
+    ``where`` says what the residual belongs to (module, side, rank); ``stacklevel`` counts
+    from the caller of this function, as :func:`warnings.warn` does.
+    """
+    if limit is not None and limit > 0 and rho > limit:
+        warnings.warn(
+            ResidualWarning(f"{where}: certified relative residual {rho:.3e} exceeds {limit:.3e}"),
+            stacklevel=stacklevel + 1,
+        )
+
+
+__all__ = ["certify", "residual_curve", "warn_residual"]

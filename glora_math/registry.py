@@ -26,8 +26,8 @@ from torch import Tensor
 from glora_math import baselines as bl
 from glora_math.aggregate import glora_aggregate
 from glora_math.batched import glora_aggregate_batched, readout_batched
-from glora_math.certificate import certify
-from glora_math.errors import GloraError, GloraWarning, RankError, ResidualWarning
+from glora_math.certificate import certify, warn_residual
+from glora_math.errors import GloraError, GloraWarning, RankError
 from glora_math.metrics import mean_update, state_factors
 from glora_math.readout import readouts
 from glora_math.tolerances import rank_tol
@@ -714,14 +714,8 @@ def _glora_group(
     for j, fs in enumerate(modules):
         per = [LoRAFactors(outs[r][0][j], outs[r][1][j]) for r in ctx.client_ranks]
         cert = certify(fs, p.to(st.S.dtype), st.U[j], st.S[j], st.S.dtype)
-        if limit > 0 and cert.relative_residual > limit:
-            warnings.warn(
-                ResidualWarning(
-                    f"certified relative residual {cert.relative_residual:.3e} exceeds "
-                    f"{limit:.3e} (side=left, R={int(st.U.shape[-1])})"
-                ),
-                stacklevel=4,
-            )
+        where = f"module {j} of the group, side=left, R={int(st.U.shape[-1])}"
+        warn_residual(cert.relative_residual, limit, where, stacklevel=4)
         update = LoRAFactors(st.U[j], st.S[j])
         results.append(AggregateResult(update, None, per, basis=st.U[j], certificate=cert))
     return results

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,14 +27,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from glora_math import LoRAFactors
-from glora_math.errors import GloraError, NonFiniteError, ResidualWarning, ShapeMismatchError
+from glora_math.certificate import warn_residual
+from glora_math.errors import GloraError, NonFiniteError, ShapeMismatchError
 from glora_math.registry import (
     AggregateResult,
     AggregationOperator,
     OperatorState,
     get_operator,
 )
-from glora_math.types import Certificate
 from glora_math.validation import WeightsLike, normalize_weights
 
 PREFIX = "base_model.model."
@@ -298,18 +297,6 @@ def fedavg_dense(clients: Sequence[ClientAdapter], p: Tensor) -> dict[str, Tenso
     return out
 
 
-def _warn_residual(cert: Certificate, limit: float, module: str) -> None:
-    """A :class:`ResidualWarning` naming ``module`` when its residual exceeds ``limit`` > 0."""
-    if limit > 0 and cert.relative_residual > limit:
-        warnings.warn(
-            ResidualWarning(
-                f"module {module!r}: certified relative residual "
-                f"{cert.relative_residual:.3e} exceeds {limit:.3e}"
-            ),
-            stacklevel=3,
-        )
-
-
 def _grouped(
     op: AggregationOperator,
     clients: Sequence[ClientAdapter],
@@ -434,7 +421,9 @@ def aggregate_adapters(
                     per_client[i][name] = res.client_factors[i]
     for name, res in results.items():
         if res.certificate is not None:
-            _warn_residual(res.certificate, limit, name)
+            warn_residual(
+                res.certificate.relative_residual, limit, f"module {name!r}", stacklevel=2
+            )
     reinit = any(r.client_factors is None for r in results.values())
     return AdapterRound(
         results=results,
