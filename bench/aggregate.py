@@ -4,7 +4,9 @@ For every size (d = k, N clients, rank r, server rank R = r) the same float32 cl
 aggregated by
 
 - ``fedit``: average the B's and the A's (FedIT): one read of the factors, the floor;
-- ``glora_exact``: GLoRA with the exact consensus subspace (QR of the stacked bases);
+- ``glora_exact``: GLoRA with the exact consensus subspace, certified (the default);
+- ``glora_uncertified``: the same with ``certify=False`` (the certificate's cost is the gap);
+- ``glora_auto``: the side-aware GLoRA (both sides' consensus and certificate, ours);
 - ``glora_sketch``: GLoRA with the randomized consensus (:class:`glora_math.Sketch`);
 - ``flexlora_factors``: FlexLoRA's truncated SVD of the mean, computed from the factors;
 - ``dense``: what FlexLoRA's public code does: form the d x k mean, full SVD, truncate.
@@ -46,7 +48,15 @@ from glora_math.baselines import flexlora
 from glora_math.batched import glora_aggregate_batched
 from glora_math.linalg import lowrank_fro_norm, projector_distance
 
-METHODS = ("fedit", "glora_exact", "glora_sketch", "glora_auto", "flexlora_factors", "dense")
+METHODS = (
+    "fedit",
+    "glora_exact",
+    "glora_uncertified",
+    "glora_sketch",
+    "glora_auto",
+    "flexlora_factors",
+    "dense",
+)
 SKETCH = Sketch(oversample=10, power_iters=2, seed=0)
 
 
@@ -84,6 +94,7 @@ def runners(clients: Sequence[LoRAFactors], R: int) -> dict[str, Callable[[], ob
         "fedit": lambda: fedit(clients),
         "glora_exact": lambda: glora_aggregate(clients, rank=R),
         "glora_sketch": lambda: glora_aggregate(clients, rank=R, sketch=SKETCH),
+        "glora_uncertified": lambda: glora_aggregate(clients, rank=R, certify=False),
         "glora_auto": lambda: glora_aggregate(clients, rank=R, side="auto"),
         "flexlora_factors": lambda: flexlora(clients),
         "dense": lambda: dense_path(clients, R),

@@ -22,7 +22,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from glora_math.certificate import certify, residual_curve, warn_residual
+from glora_math.certificate import certify as certificate_of
+from glora_math.certificate import residual_curve, warn_residual
 from glora_math.consensus import consensus, eigengap, live_clients, stacked_weights
 from glora_math.errors import GloraError, GloraWarning, ResidualWarning
 from glora_math.gauge import gauge_fix_all
@@ -50,6 +51,7 @@ def glora_aggregate(
     side: Side = "left",
     tol: float | None = None,
     max_residual: float | None = None,
+    certify: bool = True,
 ) -> ServerState:
     """Aggregate client LoRA updates into a gauge-invariant low-rank server state.
 
@@ -83,6 +85,11 @@ def glora_aggregate(
     max_residual
         If given, a :class:`~glora_math.errors.ResidualWarning` is emitted when the certified
         relative residual exceeds it.
+    certify
+        Compute the certificate (default). It costs one QR of the stacked weighted left factors
+        (d by sum r_i + R); ``False`` skips it for speed-critical calls (``relative_residual``
+        is then NaN), and is refused with ``side="auto"``, ``rank="auto"`` or ``max_residual``,
+        which decide by it.
 
     Returns
     -------
@@ -118,6 +125,8 @@ def glora_aggregate(
         if tol is not None:
             raise GloraError("tol is only used with rank='auto'")
         target = None
+    if not certify and (auto or side == "auto" or max_residual is not None):
+        raise GloraError("side='auto', rank='auto' and max_residual decide by the certificate")
     if side not in ("left", "right", "auto"):
         raise GloraError(f"side must be 'left', 'right' or 'auto', got {side!r}")
     limit = None if max_residual is None else _check_fraction(max_residual, "max_residual", 1e300)
@@ -127,7 +136,7 @@ def glora_aggregate(
     for sd in sides:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            st = _side_state(factors, info, p, R, gauge, sketch, sd, target)
+            st = _side_state(factors, info, p, R, gauge, sketch, sd, target, certify=certify)
         found.append((st, [w.message for w in caught if isinstance(w.message, Warning)]))
     if auto:  # a side that meets tol first, then the smaller rank, then the smaller residual
         best, notes = min(
@@ -180,6 +189,8 @@ def _side_state(  # noqa: PLR0917 - private, called once with every setting of t
     sketch: Sketch | None,
     side: Literal["left", "right"],
     tol: float | None,
+    *,
+    certify: bool,
 ) -> ServerState:
     """The certified state of one side; ``tol`` set means the auto-rank rule with cap R."""
     fs = [as_factors(f, i) for i, f in enumerate(factors)] if side == "left" else None
@@ -197,14 +208,15 @@ def _side_state(  # noqa: PLR0917 - private, called once with every setting of t
             warnings.simplefilter("ignore", GloraWarning)
         fast = implicit_state(fs, info, p_side, R, sketch) if gauge == "qr" else None
         U, S, eigvals, gap = fast or _general_state(fs, info, p_side, R, gauge=gauge, sketch=sketch)
-    cert = certify(fs, p, U, S, wd)
+    cert = certificate_of(fs, p, U, S, wd) if certify else None
     if tol is not None:
+        assert cert is not None  # checked at the boundary: rank="auto" needs the certificate
         meets = torch.nonzero(residual_curve(S, cert.mean_norm) <= tol * tol)
         chosen = int(meets[0]) if meets.numel() else int(U.shape[1])
         # The curve subtracts squared norms; confirm with the certificate (direct where the
         # difference loses digits) and step up while it misses the target.
         while True:
-            cert = certify(fs, p, U[:, :chosen], S[:chosen], wd)
+            cert = certificate_of(fs, p, U[:, :chosen], S[:chosen], wd)
             if cert.relative_residual <= tol or chosen >= int(U.shape[1]):
                 break
             chosen += 1

@@ -462,3 +462,18 @@ def test_unreachable_tolerance_warns_with_the_reached_residual() -> None:
         state = glora_aggregate(clients, rank="auto", tol=1e-12, side="auto")
     assert state.rank == 12  # the cap: the clients' total rank
     assert state.relative_residual > 1e-12
+
+
+def test_certify_false_skips_the_certificate_and_refuses_what_needs_it() -> None:
+    clients = _trap()
+    state = glora_aggregate(clients, rank=4, certify=False)
+    assert state.certificate is None
+    assert state.relative_residual != state.relative_residual  # NaN
+    same = glora_aggregate(clients, rank=4)
+    assert torch.equal(state.U, same.U)
+    assert torch.equal(state.S, same.S)
+    for kwargs in ({"side": "auto"}, {"max_residual": 0.5}):
+        with pytest.raises(GloraError, match="decide by the certificate"):
+            glora_aggregate(clients, rank=4, certify=False, **kwargs)
+    with pytest.raises(GloraError, match="decide by the certificate"):
+        glora_aggregate(clients, rank="auto", tol=0.1, certify=False)
