@@ -31,7 +31,7 @@ from glora_math.errors import GloraError, GloraWarning, RankError
 from glora_math.metrics import mean_update, state_factors
 from glora_math.readout import readouts
 from glora_math.tolerances import rank_tol
-from glora_math.types import Certificate, GaugeMode, LoRAFactors, Side
+from glora_math.types import Certificate, GaugeMode, LoRAFactors, Side, Sketch
 from glora_math.validation import (
     WeightsLike,
     normalize_weights,
@@ -645,6 +645,24 @@ register(
 # GLoRA
 
 
+def _sketch(options: Mapping[str, float]) -> Sketch | None:
+    """The randomized consensus selected by the options, or ``None`` (exact).
+
+    ``sketch`` > 0 turns it on; ``oversample``, ``power_iters`` and ``sketch_seed`` (whole
+    numbers) are the :class:`~glora_math.types.Sketch` settings.
+    """
+    if options.get("sketch", 0.0) <= 0:
+        return None
+    values = {}
+    for key, name in (("oversample", "oversample"), ("power_iters", "power_iters"),
+                      ("sketch_seed", "seed")):  # fmt: skip
+        v = options.get(key, float(getattr(Sketch(), name)))
+        if not float(v).is_integer():
+            raise GloraError(f"option {key!r} must be a whole number, got {v!r}")
+        values[name] = int(v)
+    return Sketch(**values)
+
+
 def _glora(
     gauge: GaugeMode, fold_residual: bool, side: Side = "left", auto_rank: bool = False
 ) -> OperatorFn:
@@ -662,6 +680,7 @@ def _glora(
             side=side,
             tol=ctx.options["tol"] if auto_rank else None,
             max_residual=None if limit is None or limit <= 0 else limit,
+            sketch=_sketch(ctx.options),
         )
         per = readouts(state, ctx.client_ranks)
         update = state_factors(state)
@@ -707,7 +726,7 @@ def _glora_group(
     n = len(modules[0])
     Bs = [torch.stack([m[i].B for m in modules]) for i in range(n)]
     As = [torch.stack([m[i].A for m in modules]) for i in range(n)]
-    st = glora_aggregate_batched(Bs, As, p, rank=ctx.rank)
+    st = glora_aggregate_batched(Bs, As, p, rank=ctx.rank, sketch=_sketch(ctx.options))
     outs = {r: readout_batched(st, r) for r in set(ctx.client_ranks)}
     limit = ctx.options.get("max_residual", 0.0)
     results = []
@@ -733,7 +752,14 @@ _GLORA_BASE = {
 }
 
 #: ``max_residual <= 0`` means no warning.
-_GLORA_OPTIONS = {"max_residual": 0.0}
+#: ``sketch`` > 0 selects the randomized consensus (:class:`~glora_math.types.Sketch`).
+_GLORA_OPTIONS = {
+    "max_residual": 0.0,
+    "sketch": 0.0,
+    "oversample": 10.0,
+    "power_iters": 2.0,
+    "sketch_seed": 0.0,
+}
 
 _MODES: tuple[GaugeMode, ...] = ("qr", "svd")
 for _gauge in _MODES:

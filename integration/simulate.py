@@ -94,6 +94,8 @@ class SimConfig:
     # GLoRA family: a ResidualWarning (recorded in the round's row) per module whose certified
     # relative residual exceeds this; <= 0 disables the warning.
     max_residual: float = 0.2
+    # GLoRA family: the randomized consensus (glora_math.Sketch defaults) instead of the exact.
+    sketch: bool = False
     # Operators with a "tol" option (glora_auto_rank): the certified-residual tolerance; None
     # keeps the operator's default.
     tol: float | None = None
@@ -591,6 +593,10 @@ class Simulation:
             out["max_residual"] = float(self.cfg.max_residual)
         if "tol" in op.options and self.cfg.tol is not None:
             out["tol"] = float(self.cfg.tol)
+        if self.cfg.sketch:
+            if "sketch" not in op.options:
+                raise ValueError(f"--sketch: operator {op.name!r} has no randomized consensus")
+            out["sketch"] = 1.0
         return out
 
     def step(self) -> dict[str, Any]:
@@ -915,6 +921,8 @@ _HELP = {
     "shared initial adapter, as every federated LoRA system broadcasts)",
     "max_residual": "GLoRA family: warn (ResidualWarning, in the round's row) when a module's "
     "certified relative residual exceeds this; <= 0 turns it off",
+    "sketch": "GLoRA family: the randomized consensus (subspace iteration, arXiv 0909.4061) "
+    "instead of the exact one",
     "tol": "glora_auto_rank: certified relative residual tolerance (default: the operator's, 0.05)",
     "scramble_gauge": "> 0: every client uploads its factors in a random gauge (B G, G^-1 A) "
     "with this condition number",

@@ -477,3 +477,25 @@ def test_certify_false_skips_the_certificate_and_refuses_what_needs_it() -> None
             glora_aggregate(clients, rank=4, certify=False, **kwargs)
     with pytest.raises(GloraError, match="decide by the certificate"):
         glora_aggregate(clients, rank="auto", tol=0.1, certify=False)
+
+
+def test_the_sketch_is_reachable_through_the_registry_options() -> None:
+    from glora_math import Sketch
+
+    g = torch.Generator().manual_seed(7)
+    clients = [
+        LoRAFactors(torch.randn(64, 3, generator=g), torch.randn(3, 48, generator=g))
+        for _ in range(6)
+    ]
+    opts = {"sketch": 1.0, "oversample": 4.0, "power_iters": 1.0, "sketch_seed": 3.0}
+    want = glora_aggregate(clients, rank=4, sketch=Sketch(oversample=4, power_iters=1, seed=3))
+    for name in ("glora", "glora_auto"):
+        res = get_operator(name)(clients, None, rank=4, options=opts)
+        got = res.update.B @ res.update.A
+        if name == "glora":  # the same subspace and update as the core's sketched call
+            assert torch.allclose(got, want.delta(), atol=1e-5)
+        assert res.certificate is not None
+    grouped = get_operator("glora").aggregate_group([clients, clients], None, rank=4, options=opts)
+    assert torch.allclose(grouped[0].update.B @ grouped[0].update.A, want.delta(), atol=1e-4)
+    with pytest.raises(GloraError, match="whole number"):
+        get_operator("glora")(clients, None, rank=4, options={"sketch": 1.0, "oversample": 2.5})
