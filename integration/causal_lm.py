@@ -34,6 +34,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from integration.data import Examples
+from integration.models import minilm_path
 
 #: task -> (instruction, answer word of label 0, answer word of label 1)
 TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -88,8 +89,6 @@ def build_causal_lm(name: str, seed: int) -> tuple[PreTrainedModel, PreTrainedTo
             str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32
         )
     elif name == "tiny-llama":
-        from integration.simulate import minilm_path  # noqa: PLC0415 - avoid an import cycle
-
         tok = AutoTokenizer.from_pretrained(str(minilm_path()))
         cfg = LlamaConfig(
             vocab_size=tok.vocab_size,

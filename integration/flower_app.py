@@ -37,8 +37,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from integration.data import Examples, dirichlet_split, load_task, sample
 from integration.flower import LoRAStrategy, record_to_factors
-from integration.peft_io import PREFIX, adapter_state_dict
-from integration.simulate import (
+from integration.models import (
     build_model,
     evaluate_model,
     fresh_factors,
@@ -50,6 +49,7 @@ from integration.simulate import (
     target_weights,
     train_local,
 )
+from integration.peft_io import PREFIX, adapter_state_dict
 
 
 @dataclass(frozen=True)

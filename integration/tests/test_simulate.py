@@ -93,7 +93,7 @@ def test_cli_flags_parse() -> None:
 def test_the_packaged_pretrained_minilm_loads_offline() -> None:
     from safetensors.torch import load_file as load
 
-    from integration.simulate import build_model, minilm_path
+    from integration.models import build_model, minilm_path
 
     model, tok = build_model("minilm", num_labels=2, seed=0)
     shipped = load(str(minilm_path() / "model.safetensors"))
@@ -235,7 +235,7 @@ def test_scrambled_gauges_keep_products_and_glora_but_change_fedit(tmp_path: Pat
 def test_encoder_pads_like_the_tokenizer_and_mcc() -> None:
     from transformers import AutoTokenizer
 
-    from integration.simulate import Encoder, matthews_corrcoef, minilm_path
+    from integration.models import Encoder, matthews_corrcoef, minilm_path
 
     tok = AutoTokenizer.from_pretrained(str(minilm_path()))
     texts = ["a short one", "a much longer sentence " * 20, "mid length text here"]

@@ -1,0 +1,68 @@
+"""The import graph of the integration layer: no cycles, and no app imports another app.
+
+The apps are the runner (:mod:`integration.simulate`) and the Flower app
+(:mod:`integration.flower_app`); the shared Hugging Face and peft helpers live in
+:mod:`integration.models`, which imports neither. The core never imports the integration layer.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+APPS = {"integration.simulate", "integration.flower_app", "integration.experiment"}
+
+
+def _imports(path: Path) -> set[str]:
+    """Modules of this project imported anywhere in the file (top level or in functions)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return {m for m in out if m.split(".")[0] in ("glora_math", "integration", "proofs")}
+
+
+def _graph(package: str) -> dict[str, set[str]]:
+    return {
+        f"{package}.{p.stem}": _imports(p)
+        for p in sorted((ROOT / package).glob("*.py"))
+        if p.stem != "__init__"
+    }
+
+
+def test_the_integration_layer_has_no_import_cycle() -> None:
+    graph = _graph("integration")
+    seen: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state = seen.get(m, 0)
+        assert state != 1, f"import cycle: {' -> '.join([*stack, m])}"
+        if state == 2:
+            return
+        seen[m] = 1
+        for n in sorted((graph.get(m, set()) & set(graph)) - {m}):  # a self-import is no cycle
+            visit(n, [*stack, m])
+        seen[m] = 2
+
+    for m in graph:
+        visit(m, [])
+
+
+def test_no_app_imports_another_app_and_models_import_no_app() -> None:
+    graph = _graph("integration")
+    for m, deps in graph.items():
+        others = (deps & APPS) - {m}
+        if m == "integration.experiment":  # the experiment driver drives the runner
+            others -= {"integration.simulate"}
+        assert not others, f"{m} imports the app(s) {sorted(others)}"
+    assert not graph["integration.models"] & APPS
+
+
+def test_the_core_never_imports_the_integration_layer() -> None:
+    for m, deps in _graph("glora_math").items():
+        if m == "glora_math.cli":  # the CLI's simulate/verify commands load them on demand
+            continue
+        assert not {d for d in deps if d.startswith(("integration", "proofs"))}, m
