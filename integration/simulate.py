@@ -519,8 +519,9 @@ def aggregation_errors(
     ``aggregation_error_max``, the largest per-module relative error
     (:func:`glora_math.compare.round_error`). Where every module has a certificate (GLoRA
     family), ``certified_residual`` is the same aggregate from the certificates and
-    ``certified_residual_max`` their largest relative residual (None otherwise): certificate
-    and measurement must agree to rounding.
+    ``certified_residual_max`` their largest relative residual (None otherwise). The
+    certificate is of the low-rank update: it agrees with the measurement to rounding, except
+    for the ``_residual`` operators, whose dense fold makes the server update exact.
     """
     err = round_error(results, {m: [a.modules[m].factors for a in adapters] for m in results},
                       weights)  # fmt: skip
