@@ -322,11 +322,24 @@ def write_plot(config: Mapping[str, Any], cell: str, docs: Path) -> Path | None:
     return path
 
 
-def run_cell(config: Mapping[str, Any], cell: str, out: Path, docs: Path, device: str) -> None:
-    """Run (or resume, or skip) every (seed, entry) in order; raw JSON and table after each."""
+def run_cell(
+    config: Mapping[str, Any],
+    cell: str,
+    out: Path,
+    docs: Path,
+    device: str,
+    *,
+    seeds: Sequence[int] | None = None,
+) -> None:
+    """Run (or resume, or skip) every (seed, entry) in order; raw JSON and table after each.
+
+    ``seeds`` restricts what runs now to a subset of the config's seeds; the table is always
+    written for the whole config (every finished seed).
+    """
     raw = docs / "raw" / cell
     raw.mkdir(parents=True, exist_ok=True)
-    for entry, seed, cfg in plan(config, out, device):
+    todo = config if seeds is None else dict(config) | {"seeds": list(seeds)}
+    for entry, seed, cfg in plan(todo, out, device):
         results = _check_folder(cfg)
         if results is None:
             print(f"[{cell}] running {run_id(entry)} seed {seed} -> {cfg.out}", flush=True)
@@ -348,18 +361,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--docs", default="docs/experiments", help="tables and raw JSON")
     p.add_argument("--device", default="cpu")
     p.add_argument("--resume", action="store_true", help="ignored: runs always resume")
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated subset of the config's seeds to run now (e.g. 0); the table "
+        "still reports every finished seed",
+    )
     args = p.parse_args(argv)
     path = Path(args.config)
     config = json.loads(path.read_text())
+    wanted: list[int] | None = None
+    if args.seeds is not None:
+        wanted = [int(s) for s in args.seeds.split(",") if s.strip()]
+        unknown = sorted(set(wanted) - {int(s) for s in config["seeds"]})
+        if unknown:
+            p.error(f"--seeds {unknown} not in the config's seeds {config['seeds']}")
     cell = cell_name(config, path)
     out = Path(args.out or config.get("out") or f"out/experiments/{cell}")
     docs = Path(args.docs)
     if args.list:
-        for entry, seed, cfg in plan(config, out, args.device):
+        listed = config if wanted is None else dict(config) | {"seeds": wanted}
+        for entry, seed, cfg in plan(listed, out, args.device):
             print(f"{run_id(entry)} seed {seed}: {cfg.out}")
         return 0
     if not args.table:
-        run_cell(config, cell, out, docs, args.device)
+        run_cell(config, cell, out, docs, args.device, seeds=wanted)
     print(write_table(config, cell, docs).read_text())
     return 0
 
