@@ -45,7 +45,6 @@ import torch
 
 from glora_math import LoRAFactors, Sketch, fedit, glora_aggregate
 from glora_math.baselines import flexlora
-from glora_math.batched import glora_aggregate_batched
 from glora_math.linalg import lowrank_fro_norm, projector_distance
 
 METHODS = (
@@ -271,10 +270,12 @@ def bench_llama(
         for Bs, As in groups:
             torch.stack(Bs).mean(0), torch.stack(As).mean(0)
 
-    def glora_all(sketch: Sketch | None) -> Callable[[], None]:
+    stacks = [[LoRAFactors(B, A) for B, A in zip(Bs, As, strict=True)] for Bs, As in groups]
+
+    def glora_all(sketch: Sketch | None, *, certify: bool = False) -> Callable[[], None]:
         def run() -> None:
-            for Bs, As in groups:
-                glora_aggregate_batched(Bs, As, rank=r, sketch=sketch)
+            for clients in stacks:  # one stacked call per distinct module shape
+                glora_aggregate(clients, rank=r, sketch=sketch, certify=certify)
 
         return run
 
@@ -282,6 +283,7 @@ def bench_llama(
         ("fedit", fedit_all),
         ("glora_exact", glora_all(None)),
         ("glora_sketch", glora_all(SKETCH)),
+        ("glora_exact_certified", glora_all(None, certify=True)),
     ):
         out[f"{name}_seconds"] = median_seconds(fn, repeats, device)
         out[f"{name}_peak_extra_bytes"] = peak_extra_bytes(fn, device)

@@ -22,13 +22,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from glora_math.batched import stacked_route
+from glora_math.certificate import as_certificate, certify_norms, residual_curve, warn_residual
 from glora_math.certificate import certify as certificate_of
-from glora_math.certificate import residual_curve, warn_residual
 from glora_math.consensus import consensus, eigengap, live_clients, stacked_weights
-from glora_math.errors import GloraError, GloraWarning, ResidualWarning
+from glora_math.errors import GloraError, GloraWarning, ResidualWarning, ZeroEigengapWarning
 from glora_math.gauge import gauge_fix_all
 from glora_math.implicit import implicit_state
-from glora_math.types import GaugeMode, LoRAFactors, ServerState, Side, Sketch
+from glora_math.tolerances import zero_gap_tol
+from glora_math.types import Certificate, GaugeMode, LoRAFactors, ServerState, Side, Sketch
 from glora_math.validation import (
     ClientsInfo,
     WeightsLike,
@@ -59,7 +61,11 @@ def glora_aggregate(
     ----------
     factors
         N clients' ``LoRAFactors(B_i, A_i)``, B_i ``(d, r_i)``, A_i ``(r_i, k)``; ranks may
-        differ. Scales must already be folded into the factors.
+        differ. Scales must already be folded into the factors. A stack of same-shape modules
+        (B_i ``(L, d, r_i)``, A_i ``(L, r_i, k)``, any leading batch dimensions shared by all
+        clients) is aggregated module by module in batched kernels and gives a state with the
+        same batch dimensions (see :class:`~glora_math.types.ServerState`); it needs a fixed
+        ``side`` and an integer ``rank``.
     weights
         Non-negative weights ``(N,)`` (e.g. sample counts), renormalised to sum 1;
         ``None`` for equal weights. Zero-weight clients drop out.
@@ -113,7 +119,7 @@ def glora_aggregate(
     The result is the general route's to rounding (the same subspace; for a sketch, from the
     same test matrix).
     """
-    info = validate_clients(factors)
+    info = validate_clients(factors, stack=True)
     auto = isinstance(rank, str) and rank == "auto"
     if auto:
         target = _check_fraction(tol, "tol")
@@ -125,12 +131,19 @@ def glora_aggregate(
         if tol is not None:
             raise GloraError("tol is only used with rank='auto'")
         target = None
-    if not certify and (auto or side == "auto" or max_residual is not None):
-        raise GloraError("side='auto', rank='auto' and max_residual decide by the certificate")
-    if side not in ("left", "right", "auto"):
-        raise GloraError(f"side must be 'left', 'right' or 'auto', got {side!r}")
+    _check_modes(side, auto=auto, certify=certify, max_residual=max_residual)
     limit = None if max_residual is None else _check_fraction(max_residual, "max_residual", 1e300)
     p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
+    if info.batch_shape:
+        if auto or side == "auto":
+            raise GloraError(
+                "side='auto' and rank='auto' choose per module, which gives modules states of "
+                "different shapes: aggregate a stack with a fixed side and rank, or pass the "
+                "modules one by one"
+            )
+        return _stacked_state(
+            factors, info, p, R, gauge, sketch, side, certify=certify, limit=limit
+        )
     sides: tuple[Literal["left", "right"], ...] = ("left", "right") if side == "auto" else (side,)
     found: list[tuple[ServerState, list[Warning]]] = []
     for sd in sides:
@@ -159,6 +172,14 @@ def glora_aggregate(
         )
     warn_residual(best.relative_residual, limit, f"side={best.side}, R={best.rank}", stacklevel=2)
     return best
+
+
+def _check_modes(side: object, *, auto: bool, certify: bool, max_residual: object) -> None:
+    """``side`` is known, and the certificate is on wherever a decision depends on it."""
+    if not certify and (auto or side == "auto" or max_residual is not None):
+        raise GloraError("side='auto', rank='auto' and max_residual decide by the certificate")
+    if side not in ("left", "right", "auto"):
+        raise GloraError(f"side must be 'left', 'right' or 'auto', got {side!r}")
 
 
 def _check_fraction(value: object, name: str, upper: float = 1.0) -> float:
@@ -259,6 +280,150 @@ def _general_state(
     else:
         S = U.new_zeros((U.shape[1], info.k))
     return U, S, basis.eigvals, basis.gap
+
+
+def _stacked_state(  # noqa: PLR0917 - private, called once by the public operator
+    factors: Sequence[LoRAFactors],
+    info: ClientsInfo,
+    p: Tensor,
+    R: int,
+    gauge: GaugeMode,
+    sketch: Sketch | None,
+    side: Literal["left", "right"],
+    *,
+    certify: bool,
+    limit: float | None,
+) -> ServerState:
+    """The state of a stack of same-shape modules: batched kernels, odd modules redone.
+
+    The qr gauge goes through :func:`glora_math.batched.stacked_route`; modules it cannot
+    treat uniformly, modules where some client's other factor is exactly zero (their own
+    consensus weights, see :func:`_side_state`) and every module of the svd gauge are
+    computed by :func:`_side_state`, the per-module operator, so each module equals
+    ``glora_aggregate`` on its own clients. Warnings of a redone module name it.
+    """
+    batch = info.batch_shape
+    L = math.prod(batch)
+    fs = [as_factors(f, i) for i, f in enumerate(factors)]
+    d, k, wd = info.d, info.k, info.work_dtype
+    flat = [(f.B.reshape(L, d, f.rank), f.A.reshape(L, f.rank, k)) for f in fs]
+    n, c = (d, k) if side == "left" else (k, d)
+    if side == "left":
+        Bs, As = [b for b, _ in flat], [a for _, a in flat]
+    else:  # the transpose problem
+        Bs, As = [a.mT for _, a in flat], [b.mT for b, _ in flat]
+    # Per module, clients whose other factor is exactly zero (see _side_state).
+    other = [a for _, a in flat] if side == "left" else [b for b, _ in flat]
+    zero = torch.stack([x.reshape(L, -1).abs().amax(-1) == 0 for x in other], dim=1)  # (L, N)
+    own_weights = zero.any(-1) & ~zero.all(-1)
+    device = p.device
+    if gauge == "qr":
+        U, S, eig, uniform, m = stacked_route(Bs, As, p, R=R, sketch=sketch, wd=wd)
+        uniform = uniform & ~own_weights.to(uniform.device)
+    else:
+        m = sum(f.rank for f in fs)
+        U = torch.zeros(L, n, R, dtype=wd, device=device)
+        S = torch.zeros(L, R, c, dtype=wd, device=device)
+        eig = torch.zeros(L, 0, dtype=wd, device=device)
+        uniform = torch.zeros(L, dtype=torch.bool, device=device)
+    nxt = eig[..., R] if R < eig.shape[-1] else torch.zeros(L, dtype=wd, device=device)
+    gaps = eig[..., R - 1] - nxt if R <= eig.shape[-1] else torch.zeros(L, dtype=wd, device=device)
+    zero_gap = gaps <= torch.tensor(
+        [zero_gap_tol(float(e), n + m, wd) for e in eig[..., 0]] if eig.shape[-1] else [0.0] * L,
+        dtype=wd,
+        device=device,
+    )
+    if bool((zero_gap & uniform).any()):
+        warnings.warn(
+            ZeroEigengapWarning(
+                f"consensus eigengap at R={R} is numerically zero in modules "
+                f"{torch.nonzero(zero_gap & uniform).flatten().tolist()}: the server subspace "
+                "is not unique"
+            ),
+            stacklevel=3,
+        )
+    redo = torch.nonzero(~uniform).flatten().tolist()
+    eig = _redo_modules(flat, redo, ClientsInfo(d, k, info.dtype, wd, info.device), p, R,
+                        gauge, sketch, side, U=U, S=S, gaps=gaps, eig=eig)  # fmt: skip
+    certs: tuple[Certificate, ...] | None = None
+    total: Certificate | None = None
+    if certify:
+        nums, means = certify_norms(
+            [LoRAFactors(B, A) for B, A in zip(Bs, As, strict=True)], p, U, S, wd
+        )  # one batched QR for all modules
+        certs = tuple(
+            as_certificate(a, b) for a, b in zip(nums.tolist(), means.tolist(), strict=True)
+        )
+        sq = sum(ct.mean_norm**2 for ct in certs)
+        res = sum(ct.residual**2 for ct in certs)
+        total = Certificate(math.sqrt(res / sq) if sq > 0 else 0.0, math.sqrt(sq))
+        for layer, ct in enumerate(certs):
+            where = f"module {layer}, side={side}, R={R}"
+            warn_residual(ct.relative_residual, limit, where, stacklevel=3)
+    return ServerState(
+        U=U.reshape(*batch, n, R),
+        S=S.reshape(*batch, R, c),
+        eigvals=eig.reshape(*batch, eig.shape[-1]),
+        gap=float(gaps.min()),
+        requested_rank=R,
+        weights=p,
+        gauge=gauge,
+        dtype=info.dtype,
+        side=side,
+        certificate=total,
+        module_gaps=gaps.reshape(batch),
+        module_certificates=certs,
+    )
+
+
+def _redo_modules(  # noqa: PLR0917 - private, called once by _stacked_state
+    flat: Sequence[tuple[Tensor, Tensor]],
+    redo: Sequence[int],
+    single: ClientsInfo,
+    p: Tensor,
+    R: int,
+    gauge: GaugeMode,
+    sketch: Sketch | None,
+    side: Literal["left", "right"],
+    *,
+    U: Tensor,
+    S: Tensor,
+    gaps: Tensor,
+    eig: Tensor,
+) -> Tensor:
+    """Recompute the listed modules with the per-module operator, in place; the spectra.
+
+    Writes each redone module's basis, coordinates (zero beyond its rank) and gap into
+    ``U``, ``S`` and ``gaps``; returns the spectra, zero-padded to one width. Warnings of a
+    redone module are re-emitted naming it.
+    """
+    eig_rows: dict[int, Tensor] = {}
+    for layer in redo:
+        mods = [LoRAFactors(b[layer], a[layer]) for b, a in flat]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            st = _side_state(mods, single, p, R, gauge, sketch, side, None, certify=False)
+        for w in caught:
+            msg = w.message
+            if isinstance(msg, GloraWarning):
+                warnings.warn(type(msg)(f"module {layer}: {msg}"), stacklevel=3)
+            elif isinstance(msg, Warning):
+                warnings.warn(msg, stacklevel=3)
+        U[layer] = 0.0
+        S[layer] = 0.0
+        U[layer, :, : st.rank] = st.U
+        S[layer, : st.rank] = st.S
+        gaps[layer] = st.gap
+        eig_rows[layer] = st.eigvals
+    if not eig_rows:
+        return eig
+    width = max([int(eig.shape[-1])] + [int(e.numel()) for e in eig_rows.values()])
+    padded = eig.new_zeros((int(eig.shape[0]), width))
+    padded[:, : eig.shape[-1]] = eig
+    for layer, e in eig_rows.items():
+        padded[layer] = 0.0
+        padded[layer, : e.numel()] = e
+    return padded
 
 
 __all__ = ["glora_aggregate"]

@@ -20,7 +20,6 @@ clients ``(A_i^T, B_i^T)``, which have the same residual norms.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 
@@ -29,25 +28,74 @@ from torch import Tensor
 
 from glora_math.errors import NonFiniteError, ResidualWarning
 from glora_math.types import Certificate, LoRAFactors
+from glora_math.validation import all_finite
 
 
 def _stacked_mean(
     factors: Sequence[LoRAFactors], p: Tensor, wd: torch.dtype, extra: int
 ) -> tuple[Tensor, Tensor, int]:
-    """``[p_i B_i ..., 0]`` (with ``extra`` free columns) and ``[A_i; ...]`` over live clients."""
+    """``[p_i B_i ..., 0]`` (with ``extra`` free columns) and ``[A_i; ...]`` over live clients.
+
+    Leading batch dimensions of the factors (stacked modules) are kept.
+    """
     pl = p.tolist()
     live = [i for i, pi in enumerate(pl) if pi > 0]
     f0 = factors[0]
-    m = sum(int(factors[i].B.shape[1]) for i in live)
-    Bc = f0.B.new_empty((int(f0.B.shape[0]), m + extra), dtype=wd)
-    Ac = f0.A.new_empty((m, int(f0.A.shape[1])), dtype=wd)
+    batch = tuple(f0.B.shape[:-2])
+    m = sum(int(factors[i].B.shape[-1]) for i in live)
+    Bc = f0.B.new_empty((*batch, int(f0.B.shape[-2]), m + extra), dtype=wd)
+    Ac = f0.A.new_empty((*batch, m, int(f0.A.shape[-1])), dtype=wd)
     col = 0
     for i in live:
-        r = int(factors[i].B.shape[1])
-        Bc[:, col : col + r].copy_(factors[i].B.detach()).mul_(p[i])
-        Ac[col : col + r].copy_(factors[i].A.detach())
+        r = int(factors[i].B.shape[-1])
+        Bc[..., col : col + r].copy_(factors[i].B.detach()).mul_(p[i])
+        Ac[..., col : col + r, :].copy_(factors[i].A.detach())
         col += r
     return Bc, Ac, m
+
+
+def certify_norms(
+    factors: Sequence[LoRAFactors], p: Tensor, U: Tensor, S: Tensor, wd: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``(||W_bar - U S||_F, ||W_bar||_F)`` per module, for one module or a stack of them.
+
+    ``factors`` are validated clients in the state's orientation (B ``(..., d, r_i)``, A
+    ``(..., r_i, k)`` with the batch dimensions of ``U`` ``(..., d, R)`` and ``S`` ``(..., R,
+    k)``), ``p`` their normalised weights. One triangular factor serves both norms: with
+    ``[p_1 B_1, ..., p_N B_N, -U] = Q T`` (QR, Q never formed, batched over the modules),
+    ``||W_bar|| = ||T_11 A||`` and ``||W_bar - U S|| = ||T [A; S]||``, both without
+    cancellation. Cost O(d (m + R)^2 + (m + R)^2 k) per module.
+
+    Raises
+    ------
+    NonFiniteError
+        If a norm overflows the working dtype.
+    """
+    R = int(U.shape[-1])
+    Bc, Ac, m = _stacked_mean(factors, p, wd, R)
+    batch = tuple(U.shape[:-2])
+    if m == 0:  # no live client: W_bar = 0, hence U S = U U^T W_bar = 0 as well
+        zero = U.new_zeros(batch, dtype=wd)
+        return zero, zero
+    Bc[..., m:].copy_(U.detach()).neg_()
+    # With fewer rows than columns the stacked factor is already small: use it as it is.
+    T = torch.linalg.qr(Bc, mode="r")[1] if Bc.shape[-2] > Bc.shape[-1] else Bc
+    head = T[..., :m] @ Ac
+    mean = torch.linalg.matrix_norm(head)
+    num = torch.linalg.matrix_norm(head + T[..., m:] @ S.to(wd))
+    if not (all_finite(mean) and all_finite(num)):
+        raise NonFiniteError(
+            f"the certificate overflowed {wd}: the mean update's norm is beyond its range "
+            "(rescale the clients' factors)"
+        )
+    return num, mean
+
+
+def as_certificate(num: float, mean: float) -> Certificate:
+    """The :class:`Certificate` of a residual norm and a mean norm (0 for a zero mean)."""
+    if mean == 0.0:
+        return Certificate(0.0, 0.0)
+    return Certificate(num / mean, mean)
 
 
 def certify(
@@ -55,28 +103,10 @@ def certify(
 ) -> Certificate:
     """The certificate of the update ``U S`` (``U`` orthonormal, ``S = U^T W_bar``).
 
-    ``factors`` are validated clients in the state's orientation, ``p`` their normalised
-    weights. One triangular factor serves both norms: with ``[p_1 B_1, ..., p_N B_N, -U] =
-    Q T`` (QR, Q never formed), ``||W_bar|| = ||T_11 A||`` and ``||W_bar - U S|| =
-    ||T [A; S]||``, both without cancellation. Cost O(d (m + R)^2 + (m + R)^2 k).
+    One module; see :func:`certify_norms` (which also takes stacks) for the method and cost.
     """
-    R = int(U.shape[1])
-    Bc, Ac, m = _stacked_mean(factors, p, wd, R)
-    if m == 0:  # no live client: W_bar = 0, hence U S = U U^T W_bar = 0 as well
-        return Certificate(0.0, 0.0)
-    Bc[:, m:].copy_(U.detach()).neg_()
-    # With fewer rows than columns the stacked factor is already small: use it as it is.
-    T = torch.linalg.qr(Bc, mode="r")[1] if Bc.shape[0] > Bc.shape[1] else Bc
-    mean_norm = float(torch.linalg.matrix_norm(T[:, :m] @ Ac))
-    if mean_norm == 0.0:
-        return Certificate(0.0, 0.0)
-    num = float(torch.linalg.matrix_norm(T[:, :m] @ Ac + T[:, m:] @ S.to(wd)))
-    if not (math.isfinite(mean_norm) and math.isfinite(num)):
-        raise NonFiniteError(
-            f"the certificate overflowed {wd}: the mean update's norm is beyond its range "
-            "(rescale the clients' factors)"
-        )
-    return Certificate(num / mean_norm, mean_norm)
+    num, mean = certify_norms(factors, p, U, S, wd)
+    return as_certificate(float(num), float(mean))
 
 
 def residual_curve(S: Tensor, mean_norm: float) -> Tensor:
@@ -106,4 +136,4 @@ def warn_residual(rho: float, limit: float | None, where: str, *, stacklevel: in
         )
 
 
-__all__ = ["certify", "residual_curve", "warn_residual"]
+__all__ = ["as_certificate", "certify", "certify_norms", "residual_curve", "warn_residual"]

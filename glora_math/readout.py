@@ -34,22 +34,22 @@ def _readout_from_svd(
     if state.side == "right":  # the transposed problem's B is the update's A
         swap: dict[Split, Split] = {"balanced": "balanced", "left": "right", "right": "left"}
         split = swap[split]
-    rr = min(r, int(s.numel()))
-    B = state.U @ Us[:, :rr]
-    A = Vh[:rr]
-    sr = s[:rr]
+    rr = min(r, int(s.shape[-1]))
+    B = state.U @ Us[..., :rr]
+    A = Vh[..., :rr, :]
+    sr = s[..., :rr]
     if split == "balanced":
         root = sr.sqrt()
-        B, A = B * root, A * root[:, None]
+        B, A = B * root.unsqueeze(-2), A * root.unsqueeze(-1)
     elif split == "left":
-        B = B * sr
+        B = B * sr.unsqueeze(-2)
     else:
-        A = A * sr[:, None]
+        A = A * sr.unsqueeze(-1)
     if rr < r:
         # The state has rank rr < r: its best rank-r approximation is itself. Pad with zero
         # columns/rows so that the client still gets rank-r factors.
-        B = torch.cat([B, B.new_zeros((B.shape[0], r - rr))], dim=1)
-        A = torch.cat([A, A.new_zeros((r - rr, A.shape[1]))], dim=0)
+        B = torch.cat([B, B.new_zeros((*B.shape[:-1], r - rr))], dim=-1)
+        A = torch.cat([A, A.new_zeros((*A.shape[:-2], r - rr, A.shape[-1]))], dim=-2)
     if state.side == "right":  # a readout of the transpose problem, transposed back
         B, A = A.mT.contiguous(), B.mT.contiguous()
     return LoRAFactors(B.to(state.dtype), A.to(state.dtype))
@@ -73,7 +73,8 @@ def readout(state: ServerState, rank: int, split: Split = "balanced") -> LoRAFac
     -------
     LoRAFactors
         B ``(d, r)``, A ``(r, k)`` in the clients' dtype, with
-        ``||B A - U_ref S||_F^2 = sum_{j > r} s_j(S)^2``.
+        ``||B A - U_ref S||_F^2 = sum_{j > r} s_j(S)^2``; for a state of stacked modules, the
+        stacked readouts ``(L, d, r)`` and ``(L, r, k)`` (one batched SVD).
 
     Raises
     ------
@@ -94,10 +95,13 @@ def readouts(
 
 
 def eckart_young_error(state: ServerState, rank: int) -> float:
-    """``sqrt(sum_{j > r} s_j(S)^2)``: the Frobenius error of the best rank-r readout."""
+    """``sqrt(sum_{j > r} s_j(S)^2)``: the Frobenius error of the best rank-r readout.
+
+    For stacked modules: the error of the stacked readouts (all modules together).
+    """
     r = _check_readout_rank(state, rank)
     s = torch.linalg.svdvals(state.S)
-    return float(s[r:].pow(2).sum().sqrt())
+    return float(s[..., r:].pow(2).sum().sqrt())
 
 
 __all__ = ["eckart_young_error", "readout", "readouts"]

@@ -25,8 +25,6 @@ from torch import Tensor
 
 from glora_math import baselines as bl
 from glora_math.aggregate import glora_aggregate
-from glora_math.batched import glora_aggregate_batched, readout_batched
-from glora_math.certificate import certify, warn_residual
 from glora_math.errors import GloraError, GloraWarning, RankError
 from glora_math.metrics import mean_update, state_factors
 from glora_math.readout import readouts
@@ -713,31 +711,52 @@ def _glora_sensitivity(gauge: GaugeMode, sides: tuple[Side, ...]) -> Sensitivity
     return sensitivity
 
 
-def _glora_group(
-    modules: Sequence[Sequence[LoRAFactors]], p: Tensor, ctx: RoundContext
-) -> list[AggregateResult]:
-    """The paper's GLoRA over same-shape modules in one batched call, certified per module.
+def _glora_group(gauge: GaugeMode, fold_residual: bool) -> GroupFn:
+    """The paper's GLoRA over same-shape modules: one stacked call, certified per module.
 
-    :func:`glora_math.batched.glora_aggregate_batched` on the stacked factors, batched
-    readouts for each distinct client rank, and each module's certificate.
+    :func:`glora_math.glora_aggregate` on the stacked factors (batched kernels), one batched
+    readout per distinct client rank, and each module's certificate (the ``max_residual``
+    warning names the module); equal to ``fn`` module by module.
     """
-    if max(ctx.client_ranks) > ctx.rank:
-        raise RankError(f"client rank {max(ctx.client_ranks)} exceeds the server rank R={ctx.rank}")
-    n = len(modules[0])
-    Bs = [torch.stack([m[i].B for m in modules]) for i in range(n)]
-    As = [torch.stack([m[i].A for m in modules]) for i in range(n)]
-    st = glora_aggregate_batched(Bs, As, p, rank=ctx.rank, sketch=_sketch(ctx.options))
-    outs = {r: readout_batched(st, r) for r in set(ctx.client_ranks)}
-    limit = ctx.options.get("max_residual", 0.0)
-    results = []
-    for j, fs in enumerate(modules):
-        per = [LoRAFactors(outs[r][0][j], outs[r][1][j]) for r in ctx.client_ranks]
-        cert = certify(fs, p.to(st.S.dtype), st.U[j], st.S[j], st.S.dtype)
-        where = f"module {j} of the group, side=left, R={int(st.U.shape[-1])}"
-        warn_residual(cert.relative_residual, limit, where, stacklevel=4)
-        update = LoRAFactors(st.U[j], st.S[j])
-        results.append(AggregateResult(update, None, per, basis=st.U[j], certificate=cert))
-    return results
+
+    def group(
+        modules: Sequence[Sequence[LoRAFactors]], p: Tensor, ctx: RoundContext
+    ) -> list[AggregateResult]:
+        if max(ctx.client_ranks) > ctx.rank:
+            raise RankError(
+                f"client rank {max(ctx.client_ranks)} exceeds the server rank R={ctx.rank}"
+            )
+        n = len(modules[0])
+        stack = [
+            (torch.stack([m[i].B for m in modules]), torch.stack([m[i].A for m in modules]))
+            for i in range(n)
+        ]
+        stacked = [LoRAFactors(B, A) for B, A in stack]
+        limit = ctx.options.get("max_residual")
+        st = glora_aggregate(
+            stacked,
+            p,
+            rank=ctx.rank,
+            gauge=gauge,
+            sketch=_sketch(ctx.options),
+            max_residual=None if limit is None or limit <= 0 else limit,
+        )
+        ranks = sorted(set(ctx.client_ranks))
+        outs = dict(zip(ranks, readouts(st, ranks), strict=True))  # one batched SVD
+        certs = st.module_certificates
+        results = []
+        for j, fs in enumerate(modules):
+            per = [LoRAFactors(outs[r].B[j], outs[r].A[j]) for r in ctx.client_ranks]
+            update = LoRAFactors(st.U[j], st.S[j])
+            residual = None
+            if fold_residual:
+                mean = mean_update(fs, p)
+                residual = mean.B @ mean.A - update.B @ update.A
+            cert = None if certs is None else certs[j]
+            results.append(AggregateResult(update, residual, per, basis=st.U[j], certificate=cert))
+        return results
+
+    return group
 
 
 _GLORA_BASE = {
@@ -785,7 +804,7 @@ for _gauge in _MODES:
                 ),
                 reconstruction=True,
                 options=_GLORA_OPTIONS,
-                group_fn=_glora_group if (_gauge, _fold) == ("qr", False) else None,
+                group_fn=_glora_group(_gauge, _fold),
                 sensitivity=_glora_sensitivity(_gauge, ("left",)),
             )
         )

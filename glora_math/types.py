@@ -7,6 +7,7 @@ every container validates its own shapes on construction and raises
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -50,10 +51,11 @@ class Sketch:
                 raise GloraError(f"Sketch.{name} must be a non-negative int, got {v!r}")
 
 
-def _check_matrix(name: str, x: object) -> Tensor:
+def _check_matrix(name: str, x: object, *, stack: bool = False) -> Tensor:
+    """A floating-point matrix, or (``stack=True``) a stack of them (leading batch dims)."""
     if not isinstance(x, Tensor):
         raise DtypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != 2:
+    if x.ndim != 2 and not (stack and x.ndim > 2):
         raise ShapeMismatchError(f"{name} must be a matrix (2-D), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise DtypeError(f"{name} must be floating point, got {x.dtype}")
@@ -62,32 +64,41 @@ def _check_matrix(name: str, x: object) -> Tensor:
 
 @dataclass(frozen=True, slots=True)
 class LoRAFactors:
-    """The factors of one LoRA update ``dW = B @ A``.
+    """The factors of one LoRA update ``dW = B @ A`` (or of a stack of same-shape updates).
 
     Parameters
     ----------
     B
-        Left factor, shape ``(d, r)``.
+        Left factor, shape ``(d, r)``; for a stack of L modules ``(L, d, r)`` (any leading
+        batch dimensions, the same for A).
     A
-        Right factor, shape ``(r, k)``.
+        Right factor, shape ``(r, k)``, or ``(L, r, k)``.
 
-    The scale (peft's ``alpha / r``) is assumed folded into the factors.
+    The scale (peft's ``alpha / r``) is assumed folded into the factors. Only
+    :func:`glora_math.glora_aggregate` (and the readouts of its states) accept stacks; every
+    other operator takes one module's matrices and says so.
 
     Raises
     ------
     ShapeMismatchError
-        If B or A is not 2-D or their inner dimensions differ.
+        If B or A is not 2-D (or a stack with the other's leading dimensions) or their inner
+        dimensions differ.
     DtypeError
         If B or A is not a floating-point tensor.
     """
 
-    B: Float[Tensor, "d r"]
-    A: Float[Tensor, "r k"]
+    B: Float[Tensor, "*batch d r"]
+    A: Float[Tensor, "*batch r k"]
 
     def __post_init__(self) -> None:
-        _check_matrix("B", self.B)
-        _check_matrix("A", self.A)
-        if self.B.shape[1] != self.A.shape[0]:
+        stack = (
+            isinstance(self.B, Tensor)
+            and isinstance(self.A, Tensor)
+            and (self.B.ndim > 2 and self.B.shape[:-2] == self.A.shape[:-2])
+        )
+        _check_matrix("B", self.B, stack=stack)
+        _check_matrix("A", self.A, stack=stack)
+        if self.B.shape[-1] != self.A.shape[-2]:
             raise ShapeMismatchError(
                 f"inner dimensions differ: B is {tuple(self.B.shape)}, A is {tuple(self.A.shape)}"
             )
@@ -95,14 +106,19 @@ class LoRAFactors:
     @property
     def rank(self) -> int:
         """The factor rank r (the inner dimension; the product may have lower rank)."""
-        return int(self.B.shape[1])
+        return int(self.B.shape[-1])
 
     @property
     def shape(self) -> tuple[int, int]:
-        """Shape ``(d, k)`` of the update ``B @ A``."""
-        return int(self.B.shape[0]), int(self.A.shape[1])
+        """Shape ``(d, k)`` of the update ``B @ A`` (of each module of a stack)."""
+        return int(self.B.shape[-2]), int(self.A.shape[-1])
 
-    def delta(self) -> Float[Tensor, "d k"]:
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """The leading batch dimensions (``()`` for one module)."""
+        return tuple(int(n) for n in self.B.shape[:-2])
+
+    def delta(self) -> Float[Tensor, "*batch d k"]:
         """The dense update ``B @ A`` (d-by-k: for tests and small problems)."""
         return self.B @ self.A
 
@@ -239,11 +255,23 @@ class ServerState:
         relative residual is at most ``tol``).
     tol
         The tolerance of ``rank_rule="auto"``, else ``None``.
+    module_gaps
+        For a stack of modules: each module's eigengap, shape ``(*batch,)``; else ``None``.
+    module_certificates
+        For a stack of modules: each module's certificate (flattened batch order); else
+        ``None``.
+
+    A state of a stack of L same-shape modules (from stacked factors) has leading batch
+    dimensions on ``U`` ``(L, n, R)``, ``S`` ``(L, R, c)`` and ``eigvals`` ``(L, m)``; then
+    ``gap`` is the smallest module gap, ``certificate`` that of the stacked update (all
+    modules together: ``sqrt(sum_l ||W_bar_l - update_l||^2 / sum_l ||W_bar_l||^2)``), and
+    :meth:`module` gives one module's state. A module whose clients span fewer than R
+    directions has zero columns in ``U`` (and zero rows in ``S``) beyond them.
     """
 
-    U: Float[Tensor, "n R"]
-    S: Float[Tensor, "R c"]
-    eigvals: Float[Tensor, " m"]
+    U: Float[Tensor, "*batch n R"]
+    S: Float[Tensor, "*batch R c"]
+    eigvals: Float[Tensor, "*batch m"]
     gap: float
     requested_rank: int
     weights: Float[Tensor, " N"]
@@ -253,24 +281,58 @@ class ServerState:
     certificate: Certificate | None = None
     rank_rule: Literal["fixed", "auto"] = "fixed"
     tol: float | None = None
+    module_gaps: Tensor | None = None
+    module_certificates: tuple[Certificate, ...] | None = None
 
     @property
     def rank(self) -> int:
         """The effective server rank R (columns of ``U``)."""
-        return int(self.U.shape[1])
+        return int(self.U.shape[-1])
 
     @property
     def shape(self) -> tuple[int, int]:
         """Shape ``(d, k)`` of the represented update (for either side)."""
-        n, m = int(self.U.shape[0]), int(self.S.shape[1])
+        n, m = int(self.U.shape[-2]), int(self.S.shape[-1])
         return (n, m) if self.side == "left" else (m, n)
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """The leading batch dimensions (``()`` for one module)."""
+        return tuple(int(n) for n in self.U.shape[:-2])
+
+    def module(self, index: int) -> ServerState:
+        """The state of module ``index`` of a stack (flattened batch order; views, no copy)."""
+        if not self.batch_shape:
+            raise GloraError("module() needs a state of stacked modules")
+        count = math.prod(self.batch_shape)
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+            raise GloraError(f"module index must be an int in [0, {count}), got {index!r}")
+        U = self.U.reshape(count, *self.U.shape[-2:])[index]
+        S = self.S.reshape(count, *self.S.shape[-2:])[index]
+        eig = self.eigvals.reshape(count, self.eigvals.shape[-1])[index]
+        gap = self.gap if self.module_gaps is None else float(self.module_gaps.flatten()[index])
+        certs = self.module_certificates
+        return ServerState(
+            U=U,
+            S=S,
+            eigvals=eig,
+            gap=gap,
+            requested_rank=self.requested_rank,
+            weights=self.weights,
+            gauge=self.gauge,
+            dtype=self.dtype,
+            side=self.side,
+            certificate=None if certs is None else certs[index],
+            rank_rule=self.rank_rule,
+            tol=self.tol,
+        )
 
     @property
     def relative_residual(self) -> float:
         """``||W_bar - update||_F / ||W_bar||_F`` from the certificate (NaN without one)."""
         return float("nan") if self.certificate is None else self.certificate.relative_residual
 
-    def delta(self) -> Float[Tensor, "d k"]:
+    def delta(self) -> Float[Tensor, "*batch d k"]:
         """The dense update (d-by-k: for tests and small problems only)."""
         prod = self.U @ self.S
         return prod if self.side == "left" else prod.mT

@@ -31,13 +31,17 @@ WeightsLike = Tensor | Sequence[float] | None
 
 @dataclass(frozen=True, slots=True)
 class ClientsInfo:
-    """What all clients agree on: update shape, input dtype (promoted), working dtype, device."""
+    """What all clients agree on: update shape, input dtype (promoted), working dtype, device.
+
+    ``batch_shape`` is the clients' common leading batch dimensions (``()`` for one module).
+    """
 
     d: int
     k: int
     dtype: torch.dtype
     work_dtype: torch.dtype
     device: torch.device
+    batch_shape: tuple[int, ...] = ()
 
 
 def as_factors(client: object, index: int) -> LoRAFactors:
@@ -72,10 +76,12 @@ def all_finite(x: Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
-def validate_clients(factors: Sequence[LoRAFactors]) -> ClientsInfo:
+def validate_clients(factors: Sequence[LoRAFactors], *, stack: bool = False) -> ClientsInfo:
     """Check that clients are non-empty, shape-compatible, on one device and finite.
 
-    Ranks may differ between clients; ``d`` and ``k`` may not.
+    Ranks may differ between clients; ``d`` and ``k`` may not. With ``stack=True`` the
+    clients may carry stacks of same-shape modules (leading batch dimensions, the same for
+    every client); otherwise a stack is refused, naming the client.
 
     Raises
     ------
@@ -85,9 +91,20 @@ def validate_clients(factors: Sequence[LoRAFactors]) -> ClientsInfo:
         raise EmptyClientsError("no client factors were given")
     clients = [as_factors(f, i) for i, f in enumerate(factors)]
     d, k = clients[0].shape
+    batch = clients[0].batch_shape
     device = clients[0].B.device
     dtype = clients[0].B.dtype
     for i, f in enumerate(clients):
+        if f.batch_shape and not stack:
+            raise ShapeMismatchError(
+                f"stacked factors (batch dimensions {f.batch_shape}) are accepted only by "
+                "glora_aggregate; pass one module's (d, r) and (r, k) matrices",
+                client=i,
+            )
+        if f.batch_shape != batch:
+            raise ShapeMismatchError(
+                f"batch dimensions {f.batch_shape} differ from client 0's {batch}", client=i
+            )
         if f.shape != (d, k):
             raise ShapeMismatchError(
                 f"update shape {f.shape} (B {tuple(f.B.shape)}, A {tuple(f.A.shape)}) differs "
@@ -104,7 +121,9 @@ def validate_clients(factors: Sequence[LoRAFactors]) -> ClientsInfo:
             if not all_finite(x):
                 bad = int((~torch.isfinite(x)).sum())
                 raise NonFiniteError(f"{name} has {bad} NaN/Inf entries", client=i)
-    return ClientsInfo(d=d, k=k, dtype=dtype, work_dtype=working_dtype(dtype), device=device)
+    return ClientsInfo(
+        d=d, k=k, dtype=dtype, work_dtype=working_dtype(dtype), device=device, batch_shape=batch
+    )
 
 
 def normalize_weights(

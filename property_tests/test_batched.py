@@ -1,4 +1,4 @@
-"""The batched operator equals the per-module operator, layer by layer."""
+"""GLoRA on stacked modules equals the per-module operator, module by module."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from glora_math import LoRAFactors, glora_aggregate, readout
-from glora_math.batched import glora_aggregate_batched, readout_batched
 
 from .helpers import f64, state_tol, unique_or_reject
 from .strategies import problems
+
+
+def stacked(Bs, As):  # type: ignore[no-untyped-def]
+    """Per client, one ``LoRAFactors`` of its stacked modules."""
+    return [LoRAFactors(B, A) for B, A in zip(Bs, As, strict=True)]
 
 
 @given(
@@ -35,7 +39,7 @@ def test_batched_equals_the_per_module_operator(layers, data) -> None:  # type: 
     union = min(d, (n - 1) * r) if zero_layer >= 0 else min(d, n * r)  # no clamping here
     R = data.draw(st.integers(1, union), label="R")
     w = base.weights
-    batched = unique_or_reject(lambda: glora_aggregate_batched(Bs, As, w, rank=R))
+    batched = unique_or_reject(lambda: glora_aggregate(stacked(Bs, As), w, rank=R))
     for layer in range(L):
         fs = [LoRAFactors(B[layer], A[layer]) for B, A in zip(Bs, As, strict=True)]
         scale = sum(float(f.B.norm() * f.A.norm()) for f in fs)
@@ -43,7 +47,7 @@ def test_batched_equals_the_per_module_operator(layers, data) -> None:  # type: 
         tol = state_tol(torch.float64, d=d, k=k, ranks=[r] * n, kappa=1.0, gap=ref.gap, scale=scale)
         assert float((batched.delta()[layer] - f64(ref.delta())).norm()) <= tol
         rr = data.draw(st.integers(1, ref.rank), label="readout rank")
-        Bb, Ab = readout_batched(batched, rr)
+        Bb, Ab = readout(batched, rr)
         one = readout(ref, rr)
         assert float((Bb[layer] @ Ab[layer] - one.delta()).norm()) <= tol
 
@@ -58,7 +62,7 @@ def test_batched_clamps_layers_like_the_operator() -> None:
     As = [torch.randn(2, 1, 4, generator=g, dtype=torch.float64) for _ in range(2)]
     Bs[0][1] = 0.0  # layer 1 spans only one direction
     with pytest.warns(RankClampedWarning):
-        st_ = glora_aggregate_batched(Bs, As, rank=2)
+        st_ = glora_aggregate(stacked(Bs, As), rank=2)
     ref = glora_aggregate(
         [LoRAFactors(Bs[1][1], As[1][1]), LoRAFactors(Bs[0][1], As[0][1])], rank=1
     )
@@ -79,7 +83,7 @@ def test_batched_with_fewer_client_directions_than_R() -> None:
     Bs = [torch.randn(3, 8, r, generator=g, dtype=torch.float64) for r in (2, 3)]
     As = [torch.randn(3, r, 5, generator=g, dtype=torch.float64) for r in (2, 3)]
     with pytest.warns(RankClampedWarning):
-        st_ = glora_aggregate_batched(Bs, As, [1.0, 2.0], rank=6)  # only 5 directions exist
+        st_ = glora_aggregate(stacked(Bs, As), [1.0, 2.0], rank=6)  # only 5 directions exist
     assert st_.U.shape == (3, 8, 6)
     assert st_.S.shape == (3, 6, 5)
     from glora_math.tolerances import product_tol
@@ -89,3 +93,77 @@ def test_batched_with_fewer_client_directions_than_R() -> None:
         assert float((st_.delta()[layer] - W).norm()) <= product_tol(
             torch.float64, n=8 + 5 + 5, scale=float(W.norm()) + 1
         )
+
+
+@given(
+    problems(min_clients=2, max_clients=4, weights="random"),
+    st.integers(1, 3),
+    st.sampled_from(["left", "right"]),
+    st.sampled_from(["qr", "svd"]),
+    st.data(),
+)
+def test_every_fixed_side_and_gauge_of_a_stack_equals_the_modules(  # type: ignore[no-untyped-def]
+    pb, L, side, gauge, data
+) -> None:
+    # Heterogeneous ranks, either side, either gauge: each module of the stacked state, its
+    # certificate and its readouts equal the per-module operator's.
+    g = torch.Generator().manual_seed(pb.seed)
+    Bs = [torch.randn(L, pb.d, r, generator=g, dtype=torch.float64) for r in pb.ranks]
+    As = [torch.randn(L, r, pb.k, generator=g, dtype=torch.float64) for r in pb.ranks]
+    n_dim = pb.d if side == "left" else pb.k
+    union = min(n_dim, sum(pb.ranks))
+    R = data.draw(st.integers(1, union), label="R")
+    w = pb.weights
+    batched = unique_or_reject(
+        lambda: glora_aggregate(stacked(Bs, As), w, rank=R, side=side, gauge=gauge)
+    )
+    assert batched.batch_shape == (L,)
+    assert batched.side == side
+    assert batched.module_certificates is not None
+    assert batched.certificate is not None
+    res2 = 0.0
+    for layer in range(L):
+        fs = [LoRAFactors(B[layer], A[layer]) for B, A in zip(Bs, As, strict=True)]
+        scale = sum(float(f.B.norm() * f.A.norm()) for f in fs)
+        ref = unique_or_reject(lambda fs=fs: glora_aggregate(fs, w, rank=R, side=side, gauge=gauge))
+        tol = state_tol(
+            torch.float64, d=pb.d, k=pb.k, ranks=pb.ranks, kappa=1.0, gap=ref.gap, scale=scale
+        )
+        one = batched.module(layer)
+        assert one.side == side
+        assert one.shape == (pb.d, pb.k)
+        assert float((one.delta() - ref.delta()).norm()) <= tol
+        assert batched.module_gaps is not None
+        assert abs(float(batched.module_gaps[layer]) - ref.gap) <= tol
+        # The certificate of each module is the per-module operator's (same exact residual).
+        mean_norm = ref.certificate.mean_norm  # type: ignore[union-attr]
+        assert abs(one.relative_residual - ref.relative_residual) * mean_norm <= tol
+        res2 += (ref.relative_residual * mean_norm) ** 2
+        rr = data.draw(st.integers(1, ref.rank), label="readout rank")
+        Bb, Ab = readout(batched, rr)
+        assert float((Bb[layer] @ Ab[layer] - readout(ref, rr).delta()).norm()) <= tol
+    # The stacked certificate is the relative error of all modules together.
+    total = batched.certificate
+    assert abs(total.residual - res2**0.5) <= L * tol  # type: ignore[union-attr]
+
+
+def test_stacks_need_a_fixed_side_and_rank_and_only_glora_takes_them() -> None:
+    import pytest
+
+    from glora_math import GloraError, ShapeMismatchError, fedit
+
+    g = torch.Generator().manual_seed(3)
+    fs = [
+        LoRAFactors(torch.randn(2, 6, 2, generator=g), torch.randn(2, 2, 5, generator=g))
+        for _ in range(3)
+    ]
+    for kwargs in ({"side": "auto", "rank": 2}, {"rank": "auto", "tol": 0.1}):
+        with pytest.raises(GloraError, match="choose per module"):
+            glora_aggregate(fs, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ShapeMismatchError, match="client 0: stacked factors"):
+        fedit(fs)
+    other = LoRAFactors(torch.randn(3, 6, 2, generator=g), torch.randn(3, 2, 5, generator=g))
+    with pytest.raises(ShapeMismatchError, match="client 2: batch dimensions"):
+        glora_aggregate([fs[0], fs[1], other], rank=2)
+    with pytest.raises(GloraError, match="module index"):
+        glora_aggregate(fs, rank=2).module(2)

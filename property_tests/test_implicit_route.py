@@ -275,7 +275,7 @@ def test_equal_ranks_give_a_stack_of_maps_that_acts_like_the_block_diagonal() ->
 def test_the_batched_route_matches_the_per_module_route_and_redoes_odd_layers(  # type: ignore[no-untyped-def]
     monkeypatch, sketch
 ) -> None:
-    import glora_math.batched as batched_module
+    import glora_math.aggregate as aggregate_module
 
     g = torch.Generator().manual_seed(21)
     L, d, k, r, n = 4, 48, 30, 4, 5
@@ -289,14 +289,15 @@ def test_the_batched_route_matches_the_per_module_route_and_redoes_odd_layers(  
     As = [A.to(F32) for A in As]
     w = torch.tensor([1.0, 2.0, 0.0, 1.0, 3.0])
     redone: list[int] = []
-    real = batched_module.glora_aggregate
+    real = aggregate_module._side_state
 
     def spy(fs, *args, **kwargs):  # type: ignore[no-untyped-def]
         redone.append(1)
         return real(fs, *args, **kwargs)
 
-    monkeypatch.setattr(batched_module, "glora_aggregate", spy)
-    batched = batched_module.glora_aggregate_batched(Bs, As, w, rank=3, sketch=sketch)
+    monkeypatch.setattr(aggregate_module, "_side_state", spy)
+    clients = [LoRAFactors(B, A) for B, A in zip(Bs, As, strict=True)]
+    batched = glora_aggregate(clients, w, rank=3, sketch=sketch)
     # Only the two odd layers went through the per-module operator.
     assert len(redone) == 2
     for layer in range(L):

@@ -16,7 +16,15 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from glora_math import GloraError, Sketch, apply_gauge, consensus_basis, gauge_fix, glora_aggregate
+from glora_math import (
+    GloraError,
+    LoRAFactors,
+    Sketch,
+    apply_gauge,
+    consensus_basis,
+    gauge_fix,
+    glora_aggregate,
+)
 from glora_math.linalg import projector_distance, randomized_left_svd, tall_left_svd
 from glora_math.tolerances import aggregate_tol, orthonormality_tol, product_tol, subspace_tol
 from glora_math.validation import all_finite
@@ -113,14 +121,14 @@ def test_ritz_values_are_lower_bounds_and_power_iterations_converge() -> None:
 
 
 def test_the_batched_sketch_matches_the_per_module_sketch() -> None:
-    from glora_math.batched import glora_aggregate_batched
-
     g = torch.Generator().manual_seed(4)
     L, d, k, r, n = 3, 40, 30, 4, 5
     Bs = [torch.randn(L, d, r, generator=g, dtype=torch.float64) for _ in range(n)]
     As = [torch.randn(L, r, k, generator=g, dtype=torch.float64) for _ in range(n)]
     sketch = Sketch(oversample=2, power_iters=2, seed=11)
-    batched = glora_aggregate_batched(Bs, As, rank=3, sketch=sketch)
+    batched = glora_aggregate(
+        [LoRAFactors(B, A) for B, A in zip(Bs, As, strict=True)], rank=3, sketch=sketch
+    )
     for layer in range(L):
         single = glora_aggregate(
             [(B[layer], A[layer]) for B, A in zip(Bs, As, strict=True)], rank=3, sketch=sketch
