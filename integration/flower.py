@@ -1,8 +1,9 @@
 """Every registered operator as a Flower strategy (Message API, ``flwr.serverapp.strategy``).
 
-:class:`LoRAStrategy` only converts records: client replies become
-:class:`~integration.peft_io.ClientAdapter` objects, the math is
-:func:`~integration.peft_io.aggregate_adapters` (batched GLoRA, or any operator of
+:class:`LoRAStrategy` only samples nodes, converts records and checks replies: client replies
+become :class:`~integration.peft_io.ClientAdapter` objects, the server state and round policy
+are :class:`integration.server.FederatedServer` (the same object the runner drives; its math is
+:func:`~integration.peft_io.aggregate_adapters` with any operator of
 :mod:`glora_math.registry`), and the results go back as records. Clients may have different
 LoRA ranks: each one receives factors of its own rank (a rank-compatible readout for GLoRA,
 FlexLoRA and the like). A reply with an error, missing or extra modules, wrong shapes, a rank
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import math
 import random
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -45,12 +45,10 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 from torch import Tensor
 
-from glora_math import GloraError, GloraWarning, LoRAFactors
-from glora_math.baselines import truncate_svd
-from glora_math.compare import round_error
-from glora_math.linalg import lowrank_svd
-from glora_math.registry import Guarantee, OperatorState, get_operator
-from integration.peft_io import ClientAdapter, adapter_from_state_dict, aggregate_adapters
+from glora_math import GloraError, LoRAFactors
+from glora_math.registry import get_operator
+from integration.peft_io import ClientAdapter, adapter_from_state_dict
+from integration.server import FederatedServer
 
 # ----------------------------------------------------------------------------------------------
 # Record conversion (pure functions)
@@ -160,25 +158,23 @@ class LoRAStrategy(Strategy):
         min_available_nodes: int = 2,
         seed: int = 0,
     ) -> None:
-        self.op = get_operator(operator)
-        self.server_rank = server_rank
-        self.options = dict(options or {})
-        if "max_residual" in self.op.options:
-            self.options["max_residual"] = max_residual
+        op = get_operator(operator)
+        opts = dict(options or {})
+        if "max_residual" in op.options:
+            opts["max_residual"] = max_residual
+        # The server state and round policy: the same object the runner drives.
+        self.server = FederatedServer(op.name, server_rank=server_rank, options=opts)
+        self.op = self.server.op
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
         self.min_train_nodes = min_train_nodes
         self.min_evaluate_nodes = min_evaluate_nodes
         self.min_available_nodes = min_available_nodes
         self.rng = random.Random(seed)
-        # Server state carried between rounds.
+        # What only the transport needs: the reply signature every round must match, whether
+        # the initial heads arrived, and the round logs.
         self.reference: tuple[Any, ...] | None = None  # module names and shapes, dense keys
-        self.node_init: dict[int, dict[str, LoRAFactors]] = {}
-        self.node_rank: dict[int, int] = {}
-        self.global_update: dict[str, LoRAFactors] = {}
-        self.base_fold: dict[str, Tensor] = {}
-        self.dense: dict[str, Tensor] | None = None
-        self.op_states: dict[str, OperatorState | None] = {}
+        self.started = False
         self.history: list[RoundLog] = []
 
     # ------------------------------------------------------------------ Flower interface
@@ -186,7 +182,7 @@ class LoRAStrategy(Strategy):
     def summary(self) -> None:
         """Log the strategy's settings."""
         log(INFO, "\t├──> operator: %s (%s)", self.op.name, self.op.paper)
-        log(INFO, "\t├──> server rank: %s", self.server_rank or "max client rank")
+        log(INFO, "\t├──> server rank: %s", self.server.server_rank or "max client rank")
         log(INFO, "\t└──> fraction train/evaluate: %s/%s", self.fraction_train,
             self.fraction_evaluate)  # fmt: skip
 
@@ -202,8 +198,10 @@ class LoRAStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One train message per sampled node: its factors, the folds and the heads."""
-        if self.dense is None:  # the initial heads (modules_to_save) come in `arrays`
-            self.dense = {k: v.to(torch.float32) for k, v in arrays.to_torch_state_dict().items()}
+        if not self.started:  # the initial heads (modules_to_save) come in `arrays`
+            heads = arrays.to_torch_state_dict()
+            self.server.dense = {k: v.to(torch.float32) for k, v in heads.items()}
+            self.started = True
         cfg = ConfigRecord({**dict(config), "server-round": server_round,
                             "freeze-a": self.op.shared_A})  # fmt: skip
         msgs = []
@@ -211,8 +209,8 @@ class LoRAStrategy(Strategy):
             content = RecordDict(
                 {
                     "init": factors_to_record(self._init_for(node)),
-                    "base": tensors_to_record(self.base_fold),
-                    "dense": tensors_to_record(self.dense),
+                    "base": tensors_to_record(self.server.base_fold),
+                    "dense": tensors_to_record(self.server.dense),
                     "config": cfg,
                 }
             )
@@ -248,36 +246,20 @@ class LoRAStrategy(Strategy):
         nodes = [a[0] for a in accepted]
         adapters = [a[1] for a in accepted]
         weights = [a[2] for a in accepted]
-        ranks = [max(m.factors.rank for m in a.modules.values()) for a in adapters]
-        R = self.server_rank or max(ranks)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", GloraWarning)
-            try:
-                rnd = aggregate_adapters(
-                    adapters,
-                    weights,
-                    operator=self.op.name,
-                    rank=R,
-                    states=self.op_states,
-                    options=self.options,
-                )
-            except GloraError as err:  # e.g. a client rank above R for GLoRA
-                log(WARNING, "round %d: aggregation refused: %s", server_round, err)
-                logged.rejected.update({n: f"aggregation refused: {err}" for n in nodes})
-                return None, self._metrics(logged)
-        logged.warnings = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
+        try:
+            outcome = self.server.aggregate(nodes, adapters, weights)
+        except GloraError as err:  # e.g. a client rank above R for GLoRA
+            log(WARNING, "round %d: aggregation refused: %s", server_round, err)
+            logged.rejected.update({n: f"aggregation refused: {err}" for n in nodes})
+            return None, self._metrics(logged)
+        logged.warnings = outcome.warnings
         logged.accepted = nodes
         logged.train_loss = sum(w * a[3] for w, a in zip(weights, accepted, strict=True)) / sum(
             weights
         )
-        errors = round_error(
-            rnd.results,
-            {name: [a.modules[name].factors for a in adapters] for name in rnd.results},
-            weights,
-        )
-        logged.aggregation_error = errors.relative
-        logged.certified_residual = math.nan if errors.certified is None else errors.certified
-        self._apply(rnd, nodes, ranks)
+        logged.aggregation_error = outcome.aggregation_error
+        cert = outcome.certified_residual
+        logged.certified_residual = math.nan if cert is None else cert
         return self.global_record(), self._metrics(logged)
 
     def configure_evaluate(
@@ -288,9 +270,9 @@ class LoRAStrategy(Strategy):
             return []
         content = RecordDict(
             {
-                "update": factors_to_record(self.global_update),
-                "base": tensors_to_record(self.base_fold),
-                "dense": tensors_to_record(self.dense or {}),
+                "update": factors_to_record(self.server.global_update),
+                "base": tensors_to_record(self.server.base_fold),
+                "dense": tensors_to_record(self.server.dense),
                 "config": ConfigRecord({**dict(config), "server-round": server_round}),
             }
         )
@@ -335,20 +317,11 @@ class LoRAStrategy(Strategy):
     # ------------------------------------------------------------------ internals
 
     def _init_for(self, node: int) -> dict[str, LoRAFactors]:
-        """Factors a node continues from: its own readout, or the broadcast at its rank."""
-        if node in self.node_init:
-            return self.node_init[node]
-        r = self.node_rank.get(node)
-        if r is None or not self.global_update:
-            return {}  # first contact: a fresh LoRA start
-        if Guarantee.RANK_COMPATIBLE not in self.op.guarantees:
-            same = [n for n, rr in self.node_rank.items() if rr == r and n in self.node_init]
-            return self.node_init[same[0]] if same else {}
-        out = {}
-        for name, upd in self.global_update.items():
-            U, s, Vh = lowrank_svd(upd.B, upd.A)
-            out[name] = truncate_svd(U, s, Vh, r, upd.B.dtype)
-        return out
+        """Factors a node continues from (the server's policy); ``{}``: a fresh LoRA start."""
+        r = self.server.client_rank.get(node)
+        if r is None:
+            return {}  # first contact
+        return self.server.start_for(node, r) or {}
 
     def _check_against_reference(
         self, decoded: list[tuple[int, ClientAdapter, float, float]], logged: RoundLog
@@ -395,38 +368,9 @@ class LoRAStrategy(Strategy):
             ok = [a for a in ok if a[0] not in logged.rejected]
         return ok
 
-    def _apply(self, rnd: Any, nodes: list[int], ranks: list[int]) -> None:
-        update = {}
-        for name, res in rnd.results.items():
-            if res.residual is not None:
-                self._fold(name, res.residual)
-            if res.client_factors is None:  # FLoRA: merge into the base, clients restart
-                self._fold(name, res.update.delta())
-            else:
-                update[name] = res.update
-        self.global_update = update
-        self.dense = {k: v.to(torch.float32) for k, v in rnd.dense.items()}
-        self.op_states = dict(rnd.states)
-        self.node_init = self.node_init if self.op.personal else {}
-        for j, node in enumerate(nodes):
-            self.node_rank[node] = ranks[j]
-            if rnd.client_modules[j] is not None:
-                self.node_init[node] = rnd.client_modules[j]
-            else:
-                self.node_init.pop(node, None)
-
-    def _fold(self, name: str, delta: Tensor) -> None:
-        d = delta.detach().to(torch.float64)
-        self.base_fold[name] = self.base_fold[name] + d if name in self.base_fold else d
-
     def global_record(self) -> ArrayRecord:
         """The global model: update factors, dense folds and heads, flattened in one record."""
-        out: dict[str, Tensor] = {}
-        for name, f in self.global_update.items():
-            out[f"update.{name}.B"], out[f"update.{name}.A"] = f.B, f.A
-        out.update({f"base.{k}": v for k, v in self.base_fold.items()})
-        out.update({f"dense.{k}": v for k, v in (self.dense or {}).items()})
-        return tensors_to_record(out)
+        return tensors_to_record(self.server.global_tensors())
 
     def _metrics(self, logged: RoundLog) -> MetricRecord:
         return MetricRecord(

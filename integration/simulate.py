@@ -17,8 +17,7 @@ import json
 import math
 import os
 import time
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,15 +28,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm  # type: ignore[import-untyped]
 
-from glora_math import GloraWarning, LoRAFactors
-from glora_math.baselines import truncate_svd
-from glora_math.compare import round_error
+from glora_math import LoRAFactors
 from glora_math.gauge import apply_gauge, random_invertible
-from glora_math.linalg import lowrank_svd
 from glora_math.registry import (
-    AggregateResult,
-    Guarantee,
-    OperatorState,
     get_operator,
     list_operators,
 )
@@ -58,13 +51,8 @@ from integration.models import (
     target_weights,
     train_local,
 )
-from integration.peft_io import (
-    PREFIX,
-    ClientAdapter,
-    adapter_from_state_dict,
-    adapter_state_dict,
-    aggregate_adapters,
-)
+from integration.peft_io import PREFIX, ClientAdapter, adapter_from_state_dict, adapter_state_dict
+from integration.server import FederatedServer
 
 
 @dataclass
@@ -170,18 +158,16 @@ class Simulation:
             self.encoder.prefill(self.eval.texts)
         self.round = 0
         self.metrics: list[dict[str, Any]] = []
-        # Server state carried between rounds (all in safetensors checkpoints):
-        self.client_init: list[dict[str, LoRAFactors] | None] = [None] * cfg.clients
-        self.global_update: dict[str, LoRAFactors] = {}
-        self.dense: dict[str, Tensor] = {}
-        self.op_states: dict[str, OperatorState | None] = {}
         # Round 0 starts every client from the same initial head (modules_to_save).
         first = get_peft_model_state_dict(self._model(cfg.ranks()[0]))
-        self.dense = {
-            k.removeprefix(PREFIX): v.detach().clone()
-            for k, v in first.items()
-            if ".lora_" not in k
-        }
+        heads = {k.removeprefix(PREFIX): v for k, v in first.items() if ".lora_" not in k}
+        # The server state carried between rounds (checkpointed with every round).
+        self.server = FederatedServer(
+            cfg.operator,
+            server_rank=cfg.server_rank or max(cfg.ranks()),
+            options=self._options(),
+            dense=heads,
+        )
 
     # ------------------------------------------------------------------ models and training
 
@@ -220,11 +206,14 @@ class Simulation:
 
     def _load_client(self, i: int, r: int) -> torch.nn.Module:
         model = self._model(r)
-        # Base weights (with every fold so far) come from self.base.
+        # Base weights plus every dense fold so far (FedEx, GLoRA+residual, FLoRA merges).
         base_sd = self.base.state_dict()
+        folds = self.server.base_fold
         for name, w in self._target_weights(model).items():
             w.data.copy_(base_sd[f"{name}.weight"])
-        init = self.client_init[i]
+            if name in folds:
+                w.data.add_(folds[name].to(w.dtype))
+        init = self.server.start_for(i, r)
         if init is None:
             init = self._fresh_init(i, r, model)
         if init is None:  # per-client init: B = 0, A drawn by peft (seeded in _fresh_init)
@@ -235,7 +224,7 @@ class Simulation:
             state: dict[str, Tensor] = {}
         else:
             state, _ = adapter_state_dict(init, {}, self._config_dict(r))
-        state.update({f"{PREFIX}{k}": v for k, v in self.dense.items()})
+        state.update({f"{PREFIX}{k}": v for k, v in self.server.dense.items()})
         state = {k: v.to(torch.float32) for k, v in state.items()}
         result = set_peft_model_state_dict(model, state)
         unexpected = getattr(result, "unexpected_keys", [])
@@ -307,22 +296,10 @@ class Simulation:
                 )
             adapters.append(adapter)
         weights = [float(len(self.shards[i])) for i in who]
-        R = self.cfg.server_rank or max(ranks)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", GloraWarning)
-            rnd = aggregate_adapters(
-                adapters,
-                weights,
-                operator=self.cfg.operator,
-                rank=R,
-                client_ranks=[{m: ranks[i] for m in adapters[0].modules} for i in who],
-                states=self.op_states,
-                options=self._options(),
-            )
-        notes = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
-        errors = aggregation_errors(rnd.results, adapters, weights)
+        outcome = self.server.aggregate(
+            who, adapters, weights, client_ranks=[ranks[i] for i in who]
+        )
         t_agg = time.perf_counter()
-        self._apply(rnd, who)
         ev = self.evaluate()
         row: dict[str, Any] = {
             "round": self.round + 1,
@@ -332,71 +309,24 @@ class Simulation:
         }
         if self.cfg.task.lower() == "cola" and "mcc" in ev:
             row["mcc"] = ev["mcc"]
-        row.update(errors)
-        row.update(server_shape(rnd.results))
+        row.update(outcome.metrics())
         row["seconds"] = time.perf_counter() - t0
         row["eval_seconds"] = time.perf_counter() - t_agg
-        row["warnings"] = notes
+        row["warnings"] = outcome.warnings
         self.metrics.append(row)
         self.round += 1
         return row
 
-    def _apply(self, rnd: Any, who: Sequence[int]) -> None:
-        base_sd = self.base.state_dict()
-        new_update: dict[str, LoRAFactors] = {}
-        for name, res in rnd.results.items():
-            w = base_sd[f"{name}.weight"]
-            if res.residual is not None:  # FedEx / GLoRA+residual: dense fold, out_in layout
-                w.add_(res.residual.to(w.dtype))
-            if res.client_factors is None:  # FLoRA: merge the update, clients re-initialise
-                w.add_(res.update.delta().to(w.dtype))
-            else:
-                new_update[name] = res.update
-        self.global_update = new_update
-        self.dense = {k: v.to(torch.float32) for k, v in rnd.dense.items()}
-        self.op_states = dict(rnd.states)
-        for j, i in enumerate(who):
-            self.client_init[i] = rnd.client_modules[j]
-        self._broadcast_to_absent(rnd, who)
-
-    def _broadcast_to_absent(self, rnd: Any, who: Sequence[int]) -> None:
-        """Clients that sat this round out get the current broadcast, not stale factors.
-
-        A participant of the same rank received exactly the broadcast for that rank; for
-        rank-compatible operators any rank is the best rank-r truncation of the server update.
-        FedSA-LoRA keeps personal B matrices by design, so its absent clients keep theirs.
-        """
-        op = get_operator(self.cfg.operator)
-        if op.personal:
-            return
-        ranks = self.cfg.ranks()
-        by_rank = {ranks[i]: rnd.client_modules[j] for j, i in enumerate(who)}
-        for i in range(self.cfg.clients):
-            if i in who:
-                continue
-            r = ranks[i]
-            if r in by_rank:
-                self.client_init[i] = by_rank[r]
-            elif Guarantee.RANK_COMPATIBLE in op.guarantees:
-                out = {}
-                for name, res in rnd.results.items():
-                    U, sv, Vh = lowrank_svd(res.update.B, res.update.A)
-                    out[name] = truncate_svd(U, sv, Vh, r, res.update.B.dtype)
-                self.client_init[i] = out
-
     def evaluate(self) -> dict[str, float]:
         """``accuracy``, ``eval_loss`` (and ``mcc``, classification) of the global model.
 
-        The global model is base + global update + averaged head, written into one evaluation
-        model kept across rounds.
+        The global model is base + dense folds + global update + averaged head, written into
+        one evaluation model kept across rounds.
         """
         if self._eval_model is None:
             self._eval_model = copy.deepcopy(self.base)
         model = merged_model(
-            self.base,
-            {n: u.delta() for n, u in self.global_update.items()},
-            self.dense,
-            into=self._eval_model,
+            self.base, self.server.dense_deltas(), self.server.dense, into=self._eval_model
         )
         if self.cfg.objective == "causal_lm":
             acc, loss = lm_evaluate(
@@ -411,32 +341,16 @@ class Simulation:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _tensors(self) -> dict[str, Tensor]:
-        flat: dict[str, Tensor] = {}
-        base_sd = self.base.state_dict()
-        for name in self._target_weights(self._model(self.cfg.ranks()[0])):
-            flat[f"base.{name}"] = base_sd[f"{name}.weight"]
-        for name, f in self.global_update.items():
-            flat[f"update.{name}.B"], flat[f"update.{name}.A"] = f.B, f.A
-        for i, init in enumerate(self.client_init):
-            for name, f in (init or {}).items():
-                flat[f"client.{i}.{name}.B"], flat[f"client.{i}.{name}.A"] = f.B, f.A
-        for k, v in self.dense.items():
-            flat[f"dense.{k}"] = v
-        for name, st in self.op_states.items():
-            for k, v in (st.to_tensors() if st else {}).items():
-                flat[f"state.{name}.{k}"] = v
-        return {k: v.detach().cpu().clone().contiguous() for k, v in flat.items()}
-
     def save(self) -> None:
         """Write the checkpoint atomically: tensors first, then the JSON that points at them."""
         self.out.mkdir(parents=True, exist_ok=True)
         tensors = self.out / f"checkpoint-{self.round}.safetensors"
         tmp = tensors.with_suffix(".tmp")
-        save_file(self._tensors(), str(tmp))
+        save_file(self.server.state_tensors(), str(tmp))
         os.replace(tmp, tensors)
         meta = {
             "round": self.round,
+            "server": self.server.state_meta(),
             "config": asdict(self.cfg),
             "metrics": self.metrics,
             "tensors": tensors.name,
@@ -457,41 +371,19 @@ class Simulation:
         flat = load_file(str(self.out / meta["tensors"]))
         self.round = int(meta["round"])
         self.metrics = list(meta["metrics"])
-        base_sd = self.base.state_dict()
-        updates: dict[str, dict[str, Tensor]] = {}
-        clients: dict[int, dict[str, dict[str, Tensor]]] = {}
-        states: dict[str, dict[str, Tensor]] = {}
-        self.dense = {}
-        for key, v in flat.items():
-            kind, _, rest = key.partition(".")
-            if kind == "base":
-                base_sd[f"{rest}.weight"].copy_(v)
-            elif kind == "update":
-                name, _, which = rest.rpartition(".")
-                updates.setdefault(name, {})[which] = v
-            elif kind == "client":
-                idx, _, rest2 = rest.partition(".")
-                name, _, which = rest2.rpartition(".")
-                clients.setdefault(int(idx), {}).setdefault(name, {})[which] = v
-            elif kind == "dense":
-                self.dense[rest] = v
-            elif kind == "state":  # "<module>.round_index" or "<module>.t.<tensor name>"
-                if ".t." in rest:
-                    module, _, tname = rest.rpartition(".t.")
-                    states.setdefault(module, {})[f"t.{tname}"] = v
+        server_meta = meta.get("server")
+        if server_meta is None:  # a checkpoint written before the server module: base weights
+            server_meta = {"round": self.round}
+            base_sd = self.base.state_dict()
+            old, flat = flat, {}
+            for key, v in old.items():
+                if key.startswith("base."):
+                    fold = v.to(torch.float64) - base_sd[f"{key[5:]}.weight"].to(torch.float64)
+                    if bool(fold.any()):
+                        flat[key] = fold
                 else:
-                    module, _, sk = rest.rpartition(".")
-                    states.setdefault(module, {})[sk] = v
-        self.global_update = {n: LoRAFactors(d["B"], d["A"]) for n, d in updates.items()}
-        self.client_init = [
-            (
-                {n: LoRAFactors(d["B"], d["A"]) for n, d in clients[i].items()}
-                if i in clients
-                else None
-            )
-            for i in range(self.cfg.clients)
-        ]
-        self.op_states = {m: OperatorState.from_tensors(t) for m, t in states.items()}
+                    flat[key] = v
+        self.server.restore(flat, server_meta)
         return True
 
     def run(self, *, resume: bool = False) -> list[dict[str, Any]]:
@@ -505,53 +397,6 @@ class Simulation:
             bar.set_postfix(acc=f"{row['accuracy']:.3f}", agg_err=f"{row['aggregation_error']:.2e}")
         write_results(self.out, self.cfg, self.metrics)
         return self.metrics
-
-
-def aggregation_errors(
-    results: Mapping[str, AggregateResult],
-    adapters: Sequence[ClientAdapter],
-    weights: Sequence[float],
-) -> dict[str, float | None]:
-    """Exact error of the server update against the mean update, over all modules.
-
-    ``aggregation_error`` = sqrt(sum_m ||W_bar_m - update_m||^2 / sum_m ||W_bar_m||^2), from
-    factors (dense only where the operator folds a dense residual into the base), and
-    ``aggregation_error_max``, the largest per-module relative error
-    (:func:`glora_math.compare.round_error`). Where every module has a certificate (GLoRA
-    family), ``certified_residual`` is the same aggregate from the certificates and
-    ``certified_residual_max`` their largest relative residual (None otherwise). The
-    certificate is of the low-rank update: it agrees with the measurement to rounding, except
-    for the ``_residual`` operators, whose dense fold makes the server update exact.
-    """
-    err = round_error(results, {m: [a.modules[m].factors for a in adapters] for m in results},
-                      weights)  # fmt: skip
-    certs = [res.certificate for res in results.values()]
-    worst = max((c.relative_residual for c in certs if c is not None), default=0.0)
-    return {
-        "aggregation_error": err.relative,
-        "aggregation_error_max": err.worst_module,
-        "certified_residual": err.certified,
-        "certified_residual_max": worst if err.certified is not None else None,
-    }
-
-
-def server_shape(results: Mapping[str, AggregateResult]) -> dict[str, Any]:
-    """The effective server rank and, for certified results, the consensus side per module.
-
-    ``server_rank``/``server_rank_mean``: max and mean of the update ranks over modules;
-    ``sides``: for the GLoRA family, how many modules took each side. A certified result
-    without a basis is right-sided (``glora_auto``: the A row spaces).
-    """
-    ranks = [res.update.rank for res in results.values()]
-    out: dict[str, Any] = {
-        "server_rank": max(ranks, default=0),
-        "server_rank_mean": sum(ranks) / len(ranks) if ranks else 0.0,
-        "sides": None,
-    }
-    if results and all(res.certificate is not None for res in results.values()):
-        right = sum(res.basis is None for res in results.values())
-        out["sides"] = {"left": len(results) - right, "right": right}
-    return out
 
 
 def write_results(out: Path, cfg: SimConfig, metrics: list[dict[str, Any]]) -> None:

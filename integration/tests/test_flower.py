@@ -107,7 +107,7 @@ def test_glora_round_with_heterogeneous_ranks_and_readouts_of_each_rank() -> Non
         [_adapter(r, n) for n, r in ranks.items()], [10.0] * 3, rank=4, operator="glora"
     )
     for m in MODULES:
-        got = st.global_update[m]
+        got = st.server.global_update[m]
         want = ref.results[m].update
         tol = product_tol(torch.float32, n=D + K + 10, scale=float(want.delta().norm()))
         assert float((got.delta().double() - want.delta()).norm()) <= tol
@@ -119,7 +119,7 @@ def test_glora_round_with_heterogeneous_ranks_and_readouts_of_each_rank() -> Non
         r = ranks[msg.metadata.dst_node_id]
         for m in MODULES:
             assert init[m].rank == r
-            U, s, Vh = lowrank_svd(st.global_update[m].B.double(), st.global_update[m].A.double())
+            U, s, Vh = lowrank_svd(st.server.global_update[m].B.double(), st.server.global_update[m].A.double())
             best = (U[:, :r] * s[:r]) @ Vh[:r]
             tol = product_tol(torch.float32, n=D + K, scale=float(s.sum()))
             assert float((init[m].delta().double() - best).norm()) <= tol
@@ -203,7 +203,7 @@ def test_malformed_replies_are_rejected_with_reasons_and_the_round_goes_on(
     for m in MODULES:
         want = ref.results[m].update.delta()
         tol = product_tol(torch.float32, n=D + K + 12, scale=float(want.norm()))
-        assert float((st.global_update[m].delta().double() - want).norm()) <= tol
+        assert float((st.server.global_update[m].delta().double() - want).norm()) <= tol
 
 
 def test_a_malformed_lora_config_is_rejected_with_the_key_named() -> None:
@@ -227,13 +227,13 @@ def test_a_malformed_lora_config_is_rejected_with_the_key_named() -> None:
 def test_a_round_with_only_bad_replies_keeps_the_model() -> None:
     st = LoRAStrategy("glora")
     st.aggregate_train(1, [_reply(1, 4, 1), _reply(2, 4, 2)])
-    before = {m: f.delta().clone() for m, f in st.global_update.items()}
+    before = {m: f.delta().clone() for m, f in st.server.global_update.items()}
     arrays, metrics = st.aggregate_train(2, [_reply(3, 4, 0, state=_nan_state())])
     assert arrays is None
     assert metrics is not None
     assert metrics["accepted"] == 0
     for m, delta in before.items():
-        assert torch.equal(st.global_update[m].delta(), delta)
+        assert torch.equal(st.server.global_update[m].delta(), delta)
 
 
 def test_ffa_rejects_a_client_whose_A_is_not_the_shared_one() -> None:

@@ -52,14 +52,16 @@ def test_folding_and_stateful_operators_run(tmp_path: Path, operator: str) -> No
         assert any(k.startswith("state.") and k.endswith("round_index") for k in flat)
 
 
-def test_resume_after_a_kill_gives_the_uninterrupted_results(tmp_path: Path) -> None:
-    full = _run(tmp_path, "full", operator="fedrot_lora")
+@pytest.mark.parametrize("operator", ["fedrot_lora", "fedex_lora", "fedsa_lora"])
+def test_resume_after_a_kill_gives_the_uninterrupted_results(tmp_path: Path, operator: str) -> None:
+    # Carried operator state (FedRot), dense folds (FedEx), personal factors (FedSA).
+    full = _run(tmp_path, "full", operator=operator)
     # "Kill" after round 1, then resume to round 2 in a fresh process state.
     Simulation(
-        SimConfig(**(TINY | {"out": str(tmp_path / "cut"), "rounds": 1, "operator": "fedrot_lora"}))
+        SimConfig(**(TINY | {"out": str(tmp_path / "cut"), "rounds": 1, "operator": operator}))
     ).run()  # type: ignore[arg-type]
     resumed = Simulation(
-        SimConfig(**(TINY | {"out": str(tmp_path / "cut"), "operator": "fedrot_lora"}))
+        SimConfig(**(TINY | {"out": str(tmp_path / "cut"), "operator": operator}))
     ).run(resume=True)  # type: ignore[arg-type]
     timing = ("seconds", "eval_seconds")
     strip = [{k: v for k, v in m.items() if k not in timing} for m in full]
@@ -123,12 +125,12 @@ def test_absent_clients_receive_the_current_broadcast(tmp_path: Path) -> None:
     who = row["participants"]
     assert isinstance(who, list)
     absent = next(i for i in range(3) if i not in who)
-    init = sim.client_init[absent]
+    init = sim.server.start_for(absent, [2, 2, 3][absent])
     assert init is not None
     for name, f in init.items():
         assert f.rank == [2, 2, 3][absent]
         # The broadcast at rank r is the best rank-r approximation of the server update.
-        upd = sim.global_update[name].delta()
+        upd = sim.server.global_update[name].delta()
         s = torch.linalg.svdvals(upd)
         best = float(s[f.rank :].pow(2).sum().sqrt())
         tol = product_tol(upd.dtype, n=sum(upd.shape) + 4, scale=float(s[0]) + 1.0)
@@ -165,7 +167,7 @@ def test_clients_start_from_one_shared_init(tmp_path: Path) -> None:
 def test_flora_draws_one_shared_fresh_init_per_round(tmp_path: Path) -> None:
     sim = Simulation(SimConfig(**(TINY | {"out": str(tmp_path / "f"), "operator": "flora"})))  # type: ignore[arg-type]
     sim.step()
-    assert all(init is None for init in sim.client_init)  # FLoRA re-initialises
+    assert all(sim.server.start_for(i, 4) is None for i in range(3))  # FLoRA re-initialises
     r1 = [_lora_a(sim._load_client(i, 4)) for i in range(3)]
     for name in r1[0]:
         assert torch.equal(r1[0][name], r1[1][name])
@@ -223,7 +225,7 @@ def test_scrambled_gauges_keep_products_and_glora_but_change_fedit(tmp_path: Pat
                                    "operator": operator, "scramble_gauge": scramble}))  # type: ignore[arg-type]  # fmt: skip
         sim = Simulation(cfg)
         sim.step()
-        return {n: u.delta() for n, u in sim.global_update.items()}
+        return {n: u.delta() for n, u in sim.server.global_update.items()}
 
     plain, scrambled = update("glora", 0.0), update("glora", 10.0)
     for n in plain:  # gauge invariant: the same server update up to rounding
