@@ -50,6 +50,18 @@ def sign_fixed_svd(
     return U * sg.unsqueeze(-2), s, Vh * sg.unsqueeze(-1)
 
 
+def condition_number(x: Tensor) -> float:
+    """2-norm condition number of ``x`` on its numerical range (1.0 for a zero matrix).
+
+    Singular values below :func:`~glora_math.tolerances.rank_tol` (float64) are not counted.
+    """
+    s = torch.linalg.svdvals(x.detach().to(torch.float64))
+    if not s.numel() or float(s[0]) == 0.0:
+        return 1.0
+    kept = s[s > rank_tol(float(s[0]), (int(x.shape[-2]), int(x.shape[-1])), torch.float64)]
+    return float(kept[0] / kept[-1])
+
+
 def numerical_rank(s: Float[Tensor, " p"], shape: tuple[int, int], dtype: torch.dtype) -> int:
     """Number of singular values ``s`` (descending) above :func:`rank_tol`."""
     if s.numel() == 0:

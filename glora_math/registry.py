@@ -26,9 +26,9 @@ from torch import Tensor
 from glora_math import baselines as bl
 from glora_math.aggregate import glora_aggregate
 from glora_math.errors import GloraError, GloraWarning, RankError
+from glora_math.linalg import condition_number
 from glora_math.metrics import mean_update, state_factors
 from glora_math.readout import readouts
-from glora_math.tolerances import rank_tol
 from glora_math.types import Certificate, GaugeMode, LoRAFactors, Side, Sketch
 from glora_math.validation import (
     WeightsLike,
@@ -440,16 +440,7 @@ def _flora_na_sensitivity(
 ) -> float:
     """1 / (cond(B_bar) cond(A_bar))^2 at FedIT's start: ALS solves with the Gram matrices."""
     g = bl.fedit(fs, p)
-    return 1.0 / (_cond(g.B) * _cond(g.A)) ** 2
-
-
-def _cond(x: Tensor) -> float:
-    """2-norm condition number on the numerical range (1 for a zero matrix)."""
-    s = torch.linalg.svdvals(x.detach().to(torch.float64))
-    if not s.numel() or float(s[0]) == 0.0:
-        return 1.0
-    kept = s[s > rank_tol(float(s[0]), (int(x.shape[0]), int(x.shape[1])), torch.float64)]
-    return float(kept[0] / kept[-1])
+    return 1.0 / (condition_number(g.B) * condition_number(g.A)) ** 2
 
 
 register(
