@@ -7,7 +7,6 @@ import importlib
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
@@ -328,23 +327,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    """Run ``proofs.verify`` from a source checkout (proofs/ and property_tests/ beside us)."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "proofs" / "verify.py").exists():
-        sys.stderr.write("glora verify needs a source checkout (proofs/ and property_tests/)\n")
+    """Run :mod:`glora_math.proofs.verify` (the ``proofs`` extra: sympy and mpmath)."""
+    try:
+        verify = importlib.import_module("glora_math.proofs.verify")
+    except ImportError as err:
+        sys.stderr.write(f"glora verify needs the proofs and test extras: {err}\n")
         return 2
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    verify = importlib.import_module("proofs.verify")
     only = args.only.split(",") if args.only else None
     code: int = verify.main(dps=args.dps, properties=not args.no_properties, only=only)
     return code
 
 
 def run_simulate(argv: list[str]) -> int:
-    """Forward to ``integration.simulate`` (transformers + peft live in the integration layer)."""
+    """Forward to :mod:`glora_math.integration.simulate` (transformers and peft)."""
     try:
-        simulate = importlib.import_module("integration.simulate")
+        simulate = importlib.import_module("glora_math.integration.simulate")
     except ImportError as err:
         sys.stderr.write(f"glora simulate needs the integration extra: {err}\n")
         return 2

@@ -33,8 +33,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from integration.data import Examples
-from integration.models import minilm_path
+from .data import Examples
+from .models import minilm_path
 
 #: task -> (instruction, answer word of label 0, answer word of label 1)
 TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {

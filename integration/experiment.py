@@ -32,8 +32,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from integration.data import load_task, sample
-from integration.simulate import SimConfig, Simulation
+from .data import load_task, sample
+from .simulate import SimConfig, Simulation
 
 #: Per-round metrics kept in the raw JSON.
 ROUND_KEYS = (

@@ -47,8 +47,9 @@ from torch import Tensor
 
 from glora_math import GloraError, LoRAFactors
 from glora_math.registry import get_operator
-from integration.peft_io import ClientAdapter, adapter_from_state_dict
-from integration.server import FederatedServer
+
+from .peft_io import ClientAdapter, adapter_from_state_dict
+from .server import FederatedServer
 
 # ----------------------------------------------------------------------------------------------
 # Record conversion (pure functions)

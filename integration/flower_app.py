@@ -35,9 +35,9 @@ from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from integration.data import Examples, dirichlet_split, load_task, sample
-from integration.flower import LoRAStrategy, record_to_factors
-from integration.models import (
+from .data import Examples, dirichlet_split, load_task, sample
+from .flower import LoRAStrategy, record_to_factors
+from .models import (
     build_model,
     evaluate_model,
     fresh_factors,
@@ -49,7 +49,7 @@ from integration.models import (
     target_weights,
     train_local,
 )
-from integration.peft_io import PREFIX, adapter_state_dict
+from .peft_io import PREFIX, adapter_state_dict
 
 
 @dataclass(frozen=True)

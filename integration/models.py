@@ -28,8 +28,9 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from glora_math import LoRAFactors
-from integration.data import Examples
-from integration.peft_io import PREFIX
+
+from .data import Examples
+from .peft_io import PREFIX
 
 
 def minilm_path() -> Path:

@@ -41,7 +41,8 @@ from glora_math.registry import (
     get_operator,
 )
 from glora_math.types import LoRAFactors
-from integration.peft_io import AdapterRound, ClientAdapter, aggregate_adapters
+
+from .peft_io import AdapterRound, ClientAdapter, aggregate_adapters
 
 
 @dataclass

@@ -34,9 +34,10 @@ from glora_math.registry import (
     get_operator,
     list_operators,
 )
-from integration.causal_lm import build_causal_lm, lm_batch_loss, lm_evaluate, template
-from integration.data import Examples, dirichlet_split, load_task, sample
-from integration.models import (
+
+from .causal_lm import build_causal_lm, lm_batch_loss, lm_evaluate, template
+from .data import Examples, dirichlet_split, load_task, sample
+from .models import (
     BatchLoss,
     Encoder,
     build_model,
@@ -51,8 +52,8 @@ from integration.models import (
     target_weights,
     train_local,
 )
-from integration.peft_io import PREFIX, ClientAdapter, adapter_from_state_dict, adapter_state_dict
-from integration.server import FederatedServer
+from .peft_io import PREFIX, ClientAdapter, adapter_from_state_dict, adapter_state_dict
+from .server import FederatedServer
 
 
 @dataclass

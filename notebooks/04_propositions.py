@@ -25,18 +25,13 @@
 # This notebook runs the first two for each proposition and shows one property by hand.
 
 # %%
-import sys
-from pathlib import Path
-
-root = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "proofs").is_dir())
-sys.path.insert(0, str(root))  # `proofs/` is a top-level folder of the repository
-
 import sympy as sp
-from IPython.display import Math, display
 
-from proofs.highprec import CHECKS, run_check
-from proofs.propositions import PROPOSITIONS
-from proofs.symbolic import PROOFS
+# `proofs/` of the repository, installed as glora_math.proofs (the `proofs` extra).
+from glora_math.proofs.highprec import CHECKS, run_check
+from glora_math.proofs.propositions import PROPOSITIONS
+from glora_math.proofs.symbolic import PROOFS
+from IPython.display import Math, display
 
 for prop in PROPOSITIONS:
     print(f"{prop.id}: {prop.title}")

@@ -7,16 +7,18 @@ Returns non-zero if anything fails.
 
 from __future__ import annotations
 
-import importlib
+import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from proofs.highprec import CHECKS, run_check
-from proofs.propositions import PROPOSITIONS, Proposition
-from proofs.symbolic import PROOFS
+import pytest
+
+from .highprec import CHECKS, run_check
+from .propositions import PROPOSITIONS, Proposition
+from .symbolic import PROOFS
 
 
 @dataclass(frozen=True)
@@ -40,40 +42,104 @@ class Row:
         )
 
 
-def run_properties(refs: tuple[str, ...]) -> tuple[int, list[str]]:
-    """Run hypothesis properties ``module:function`` of property_tests, counting examples."""
-    importlib.import_module("property_tests.conftest")  # registers and loads the profile
-    total = 0
-    failures = []
-    for ref in refs:
-        module_name, fn_name = ref.split(":")
-        fn = getattr(importlib.import_module(f"property_tests.{module_name}"), fn_name)
-        inner: Callable[..., Any] = fn.hypothesis.inner_test
-        count = [0]
+def suite_dir() -> Path | None:
+    """The hypothesis suite beside this package: ``property_tests/`` in a source checkout,
+    ``glora_math/property_tests/`` in an installed wheel (the same relative place)."""
+    path = Path(__file__).resolve().parent.parent / "property_tests"
+    return path if (path / "conftest.py").is_file() else None
 
-        def counting(
-            *args: Any, _inner: Callable[..., Any] = inner, _count: list[int] = count, **kwargs: Any
-        ) -> Any:
-            _count[0] += 1
-            return _inner(*args, **kwargs)
 
-        fn.hypothesis.inner_test = counting
+class _ExampleCounter:
+    """A pytest plugin: hypothesis examples run and failures, per test node id."""
+
+    def __init__(self) -> None:
+        self.examples: dict[str, int] = {}
+        self.failures: dict[str, str] = {}
+        self.seen: set[str] = set()
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Any:
+        hyp = getattr(getattr(item, "obj", None), "hypothesis", None)
+        if hyp is None:
+            yield
+            return
+        inner: Callable[..., Any] = hyp.inner_test
+        key = item.nodeid.split("::", 1)[1] if "::" in item.nodeid else item.nodeid
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self.examples[key] = self.examples.get(key, 0) + 1
+            return inner(*args, **kwargs)
+
+        hyp.inner_test = counting
         try:
-            fn()
-        except Exception as err:  # a failing property: report, do not stop the table
-            failures.append(f"{ref}: {type(err).__name__}: {err}".splitlines()[0])
-            traceback.print_exc()
+            yield
         finally:
-            fn.hypothesis.inner_test = inner
-        total += count[0]
-    return total, failures
+            hyp.inner_test = inner
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.seen.add(report.nodeid.split("::", 1)[1] if "::" in report.nodeid else report.nodeid)
+        if report.failed:
+            key = report.nodeid.split("::", 1)[1] if "::" in report.nodeid else report.nodeid
+            full = str(report.longrepr).strip()
+            sys.stderr.write(f"{report.nodeid}\n{full}\n")  # the counterexample, in full
+            lines = full.splitlines()
+            self.failures[key] = lines[-1] if lines else "failed"
 
 
-def verify_one(prop: Proposition, *, dps: int = 50, properties: bool = True) -> Row:
-    """Run the three checks of one proposition."""
+def run_property_refs(refs: tuple[str, ...]) -> dict[str, tuple[int, list[str]]]:
+    """Run hypothesis properties ``module:function`` in one pytest session; per ref, (examples,
+    failures).
+
+    The properties are selected by pytest node id in the suite beside this package
+    (:func:`suite_dir`); nothing here imports a test module. Without the suite every
+    property is reported as a failure saying so.
+    """
+    if not refs:
+        return {}
+    root = suite_dir()
+    if root is None:
+        return {r: (0, [f"{r}: the property suite is not installed"]) for r in refs}
+    where = {ref: (str(root / f"{ref.split(':')[0]}.py"), ref.split(":")[1]) for ref in refs}
+    counter = _ExampleCounter()
+    args = sorted({f"{path}::{fn}" for path, fn in where.values()})
+    code = pytest.main(
+        [*args, "-p", "no:cacheprovider", "-p", "no:terminal", "-o", "addopts=",
+         "-W", "ignore::pytest.PytestAssertRewriteWarning"],
+        plugins=[counter],
+    )  # fmt: skip
+    out = {}
+    for ref, (_, fn) in where.items():
+        fails = [f"{ref}: {counter.failures[fn]}"] if fn in counter.failures else []
+        if fn not in counter.seen and not fails:
+            fails = [f"{ref}: not run (pytest exit code {int(code)})"]
+        out[ref] = (counter.examples.get(fn, 0), fails)
+    return out
+
+
+def run_properties(refs: tuple[str, ...]) -> tuple[int, list[str]]:
+    """Run properties ``module:function`` (see :func:`run_property_refs`); total examples
+    and all failures."""
+    got = run_property_refs(refs)
+    return sum(n for n, _ in got.values()), [f for _, fs in got.values() for f in fs]
+
+
+def verify_one(
+    prop: Proposition,
+    *,
+    dps: int = 50,
+    properties: bool = True,
+    ran: dict[str, tuple[int, list[str]]] | None = None,
+) -> Row:
+    """Run the three checks of one proposition (``ran``: its properties' results, if run)."""
     sym = PROOFS[prop.id]()
     hp = run_check(prop.id, dps=dps) if prop.id in CHECKS else None
-    examples, failures = run_properties(prop.properties) if properties else (0, [])
+    if not properties:
+        examples, failures = 0, []
+    elif ran is None:
+        examples, failures = run_properties(prop.properties)
+    else:
+        examples = sum(ran[r][0] for r in prop.properties)
+        failures = [f for r in prop.properties for f in ran[r][1]]
     return Row(
         prop.id,
         prop.title,
@@ -116,11 +182,10 @@ def format_rows(rows: list[Row]) -> str:
 def main(*, dps: int = 50, properties: bool = True, only: list[str] | None = None) -> int:
     """Run everything, print the table, return the exit code."""
     t0 = time.perf_counter()
-    rows = [
-        verify_one(p, dps=dps, properties=properties)
-        for p in PROPOSITIONS
-        if only is None or p.id in only
-    ]
+    chosen = [p for p in PROPOSITIONS if only is None or p.id in only]
+    refs = tuple(r for p in chosen for r in p.properties)
+    ran = run_property_refs(refs) if properties else None  # one pytest session for all
+    rows = [verify_one(p, dps=dps, properties=properties, ran=ran) for p in chosen]
     print(format_rows(rows))
     for r in rows:
         for f in r.failures:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import mpmath as mp
 import torch
+from glora_math.proofs import highprec as hp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from glora_math import glora_aggregate
-from proofs import highprec as hp
 
 from .helpers import cond, f64, n_dims, state_tol, unique_or_reject
 from .strategies import Problem, problems

@@ -12,15 +12,15 @@ import mpmath as mp
 import pytest
 import sympy as sp
 import torch
+from glora_math.proofs import highprec, symbolic
+from glora_math.proofs.propositions import PROPOSITIONS
+from glora_math.proofs.verify import run_properties
 from hypothesis import given
 from hypothesis import strategies as st
 
 from glora_math import glora_aggregate
 from glora_math.linalg import lowrank_fro_norm
 from glora_math.tolerances import aggregate_tol, product_tol
-from proofs import highprec, symbolic
-from proofs.propositions import PROPOSITIONS
-from proofs.verify import run_properties
 
 from .helpers import f64, n_dims, unique_or_reject
 from .strategies import problems
@@ -84,6 +84,11 @@ def test_run_properties_counts_examples_and_reports_failures() -> None:
     n, failures = run_properties(("test_verification:test_L1_lowrank_norms",))
     assert n >= 10
     assert not failures
+    # A property that does not exist is reported, not silently counted as verified.
+    n, failures = run_properties(("test_verification:test_no_such_property",))
+    assert n == 0
+    assert len(failures) == 1
+    assert "test_no_such_property" in failures[0]
 
 
 @given(problems(weights="random"), st.data())

@@ -119,7 +119,9 @@ def test_glora_round_with_heterogeneous_ranks_and_readouts_of_each_rank() -> Non
         r = ranks[msg.metadata.dst_node_id]
         for m in MODULES:
             assert init[m].rank == r
-            U, s, Vh = lowrank_svd(st.server.global_update[m].B.double(), st.server.global_update[m].A.double())
+            U, s, Vh = lowrank_svd(
+                st.server.global_update[m].B.double(), st.server.global_update[m].A.double()
+            )
             best = (U[:, :r] * s[:r]) @ Vh[:r]
             tol = product_tol(torch.float32, n=D + K, scale=float(s.sum()))
             assert float((init[m].delta().double() - best).norm()) <= tol
