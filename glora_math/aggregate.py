@@ -41,6 +41,8 @@ from glora_math.validation import (
 )
 
 RankLike = int | Literal["auto"]
+#: How client bases are computed: the rule (``"auto"``), or one route forced.
+Route = Literal["auto", "gram", "householder"]
 
 
 def glora_aggregate(
@@ -54,6 +56,7 @@ def glora_aggregate(
     tol: float | None = None,
     max_residual: float | None = None,
     certify: bool = True,
+    route: Route = "auto",
 ) -> ServerState:
     """Aggregate client LoRA updates into a gauge-invariant low-rank server state.
 
@@ -91,6 +94,13 @@ def glora_aggregate(
     max_residual
         If given, a :class:`~glora_math.errors.ResidualWarning` is emitted when the certified
         relative residual exceeds it.
+    route
+        How the client bases are computed (qr gauge): ``"auto"`` (default) takes the Gram
+        route (float64 Gram matrices of the raw factors, :mod:`glora_math.implicit`) for
+        float32 and half clients where it is accurate, else the Householder route (explicit
+        gauge-fixed clients); ``"gram"`` or ``"householder"`` force one (``"gram"`` raises a
+        :class:`~glora_math.errors.GloraError` saying why where it is not accurate). The
+        route taken is recorded in ``state.route``.
     certify
         Compute the certificate (default). It costs one QR of the stacked weighted left factors
         (d by sum r_i + R); ``False`` skips it for speed-critical calls (``relative_residual``
@@ -132,6 +142,7 @@ def glora_aggregate(
             raise GloraError("tol is only used with rank='auto'")
         target = None
     _check_modes(side, auto=auto, certify=certify, max_residual=max_residual)
+    _check_route(route, gauge)
     limit = None if max_residual is None else _check_fraction(max_residual, "max_residual", 1e300)
     p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
     if info.batch_shape:
@@ -142,14 +153,16 @@ def glora_aggregate(
                 "modules one by one"
             )
         return _stacked_state(
-            factors, info, p, R, gauge, sketch, side, certify=certify, limit=limit
+            factors, info, p, R, gauge, sketch, side, certify=certify, limit=limit, route=route
         )
     sides: tuple[Literal["left", "right"], ...] = ("left", "right") if side == "auto" else (side,)
     found: list[tuple[ServerState, list[Warning]]] = []
     for sd in sides:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            st = _side_state(factors, info, p, R, gauge, sketch, sd, target, certify=certify)
+            st = _side_state(
+                factors, info, p, R, gauge, sketch, sd, target, certify=certify, route=route
+            )
         found.append((st, [w.message for w in caught if isinstance(w.message, Warning)]))
     if auto:  # a side that meets tol first, then the smaller rank, then the smaller residual
         best, notes = min(
@@ -182,6 +195,14 @@ def _check_modes(side: object, *, auto: bool, certify: bool, max_residual: objec
         raise GloraError(f"side must be 'left', 'right' or 'auto', got {side!r}")
 
 
+def _check_route(route: object, gauge: object) -> None:
+    """``route`` is known and fits the gauge."""
+    if route not in ("auto", "gram", "householder"):
+        raise GloraError(f"route must be 'auto', 'gram' or 'householder', got {route!r}")
+    if route == "gram" and gauge != "qr":
+        raise GloraError("route='gram' computes qr-gauge bases; it needs gauge='qr'")
+
+
 def _check_fraction(value: object, name: str, upper: float = 1.0) -> float:
     """A float in (0, upper) (tolerances and thresholds), else a typed error."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -212,6 +233,7 @@ def _side_state(  # noqa: PLR0917 - private, called once with every setting of t
     tol: float | None,
     *,
     certify: bool,
+    route: Route = "auto",
 ) -> ServerState:
     """The certified state of one side; ``tol`` set means the auto-rank rule with cap R."""
     fs = [as_factors(f, i) for i, f in enumerate(factors)] if side == "left" else None
@@ -227,7 +249,15 @@ def _side_state(  # noqa: PLR0917 - private, called once with every setting of t
     with warnings.catch_warnings():
         if tol is not None:  # the cap is reached through the clamp by design; its gap is moot
             warnings.simplefilter("ignore", GloraWarning)
-        fast = implicit_state(fs, info, p_side, R, sketch) if gauge == "qr" else None
+        try_gram = gauge == "qr" and route != "householder"
+        fast = implicit_state(fs, info, p_side, R, sketch) if try_gram else None
+        if fast is None and route == "gram":
+            raise GloraError(
+                f"route='gram' is not accurate for these clients ({info.work_dtype}: it needs "
+                "float32 or half factors, every client's kept part conditioned within "
+                "gram_basis_accurate, a non-zero update, and a sketch narrower than the clients' "
+                "span); use route='auto'"
+            )
         U, S, eigvals, gap = fast or _general_state(fs, info, p_side, R, gauge=gauge, sketch=sketch)
     cert = certificate_of(fs, p, U, S, wd) if certify else None
     if tol is not None:
@@ -256,6 +286,7 @@ def _side_state(  # noqa: PLR0917 - private, called once with every setting of t
         certificate=cert,
         rank_rule="fixed" if tol is None else "auto",
         tol=tol,
+        route="gram" if fast is not None else "householder",
     )
 
 
@@ -293,6 +324,7 @@ def _stacked_state(  # noqa: PLR0917 - private, called once by the public operat
     *,
     certify: bool,
     limit: float | None,
+    route: Route = "auto",
 ) -> ServerState:
     """The state of a stack of same-shape modules: batched kernels, odd modules redone.
 
@@ -318,7 +350,13 @@ def _stacked_state(  # noqa: PLR0917 - private, called once by the public operat
     own_weights = zero.any(-1) & ~zero.all(-1)
     device = p.device
     if gauge == "qr":
-        U, S, eig, uniform, m = stacked_route(Bs, As, p, R=R, sketch=sketch, wd=wd)
+        U, S, eig, uniform, m, taken = stacked_route(
+            Bs, As, p, R=R, sketch=sketch, wd=wd, gram=route != "householder"
+        )
+        if route == "gram" and taken != "gram":
+            raise GloraError(
+                f"route='gram' is not available for these stacked clients ({wd}); use route='auto'"
+            )
         uniform = uniform & ~own_weights.to(uniform.device)
     else:
         m = sum(f.rank for f in fs)
@@ -326,6 +364,7 @@ def _stacked_state(  # noqa: PLR0917 - private, called once by the public operat
         S = torch.zeros(L, R, c, dtype=wd, device=device)
         eig = torch.zeros(L, 0, dtype=wd, device=device)
         uniform = torch.zeros(L, dtype=torch.bool, device=device)
+        taken = "householder"
     nxt = eig[..., R] if R < eig.shape[-1] else torch.zeros(L, dtype=wd, device=device)
     gaps = eig[..., R - 1] - nxt if R <= eig.shape[-1] else torch.zeros(L, dtype=wd, device=device)
     zero_gap = gaps <= torch.tensor(
@@ -344,7 +383,8 @@ def _stacked_state(  # noqa: PLR0917 - private, called once by the public operat
         )
     redo = torch.nonzero(~uniform).flatten().tolist()
     eig = _redo_modules(flat, redo, ClientsInfo(d, k, info.dtype, wd, info.device), p, R,
-                        gauge, sketch, side, U=U, S=S, gaps=gaps, eig=eig)  # fmt: skip
+                        gauge, sketch, side, U=U, S=S, gaps=gaps, eig=eig,
+                        route=route)  # fmt: skip
     certs: tuple[Certificate, ...] | None = None
     total: Certificate | None = None
     if certify:
@@ -373,6 +413,7 @@ def _stacked_state(  # noqa: PLR0917 - private, called once by the public operat
         certificate=total,
         module_gaps=gaps.reshape(batch),
         module_certificates=certs,
+        route=f"stacked-{taken}",
     )
 
 
@@ -390,6 +431,7 @@ def _redo_modules(  # noqa: PLR0917 - private, called once by _stacked_state
     S: Tensor,
     gaps: Tensor,
     eig: Tensor,
+    route: Route = "auto",
 ) -> Tensor:
     """Recompute the listed modules with the per-module operator, in place; the spectra.
 
@@ -402,7 +444,9 @@ def _redo_modules(  # noqa: PLR0917 - private, called once by _stacked_state
         mods = [LoRAFactors(b[layer], a[layer]) for b, a in flat]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            st = _side_state(mods, single, p, R, gauge, sketch, side, None, certify=False)
+            st = _side_state(
+                mods, single, p, R, gauge, sketch, side, None, certify=False, route=route
+            )
         for w in caught:
             msg = w.message
             if isinstance(msg, GloraWarning):

@@ -37,7 +37,8 @@ def stacked_route(
     R: int,
     sketch: Sketch | None,
     wd: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    gram: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int, str]:
     """The qr-gauge GLoRA route for L same-shape modules at once (validated inputs).
 
     ``Bs``, ``As``: per client, the stacked factors ``(L, d, r_i)`` and ``(L, r_i, k)`` in
@@ -46,14 +47,16 @@ def stacked_route(
     m')``, and which layers the batched kernels treated exactly as the per-module operator
     would; the caller redoes the others (a rank-deficient or ill-conditioned client factor, a
     server rank at or above the numerical rank) module by module. ``m`` is the stacked
-    basis width (for the zero-gap rule).
+    basis width (for the zero-gap rule); the last item names the route taken (``"gram"``:
+    the batched Gram route of :mod:`glora_math.implicit`, tried when ``gram``; else
+    ``"householder"``).
     """
     L, d = int(Bs[0].shape[0]), int(Bs[0].shape[1])
     device = Bs[0].device
     live = [i for i, pi in enumerate(p.tolist()) if pi > 0]
-    fast = _implicit_batched(Bs, As, p, live=live, R=R, sketch=sketch, wd=wd)
+    fast = _implicit_batched(Bs, As, p, live=live, R=R, sketch=sketch, wd=wd) if gram else None
     if fast is not None:
-        return fast
+        return (*fast, "gram")
     Qs, Cs, uniform = [], [], torch.ones(L, dtype=torch.bool, device=device)
     for i in live:
         B, A = Bs[i].to(wd), As[i].to(wd)
@@ -83,7 +86,7 @@ def stacked_route(
     U[..., :Rb] = Uall[..., :Rb] * column_signs(Uall[..., :Rb]).unsqueeze(-2)
     # S = sum_i p_i (U^T U_i) C_i = (U^T M) [sqrt(p_i) C_i]_i, with U_i = Q_i, C_i = T_i A_i.
     S = (U.mT @ M) @ torch.cat(Cs, dim=-2)
-    return U, S, eig, uniform, m
+    return U, S, eig, uniform, m, "householder"
 
 
 def _implicit_batched(

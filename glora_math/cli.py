@@ -14,6 +14,7 @@ from glora_math.aggregate import glora_aggregate
 from glora_math.baselines import fedit
 from glora_math.compare import compare_operators
 from glora_math.errors import GloraError, GloraWarning
+from glora_math.formatting import format_table
 from glora_math.gauge import apply_gauge, random_invertible
 from glora_math.metrics import (
     best_rank_approx,
@@ -29,22 +30,6 @@ from glora_math.types import GaugeMode, LoRAFactors, Side
 Operator = Callable[[list[LoRAFactors]], LoRAFactors]
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Render a plain-text table with right-aligned columns (first column left-aligned)."""
-    cols = list(zip(headers, *rows, strict=True))
-    widths = [max(len(c) for c in col) for col in cols]
-
-    def line(cells: Sequence[str]) -> str:
-        parts = [
-            c.ljust(w) if j == 0 else c.rjust(w)
-            for j, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "  ".join(parts)
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 
 
 def _gauged(clients: list[LoRAFactors], cond: float, gen: torch.Generator) -> list[LoRAFactors]:

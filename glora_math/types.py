@@ -260,6 +260,11 @@ class ServerState:
     module_certificates
         For a stack of modules: each module's certificate (flattened batch order); else
         ``None``.
+    route
+        How the client bases were computed: ``"gram"`` (float64 Gram matrices of the raw
+        factors) or ``"householder"`` (explicit gauge-fixed clients); for a stack,
+        ``"stacked-gram"`` or ``"stacked-householder"`` (the batched kernels; modules redone
+        one by one took the per-module rule).
 
     A state of a stack of L same-shape modules (from stacked factors) has leading batch
     dimensions on ``U`` ``(L, n, R)``, ``S`` ``(L, R, c)`` and ``eigvals`` ``(L, m)``; then
@@ -283,6 +288,7 @@ class ServerState:
     tol: float | None = None
     module_gaps: Tensor | None = None
     module_certificates: tuple[Certificate, ...] | None = None
+    route: str = "householder"
 
     @property
     def rank(self) -> int:
@@ -325,6 +331,7 @@ class ServerState:
             certificate=None if certs is None else certs[index],
             rank_rule=self.rank_rule,
             tol=self.tol,
+            route=self.route,
         )
 
     @property

@@ -31,7 +31,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import get_peft_model, get_peft_model_state_dict
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -40,16 +40,14 @@ from .flower import LoRAStrategy, record_to_factors
 from .models import (
     build_model,
     evaluate_model,
-    fresh_factors,
     lora_config,
-    lora_shapes,
     merged_model,
     seed_for,
-    shared_lora_init,
+    start_client,
     target_weights,
     train_local,
 )
-from .peft_io import PREFIX, adapter_state_dict
+from .peft_io import PREFIX
 
 
 @dataclass(frozen=True)
@@ -181,23 +179,18 @@ def make_client_app(default: FlowerConfig | None = None) -> ClientApp:
         )
         init, dense = _arrays(msg.content, "init"), _arrays(msg.content, "dense")
         config_dict: dict[str, Any] = lora_config(r, cfg.target_modules).to_dict()  # type: ignore[no-untyped-call]
-        state: dict[str, Tensor] = {}
-        if len(init):
-            state, _ = adapter_state_dict(record_to_factors(init), {}, config_dict)
-        elif cfg.per_client_init:  # B = 0, A drawn by peft per client (and round)
-            torch.manual_seed(seed_for(cfg.seed, 0 if freeze_a else rnd, 0 if freeze_a else pid, 1))
-            for mod in model.modules():
-                reset = getattr(mod, "reset_lora_parameters", None)
-                if callable(reset) and hasattr(mod, "lora_A"):
-                    reset("default", True)
-        else:  # the rank-r part of the round's one server-drawn init (FFA-LoRA: round 0's)
-            shapes = lora_shapes(model)
-            top = max(cfg.rank_of(q) for q in range(n))
-            draw = 0 if freeze_a else rnd
-            shared = shared_lora_init(shapes, top, seed=cfg.seed, round_index=draw)
-            state, _ = adapter_state_dict(fresh_factors(shapes, shared, r), {}, config_dict)
-        state.update({f"{PREFIX}{k}": v for k, v in dense.to_torch_state_dict().items()})
-        set_peft_model_state_dict(model, {k: v.to(torch.float32) for k, v in state.items()})
+        start_client(
+            model,
+            r,
+            init=record_to_factors(init) if len(init) else None,
+            dense=dense.to_torch_state_dict(),
+            client=pid,
+            seed=cfg.seed,
+            round_index=rnd,
+            top_rank=max(cfg.rank_of(q) for q in range(n)),
+            freeze_a=freeze_a,
+            per_client_init=cfg.per_client_init,
+        )
         if not target_weights(model):
             raise ValueError(f"no modules match target_modules {cfg.target_modules}")
         loss = train_local(

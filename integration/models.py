@@ -13,9 +13,10 @@ import importlib.resources
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, set_peft_model_state_dict
 from torch import Tensor
 from transformers import (
     AutoModelForSequenceClassification,
@@ -30,7 +31,7 @@ from transformers.utils import logging as hf_logging
 from glora_math import LoRAFactors
 
 from .data import Examples
-from .peft_io import PREFIX
+from .peft_io import PREFIX, AdapterError, adapter_state_dict
 
 
 def minilm_path() -> Path:
@@ -117,6 +118,55 @@ def fresh_factors(
             raise ValueError(f"shared init has rank {A.shape[0]} < client rank {r} ({name})")
         out[name] = LoRAFactors(torch.zeros(d, r, dtype=A.dtype), A[:r].clone())
     return out
+
+
+def start_client(
+    model: torch.nn.Module,
+    rank: int,
+    *,
+    init: Mapping[str, LoRAFactors] | None,
+    dense: Mapping[str, Tensor],
+    client: int,
+    seed: int,
+    round_index: int,
+    top_rank: int,
+    freeze_a: bool = False,
+    per_client_init: bool = False,
+) -> None:
+    """Load what a client starts local training from into its peft model (in place).
+
+    ``init``: the factors the server sent (:meth:`integration.server.FederatedServer.start_for`);
+    if empty or None, a fresh LoRA start: the rank-``rank`` part of the round's one shared,
+    server-drawn initial adapter of rank ``top_rank`` (FFA-LoRA, ``freeze_a``: round 0's, so
+    A stays the same frozen matrix), or with ``per_client_init`` peft's own draw of A per
+    client (an ablation). ``dense``: the ``modules_to_save`` tensors. The runner and the
+    Flower client both call this, so they cannot drift.
+
+    Raises
+    ------
+    AdapterError
+        Naming the client, if the state has keys the model does not (a module mismatch).
+    """
+    config: dict[str, Any] = cast(Any, model).peft_config["default"].to_dict()
+    draw = 0 if freeze_a else round_index
+    state: dict[str, Tensor] = {}
+    if init:
+        state, _ = adapter_state_dict(init, {}, config)
+    elif per_client_init:  # B = 0, A drawn by peft per client (and round)
+        torch.manual_seed(seed_for(seed, draw, 0 if freeze_a else client, 1))
+        for mod in model.modules():
+            reset = getattr(mod, "reset_lora_parameters", None)
+            if callable(reset) and hasattr(mod, "lora_A"):
+                reset("default", True)
+    else:
+        shapes = lora_shapes(model)
+        shared = shared_lora_init(shapes, top_rank, seed=seed, round_index=draw)
+        state, _ = adapter_state_dict(fresh_factors(shapes, shared, rank), {}, config)
+    state.update({f"{PREFIX}{k}": v for k, v in dense.items()})
+    result = set_peft_model_state_dict(model, {k: v.to(torch.float32) for k, v in state.items()})
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if unexpected:
+        raise AdapterError(f"adapter keys not in the model: {unexpected[:3]}", client=client)
 
 
 def lora_config(r: int, target_modules: Sequence[str], *, head: bool = True) -> LoraConfig:

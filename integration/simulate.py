@@ -23,12 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from torch import Tensor
 from tqdm import tqdm  # type: ignore[import-untyped]
 
-from glora_math import LoRAFactors
 from glora_math.gauge import apply_gauge, random_invertible
 from glora_math.registry import (
     get_operator,
@@ -43,16 +41,14 @@ from .models import (
     build_model,
     classification_loss,
     evaluate_classifier,
-    fresh_factors,
     lora_config,
-    lora_shapes,
     merged_model,
     seed_for,
-    shared_lora_init,
+    start_client,
     target_weights,
     train_local,
 )
-from .peft_io import PREFIX, ClientAdapter, adapter_from_state_dict, adapter_state_dict
+from .peft_io import PREFIX, ClientAdapter, adapter_from_state_dict
 from .server import FederatedServer
 
 
@@ -188,23 +184,6 @@ class Simulation:
     def _target_weights(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         return target_weights(model)
 
-    def _fresh_init(self, i: int, r: int, model: torch.nn.Module) -> dict[str, LoRAFactors] | None:
-        """A fresh LoRA start for client ``i``: the rank-r part of the round's shared init.
-
-        FFA-LoRA freezes one A for the whole run (round 0's draw); FLoRA re-initialises every
-        round from that round's draw. ``per_client_init`` returns None: the caller then lets
-        peft draw A per client (seeded by run seed, round and client).
-        """
-        shared_a = get_operator(self.cfg.operator).shared_A  # FFA-LoRA: one frozen A for all
-        rnd = 0 if shared_a else self.round
-        if self.cfg.per_client_init:
-            torch.manual_seed(seed_for(self.cfg.seed, rnd, 0 if shared_a else i, 1))
-            return None
-        shapes = lora_shapes(model)
-        init = shared_lora_init(shapes, max(self.cfg.ranks()), seed=self.cfg.seed,
-                                round_index=rnd)  # fmt: skip
-        return fresh_factors(shapes, init, r)
-
     def _load_client(self, i: int, r: int) -> torch.nn.Module:
         model = self._model(r)
         # Base weights plus every dense fold so far (FedEx, GLoRA+residual, FLoRA merges).
@@ -214,23 +193,18 @@ class Simulation:
             w.data.copy_(base_sd[f"{name}.weight"])
             if name in folds:
                 w.data.add_(folds[name].to(w.dtype))
-        init = self.server.start_for(i, r)
-        if init is None:
-            init = self._fresh_init(i, r, model)
-        if init is None:  # per-client init: B = 0, A drawn by peft (seeded in _fresh_init)
-            for mod in model.modules():
-                reset = getattr(mod, "reset_lora_parameters", None)
-                if callable(reset) and hasattr(mod, "lora_A"):
-                    reset("default", True)
-            state: dict[str, Tensor] = {}
-        else:
-            state, _ = adapter_state_dict(init, {}, self._config_dict(r))
-        state.update({f"{PREFIX}{k}": v for k, v in self.server.dense.items()})
-        state = {k: v.to(torch.float32) for k, v in state.items()}
-        result = set_peft_model_state_dict(model, state)
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise RuntimeError(f"client {i}: adapter keys not in the model: {unexpected[:3]}")
+        start_client(
+            model,
+            r,
+            init=self.server.start_for(i, r),
+            dense=self.server.dense,
+            client=i,
+            seed=self.cfg.seed,
+            round_index=self.round,
+            top_rank=max(self.cfg.ranks()),
+            freeze_a=get_operator(self.cfg.operator).shared_A,
+            per_client_init=self.cfg.per_client_init,
+        )
         return model
 
     def _train(self, model: torch.nn.Module, shard: Examples, i: int) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from glora_math.formatting import format_table
+
 from .highprec import CHECKS, run_check
 from .propositions import PROPOSITIONS, Proposition
 from .symbolic import PROOFS
@@ -153,8 +155,6 @@ def verify_one(
 
 def format_rows(rows: list[Row]) -> str:
     """The verification table as text."""
-    from glora_math.cli import format_table
-
     body = [
         [
             r.pid,

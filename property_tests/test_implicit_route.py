@@ -318,3 +318,41 @@ def test_the_batched_route_matches_the_per_module_route_and_redoes_odd_layers(  
         )
         tol1 = state_tol(F32, d=d, k=k, ranks=[r] * n, kappa=kappa, gap=1.0, scale=scale)
         assert float((U @ f64(batched.S[layer]) - U @ (U.mT @ mean)).norm()) <= tol1
+
+
+@given(problems(dtype=F32, weights="random"), st.booleans(), st.data())
+def test_the_route_is_recorded_and_forcing_either_gives_the_same_state(  # type: ignore[no-untyped-def]
+    pb, stacked, data
+) -> None:
+    # The rule's choice is recorded; forcing the other route changes the state only by
+    # rounding (the same subspace: P3 of the bases, P1 of the coordinates).
+    R = data.draw(st.integers(1, max(1, pb.union_dim())), label="R")
+    fs = list(pb.factors)
+    if stacked:  # the same clients as a stack of 2 modules
+        fs = [LoRAFactors(torch.stack([f.B, f.B]), torch.stack([f.A, f.A])) for f in fs]
+    auto = unique_or_reject(lambda: glora_aggregate(fs, pb.weights, rank=R))
+    house = unique_or_reject(lambda: glora_aggregate(fs, pb.weights, rank=R, route="householder"))
+    assert house.route == ("stacked-householder" if stacked else "householder")
+    assert auto.route in (
+        ("stacked-gram", "stacked-householder") if stacked else ("gram", "householder")
+    )
+    tol = state_tol(
+        F32, d=pb.d, k=pb.k, ranks=pb.ranks, kappa=pb.cond, gap=house.gap, scale=pb.scale()
+    )
+    assert float((f64(auto.delta()) - f64(house.delta())).norm()) <= tol * (2 if stacked else 1)
+
+
+def test_forcing_the_gram_route_where_it_is_not_accurate_is_refused() -> None:
+    from glora_math import GloraError
+
+    g = torch.Generator().manual_seed(5)
+    fs = [(torch.randn(8, 2, generator=g, dtype=torch.float64),
+           torch.randn(2, 6, generator=g, dtype=torch.float64)) for _ in range(3)]  # fmt: skip
+    with pytest.raises(GloraError, match="route='gram' is not accurate"):
+        glora_aggregate(fs, rank=2, route="gram")  # float64: the Gram route cannot match it
+    with pytest.raises(GloraError, match="needs gauge='qr'"):
+        glora_aggregate(fs, rank=2, route="gram", gauge="svd")
+    with pytest.raises(GloraError, match="route must be"):
+        glora_aggregate(fs, rank=2, route="fast")  # type: ignore[arg-type]
+    f32 = [(B.float(), A.float()) for B, A in fs]
+    assert glora_aggregate(f32, rank=2, route="gram").route == "gram"
