@@ -25,7 +25,7 @@
 # 3 rounds. At that size accuracy differences between operators are within noise; what the
 # run does show exactly is the *aggregation error*, the distance of each round's server
 # update from the true mean update of the clients. The full comparison (10 clients, 3 seeds)
-# is `python -m integration.experiment integration/experiments/sst2_compare.json`.
+# is `python -m glora_math.integration.experiment integration/experiments/sst2_compare.json`.
 
 # %%
 import tempfile
@@ -33,7 +33,7 @@ from dataclasses import replace
 
 import matplotlib.pyplot as plt
 
-from integration.simulate import SimConfig, Simulation
+from glora_math.integration.simulate import SimConfig, Simulation
 
 OPERATORS = ["fedit", "glora", "flexlora", "ffa_lora"]
 base = SimConfig(
@@ -50,6 +50,7 @@ base = SimConfig(
     max_eval=100,
     max_len=32,
     seed=0,
+    threads=1,  # one torch thread: much faster on a machine whose other core is busy
 )
 runs = {}
 with tempfile.TemporaryDirectory() as tmp:
