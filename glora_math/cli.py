@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from glora_math import __version__
 from glora_math.aggregate import glora_aggregate
 from glora_math.baselines import fedit
 from glora_math.compare import compare_operators
@@ -24,6 +25,7 @@ from glora_math.metrics import (
     state_factors,
 )
 from glora_math.readout import eckart_young_error, readout
+from glora_math.registry import list_operators
 from glora_math.synthetic import random_clients, shared_init_clients
 from glora_math.types import GaugeMode, LoRAFactors, Side
 
@@ -265,49 +267,119 @@ def run_compare(args: argparse.Namespace) -> str:
     )
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a float in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def _condition(text: str) -> float:
+    """An argparse type: a condition number >= 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}") from None
+    if not value >= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a condition number >= 1, got {value}")
+    return value
+
+
+def _rank_list(text: str) -> str:
+    """An argparse type: comma-separated integers >= 1 (kept as text, parsed later)."""
+    for part in text.split(","):
+        _positive_int(part.strip())
+    return text
+
+
+def _operator_list(text: str) -> str:
+    """An argparse type: comma-separated registered operator names."""
+    known = list_operators()
+    unknown = [n for n in (x.strip() for x in text.split(",")) if n and n not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown operator(s) {unknown}; known: {known}")
+    return text
+
+
+def _problem_flags(p: argparse.ArgumentParser, *, trials: int) -> None:
+    """The synthetic-problem flags shared by ``demo`` and ``compare``."""
+    p.add_argument("--clients", type=_positive_int, default=8, help="number of clients N")
+    p.add_argument("--d", type=_positive_int, default=256, help="rows of each update (out)")
+    p.add_argument("--k", type=_positive_int, default=192, help="columns of each update (in)")
+    p.add_argument("--rank", type=_positive_int, default=4, help="client LoRA rank r")
+    p.add_argument("--server-rank", type=_positive_int, default=8, help="server rank R")
+    p.add_argument("--shared-dim", type=_positive_int, default=6,
+                   help="dimension of the subspace the clients share")  # fmt: skip
+    p.add_argument("--heterogeneity", type=_fraction, default=0.5,
+                   help="weight of each client's private directions, in [0, 1]")  # fmt: skip
+    p.add_argument("--gauge-cond", type=_condition, default=10.0,
+                   help="condition number of the random per-client gauges")  # fmt: skip
+    p.add_argument("--trials", type=_positive_int, default=trials, help="random gauges drawn")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of every draw")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float64", help="client dtype")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``glora`` command."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="glora", description="Gauge-invariant federated LoRA aggregation (glora-math)."
+        prog="glora",
+        description="Gauge-invariant federated LoRA aggregation (glora-math).",
+        formatter_class=fmt,
     )
+    parser.add_argument("--version", action="version", version=f"glora-math {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="show gauge invariance and readout on random clients")
-    demo.add_argument("--clients", type=int, default=8)
-    demo.add_argument("--d", type=int, default=256)
-    demo.add_argument("--k", type=int, default=192)
-    demo.add_argument("--rank", type=int, default=4)
-    demo.add_argument("--server-rank", type=int, default=8)
-    demo.add_argument("--shared-dim", type=int, default=6)
-    demo.add_argument("--heterogeneity", type=float, default=0.5)
-    demo.add_argument("--gauge-cond", type=float, default=10.0)
-    demo.add_argument("--trials", type=int, default=5)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--dtype", choices=sorted(_DTYPES), default="float64")
-    cmp = sub.add_parser("compare", help="every registered operator on the same clients")
+    demo = sub.add_parser(
+        "demo", help="show gauge invariance and readout on random clients", formatter_class=fmt
+    )
+    _problem_flags(demo, trials=5)
+    cmp = sub.add_parser(
+        "compare", help="every registered operator on the same clients", formatter_class=fmt
+    )
     cmp.add_argument("--load", help="safetensors file with clients.<i>.B/A (and weights)")
-    cmp.add_argument("--clients", type=int, default=8)
-    cmp.add_argument("--d", type=int, default=256)
-    cmp.add_argument("--k", type=int, default=192)
-    cmp.add_argument("--rank", type=int, default=4)
-    cmp.add_argument("--ranks", help="comma-separated per-client ranks (heterogeneous)")
-    cmp.add_argument("--server-rank", type=int, default=8)
-    cmp.add_argument("--shared-dim", type=int, default=6)
-    cmp.add_argument("--heterogeneity", type=float, default=0.5)
-    cmp.add_argument("--gauge-cond", type=float, default=10.0)
-    cmp.add_argument("--trials", type=int, default=3)
-    cmp.add_argument("--seed", type=int, default=0)
-    cmp.add_argument("--dtype", choices=sorted(_DTYPES), default="float64")
-    cmp.add_argument("--operators", help="comma-separated operator names (default: all)")
+    cmp.add_argument("--ranks", type=_rank_list,
+                     help="comma-separated per-client ranks, e.g. 2,4,8")  # fmt: skip
+    cmp.add_argument("--operators", type=_operator_list,
+                     help="comma-separated operator names (default: all)")  # fmt: skip
+    _problem_flags(cmp, trials=3)
     sub.add_parser(
         "simulate", help="federated fine-tuning run (see: glora simulate --help)", add_help=False
     )
     ver = sub.add_parser(
         "verify",
         help="symbolic proofs, high-precision checks and properties of P1-P14 and the lemmas",
+        formatter_class=fmt,
     )
-    ver.add_argument("--dps", type=int, default=50, help="mpmath digits (>= 50 recommended)")
+    ver.add_argument("--dps", type=_positive_int, default=50,
+                     help="mpmath digits (>= 50 recommended)")  # fmt: skip
     ver.add_argument("--no-properties", action="store_true", help="skip the hypothesis runs")
-    ver.add_argument("--only", help="comma-separated proposition ids, e.g. P1,P3")
+    ver.add_argument("--only", help="comma-separated proposition ids, e.g. P1,P3 (default: all)")
     return parser
 
 
@@ -318,7 +390,13 @@ def run_verify(args: argparse.Namespace) -> int:
     except ImportError as err:
         sys.stderr.write(f"glora verify needs the proofs and test extras: {err}\n")
         return 2
-    only = args.only.split(",") if args.only else None
+    only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
+    known = [p.id for p in verify.PROPOSITIONS]
+    if only is not None and (not only or set(only) - set(known)):
+        sys.stderr.write(
+            f"glora verify: error: --only takes ids among {known}, got {args.only!r}\n"
+        )
+        return 2
     code: int = verify.main(dps=args.dps, properties=not args.no_properties, only=only)
     return code
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import load_task, sample
-from .simulate import SimConfig, Simulation
+from .simulate import SimConfig, Simulation, results_config
 
 #: Per-round metrics kept in the raw JSON.
 ROUND_KEYS = (
@@ -52,7 +52,6 @@ ROUND_KEYS = (
     "eval_seconds",
 )
 #: Config fields that do not change results (ignored when matching a run folder's config).
-_NOT_RESULTS = ("out", "device", "threads")
 CEILING_ID = "ceiling"
 
 
@@ -110,8 +109,7 @@ def plan(
 
 def _comparable(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The result-defining fields; a field a run did not record counts as its default."""
-    full = asdict(SimConfig()) | dict(cfg)
-    return {k: v for k, v in full.items() if k not in _NOT_RESULTS}
+    return results_config(cfg)
 
 
 def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:

@@ -13,11 +13,15 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
+import importlib.metadata
 import json
 import math
 import os
+import platform
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm  # type: ignore[import-untyped]
 
+from glora_math.errors import GloraError
 from glora_math.gauge import apply_gauge, random_invertible
 from glora_math.registry import (
     get_operator,
@@ -34,7 +39,7 @@ from glora_math.registry import (
 )
 
 from .causal_lm import build_causal_lm, lm_batch_loss, lm_evaluate, template
-from .data import Examples, dirichlet_split, load_task, sample
+from .data import TASKS, Examples, dirichlet_split, load_examples, load_task, sample
 from .models import (
     BatchLoss,
     Encoder,
@@ -95,6 +100,59 @@ class SimConfig:
     # torch intra-op threads (0: torch's default). 1 is much faster on a machine whose cores
     # are busy with other work (two threads contending with other processes spin-wait).
     threads: int = 0
+    # Where the built-in tasks live (None: $GLORA_DATA, else a shared/data folder found beside
+    # the repository or the working directory).
+    data_dir: str | None = None
+    # A user's own data instead of a built-in task: TSV/CSV/JSONL files (or local `datasets`
+    # folders) with named columns; eval_file is required with train_file.
+    train_file: str | None = None
+    eval_file: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings (empty if nothing); checked before any loading."""
+        positive = ("clients", "rounds", "local_steps", "batch_size", "rank", "max_train",
+                    "max_eval", "max_len")  # fmt: skip
+        out = [f"--{n.replace('_', '-')} must be >= 1, got {getattr(self, n)}"
+               for n in positive if getattr(self, n) < 1]  # fmt: skip
+        ranks = self.client_ranks
+        rules: list[tuple[bool, str]] = [
+            (not self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (not self.dirichlet > 0, f"--dirichlet must be > 0, got {self.dirichlet}"),
+            (not 0 < self.participation <= 1,
+             f"--participation must be in (0, 1], got {self.participation}"),
+            (ranks is not None and len(ranks) != self.clients,
+             f"--client-ranks gives {len(ranks or [])} ranks for {self.clients} clients"),
+            (ranks is not None and any(r < 1 for r in ranks),
+             f"--client-ranks must all be >= 1, got {ranks}"),
+            (self.server_rank is not None and self.server_rank < 1,
+             f"--server-rank must be >= 1, got {self.server_rank}"),
+            (self.tol is not None and not 0 < self.tol < 1,
+             f"--tol must be in (0, 1), got {self.tol}"),
+            (self.scramble_gauge < 0 or 0 < self.scramble_gauge < 1,
+             f"--scramble-gauge must be 0 or a condition number >= 1, got {self.scramble_gauge}"),
+            (self.threads < 0, f"--threads must be >= 0, got {self.threads}"),
+            (self.objective not in ("classification", "causal_lm"),
+             f"--objective must be classification or causal_lm, got {self.objective!r}"),
+            (self.operator not in list_operators(),
+             f"--operator {self.operator!r} is not one of {list_operators()}"),
+            ((self.train_file is None) != (self.eval_file is None),
+             "--train-file and --eval-file go together"),
+            (self.train_file is not None and self.objective == "causal_lm",
+             "--train-file: instruction tuning needs a built-in task's template"),
+            (self.train_file is None and self.task.lower() not in TASKS,
+             f"--task {self.task!r} is not one of {sorted(TASKS)} (or use --train-file and "
+             "--eval-file)"),
+        ]  # fmt: skip
+        return out + [msg for bad, msg in rules if bad]
+
+    def check(self) -> None:
+        """Raise a :class:`ConfigError` listing every problem of these settings."""
+        found = self.problems()
+        if found:
+            raise ConfigError("; ".join(found))
 
     def modules(self) -> list[str]:
         """The LoRA target modules (the objective's default when not set)."""
@@ -122,6 +180,33 @@ def scramble_adapter(adapter: ClientAdapter, cond: float, seed: int) -> ClientAd
     return ClientAdapter(modules, adapter.dense, adapter.config)
 
 
+class ConfigError(GloraError):
+    """Settings of a run that cannot work (reported before any model or data is loaded)."""
+
+
+#: Fields that do not change a run's results (where it writes, how fast it runs).
+NOT_RESULTS = ("out", "device", "threads", "data_dir")
+
+
+def results_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The result-defining fields of a saved config; a field it lacks counts as its default."""
+    full = asdict(SimConfig()) | dict(cfg)
+    return {k: v for k, v in full.items() if k not in NOT_RESULTS}
+
+
+def _load_data(cfg: SimConfig) -> tuple[Examples, Examples]:
+    """Training and evaluation examples: a built-in task, or the user's files."""
+    if cfg.train_file is not None and cfg.eval_file is not None:
+        cols = {"text_column": cfg.text_column, "label_column": cfg.label_column,
+                "text_pair_column": cfg.text_pair_column}  # fmt: skip
+        train, names = load_examples(cfg.train_file, **cols)  # type: ignore[arg-type]
+        dev, _ = load_examples(cfg.eval_file, label_names=names, **cols)  # type: ignore[arg-type]
+    else:
+        root = Path(cfg.data_dir) if cfg.data_dir else None
+        train, dev = load_task(cfg.task, "train", root), load_task(cfg.task, "dev", root)
+    return sample(train, cfg.max_train, cfg.seed), sample(dev, cfg.max_eval, cfg.seed + 1)
+
+
 class Simulation:
     """State of one federated run; ``run()`` executes (or resumes) it."""
 
@@ -131,8 +216,8 @@ class Simulation:
         self.device = torch.device(cfg.device)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        train = sample(load_task(cfg.task, "train"), cfg.max_train, cfg.seed)
-        self.eval = sample(load_task(cfg.task, "dev"), cfg.max_eval, cfg.seed + 1)
+        cfg.check()
+        train, self.eval = _load_data(cfg)
         self.num_labels = max(*train.labels, *self.eval.labels) + 1
         parts = dirichlet_split(train.labels, cfg.clients, cfg.dirichlet, cfg.seed)
         self.shards = [train.subset(p) for p in parts]
@@ -155,6 +240,8 @@ class Simulation:
             self.encoder.prefill(self.eval.texts)
         self.round = 0
         self.metrics: list[dict[str, Any]] = []
+        # Called after each client's local training: (clients done, clients this round).
+        self._progress: Callable[[int, int], object] = lambda done, total: None
         # Round 0 starts every client from the same initial head (modules_to_save).
         first = get_peft_model_state_dict(self._model(cfg.ranks()[0]))
         heads = {k.removeprefix(PREFIX): v for k, v in first.items() if ".lora_" not in k}
@@ -257,9 +344,10 @@ class Simulation:
         ranks = self.cfg.ranks()
         who = self._participants()
         adapters: list[ClientAdapter] = []
-        for i in who:
+        for done, i in enumerate(who, start=1):
             model = self._load_client(i, ranks[i])
             self._train(model, self.shards[i], i)
+            self._progress(done, len(who))
             sd = {
                 k: v.detach().to("cpu", torch.float64)
                 for k, v in get_peft_model_state_dict(model).items()
@@ -343,6 +431,17 @@ class Simulation:
         if not meta_path.is_file():
             return False
         meta = json.loads(meta_path.read_text())
+        # More (or fewer) rounds may be asked for; nothing else that defines results may change.
+        saved, now = results_config(meta["config"]), results_config(asdict(self.cfg))
+        saved.pop("rounds")
+        now.pop("rounds")
+        if saved != now:
+            diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(now)
+                    if saved.get(k) != now.get(k)]  # fmt: skip
+            raise ConfigError(
+                f"--resume: the checkpoint in {self.out} was made with other settings "
+                f"({'; '.join(diff[:5])}); use another --out or the same settings"
+            )
         flat = load_file(str(self.out / meta["tensors"]))
         self.round = int(meta["round"])
         self.metrics = list(meta["metrics"])
@@ -361,12 +460,16 @@ class Simulation:
         self.server.restore(flat, server_meta)
         return True
 
+    def _show_progress(self, bar: Any, done: int, total: int) -> None:
+        bar.set_postfix_str(f"round {self.round + 1}: client {done}/{total} trained")
+
     def run(self, *, resume: bool = False) -> list[dict[str, Any]]:
         """Run the remaining rounds, checkpointing after each; write results and plots."""
         if resume:
             self.load()
         bar = tqdm(range(self.round, self.cfg.rounds), desc=f"{self.cfg.operator}", unit="round")
         for _ in bar:
+            self._progress = functools.partial(self._show_progress, bar)
             row = self.step()
             self.save()
             bar.set_postfix(acc=f"{row['accuracy']:.3f}", agg_err=f"{row['aggregation_error']:.2e}")
@@ -378,28 +481,33 @@ def write_results(out: Path, cfg: SimConfig, metrics: list[dict[str, Any]]) -> N
     """results.json and PNG plots of accuracy and aggregation error per round."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(
-        json.dumps({"config": asdict(cfg), "metrics": metrics}, indent=2)
+        json.dumps({"config": asdict(cfg), "versions": versions(), "metrics": metrics}, indent=2)
     )
-    import matplotlib  # noqa: PLC0415 - heavy, only needed for the plots
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    if not metrics:
+        return
+    # The object-oriented API: no pyplot, no global backend change (a notebook keeps its own).
+    from matplotlib.figure import Figure  # noqa: PLC0415 - heavy, only needed for the plots
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
 
     rounds = [m["round"] for m in metrics]
-    for key, fname, ylabel in (
-        ("accuracy", "accuracy.png", "accuracy"),
-        ("aggregation_error", "aggregation_error.png", "relative error to the mean update"),
-    ):
-        fig, ax = plt.subplots(figsize=(5, 3.2))
+    task = Path(cfg.train_file).name if cfg.train_file else cfg.task
+    for key, fname, ylabel, title in (
+        ("accuracy", "accuracy.png", "accuracy", "global model accuracy"),
+        ("aggregation_error", "aggregation_error.png", "relative error to the mean update",
+         "server update vs the exact mean update"),
+    ):  # fmt: skip
+        fig = Figure(figsize=(5, 3.4))
+        ax = fig.subplots()
         ax.plot(rounds, [m[key] for m in metrics], marker="o", label=cfg.operator)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}\n{task}, {cfg.clients} clients, {cfg.operator}", fontsize=9)
         if key == "aggregation_error":
             ax.set_yscale("symlog", linthresh=1e-16)
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / fname, dpi=100)
-        plt.close(fig)
 
 
 _HELP = {
@@ -436,6 +544,14 @@ _HELP = {
     "scramble_gauge": "> 0: every client uploads its factors in a random gauge (B G, G^-1 A) "
     "with this condition number",
     "threads": "torch intra-op threads (0: torch's default; 1 is fastest on a busy machine)",
+    "data_dir": "folder of the built-in tasks (holding glue/ and sentence/; default: "
+    "$GLORA_DATA, else a shared/data folder beside the repository or the working directory)",
+    "train_file": "your own training data instead of --task: a .tsv/.csv (header row) or "
+    ".jsonl file, or a local `datasets` folder (save_to_disk)",
+    "eval_file": "your own evaluation data (same format and columns as --train-file)",
+    "text_column": "column of the text in --train-file/--eval-file",
+    "text_pair_column": "column of the second text of a pair (joined as 'a [SEP] b')",
+    "label_column": "column of the label (integers 0..C-1 or names)",
 }
 _CHOICES: dict[str, list[str]] = {"objective": ["classification", "causal_lm"]}
 
@@ -462,21 +578,51 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SimConfig, bool]:
                 flag, type=type(value), default=value, choices=_CHOICES.get(name), help=text
             )
     p.add_argument("--resume", action="store_true", help="continue from out/checkpoint.json")
+    p.add_argument("--version", action="version", version=f"glora-math {_version()}")
     ns = p.parse_args(argv)
     kw = vars(ns)
     resume = kw.pop("resume")
-    if kw["client_ranks"]:
-        kw["client_ranks"] = [int(x) for x in kw["client_ranks"].split(",")]
+    try:
+        if kw["client_ranks"]:
+            kw["client_ranks"] = [int(x) for x in kw["client_ranks"].split(",") if x.strip()]
+        kw["server_rank"] = int(kw["server_rank"]) if kw["server_rank"] else None
+        kw["tol"] = float(kw["tol"]) if kw["tol"] else None
+    except ValueError as err:
+        p.error(f"--client-ranks, --server-rank and --tol take numbers: {err}")
     kw["target_modules"] = kw["target_modules"].split(",") if kw["target_modules"] else None
-    kw["server_rank"] = int(kw["server_rank"]) if kw["server_rank"] else None
-    kw["tol"] = float(kw["tol"]) if kw["tol"] else None
-    return SimConfig(**kw), resume
+    cfg = SimConfig(**kw)
+    found = cfg.problems()
+    if found:
+        p.error("; ".join(found))
+    return cfg, resume
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("glora-math")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that is not installed
+        return "unknown (not installed)"
+
+
+def versions() -> dict[str, str]:
+    """The versions of Python and of the packages that define a run's numbers."""
+    out = {"python": platform.python_version(), "glora-math": _version()}
+    for name in ("torch", "transformers", "peft", "numpy"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: ``python -m integration.simulate`` / ``glora simulate``."""
     cfg, resume = parse_args(argv)
-    metrics = Simulation(cfg).run(resume=resume)
+    try:
+        metrics = Simulation(cfg).run(resume=resume)
+    except GloraError as err:  # bad data, a changed config on --resume, a refused round
+        sys.stderr.write(f"glora simulate: error: {err}\n")
+        return 2
     last = metrics[-1] if metrics else {}
     print(json.dumps({"operator": cfg.operator, "final": last}, indent=2))
     return 0

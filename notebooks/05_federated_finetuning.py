@@ -32,7 +32,6 @@ import tempfile
 from dataclasses import replace
 
 import matplotlib.pyplot as plt
-
 from glora_math.integration.simulate import SimConfig, Simulation
 
 OPERATORS = ["fedit", "glora", "flexlora", "ffa_lora"]

@@ -111,3 +111,27 @@ def test_compare_loads_clients_from_safetensors(tmp_path, capsys) -> None:  # ty
     save_file(flat, str(path))
     assert main(["compare", "--load", str(path)]) == 1
     assert "client 1: inner dimensions differ" in capsys.readouterr().err
+
+
+def test_bad_arguments_get_one_line_errors_and_exit_2(capsys) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+
+    from glora_math.cli import main
+
+    for argv, text in (
+        (["demo", "--d", "0"], "--d: expected an integer >= 1, got 0"),
+        (["compare", "--ranks", "2,4,x"], "--ranks: expected an integer >= 1, got 'x'"),
+        (["compare", "--operators", "nope"], "unknown operator(s) ['nope']"),
+        (["demo", "--heterogeneity", "2"], "expected a number in [0, 1]"),
+        (["demo", "--gauge-cond", "0.5"], "expected a condition number >= 1"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert text in capsys.readouterr().err
+    assert main(["verify", "--only", "P99"]) == 2
+    assert "--only takes ids among" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("glora-math ")

@@ -283,3 +283,49 @@ def test_experiment_smoke_config_runs_resumably_and_writes_tables(
     other.write_text(json.dumps(changed))
     with pytest.raises(SystemExit):
         experiment.main([str(other), "--out", str(out), "--docs", str(docs)])
+
+
+def test_own_data_files_run_and_results_record_versions(tmp_path: Path) -> None:
+    # A user's TSV files instead of a built-in task: two labels given by name.
+    rows = [(f"text number {i} is {'nice' if i % 2 else 'awful'}", "yes" if i % 2 else "no")
+            for i in range(40)]  # fmt: skip
+    for name in ("train", "dev"):
+        (tmp_path / f"{name}.tsv").write_text(
+            "review\tverdict\n" + "".join(f"{t}\t{y}\n" for t, y in rows)
+        )
+    metrics = _run(tmp_path, "own", rounds=1, train_file=str(tmp_path / "train.tsv"),
+                   eval_file=str(tmp_path / "dev.tsv"), text_column="review",
+                   label_column="verdict")  # fmt: skip
+    assert len(metrics) == 1
+    saved = json.loads((tmp_path / "own" / "results.json").read_text())
+    assert set(saved["versions"]) >= {"python", "glora-math", "torch", "transformers", "peft"}
+
+
+def test_bad_settings_are_refused_before_anything_loads(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, match in (
+        (["--clients", "3", "--client-ranks", "2,4"], "gives 2 ranks for 3 clients"),
+        (["--participation", "0"], "--participation must be in"),
+        (["--rounds", "0"], "--rounds must be >= 1"),
+        (["--client-ranks", "2,x", "--clients", "2"], "take numbers"),
+        (["--task", "imdb"], "--task 'imdb' is not one of"),
+        (["--train-file", "a.tsv"], "go together"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(argv)
+        assert exc.value.code == 2
+        assert match in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--version"])
+    assert "glora-math" in capsys.readouterr().out
+
+
+def test_resume_refuses_a_changed_configuration(tmp_path: Path) -> None:
+    from integration.simulate import ConfigError
+
+    _run(tmp_path, "r", rounds=1)
+    changed = SimConfig(**(TINY | {"out": str(tmp_path / "r"), "operator": "fedit"}))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"operator: 'glora_auto' -> 'fedit'"):
+        Simulation(changed).run(resume=True)
+    # Settings that do not change results (threads, device, out) may differ.
+    same = SimConfig(**(TINY | {"out": str(tmp_path / "r"), "threads": 1}))  # type: ignore[arg-type]
+    assert len(Simulation(same).run(resume=True)) == 2

@@ -1,0 +1,85 @@
+"""A user's own data: TSV/CSV/JSONL files with named columns, typed errors naming file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from integration.data import DataError, default_data_dir, load_examples, load_task
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_tsv_csv_and_jsonl_give_the_same_examples(tmp_path: Path) -> None:
+    rows = [("a good film", "pos"), ("a bad one", "neg"), ("fine", "pos")]
+    tsv = _write(tmp_path / "d.tsv", "sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    csv = _write(
+        tmp_path / "d.csv", 'sentence,label\n"a good film",pos\n"a bad one",neg\nfine,pos\n'
+    )
+    jsonl = _write(
+        tmp_path / "d.jsonl",
+        "".join(json.dumps({"sentence": t, "label": y}) + "\n" for t, y in rows),
+    )
+    got = [load_examples(p, text_column="sentence") for p in (tsv, csv, jsonl)]
+    for ex, names in got:
+        assert names == ["neg", "pos"]  # names are numbered in sorted order
+        assert ex.texts == [t for t, _ in rows]
+        assert ex.labels == [1, 0, 1]
+
+
+def test_integer_labels_pairs_and_a_shared_numbering(tmp_path: Path) -> None:
+    train = _write(
+        tmp_path / "t.jsonl", '{"a": "x", "b": "y", "label": 1}\n{"a": "u", "b": "v", "label": 0}\n'
+    )
+    ex, names = load_examples(train, text_column="a", text_pair_column="b")
+    assert ex.texts == ["x [SEP] y", "u [SEP] v"]
+    assert ex.labels == [1, 0]
+    assert names == ["0", "1"]
+    # An evaluation file uses the training file's numbering; an unseen label is an error.
+    dev = _write(tmp_path / "d.jsonl", '{"a": "p", "b": "q", "label": 1}\n')
+    assert load_examples(dev, text_column="a", text_pair_column="b", label_names=names)[
+        0
+    ].labels == [1]
+    bad = _write(
+        tmp_path / "e.jsonl", '{"a": "p", "b": "q", "label": 1}\n{"a": "p", "b": "q", "label": 7}\n'
+    )
+    with pytest.raises(DataError, match=r"e\.jsonl:2: column 'label': label '7'"):
+        load_examples(bad, text_column="a", text_pair_column="b", label_names=names)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "match"),
+    [
+        ("m.tsv", "text\tlabel\nfine\t1\n\t0\n", r"m\.tsv:3: column 'text' is missing or empty"),
+        ("n.csv", "text,label\nok,1\ntoo,many,fields\n", r"n\.csv:3: 3 fields, the header names 2"),
+        ("j.jsonl", '{"text": "ok", "label": 1}\n[1, 2]\n', r"j\.jsonl:2: expected a JSON object"),
+        ("k.jsonl", '{"text": "ok", "label": 1}\n{"text": \n', r"k\.jsonl:2: not a JSON object"),
+        ("x.parquet", "", r"unknown format '\.parquet'"),
+        ("neg.tsv", "text\tlabel\na\t-1\n", r"negative label -1"),
+    ],
+)
+def test_bad_files_name_the_file_line_and_column(
+    tmp_path: Path, name: str, text: str, match: str
+) -> None:
+    with pytest.raises(DataError, match=match):
+        load_examples(_write(tmp_path / name, text))
+
+
+def test_missing_files_and_data_folders_are_typed_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(DataError, match="no such file"):
+        load_examples(tmp_path / "nope.tsv")
+    monkeypatch.setenv("GLORA_DATA", str(tmp_path / "empty"))
+    assert default_data_dir() == tmp_path / "empty"
+    monkeypatch.delenv("GLORA_DATA")
+    monkeypatch.chdir(tmp_path)
+    # From a folder with no shared/data beside it, the package's own location still finds
+    # the repository's (a source checkout); an explicit data_dir always wins.
+    with pytest.raises((DataError, FileNotFoundError)):
+        load_task("sst2", "dev", data_dir=tmp_path / "empty")
