@@ -1,13 +1,14 @@
 """A Flower app (ServerApp + ClientApp) that fine-tunes with peft LoRA and any operator.
 
-``python -m integration.flower_app --operator glora --clients 3 --rounds 2`` runs it with
-Flower's simulation engine (``flwr.simulation.run_simulation``, the documented in-process
-equivalent of ``flwr run`` with a local simulation federation). Clients train sequence
-classification on Dirichlet label-skew shards of a task in ``../shared/data`` with their own
-LoRA rank; the server is :class:`integration.flower.LoRAStrategy`. ``--faulty`` makes chosen
-clients send malformed replies (NaN, a missing module, a wrong shape) to show that the server
-rejects them and carries on. Results (per-round train and evaluation metrics, accepted and
-rejected clients with reasons) are written to ``<out>/flower_results.json``.
+``python -m glora_math.integration.flower_app --operator glora --clients 3 --rounds 2`` runs
+it with Flower's simulation engine (``flwr.simulation.run_simulation``, the documented
+in-process equivalent of ``flwr run`` with a local simulation federation). Clients train
+sequence classification on Dirichlet label-skew shards of a task in ``../shared/data`` with
+their own LoRA rank; the server is :class:`glora_math.integration.flower.LoRAStrategy`.
+``--faulty`` makes chosen clients send malformed replies (NaN, a missing module, a wrong
+shape) to show that the server rejects them and carries on. Results (per-round train and
+evaluation metrics, accepted and rejected clients with reasons) are written to
+``<out>/flower_results.json``.
 
 The module-level ``server_app`` and ``client_app`` read the same settings from Flower's
 ``run_config`` (keys as the :class:`FlowerConfig` fields, with ``-`` for ``_``), for
@@ -339,7 +340,9 @@ def run(cfg: FlowerConfig) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: run the app in Flower's simulation engine and print a summary."""
-    ap = argparse.ArgumentParser(prog="python -m integration.flower_app", description=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="python -m glora_math.integration.flower_app", description=__doc__
+    )
     d = FlowerConfig()
     ap.add_argument("--model", default=d.model)
     ap.add_argument("--task", default=d.task)
@@ -378,7 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Ray pickles the apps by reference: run them from the importable module, not __main__.
-    from integration.flower_app import main as _main
+    # Ray pickles the apps by reference: run them from the importable module, not __main__
+    # (glora_math.integration.flower_app installed, integration.flower_app in a checkout).
+    import importlib
 
-    raise SystemExit(_main())
+    raise SystemExit(importlib.import_module(__spec__.name).main())

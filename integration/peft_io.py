@@ -124,10 +124,27 @@ def _scaling_config(
             _config_flag(config, "fan_in_fan_out", client))  # fmt: skip
 
 
+def config_dict(config: object, *, client: int | None = None) -> dict[str, Any]:
+    """A LoRA config as a plain dict: a mapping, or a peft ``LoraConfig`` (``to_dict()``)."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    to_dict = getattr(config, "to_dict", None)
+    if callable(to_dict):
+        out = to_dict()
+        if isinstance(out, Mapping):
+            return dict(out)
+    raise AdapterError(
+        f"adapter config must be a mapping or a peft LoraConfig, got {type(config).__name__}",
+        client=client,
+    )
+
+
 def adapter_from_state_dict(
-    state: Mapping[str, Tensor], config: Mapping[str, Any], *, client: int | None = None
+    state: Mapping[str, Tensor], config: Mapping[str, Any] | Any, *, client: int | None = None
 ) -> ClientAdapter:
     """Read a peft LoRA state dict (``get_peft_model_state_dict`` keys) into folded factors.
+
+    ``config`` is the adapter's config: a dict (``adapter_config.json``) or a ``LoraConfig``.
 
     Raises
     ------
@@ -138,6 +155,7 @@ def adapter_from_state_dict(
     NonFiniteError
         If a tensor has NaN/Inf entries.
     """
+    config = config_dict(config, client=client)
     use_rslora, alpha0, alpha_pattern, fan = _scaling_config(config, client)
     pairs: dict[str, dict[str, Tensor]] = defaultdict(dict)
     dense: dict[str, Tensor] = {}
@@ -258,6 +276,24 @@ class AdapterRound:
     dense: dict[str, Tensor]
     states: dict[str, OperatorState | None]
 
+    @property
+    def global_modules(self) -> dict[str, LoRAFactors]:
+        """The server update of every module as folded factors (the global adapter)."""
+        return {name: res.update for name, res in self.results.items()}
+
+    @property
+    def base_deltas(self) -> dict[str, Tensor]:
+        """Dense ``out x in`` changes to fold into the base weights (FedEx-LoRA, ``_residual``)."""
+        return {n: r.residual for n, r in self.results.items() if r.residual is not None}
+
+    def certificates(self) -> dict[str, float]:
+        """Per module, the certified relative residual (GLoRA family; others are absent)."""
+        return {
+            n: r.certificate.relative_residual
+            for n, r in self.results.items()
+            if r.certificate is not None
+        }
+
 
 def _check_same_modules(clients: Sequence[ClientAdapter]) -> list[str]:
     names = sorted(clients[0].modules)
@@ -347,8 +383,8 @@ def aggregate_adapters(
     spaces) with the smaller certified residual: at the same server rank its error is never
     above the paper's ``glora`` (P14), and in the shared-init regime of federated rounds the
     paper's left side misses most of the mean (SPEC extensions). Operators that declare a
-    ``group_fn`` (the paper's ``glora``: one batched call) get the modules grouped by (shape,
-    client ranks); the others run per module. Errors name the module and the client.
+    ``group_fn`` (the fixed-side GLoRA variants: one stacked call) get the modules grouped
+    by (shape, client ranks); the others run per module. Errors name the module and the client.
 
     Parameters
     ----------
@@ -433,6 +469,81 @@ def aggregate_adapters(
     )
 
 
+ClientLike = str | Path | ClientAdapter | tuple[Mapping[str, Tensor], Any] | Any
+
+
+def as_adapter(client: ClientLike, index: int) -> ClientAdapter:
+    """One client's adapter from what users have at hand.
+
+    An adapter folder (``save_pretrained``: safetensors + JSON, never unpickled), a
+    :class:`ClientAdapter`, a ``(state_dict, config)`` pair (``config`` a dict or a
+    ``LoraConfig``), or a peft ``PeftModel`` (its ``"default"`` adapter).
+    """
+    if isinstance(client, ClientAdapter):
+        return client
+    if isinstance(client, str | Path):
+        return load_adapter(client, client=index)
+    if isinstance(client, tuple) and len(client) == 2:
+        return adapter_from_state_dict(client[0], client[1], client=index)
+    peft_config = getattr(client, "peft_config", None)
+    if isinstance(peft_config, Mapping) and "default" in peft_config:
+        from peft import get_peft_model_state_dict  # noqa: PLC0415 - only for PeftModels
+
+        state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(client).items()}
+        return adapter_from_state_dict(state, peft_config["default"], client=index)
+    raise AdapterError(
+        "expected an adapter folder, a (state_dict, config) pair, a PeftModel or a "
+        f"ClientAdapter, got {type(client).__name__}",
+        client=index,
+    )
+
+
+def aggregate_peft(
+    clients: Sequence[ClientLike],
+    weights: WeightsLike = None,
+    *,
+    operator: str = "glora_auto",
+    rank: int | None = None,
+    out: str | Path | None = None,
+    options: Mapping[str, float] | None = None,
+) -> AdapterRound:
+    """One federated round on peft adapters, in one call; optionally saved as adapter folders.
+
+    ``clients``: adapter folders, ``PeftModel``s or ``(state_dict, LoraConfig)`` pairs (see
+    :func:`as_adapter`). ``rank``: the server rank R (default: the largest client rank).
+    With ``out``, writes ``out/global`` (the server update of every module plus the averaged
+    ``modules_to_save``: load it with ``PeftModel.from_pretrained``), ``out/client_<i>`` (what
+    client i continues from, at its own rank; not for operators whose clients re-initialise),
+    ``out/base_delta.safetensors`` (dense changes to fold into the base weights, for
+    FedEx-LoRA and the ``_residual`` operators) and ``out/round.json`` (operator, weights,
+    server rank, per-module certificates). Everything else as :func:`aggregate_adapters`.
+    """
+    adapters = [as_adapter(c, i) for i, c in enumerate(clients)]
+    if not adapters:
+        raise AdapterError("no client adapters")
+    R = rank or max(m.factors.rank for a in adapters for m in a.modules.values())
+    rnd = aggregate_adapters(adapters, weights, operator=operator, rank=R, options=options)
+    if out is not None:
+        folder = Path(out)
+        config = adapters[0].config
+        save_adapter(folder / "global", rnd.global_modules, rnd.dense, config)
+        for i, mods in enumerate(rnd.client_modules):
+            if mods is not None:
+                save_adapter(folder / f"client_{i}", mods, rnd.dense, adapters[i].config)
+        if rnd.base_deltas:
+            deltas = {k: v.contiguous() for k, v in rnd.base_deltas.items()}
+            save_file(deltas, str(folder / "base_delta.safetensors"))
+        summary = {
+            "operator": operator,
+            "server_rank": R,
+            "clients": len(adapters),
+            "weights": None if weights is None else [float(w) for w in weights],
+            "certified_relative_residual": rnd.certificates(),
+        }
+        (folder / "round.json").write_text(json.dumps(summary, indent=2))
+    return rnd
+
+
 __all__ = [
     "AdapterError",
     "AdapterModule",
@@ -441,6 +552,9 @@ __all__ = [
     "adapter_from_state_dict",
     "adapter_state_dict",
     "aggregate_adapters",
+    "aggregate_peft",
+    "as_adapter",
+    "config_dict",
     "fedavg_dense",
     "load_adapter",
     "lora_scale",
