@@ -285,3 +285,44 @@ def test_bf16_adapters_keep_their_weights_apart(operator: str) -> None:
     b = aggregate_adapters(adapters, [1000.0, 1000.0], rank=4, operator=operator)
     diff = float((a.results["q"].update.delta() - b.results["q"].update.delta()).norm())
     assert diff > 0.0
+
+
+def test_aggregate_peft_takes_models_pairs_and_folders_and_saves_a_loadable_round(
+    tmp_path: Path,
+) -> None:
+    from integration.peft_io import aggregate_peft, as_adapter
+
+    models = [_peft_roberta(s, r=4, lora_alpha=8) for s in range(3)]
+    models[1].save_pretrained(tmp_path / "c1")
+    sd2 = get_peft_model_state_dict(models[2])
+    clients = [models[0], str(tmp_path / "c1"), (sd2, models[2].peft_config["default"])]
+    # The three forms read the same adapters (a LoraConfig object is accepted as the config).
+    ref = [as_adapter(m, i) for i, m in enumerate(models)]
+    for i, c in enumerate(clients):
+        got = as_adapter(c, i)
+        for name, mod in ref[i].modules.items():
+            assert torch.allclose(got.modules[name].factors.delta(), mod.factors.delta())
+    with pytest.raises(AdapterError, match="client 0: expected an adapter folder"):
+        as_adapter(42, 0)
+    rnd = aggregate_peft(clients, [1.0, 2.0, 3.0], operator="fedex_lora", out=tmp_path / "srv")
+    assert set(rnd.base_deltas) == set(rnd.results)  # FedEx-LoRA folds a dense residual
+    assert (tmp_path / "srv" / "base_delta.safetensors").is_file()
+    summary = json.loads((tmp_path / "srv" / "round.json").read_text())
+    assert summary["operator"] == "fedex_lora"
+    assert summary["server_rank"] == 4
+    # The global adapter loads with peft and carries the server update of every module:
+    # base + global update + base delta = base + exact mean update (FedEx-LoRA).
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(
+        RobertaForSequenceClassification(TINY), tmp_path / "srv" / "global"
+    )
+    deltas = _deltas(loaded)
+    for name in rnd.results:
+        mean = sum(
+            w * a.modules[name].factors.delta().double()
+            for w, a in zip((1 / 6, 2 / 6, 3 / 6), ref, strict=True)
+        )
+        got = deltas[name].double() + rnd.base_deltas[name].double()
+        assert float((got - mean).norm()) <= 1e-5 * (1.0 + float(mean.norm()))
+    for i in range(3):
+        assert (tmp_path / "srv" / f"client_{i}" / "adapter_config.json").is_file()
