@@ -26,21 +26,33 @@ from glora_math.batched import stacked_route
 from glora_math.certificate import as_certificate, certify_norms, residual_curve, warn_residual
 from glora_math.certificate import certify as certificate_of
 from glora_math.consensus import consensus, eigengap, live_clients, stacked_weights
-from glora_math.errors import GloraError, GloraWarning, ResidualWarning, ZeroEigengapWarning
+from glora_math.errors import (
+    GloraError,
+    GloraWarning,
+    NonFiniteError,
+    RankClampedWarning,
+    ResidualWarning,
+    ZeroEigengapWarning,
+)
 from glora_math.gauge import gauge_fix_all
 from glora_math.implicit import implicit_state
 from glora_math.tolerances import zero_gap_tol
 from glora_math.types import Certificate, GaugeMode, LoRAFactors, ServerState, Side, Sketch
 from glora_math.validation import (
+    KERNEL_ERRORS,
     ClientsInfo,
     WeightsLike,
     as_factors,
+    check_finite_output,
+    largest_client,
     normalize_weights,
     validate_clients,
     validate_rank,
 )
 
 RankLike = int | Literal["auto"]
+#: Errors that mean the working dtype overflowed on validated (finite) input.
+_OVERFLOWS: tuple[type[Exception], ...] = (*KERNEL_ERRORS, NonFiniteError)
 #: How client bases are computed: the rule (``"auto"``), or one route forced.
 Route = Literal["auto", "gram", "householder"]
 
@@ -130,21 +142,13 @@ def glora_aggregate(
     same test matrix).
     """
     info = validate_clients(factors, stack=True)
-    auto = isinstance(rank, str) and rank == "auto"
-    if auto:
-        target = _check_fraction(tol, "tol")
-        if sketch is not None:
-            raise GloraError("rank='auto' needs the exact consensus (sketch=None)")
-        R = max(1, sum(as_factors(f, i).rank for i, f in enumerate(factors)))
-    else:
-        R = validate_rank(rank)
-        if tol is not None:
-            raise GloraError("tol is only used with rank='auto'")
-        target = None
+    auto, R, target = _rank_rule(rank, tol, sketch, factors)
     _check_modes(side, auto=auto, certify=certify, max_residual=max_residual)
     _check_route(route, gauge)
     limit = None if max_residual is None else _check_fraction(max_residual, "max_residual", 1e300)
     p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
+    # Detached views: the math is not differentiable, and autograd would refuse its out= kernels.
+    factors = [_detached(as_factors(f, i)) for i, f in enumerate(factors)]
     if info.batch_shape:
         if auto or side == "auto":
             raise GloraError(
@@ -152,18 +156,27 @@ def glora_aggregate(
                 "different shapes: aggregate a stack with a fixed side and rank, or pass the "
                 "modules one by one"
             )
-        return _stacked_state(
-            factors, info, p, R, gauge, sketch, side, certify=certify, limit=limit, route=route
-        )
+        try:
+            stacked = _stacked_state(
+                factors, info, p, R, gauge, sketch, side, certify=certify, limit=limit, route=route
+            )
+        except _OVERFLOWS as err:
+            raise _overflow(err, factors) from None
+        check_finite_output([stacked.U, stacked.S], factors, "glora_aggregate")
+        return stacked
     sides: tuple[Literal["left", "right"], ...] = ("left", "right") if side == "auto" else (side,)
     found: list[tuple[ServerState, list[Warning]]] = []
-    for sd in sides:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            st = _side_state(
-                factors, info, p, R, gauge, sketch, sd, target, certify=certify, route=route
-            )
-        found.append((st, [w.message for w in caught if isinstance(w.message, Warning)]))
+    try:
+        for sd in sides:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                st = _side_state(
+                    factors, info, p, R, gauge, sketch, sd, target, certify=certify, route=route
+                )
+            check_finite_output([st.U, st.S], factors, "glora_aggregate")
+            found.append((st, [w.message for w in caught if isinstance(w.message, Warning)]))
+    except _OVERFLOWS as err:
+        raise _overflow(err, factors) from None
     if auto:  # a side that meets tol first, then the smaller rank, then the smaller residual
         best, notes = min(
             found,
@@ -185,6 +198,43 @@ def glora_aggregate(
         )
     warn_residual(best.relative_residual, limit, f"side={best.side}, R={best.rank}", stacklevel=2)
     return best
+
+
+def _rank_rule(
+    rank: object, tol: object, sketch: Sketch | None, factors: Sequence[LoRAFactors]
+) -> tuple[bool, int, float | None]:
+    """``(auto, R, tol)``: the auto-rank rule's cap and target, or the fixed rank."""
+    if isinstance(rank, str) and rank == "auto":
+        target = _check_fraction(tol, "tol")
+        if sketch is not None:
+            raise GloraError("rank='auto' needs the exact consensus (sketch=None)")
+        return True, max(1, sum(as_factors(f, i).rank for i, f in enumerate(factors))), target
+    if tol is not None:
+        raise GloraError("tol is only used with rank='auto'")
+    return False, validate_rank(rank), None
+
+
+def _detached(f: LoRAFactors) -> LoRAFactors:
+    """``f`` without autograd history (views; a copy of nothing)."""
+    if not (f.B.requires_grad or f.A.requires_grad):
+        return f
+    return LoRAFactors(f.B.detach(), f.A.detach())
+
+
+def _overflow(err: Exception, factors: Sequence[LoRAFactors]) -> NonFiniteError:
+    """A typed error naming a client for an overflow inside the operator.
+
+    Inputs are validated finite, so a failed kernel or a non-finite certificate means the
+    working dtype overflowed; the client with the largest update is named.
+    """
+    if isinstance(err, NonFiniteError) and err.client is not None:
+        return err
+    j, size = largest_client(factors)
+    text = err.message if isinstance(err, NonFiniteError) else f"a kernel failed ({err})"
+    return NonFiniteError(
+        f"{text}; the largest client update has ||B|| ||A|| = {size:.2e} (rescale the factors)",
+        client=j,
+    )
 
 
 def _check_modes(side: object, *, auto: bool, certify: bool, max_residual: object) -> None:
@@ -338,6 +388,16 @@ def _stacked_state(  # noqa: PLR0917 - private, called once by the public operat
     L = math.prod(batch)
     fs = [as_factors(f, i) for i, f in enumerate(factors)]
     d, k, wd = info.d, info.k, info.work_dtype
+    cap = max(1, min(d if side == "left" else k, sum(f.rank for f in fs)))
+    requested = R
+    if R > cap:  # no module can span more: never allocate beyond it
+        warnings.warn(
+            RankClampedWarning(
+                f"server rank R={R} exceeds what the clients can span ({cap}): clamped to {cap}"
+            ),
+            stacklevel=3,
+        )
+        R = cap
     flat = [(f.B.reshape(L, d, f.rank), f.A.reshape(L, f.rank, k)) for f in fs]
     n, c = (d, k) if side == "left" else (k, d)
     if side == "left":
@@ -405,7 +465,7 @@ def _stacked_state(  # noqa: PLR0917 - private, called once by the public operat
         S=S.reshape(*batch, R, c),
         eigvals=eig.reshape(*batch, eig.shape[-1]),
         gap=float(gaps.min()),
-        requested_rank=R,
+        requested_rank=requested,
         weights=p,
         gauge=gauge,
         dtype=info.dtype,

@@ -25,6 +25,8 @@ from torch import Tensor
 from glora_math.errors import (
     DeviceMismatchError,
     EmptyClientsError,
+    GaugeError,
+    NonFiniteError,
     RankClampedWarning,
     ShapeMismatchError,
     ZeroEigengapWarning,
@@ -36,9 +38,9 @@ from glora_math.linalg import (
     randomized_left_svd,
     tall_left_svd,
 )
-from glora_math.tolerances import zero_gap_tol
+from glora_math.tolerances import orthonormality_tol, working_dtype, zero_gap_tol
 from glora_math.types import ConsensusBasis, GaugeFixed, Sketch
-from glora_math.validation import WeightsLike, normalize_weights, validate_rank
+from glora_math.validation import WeightsLike, all_finite, normalize_weights, validate_rank
 
 
 def live_clients(fixed: Sequence[GaugeFixed], p: Tensor) -> list[int]:
@@ -64,8 +66,14 @@ def stacked_weights(fixed: Sequence[GaugeFixed], p: Tensor, live: Sequence[int])
 
 
 def _check_fixed(fixed: Sequence[GaugeFixed]) -> None:
+    """Public-boundary checks of gauge-fixed clients: type, shapes, device, finite, orthonormal."""
     if len(fixed) == 0:
         raise EmptyClientsError("no gauge-fixed clients were given")
+    for i, f in enumerate(fixed):
+        if not isinstance(f, GaugeFixed):
+            raise ShapeMismatchError(
+                f"expected GaugeFixed(U, C) (see gauge_fix), got {type(f).__name__}", client=i
+            )
     d = fixed[0].U.shape[0]
     dev = fixed[0].U.device
     for i, f in enumerate(fixed):
@@ -73,6 +81,19 @@ def _check_fixed(fixed: Sequence[GaugeFixed]) -> None:
             raise ShapeMismatchError(f"basis has {f.U.shape[0]} rows, client 0 has {d}", client=i)
         if f.U.device != dev:
             raise DeviceMismatchError(f"basis is on {f.U.device}, client 0 on {dev}", client=i)
+        if not (all_finite(f.U) and all_finite(f.C)):
+            raise NonFiniteError("basis or coordinates have NaN/Inf entries", client=i)
+        wd = working_dtype(f.U.dtype)
+        U = f.U.detach().to(wd)
+        gap = float(
+            torch.linalg.matrix_norm(U.mT @ U - torch.eye(U.shape[1], dtype=wd, device=dev))
+        )
+        if gap > orthonormality_tol(wd, n=int(U.shape[0] + U.shape[1])):
+            raise GaugeError(
+                f"basis columns are not orthonormal (||U^T U - I|| = {gap:.1e}); gauge-fix the "
+                "client with gauge_fix",
+                client=i,
+            )
 
 
 def consensus_basis(

@@ -83,6 +83,13 @@ class ProtocolError(GloraError):
     """Client factors violate a method's protocol (e.g. FFA-LoRA's frozen, shared A)."""
 
 
+class UnknownOperatorError(GloraError, KeyError):
+    """An operator name that is not registered (also a ``KeyError``, as a lookup)."""
+
+    def __str__(self) -> str:
+        return self._render()
+
+
 class GloraWarning(UserWarning):
     """Base class of glora-math warnings."""
 

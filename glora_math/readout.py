@@ -12,10 +12,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from glora_math.errors import RankError
+from glora_math.errors import NonFiniteError, RankError
 from glora_math.linalg import sign_fixed_svd
 from glora_math.types import LoRAFactors, ServerState, Split
-from glora_math.validation import validate_rank
+from glora_math.validation import all_finite, validate_rank
 
 
 def _check_readout_rank(state: ServerState, rank: int) -> int:
@@ -52,7 +52,14 @@ def _readout_from_svd(
         A = torch.cat([A, A.new_zeros((*A.shape[:-2], r - rr, A.shape[-1]))], dim=-2)
     if state.side == "right":  # a readout of the transpose problem, transposed back
         B, A = A.mT.contiguous(), B.mT.contiguous()
-    return LoRAFactors(B.to(state.dtype), A.to(state.dtype))
+    out = LoRAFactors(B.to(state.dtype), A.to(state.dtype))
+    if not (all_finite(out.B) and all_finite(out.A)):
+        raise NonFiniteError(
+            f"the rank-{r} readout overflows {state.dtype} (largest singular value of the "
+            f"update {float(s.max()) if s.numel() else 0.0:.2e}); rescale the clients' factors "
+            "or aggregate in a wider dtype"
+        )
+    return out
 
 
 def readout(state: ServerState, rank: int, split: Split = "balanced") -> LoRAFactors:

@@ -15,6 +15,7 @@ Usage::
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,13 +26,23 @@ from torch import Tensor
 
 from glora_math import baselines as bl
 from glora_math.aggregate import glora_aggregate
-from glora_math.errors import GloraError, GloraWarning, RankError
+from glora_math.errors import (
+    GloraError,
+    GloraWarning,
+    NonFiniteError,
+    RankError,
+    UnknownOperatorError,
+)
 from glora_math.linalg import condition_number
 from glora_math.metrics import mean_update, state_factors
 from glora_math.readout import readouts
 from glora_math.types import Certificate, GaugeMode, LoRAFactors, Side, Sketch
 from glora_math.validation import (
+    KERNEL_ERRORS,
     WeightsLike,
+    as_factors,
+    check_finite_output,
+    largest_client,
     normalize_weights,
     validate_clients,
     validate_rank,
@@ -220,10 +231,34 @@ class AggregationOperator:
             Operator options: the GLoRA family reads ``max_residual`` (warn above it) and, for
             ``rank="auto"`` operators, ``tol``; unknown keys are an error.
         """
-        p, ctx = self._context(
+        fs, p, ctx = self._context(
             factors, weights, rank=rank, client_ranks=client_ranks, state=state, options=options
         )
-        return self.fn(factors, p, ctx)
+        return self._call(fs, p, ctx)
+
+    def _call(self, fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
+        """``fn`` without autograd; overflow and failed kernels become typed errors.
+
+        Inputs are validated finite, but finite factors can still overflow the working dtype;
+        then a kernel fails or the result holds Inf/NaN: both raise a
+        :class:`~glora_math.errors.NonFiniteError` naming the largest client.
+        """
+        try:
+            with torch.no_grad():
+                res = self.fn(fs, p, ctx)
+        except KERNEL_ERRORS as err:
+            raise self._kernel_error(fs, err) from None
+        return self._checked(fs, res)
+
+    def _checked(self, fs: Sequence[LoRAFactors], res: AggregateResult) -> AggregateResult:
+        """``res`` if every part of it is finite, else a NonFiniteError naming a client."""
+        parts = [res.update.B, res.update.A, res.residual]
+        for cf in res.client_factors or []:
+            parts += [cf.B, cf.A]
+        check_finite_output(parts, fs, f"operator {self.name!r}")
+        if res.certificate is not None and not math.isfinite(res.certificate.relative_residual):
+            check_finite_output([torch.tensor(math.nan)], fs, f"operator {self.name!r}")
+        return res
 
     def aggregate_group(
         self,
@@ -250,10 +285,28 @@ class AggregationOperator:
             )
         if not ctxs:
             return []
-        p, ctx = ctxs[0]
+        group = [c[0] for c in ctxs]
+        _, p, ctx = ctxs[0]
         if self.group_fn is not None:
-            return self.group_fn(modules, p, ctx)
-        return [self.fn(fs, pc, c) for fs, (pc, c) in zip(modules, ctxs, strict=True)]
+            group_fn = self.group_fn
+            try:
+                with torch.no_grad():
+                    results = group_fn(group, p, ctx)
+            except KERNEL_ERRORS as err:
+                raise self._kernel_error([f for fs in group for f in fs], err) from None
+            # each module's result is checked against its own clients
+            return [self._checked(fs, r) for fs, r in zip(group, results, strict=True)]
+        return [self._call(fs, pc, c) for fs, pc, c in ctxs]
+
+    def _kernel_error(self, fs: Sequence[LoRAFactors], err: Exception) -> NonFiniteError:
+        """A failed kernel on validated (finite) input: overflow; name the largest client."""
+        j, size = largest_client(fs)
+        n = len(fs)
+        return NonFiniteError(
+            f"{self.name}: a linear-algebra kernel failed on overflowed values ({err}); the "
+            f"largest client update has ||B|| ||A|| = {size:.2e}",
+            client=j % n if n else None,
+        )
 
     def _context(
         self,
@@ -264,13 +317,18 @@ class AggregationOperator:
         client_ranks: Sequence[int] | None,
         state: OperatorState | None,
         options: Mapping[str, float] | None,
-    ) -> tuple[Tensor, RoundContext]:
+    ) -> tuple[list[LoRAFactors], Tensor, RoundContext]:
         info = validate_clients(factors)
+        fs = [as_factors(f, i) for i, f in enumerate(factors)]  # (B, A) tuples are accepted
         p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
-        ranks = [f.rank for f in factors] if client_ranks is None else list(client_ranks)
+        ranks = [f.rank for f in fs] if client_ranks is None else list(client_ranks)
         if len(ranks) != len(factors):
             raise RankError(f"got {len(ranks)} client ranks for {len(factors)} clients")
-        ranks = [validate_rank(r, name="client rank") for r in ranks]
+        for i, r in enumerate(ranks):
+            try:
+                validate_rank(r, name="client rank")
+            except RankError as err:
+                raise err.with_context(client=i) from None
         R = validate_rank(max(ranks) if rank is None else rank)
         opts = dict(options or {})
         unknown = sorted(set(opts) - set(self.options))
@@ -279,7 +337,7 @@ class AggregationOperator:
                 f"operator {self.name!r} has no option(s) {unknown}; "
                 f"it takes {sorted(self.options)}"
             )
-        return p, RoundContext(R, ranks, state, {**self.options, **opts})
+        return fs, p, RoundContext(R, [int(r) for r in ranks], state, {**self.options, **opts})
 
     def communication(
         self, d: int, k: int, client_rank: int, rank: int | None = None, n_clients: int = 1
@@ -303,8 +361,10 @@ def get_operator(name: str) -> AggregationOperator:
     """The registered operator called ``name``."""
     try:
         return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown operator {name!r}; known: {sorted(_REGISTRY)}") from None
+    except (KeyError, TypeError):
+        raise UnknownOperatorError(
+            f"unknown operator {name!r}; known: {sorted(_REGISTRY)}"
+        ) from None
 
 
 def list_operators() -> list[str]:
@@ -656,10 +716,8 @@ def _glora(
     gauge: GaugeMode, fold_residual: bool, side: Side = "left", auto_rank: bool = False
 ) -> OperatorFn:
     def fn(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
-        if not auto_rank and max(ctx.client_ranks) > ctx.rank:
-            raise RankError(
-                f"client rank {max(ctx.client_ranks)} exceeds the server rank R={ctx.rank}"
-            )
+        if not auto_rank:
+            _check_client_ranks(ctx)
         limit = ctx.options.get("max_residual")
         state = glora_aggregate(
             fs,
@@ -681,6 +739,13 @@ def _glora(
         return AggregateResult(update, residual, per, basis=basis, certificate=state.certificate)
 
     return fn
+
+
+def _check_client_ranks(ctx: RoundContext) -> None:
+    """A readout rank above the server rank cannot be served: name the first such client."""
+    for i, r in enumerate(ctx.client_ranks):
+        if r > ctx.rank:
+            raise RankError(f"client rank {r} exceeds the server rank R={ctx.rank}", client=i)
 
 
 def _glora_sensitivity(gauge: GaugeMode, sides: tuple[Side, ...]) -> SensitivityFn:
@@ -713,10 +778,7 @@ def _glora_group(gauge: GaugeMode, fold_residual: bool) -> GroupFn:
     def group(
         modules: Sequence[Sequence[LoRAFactors]], p: Tensor, ctx: RoundContext
     ) -> list[AggregateResult]:
-        if max(ctx.client_ranks) > ctx.rank:
-            raise RankError(
-                f"client rank {max(ctx.client_ranks)} exceeds the server rank R={ctx.rank}"
-            )
+        _check_client_ranks(ctx)
         n = len(modules[0])
         stack = [
             (torch.stack([m[i].B for m in modules]), torch.stack([m[i].A for m in modules]))

@@ -59,6 +59,8 @@ def _check_matrix(name: str, x: object, *, stack: bool = False) -> Tensor:
         raise ShapeMismatchError(f"{name} must be a matrix (2-D), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise DtypeError(f"{name} must be floating point, got {x.dtype}")
+    if x.is_meta:
+        raise DtypeError(f"{name} is a meta tensor (a shape without data)")
     return x
 
 

@@ -28,6 +28,12 @@ from glora_math.types import LoRAFactors
 
 WeightsLike = Tensor | Sequence[float] | None
 
+#: What a kernel raises on overflowed (finite but huge) input; mapped to NonFiniteError.
+KERNEL_ERRORS: tuple[type[Exception], ...] = (
+    torch.linalg.LinAlgError,  # type: ignore[attr-defined]
+    OverflowError,
+)
+
 
 @dataclass(frozen=True, slots=True)
 class ClientsInfo:
@@ -126,32 +132,98 @@ def validate_clients(factors: Sequence[LoRAFactors], *, stack: bool = False) -> 
     )
 
 
+def largest_client(factors: Sequence[LoRAFactors]) -> tuple[int, float]:
+    """The client with the largest ``||B||_F ||A||_F`` (float64; inf if it overflows), and it.
+
+    Where an aggregate overflows, this is the client to name.
+    """
+    best, top = 0, -1.0
+    for i, f in enumerate(factors):
+        c = as_factors(f, i)
+        with torch.no_grad():
+            b = float(torch.linalg.vector_norm(c.B.detach().to(torch.float64)))
+            a = float(torch.linalg.vector_norm(c.A.detach().to(torch.float64)))
+        size = b * a if math.isfinite(b * a) else math.inf
+        if size > top:
+            best, top = i, size
+    return best, top
+
+
+def check_finite_output(
+    tensors: Sequence[Tensor | None], factors: Sequence[LoRAFactors], what: str
+) -> None:
+    """Raise a :class:`NonFiniteError` naming the largest client if any output is not finite.
+
+    ``what`` names the operation (for the message). Finite inputs can still overflow the
+    working dtype (a client update near its largest value); no Inf or NaN leaves an operator.
+    """
+    if all(t is None or all_finite(t) for t in tensors):
+        return
+    j, size = largest_client(factors)
+    raise NonFiniteError(
+        f"{what} overflowed: the result has Inf/NaN entries; the largest client update has "
+        f"||B|| ||A|| = {size:.2e} (rescale the factors, or aggregate in float64)",
+        client=j,
+    )
+
+
 def normalize_weights(
     weights: WeightsLike, n: int, *, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
     """Return weights ``p`` (shape ``(n,)``) that are non-negative and sum to 1.
 
-    ``None`` means equal weights. Zero weights are allowed (those clients drop out).
+    ``None`` means equal weights. Zero weights are allowed (those clients drop out). Weights
+    are real numbers (a tensor, or a sequence of ints and floats); they are scaled by their
+    largest entry before summing, so weights near the float64 limit do not overflow.
 
     Raises
     ------
     WeightError
-        On wrong length, NaN/Inf, a negative entry (naming the client) or an all-zero vector.
+        On wrong length, a non-number (None, a string, a complex number), NaN/Inf, a value
+        beyond float64, a negative entry (naming the client) or an all-zero vector.
     """
     if weights is None:
         return torch.full((n,), 1.0 / n, dtype=dtype, device=device)
-    w = torch.as_tensor(weights, dtype=torch.float64).detach().flatten().cpu()
-    if w.numel() != n:
-        raise WeightError(f"got {w.numel()} weights for {n} clients")
-    for i, wi in enumerate(w.tolist()):
+    values = _weight_values(weights)
+    if len(values) != n:
+        raise WeightError(f"got {len(values)} weights for {n} clients")
+    for i, wi in enumerate(values):
         if not math.isfinite(wi):
             raise WeightError(f"weight is {wi}", client=i)
         if wi < 0:
             raise WeightError(f"weight {wi} is negative", client=i)
-    total = float(w.sum())
-    if total <= 0.0:
+    top = max(values, default=0.0)
+    if top <= 0.0:
         raise WeightError("all weights are zero")
-    return (w / total).to(dtype=dtype, device=device)
+    w = torch.tensor([wi / top for wi in values], dtype=torch.float64)
+    return (w / w.sum()).to(dtype=dtype, device=device)
+
+
+def _weight_values(weights: object) -> list[float]:
+    """The weights as Python floats, or a :class:`WeightError` naming the bad entry."""
+    if isinstance(weights, Tensor):
+        if weights.is_complex() or not (weights.is_floating_point() or weights.dtype in (
+            torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):  # fmt: skip
+            raise WeightError(f"weights must be a real tensor, got {weights.dtype}")
+        return [float(x) for x in weights.detach().to("cpu", torch.float64).flatten().tolist()]
+    if isinstance(weights, str | bytes) or not hasattr(weights, "__iter__"):
+        raise WeightError(f"weights must be a sequence of numbers, got {type(weights).__name__}")
+    out = []
+    for i, item in enumerate(weights):
+        if isinstance(item, bool | complex) or not isinstance(item, int | float):
+            # numpy and torch real scalars convert; None, strings and complex numbers do not
+            real = hasattr(item, "__float__") and not isinstance(item, bool | complex | str)
+            if not real or getattr(item, "is_complex", lambda: False)():
+                raise WeightError(
+                    f"weight must be a real number, got {type(item).__name__}", client=i
+                )
+        try:
+            out.append(float(item))
+        except OverflowError:
+            raise WeightError("weight is beyond the float64 range", client=i) from None
+        except (TypeError, ValueError) as err:
+            raise WeightError(f"weight is not a real number ({err})", client=i) from None
+    return out
 
 
 def validate_rank(rank: object, *, name: str = "rank") -> int:
@@ -174,10 +246,13 @@ def validate_rank(rank: object, *, name: str = "rank") -> int:
 
 
 __all__ = [
+    "KERNEL_ERRORS",
     "ClientsInfo",
     "WeightsLike",
     "all_finite",
     "as_factors",
+    "check_finite_output",
+    "largest_client",
     "normalize_weights",
     "validate_clients",
     "validate_rank",

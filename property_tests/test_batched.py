@@ -84,8 +84,11 @@ def test_batched_with_fewer_client_directions_than_R() -> None:
     As = [torch.randn(3, r, 5, generator=g, dtype=torch.float64) for r in (2, 3)]
     with pytest.warns(RankClampedWarning):
         st_ = glora_aggregate(stacked(Bs, As), [1.0, 2.0], rank=6)  # only 5 directions exist
-    assert st_.U.shape == (3, 8, 6)
-    assert st_.S.shape == (3, 6, 5)
+    # Clamped, like the per-module operator, to the 5 directions the clients can span (no
+    # allocation beyond them); readouts up to the requested R are still served.
+    assert st_.U.shape == (3, 8, 5)
+    assert st_.S.shape == (3, 5, 5)
+    assert st_.requested_rank == 6
     from glora_math.tolerances import product_tol
 
     for layer in range(3):

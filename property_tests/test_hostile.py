@@ -1,0 +1,285 @@
+"""The adversarial corpus of the core: every registered operator against hostile input.
+
+For every case the outcome is a typed :class:`~glora_math.errors.GloraError` (naming the
+client where one client is to blame) or a correct, finite result; never a raw exception, a
+hang or an Inf/NaN in the output. Classes (issue 19): weights, finite but huge values,
+unusual tensors, ranks, lookups. The fixed cases run by default; the hypothesis test draws
+random hostile combinations, more of them under the nightly profile.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import glora_math as gm
+from glora_math.errors import GloraError, NonFiniteError, UnknownOperatorError, WeightError
+from glora_math.registry import AggregateResult, get_operator, list_operators
+
+OPERATORS = list_operators()
+
+
+def _clients(
+    dtype: torch.dtype = torch.float64, scale: float = 1.0, n: int = 3, r: int = 2, seed: int = 0
+) -> list[gm.LoRAFactors]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        B = scale * torch.randn(12, r, generator=g, dtype=torch.float64)
+        A = torch.randn(r, 10, generator=g, dtype=torch.float64)
+        out.append(gm.LoRAFactors(B.to(dtype), A.to(dtype)))
+    return out
+
+
+def _finite(x: object) -> bool:
+    if isinstance(x, torch.Tensor):
+        return bool(torch.isfinite(x).all())
+    if isinstance(x, gm.LoRAFactors):
+        return _finite(x.B) and _finite(x.A)
+    if isinstance(x, AggregateResult):
+        parts = [x.update, *(x.client_factors or [])]
+        return all(_finite(p) for p in parts) and (x.residual is None or _finite(x.residual))
+    if isinstance(x, gm.ServerState):
+        return _finite(x.U) and _finite(x.S) and not math.isnan(x.relative_residual)
+    return True
+
+
+def _outcome(call: Callable[[], Any]) -> GloraError | Any:
+    """The typed error or the result; anything else fails the test with the raw exception."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return call()
+        except GloraError as err:
+            return err
+
+
+def _shared_a(op_name: str, fs: list[Any]) -> list[Any]:
+    """FFA-LoRA's protocol: every client sends the one shared A."""
+    if not get_operator(op_name).shared_A:
+        return fs
+    A0 = fs[0][1] if isinstance(fs[0], tuple) else fs[0].A
+    out: list[Any] = []
+    for f in fs:
+        B = f[0] if isinstance(f, tuple) else f.B
+        if B.shape[-1] != A0.shape[0]:  # a client of another rank keeps its own A
+            out.append(f)
+        else:
+            out.append((B, A0) if isinstance(f, tuple) else gm.LoRAFactors(B, A0))
+    return out
+
+
+# ---------------------------------------------------------------------------------- weights
+
+WEIGHTS = {
+    "near the float64 limit": [1e308, 1e308, 1e308],
+    "None entry": [None, 1.0, 1.0],
+    "string entry": ["a", 1.0, 1.0],
+    "complex entry": [1 + 2j, 1.0, 1.0],
+    "int beyond float64": [10**400, 1, 1],
+    "NaN entry": [1.0, math.nan, 1.0],
+    "negative entry": [1.0, 1.0, -1.0],
+    "all zero": [0.0, 0.0, 0.0],
+    "wrong length": [1.0, 1.0],
+    "a string": "abc",
+    "bool entries": [True, False, True],
+}
+
+
+@pytest.mark.parametrize("op_name", OPERATORS)
+@pytest.mark.parametrize("case", list(WEIGHTS))
+def test_weights(op_name: str, case: str) -> None:
+    fs = _shared_a(op_name, _clients())
+    out = _outcome(lambda: get_operator(op_name)(fs, WEIGHTS[case], rank=4))  # type: ignore[arg-type]
+    if case == "near the float64 limit":  # equal weights: a correct result, no overflow
+        assert not isinstance(out, GloraError), out
+        ref = get_operator(op_name)(fs, None, rank=4)
+        assert torch.allclose(out.update.delta(), ref.update.delta())
+        return
+    assert isinstance(out, WeightError), out
+    if case not in ("all zero", "wrong length", "a string"):
+        assert out.client is not None, out
+
+
+# ------------------------------------------------------------------- finite but huge values
+
+HUGE = {
+    "float32 1e30": (torch.float32, 1e30),
+    "float32 1e19": (torch.float32, 1e19),
+    "float64 1e200": (torch.float64, 1e200),
+    "float64 1e150": (torch.float64, 1e150),
+    "float16 3000": (torch.float16, 3000.0),
+}
+
+
+@pytest.mark.parametrize("op_name", OPERATORS)
+@pytest.mark.parametrize("case", list(HUGE))
+def test_huge_values(op_name: str, case: str) -> None:
+    dtype, scale = HUGE[case]
+    fs = _shared_a(op_name, _clients(dtype, scale))
+    out = _outcome(lambda: get_operator(op_name)(fs, None, rank=4))
+    if isinstance(out, GloraError):
+        assert isinstance(out, NonFiniteError), out
+        assert out.client is not None, out
+    else:
+        assert _finite(out), f"{op_name}: non-finite output for {case}"
+
+
+@pytest.mark.parametrize("case", list(HUGE))
+@pytest.mark.parametrize("stacked", [False, True])
+def test_huge_values_in_glora_and_its_readouts(case: str, stacked: bool) -> None:
+    dtype, scale = HUGE[case]
+    fs = _clients(dtype, scale)
+    if stacked:
+        fs = [gm.LoRAFactors(torch.stack([f.B, f.B]), torch.stack([f.A, f.A])) for f in fs]
+    state = _outcome(lambda: gm.glora_aggregate(fs, rank=3))
+    if isinstance(state, GloraError):
+        assert isinstance(state, NonFiniteError), state
+        assert state.client is not None, state
+        return
+    assert _finite(state)
+    ro = _outcome(lambda: gm.readout(state, 2))
+    assert isinstance(ro, NonFiniteError) or _finite(ro), ro
+
+
+# ------------------------------------------------------------------------ unusual tensors
+
+
+def _rank0() -> list[gm.LoRAFactors]:
+    z = gm.LoRAFactors(
+        torch.zeros(12, 0, dtype=torch.float64), torch.zeros(0, 10, dtype=torch.float64)
+    )
+    return [*_clients()[:2], z]
+
+
+TENSORS: dict[str, Callable[[], list[Any]]] = {
+    "requires_grad": lambda: [
+        gm.LoRAFactors(f.B.clone().requires_grad_(), f.A.clone().requires_grad_())
+        for f in _clients()
+    ],
+    "(B, A) tuples": lambda: [(f.B, f.A) for f in _clients()],
+    "a rank-0 client": _rank0,
+    "non-contiguous": lambda: [
+        gm.LoRAFactors(f.B.mT.contiguous().mT, f.A.mT.contiguous().mT) for f in _clients()
+    ],
+    "mixed float32/float64": lambda: [_clients()[0], *_clients(torch.float32)[1:]],
+}
+
+
+@pytest.mark.parametrize("op_name", OPERATORS)
+@pytest.mark.parametrize("case", list(TENSORS))
+def test_unusual_tensors(op_name: str, case: str) -> None:
+    fs = _shared_a(op_name, TENSORS[case]())
+    out = _outcome(lambda: get_operator(op_name)(fs, None, rank=4))
+    if isinstance(out, GloraError):  # e.g. equal-rank operators and the rank-0 client
+        assert out.client is not None, out
+        assert case in ("a rank-0 client", "mixed float32/float64"), out
+    else:
+        assert _finite(out)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (
+            lambda: gm.LoRAFactors(torch.zeros(3, 2, dtype=torch.int64), torch.zeros(2, 4)),
+            "floating point",
+        ),
+        (
+            lambda: gm.LoRAFactors(torch.zeros(3, 2, dtype=torch.bool), torch.zeros(2, 4)),
+            "floating point",
+        ),
+        (
+            lambda: gm.LoRAFactors(
+                torch.zeros(3, 2, device="meta"), torch.zeros(2, 4, device="meta")
+            ),
+            "meta",
+        ),
+        (
+            lambda: gm.LoRAFactors(torch.zeros(3, 2, dtype=torch.complex64), torch.zeros(2, 4)),
+            "floating point",
+        ),
+        (lambda: gm.LoRAFactors(torch.zeros(2, 3, 2), torch.zeros(3, 2, 4)), "matrix"),
+    ],
+)
+def test_factor_types_are_typed_errors(make: Callable[[], Any], match: str) -> None:
+    with pytest.raises(GloraError, match=match):
+        make()
+
+
+# ------------------------------------------------------------------------------------ ranks
+
+
+@pytest.mark.parametrize("rank", [0, -1, True, 2.5, "4", None, 10**6, 10**9])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_server_ranks(rank: object, stacked: bool) -> None:
+    fs = _clients()
+    if stacked:
+        fs = [gm.LoRAFactors(torch.stack([f.B] * 3), torch.stack([f.A] * 3)) for f in fs]
+    out = _outcome(lambda: gm.glora_aggregate(fs, rank=rank))  # type: ignore[arg-type]
+    if isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1:
+        assert not isinstance(out, GloraError), out
+        assert out.rank <= 6  # clamped to what 3 clients of rank 2 can span: nothing huge
+        assert _finite(out)
+    else:
+        assert isinstance(out, GloraError), out
+
+
+def test_a_rank_zero_client_is_named_by_the_registry() -> None:
+    out = _outcome(lambda: get_operator("glora")(_clients(), None, rank=4, client_ranks=[2, 0, 2]))
+    assert isinstance(out, GloraError)
+    assert out.client == 1
+
+
+# ---------------------------------------------------------------------------------- lookups
+
+
+def test_unknown_operators_and_bad_gauge_fixed_input() -> None:
+    for name in ("nope", "", None, 3):
+        with pytest.raises(UnknownOperatorError, match="unknown operator"):
+            get_operator(name)  # type: ignore[arg-type]
+    with pytest.raises(KeyError):  # still a lookup error for code that catches KeyError
+        get_operator("nope")
+    fixed = [gm.gauge_fix(f) for f in _clients()]
+    bad = gm.GaugeFixed(2.0 * fixed[1].U, fixed[1].C)  # not orthonormal
+    with pytest.raises(gm.GaugeError, match=r"client 1: basis columns are not orthonormal"):
+        gm.consensus_basis([fixed[0], bad, fixed[2]], rank=2)
+    with pytest.raises(GloraError, match="client 1: expected GaugeFixed"):
+        gm.consensus_basis([fixed[0], _clients()[1]], rank=2)  # type: ignore[list-item]
+    nan = gm.GaugeFixed(fixed[2].U, fixed[2].C * math.nan)
+    with pytest.raises(NonFiniteError, match="client 2"):
+        gm.consensus_basis([*fixed[:2], nan], rank=2)
+
+
+# ------------------------------------------------------------------ random hostile mixtures
+
+
+@given(
+    op_name=st.sampled_from(OPERATORS),
+    dtype=st.sampled_from([torch.float16, torch.float32, torch.float64]),
+    exponent=st.integers(-30, 300),
+    weights=st.lists(
+        st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 10**400)),
+        min_size=3,
+        max_size=3,
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_random_hostile_mixtures(
+    op_name: str, dtype: torch.dtype, exponent: int, weights: list[float], seed: int
+) -> None:
+    scale = 10.0 ** min(exponent, 300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fs = _clients(torch.float64, scale, seed=seed)
+        fs = [gm.LoRAFactors(f.B.to(dtype), f.A.to(dtype)) for f in fs]
+    fs = _shared_a(op_name, fs)
+    out = _outcome(lambda: get_operator(op_name)(fs, weights, rank=3))
+    assert isinstance(out, GloraError) or _finite(out)
