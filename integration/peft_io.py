@@ -45,25 +45,73 @@ class AdapterError(GloraError):
     """An adapter payload is malformed (missing tensors, inconsistent config, bad files)."""
 
 
+#: Bounds on client-supplied names and patterns (peft's are short dotted paths).
+MAX_NAME = 512
+MAX_PATTERN = 256
+_QUANTIFIED_GROUP = re.compile(r"(?<!\\)\)[*+?{]")
+_UNBOUNDED = re.compile(r"(?<!\\)(?:[*+]|\{\d+,\})")
+
+
+def check_pattern(key: object, what: str = "pattern", *, client: int | None = None) -> str:
+    """A ``rank_pattern``/``alpha_pattern`` key that is safe to match against module names.
+
+    peft matches these keys as regular expressions against module names. A client controls
+    both, and a pattern such as ``(a+)+`` backtracks for minutes on a crafted name; so a
+    key is accepted only if it is at most ``MAX_PATTERN`` characters, compiles, quantifies
+    no group (nothing like ``(...)+``, ``(...)*``, ``(...){n}``) and has at most two
+    unbounded quantifiers. Every pattern of peft's documentation passes (dotted paths, ``.*``).
+
+    Raises
+    ------
+    AdapterError
+        Naming the client and the key.
+    """
+    if not isinstance(key, str) or not key or len(key) > MAX_PATTERN:
+        raise AdapterError(f"{what} key must be a string of 1..{MAX_PATTERN} characters, got "
+                           f"{str(key)[:40]!r}", client=client)  # fmt: skip
+    try:
+        re.compile(key)
+    except re.error as err:
+        raise AdapterError(f"{what} key {key[:40]!r} is not a regular expression ({err})",
+                           client=client) from None  # fmt: skip
+    if _QUANTIFIED_GROUP.search(key) or len(_UNBOUNDED.findall(key)) > 2:
+        raise AdapterError(
+            f"{what} key {key[:40]!r} could take exponential time to match (a quantified group "
+            "or more than two unbounded quantifiers): use a module name or a simple pattern",
+            client=client,
+        )
+    return key
+
+
 def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
     r"""Value of the first pattern matching module ``name`` (peft's ``rank_pattern`` rules).
 
     A pattern matches if it equals the name, is a dotted suffix of it, or is a regular
-    expression matching a dotted suffix (``re.match(r"(.*\.)?(pattern)$", name)``).
+    expression matching a dotted suffix (``re.match(r"(.*\.)?(pattern)$", name)``). Keys
+    that :func:`check_pattern` refuses are matched literally only.
     """
     for key, value in patterns.items():
         if name == key or name.endswith("." + key):
             return value
         try:
-            if re.match(rf"(.*\.)?({key})$", name):
-                return value
-        except re.error:
+            check_pattern(key)
+        except AdapterError:
             continue
+        if len(name) <= MAX_NAME and re.match(rf"(.*\.)?({key})$", name):
+            return value
     return default
 
 
 def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
-    """LoRA scaling as in peft: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA."""
+    """LoRA scaling as in peft: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA.
+
+    Raises
+    ------
+    AdapterError
+        If ``r`` is not positive (a rank-0 module has no scale).
+    """
+    if r < 1:
+        raise AdapterError(f"LoRA rank must be >= 1, got {r}")
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
@@ -114,12 +162,18 @@ def _scaling_config(
     if not isinstance(config, Mapping):
         raise AdapterError(f"adapter config must be a mapping, got {type(config).__name__}",
                            client=client)  # fmt: skip
-    alpha0 = _config_number(config.get("lora_alpha", config.get("r", 8)), "lora_alpha", client)
+    # peft's LoraConfig defaults lora_alpha to 8 (not to r).
+    alpha0 = _config_number(config.get("lora_alpha", 8), "lora_alpha", client)
     raw = config.get("alpha_pattern") or {}
     if not isinstance(raw, Mapping):
-        raise AdapterError(f"adapter config: alpha_pattern must be a mapping, got {raw!r}",
+        raise AdapterError(f"adapter config: alpha_pattern must be a mapping, got {raw!r}"[:200],
                            client=client)  # fmt: skip
-    pattern = {str(k): _config_number(v, f"alpha_pattern[{k!r}]", client) for k, v in raw.items()}
+    pattern = {
+        check_pattern(k, "alpha_pattern", client=client): _config_number(
+            v, f"alpha_pattern[{str(k)[:40]!r}]", client
+        )
+        for k, v in raw.items()
+    }
     return (_config_flag(config, "use_rslora", client), alpha0, pattern,
             _config_flag(config, "fan_in_fan_out", client))  # fmt: skip
 
@@ -145,23 +199,31 @@ def adapter_from_state_dict(
     """Read a peft LoRA state dict (``get_peft_model_state_dict`` keys) into folded factors.
 
     ``config`` is the adapter's config: a dict (``adapter_config.json``) or a ``LoraConfig``.
+    Everything in both is untrusted: the config's ``r``/``rank_pattern`` must match the
+    tensors' ranks, ``lora_alpha`` defaults to 8 as in peft, pattern keys must be safe to
+    match (:func:`check_pattern`), tensors must be real and finite.
 
     Raises
     ------
     AdapterError
-        If a module has only one of lora_A / lora_B, inner dimensions disagree, or a scaling
-        entry of the config (``lora_alpha``, ``alpha_pattern``, ``use_rslora``,
-        ``fan_in_fan_out``) has the wrong type.
+        Naming the client and the module: a module with only one of lora_A / lora_B, inner
+        dimensions that disagree, a rank the config does not state, a rank-0 module,
+        non-float LoRA factors, complex or boolean tensors, or a scaling entry of the config
+        (``lora_alpha``, ``alpha_pattern``, ``use_rslora``, ``fan_in_fan_out``) of the wrong
+        type.
     NonFiniteError
         If a tensor has NaN/Inf entries.
     """
     config = config_dict(config, client=client)
     use_rslora, alpha0, alpha_pattern, fan = _scaling_config(config, client)
+    ranks = _rank_config(config, client)
     pairs: dict[str, dict[str, Tensor]] = defaultdict(dict)
     dense: dict[str, Tensor] = {}
+    if not isinstance(state, Mapping):
+        raise AdapterError(f"state dict must be a mapping, got {type(state).__name__}",
+                           client=client)  # fmt: skip
     for key, value in state.items():
-        if not bool(torch.isfinite(value).all()) and value.is_floating_point():
-            raise NonFiniteError(f"tensor {key!r} has NaN/Inf entries", client=client)
+        _check_entry(key, value, client)
         m = _LORA.match(key)
         if m:
             pairs[m["module"].removeprefix(PREFIX)][m["which"]] = value
@@ -169,22 +231,84 @@ def adapter_from_state_dict(
             dense[key.removeprefix(PREFIX)] = value
     modules = {}
     for name, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
+        A, B = _module_pair(name, ab, ranks, client)
+        alpha = float(pattern_value(alpha_pattern, name, alpha0))
+        s = lora_scale(int(A.shape[0]), alpha, use_rslora)
+        modules[name] = AdapterModule(name, LoRAFactors(B * s, A), alpha, fan)
+    return ClientAdapter(modules, dense, dict(config))
+
+
+def _check_entry(key: object, value: object, client: int | None) -> None:
+    """One state-dict entry: a bounded name and a real, finite tensor."""
+    if not isinstance(key, str) or len(key) > MAX_NAME + 64:
+        raise AdapterError(f"state-dict key must be a name of at most {MAX_NAME} "
+                           f"characters, got {str(key)[:40]!r}", client=client)  # fmt: skip
+    if not isinstance(value, Tensor):
+        raise AdapterError(f"tensor {key!r} is a {type(value).__name__}, not a tensor",
+                           client=client)  # fmt: skip
+    if value.is_complex() or value.is_meta or value.dtype == torch.bool:
+        raise AdapterError(f"tensor {key!r} has dtype {value.dtype} (expected real numbers)",
+                           client=client)  # fmt: skip
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise NonFiniteError(f"tensor {key!r} has NaN/Inf entries", client=client)
+
+
+def _module_pair(
+    name: str,
+    ab: Mapping[str, Tensor],
+    ranks: tuple[int, dict[str, int]] | None,
+    client: int | None,
+) -> tuple[Tensor, Tensor]:
+    """``(A, B)`` of one module, checked against each other and against the config's rank."""
+    if set(ab) != {"A", "B"}:
+        raise AdapterError(
+            f"has lora_{next(iter(ab))} but not its partner", client=client, module=name
+        )
+    A, B = ab["A"], ab["B"]
+    if not (A.is_floating_point() and B.is_floating_point()):
+        raise AdapterError(f"lora_A ({A.dtype}) and lora_B ({B.dtype}) must be floating "
+                           "point", client=client, module=name)  # fmt: skip
+    if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+        raise AdapterError(
+            f"lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not match",
+            client=client,
+            module=name,
+        )
+    r = int(A.shape[0])
+    if r < 1:
+        raise AdapterError("rank-0 LoRA module (no directions)", client=client, module=name)
+    if ranks is not None:
+        want = pattern_value(ranks[1], name, ranks[0])
+        if want != r:
             raise AdapterError(
-                f"has lora_{next(iter(ab))} but not its partner", client=client, module=name
-            )
-        A, B = ab["A"], ab["B"]
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            raise AdapterError(
-                f"lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not match",
+                f"the config says rank {want} (r / rank_pattern), the tensors have rank {r}",
                 client=client,
                 module=name,
             )
-        r = int(A.shape[0])
-        alpha = float(pattern_value(alpha_pattern, name, alpha0))
-        s = lora_scale(r, alpha, use_rslora)
-        modules[name] = AdapterModule(name, LoRAFactors(B * s, A), alpha, fan)
-    return ClientAdapter(modules, dense, dict(config))
+    return A, B
+
+
+def _rank_config(
+    config: Mapping[str, Any], client: int | None
+) -> tuple[int, dict[str, int]] | None:
+    """``(r, rank_pattern)`` of an untrusted config, or None if it states no rank."""
+    if "r" not in config:
+        return None
+    r0 = config["r"]
+    if isinstance(r0, bool) or not isinstance(r0, int) or r0 < 1:
+        raise AdapterError(f"adapter config: r must be a positive integer, got {r0!r}"[:200],
+                           client=client)  # fmt: skip
+    raw = config.get("rank_pattern") or {}
+    if not isinstance(raw, Mapping):
+        raise AdapterError(f"adapter config: rank_pattern must be a mapping, got {raw!r}"[:200],
+                           client=client)  # fmt: skip
+    pattern = {}
+    for k, v in raw.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise AdapterError(f"adapter config: rank_pattern[{str(k)[:40]!r}] must be a "
+                               f"positive integer, got {v!r}"[:200], client=client)  # fmt: skip
+        pattern[check_pattern(k, "rank_pattern", client=client)] = v
+    return r0, pattern
 
 
 def load_adapter(path: str | Path, *, client: int | None = None) -> ClientAdapter:
@@ -202,8 +326,12 @@ def load_adapter(path: str | Path, *, client: int | None = None) -> ClientAdapte
     try:
         config = json.loads(cfg.read_text())
         state = load_file(str(weights))
-    except (OSError, ValueError) as err:
-        raise AdapterError(f"cannot read adapter at {folder}: {err}", client=client) from None
+    except (OSError, ValueError, RecursionError, UnicodeDecodeError) as err:
+        raise AdapterError(f"cannot read adapter at {folder}: {err}"[:300], client=client) from None
+    except Exception as err:  # safetensors' own SafetensorError on a truncated or bad file
+        raise AdapterError(
+            f"cannot read adapter at {folder}: {type(err).__name__}: {err}"[:300], client=client
+        ) from None
     return adapter_from_state_dict(state, config, client=client)
 
 
@@ -227,8 +355,16 @@ def adapter_state_dict(
     state: dict[str, Tensor] = {}
     for name, f in modules.items():
         s = lora_scale(f.rank, float(pattern_value(alpha_pattern, name, alpha0)), use_rslora)
+        if not (math.isfinite(s) and s > 0):
+            raise AdapterError(f"LoRA scale {s} (lora_alpha / r) cannot be unfolded", module=name)
+        B = f.B / s
+        if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(f.A).all())):
+            raise NonFiniteError(
+                f"unfolding the scale {s:.3g} gives Inf/NaN in lora_B (dtype {B.dtype})",
+                module=name,
+            )
         state[f"{PREFIX}{name}.lora_A.weight"] = f.A.contiguous()
-        state[f"{PREFIX}{name}.lora_B.weight"] = (f.B / s).contiguous()
+        state[f"{PREFIX}{name}.lora_B.weight"] = B.contiguous()
     for key, value in dense.items():
         state[f"{PREFIX}{key}"] = value.contiguous()
     out = dict(config)

@@ -14,11 +14,13 @@ import argparse
 import copy
 import dataclasses
 import functools
+import hashlib
 import importlib.metadata
 import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -182,6 +184,54 @@ def scramble_adapter(adapter: ClientAdapter, cond: float, seed: int) -> ClientAd
 
 class ConfigError(GloraError):
     """Settings of a run that cannot work (reported before any model or data is loaded)."""
+
+
+class CheckpointError(GloraError):
+    """A checkpoint that cannot be resumed: missing, damaged, edited or inconsistent."""
+
+
+#: Checkpoints written with a manifest (SHA-256 of the tensors, digest of the JSON).
+CHECKPOINT_FORMAT = 2
+_TENSOR_FILE = re.compile(r"checkpoint-\d+\.safetensors")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _digest(meta: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The checked ``checkpoint.json``: parseable, self-consistent, paths inside the folder."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not readable JSON: {err}"[:300]) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is not a checkpoint manifest")
+    missing = [k for k in ("round", "config", "metrics", "tensors") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}")
+    if meta.get("format", 1) >= CHECKPOINT_FORMAT and meta.get("digest") != _digest(meta):
+        raise CheckpointError(f"{path} was edited or damaged (its digest does not match)")
+    name = meta["tensors"]
+    if not isinstance(name, str) or not _TENSOR_FILE.fullmatch(name):
+        raise CheckpointError(f"{path}: tensor file {str(name)[:60]!r} is not a checkpoint "
+                              "file inside the run folder")  # fmt: skip
+    rnd, metrics = meta["round"], meta["metrics"]
+    if (isinstance(rnd, bool) or not isinstance(rnd, int) or not isinstance(metrics, list)
+            or rnd != len(metrics) or name != f"checkpoint-{rnd}.safetensors"
+            or not isinstance(meta["config"], dict)):  # fmt: skip
+        raise CheckpointError(f"{path}: round {rnd!r}, {type(metrics).__name__} metrics and "
+                              f"tensor file {name!r} do not agree")  # fmt: skip
+    return meta
 
 
 #: Fields that do not change a run's results (where it writes, how fast it runs).
@@ -405,19 +455,27 @@ class Simulation:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> None:
-        """Write the checkpoint atomically: tensors first, then the JSON that points at them."""
+        """Write the checkpoint atomically: tensors first, then the JSON that points at them.
+
+        The JSON is a manifest: the run's full configuration, the metrics so far, the tensor
+        file's name and SHA-256, and a digest of the JSON itself, so that ``--resume`` can
+        refuse a damaged or edited checkpoint.
+        """
         self.out.mkdir(parents=True, exist_ok=True)
         tensors = self.out / f"checkpoint-{self.round}.safetensors"
         tmp = tensors.with_suffix(".tmp")
         save_file(self.server.state_tensors(), str(tmp))
         os.replace(tmp, tensors)
-        meta = {
+        meta: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
             "round": self.round,
             "server": self.server.state_meta(),
             "config": asdict(self.cfg),
             "metrics": self.metrics,
             "tensors": tensors.name,
+            "sha256": _sha256(tensors),
         }
+        meta["digest"] = _digest(meta)
         tmpj = self.out / "checkpoint.json.tmp"
         tmpj.write_text(json.dumps(meta, indent=2))
         os.replace(tmpj, self.out / "checkpoint.json")
@@ -426,11 +484,24 @@ class Simulation:
                 old.unlink()
 
     def load(self) -> bool:
-        """Restore the last checkpoint, if any."""
+        """Restore the last checkpoint, if any (False: nothing to resume, start fresh).
+
+        Raises
+        ------
+        CheckpointError
+            One line saying what is wrong: tensors without their ``checkpoint.json``, a JSON
+            or tensor file that is damaged or edited (digest or SHA-256 mismatch), a tensor
+            path outside the run folder, inconsistent rounds, or a different configuration.
+        """
         meta_path = self.out / "checkpoint.json"
         if not meta_path.is_file():
+            if any(self.out.glob("checkpoint-*.safetensors")):
+                raise CheckpointError(
+                    f"{self.out} holds checkpoint tensors but no checkpoint.json: the checkpoint "
+                    "is damaged; remove the folder or use another --out to start over"
+                )
             return False
-        meta = json.loads(meta_path.read_text())
+        meta = _read_manifest(meta_path)
         # More (or fewer) rounds may be asked for; nothing else that defines results may change.
         saved, now = results_config(meta["config"]), results_config(asdict(self.cfg))
         saved.pop("rounds")
@@ -442,7 +513,16 @@ class Simulation:
                 f"--resume: the checkpoint in {self.out} was made with other settings "
                 f"({'; '.join(diff[:5])}); use another --out or the same settings"
             )
-        flat = load_file(str(self.out / meta["tensors"]))
+        tensors = self.out / meta["tensors"]
+        if not tensors.is_file():
+            raise CheckpointError(f"{meta_path} points at {tensors.name}, which is missing")
+        if meta.get("format", 1) >= CHECKPOINT_FORMAT and _sha256(tensors) != meta.get("sha256"):
+            raise CheckpointError(f"{tensors} does not match the SHA-256 in {meta_path} "
+                                  "(damaged or edited)")  # fmt: skip
+        try:
+            flat = load_file(str(tensors))
+        except Exception as err:  # safetensors raises its own error type on damaged files
+            raise CheckpointError(f"cannot read {tensors}: {err}"[:300]) from None
         self.round = int(meta["round"])
         self.metrics = list(meta["metrics"])
         server_meta = meta.get("server")
@@ -457,7 +537,10 @@ class Simulation:
                         flat[key] = fold
                 else:
                     flat[key] = v
-        self.server.restore(flat, server_meta)
+        try:
+            self.server.restore(flat, server_meta)
+        except (GloraError, KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"cannot restore {tensors}: {err}"[:300]) from None
         return True
 
     def _show_progress(self, bar: Any, done: int, total: int) -> None:

@@ -1,0 +1,235 @@
+"""The adversarial corpus of the I/O boundaries: peft adapters and the runner's checkpoints.
+
+Every case ends in a typed error naming the client and module (or the file), or in a correct
+result; never a raw exception, a hang, a silent wrong scale or a non-finite file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from glora_math import LoRAFactors
+from glora_math.errors import GloraError, NonFiniteError
+from integration.peft_io import (
+    PREFIX,
+    AdapterError,
+    adapter_from_state_dict,
+    load_adapter,
+    save_adapter,
+)
+from integration.simulate import CheckpointError, ConfigError, SimConfig, Simulation
+
+NAME = "layer.q"
+
+
+def _state(r: int = 2, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        f"{PREFIX}{NAME}.lora_A.weight": torch.randn(r, 6, generator=g).to(dtype),
+        f"{PREFIX}{NAME}.lora_B.weight": torch.randn(5, r, generator=g).to(dtype),
+    }
+
+
+# ------------------------------------------------------------------------ adapter configs
+
+CONFIGS: dict[str, tuple[dict[str, Any], type[GloraError], str]] = {
+    "r = 0": ({"r": 0, "lora_alpha": 8}, AdapterError, "r must be a positive integer"),
+    "r = -1": ({"r": -1, "lora_alpha": 8}, AdapterError, "r must be a positive integer"),
+    "r = 10**9": ({"r": 10**9, "lora_alpha": 8}, AdapterError, "the config says rank"),
+    "r = 'four'": ({"r": "four", "lora_alpha": 8}, AdapterError, "r must be a positive integer"),
+    "rank_pattern lies": ({"r": 2, "rank_pattern": {NAME: 4}}, AdapterError, "config says rank 4"),
+    "lora_alpha NaN": ({"r": 2, "lora_alpha": math.nan}, AdapterError, "finite number"),
+    "lora_alpha str": ({"r": 2, "lora_alpha": "8"}, AdapterError, "finite number"),
+    "alpha_pattern not a map": ({"r": 2, "alpha_pattern": [1]}, AdapterError, "must be a mapping"),
+    "use_rslora str": ({"r": 2, "use_rslora": "yes"}, AdapterError, "true or false"),
+    "catastrophic pattern": ({"r": 2, "alpha_pattern": {"(a+)+": 16}}, AdapterError, "exponential"),
+    "pattern too long": ({"r": 2, "alpha_pattern": {"a" * 300: 16}}, AdapterError, "1..256"),
+    "bad regex": ({"r": 2, "alpha_pattern": {"(": 16}}, AdapterError, "not a regular expression"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_configs_are_checked_against_the_tensors(case: str) -> None:
+    config, kind, match = CONFIGS[case]
+    with pytest.raises(kind, match=match) as info:
+        adapter_from_state_dict(_state(), config, client=3)
+    assert info.value.client == 3
+
+
+def test_lora_alpha_defaults_to_peft_s_8_not_to_r() -> None:
+    ad = adapter_from_state_dict(_state(r=2), {"r": 2}, client=0)
+    state = _state(r=2)
+    B = state[f"{PREFIX}{NAME}.lora_B.weight"]
+    assert torch.allclose(ad.modules[NAME].factors.B, B * (8 / 2))
+
+
+def test_a_crafted_pattern_and_name_cannot_hang_the_server() -> None:
+    # peft matches pattern keys as regexes; (a+)+ against "aaaa...!" backtracks for minutes.
+    state = {
+        f"{PREFIX}{'a' * 32 + '!'}.lora_A.weight": torch.ones(2, 6),
+        f"{PREFIX}{'a' * 32 + '!'}.lora_B.weight": torch.ones(5, 2),
+    }
+    t0 = time.perf_counter()
+    with pytest.raises(AdapterError, match="exponential"):
+        adapter_from_state_dict(state, {"r": 2, "alpha_pattern": {"(a+)+": 16}}, client=1)
+    assert time.perf_counter() - t0 < 0.5
+
+
+TENSORS: dict[str, tuple[Callable[[], dict[str, Any]], str]] = {
+    "int32 lora_B": (
+        lambda: _state() | {f"{PREFIX}{NAME}.lora_B.weight": torch.ones(5, 2, dtype=torch.int32)},
+        "floating point",
+    ),
+    "complex head": (
+        lambda: _state() | {"classifier.weight": torch.ones(2, 2, dtype=torch.complex64)},
+        "expected real numbers",
+    ),
+    "bool head": (
+        lambda: _state() | {"classifier.weight": torch.ones(2, 2, dtype=torch.bool)},
+        "expected real numbers",
+    ),
+    "rank 0": (lambda: _state(r=0), "rank-0"),
+    "not a tensor": (lambda: _state() | {"classifier.weight": [1.0, 2.0]}, "not a tensor"),
+    "NaN": (
+        lambda: _state() | {f"{PREFIX}{NAME}.lora_A.weight": torch.full((2, 6), math.nan)},
+        "NaN/Inf",
+    ),
+    "missing partner": (
+        lambda: {f"{PREFIX}{NAME}.lora_A.weight": torch.ones(2, 6)},
+        "not its partner",
+    ),
+    "shapes disagree": (
+        lambda: _state() | {f"{PREFIX}{NAME}.lora_A.weight": torch.ones(3, 6)},
+        "do not match",
+    ),
+    "huge key": (lambda: {"k" * 5000: torch.ones(1)}, "at most"),
+}
+
+
+@pytest.mark.parametrize("case", list(TENSORS))
+def test_bad_tensors_are_typed_errors_naming_the_client(case: str) -> None:
+    make, match = TENSORS[case]
+    config = {"lora_alpha": 8} if case == "rank 0" else {"r": 2, "lora_alpha": 8}
+    with pytest.raises(GloraError, match=match) as info:
+        adapter_from_state_dict(make(), config, client=2)
+    assert info.value.client == 2
+
+
+def test_the_writer_refuses_what_would_write_inf(tmp_path: Path) -> None:
+    f = LoRAFactors(torch.ones(5, 2), torch.ones(2, 6))
+    with pytest.raises(AdapterError, match="cannot be unfolded"):
+        save_adapter(tmp_path / "a", {NAME: f}, {}, {"r": 2, "lora_alpha": 0})
+    big = LoRAFactors(torch.full((5, 2), 3e38), torch.ones(2, 6))  # / (alpha/r = 0.5) overflows
+    with pytest.raises(NonFiniteError, match="Inf/NaN in lora_B"):
+        save_adapter(tmp_path / "b", {NAME: big}, {}, {"r": 2, "lora_alpha": 1})
+    assert not (tmp_path / "a" / "adapter_model.safetensors").exists()
+
+
+FILES: dict[str, Callable[[Path], None]] = {
+    "truncated safetensors": lambda d: (d / "adapter_model.safetensors").write_bytes(
+        (d / "adapter_model.safetensors").read_bytes()[:40]
+    ),
+    "garbage safetensors": lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x00" * 64),
+    "garbage JSON": lambda d: (d / "adapter_config.json").write_text("{not json"),
+    "deeply nested JSON": lambda d: (d / "adapter_config.json").write_text(
+        "[" * 100000 + "]" * 100000
+    ),
+    "JSON list": lambda d: (d / "adapter_config.json").write_text("[1, 2]"),
+    "missing config": lambda d: (d / "adapter_config.json").unlink(),
+}
+
+
+@pytest.mark.parametrize("case", list(FILES))
+def test_damaged_adapter_folders_are_typed_errors(tmp_path: Path, case: str) -> None:
+    save_adapter(
+        tmp_path,
+        {NAME: LoRAFactors(torch.ones(5, 2), torch.ones(2, 6))},
+        {},
+        {"r": 2, "lora_alpha": 8},
+    )
+    FILES[case](tmp_path)
+    with pytest.raises(AdapterError) as info:
+        load_adapter(tmp_path, client=4)
+    assert info.value.client == 4
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+TINY = {"model": "tiny-roberta", "clients": 2, "rounds": 1, "local_steps": 1, "max_train": 16,
+        "max_eval": 8, "batch_size": 4}  # fmt: skip
+
+
+def _edit_json(key: str, value: Any) -> Callable[[Path], None]:
+    def edit(out: Path) -> None:
+        meta = json.loads((out / "checkpoint.json").read_text())
+        meta[key] = value
+        (out / "checkpoint.json").write_text(json.dumps(meta))
+
+    return edit
+
+
+def _edit_tensor(out: Path) -> None:
+    from safetensors.torch import load_file
+
+    path = out / "checkpoint-1.safetensors"
+    flat = load_file(str(path))
+    key = next(k for k in flat if k.startswith("update."))
+    flat[key] = flat[key] + 1.0
+    save_file(flat, str(path))
+
+
+CHECKPOINTS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "truncated tensors": (
+        lambda o: (o / "checkpoint-1.safetensors").write_bytes(b"\x01" * 10),
+        "SHA-256",
+    ),
+    "garbage JSON": (lambda o: (o / "checkpoint.json").write_text("{oops"), "not readable JSON"),
+    "missing tensor file": (lambda o: (o / "checkpoint-1.safetensors").unlink(), "missing"),
+    "edited tensor value": (_edit_tensor, "SHA-256"),
+    "round moved ahead": (_edit_json("round", 5), "edited or damaged"),
+    "path outside the folder": (_edit_json("tensors", "../../etc/passwd"), "edited or damaged"),
+    "deleted checkpoint.json": (lambda o: (o / "checkpoint.json").unlink(), "no checkpoint.json"),
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    Simulation(SimConfig(**(TINY | {"out": str(out)}))).run()  # type: ignore[arg-type]
+    return out
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINTS))
+def test_damaged_checkpoints_are_refused_in_one_line(
+    finished_run: Path, tmp_path: Path, case: str
+) -> None:
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    damage, match = CHECKPOINTS[case]
+    damage(out)
+    sim = Simulation(SimConfig(**(TINY | {"out": str(out), "rounds": 2})))  # type: ignore[arg-type]
+    with pytest.raises(CheckpointError, match=match) as info:
+        sim.run(resume=True)
+    assert "\n" not in str(info.value)
+
+
+def test_a_changed_configuration_is_refused(finished_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    for change in ({"seed": 1}, {"clients": 3}, {"client_ranks": [2, 4]}):
+        sim = Simulation(SimConfig(**(TINY | {"out": str(out), "rounds": 2} | change)))  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="other settings"):
+            sim.run(resume=True)
