@@ -178,8 +178,20 @@ def load_clients(path: str) -> tuple[list[LoRAFactors], torch.Tensor | None]:
         raise SystemExit(
             "loading client factors needs safetensors: pip install safetensors"
         ) from err
-    flat = load_file(path)
-    ids = sorted({int(key.split(".")[1]) for key in flat if key.startswith("clients.")})
+    try:
+        flat = load_file(path)
+    except Exception as err:  # a missing, truncated or foreign file (safetensors' own error)
+        raise GloraError(
+            f"{path}: cannot read safetensors ({type(err).__name__}: {err})"[:300]
+        ) from None
+    found: set[int] = set()
+    for key in flat:
+        parts = key.split(".")
+        if key.startswith("clients.") and (len(parts) != 3 or not parts[1].isdigit()):
+            raise GloraError(f"{path}: tensor {key[:60]!r} is not clients.<i>.B or clients.<i>.A")
+        if key.startswith("clients."):
+            found.add(int(parts[1]))
+    ids = sorted(found)
     if not ids:
         raise GloraError(f"{path}: no 'clients.<i>.B' / 'clients.<i>.A' tensors found")
     clients = []

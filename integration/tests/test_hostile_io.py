@@ -233,3 +233,34 @@ def test_a_changed_configuration_is_refused(finished_run: Path, tmp_path: Path) 
         sim = Simulation(SimConfig(**(TINY | {"out": str(out), "rounds": 2} | change)))  # type: ignore[arg-type]
         with pytest.raises(ConfigError, match="other settings"):
             sim.run(resume=True)
+
+
+# ------------------------------------------------------------------------- the CLI reader
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"garbage", "cannot read safetensors"),
+        (None, "cannot read safetensors"),  # no file at all
+        ({"clients.x.B": torch.ones(3, 2)}, "is not clients.<i>.B"),
+        ({"clients.0.B": torch.ones(3, 2)}, "client 0: .*missing tensor"),
+        ({"other": torch.ones(1)}, "no 'clients.<i>.B'"),
+    ],
+)
+def test_glora_compare_load_reports_bad_files_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: object, match: str
+) -> None:
+    import re
+
+    from glora_math.cli import main
+
+    path = tmp_path / "clients.safetensors"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, dict):
+        save_file(content, str(path))
+    assert main(["compare", "--load", str(path), "--trials", "1"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
+    assert err.count("\n") == 1
