@@ -6,10 +6,21 @@ are :class:`integration.server.FederatedServer` (the same object the runner driv
 :func:`~integration.peft_io.aggregate_adapters` with any operator of
 :mod:`glora_math.registry`), and the results go back as records. Clients may have different
 LoRA ranks: each one receives factors of its own rank (a rank-compatible readout for GLoRA,
-FlexLoRA and the like). A reply with an error, missing or extra modules, wrong shapes, a rank
-mismatch or NaN/Inf entries is rejected with a logged reason and the round goes on with the
-rest; the server never crashes on client input. Payloads are numpy arrays decoded with
-``allow_pickle=False`` by Flower; nothing is unpickled.
+FlexLoRA and the like).
+
+The trust boundary: every reply is untrusted. A reply is rejected, with its node, the partition
+it names and the reason logged, if it carries an error, lacks a record, has an array that is
+not a finite float array of the declared dtype and shape (object, unicode or complex payloads,
+garbage bytes, a foreign serialisation type, NaN/Inf, entries beyond ``max_abs``, a rank-0
+factor), modules or ``modules_to_save`` tensors that differ from the reference, a bad LoRA
+config, a ``num-examples`` that is not a finite number in ``(0, max_examples]``, or comes twice
+from one node (the first reply counts). The reference modules come from the server
+(``modules=``, the initial heads), never from replies. If the operator then refuses the round,
+each remaining reply is tried on its own and the ones it refuses alone are rejected; for
+operators that need equal ranks the replies off the reference rank are rejected. A failure that
+cannot be traced to one reply keeps the global model. No exception from a reply reaches Flower,
+and no reply changes which other replies are accepted. Payloads are numpy arrays decoded with
+``allow_pickle=False``; nothing is unpickled.
 
 Record layout (keys of the ``RecordDict``):
 
@@ -17,39 +28,93 @@ server -> client, train
     ``"init"``: the client's folded factors (``"<module>.B"``, ``"<module>.A"``), empty for a
     fresh LoRA start; ``"base"``: dense folds accumulated into base weights (``"<module>"``,
     FedEx-LoRA residuals, FLoRA merges); ``"dense"``: ``modules_to_save`` tensors;
-    ``"config"``: ``server-round``, ``freeze-a`` (FFA-LoRA).
+    ``"config"``: ``server-round``, ``freeze-a`` (FFA-LoRA). :func:`read_train_message` decodes it.
 client -> server, train
     ``"adapter"``: the peft LoRA state dict (``get_peft_model_state_dict``); ``"lora"``: its
-    ``r``, ``lora_alpha``, ``use_rslora``, ``fan_in_fan_out``; ``"metrics"``: ``num-examples``
-    and ``train-loss``.
+    ``r``, ``lora_alpha``, ``use_rslora``, ``fan_in_fan_out`` (and ``rank_pattern`` /
+    ``alpha_pattern`` as JSON strings); ``"metrics"``: ``num-examples``, ``train-loss`` and,
+    optionally, ``partition-id``. :func:`train_reply` builds it.
 server -> client, evaluate
     ``"update"``: the global low-rank update, ``"base"``, ``"dense"``; the client merges them.
+    :func:`read_evaluate_message` decodes it.
 client -> server, evaluate
-    ``"metrics"``: ``num-examples``, ``accuracy``, ``eval-loss``.
+    ``"metrics"``: ``num-examples``, ``accuracy``, ``eval-loss`` (and ``partition-id``).
+    :func:`evaluate_reply` builds it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import time
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
+from safetensors.torch import save_file
 from torch import Tensor
 
 from glora_math import GloraError, LoRAFactors
-from glora_math.registry import get_operator
+from glora_math.registry import Guarantee, get_operator
 
-from .peft_io import ClientAdapter, adapter_from_state_dict
-from .server import FederatedServer
+from .peft_io import (
+    ClientAdapter,
+    adapter_from_state_dict,
+    aggregate_adapters,
+    config_dict,
+    pattern_value,
+    save_adapter,
+)
+from .server import FederatedServer, RoundOutcome
+
+#: Default bound on a reply's ``num-examples`` (a weight above it is not a sample count).
+MAX_EXAMPLES = 1e12
+#: Default bound on the absolute value of any entry a reply carries (folded scale included).
+#: LoRA factors and heads of a sane run are O(1); the bound keeps every product of the round
+#: finite in float32.
+MAX_ABS = 1e6
+_NUMPY = "numpy.ndarray"
+_Metric = int | float | list[int] | list[float]
+_LORA_KEYS = ("r", "lora_alpha", "use_rslora", "fan_in_fan_out")
+_PATTERNS = ("rank_pattern", "alpha_pattern")
+
+
+class RecordError(GloraError):
+    """A Flower message breaks the record protocol (a missing or mistyped record, a bad value)."""
+
+
+def _clip(text: object, limit: int = 300) -> str:
+    """A client-supplied text made safe for one log line (printable, at most ``limit`` chars)."""
+    s = "".join(ch if ch.isprintable() else " " for ch in str(text))
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _reason(err: BaseException) -> str:
+    """An exception as a rejection reason (without the ``client ...:`` prefix we log anyway)."""
+    if isinstance(err, GloraError):
+        where = f"module {err.module!r}: " if err.module is not None else ""
+        return _clip(where + err.message)
+    return _clip(f"{type(err).__name__}: {err}")
+
 
 # ----------------------------------------------------------------------------------------------
 # Record conversion (pure functions)
@@ -65,10 +130,34 @@ def factors_to_record(factors: Mapping[str, LoRAFactors]) -> ArrayRecord:
 
 
 def record_to_factors(record: ArrayRecord) -> dict[str, LoRAFactors]:
-    """Inverse of :func:`factors_to_record`."""
-    sd = record.to_torch_state_dict()
-    names = sorted({k.rsplit(".", 1)[0] for k in sd})
-    return {n: LoRAFactors(sd[f"{n}.B"], sd[f"{n}.A"]) for n in names}
+    """Inverse of :func:`factors_to_record` (float64 factors).
+
+    Raises
+    ------
+    RecordError
+        If an array is not a finite float array or a module lacks its ``.B`` or ``.A``.
+    """
+    return _factors(decode_arrays(record, what="factor"))
+
+
+def _factors(sd: Mapping[str, Tensor], client: int | None = None) -> dict[str, LoRAFactors]:
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, value in sd.items():
+        name, _, which = key.rpartition(".")
+        if which not in ("A", "B") or not name:
+            raise RecordError(f"factor key {key!r} is not '<module>.B' or '<module>.A'",
+                              client=client)  # fmt: skip
+        pairs.setdefault(name, {})[which] = value
+    out = {}
+    for name in sorted(pairs):
+        ab = pairs[name]
+        if set(ab) != {"A", "B"}:
+            raise RecordError("has only one of the factors B, A", client=client, module=name)
+        try:
+            out[name] = LoRAFactors(ab["B"], ab["A"])
+        except Exception as err:  # LoRAFactors validates shapes
+            raise RecordError(_reason(err), client=client, module=name) from None
+    return out
 
 
 def tensors_to_record(tensors: Mapping[str, Tensor]) -> ArrayRecord:
@@ -78,33 +167,364 @@ def tensors_to_record(tensors: Mapping[str, Tensor]) -> ArrayRecord:
     )
 
 
-def _reply_adapter(content: RecordDict, node: int) -> tuple[ClientAdapter, float]:
-    """Decode a train reply into a client adapter and its weight, or raise GloraError."""
+def decode_arrays(
+    record: ArrayRecord,
+    *,
+    what: str = "array",
+    client: int | None = None,
+    max_abs: float = math.inf,
+) -> dict[str, Tensor]:
+    """The arrays of an untrusted ArrayRecord as float64 tensors, or a :class:`RecordError`.
+
+    Every entry must be a numpy-serialised (``allow_pickle=False``), non-empty float16/32/64
+    array whose payload matches its declared dtype and shape, with finite entries of absolute
+    value at most ``max_abs``. Object, unicode, integer and complex arrays are refused (a
+    complex array is never cast to real), and so are garbage bytes and other serialisation
+    types.
+    """
+    out: dict[str, Tensor] = {}
+    for key in list(record.keys()):
+        arr = record[key]
+        label = f"{what} {_clip(key, 120)!r}"
+        if not isinstance(arr, Array):
+            raise RecordError(f"{label} is a {type(arr).__name__}, not an Array", client=client)
+        if arr.stype != _NUMPY:
+            raise RecordError(f"{label} has serialisation type {_clip(arr.stype, 60)!r}, "
+                              f"not {_NUMPY!r}", client=client)  # fmt: skip
+        try:
+            nd = arr.numpy()  # np.load(..., allow_pickle=False)
+        except Exception as err:  # garbage bytes, object arrays, truncated payloads, ...
+            raise RecordError(
+                f"{label} cannot be decoded ({_reason(err)})", client=client
+            ) from None
+        if not isinstance(nd, np.ndarray):
+            raise RecordError(f"{label} does not decode to an array", client=client)
+        if nd.dtype.kind != "f" or nd.dtype.itemsize not in (2, 4, 8):
+            raise RecordError(f"{label} has dtype {nd.dtype.str!r}; only float16, float32 and "
+                              "float64 arrays are accepted", client=client)  # fmt: skip
+        try:
+            declared = np.dtype(arr.dtype)
+        except Exception:
+            declared = None
+        if declared != nd.dtype or tuple(arr.shape) != tuple(nd.shape):
+            raise RecordError(f"{label} declares dtype {_clip(arr.dtype, 40)!r} and shape "
+                              f"{_clip(tuple(arr.shape), 60)} but holds {nd.dtype.str} "
+                              f"{tuple(nd.shape)}", client=client)  # fmt: skip
+        if nd.size == 0:
+            raise RecordError(f"{label} is empty (shape {tuple(nd.shape)}): rank-0 factors and "
+                              "empty tensors are not accepted", client=client)  # fmt: skip
+        values = nd.astype(np.float64)
+        if not bool(np.isfinite(values).all()):
+            raise RecordError(f"tensor {_clip(key, 120)!r} has NaN/Inf entries", client=client)
+        peak = float(np.abs(values).max())
+        if peak > max_abs:
+            raise RecordError(f"{label} has entries up to {peak:.3g} in absolute value, above "
+                              f"the bound {max_abs:g}", client=client)  # fmt: skip
+        out[key] = torch.from_numpy(np.ascontiguousarray(values))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Client side: what a ClientApp reads and sends
+
+
+@dataclass(frozen=True)
+class TrainInstructions:
+    """What the server sends a client for one round of local training.
+
+    ``init``: the factors to start from (folded scale, float64), or None for a fresh LoRA
+    start; ``base``: dense ``out x in`` folds to add to the base weights before training;
+    ``dense``: the ``modules_to_save`` tensors; ``freeze_a``: keep every ``lora_A`` fixed
+    (FFA-LoRA); ``config``: the whole config record.
+    """
+
+    init: dict[str, LoRAFactors] | None
+    base: dict[str, Tensor]
+    dense: dict[str, Tensor]
+    server_round: int
+    freeze_a: bool
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EvaluateInstructions:
+    """What the server sends a client to evaluate the global model.
+
+    ``update``: the global low-rank update per module (folded scale); ``base`` and ``dense`` as
+    in :class:`TrainInstructions`. :meth:`deltas` gives the dense change of each module.
+    """
+
+    update: dict[str, LoRAFactors]
+    base: dict[str, Tensor]
+    dense: dict[str, Tensor]
+    server_round: int
+    config: dict[str, Any]
+
+    def deltas(self) -> dict[str, Tensor]:
+        """Per module, the dense ``out x in`` change of the base: folds plus the update."""
+        out = {name: f.detach().clone() for name, f in self.base.items()}
+        for name, f in self.update.items():
+            out[name] = out[name] + f.delta() if name in out else f.delta()
+        return out
+
+
+def _content(message: Message | RecordDict) -> RecordDict:
+    if isinstance(message, RecordDict):
+        return message
+    if message.has_error():
+        raise RecordError(f"the message carries an error: {_clip(message.error.reason)}")
+    return message.content
+
+
+def _array_record(content: RecordDict, key: str) -> ArrayRecord:
+    rec = content.get(key)
+    if not isinstance(rec, ArrayRecord):
+        raise RecordError(f"the server message has no ArrayRecord {key!r}")
+    return rec
+
+
+def _server_config(content: RecordDict) -> tuple[dict[str, Any], int]:
+    rec = content.get("config")
+    if not isinstance(rec, ConfigRecord):
+        raise RecordError("the server message has no ConfigRecord 'config'")
+    conf = dict(rec)
+    rnd = conf.get("server-round")
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 1:
+        raise RecordError(f"the server message has no positive 'server-round' (got {rnd!r})")
+    return conf, rnd
+
+
+def read_train_message(message: Message | RecordDict) -> TrainInstructions:
+    """Decode the server's train message (see the module's record layout).
+
+    Raises
+    ------
+    RecordError
+        If a record is missing or an array is not a finite float array.
+    """
+    content = _content(message)
+    conf, rnd = _server_config(content)
+    init = record_to_factors(_array_record(content, "init"))
+    return TrainInstructions(
+        init=init or None,
+        base=decode_arrays(_array_record(content, "base"), what="base fold"),
+        dense=decode_arrays(_array_record(content, "dense"), what="dense tensor"),
+        server_round=rnd,
+        freeze_a=conf.get("freeze-a") is True,
+        config=conf,
+    )
+
+
+def read_evaluate_message(message: Message | RecordDict) -> EvaluateInstructions:
+    """Decode the server's evaluate message (see the module's record layout).
+
+    Raises
+    ------
+    RecordError
+        If a record is missing or an array is not a finite float array.
+    """
+    content = _content(message)
+    conf, rnd = _server_config(content)
+    return EvaluateInstructions(
+        update=record_to_factors(_array_record(content, "update")),
+        base=decode_arrays(_array_record(content, "base"), what="base fold"),
+        dense=decode_arrays(_array_record(content, "dense"), what="dense tensor"),
+        server_round=rnd,
+        config=conf,
+    )
+
+
+def _count(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise RecordError(f"{what} must be a positive whole number, got {value!r}")
+    return value
+
+
+def _partition_metric(partition: int | None) -> dict[str, int]:
+    if partition is None:
+        return {}
+    if isinstance(partition, bool) or not isinstance(partition, int) or partition < 0:
+        raise RecordError(f"partition must be a non-negative whole number, got {partition!r}")
+    return {"partition-id": partition}
+
+
+def train_reply(
+    state_dict: Mapping[str, Tensor],
+    lora_config: Any,
+    *,
+    num_examples: int,
+    train_loss: float | None = None,
+    partition: int | None = None,
+) -> RecordDict:
+    """The reply to a train message: a peft adapter, its LoRA config and the metrics.
+
+    ``state_dict``: ``get_peft_model_state_dict(model)`` (LoRA factors and ``modules_to_save``
+    tensors; floating tensors are sent as float32). ``lora_config``: the ``LoraConfig`` (or
+    its dict); ``r``, ``lora_alpha``, ``use_rslora``, ``fan_in_fan_out`` and non-empty
+    ``rank_pattern``/``alpha_pattern`` are sent. ``partition`` names the client's data
+    partition in the server's reports.
+    """
+    conf = config_dict(lora_config)
+    lora: dict[str, Any] = {}
+    r = conf.get("r")
+    if isinstance(r, int) and not isinstance(r, bool):
+        lora["r"] = r
+    if isinstance(conf.get("lora_alpha"), int | float):
+        lora["lora_alpha"] = float(conf["lora_alpha"])
+    lora["use_rslora"] = bool(conf.get("use_rslora", False))
+    lora["fan_in_fan_out"] = bool(conf.get("fan_in_fan_out", False))
+    for key in _PATTERNS:
+        if conf.get(key):
+            lora[key] = json.dumps(dict(conf[key]), sort_keys=True)
+    arrays = {
+        k: (
+            v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
+        ).contiguous()
+        for k, v in state_dict.items()
+    }
+    metrics: dict[str, _Metric] = {"num-examples": _count(num_examples, "num_examples")}
+    if train_loss is not None:
+        metrics["train-loss"] = float(train_loss)
+    metrics.update(_partition_metric(partition))
+    records: dict[str, ArrayRecord | ConfigRecord | MetricRecord] = {
+        "adapter": ArrayRecord(arrays),
+        "lora": ConfigRecord(lora),
+        "metrics": MetricRecord(metrics),
+    }
+    return RecordDict(records)
+
+
+def evaluate_reply(
+    *, num_examples: int, accuracy: float, eval_loss: float, partition: int | None = None
+) -> RecordDict:
+    """The reply to an evaluate message: ``num-examples``, ``accuracy``, ``eval-loss``."""
+    metrics: dict[str, _Metric] = {
+        "num-examples": _count(num_examples, "num_examples"),
+        "accuracy": float(accuracy),
+        "eval-loss": float(eval_loss),
+        **_partition_metric(partition),
+    }
+    return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+# ----------------------------------------------------------------------------------------------
+# Server side: decoding untrusted replies
+
+
+@dataclass
+class _Reply:
+    """One decoded, checked train reply."""
+
+    node: int
+    adapter: ClientAdapter
+    weight: float
+    loss: float | None
+
+    def ranks(self) -> tuple[tuple[str, int], ...]:
+        return tuple(sorted((n, m.factors.rank) for n, m in self.adapter.modules.items()))
+
+    def top_rank(self) -> int:
+        return max((m.factors.rank for m in self.adapter.modules.values()), default=0)
+
+
+def _partition_of(msg: Message) -> int | None:
+    """The partition a reply names in its metrics (best effort: None if absent or odd)."""
+    try:
+        if msg.has_error():
+            return None
+        metrics = msg.content.get("metrics")
+        value = metrics.get("partition-id") if isinstance(metrics, MetricRecord) else None
+    except Exception:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def _weight(metrics: MetricRecord, node: int, limit: float) -> float:
+    value = metrics.get("num-examples")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 < value <= limit
+    ):
+        raise RecordError(f"reply has no 'num-examples' in (0, {limit:g}] (got "
+                          f"{_clip(repr(value), 60)})", client=node)  # fmt: skip
+    return float(value)
+
+
+def _lora_config(record: ConfigRecord, node: int) -> dict[str, Any]:
+    """The LoRA config a reply sends, checked key by key (unknown keys are dropped)."""
+    conf: dict[str, Any] = {k: record[k] for k in _LORA_KEYS if k in record}
+    r = conf.get("r")
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+        raise RecordError(f"adapter config: r must be a positive whole number, got {r!r}",
+                          client=node)  # fmt: skip
+    for key in _PATTERNS:
+        if key not in record:
+            continue
+        raw = record[key]
+        try:
+            value = json.loads(raw) if isinstance(raw, str) else None
+        except ValueError:
+            value = None
+        if not isinstance(value, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value.values()
+        ):
+            raise RecordError(f"adapter config: {key} must be a JSON object of numbers",
+                              client=node)  # fmt: skip
+        conf[key] = value
+    return conf
+
+
+def _decode_train_reply(msg: Message, node: int, *, max_examples: float, max_abs: float) -> _Reply:
+    """A train reply as a checked client adapter with its weight, or a GloraError."""
+    if msg.has_error():
+        raise RecordError(f"client error: {_clip(msg.error.reason)}", client=node)
+    content = msg.content
     for key, kind in (("adapter", ArrayRecord), ("lora", ConfigRecord), ("metrics", MetricRecord)):
-        if key not in content or not isinstance(content[key], kind):
-            raise GloraError(f"reply has no {kind.__name__} {key!r}", client=node)
-    metrics = content["metrics"]
-    weight = metrics.get("num-examples") if isinstance(metrics, MetricRecord) else None
-    if not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
-        raise GloraError(f"reply has no positive 'num-examples' (got {weight!r})", client=node)
-    arrays = content["adapter"]
+        if not isinstance(content.get(key), kind):
+            raise RecordError(f"reply has no {kind.__name__} {key!r}", client=node)
+    metrics, lora, arrays = content["metrics"], content["lora"], content["adapter"]
+    assert isinstance(metrics, MetricRecord)
+    assert isinstance(lora, ConfigRecord)
     assert isinstance(arrays, ArrayRecord)
-    state = {k: v.to(torch.float64) for k, v in arrays.to_torch_state_dict().items()}
-    config = dict(content["lora"])
+    weight = _weight(metrics, node, max_examples)
+    loss = metrics.get("train-loss")
+    finite_loss = (
+        float(loss)
+        if isinstance(loss, int | float) and not isinstance(loss, bool) and math.isfinite(loss)
+        else None
+    )
+    state = decode_arrays(arrays, what="adapter tensor", client=node, max_abs=max_abs)
+    config = _lora_config(lora, node)
     adapter = adapter_from_state_dict(state, config, client=node)
-    r = config.get("r")
+    if not adapter.modules:
+        raise RecordError("reply has no LoRA modules", client=node)
+    r, pattern = config.get("r"), config.get("rank_pattern") or {}
     for name, m in adapter.modules.items():
-        if isinstance(r, int) and m.factors.rank != r and "rank_pattern" not in config:
-            raise GloraError(f"factors have rank {m.factors.rank}, config says r={r}", client=node)
-        if not m.factors.rank:
-            raise GloraError("rank-0 factors", client=node, module=name)
-    return adapter, float(weight)
+        want = pattern_value(pattern, name, r)
+        if isinstance(want, int) and m.factors.rank != want:
+            raise RecordError(f"factors have rank {m.factors.rank}, config says r={want}",
+                              client=node, module=name)  # fmt: skip
+        peak = max(float(m.factors.B.abs().max()), float(m.factors.A.abs().max()))
+        if not math.isfinite(peak) or peak > max_abs:
+            raise RecordError(f"scaled factors reach {peak:.3g}, above the bound {max_abs:g} "
+                              "(lora_alpha too large?)", client=node, module=name)  # fmt: skip
+    return _Reply(node, adapter, weight, finite_loss)
 
 
-def _signature(adapter: ClientAdapter) -> tuple[Any, ...]:
-    mods = tuple(sorted((n, m.factors.shape) for n, m in adapter.modules.items()))
-    dense = tuple(sorted((k, tuple(v.shape)) for k, v in adapter.dense.items()))
-    return mods, dense
+def _majority(keys: Mapping[int, Any]) -> Any | None:
+    """The value held by more than half of the nodes, or None (order-independent)."""
+    if not keys:
+        return None
+    value, count = Counter(keys.values()).most_common(1)[0]
+    return value if 2 * count > len(keys) else None
+
+
+def _finite(tensors: Iterable[Tensor | None]) -> bool:
+    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,15 +533,27 @@ def _signature(adapter: ClientAdapter) -> tuple[Any, ...]:
 
 @dataclass
 class RoundLog:
-    """What one server round did (also returned as the train MetricRecord)."""
+    """What one server round did (also returned as the train MetricRecord).
+
+    ``accepted``: the nodes whose replies were aggregated; ``rejected``: node -> reason (a
+    second reply of an accepted node is listed here too); ``partitions``: node -> the
+    partition its reply names; ``evaluate_rejected``: node -> reason, for evaluation replies.
+    """
 
     round: int
     accepted: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
+    partitions: dict[int, int] = field(default_factory=dict)
     aggregation_error: float = math.nan
     certified_residual: float = math.nan
     train_loss: float = math.nan
     warnings: list[str] = field(default_factory=list)
+    evaluate_rejected: dict[int, str] = field(default_factory=dict)
+
+    def who(self, node: int) -> str:
+        """``node <id> (partition <p>)``, or ``node <id>`` if the reply named no partition."""
+        p = self.partitions.get(node)
+        return f"node {node}" if p is None else f"node {node} (partition {p})"
 
 
 class LoRAStrategy(Strategy):
@@ -132,7 +564,8 @@ class LoRAStrategy(Strategy):
     operator
         A name from :func:`glora_math.registry.list_operators`.
     server_rank
-        The server rank R (default: the largest client rank of the round).
+        The server rank R (default: the largest client rank of the round). It is also the
+        reference rank for operators that need equal client ranks.
     max_residual
         For the GLoRA family: a logged ``ResidualWarning`` naming the module when its
         certified relative residual exceeds this (0 turns the warning off).
@@ -143,6 +576,24 @@ class LoRAStrategy(Strategy):
         participation.
     seed
         Seed of the node sampling (rounds are reproducible).
+    modules
+        The adapted modules and their ``(out_features, in_features)``: the reference every
+        reply must match (``integration.models.lora_shapes(peft_model)`` gives it). If None,
+        each round's replies must agree by a strict majority, fixed for that round only.
+    shared_a
+        FFA-LoRA: the frozen, shared ``A`` of each module at the largest client rank (a
+        client of rank r holds its first r rows). If None: the server's own ``A`` once it has
+        one, else each round's strict majority.
+    max_examples
+        Upper bound of a reply's ``num-examples``.
+    max_abs
+        Upper bound of the absolute value of any entry a reply carries.
+    node_wait
+        Seconds to wait for ``min_available_nodes`` to connect before sampling (then the
+        round goes on with the nodes there are).
+
+    The ``modules_to_save`` reference is the initial arrays given to :meth:`start` (the
+    heads), if not empty; else each round's strict majority.
     """
 
     def __init__(
@@ -158,6 +609,11 @@ class LoRAStrategy(Strategy):
         min_evaluate_nodes: int = 2,
         min_available_nodes: int = 2,
         seed: int = 0,
+        modules: Mapping[str, tuple[int, int]] | None = None,
+        shared_a: Mapping[str, Tensor] | None = None,
+        max_examples: float = MAX_EXAMPLES,
+        max_abs: float = MAX_ABS,
+        node_wait: float = 60.0,
     ) -> None:
         op = get_operator(operator)
         opts = dict(options or {})
@@ -172,10 +628,20 @@ class LoRAStrategy(Strategy):
         self.min_evaluate_nodes = min_evaluate_nodes
         self.min_available_nodes = min_available_nodes
         self.rng = random.Random(seed)
-        # What only the transport needs: the reply signature every round must match, whether
-        # the initial heads arrived, and the round logs.
-        self.reference: tuple[Any, ...] | None = None  # module names and shapes, dense keys
+        self.modules: dict[str, tuple[int, int]] | None = (
+            None if modules is None else {n: (int(d), int(k)) for n, (d, k) in modules.items()}
+        )
+        self.shared_a = None if shared_a is None else {
+            n: a.detach().to("cpu", torch.float32) for n, a in shared_a.items()
+        }  # fmt: skip
+        self.max_examples = float(max_examples)
+        self.max_abs = float(max_abs)
+        self.node_wait = float(node_wait)
+        # What only the transport needs: the heads' reference (names and shapes), whether the
+        # initial heads arrived, the nodes sampled per round, and the round logs.
+        self.dense_reference: dict[str, tuple[int, ...]] | None = None
         self.started = False
+        self.sampled: dict[int, set[int]] = {}
         self.history: list[RoundLog] = []
 
     # ------------------------------------------------------------------ Flower interface
@@ -184,14 +650,22 @@ class LoRAStrategy(Strategy):
         """Log the strategy's settings."""
         log(INFO, "\t├──> operator: %s (%s)", self.op.name, self.op.paper)
         log(INFO, "\t├──> server rank: %s", self.server.server_rank or "max client rank")
+        log(INFO, "\t├──> reference modules: %s", "configured" if self.modules is not None
+            else "each round's majority")  # fmt: skip
         log(INFO, "\t└──> fraction train/evaluate: %s/%s", self.fraction_train,
             self.fraction_evaluate)  # fmt: skip
 
     def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
         nodes = sorted(grid.get_node_ids())
-        if len(nodes) < self.min_available_nodes:
-            log(WARNING, "only %d nodes connected, %d required", len(nodes),
+        deadline = time.monotonic() + self.node_wait
+        while len(nodes) < self.min_available_nodes and time.monotonic() < deadline:
+            log(INFO, "waiting for nodes: %d connected, %d required", len(nodes),
                 self.min_available_nodes)  # fmt: skip
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+            nodes = sorted(grid.get_node_ids())
+        if len(nodes) < self.min_available_nodes:
+            log(WARNING, "only %d nodes connected, %d required; going on with them",
+                len(nodes), self.min_available_nodes)  # fmt: skip
         size = min(len(nodes), max(minimum, math.ceil(fraction * len(nodes))))
         return sorted(self.rng.sample(nodes, size))
 
@@ -200,13 +674,17 @@ class LoRAStrategy(Strategy):
     ) -> Iterable[Message]:
         """One train message per sampled node: its factors, the folds and the heads."""
         if not self.started:  # the initial heads (modules_to_save) come in `arrays`
-            heads = arrays.to_torch_state_dict()
+            heads = decode_arrays(arrays, what="initial head")
             self.server.dense = {k: v.to(torch.float32) for k, v in heads.items()}
+            if heads:
+                self.dense_reference = {k: tuple(v.shape) for k, v in heads.items()}
             self.started = True
         cfg = ConfigRecord({**dict(config), "server-round": server_round,
                             "freeze-a": self.op.shared_A})  # fmt: skip
         msgs = []
-        for node in self._sample(grid, self.fraction_train, self.min_train_nodes):
+        nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
+        self.sampled[server_round] = set(nodes)
+        for node in nodes:
             content = RecordDict(
                 {
                     "init": factors_to_record(self._init_for(node)),
@@ -221,47 +699,22 @@ class LoRAStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Decode and check the replies, aggregate the valid ones with the operator."""
-        logged = RoundLog(round=server_round)
-        self.history.append(logged)
-        decoded: list[tuple[int, ClientAdapter, float, float]] = []
-        for msg in replies:
-            node = int(msg.metadata.src_node_id)
-            if msg.has_error():
-                logged.rejected[node] = f"client error: {msg.error.reason}"
-                continue
-            try:
-                adapter, weight = _reply_adapter(msg.content, node)
-            except GloraError as err:
-                logged.rejected[node] = str(err)
-                continue
-            loss = msg.content["metrics"].get("train-loss")
-            value = float(loss) if isinstance(loss, int | float) else math.nan
-            decoded.append((node, adapter, weight, value))
-        accepted = self._check_against_reference(decoded, logged)
-        for node, reason in logged.rejected.items():
-            log(WARNING, "round %d: rejected the reply of node %d: %s", server_round, node, reason)
-        if not accepted:
-            log(WARNING, "round %d: no valid replies; the global model is unchanged", server_round)
-            return None, self._metrics(logged)
-        nodes = [a[0] for a in accepted]
-        adapters = [a[1] for a in accepted]
-        weights = [a[2] for a in accepted]
+        """Decode and check the replies, aggregate the valid ones with the operator.
+
+        Never raises: a bad reply is rejected (logged with node, partition and reason), and an
+        aggregation failure that no single reply explains keeps the global model.
+        """
+        logged = self._log_for(server_round)
+        snapshot = self._snapshot()
         try:
-            outcome = self.server.aggregate(nodes, adapters, weights)
-        except GloraError as err:  # e.g. a client rank above R for GLoRA
-            log(WARNING, "round %d: aggregation refused: %s", server_round, err)
-            logged.rejected.update({n: f"aggregation refused: {err}" for n in nodes})
+            return self._aggregate_train(server_round, replies, logged)
+        except Exception as err:  # a bug, not a client: keep the model and the server alive
+            self._restore(snapshot)
+            logged.accepted = []
+            note = f"round failed ({_reason(err)}); the global model is unchanged"
+            logged.warnings.append(note)
+            log(ERROR, "round %d: %s", server_round, note)
             return None, self._metrics(logged)
-        logged.warnings = outcome.warnings
-        logged.accepted = nodes
-        logged.train_loss = sum(w * a[3] for w, a in zip(weights, accepted, strict=True)) / sum(
-            weights
-        )
-        logged.aggregation_error = outcome.aggregation_error
-        cert = outcome.certified_residual
-        logged.certified_residual = math.nan if cert is None else cert
-        return self.global_record(), self._metrics(logged)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -286,36 +739,97 @@ class LoRAStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Example-weighted mean of the valid evaluation replies."""
+        """Example-weighted mean of the valid evaluation replies (never raises)."""
+        logged = self._log_for(server_round)
         total = acc = loss = 0.0
-        for msg in replies:
-            node = int(msg.metadata.src_node_id)
-            try:
-                if msg.has_error():
-                    raise GloraError(f"client error: {msg.error.reason}", client=node)
-                m = msg.content["metrics"]
-                if not isinstance(m, MetricRecord):
-                    raise GloraError("reply has no MetricRecord 'metrics'", client=node)
-                n, a, lo = m.get("num-examples"), m.get("accuracy"), m.get("eval-loss")
-                vals = (n, a, lo)
-                if not all(isinstance(v, int | float) and math.isfinite(v) for v in vals):
-                    raise GloraError(f"bad evaluation metrics {dict(m)}", client=node)
-                n, a, lo = float(n), float(a), float(lo)  # type: ignore[arg-type]
-                if n <= 0 or not 0.0 <= a <= 1.0:
-                    raise GloraError(f"bad evaluation metrics {dict(m)}", client=node)
-            except (GloraError, KeyError) as err:
-                log(WARNING, "round %d: rejected evaluation of node %d: %s", server_round,
-                    node, err)  # fmt: skip
-                continue
-            total += n
-            acc += n * a
-            loss += n * lo
+        seen: set[int] = set()
+        try:
+            for msg in replies:
+                node = int(msg.metadata.src_node_id)
+                partition = _partition_of(msg)
+                if partition is not None:
+                    logged.partitions.setdefault(node, partition)
+                try:
+                    if node in seen:
+                        raise RecordError("duplicate evaluation reply (the first one counts)")
+                    seen.add(node)
+                    n, a, lo = self._evaluation(msg, node)
+                except Exception as err:
+                    logged.evaluate_rejected[node] = _reason(err)
+                    log(WARNING, "round %d: rejected the evaluation of %s: %s", server_round,
+                        logged.who(node), logged.evaluate_rejected[node])  # fmt: skip
+                    continue
+                total += n
+                acc += n * a
+                loss += n * lo
+        except Exception as err:  # the reply iterator itself failed
+            log(ERROR, "round %d: evaluation replies unreadable (%s)", server_round, _reason(err))
         if total == 0:
             return None
         return MetricRecord({"accuracy": acc / total, "eval-loss": loss / total,
                              "num-examples": total})  # fmt: skip
 
+    # ------------------------------------------------------------------ exports
+
+    def global_record(self) -> ArrayRecord:
+        """The global model: update factors, dense folds and heads, flattened in one record."""
+        return tensors_to_record(self.server.global_tensors())
+
+    def save_global_adapter(self, path: str | Path, lora_config: Any) -> list[Path]:
+        """Write the global model as a peft adapter folder; return what was written.
+
+        ``path/adapter_model.safetensors`` + ``adapter_config.json`` (the global update of every
+        module plus the heads; ``PeftModel.from_pretrained`` loads it) if there is an update,
+        and ``path/base_delta.safetensors`` (dense ``out x in`` changes to add to the base
+        weights: FedEx-LoRA residuals, FLoRA merges) if there are folds. ``lora_config``: a
+        ``LoraConfig`` or its dict (target modules, ``modules_to_save``); ``r`` and
+        ``rank_pattern`` are set from the update.
+        """
+        folder = Path(path)
+        written: list[Path] = []
+        if self.server.global_update:
+            save_adapter(folder, self.server.global_update, self.server.dense,
+                         config_dict(lora_config))  # fmt: skip
+            written += [folder / "adapter_model.safetensors", folder / "adapter_config.json"]
+        if self.server.base_fold:
+            folder.mkdir(parents=True, exist_ok=True)
+            folds = {k: v.detach().cpu().contiguous() for k, v in self.server.base_fold.items()}
+            save_file(folds, str(folder / "base_delta.safetensors"))
+            written.append(folder / "base_delta.safetensors")
+        return written
+
     # ------------------------------------------------------------------ internals
+
+    def _log_for(self, server_round: int) -> RoundLog:
+        for logged in reversed(self.history):
+            if logged.round == server_round:
+                return logged
+        logged = RoundLog(round=server_round)
+        self.history.append(logged)
+        return logged
+
+    def _snapshot(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return self.server.state_tensors(), self.server.state_meta()
+
+    def _restore(self, snapshot: tuple[dict[str, Tensor], dict[str, Any]]) -> None:
+        self.server.restore(*snapshot)
+
+    def _evaluation(self, msg: Message, node: int) -> tuple[float, float, float]:
+        if msg.has_error():
+            raise RecordError(f"client error: {_clip(msg.error.reason)}", client=node)
+        m = msg.content.get("metrics")
+        if not isinstance(m, MetricRecord):
+            raise RecordError("reply has no MetricRecord 'metrics'", client=node)
+        n = _weight(m, node, self.max_examples)
+        a, lo = m.get("accuracy"), m.get("eval-loss")
+        for key, v in (("accuracy", a), ("eval-loss", lo)):
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise RecordError(f"{key} is not a finite number (got {_clip(repr(v), 60)})",
+                                  client=node)  # fmt: skip
+        a, lo = float(a), float(lo)  # type: ignore[arg-type]
+        if not 0.0 <= a <= 1.0 or lo < 0.0:
+            raise RecordError(f"impossible metrics: accuracy {a}, eval-loss {lo}", client=node)
+        return n, a, lo
 
     def _init_for(self, node: int) -> dict[str, LoRAFactors]:
         """Factors a node continues from (the server's policy); ``{}``: a fresh LoRA start."""
@@ -324,54 +838,229 @@ class LoRAStrategy(Strategy):
             return {}  # first contact
         return self.server.start_for(node, r) or {}
 
-    def _check_against_reference(
-        self, decoded: list[tuple[int, ClientAdapter, float, float]], logged: RoundLog
-    ) -> list[tuple[int, ClientAdapter, float, float]]:
-        """Keep the replies whose modules and shapes match the reference.
+    def _reject(self, logged: RoundLog, node: int, reason: str) -> None:
+        if node in logged.rejected and reason not in logged.rejected[node]:
+            logged.rejected[node] = f"{logged.rejected[node]}; {reason}"
+        else:
+            logged.rejected[node] = reason
 
-        The reference is the majority's signature in the first round with replies, then fixed.
-        """
+    def _aggregate_train(
+        self, server_round: int, replies: Iterable[Message], logged: RoundLog
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        sampled = self.sampled.pop(server_round, None)
+        decoded: dict[int, _Reply] = {}
+        seen: set[int] = set()
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            partition = _partition_of(msg)
+            if partition is not None:
+                logged.partitions.setdefault(node, partition)
+            if node in seen:
+                self._reject(logged, node, "duplicate reply (the first reply of a node counts)")
+                continue
+            seen.add(node)
+            if sampled is not None and node not in sampled:
+                self._reject(logged, node, "reply from a node not sampled this round")
+                continue
+            try:
+                decoded[node] = _decode_train_reply(
+                    msg, node, max_examples=self.max_examples, max_abs=self.max_abs
+                )
+            except Exception as err:  # any failure to decode is this reply's rejection
+                self._reject(logged, node, _reason(err))
+        candidates = self._check_against_reference(decoded, logged)
+        outcome = self._aggregate_attributed(candidates, logged) if candidates else None
+        for node, reason in logged.rejected.items():
+            log(WARNING, "round %d: rejected the reply of %s: %s", server_round,
+                logged.who(node), reason)  # fmt: skip
+        if outcome is None:
+            log(WARNING, "round %d: no reply aggregated; the global model is unchanged",
+                server_round)  # fmt: skip
+            return None, self._metrics(logged)
+        accepted = [decoded[n] for n in outcome.clients]
+        logged.warnings += outcome.warnings
+        logged.accepted = list(outcome.clients)
+        losses = [(a.weight, a.loss) for a in accepted if a.loss is not None]
+        if losses:
+            logged.train_loss = sum(w * lo for w, lo in losses) / sum(w for w, _ in losses)
+        if len(losses) < len(accepted):
+            logged.warnings.append("train-loss: replies without a finite loss are left out")
+        logged.aggregation_error = outcome.aggregation_error
+        cert = outcome.certified_residual
+        logged.certified_residual = math.nan if cert is None else cert
+        return self.global_record(), self._metrics(logged)
+
+    def _check_against_reference(
+        self, decoded: Mapping[int, _Reply], logged: RoundLog
+    ) -> list[_Reply]:
+        """The replies whose modules, shapes and heads match the reference, by node id."""
         if not decoded:
             return []
-        if self.reference is None:
-            counts = Counter(_signature(a[1]) for a in decoded)
-            self.reference = counts.most_common(1)[0][0]
-        mods, dense = self.reference
+        mods_of = {
+            n: tuple(sorted((m, r.adapter.modules[m].factors.shape) for m in r.adapter.modules))
+            for n, r in decoded.items()
+        }
+        dense_of = {
+            n: tuple(sorted((k, tuple(v.shape)) for k, v in r.adapter.dense.items()))
+            for n, r in decoded.items()
+        }
+        want_mods = (
+            tuple(sorted(self.modules.items())) if self.modules is not None
+            else _majority(mods_of)
+        )  # fmt: skip
+        want_dense = (
+            tuple(sorted(self.dense_reference.items())) if self.dense_reference is not None
+            else _majority(dense_of)
+        )  # fmt: skip
         ok = []
-        for item in decoded:
-            node, adapter, _, _ = item
-            got_mods, got_dense = _signature(adapter)
-            if got_mods != mods:
-                want = dict(mods)
-                have = dict(got_mods)
+        for node in sorted(decoded):
+            if want_mods is None or want_dense is None:
+                self._reject(logged, node, "replies disagree on their modules and none holds a "
+                             "majority; pass modules= to LoRAStrategy")  # fmt: skip
+            elif mods_of[node] != want_mods:
+                want, have = dict(want_mods), dict(mods_of[node])
                 missing = sorted(set(want) - set(have))
                 extra = sorted(set(have) - set(want))
                 wrong = sorted(n for n in set(want) & set(have) if want[n] != have[n])
-                logged.rejected[node] = (
+                self._reject(logged, node, _clip(
                     f"module mismatch: missing {missing[:3]}, extra {extra[:3]}, "
                     f"wrong shape {[(n, have[n], want[n]) for n in wrong[:3]]}"
-                )
-            elif got_dense != dense:
-                logged.rejected[node] = "modules_to_save tensors differ from the reference"
+                ))  # fmt: skip
+            elif dense_of[node] != want_dense:
+                self._reject(logged, node, _clip(
+                    f"modules_to_save tensors {[k for k, _ in dense_of[node]][:3]} differ from "
+                    f"the reference {[k for k, _ in want_dense][:3]} (names or shapes)"
+                ))  # fmt: skip
             else:
-                ok.append(item)
-        if self.op.shared_A and ok:  # FFA-LoRA: every A must be the one frozen, shared A
-
-            def a_key(adapter: ClientAdapter) -> tuple[bytes, ...]:
-                return tuple(
-                    adapter.modules[n].factors.A.numpy().tobytes() for n in sorted(adapter.modules)
-                )
-
-            majority = Counter(a_key(a[1]) for a in ok).most_common(1)[0][0]
-            for node, adapter, _, _ in ok:
-                if a_key(adapter) != majority:
-                    logged.rejected[node] = "A differs from the frozen, shared A (FFA-LoRA)"
-            ok = [a for a in ok if a[0] not in logged.rejected]
+                ok.append(decoded[node])
+        if self.op.shared_A and ok:
+            ok = self._check_shared_a(ok, logged)
         return ok
 
-    def global_record(self) -> ArrayRecord:
-        """The global model: update factors, dense folds and heads, flattened in one record."""
-        return tensors_to_record(self.server.global_tensors())
+    def _check_shared_a(self, replies: list[_Reply], logged: RoundLog) -> list[_Reply]:
+        """FFA-LoRA: keep the replies whose every A is the frozen, shared A."""
+
+        def a_of(r: _Reply, name: str) -> Tensor:
+            return r.adapter.modules[name].factors.A.to(torch.float32)
+
+        names = sorted(replies[0].adapter.modules)
+        majority: Any = None
+        if self.shared_a is None and not self.server.global_update:
+            majority = _majority(
+                {r.node: tuple(a_of(r, n).numpy().tobytes() for n in names) for r in replies}
+            )
+        ok = []
+        for r in replies:
+            if self.shared_a is not None:
+                good = all(
+                    n in self.shared_a
+                    and a_of(r, n).shape[0] <= self.shared_a[n].shape[0]
+                    and torch.equal(a_of(r, n), self.shared_a[n][: a_of(r, n).shape[0]])
+                    for n in names
+                )
+            elif self.server.global_update:
+                own = self.server.global_update
+                good = all(
+                    n in own
+                    and own[n].A.shape == a_of(r, n).shape
+                    and torch.equal(own[n].A.to(torch.float32), a_of(r, n))
+                    for n in names
+                )
+            else:
+                good = majority is not None and majority == tuple(
+                    a_of(r, n).numpy().tobytes() for n in names
+                )
+            if good:
+                ok.append(r)
+            else:
+                self._reject(logged, r.node, "A differs from the frozen, shared A (FFA-LoRA)")
+        return ok
+
+    def _aggregate_attributed(
+        self, candidates: list[_Reply], logged: RoundLog
+    ) -> RoundOutcome | None:
+        """Aggregate; if the operator refuses, reject the replies at fault and try once more."""
+        try:
+            return self._aggregate(candidates)
+        except Exception as err:
+            first = _reason(err)
+        # 1. A reply the operator refuses on its own is at fault, whatever the others sent.
+        rest = []
+        for r in candidates:
+            why = self._solo_error(r)
+            if why is None:
+                rest.append(r)
+            else:
+                self._reject(logged, r.node, f"refused by the operator: {why}")
+        # 2. Equal-rank operators: the replies off the reference rank are at fault.
+        ranks = {r.node: r.ranks() for r in rest}
+        if Guarantee.RANK_COMPATIBLE not in self.op.guarantees and len(set(ranks.values())) > 1:
+            R = self.server.server_rank
+            ref = (
+                next((k for k in ranks.values() if all(rk == R for _, rk in k)), None)
+                if R is not None else _majority(ranks)
+            )  # fmt: skip
+            keep = [r for r in rest if ref is not None and ranks[r.node] == ref]
+            for r in rest:
+                if ref is None or ranks[r.node] != ref:
+                    self._reject(logged, r.node, f"rank {r.top_rank()} is off the round's "
+                                 f"reference rank ({self.op.name} refused mixed ranks: "
+                                 f"{first})")  # fmt: skip
+            rest = keep
+        if not rest:
+            return None
+        try:
+            return self._aggregate(rest)
+        except Exception as err:
+            note = (f"aggregation failed and no single reply explains it ({_reason(err)}); "
+                    "the global model is unchanged")  # fmt: skip
+            logged.warnings.append(note)
+            for r in rest:
+                self._reject(logged, r.node, f"not aggregated: {note}")
+            return None
+
+    def _aggregate(self, replies: list[_Reply]) -> RoundOutcome:
+        """One round on the server; on any failure (or a non-finite result) nothing changes."""
+        snapshot = self._snapshot()
+        try:
+            outcome = self.server.aggregate(
+                [r.node for r in replies], [r.adapter for r in replies], [r.weight for r in replies]
+            )
+            s = self.server
+            tensors = [*s.dense.values(), *s.base_fold.values()]
+            for f in s.global_update.values():
+                tensors += [f.B, f.A]
+            for mods in s.client_init.values():
+                for f in mods.values():
+                    tensors += [f.B, f.A]
+            if not _finite(tensors):
+                raise GloraError("the aggregate has NaN/Inf entries")
+        except Exception:
+            self._restore(snapshot)
+            raise
+        return outcome
+
+    def _solo_error(self, reply: _Reply) -> str | None:
+        """Why the operator refuses this reply on its own (None if it does not)."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rnd = aggregate_adapters(
+                    [reply.adapter],
+                    [1.0],
+                    operator=self.op.name,
+                    rank=self.server.server_rank or reply.top_rank(),
+                    states=self.server.op_states,
+                    options=self.server.options,
+                )
+            tensors: list[Tensor | None] = [*rnd.dense.values()]
+            for res in rnd.results.values():
+                tensors += [res.update.B, res.update.A, res.residual]
+            if not _finite(tensors):
+                return "its aggregate has NaN/Inf entries"
+        except Exception as err:
+            return _reason(err)
+        return None
 
     def _metrics(self, logged: RoundLog) -> MetricRecord:
         return MetricRecord(
@@ -386,9 +1075,19 @@ class LoRAStrategy(Strategy):
 
 
 __all__ = [
+    "MAX_ABS",
+    "MAX_EXAMPLES",
+    "EvaluateInstructions",
     "LoRAStrategy",
+    "RecordError",
     "RoundLog",
+    "TrainInstructions",
+    "decode_arrays",
+    "evaluate_reply",
     "factors_to_record",
+    "read_evaluate_message",
+    "read_train_message",
     "record_to_factors",
     "tensors_to_record",
+    "train_reply",
 ]

@@ -128,7 +128,7 @@ def test_glora_round_with_heterogeneous_ranks_and_readouts_of_each_rank() -> Non
 
 
 def test_a_node_that_sat_out_gets_the_broadcast_at_its_rank() -> None:
-    st = LoRAStrategy("glora")
+    st = LoRAStrategy("glora", min_available_nodes=1)
     st.aggregate_train(1, [_reply(1, 2, 1), _reply(2, 4, 2)])
     st.aggregate_train(2, [_reply(2, 4, 3), _reply(3, 4, 4)])  # node 1 (rank 2) sat out
     msgs = list(st.configure_train(3, ArrayRecord(), ConfigRecord(), FakeGrid([1])))
