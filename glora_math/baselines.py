@@ -172,13 +172,31 @@ def svd_of_mean(
     return U[:, :R], s[:R], Vh[:R]
 
 
-def truncate_svd(U: Tensor, s: Tensor, Vh: Tensor, rank: int, dtype: torch.dtype) -> LoRAFactors:
-    """Balanced rank-``rank`` factors ``(U_r sqrt(s_r), sqrt(s_r) Vh_r)``, zero-padded if short."""
+def truncate_svd(
+    U: Tensor,
+    s: Tensor,
+    Vh: Tensor,
+    rank: int,
+    dtype: torch.dtype,
+    *,
+    split: Literal["balanced", "left"] = "balanced",
+) -> LoRAFactors:
+    """Rank-``rank`` factors of ``U diag(s) Vh``, zero-padded if short.
+
+    ``split="balanced"``: ``(U_r sqrt(s_r), sqrt(s_r) Vh_r)``; ``"left"``: ``(U_r s_r, Vh_r)``
+    (all singular values in B, A with orthonormal rows: FlexLoRA's published code).
+    """
     r = validate_rank(rank)
     rr = min(r, int(s.numel()))
-    root = s[:rr].sqrt()
-    B = U[:, :rr] * root
-    A = Vh[:rr] * root[:, None]
+    if split == "balanced":
+        root = s[:rr].sqrt()
+        B = U[:, :rr] * root
+        A = Vh[:rr] * root[:, None]
+    elif split == "left":
+        B = U[:, :rr] * s[:rr]
+        A = Vh[:rr]
+    else:
+        raise ValueError(f"split must be 'balanced' or 'left', got {split!r}")
     if rr < r:
         B = torch.cat([B, B.new_zeros((B.shape[0], r - rr))], dim=1)
         A = torch.cat([A, A.new_zeros((r - rr, A.shape[1]))], dim=0)
@@ -190,16 +208,22 @@ def flexlora(
     weights: WeightsLike = None,
     *,
     client_ranks: Sequence[int] | None = None,
+    split: Literal["balanced", "left"] = "left",
 ) -> list[LoRAFactors]:
     """FlexLoRA (arXiv 2402.11505): each client gets the best rank-r_i approximation of W_bar.
 
     Computed from the factors (QR of the stacked factors + small SVD); equal to the dense
-    truncated SVD of ``W_bar`` that FlexLoRA's public code computes, without forming it.
+    truncated SVD of ``W_bar`` that FlexLoRA's public code computes, without forming it. The
+    published code (``fed_utils`` of the FlexLoRA repository: ``torch.svd`` of the aggregated
+    dense update, then ``lora_B = U_r S_r / scaling``, ``lora_A = V_r^T``) puts every singular
+    value into B: that is ``split="left"``, the default (our factors hold the scale folded
+    into B, so the division by ``alpha / r`` is implicit). ``split="balanced"`` shares
+    ``sqrt(s)`` between the factors; the products are the same.
     """
     info = validate_clients(factors)
     ranks = [f.rank for f in factors] if client_ranks is None else list(client_ranks)
     U, s, Vh = svd_of_mean(factors, weights, rank=max(validate_rank(r) for r in ranks))
-    return [truncate_svd(U, s, Vh, r, info.dtype) for r in ranks]
+    return [truncate_svd(U, s, Vh, r, info.dtype, split=split) for r in ranks]
 
 
 def hetlora(
@@ -207,12 +231,14 @@ def hetlora(
     weights: WeightsLike = None,
     *,
     client_ranks: Sequence[int] | None = None,
+    norm_weighted: bool = False,
 ) -> tuple[LoRAFactors, list[LoRAFactors]]:
-    """HetLoRA (arXiv 2401.06432): zero-pad to the largest rank, norm-weighted average, truncate.
+    """HetLoRA (arXiv 2401.06432): zero-pad to the largest rank, average, truncate.
 
-    Aggregation weights are ``p_i ||B_i A_i||_F`` renormalised (the paper's sparsity-weighted
-    aggregation; with equal ``p`` they are the update norms). Client i receives the first
-    ``r_i`` columns of B and rows of A.
+    The public zero-padding codes average the padded factors with the plain client weights
+    ``p_i`` (the default). ``norm_weighted=True`` uses the paper's sparsity-weighted rule,
+    ``p_i ||B_i A_i||_F`` renormalised (with equal ``p`` the update norms). Client i receives
+    the first ``r_i`` columns of B and rows of A.
 
     Returns
     -------
@@ -221,13 +247,15 @@ def hetlora(
     """
     info, p, fs = _prepare(factors, weights)
     rmax = max(f.rank for f in fs)
-    norms = torch.tensor(
-        [lowrank_fro_norm(f.B, f.A) for f in fs], dtype=p.dtype, device=p.device
-    )  # ||B_i A_i||_F from the factors
-    w = p * norms
-    if float(w.sum()) == 0.0:  # every update is zero: fall back to the plain weights
-        w = p
-    w = w / w.sum()
+    w = p
+    if norm_weighted:
+        norms = torch.tensor(
+            [lowrank_fro_norm(f.B, f.A) for f in fs], dtype=p.dtype, device=p.device
+        )  # ||B_i A_i||_F from the factors
+        w = p * norms
+        if float(w.sum()) == 0.0:  # every update is zero: fall back to the plain weights
+            w = p
+        w = w / w.sum()
     Bs = [torch.cat([f.B, f.B.new_zeros((f.B.shape[0], rmax - f.rank))], 1) for f in fs]
     As = [torch.cat([f.A, f.A.new_zeros((rmax - f.rank, f.A.shape[1]))], 0) for f in fs]
     glob = LoRAFactors(_weighted_sum(w, Bs), _weighted_sum(w, As))
@@ -289,12 +317,15 @@ def fedrot_lora(
     reference: LoRAFactors | None,
     round_index: int,
     lam: float = 1.0,
+    first: Literal["A", "B"] = "A",
 ) -> tuple[LoRAFactors, list[LoRAFactors]]:
     """FedRot-LoRA: rotate each client towards the reference factors, then average (FedIT).
 
-    Odd rounds align A, even rounds align B (``round_index`` counts from 1). ``reference`` is the
-    previous round's global factors; ``None`` (first round) means no alignment. Each rotation
-    preserves the client's product ``B_i A_i`` exactly.
+    ``reference`` is the previous round's global factors; ``None`` (round 1) means no
+    alignment. The aligned side alternates, starting with ``first`` in the first aligned round
+    (``round_index`` 2, counted from 1): the published code and its GLUE config
+    (``initialshare: "A"``) align A first, the default; ``first="B"`` is the other order.
+    Each rotation preserves the client's product ``B_i A_i`` exactly.
 
     Returns
     -------
@@ -311,7 +342,7 @@ def fedrot_lora(
                 f"match the clients' rank {r} and shape {(info.d, info.k)}"
             )
         ref = LoRAFactors(reference.B.to(info.work_dtype), reference.A.to(info.work_dtype))
-        side: Literal["A", "B"] = "A" if round_index % 2 == 1 else "B"
+        side = aligned_side(round_index, first)
         aligned = []
         for f in fs:
             R = fedrot_rotation(f, ref, align=side, lam=lam)
@@ -320,6 +351,14 @@ def fedrot_lora(
         _weighted_sum(p, [f.B for f in aligned]), _weighted_sum(p, [f.A for f in aligned])
     )
     return _cast(glob, info.dtype), aligned
+
+
+def aligned_side(round_index: int, first: Literal["A", "B"] = "A") -> Literal["A", "B"]:
+    """FedRot-LoRA's aligned factor in round ``round_index`` (from 1; round 2 aligns ``first``)."""
+    if first not in ("A", "B"):
+        raise ValueError(f"first must be 'A' or 'B', got {first!r}")
+    other: Literal["A", "B"] = "B" if first == "A" else "A"
+    return first if round_index % 2 == 0 else other
 
 
 def flora_na(
@@ -350,6 +389,7 @@ def flora_na(
 
 __all__ = [
     "Layout",
+    "aligned_side",
     "fedex_lora",
     "fedit",
     "fedrot_lora",

@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -539,12 +540,20 @@ register(
 )
 
 
-def _svd_result(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
-    info = validate_clients(fs)
-    U, s, Vh = bl.svd_of_mean(fs, p, rank=ctx.rank)
-    glob = bl.truncate_svd(U, s, Vh, ctx.rank, info.dtype)
-    per = [bl.truncate_svd(U, s, Vh, r, info.dtype) for r in ctx.client_ranks]
-    return AggregateResult(glob, None, per, basis=U)
+def _svd_result(default: Literal["balanced", "left"]) -> OperatorFn:
+    """Truncated SVD of the mean; the factor split from option ``balanced_split`` if given."""
+
+    def fn(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
+        info = validate_clients(fs)
+        split = default
+        if "balanced_split" in ctx.options:
+            split = "balanced" if ctx.options["balanced_split"] > 0 else "left"
+        U, s, Vh = bl.svd_of_mean(fs, p, rank=ctx.rank)
+        glob = bl.truncate_svd(U, s, Vh, ctx.rank, info.dtype, split=split)
+        per = [bl.truncate_svd(U, s, Vh, r, info.dtype, split=split) for r in ctx.client_ranks]
+        return AggregateResult(glob, None, per, basis=U)
+
+    return fn
 
 
 def _svd_sensitivity(
@@ -573,10 +582,12 @@ register(
     AggregationOperator(
         name="flexlora",
         paper="arXiv 2402.11505",
-        summary="best rank-r_i approximation of the mean, per client (from factors)",
+        summary="best rank-r_i approximation of the mean, per client (from factors); as the "
+        "published code, B = U_r S_r and A = V_r^T (option balanced_split=1: sqrt(S) each)",
         sends_back="rank-r_i factors per client",
         guarantees=_SVD_GUARANTEES,
-        fn=_svd_result,
+        fn=_svd_result("left"),
+        options={"balanced_split": 0.0},
         cost=lambda d, k, r, R, n: Communication(up=r * (d + k), down=r * (d + k)),
         sensitivity=_svd_sensitivity,
     )
@@ -589,7 +600,7 @@ register(
         summary="exact truncated SVD of the mean at server rank R, readouts per client",
         sends_back="rank-r_i factors per client",
         guarantees=_SVD_GUARANTEES,
-        fn=_svd_result,
+        fn=_svd_result("balanced"),
         cost=lambda d, k, r, R, n: Communication(up=r * (d + k), down=r * (d + k)),
         sensitivity=_svd_sensitivity,
     )
@@ -597,7 +608,8 @@ register(
 
 
 def _hetlora(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
-    glob, per = bl.hetlora(fs, p, client_ranks=ctx.client_ranks)
+    weighted = ctx.options.get("norm_weighted", 0.0) > 0
+    glob, per = bl.hetlora(fs, p, client_ranks=ctx.client_ranks, norm_weighted=weighted)
     return AggregateResult(glob, None, per)
 
 
@@ -605,11 +617,13 @@ register(
     AggregationOperator(
         name="hetlora",
         paper="arXiv 2401.06432",
-        summary="zero-pad to max rank, norm-weighted average, truncate per client",
+        summary="zero-pad to max rank, average (as the public codes: weights p_i; option "
+        "norm_weighted=1: the paper's p_i ||B_i A_i||), truncate per client",
         sends_back="truncated global factors (rank r_i)",
-        # With equal ranks HetLoRA is a norm-weighted FedIT, hence common-gauge equivariant.
+        # With equal ranks HetLoRA is a (norm-weighted) FedIT, hence common-gauge equivariant.
         guarantees=frozenset({G.PERMUTATION_INVARIANT, G.COMMON_GAUGE_EQUIVARIANT}),
         fn=_hetlora,
+        options={"norm_weighted": 0.0},
         cost=_factors_cost,
     )
 )
@@ -636,7 +650,7 @@ def _fedrot_sensitivity(
     ref_B, ref_A = state.tensors["B_ref"], state.tensors["A_ref"]
     gaps = [1.0]
     for c in fs:
-        M = c.A @ ref_A.mT if state.round_index % 2 == 1 else c.B.mT @ ref_B
+        M = c.A @ ref_A.mT if bl.aligned_side(state.round_index) == "A" else c.B.mT @ ref_B
         s = torch.linalg.svdvals(M.detach().to(torch.float64))
         low = float(s[-1] + (s[-2] if s.numel() > 1 else s[-1]))
         gaps.append(low / (2 * float(s[0])) if float(s[0]) > 0 else 1.0)
@@ -649,7 +663,10 @@ def _fedrot(lam: float) -> OperatorFn:
         ref = None
         if "B_ref" in state.tensors and "A_ref" in state.tensors:
             ref = LoRAFactors(state.tensors["B_ref"], state.tensors["A_ref"])
-        glob, _ = bl.fedrot_lora(fs, p, reference=ref, round_index=state.round_index, lam=lam)
+        first: Literal["A", "B"] = "B" if ctx.options.get("first_aligned_b", 0.0) > 0 else "A"
+        glob, _ = bl.fedrot_lora(
+            fs, p, reference=ref, round_index=state.round_index, lam=lam, first=first
+        )
         nxt = OperatorState(state.round_index + 1, {"B_ref": glob.B, "A_ref": glob.A})
         return AggregateResult(
             glob, None, _same_for_all(len(fs), glob, ctx.client_ranks, "FedRot-LoRA"), nxt
@@ -662,7 +679,8 @@ register(
     AggregationOperator(
         name="fedrot_lora",
         paper="arXiv 2602.23638",
-        summary="orthogonal Procrustes alignment to the previous global factors, then FedIT",
+        summary="orthogonal Procrustes alignment to the previous global factors, then FedIT; "
+        "A aligned first, as the published code (option first_aligned_b=1: B first)",
         sends_back="global factors (rank r)",
         guarantees=frozenset({G.GAUGE_INVARIANT_O, G.GAUGE_INVARIANT_SO, G.PERMUTATION_INVARIANT}),
         fn=_fedrot(1.0),
@@ -671,6 +689,7 @@ register(
         stateful=True,
         warm_state=_fedrot_state,
         sensitivity=_fedrot_sensitivity,
+        options={"first_aligned_b": 0.0},
     )
 )
 
@@ -687,6 +706,7 @@ register(
         stateful=True,
         warm_state=_fedrot_state,
         sensitivity=_fedrot_sensitivity,
+        options={"first_aligned_b": 0.0},
     )
 )
 

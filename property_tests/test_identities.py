@@ -11,7 +11,7 @@ from glora_math import LoRAFactors, random_orthogonal
 from glora_math import baselines as bl
 from glora_math.errors import ProtocolError
 from glora_math.registry import OperatorState, get_operator, list_operators
-from glora_math.tolerances import product_tol
+from glora_math.tolerances import orthonormality_tol, product_tol
 
 from .helpers import cond, f64, n_dims
 from .strategies import SEEDS, conditioned_factors, gaussian_clients, problems
@@ -162,9 +162,11 @@ def test_flora_na_never_does_worse_than_fedit(pb, steps) -> None:  # type: ignor
     assert est <= base + _tol(pb, kappa=pb.cond**2)
 
 
-@given(problems(weights="random"))
-def test_hetlora_pads_weights_by_norm_and_truncates(pb) -> None:  # type: ignore[no-untyped-def]
-    glob, per = bl.hetlora(pb.factors, pb.weights)
+@given(problems(weights="random"), st.booleans())
+def test_hetlora_pads_averages_and_truncates(pb, norm_weighted) -> None:  # type: ignore[no-untyped-def]
+    # Default: the public zero-padding codes' plain weights p_i; norm_weighted: the paper's
+    # p_i ||B_i A_i|| rule.
+    glob, per = bl.hetlora(pb.factors, pb.weights, norm_weighted=norm_weighted)
     rmax = max(pb.ranks)
     assert glob.rank == rmax
     for f, out in zip(pb.factors, per, strict=True):
@@ -172,7 +174,7 @@ def test_hetlora_pads_weights_by_norm_and_truncates(pb) -> None:  # type: ignore
         assert torch.equal(out.B, glob.B[:, : f.rank])
     norms = torch.tensor([float(f64(f.delta()).norm()) for f in pb.factors], dtype=torch.float64)
     norms = norms * pb.p
-    w = norms / norms.sum()
+    w = norms / norms.sum() if norm_weighted and float(norms.sum()) > 0 else pb.p
     B = sum(
         (
             float(w[i])
@@ -190,13 +192,26 @@ def test_fedrot_alternates_and_carries_its_reference() -> None:
     first = op(clients)
     assert first.state is not None
     assert first.state.round_index == 2
-    second = op(clients, state=first.state)  # round 2 aligns B to the round-1 global B
+    second = op(clients, state=first.state)  # round 2 aligns A, as the published code
     assert second.state is not None
     assert second.state.round_index == 3
-    ref_B = first.state.tensors["B_ref"]
-    _, aligned = bl.fedrot_lora(
-        clients, reference=LoRAFactors(ref_B, first.state.tensors["A_ref"]), round_index=2
-    )
+    ref_B, ref_A = first.state.tensors["B_ref"], first.state.tensors["A_ref"]
+    ref = LoRAFactors(ref_B, ref_A)
+    assert [bl.aligned_side(t) for t in (2, 3, 4)] == ["A", "B", "A"]
+    assert [bl.aligned_side(t, "B") for t in (2, 3, 4)] == ["B", "A", "B"]
+    glob, aligned = bl.fedrot_lora(clients, reference=ref, round_index=2)
+    # The published rule from its formula: R_i = polar(A_i A_ref^T), A_i <- R_i^T A_i.
+    for c, a in zip(clients, aligned, strict=True):
+        U, _, Vh = torch.linalg.svd(c.A @ ref_A.mT)
+        R = U @ Vh
+        assert torch.allclose(a.A, R.mT @ c.A, atol=1e-12)
+        slack = product_tol(torch.float64, n=7 + 2, scale=float(c.A.norm() + ref_A.norm()))
+        assert float((a.A - ref_A).norm()) <= float((c.A - ref_A).norm()) + slack
+    assert torch.allclose(second.update.A, glob.A, atol=1e-12)
+    # The other order, through the registry option: B first.
+    other = op(clients, state=first.state, options={"first_aligned_b": 1.0})
+    _, aligned = bl.fedrot_lora(clients, reference=ref, round_index=2, first="B")
+    assert torch.allclose(other.update.B, sum(a.B for a in aligned) / 3, atol=1e-12)
     for c, a in zip(clients, aligned, strict=True):
         slack = product_tol(torch.float64, n=7 + 2, scale=float(c.B.norm() + ref_B.norm()))
         assert float((a.B - ref_B).norm()) <= float((c.B - ref_B).norm()) + slack
@@ -231,3 +246,21 @@ def test_registry_metadata() -> None:
         get_operator("nope")
     assert get_operator("flora").communication(64, 32, 4, n_clients=10).down == 10 * 4 * 96
     assert get_operator("fedex_lora").communication(64, 32, 4).down == 4 * 96 + 64 * 32
+
+
+@given(problems(weights="random", equal_ranks=True))
+def test_flexlora_sends_the_published_factors_u_s_and_v(pb) -> None:  # type: ignore[no-untyped-def]
+    # FlexLoRA's code: lora_B = U_r S_r, lora_A = V_r^T (orthonormal rows); the balanced option
+    # shares sqrt(S). The products are the same best rank-r approximation of the mean.
+    op = get_operator("flexlora")
+    pub = op(pb.factors, pb.weights)
+    bal = op(pb.factors, pb.weights, options={"balanced_split": 1.0})
+    s0 = float(torch.linalg.svdvals(pb.mean())[0])
+    n = n_dims(pb.d, pb.k, pb.ranks)
+    for f, g in zip(pub.client_factors or [], bal.client_factors or [], strict=True):
+        A = f64(f.A)[f64(f.A).norm(dim=1) > 0]  # rows beyond the mean's rank are zero padding
+        eye = torch.eye(A.shape[0], dtype=torch.float64)
+        assert float((A @ A.mT - eye).norm()) <= orthonormality_tol(pb.dtype, n=n)
+        assert float((f64(f.delta()) - f64(g.delta())).norm()) <= _tol(pb)
+        G = f64(g.B).mT @ f64(g.B) - f64(g.A) @ f64(g.A).mT  # balanced: B^T B = A A^T = S
+        assert float(G.norm()) <= product_tol(pb.dtype, n=n, scale=s0)
