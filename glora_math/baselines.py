@@ -103,6 +103,43 @@ def ffa_lora(factors: Sequence[LoRAFactors], weights: WeightsLike = None) -> LoR
     return _cast(LoRAFactors(_weighted_sum(p, [f.B for f in fs]), A0), info.dtype)
 
 
+def rolora(
+    factors: Sequence[LoRAFactors],
+    weights: WeightsLike = None,
+    *,
+    trained: Literal["A", "B"],
+) -> LoRAFactors:
+    """RoLoRA (arXiv 2409.02346): average the factor the clients trained this round. Exact.
+
+    RoLoRA alternates: in one round every client keeps A frozen at the shared value and trains
+    B, in the next it keeps B frozen and trains A. With the frozen factor shared, averaging
+    the trained one is the exact mean: ``sum_i p_i B_i A = (sum_i p_i B_i) A`` (and the same
+    for A).
+
+    Raises
+    ------
+    ProtocolError
+        If a client's frozen factor differs from client 0's.
+    """
+    info, p, fs = _prepare(factors, weights)
+    _require_equal_ranks(fs, "RoLoRA")
+    if trained == "B":
+        A0 = fs[0].A
+        for i, f in enumerate(fs):
+            if not torch.equal(f.A, A0):
+                raise ProtocolError("A differs from client 0's; this RoLoRA round freezes A",
+                                    client=i)  # fmt: skip
+        return _cast(LoRAFactors(_weighted_sum(p, [f.B for f in fs]), A0), info.dtype)
+    if trained == "A":
+        B0 = fs[0].B
+        for i, f in enumerate(fs):
+            if not torch.equal(f.B, B0):
+                raise ProtocolError("B differs from client 0's; this RoLoRA round freezes B",
+                                    client=i)  # fmt: skip
+        return _cast(LoRAFactors(B0, _weighted_sum(p, [f.A for f in fs])), info.dtype)
+    raise ValueError(f"trained must be 'A' or 'B', got {trained!r}")
+
+
 def fedsa_lora(
     factors: Sequence[LoRAFactors], weights: WeightsLike = None
 ) -> tuple[Float[Tensor, "r k"], list[LoRAFactors]]:
@@ -401,6 +438,7 @@ __all__ = [
     "flora_stack",
     "hetlora",
     "procrustes",
+    "rolora",
     "svd_of_mean",
     "truncate_svd",
 ]

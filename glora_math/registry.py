@@ -187,6 +187,7 @@ class AggregationOperator:
     fn: OperatorFn
     cost: CostFn
     equal_ranks: bool = False
+    #: Every client keeps A frozen and shared (FFA-LoRA); see also ``frozen``.
     shared_A: bool = False
     stateful: bool = False
     reconstruction: bool = False
@@ -195,6 +196,10 @@ class AggregationOperator:
     #: Clients keep personal factors between rounds (FedSA-LoRA): a client that sits a round
     #: out keeps its own, instead of receiving the broadcast.
     personal: bool = False
+    #: The factor clients keep frozen (and shared) in round t, counted from 1: "A", "B" or
+    #: None (RoLoRA alternates); clients train only the other one. Default: A for
+    #: ``shared_A`` operators, else nothing.
+    frozen: Callable[[int], Literal["A", "B"] | None] | None = None
     #: Builds the operator's state from a reference global adapter and a round index
     #: (stateful operators; e.g. FedRot-LoRA's alignment reference).
     warm_state: WarmStateFn | None = None
@@ -340,6 +345,12 @@ class AggregationOperator:
             )
         return fs, p, RoundContext(R, [int(r) for r in ranks], state, {**self.options, **opts})
 
+    def frozen_factor(self, round_index: int) -> Literal["A", "B"] | None:
+        """The factor clients keep frozen in round ``round_index`` (from 1), if any."""
+        if self.frozen is not None:
+            return self.frozen(round_index)
+        return "A" if self.shared_A else None
+
     def communication(
         self, d: int, k: int, client_rank: int, rank: int | None = None, n_clients: int = 1
     ) -> Communication:
@@ -445,6 +456,41 @@ register(
         cost=lambda d, k, r, R, n: Communication(up=d * r, down=d * r),
         equal_ranks=True,
         shared_A=True,
+    )
+)
+
+
+def _rolora_frozen(round_index: int) -> Literal["A", "B"]:
+    """RoLoRA: odd rounds freeze A (clients train B), even rounds freeze B (they train A)."""
+    return "A" if round_index % 2 == 1 else "B"
+
+
+def _rolora(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
+    round_index = 1 if ctx.state is None else ctx.state.round_index
+    trained: Literal["A", "B"] = "B" if _rolora_frozen(round_index) == "A" else "A"
+    glob = bl.rolora(fs, p, trained=trained)
+    return AggregateResult(
+        glob,
+        None,
+        _same_for_all(len(fs), glob, ctx.client_ranks, "RoLoRA"),
+        OperatorState(round_index + 1),
+    )
+
+
+register(
+    AggregationOperator(
+        name="rolora",
+        paper="arXiv 2409.02346",
+        summary="alternating rounds: clients train B with A frozen and shared, then A with B "
+        "frozen and shared; the server averages the trained factor (exact)",
+        sends_back="the averaged trained factor (the other is shared)",
+        guarantees=frozenset({G.EXACT_MEAN, G.COMMON_GAUGE_EQUIVARIANT, G.PERMUTATION_INVARIANT}),
+        fn=_rolora,
+        cost=lambda d, k, r, R, n: Communication(up=max(d, k) * r, down=max(d, k) * r),
+        equal_ranks=True,
+        stateful=True,
+        frozen=_rolora_frozen,
+        warm_state=lambda reference, round_index: OperatorState(round_index),
     )
 )
 

@@ -274,11 +274,13 @@ def train_local(
     freeze_a: bool,
     device: torch.device,
     batch_loss: BatchLoss | None = None,
+    freeze_b: bool = False,
 ) -> float:
     """``steps`` AdamW steps on random batches of ``shard``; returns the mean training loss.
 
     ``batch_loss`` defaults to sequence classification. ``freeze_a`` keeps every ``lora_A``
-    fixed (FFA-LoRA). Batches come from a generator seeded with ``seed`` alone and the global
+    fixed (FFA-LoRA, RoLoRA's odd rounds), ``freeze_b`` every ``lora_B`` (RoLoRA's even
+    rounds). Batches come from a generator seeded with ``seed`` alone and the global
     torch RNG (dropout masks) is seeded from ``seed`` too, so a rerun (or a resumed run) is
     bit-identical on the CPU.
     """
@@ -287,7 +289,9 @@ def train_local(
     params = [
         p
         for n, p in model.named_parameters()
-        if p.requires_grad and not (freeze_a and ".lora_A." in n)
+        if p.requires_grad
+        and not (freeze_a and ".lora_A." in n)
+        and not (freeze_b and ".lora_B." in n)
     ]
     opt = torch.optim.AdamW(params, lr=lr)
     g = torch.Generator().manual_seed(seed)

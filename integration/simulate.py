@@ -345,6 +345,8 @@ class Simulation:
         return model
 
     def _train(self, model: torch.nn.Module, shard: Examples, i: int) -> None:
+        # The factor the operator keeps frozen this round (FFA-LoRA: A; RoLoRA: A, then B).
+        frozen = get_operator(self.cfg.operator).frozen_factor(self.round + 1)
         train_local(
             model,
             self.tok,
@@ -354,7 +356,8 @@ class Simulation:
             lr=self.cfg.lr,
             max_len=self.cfg.max_len,
             seed=seed_for(self.cfg.seed, self.round, i, 2),
-            freeze_a=get_operator(self.cfg.operator).shared_A,
+            freeze_a=frozen == "A",
+            freeze_b=frozen == "B",
             device=self.device,
             batch_loss=self._batch_loss(),
         )

@@ -63,7 +63,7 @@ def _outcome(call: Callable[[], Any]) -> GloraError | Any:
 
 def _shared_a(op_name: str, fs: list[Any]) -> list[Any]:
     """FFA-LoRA's protocol: every client sends the one shared A."""
-    if not get_operator(op_name).shared_A:
+    if get_operator(op_name).frozen_factor(1) != "A":
         return fs
     A0 = fs[0][1] if isinstance(fs[0], tuple) else fs[0].A
     out: list[Any] = []

@@ -48,13 +48,22 @@ def _check(ok: bool, what: str) -> None:
         raise FalsifiedError(what)
 
 
-def _prepare(op: AggregationOperator, pb: Problem) -> list[LoRAFactors]:
-    """Adapt a drawn problem to the operator's protocol (shared A for FFA-LoRA)."""
-    if op.shared_A:
-        try:
+def _prepare(
+    op: AggregationOperator, pb: Problem, state: OperatorState | None = None
+) -> list[LoRAFactors]:
+    """Adapt a drawn problem to the operator's protocol in the state's round.
+
+    The factor the operator declares frozen in that round (A for FFA-LoRA; A, then B, for
+    RoLoRA) is client 0's for every client.
+    """
+    frozen = op.frozen_factor(1 if state is None else state.round_index)
+    try:
+        if frozen == "A":
             return [LoRAFactors(f.B, pb.factors[0].A) for f in pb.factors]
-        except GloraError as err:  # heterogeneous ranks cannot share one A
-            raise FalsifiedError(f"the protocol cannot hold for this input: {err}") from err
+        if frozen == "B":
+            return [LoRAFactors(pb.factors[0].B, f.A) for f in pb.factors]
+    except GloraError as err:  # heterogeneous ranks cannot share one factor
+        raise FalsifiedError(f"the protocol cannot hold for this input: {err}") from err
     return list(pb.factors)
 
 
@@ -130,9 +139,9 @@ def _equal_rank_problems(op: AggregationOperator, **kw: object) -> st.SearchStra
 def _gauge_property(kind: str) -> Callable[[AggregationOperator, st.DataObject], None]:
     def prop(op: AggregationOperator, data: st.DataObject) -> None:
         pb = data.draw(_equal_rank_problems(op, min_clients=2), label="problem")
-        clients = _prepare(op, pb)
-        R = _server_rank(pb, data)
         state = _state(op, pb, data)
+        clients = _prepare(op, pb, state)
+        R = _server_rank(pb, data)
         Gs, _ = data.draw(gauges_for(pb.ranks, kind=kind), label="gauges")
         gauged = [apply_gauge(c, g.to(pb.dtype)) for c, g in zip(clients, Gs, strict=True)]
         a = _run(op, clients, pb.weights, rank=R, state=state)
@@ -146,9 +155,9 @@ def _gauge_property(kind: str) -> Callable[[AggregationOperator, st.DataObject],
 
 def _common_gauge(op: AggregationOperator, data: st.DataObject) -> None:
     pb = data.draw(problems(equal_ranks=True), label="problem")
-    clients = _prepare(op, pb)
-    R = _server_rank(pb, data)
     state = _state(op, pb, data)
+    clients = _prepare(op, pb, state)
+    R = _server_rank(pb, data)
     c = data.draw(st.floats(1.0, 100.0), label="gauge_cond")
     Gm = random_invertible(pb.ranks[0], cond=c, generator=torch.Generator().manual_seed(pb.seed))
     moved = [apply_gauge(x, Gm.to(pb.dtype)) for x in clients]
@@ -161,9 +170,10 @@ def _common_gauge(op: AggregationOperator, data: st.DataObject) -> None:
 
 def _exact_mean(op: AggregationOperator, data: st.DataObject) -> None:
     pb = data.draw(_equal_rank_problems(op, weights="with_zeros"), label="problem")
-    clients = _prepare(op, pb)
+    state = _state(op, pb, data)
+    clients = _prepare(op, pb, state)
     R = _server_rank(pb, data)
-    res = _run(op, clients, pb.weights, rank=R, state=_state(op, pb, data))
+    res = _run(op, clients, pb.weights, rank=R, state=state)
     W = sum(
         (float(pb.p[i]) * f64(c.delta()) for i, c in enumerate(clients)),
         start=torch.zeros(pb.d, pb.k, dtype=torch.float64),
@@ -175,10 +185,11 @@ def _exact_mean(op: AggregationOperator, data: st.DataObject) -> None:
 
 def _rank_compatible(op: AggregationOperator, data: st.DataObject) -> None:
     pb = data.draw(problems(min_clients=2), label="problem")  # heterogeneous ranks allowed
-    clients = _prepare(op, pb)
+    state = _state(op, pb, data)
+    clients = _prepare(op, pb, state)
     R = _server_rank(pb, data)
     want = data.draw(st.lists(st.integers(1, R), min_size=pb.n, max_size=pb.n), label="ranks")
-    res = _run(op, clients, pb.weights, rank=R, state=_state(op, pb, data), client_ranks=want)
+    res = _run(op, clients, pb.weights, rank=R, state=state, client_ranks=want)
     _check(res.client_factors is not None, "clients receive no factors (re-initialise)")
     assert res.client_factors is not None
     X = f64(res.update.delta())
@@ -195,9 +206,9 @@ def _rank_compatible(op: AggregationOperator, data: st.DataObject) -> None:
 
 def _permutation(op: AggregationOperator, data: st.DataObject) -> None:
     pb = data.draw(_equal_rank_problems(op, min_clients=2, weights="random"), label="problem")
-    clients = _prepare(op, pb)
-    R = _server_rank(pb, data)
     state = _state(op, pb, data)
+    clients = _prepare(op, pb, state)
+    R = _server_rank(pb, data)
     perm = data.draw(st.permutations(range(pb.n)), label="perm")
     assert pb.weights is not None
     a = _run(op, clients, pb.weights, rank=R, state=state)
@@ -219,9 +230,9 @@ def _col_space(X: torch.Tensor, noise: float) -> tuple[torch.Tensor, float]:
 
 def _scale_robust(op: AggregationOperator, data: st.DataObject) -> None:
     pb = data.draw(_equal_rank_problems(op, min_clients=2, weights="random"), label="problem")
-    clients = _prepare(op, pb)
-    R = _server_rank(pb, data)
     state = _state(op, pb, data)
+    clients = _prepare(op, pb, state)
+    R = _server_rank(pb, data)
     j = data.draw(st.integers(0, pb.n - 1), label="client")
     c = data.draw(st.floats(0.05, 20.0), label="c")
     scaled = list(clients)
@@ -243,9 +254,10 @@ def _scale_robust(op: AggregationOperator, data: st.DataObject) -> None:
 
 def _certified(op: AggregationOperator, data: st.DataObject) -> None:
     pb = data.draw(_equal_rank_problems(op, weights="with_zeros"), label="problem")
-    clients = _prepare(op, pb)
+    state = _state(op, pb, data)
+    clients = _prepare(op, pb, state)
     R = _server_rank(pb, data)
-    res = _run(op, clients, pb.weights, rank=R, state=_state(op, pb, data))
+    res = _run(op, clients, pb.weights, rank=R, state=state)
     _check(res.certificate is not None, "the result carries no certificate")
     assert res.certificate is not None
     W = sum(

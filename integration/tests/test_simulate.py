@@ -40,10 +40,13 @@ def test_glora_run_with_heterogeneous_ranks_and_sparse_participation(tmp_path: P
     assert json.loads((out / "results.json").read_text())["metrics"] == metrics
 
 
-@pytest.mark.parametrize("operator", ["fedex_lora", "flora", "fedrot_lora", "ffa_lora"])
+@pytest.mark.parametrize("operator", ["fedex_lora", "flora", "fedrot_lora", "ffa_lora", "rolora"])
 def test_folding_and_stateful_operators_run(tmp_path: Path, operator: str) -> None:
+    # RoLoRA: round 1 trains B with the shared A frozen, round 2 A with the averaged B frozen;
+    # the server's protocol check (a frozen factor must be identical) passes only if the
+    # runner froze the right factor, and the update is then the exact mean.
     metrics = _run(tmp_path, operator, operator=operator)
-    if operator in ("fedex_lora", "flora", "ffa_lora"):  # exact: the update is the mean update
+    if operator in ("fedex_lora", "flora", "ffa_lora", "rolora"):  # exact: the mean update
         # Relative error in float64 factors of the tiny model (hidden 32, 3 clients of rank 4).
         tol = product_tol(torch.float64, n=32 + 32 + 3 * 4, scale=1.0)
         assert all(float(m["aggregation_error"]) <= tol for m in metrics)  # type: ignore[arg-type]
