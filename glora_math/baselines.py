@@ -8,7 +8,9 @@ Weights are renormalised as everywhere (:func:`glora_math.validation.normalize_w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -398,6 +400,96 @@ def aligned_side(round_index: int, first: Literal["A", "B"] = "A") -> Literal["A
     return first if round_index % 2 == 0 else other
 
 
+@dataclass(frozen=True)
+class FairProblem:
+    """LoRA-FAIR's discrepancy as functions of the correction ``dB``, from factors only.
+
+    With ``W_bar = sum_i p_i B_i A_i``, FedIT's ``(B_bar, A_bar)`` and ``B' = B_bar + dB``:
+
+        f(dB) = 1 - <W_bar, B' A_bar> / (||W_bar|| ||B' A_bar||) + lam ||dB||^2 / ||B_bar||^2
+
+    Everything needs ``M = W_bar A_bar^T`` (d by r, once), ``G = A_bar A_bar^T`` (r by r, once)
+    and ``||W_bar||``: ``<W_bar, B' A_bar> = <B', M>``, ``||B' A_bar||^2 = tr(B'^T B' G)``.
+    """
+
+    M: Tensor
+    G: Tensor
+    B_bar: Tensor
+    w_norm: float
+    lam: float
+
+    def value_and_grad(self, dB: Tensor) -> tuple[float, Tensor]:
+        """``f(dB)`` and its gradient, O(d r^2)."""
+        Bp = self.B_bar + dB
+        BG = Bp @ self.G
+        y2 = float((Bp * BG).sum())  # ||B' A_bar||^2
+        inner = float((Bp * self.M).sum())  # <W_bar, B' A_bar>
+        scale = float((self.B_bar * self.B_bar).sum()) or 1.0
+        if y2 <= 0.0 or self.w_norm == 0.0:
+            return 1.0 + self.lam * float((dB * dB).sum()) / scale, 2 * self.lam * dB / scale
+        y = math.sqrt(y2)
+        cos = inner / (self.w_norm * y)
+        grad_cos = self.M / (self.w_norm * y) - (inner / (self.w_norm * y**3)) * BG
+        value = 1.0 - cos + self.lam * float((dB * dB).sum()) / scale
+        return value, -grad_cos + 2 * self.lam * dB / scale
+
+
+def lora_fair(
+    factors: Sequence[LoRAFactors],
+    weights: WeightsLike = None,
+    *,
+    lam: float = 0.01,
+    steps: int = 50,
+) -> tuple[LoRAFactors, float, float]:
+    """LoRA-FAIR (arXiv 2411.14961), **labelled reconstruction**: FedIT plus a correction of B.
+
+    The server averages the factors (FedIT) and refines ``B_bar`` by a correction ``dB`` that
+    minimises a similarity discrepancy to the exact mean update, regularised towards FedIT:
+    ``1 - cos(W_bar, (B_bar + dB) A_bar) + lam ||dB||^2 / ||B_bar||^2`` (:class:`FairProblem`).
+    Clients start the next round from ``(B_bar + dB, A_bar)``. The paper's similarity
+    ``S`` is a cosine-type similarity of the two updates with ``lam = 0.01``; we use the
+    Frobenius cosine (scale-free, like the paper's) and normalise the penalty by
+    ``||B_bar||^2`` so that ``lam`` means the same for any scale of the factors.
+    Minimised by ``steps`` gradient steps with Armijo backtracking (the objective never
+    increases). Everything is computed from the factors: O(N r^2 (d + k)) once, then
+    O(d r^2) per step; the published code forms the d-by-k updates (O(T d^2 r)).
+
+    Returns
+    -------
+    (factors, before, after)
+        ``(B_bar + dB, A_bar)`` and the discrepancy at ``dB = 0`` and at the solution.
+    """
+    info, p, fs = _prepare(factors, weights)
+    _require_equal_ranks(fs, "LoRA-FAIR")
+    if not (math.isfinite(lam) and lam >= 0.0) or steps < 0:
+        raise ValueError(f"lam must be >= 0 and steps >= 0, got {lam}, {steps}")
+    B_bar = _weighted_sum(p, [f.B for f in fs])
+    A_bar = _weighted_sum(p, [f.A for f in fs])
+    # M = W_bar A_bar^T = sum_i p_i B_i (A_i A_bar^T): one small product per client.
+    M = _weighted_sum(p, [f.B @ (f.A @ A_bar.mT) for f in fs])
+    mean = mean_update(fs, p)
+    problem = FairProblem(M, A_bar @ A_bar.mT, B_bar, lowrank_fro_norm(mean.B, mean.A), lam)
+    dB = torch.zeros_like(B_bar)
+    value, grad = problem.value_and_grad(dB)
+    before = value
+    step = 1.0
+    for _ in range(steps):
+        g2 = float((grad * grad).sum())
+        if g2 == 0.0:
+            break
+        while step > 1e-12:  # Armijo backtracking: a sufficient decrease, never an increase
+            trial = dB - step * grad
+            new_value, new_grad = problem.value_and_grad(trial)
+            if new_value <= value - 1e-4 * step * g2:
+                break
+            step *= 0.5
+        else:
+            break
+        dB, value, grad = trial, new_value, new_grad
+        step *= 2.0
+    return _cast(LoRAFactors(B_bar + dB, A_bar), info.dtype), before, value
+
+
 def flora_na(
     factors: Sequence[LoRAFactors], weights: WeightsLike = None, *, steps: int = 3
 ) -> LoRAFactors:
@@ -437,6 +529,7 @@ __all__ = [
     "flora_na",
     "flora_stack",
     "hetlora",
+    "lora_fair",
     "procrustes",
     "rolora",
     "svd_of_mean",

@@ -460,6 +460,29 @@ register(
 )
 
 
+def _lora_fair(fs: Sequence[LoRAFactors], p: Tensor, ctx: RoundContext) -> AggregateResult:
+    glob, _, _ = bl.lora_fair(fs, p, lam=ctx.options["lam"], steps=int(ctx.options["steps"]))
+    return AggregateResult(glob, None, _same_for_all(len(fs), glob, ctx.client_ranks, "LoRA-FAIR"))
+
+
+register(
+    AggregationOperator(
+        name="lora_fair",
+        paper="arXiv 2411.14961 (reconstruction)",
+        summary="FedIT plus a server correction dB of B_bar minimising 1 - cos(W_bar, "
+        "(B_bar + dB) A_bar) + lam ||dB||^2 / ||B_bar||^2, from factors; clients start from "
+        "(B_bar + dB, A_bar)",
+        sends_back="global factors (rank r)",
+        guarantees=frozenset({G.PERMUTATION_INVARIANT}),
+        fn=_lora_fair,
+        cost=_factors_cost,
+        equal_ranks=True,
+        reconstruction=True,
+        options={"lam": 0.01, "steps": 50.0},
+    )
+)
+
+
 def _rolora_frozen(round_index: int) -> Literal["A", "B"]:
     """RoLoRA: odd rounds freeze A (clients train B), even rounds freeze B (they train A)."""
     return "A" if round_index % 2 == 1 else "B"

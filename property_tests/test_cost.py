@@ -17,6 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import glora_math as gm
+from glora_math import baselines as bl
 from glora_math import consensus as consensus_module
 from glora_math import gauge as gauge_module
 from glora_math import metrics
@@ -62,6 +63,7 @@ def test_no_operator_creates_a_tensor_of_size_d_times_k() -> None:
     bound = (d + k) * m
     assert bound < d * k // 10
     state = gm.glora_aggregate(fs, rank=3)
+    eq = gaussian_clients(3, d, [2, 2, 2], k, generator=torch.Generator().manual_seed(1))
     calls: dict[str, Callable[[], object]] = {
         "glora qr": lambda: gm.glora_aggregate(fs, rank=3),
         "glora svd": lambda: gm.glora_aggregate(fs, rank=3, gauge="svd"),
@@ -73,6 +75,8 @@ def test_no_operator_creates_a_tensor_of_size_d_times_k() -> None:
         "singular_values": lambda: metrics.singular_values(metrics.mean_update(fs)),
         "best_rank_approx": lambda: metrics.best_rank_approx(metrics.mean_update(fs), 2),
         "relative_error": lambda: metrics.relative_error(fs[0], fs),
+        "lora_fair": lambda: bl.lora_fair(eq, steps=20),
+        "rolora": lambda: bl.rolora([gm.LoRAFactors(f.B, eq[0].A) for f in eq], trained="B"),
     }
     for name, fn in calls.items():
         assert _largest(fn) <= bound, name

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from glora_math import LoRAFactors, random_orthogonal
@@ -264,3 +264,38 @@ def test_flexlora_sends_the_published_factors_u_s_and_v(pb) -> None:  # type: ig
         assert float((f64(f.delta()) - f64(g.delta())).norm()) <= _tol(pb)
         G = f64(g.B).mT @ f64(g.B) - f64(g.A) @ f64(g.A).mT  # balanced: B^T B = A A^T = S
         assert float(G.norm()) <= product_tol(pb.dtype, n=n, scale=s0)
+
+
+@given(problems(weights="random", equal_ranks=True), st.floats(0.0, 1.0))
+def test_lora_fair_discrepancy_gradient_and_descent_from_factors(pb, lam) -> None:  # type: ignore[no-untyped-def]
+    # The factor formulas of the discrepancy and its gradient equal the dense definitions
+    # (autograd on d-by-k matrices), and the correction never makes it worse than FedIT's.
+    fs = bl._prepare(pb.factors, pb.weights)[2]
+    p = pb.p.to(fs[0].B.dtype)
+    B_bar = sum((float(p[i]) * f.B for i, f in enumerate(fs)), torch.zeros_like(fs[0].B))
+    A_bar = sum((float(p[i]) * f.A for i, f in enumerate(fs)), torch.zeros_like(fs[0].A))
+    W = pb.mean()
+    assume(float(W.norm()) > 0 and float((B_bar @ A_bar).norm()) > 0)
+    M = f64(W) @ f64(A_bar).mT
+    prob = bl.FairProblem(M, f64(A_bar) @ f64(A_bar).mT, f64(B_bar), float(W.norm()), lam)
+    g = torch.Generator().manual_seed(pb.seed)
+    dB = 0.1 * torch.randn(B_bar.shape, generator=g, dtype=torch.float64) * float(B_bar.norm())
+    x = dB.clone().requires_grad_()
+    Y = (f64(B_bar) + x) @ f64(A_bar)
+    dense = 1 - (W * Y).sum() / (W.norm() * Y.norm()) + lam * (x * x).sum() / (B_bar.norm() ** 2)
+    dense.backward()  # type: ignore[no-untyped-call]
+    value, grad = prob.value_and_grad(dB)
+    n = n_dims(pb.d, pb.k, pb.ranks)
+    assert abs(value - float(dense.detach())) <= product_tol(torch.float64, n=n, scale=2.0 + lam)
+    assert x.grad is not None
+    scale = float(x.grad.norm()) + float(M.norm()) / (float(W.norm()) * float(Y.detach().norm()))
+    assert float((grad - x.grad).norm()) <= product_tol(torch.float64, n=n, scale=scale)
+    out, before, after = bl.lora_fair(pb.factors, pb.weights, lam=lam)
+    assert after <= before
+    cos = float((f64(out.delta()) * W).sum() / (f64(out.delta()).norm() * W.norm()))
+    fedit = f64(B_bar @ A_bar)
+    cos0 = float((fedit * W).sum() / (fedit.norm() * W.norm()))
+    assert 1 - cos <= 1 - cos0 + product_tol(pb.dtype, n=n, scale=2.0)
+    # Clients keep A_bar (FedIT's, to rounding of the weighted sum).
+    err_a = float((f64(out.A) - f64(A_bar)).norm())
+    assert err_a <= product_tol(pb.dtype, n=n, scale=float(f64(A_bar).norm()) + 1.0)
