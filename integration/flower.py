@@ -28,7 +28,9 @@ server -> client, train
     ``"init"``: the client's folded factors (``"<module>.B"``, ``"<module>.A"``), empty for a
     fresh LoRA start; ``"base"``: dense folds accumulated into base weights (``"<module>"``,
     FedEx-LoRA residuals, FLoRA merges); ``"dense"``: ``modules_to_save`` tensors;
-    ``"config"``: ``server-round``, ``freeze-a`` (FFA-LoRA). :func:`read_train_message` decodes it.
+    ``"config"``: ``server-round``, ``freeze-a``/``freeze-b`` (the factor the operator keeps
+    frozen and shared this round: FFA-LoRA's A, RoLoRA's A then B). :func:`read_train_message`
+    decodes it.
 client -> server, train
     ``"adapter"``: the peft LoRA state dict (``get_peft_model_state_dict``); ``"lora"``: its
     ``r``, ``lora_alpha``, ``use_rslora``, ``fan_in_fan_out`` (and ``rank_pattern`` /
@@ -54,7 +56,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -74,7 +76,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from glora_math import GloraError, LoRAFactors
-from glora_math.registry import Guarantee, get_operator
+from glora_math.registry import get_operator
 
 from .peft_io import (
     ClientAdapter,
@@ -234,8 +236,9 @@ class TrainInstructions:
 
     ``init``: the factors to start from (folded scale, float64), or None for a fresh LoRA
     start; ``base``: dense ``out x in`` folds to add to the base weights before training;
-    ``dense``: the ``modules_to_save`` tensors; ``freeze_a``: keep every ``lora_A`` fixed
-    (FFA-LoRA); ``config``: the whole config record.
+    ``dense``: the ``modules_to_save`` tensors; ``freeze_a`` / ``freeze_b``: keep every
+    ``lora_A`` / ``lora_B`` fixed this round (FFA-LoRA; RoLoRA alternates); ``config``: the
+    whole config record.
     """
 
     init: dict[str, LoRAFactors] | None
@@ -243,6 +246,7 @@ class TrainInstructions:
     dense: dict[str, Tensor]
     server_round: int
     freeze_a: bool
+    freeze_b: bool
     config: dict[str, Any]
 
 
@@ -311,6 +315,7 @@ def read_train_message(message: Message | RecordDict) -> TrainInstructions:
         dense=decode_arrays(_array_record(content, "dense"), what="dense tensor"),
         server_round=rnd,
         freeze_a=conf.get("freeze-a") is True,
+        freeze_b=conf.get("freeze-b") is True,
         config=conf,
     )
 
@@ -581,9 +586,9 @@ class LoRAStrategy(Strategy):
         reply must match (``integration.models.lora_shapes(peft_model)`` gives it). If None,
         each round's replies must agree by a strict majority, fixed for that round only.
     shared_a
-        FFA-LoRA: the frozen, shared ``A`` of each module at the largest client rank (a
-        client of rank r holds its first r rows). If None: the server's own ``A`` once it has
-        one, else each round's strict majority.
+        FFA-LoRA (and RoLoRA's first round): the frozen, shared ``A`` of each module at the
+        largest client rank (a client of rank r holds its first r rows), the reference before
+        the server has its own ``A``. If None: each round's strict majority until then.
     max_examples
         Upper bound of a reply's ``num-examples``.
     max_abs
@@ -679,8 +684,9 @@ class LoRAStrategy(Strategy):
             if heads:
                 self.dense_reference = {k: tuple(v.shape) for k, v in heads.items()}
             self.started = True
+        frozen = self._frozen()
         cfg = ConfigRecord({**dict(config), "server-round": server_round,
-                            "freeze-a": self.op.shared_A})  # fmt: skip
+                            "freeze-a": frozen == "A", "freeze-b": frozen == "B"})  # fmt: skip
         msgs = []
         nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
         self.sampled[server_round] = set(nodes)
@@ -933,47 +939,64 @@ class LoRAStrategy(Strategy):
                 ))  # fmt: skip
             else:
                 ok.append(decoded[node])
-        if self.op.shared_A and ok:
-            ok = self._check_shared_a(ok, logged)
+        frozen = self._frozen()
+        if frozen is not None and ok:
+            ok = self._check_frozen(ok, logged, frozen)
         return ok
 
-    def _check_shared_a(self, replies: list[_Reply], logged: RoundLog) -> list[_Reply]:
-        """FFA-LoRA: keep the replies whose every A is the frozen, shared A."""
+    def _frozen(self) -> Literal["A", "B"] | None:
+        """The factor clients keep frozen in the server's next round (FFA-LoRA, RoLoRA).
 
-        def a_of(r: _Reply, name: str) -> Tensor:
-            return r.adapter.modules[name].factors.A.to(torch.float32)
+        Counted by the server's aggregated rounds, so clients and server agree even after a
+        round that aggregated nothing.
+        """
+        return self.op.frozen_factor(self.server.round + 1)
+
+    def _check_frozen(
+        self, replies: list[_Reply], logged: RoundLog, which: Literal["A", "B"]
+    ) -> list[_Reply]:
+        """Keep the replies whose frozen factor (``which``) is the shared one, in every module.
+
+        The reference: for A, the server's own A once it has a global update, else
+        ``shared_a``; otherwise (and always for B, which carries the scale) the factor held by
+        a strict majority of the round's replies. Compared in float32, the precision the
+        clients received it in.
+        """
+
+        def part(r: _Reply, name: str) -> Tensor:
+            f = r.adapter.modules[name].factors
+            return (f.A if which == "A" else f.B).to(torch.float32)
 
         names = sorted(replies[0].adapter.modules)
-        majority: Any = None
-        if self.shared_a is None and not self.server.global_update:
+        own = self.server.global_update
+        reference: dict[str, Tensor] | None = None
+        if which == "A" and own and set(names) <= set(own):
+            reference = {n: own[n].A.to(torch.float32) for n in names}
+        elif which == "A" and self.shared_a is not None:
+            reference = self.shared_a
+        majority = None
+        if reference is None:
             majority = _majority(
-                {r.node: tuple(a_of(r, n).numpy().tobytes() for n in names) for r in replies}
+                {r.node: tuple(part(r, n).numpy().tobytes() for n in names) for r in replies}
             )
         ok = []
         for r in replies:
-            if self.shared_a is not None:
+            if reference is not None:
                 good = all(
-                    n in self.shared_a
-                    and a_of(r, n).shape[0] <= self.shared_a[n].shape[0]
-                    and torch.equal(a_of(r, n), self.shared_a[n][: a_of(r, n).shape[0]])
-                    for n in names
-                )
-            elif self.server.global_update:
-                own = self.server.global_update
-                good = all(
-                    n in own
-                    and own[n].A.shape == a_of(r, n).shape
-                    and torch.equal(own[n].A.to(torch.float32), a_of(r, n))
+                    n in reference
+                    and part(r, n).shape[0] <= reference[n].shape[0]
+                    and torch.equal(part(r, n), reference[n][: part(r, n).shape[0]])
                     for n in names
                 )
             else:
                 good = majority is not None and majority == tuple(
-                    a_of(r, n).numpy().tobytes() for n in names
+                    part(r, n).numpy().tobytes() for n in names
                 )
             if good:
                 ok.append(r)
             else:
-                self._reject(logged, r.node, "A differs from the frozen, shared A (FFA-LoRA)")
+                self._reject(logged, r.node, f"{which} differs from the frozen, shared "
+                             f"{which} of this round ({self.op.name})")  # fmt: skip
         return ok
 
     def _aggregate_attributed(
@@ -994,7 +1017,7 @@ class LoRAStrategy(Strategy):
                 self._reject(logged, r.node, f"refused by the operator: {why}")
         # 2. Equal-rank operators: the replies off the reference rank are at fault.
         ranks = {r.node: r.ranks() for r in rest}
-        if Guarantee.RANK_COMPATIBLE not in self.op.guarantees and len(set(ranks.values())) > 1:
+        if self.op.equal_ranks and len(set(ranks.values())) > 1:
             R = self.server.server_rank
             ref = (
                 next((k for k in ranks.values() if all(rk == R for _, rk in k)), None)

@@ -363,6 +363,7 @@ def make_client_app(default: FlowerConfig | None = None) -> ClientApp:
             max_len=cfg.max_len,
             seed=seed_for(cfg.seed, job.server_round, pid, 2),
             freeze_a=job.freeze_a,
+            freeze_b=job.freeze_b,
             device=torch.device("cpu"),
         )
         sd = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}

@@ -1,7 +1,8 @@
 """The Flower strategy: record conversion, heterogeneous ranks, every operator, bad replies.
 
-These tests drive :class:`LoRAStrategy` with hand-built Flower messages (no Ray); the
-end-to-end Flower simulation is ``test_flower_simulation_end_to_end``.
+These tests drive :class:`LoRAStrategy` with hand-built Flower messages and the client helpers
+with real peft models; hostile replies are ``test_flower_hostile.py``, Flower's deployment
+engine end to end is ``test_flower_deployment.py``.
 """
 
 from __future__ import annotations
@@ -51,13 +52,16 @@ class FakeGrid:
         return list(self.nodes)
 
 
-def _state(r: int, seed: int, *, a_seed: int | None = None) -> dict[str, torch.Tensor]:
+def _state(
+    r: int, seed: int, *, a_seed: int | None = None, b_seed: int | None = None
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ga = g if a_seed is None else torch.Generator().manual_seed(a_seed)
+    gb = g if b_seed is None else torch.Generator().manual_seed(b_seed)
     sd = {}
     for m in MODULES:
         sd[f"{PREFIX}{m}.lora_A.weight"] = torch.randn(r, K, generator=ga)
-        sd[f"{PREFIX}{m}.lora_B.weight"] = torch.randn(D, r, generator=g)
+        sd[f"{PREFIX}{m}.lora_B.weight"] = torch.randn(D, r, generator=gb)
     sd[f"{PREFIX}classifier.modules_to_save.default.weight"] = torch.randn(2, D, generator=g)
     return sd
 
@@ -265,9 +269,16 @@ def test_every_operator_runs_as_a_strategy(name: str) -> None:
     for rnd in (1, 2):
         msgs = list(st.configure_train(rnd, ArrayRecord(), ConfigRecord(), FakeGrid([1, 2, 3])))
         assert len(msgs) == 3
-        a_seed = 0 if op.shared_A else None  # FFA-LoRA clients share one frozen A
+        # The factor the operator keeps frozen this round is the same for every client
+        # (FFA-LoRA: A; RoLoRA: A, then B).
+        frozen = op.frozen_factor(rnd)
+        assert msgs[0].content["config"]["freeze-a"] == (frozen == "A")  # type: ignore[index]
+        assert msgs[0].content["config"]["freeze-b"] == (frozen == "B")  # type: ignore[index]
+        a_seed = 0 if frozen == "A" else None
+        b_seed = 0 if frozen == "B" else None
         replies = [
-            _reply(n, r, 0, state=_state(r, 10 * rnd + n, a_seed=a_seed)) for n, r in ranks.items()
+            _reply(n, r, 0, state=_state(r, 10 * rnd + n, a_seed=a_seed, b_seed=b_seed))
+            for n, r in ranks.items()
         ]
         arrays, metrics = st.aggregate_train(rnd, replies)
         assert arrays is not None, st.history[-1].rejected
@@ -302,30 +313,6 @@ def test_evaluation_replies_are_weighted_and_bad_ones_skipped() -> None:
     assert out["num-examples"] == 40
 
 
-def test_flower_simulation_end_to_end(tmp_path: Path) -> None:
-    """A real Flower simulation (Ray backend): 3 clients of ranks 2, 4, 4, 2 rounds, and
-    partition 2 sending NaN. Run in a subprocess, as users run it, so that Ray's processes
-    and their resource warnings stay out of the test process."""
-    import json
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "integration.flower_app", "--clients", "3", "--rounds", "2",
-           "--client-ranks", "2", "4", "4", "--faulty", "2:nan", "--out", str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((tmp_path / "flower_results.json").read_text())
-    assert [r["round"] for r in res["rounds"]] == [1, 2]
-    for r in res["rounds"]:
-        assert len(r["accepted"]) == 2
-        # Flower's node ids are random; the one rejection is partition 2's NaN reply.
-        assert len(r["rejected"]) == 1
-        assert "NaN" in next(iter(r["rejected"].values()))
-        assert r["aggregation_error"] is not None
-        assert r["evaluate"] is not None
-        assert 0.0 <= r["evaluate"]["accuracy"] <= 1.0
-
-
 @pytest.mark.parametrize("operator", ["glora", "glora_auto", "glora_auto_rank"])
 def test_glora_rounds_report_a_certificate_equal_to_the_measured_error(operator: str) -> None:
     st = LoRAStrategy(operator, max_residual=1e-3)
@@ -344,3 +331,242 @@ def test_the_default_strategy_is_the_side_aware_glora() -> None:
     _, metrics = LoRAStrategy("fedit").aggregate_train(1, [_reply(n, 4, n) for n in (1, 2)])
     assert metrics is not None
     assert math.isnan(metrics["certified-residual"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Client helpers with real peft models, the exported adapter, settings, the CLI
+
+
+def _peft(r: int, seed: int):  # type: ignore[no-untyped-def]
+    from peft import get_peft_model
+
+    from integration.models import build_model, lora_config
+
+    base, _ = build_model("tiny-roberta", 2, 0)
+    model = get_peft_model(base, lora_config(r, ("query", "value")))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:  # peft starts B at 0: make the update non-zero
+                p.copy_(torch.randn(p.shape, generator=g))
+    return base, model
+
+
+def test_client_helpers_speak_the_record_protocol_with_real_peft_models(tmp_path: Path) -> None:
+    from peft import PeftModel, get_peft_model_state_dict
+
+    from integration.flower import (
+        read_evaluate_message,
+        read_train_message,
+        train_reply,
+    )
+    from integration.models import lora_config, lora_shapes
+
+    ranks = {11: 2, 12: 4, 13: 4}  # node -> rank; partitions 0, 1, 2
+    _, first = _peft(2, 0)
+    heads = {
+        k.removeprefix(PREFIX): v.detach().clone()
+        for k, v in get_peft_model_state_dict(first).items()
+        if ".lora_" not in k
+    }
+    st = LoRAStrategy("glora", modules=lora_shapes(first), min_available_nodes=3)
+    grid = FakeGrid(list(ranks))
+    for rnd in (1, 2):
+        msgs = list(st.configure_train(rnd, ArrayRecord(heads), ConfigRecord(), grid))
+        replies = []
+        for part, msg in enumerate(msgs):
+            node = msg.metadata.dst_node_id
+            job = read_train_message(msg)
+            assert job.server_round == rnd
+            assert job.freeze_a is False
+            assert set(job.dense) == set(heads)
+            if rnd == 1:
+                assert job.init is None  # first contact: a fresh LoRA start
+            else:  # later rounds: the server's factors at the node's own rank
+                assert job.init is not None
+                want = st.server.start_for(node, ranks[node])
+                assert want is not None
+                for m, f in job.init.items():
+                    assert f.rank == ranks[node]
+                    assert torch.allclose(f.delta(), want[m].delta().double(), atol=1e-5)
+            _, model = _peft(ranks[node], 10 * rnd + part)
+            sd = get_peft_model_state_dict(model)
+            replies.append(Message(train_reply(sd, lora_config(ranks[node], ("query", "value")),
+                                               num_examples=10 + part, train_loss=0.25 * part,
+                                               partition=part), reply_to=msg))  # fmt: skip
+        arrays, metrics = st.aggregate_train(rnd, replies)
+        assert arrays is not None, st.history[-1].rejected
+        assert metrics is not None
+        assert st.history[-1].accepted == sorted(ranks)
+        assert st.history[-1].partitions == {11: 0, 12: 1, 13: 2}
+        # num-examples 10, 11, 12 weigh the losses 0, 0.25, 0.5
+        assert metrics["train-loss"] == pytest.approx((11 * 0.25 + 12 * 0.5) / 33)
+    # Evaluation: the client's deltas are the server's dense change of every module.
+    msg = next(iter(st.configure_evaluate(2, ArrayRecord(), ConfigRecord(), grid)))
+    job = read_evaluate_message(msg)
+    want = st.server.dense_deltas()
+    assert set(job.deltas()) == set(want)
+    for m, d in job.deltas().items():
+        assert torch.allclose(d, want[m], atol=1e-5)
+    # The exported global adapter loads into peft and adds exactly the global update.
+    folder = tmp_path / "global"
+    written = st.save_global_adapter(folder, lora_config(4, ("query", "value")))
+    assert written == [folder / "adapter_model.safetensors", folder / "adapter_config.json"]
+    from integration.models import build_model
+
+    fresh, _ = build_model("tiny-roberta", 2, 0)  # get_peft_model wrapped `base` in place
+    loaded = PeftModel.from_pretrained(fresh, str(folder))
+    for m, f in st.server.global_update.items():
+        layer = loaded.get_submodule(f"base_model.model.{m}")
+        delta = layer.get_delta_weight("default")
+        assert torch.allclose(delta.double(), f.delta().double(), atol=1e-5), m
+
+
+def test_train_reply_carries_rank_and_alpha_patterns() -> None:
+    from integration.flower import train_reply
+
+    sd = _state(4, 1)
+    sd[f"{PREFIX}{MODULES[2]}.lora_A.weight"] = sd[f"{PREFIX}{MODULES[2]}.lora_A.weight"][:2]
+    sd[f"{PREFIX}{MODULES[2]}.lora_B.weight"] = sd[f"{PREFIX}{MODULES[2]}.lora_B.weight"][:, :2]
+    config = {"r": 4, "lora_alpha": 8.0, "rank_pattern": {MODULES[2]: 2},
+              "alpha_pattern": {MODULES[2]: 16.0}}  # fmt: skip
+    reply = Message(train_reply(sd, config, num_examples=5),
+                    reply_to=Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN))  # fmt: skip
+    st = LoRAStrategy("glora")
+    st.aggregate_train(1, [reply])
+    assert st.history[-1].accepted == [1]
+    want = adapter_from_state_dict({k: v.double() for k, v in sd.items()}, config)
+    got = st.server.global_update[MODULES[2]]
+    assert got.rank == 2
+    assert torch.allclose(got.delta(), want.modules[MODULES[2]].factors.delta(), atol=1e-5)
+
+
+def test_the_strategy_waits_for_nodes_then_goes_on() -> None:
+    class SlowGrid:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def get_node_ids(self) -> list[int]:
+            self.calls += 1
+            return [1] if self.calls < 3 else [1, 2]
+
+    st = LoRAStrategy("glora", min_available_nodes=2, node_wait=10.0)
+    msgs = list(st.configure_train(1, ArrayRecord(), ConfigRecord(), SlowGrid()))
+    assert sorted(m.metadata.dst_node_id for m in msgs) == [1, 2]
+    impatient = LoRAStrategy("glora", min_available_nodes=2, node_wait=0.0)
+    msgs = list(impatient.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([1])))
+    assert [m.metadata.dst_node_id for m in msgs] == [1]
+
+
+def test_the_template_lists_every_run_config_key_with_its_default() -> None:
+    import importlib
+    import tomllib
+
+    from integration.flower_app import TEMPLATE, FlowerConfig
+
+    app = tomllib.loads((TEMPLATE / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert app["config"] == FlowerConfig().to_run_config()
+    for ref in app["components"].values():
+        module, _, attr = ref.partition(":")
+        assert module == "glora_math.integration.flower_app"
+        assert hasattr(importlib.import_module("integration.flower_app"), attr)
+    # The connection file names the port and the security the README's commands use.
+    conn = tomllib.loads((TEMPLATE / "flower-config.toml").read_text())["superlink"]
+    assert conn["local-deployment"] == {"address": "127.0.0.1:9093", "insecure": True}
+
+
+def test_the_template_readme_runs_what_local_deployment_runs(tmp_path: Path) -> None:
+    from integration.flower_app import TEMPLATE, LocalDeployment
+
+    readme = (TEMPLATE / "README.md").read_text()
+    dep = LocalDeployment(3, tmp_path)
+    dep.port = 9093
+    lines = {"flower-superlink": dep.superlink_command(), "flower-supernode":
+             dep.supernode_command(0, 9100)}  # fmt: skip
+    for prog, cmd in lines.items():
+        documented = next(line for line in readme.splitlines() if line.startswith(prog))
+        want = " ".join(cmd[1:]).replace("--host 127.0.0.1 ", "")
+        want = want.replace("--node-config partition-id=0 num-partitions=3",
+                            '--node-config "partition-id=0 num-partitions=3"')  # fmt: skip
+        assert documented == f"{prog} {want}"
+
+
+@pytest.mark.parametrize(
+    ("run_config", "message"),
+    [
+        ({"rouds": 2}, "unknown run-config key 'rouds' (did you mean 'rounds'?)"),
+        ({"rounds": "2"}, "run-config key 'rounds' must be a whole number, got '2' (str)"),
+        ({"rounds": 0}, "run-config key 'rounds' = 0 must be at least 1"),
+        ({"lr": math.inf}, "run-config key 'lr' must be a finite number"),
+        ({"participation": 1.5}, "run-config key 'participation' = 1.5 must be in (0, 1]"),
+        ({"client-ranks": "2,x"}, "'client-ranks' must be comma-separated whole numbers"),
+        ({"client-ranks": "2,0"}, "run-config key 'client-ranks' = '2,0' must be positive"),
+        ({"faulty": "2:boom"}, "run-config key 'faulty' = '2:boom' must be 'partition:kind'"),
+        ({"faulty": "2"}, "'faulty' must be comma-separated 'partition:kind' pairs"),
+        ({"operator": "glora_atuo"}, "(did you mean 'glora_auto'?)"),
+        ({"per-client-init": 1}, "'per-client-init' must be true or false, got 1 (int)"),
+        ({"target-modules": ""}, "'target-modules' = '' must name at least one module"),
+        ({"server-rank": -1}, "'server-rank' = -1 must be positive"),
+    ],
+)
+def test_run_config_errors_are_one_line_and_name_the_key(
+    run_config: dict[str, object], message: str
+) -> None:
+    from integration.flower_app import FlowerConfig, FlowerConfigError
+
+    with pytest.raises(FlowerConfigError) as info:
+        FlowerConfig.from_run_config(run_config)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_run_config_round_trips() -> None:
+    from integration.flower_app import FlowerConfig
+
+    cfg = FlowerConfig(client_ranks=(8, 4), server_rank=8, faulty=((1, "shape"), (2, "nan")),
+                       target_modules=("q_proj", "v_proj"), per_client_init=True)  # fmt: skip
+    assert FlowerConfig.from_run_config(cfg.to_run_config()) == cfg
+    assert FlowerConfig.from_run_config({"server-rank": 0}).server_rank is None
+
+
+def test_node_config_is_checked() -> None:
+    from types import SimpleNamespace
+
+    from integration.flower_app import FlowerConfigError, _node
+
+    def node(**nc: object) -> tuple[int, int, str | None]:
+        return _node(SimpleNamespace(node_config=nc))  # type: ignore[arg-type]
+
+    assert node(**{"partition-id": 1, "num-partitions": 3}) == (1, 3, None)
+    assert node(**{"partition-id": 0, "num-partitions": 1, "data-dir": "/d"}) == (0, 1, "/d")
+    with pytest.raises(FlowerConfigError, match="partition-id=<i> num-partitions=<n>"):
+        node()
+    with pytest.raises(FlowerConfigError, match=r"partition-id=3 is not in \[0, 3\)"):
+        node(**{"partition-id": 3, "num-partitions": 3})
+
+
+def test_the_command_line_checks_its_settings_and_runs_the_deployment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from integration import flower_app
+
+    with pytest.raises(SystemExit) as info:
+        flower_app.main(["--participation", "2"])
+    assert info.value.code == 2
+    assert (
+        "error: run-config key 'participation' = 2.0 must be in (0, 1]" in capsys.readouterr().err
+    )
+    seen = []
+
+    def fake_run(cfg: flower_app.FlowerConfig) -> dict[str, object]:
+        seen.append(cfg)
+        row = {"round": 1, "accepted_partitions": [0, 1], "rejected_partitions": {"2": "NaN"},
+               "aggregation_error": 0.1, "evaluate": {"accuracy": 0.5}}  # fmt: skip
+        return {"rounds": [row], "global_adapter": "out/global_adapter"}
+
+    monkeypatch.setattr(flower_app, "run", fake_run)
+    argv = ["--rounds", "1", "--client-ranks", "2", "8", "--faulty", "2:nan", "--out", "o"]
+    assert flower_app.main(argv) == 0
+    assert seen == [flower_app.FlowerConfig(rounds=1, client_ranks=(2, 8), faulty=((2, "nan"),),
+                                            out="o")]  # fmt: skip
+    assert "round 1: accepted partitions [0, 1], rejected {'2': 'NaN'}" in capsys.readouterr().out

@@ -561,3 +561,44 @@ def test_evaluation_with_only_hostile_replies_gives_no_metrics() -> None:
         )
         is None
     )
+
+
+def _frozen_state(
+    node: int, *, a: int | None = None, b: int | None = None
+) -> dict[str, torch.Tensor]:
+    """A rank-4 state whose A (or B) is drawn from seed ``a`` (or ``b``), the rest from ``node``."""
+    sd = _state(4, node)
+    for m in MODULES:
+        if a is not None:
+            g = torch.Generator().manual_seed(a + MODULES.index(m))
+            sd[f"{PREFIX}{m}.lora_A.weight"] = torch.randn(4, K, generator=g)
+        if b is not None:
+            g = torch.Generator().manual_seed(b + MODULES.index(m))
+            sd[f"{PREFIX}{m}.lora_B.weight"] = torch.randn(D, 4, generator=g)
+    return sd
+
+
+def test_after_round_one_the_frozen_a_is_the_servers_own() -> None:
+    st = LoRAStrategy("ffa_lora")
+    st.aggregate_train(1, [_reply(n, state=_frozen_state(n, a=0)) for n in HONEST])
+    assert st.history[-1].accepted == list(HONEST)
+    # Round 2: three nodes agree on a foreign A and outnumber the one that kept the shared A.
+    liars = [_reply(n, state=_frozen_state(n, a=5)) for n in (7, 8, 9)]
+    arrays, _ = st.aggregate_train(2, [*liars, _reply(1, state=_frozen_state(11, a=0))])
+    assert arrays is not None
+    assert st.history[-1].accepted == [1]
+    assert "frozen, shared A" in st.history[-1].rejected[7]
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["hostile-first", "hostile-last"])
+def test_rolora_rejects_only_the_reply_whose_frozen_b_differs(first: bool) -> None:
+    st = LoRAStrategy("rolora")
+    st.aggregate_train(1, [_reply(n, state=_frozen_state(n, a=0)) for n in HONEST])
+    assert st.history[-1].accepted == list(HONEST)
+    honest = [_reply(n, state=_frozen_state(10 + n, b=3)) for n in HONEST]  # round 2: B frozen
+    hostile = _reply(BAD, state=_frozen_state(BAD, b=4))
+    arrays, _ = st.aggregate_train(2, [hostile, *honest] if first else [*honest, hostile])
+    assert arrays is not None
+    assert st.history[-1].accepted == list(HONEST)
+    assert set(st.history[-1].rejected) == {BAD}
+    assert "frozen, shared B" in st.history[-1].rejected[BAD]
