@@ -8,6 +8,9 @@ input (:func:`gram_top_left_svd` of a wide matrix).
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -144,17 +147,46 @@ def lowrank_fro_norm(B: Float[Tensor, "d r"], A: Float[Tensor, "r k"]) -> float:
     return float(torch.linalg.matrix_norm(T @ A))
 
 
-def lowrank_svd(
-    B: Float[Tensor, "d m"], A: Float[Tensor, "m k"]
-) -> tuple[Float[Tensor, "d p"], Float[Tensor, " p"], Float[Tensor, "p k"]]:
-    """Thin, sign-fixed SVD of ``B @ A`` computed from the factors (p = min(d, m, k)).
+SvdRoute = Literal["factors", "dense"]
 
-    ``B = Q T`` (thin QR), and for a wide ``A`` also ``A^T = P L`` (thin QR), so the core
-    ``T A = T L^T P^T`` has a small m-by-m SVD ``T L^T = W diag(s) Zh``; then
-    ``B A = (Q W) diag(s) (Zh P^T)``. Cost O((d + k) m^2 + m^3); nothing d-by-k is formed (the
-    dense route costs O(d k min(d, k))), and no SVD of a wide m-by-k matrix either.
+
+def svd_costs(d: int, k: int, m: int) -> dict[SvdRoute, float]:
+    """Predicted flops of the two exact routes to the thin SVD of ``B A`` (B d-by-m, A m-by-k).
+
+    ``"factors"``: thin QR of B and of A^T and the two basis products (about
+    ``4 (d + k) m^2``), the SVD of the m-by-m core (about ``12 m^3``). ``"dense"``: the d-by-k
+    product (``2 d k m``) and its thin SVD (about ``4 max(d, k) min(d, k)^2 + 8 min(d, k)^3``,
+    divide and conquer with both bases). The factor route needs ``m < d``. These are the
+    standard operation counts; ``python -m bench.svd_route`` measures the crossover against
+    them (docs/benchmarks.md).
     """
-    if B.shape[0] <= B.shape[1]:
+    lo, hi = min(d, k), max(d, k)
+    dense = 2.0 * d * k * m + 4.0 * hi * lo * lo + 8.0 * lo**3
+    factors = 4.0 * (d + k) * m * m + 12.0 * m**3 if m < d else math.inf
+    return {"factors": factors, "dense": dense}
+
+
+def svd_route(d: int, k: int, m: int) -> SvdRoute:
+    """The route :func:`svd_costs` predicts is cheaper (ties go to the factors)."""
+    cost = svd_costs(d, k, m)
+    return "factors" if cost["factors"] <= cost["dense"] else "dense"
+
+
+def lowrank_svd(
+    B: Float[Tensor, "d m"], A: Float[Tensor, "m k"], *, route: SvdRoute | None = None
+) -> tuple[Float[Tensor, "d p"], Float[Tensor, " p"], Float[Tensor, "p k"]]:
+    """Thin, sign-fixed SVD of ``B @ A`` (p = min(d, m, k)), by the cheaper exact route.
+
+    ``route=None`` lets :func:`svd_route` choose by the cost model. ``"factors"``: ``B = Q T``
+    (thin QR), and for a wide ``A`` also ``A^T = P L`` (thin QR), so the core
+    ``T A = T L^T P^T`` has a small m-by-m SVD ``T L^T = W diag(s) Zh``; then
+    ``B A = (Q W) diag(s) (Zh P^T)``: O((d + k) m^2 + m^3), nothing d-by-k is formed.
+    ``"dense"``: the SVD of the d-by-k product, O(d k min(d, k)); cheaper only when the
+    stacked rank m is close to min(d, k) (and the only route when ``m >= d``).
+    """
+    d, m = int(B.shape[-2]), int(B.shape[-1])
+    chosen = route or svd_route(d, int(A.shape[-1]), m)
+    if chosen == "dense" or d <= m:
         return sign_fixed_svd(B @ A)
     Q, T = torch.linalg.qr(B, mode="reduced")
     if A.shape[1] > A.shape[0]:
@@ -354,6 +386,7 @@ def randomized_left_svd_factored(
 
 
 __all__ = [
+    "SvdRoute",
     "column_signs",
     "full_column_rank",
     "full_rank_qr",
@@ -369,5 +402,7 @@ __all__ = [
     "randomized_left_svd_factored",
     "sign_fixed_qr",
     "sign_fixed_svd",
+    "svd_costs",
+    "svd_route",
     "tall_left_svd",
 ]

@@ -34,7 +34,7 @@ from glora_math.errors import (
     RankError,
     UnknownOperatorError,
 )
-from glora_math.linalg import condition_number
+from glora_math.linalg import condition_number, svd_route
 from glora_math.metrics import mean_update, state_factors
 from glora_math.readout import readouts
 from glora_math.types import Certificate, GaugeMode, LoRAFactors, Side, Sketch
@@ -130,6 +130,9 @@ class AggregateResult:
     certificate
         The exact relative error of ``update`` against the mean update, where the operator
         certifies it (the GLoRA family); ``None`` otherwise.
+    route
+        For operators with a dense alternative (FlexLoRA, ``svd_mean``): the route the cost
+        model chose (``"factors"`` or ``"dense"``, :func:`glora_math.linalg.svd_route`).
     """
 
     update: LoRAFactors
@@ -138,6 +141,7 @@ class AggregateResult:
     state: OperatorState | None = None
     basis: Tensor | None = None
     certificate: Certificate | None = None
+    route: str | None = None
 
     def dense(self) -> Tensor:
         """The server update ``update.delta() + residual`` as a dense matrix (tests only)."""
@@ -620,7 +624,8 @@ def _svd_result(default: Literal["balanced", "left"]) -> OperatorFn:
         U, s, Vh = bl.svd_of_mean(fs, p, rank=ctx.rank)
         glob = bl.truncate_svd(U, s, Vh, ctx.rank, info.dtype, split=split)
         per = [bl.truncate_svd(U, s, Vh, r, info.dtype, split=split) for r in ctx.client_ranks]
-        return AggregateResult(glob, None, per, basis=U)
+        route = svd_route(info.d, info.k, sum(f.rank for f in fs))
+        return AggregateResult(glob, None, per, basis=U, route=route)
 
     return fn
 

@@ -433,3 +433,25 @@ def test_sign_fixing_leaves_columns_with_a_zero_diagonal_alone() -> None:
     assert torch.equal(Q[:, 0], Q0[:, 0])
     assert torch.equal(T[0], T0[0])
     assert bool((torch.diagonal(T)[1:] > 0).all())
+
+
+@given(st.integers(2, 40), st.integers(2, 40), st.integers(1, 45), st.integers(0, 2**16))
+def test_both_svd_routes_agree_and_the_cost_model_picks_one(d, k, m, seed) -> None:  # type: ignore[no-untyped-def]
+    from glora_math.linalg import lowrank_svd, svd_costs, svd_route
+
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(d, m, generator=g, dtype=torch.float64)
+    A = torch.randn(m, k, generator=g, dtype=torch.float64)
+    cost = svd_costs(d, k, m)
+    assert svd_route(d, k, m) == ("factors" if cost["factors"] <= cost["dense"] else "dense")
+    if m >= d:
+        assert svd_route(d, k, m) == "dense"  # the factor route needs a tall B
+    Uf, sf, Vf = lowrank_svd(B, A, route="factors")
+    Ud, sd, Vd = lowrank_svd(B, A, route="dense")
+    X = B @ A
+    scale = float(torch.linalg.matrix_norm(X, ord=2))
+    tol = product_tol(torch.float64, n=d + k + m, scale=scale + 1.0)
+    assert float(((Uf * sf) @ Vf - X).norm()) <= tol
+    assert float(((Ud * sd) @ Vd - X).norm()) <= tol
+    p = min(sf.numel(), sd.numel())
+    assert float((sf[:p] - sd[:p]).abs().max()) <= tol
