@@ -14,13 +14,15 @@ not a finite float array of the declared dtype and shape (object, unicode or com
 garbage bytes, a foreign serialisation type, NaN/Inf, entries beyond ``max_abs``, a rank-0
 factor), modules or ``modules_to_save`` tensors that differ from the reference, a bad LoRA
 config, a ``num-examples`` that is not a finite number in ``(0, max_examples]``, or comes twice
-from one node (the first reply counts). The reference modules come from the server
-(``modules=``, the initial heads), never from replies. If the operator then refuses the round,
-each remaining reply is tried on its own and the ones it refuses alone are rejected; for
+from one node (the first reply counts). The reference modules and heads come from the server
+(``modules=``, the initial arrays); only without them does each round's strict majority decide,
+for that round alone. Operators that keep a factor frozen and shared (FFA-LoRA, RoLoRA) also
+reject a reply whose frozen factor is not the shared one. If the operator then refuses the
+round, each remaining reply is tried on its own and the ones it refuses alone are rejected; for
 operators that need equal ranks the replies off the reference rank are rejected. A failure that
-cannot be traced to one reply keeps the global model. No exception from a reply reaches Flower,
-and no reply changes which other replies are accepted. Payloads are numpy arrays decoded with
-``allow_pickle=False``; nothing is unpickled.
+cannot be traced to one reply, or a non-finite aggregate, keeps the global model. No
+exception from a reply reaches Flower, and no reply changes which other replies are accepted.
+Payloads are numpy arrays decoded with ``allow_pickle=False``; nothing is unpickled.
 
 Record layout (keys of the ``RecordDict``):
 

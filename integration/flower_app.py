@@ -600,6 +600,9 @@ class LocalDeployment:
         self.stop()
 
     def _spawn(self, cmd: list[str], name: str) -> None:
+        if not Path(cmd[0]).exists():
+            raise RuntimeError(f"{cmd[0]} does not exist: install Flower next to this Python "
+                               '(pip install "glora-math[flower]")')  # fmt: skip
         out = (self.workdir / f"{name}.log").open("wb")
         self._logs.append(out)
         self.procs.append(
