@@ -125,21 +125,20 @@ def rolora(
     """
     info, p, fs = _prepare(factors, weights)
     _require_equal_ranks(fs, "RoLoRA")
-    if trained == "B":
-        A0 = fs[0].A
-        for i, f in enumerate(fs):
-            if not torch.equal(f.A, A0):
-                raise ProtocolError("A differs from client 0's; this RoLoRA round freezes A",
-                                    client=i)  # fmt: skip
-        return _cast(LoRAFactors(_weighted_sum(p, [f.B for f in fs]), A0), info.dtype)
-    if trained == "A":
-        B0 = fs[0].B
-        for i, f in enumerate(fs):
-            if not torch.equal(f.B, B0):
-                raise ProtocolError("B differs from client 0's; this RoLoRA round freezes B",
-                                    client=i)  # fmt: skip
-        return _cast(LoRAFactors(B0, _weighted_sum(p, [f.A for f in fs])), info.dtype)
-    raise ValueError(f"trained must be 'A' or 'B', got {trained!r}")
+    if trained not in ("A", "B"):
+        raise ValueError(f"trained must be 'A' or 'B', got {trained!r}")
+    frozen = "A" if trained == "B" else "B"
+    # Training A with B frozen is training B with A frozen on the transposed problem.
+    sides = [(f.B, f.A) if trained == "B" else (f.A.mT, f.B.mT) for f in fs]
+    shared = sides[0][1]
+    for i, (_, fixed) in enumerate(sides):
+        if not torch.equal(fixed, shared):
+            raise ProtocolError(
+                f"{frozen} differs from client 0's; this RoLoRA round freezes {frozen}", client=i
+            )
+    avg = _weighted_sum(p, [t for t, _ in sides])
+    out = LoRAFactors(avg, shared) if trained == "B" else LoRAFactors(shared.mT, avg.mT)
+    return _cast(out, info.dtype)
 
 
 def fedsa_lora(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -279,48 +280,27 @@ def run_compare(args: argparse.Namespace) -> str:
     )
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+def _bounded(
+    kind: type[int] | type[float], low: float, high: float, what: str
+) -> Callable[[str], int | float]:
+    """An argparse type: a number of ``kind`` in ``[low, high]``, described as ``what``."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    """An argparse type: an integer >= 0 (seeds)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    """An argparse type: a float in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
-    return value
-
-
-def _condition(text: str) -> float:
-    """An argparse type: a condition number >= 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}") from None
-    if not value >= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a condition number >= 1, got {value}")
-    return value
+_positive_int = _bounded(int, 1, math.inf, "an integer >= 1")
+_non_negative_int = _bounded(int, 0, math.inf, "an integer >= 0")
+_fraction = _bounded(float, 0.0, 1.0, "a number in [0, 1]")
+_condition = _bounded(float, 1.0, math.inf, "a condition number >= 1")
 
 
 def _rank_list(text: str) -> str:
