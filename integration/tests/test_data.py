@@ -83,3 +83,18 @@ def test_missing_files_and_data_folders_are_typed_errors(
     # the repository's (a source checkout); an explicit data_dir always wins.
     with pytest.raises((DataError, FileNotFoundError)):
         load_task("sst2", "dev", data_dir=tmp_path / "empty")
+
+
+def test_a_local_datasets_folder_is_read_like_a_file(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets", reason="the data extra (datasets) is not installed")
+    rows = {"sentence": ["good", "bad", "fine"], "label": [1, 0, 1]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "train"))
+    ex, names = load_examples(tmp_path / "train", text_column="sentence")
+    assert ex.texts == rows["sentence"]
+    assert ex.labels == rows["label"]
+    assert names == ["0", "1"]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(
+        str(tmp_path / "dd")
+    )
+    with pytest.raises(DataError, match=r"a DatasetDict with splits \['train'\]"):
+        load_examples(tmp_path / "dd", text_column="sentence")
