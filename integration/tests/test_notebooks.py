@@ -35,8 +35,7 @@ def test_pair_is_in_sync(script: Path) -> None:
     code = [c for c in raw.cells if c.cell_type == "code"]
     counts = [c.get("execution_count") for c in code]
     assert all(isinstance(n, int) for n in counts), (
-        f"{paired.name}: not every code cell was executed; run "
-        f"`jupyter execute --inplace {paired}`"
+        f"{paired.name}: not every code cell was executed; run `jupyter execute --inplace {paired}`"
     )
     assert counts == sorted(counts), f"{paired.name}: cells were executed out of order"
     errors = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
