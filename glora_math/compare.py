@@ -13,10 +13,11 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from glora_math.errors import GloraError, GloraWarning
+from glora_math.errors import GloraError, GloraWarning, ProtocolError
 from glora_math.gauge import apply_gauge, random_invertible, random_orthogonal
 from glora_math.metrics import fro_distance, fro_norm, mean_update
 from glora_math.registry import (
@@ -155,6 +156,17 @@ class CompareRow:
     note: str = ""
 
 
+def _sensitivity_or_none(op: AggregationOperator, *args: Any, **kwargs: Any) -> float | None:
+    """:func:`gauge_sensitivity`, or None where per-client gauges break the protocol.
+
+    Per-client gauges change a factor every client must share (FFA-LoRA, RoLoRA).
+    """
+    try:
+        return gauge_sensitivity(op, *args, **kwargs)
+    except ProtocolError:
+        return None
+
+
 def compare_operators(
     factors: Sequence[LoRAFactors],
     weights: WeightsLike = None,
@@ -175,18 +187,24 @@ def compare_operators(
         comm = op.communication(d, k, r, rank, len(factors))
         state = warm_state(op, factors)
         try:
+            clients = op.protocol(factors, 1 if state is None else state.round_index)
+        except GloraError as err_:
+            why = f"refused ({type(err_).__name__}): {err_}"
+            rows.append(CompareRow(name, op.paper, None, None, None, comm.up, comm.down, None, why))
+            continue
+        try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", GloraWarning)
                 times = []
                 for _ in range(repeats):
                     t0 = time.perf_counter()
-                    result = op(factors, weights, rank=rank, state=state)
+                    result = op(clients, weights, rank=rank, state=state)
                     times.append((time.perf_counter() - t0) * 1e3)
-                err = server_error(result, factors, weights)
+                err = server_error(result, clients, weights)
                 sens = {
-                    kind: gauge_sensitivity(
+                    kind: _sensitivity_or_none(
                         op,
-                        factors,
+                        clients,
                         weights,
                         rank=rank,
                         kind=kind,

@@ -355,6 +355,26 @@ class AggregationOperator:
             return self.frozen(round_index)
         return "A" if self.shared_A else None
 
+    def protocol(self, factors: Sequence[LoRAFactors], round_index: int = 1) -> list[LoRAFactors]:
+        """``factors`` as clients following this operator's protocol would send them.
+
+        The factor the operator keeps frozen in ``round_index`` (:meth:`frozen_factor`) becomes
+        client 0's for every client (FFA-LoRA's shared A, RoLoRA's shared A or B); other
+        operators get the factors unchanged. For demos and tests on arbitrary clients.
+
+        Raises
+        ------
+        ShapeMismatchError
+            If the clients' ranks differ, so that one factor cannot be shared.
+        """
+        fs = [as_factors(f, i) for i, f in enumerate(factors)]
+        frozen = self.frozen_factor(round_index)
+        if frozen == "A":
+            return [LoRAFactors(f.B, fs[0].A) for f in fs]
+        if frozen == "B":
+            return [LoRAFactors(fs[0].B, f.A) for f in fs]
+        return fs
+
     def communication(
         self, d: int, k: int, client_rank: int, rank: int | None = None, n_clients: int = 1
     ) -> Communication:

@@ -56,15 +56,10 @@ def _prepare(
     The factor the operator declares frozen in that round (A for FFA-LoRA; A, then B, for
     RoLoRA) is client 0's for every client.
     """
-    frozen = op.frozen_factor(1 if state is None else state.round_index)
     try:
-        if frozen == "A":
-            return [LoRAFactors(f.B, pb.factors[0].A) for f in pb.factors]
-        if frozen == "B":
-            return [LoRAFactors(pb.factors[0].B, f.A) for f in pb.factors]
+        return op.protocol(pb.factors, 1 if state is None else state.round_index)
     except GloraError as err:  # heterogeneous ranks cannot share one factor
         raise FalsifiedError(f"the protocol cannot hold for this input: {err}") from err
-    return list(pb.factors)
 
 
 def _state(op: AggregationOperator, pb: Problem, data: st.DataObject) -> OperatorState | None:
