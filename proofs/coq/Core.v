@@ -76,6 +76,12 @@ Proof. by rewrite mulmx_suml; apply: eq_bigr => i _; rewrite scalemxAl. Qed.
 Lemma trmxZ m n a (X : 'M[R]_(m, n)) : (a *: X)^T = a *: X^T.
 Proof. by apply/matrixP => i j; rewrite !mxE. Qed.
 
+Lemma trmxN m n (X : 'M[R]_(m, n)) : (- X)^T = - X^T.
+Proof. by apply/matrixP => i j; rewrite !mxE. Qed.
+
+Lemma trmxB m n (X Y : 'M[R]_(m, n)) : (X - Y)^T = X^T - Y^T.
+Proof. by apply/matrixP => i j; rewrite !mxE. Qed.
+
 Lemma trmx_wsum (I : finType) m n (p : I -> R) (F : I -> 'M[R]_(m, n)) :
   (\sum_i p i *: F i)^T = \sum_i p i *: (F i)^T.
 Proof. by rewrite raddf_sum; apply: eq_bigr => i _; apply/matrixP => x y; rewrite !mxE. Qed.
@@ -165,6 +171,14 @@ have hPUV : U *m U^T *m (V *m V^T) = V *m V^T by rewrite mulmxA proj_fix.
 have hPVU : V *m V^T *m (U *m U^T) = U *m U^T by rewrite mulmxA proj_fix.
 by move: (congr1 trmx hPUV); rewrite trmx_mul !proj_sym hPVU.
 Qed.
+
+Lemma eqmxb_sym m1 m2 n (X : 'M[R]_(m1, n)) (Y : 'M[R]_(m2, n)) :
+  (X == Y)%MS -> (Y == X)%MS.
+Proof. by move=> /eqmxP e; apply/eqmxP; apply: eqmx_sym. Qed.
+
+Lemma eqmxb_trans m1 m2 m3 n (X : 'M[R]_(m1, n)) (Y : 'M[R]_(m2, n)) (Z : 'M[R]_(m3, n)) :
+  (X == Y)%MS -> (Y == Z)%MS -> (X == Z)%MS.
+Proof. by move=> /eqmxP e1 /eqmxP e2; apply/eqmxP; apply: eqmx_trans e1 e2. Qed.
 
 (* A right factor that is invertible does not change the column space: col(B G) = col(B). *)
 Lemma colspace_mul_unit d r (B : 'M[R]_(d, r)) (G : 'M[R]_r) :
