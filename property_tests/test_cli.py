@@ -67,12 +67,15 @@ def test_compare_lists_every_operator_with_its_guarantees_visible(capsys) -> Non
     for name in list_operators():
         assert name in rows, name
     # Measured, not hard-coded: exact operators have tiny errors, GL-invariant ones tiny
-    # gauge changes, FedIT neither; FFA-LoRA refuses clients whose A differ.
+    # gauge changes, FedIT neither; FFA-LoRA and RoLoRA get their protocol's shared factor and
+    # are exact, with no per-client gauge sensitivity (gauges would break the shared factor).
     assert float(rows["flora"][1]) < TOL
     assert float(rows["glora"][2]) < TOL
     assert float(rows["fedit"][2]) > 1e-2
     assert float(rows["fedrot_lora"][3]) < TOL  # O(r)-invariant given its reference
-    assert rows["ffa_lora"][1] == "n/a"
+    for name in ("ffa_lora", "rolora"):
+        assert float(rows[name][1]) < TOL
+        assert rows[name][2] == "n/a"
 
 
 def test_compare_loads_clients_from_safetensors(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
