@@ -110,6 +110,20 @@ apply: eqmxb_trans (eU i) (eqmxb_sym _).
 by rewrite -(P3_gauge_keeps_product (B i) (A i) (uG i)); apply: eU'.
 Qed.
 
+(* P5, the part about K: scaling client i's update by c_i != 0 (B_i -> c_i B_i; in the
+   paper's setting c_i > 0) does not change col(B_i), hence not K. That U_ref, the top-R
+   eigenvectors of K, is then unchanged is spectral and not machine-checked. *)
+Theorem P5_consensus_scale_invariant (c : 'I_N -> R) :
+  (forall i, c i != 0) ->
+  (forall i, (U i)^T *m U i = 1%:M) -> (forall i, (U' i)^T *m U' i = 1%:M) ->
+  (forall i, ((U i)^T == (B i)^T)%MS) -> (forall i, ((U' i)^T == (c i *: B i)^T)%MS) ->
+  consensus p U = consensus p U'.
+Proof.
+move=> hc hU hU' eU eU'; apply: P3_consensus_of_column_spaces => // i.
+apply: eqmxb_trans (eU i) (eqmxb_sym (eqmxb_trans (eU' i) _)).
+by rewrite trmxZ; apply/eqmxP; apply: eqmx_scale.
+Qed.
+
 End Clients.
 
 Section Update.
