@@ -89,6 +89,7 @@ THEOREMS: dict[str, tuple[str, ...]] = {
         "Exactness.P10_shared_B_exact",
         "Exactness.P10_residual_fold",
         "Exactness.P10_transposed_residual_iff_symmetric",
+        "Exactness.P10_transposed_residual_wrong_witness",
     ),
     "P11": (
         "Projection.P11_right_coords_are_projected_mean",
@@ -130,7 +131,8 @@ SCOPE: dict[str, str] = {
     "P5": "K only (col(c B_i) = col(B_i) for c != 0); U_ref via TopEig_R(K) is not checked",
     "P6": "full, for every weighted client sum (W_bar, K, S, S', FedIT)",
     "P7": "full: the identity, and an orthogonal-gauge witness that FedIT moves",
-    "P10": "full; the transposed FedEx residual: an iff with symmetry of the residual (d = k)",
+    "P10": "full; the transposed FedEx residual: an iff with symmetry of the residual (d = k) "
+    "and a witness where it is not symmetric",
     "P11": "as P1-P3 on the right; the spectral step is not checked",
     "P12": "full, both sides, and ||S||^2 <= ||W||^2 over an ordered field",
     "L1": "full, as squared norms (no square roots)",

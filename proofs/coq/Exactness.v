@@ -75,3 +75,32 @@ by move=> ->.
 Qed.
 
 End TransposedResidual.
+
+Section TransposedResidualWitness.
+Variable R : numFieldType.
+
+(* The transposed residual is really wrong: two clients with weights 1/2 and 2 x 2 weights
+   (rank-1 factors B_1 = e_1, A_1 = e_2^T, client 2 zero) have the residual e_1 e_2^T / 4, which
+   is not symmetric, so W0 + B_bar A_bar + residual^T differs from W0 + W_bar for every W0. *)
+Theorem P10_transposed_residual_wrong_witness :
+  exists (p : 'I_2 -> R) (B : 'I_2 -> 'M[R]_(2, 1)) (A : 'I_2 -> 'M[R]_(1, 2)),
+    [/\ \sum_(i < 2) p i = 1, forall i, 0 <= p i &
+        forall W0 : 'M[R]_2,
+          W0 + fedit p B A + (mean_update p B A - fedit p B A)^T != W0 + mean_update p B A].
+Proof.
+pose h : R := 2^-1.
+have hh : h + h = 1 by rewrite /h -mulr2n -mulr_natr mulVf // pnatr_eq0.
+pose B (i : 'I_2) : 'M[R]_(2, 1) := if val i == 0%N then delta_mx 0 0 else 0.
+pose A (i : 'I_2) : 'M[R]_(1, 2) := if val i == 0%N then delta_mx 0 1 else 0.
+exists (fun _ => h), B, A; split.
+- by rewrite big_ord_recl big_ord1.
+- by move=> i; rewrite /h invr_ge0 ler0n.
+move=> W0; apply/negP => /eqP /P10_transposed_residual_iff_symmetric.
+rewrite /mean_update /fedit /factor_mean !big_ord_recl !big_ord0 /B /A /= !addr0.
+rewrite !mul0mx !scaler0 !addr0 -scalemxAl -scalemxAr mul_delta_mx scalerA -scalerBl.
+move=> /matrixP /(_ 0 1); rewrite !mxE /= mulr0 mulr1 => /esym /eqP.
+have -> : h - h * h = h * h by rewrite -{1}(mulr1 h) -hh mulrDr addrK.
+by rewrite mulf_eq0 orbb /h invr_eq0 pnatr_eq0.
+Qed.
+
+End TransposedResidualWitness.
