@@ -371,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--dps", type=_positive_int, default=50,
                      help="mpmath digits (>= 50 recommended)")  # fmt: skip
     ver.add_argument("--no-properties", action="store_true", help="skip the hypothesis runs")
+    ver.add_argument(
+        "--no-formal", action="store_true", help="skip compiling the Coq proofs (proofs/coq)"
+    )
     ver.add_argument("--only", help="comma-separated proposition ids, e.g. P1,P3 (default: all)")
     return parser
 
@@ -389,7 +392,9 @@ def run_verify(args: argparse.Namespace) -> int:
             f"glora verify: error: --only takes ids among {known}, got {args.only!r}\n"
         )
         return 2
-    code: int = verify.main(dps=args.dps, properties=not args.no_properties, only=only)
+    code: int = verify.main(
+        dps=args.dps, properties=not args.no_properties, only=only, formal=not args.no_formal
+    )
     return code
 
 

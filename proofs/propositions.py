@@ -23,6 +23,16 @@ class Proposition:
     properties: tuple[str, ...]  # "module:function" in property_tests, run by glora verify
     contract: tuple[str, ...] = ()  # pytest node ids in the contract suite (reference)
 
+    @property
+    def coq(self) -> tuple[str, ...]:
+        """The Coq theorems that prove this proposition (empty: not machine-checked)."""
+        return COQ_THEOREMS.get(self.id, ())
+
+    @property
+    def coq_scope(self) -> str:
+        """What the Coq statements cover, or why there are none."""
+        return COQ_SCOPE.get(self.id) or COQ_NOT_CHECKED.get(self.id, "not machine-checked")
+
 
 PROPOSITIONS: tuple[Proposition, ...] = (
     Proposition(
@@ -203,3 +213,123 @@ def get(pid: str) -> Proposition:
         if p.id == pid:
             return p
     raise KeyError(pid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine-checked proofs (Coq + Mathematical Components, proofs/coq; checked by proofs.formal).
+# Each proposition's Coq theorems (``Module.theorem``, full name ``GLoRA.Module.theorem``), what
+# the Coq statements cover next to the statement above (where they are narrower), and why the
+# others are not machine-checked. proofs/coq/README.md has every Coq statement in words.
+
+COQ_THEOREMS: dict[str, tuple[str, ...]] = {
+    "P1": (
+        "Projection.P1_coords_are_projected_mean",
+        "Projection.P1_projection_of_the_mean",
+    ),
+    "P2": (
+        "Projection.P2_exactness",
+        "Projection.P2_exact_if_factor_columns_in",
+        "Projection.P2_exact_if_client_bases_in",
+        "Projection.P2_single_client",
+        "Projection.consensus_contains_clients",
+        "Projection.P2_exact_if_consensus_range_in",
+    ),
+    "P3": (
+        "Gauge.P3_projector_basis_change",
+        "Gauge.P3_projector_of_column_space",
+        "Gauge.P3_qr_basis_spans",
+        "Gauge.P3_gauge_keeps_column_space",
+        "Gauge.P3_gauge_keeps_product",
+        "Gauge.P3_client_projector_gauge_invariant",
+        "Gauge.P3_consensus_of_column_spaces",
+        "Gauge.P3_mean_gauge_invariant",
+        "Gauge.P3_consensus_gauge_invariant",
+        "Gauge.P3_consensus_gauge_invariant_svd",
+        "Gauge.P3_update_gauge_invariant",
+    ),
+    "P5": ("Gauge.P5_consensus_scale_invariant",),
+    "P6": (
+        "Permutation.P6_weighted_sum_permutation",
+        "Permutation.P6_weighted_sum_zero_weight",
+        "Permutation.P6_total_weight_zero_weight",
+        "Permutation.P6_mean_permutation",
+        "Permutation.P6_consensus_permutation",
+        "Permutation.P6_coords_permutation",
+        "Permutation.P6_update_permutation",
+        "Permutation.P6_right_coords_permutation",
+        "Permutation.P6_fedit_permutation",
+        "Permutation.P6_mean_zero_weight",
+        "Permutation.P6_consensus_zero_weight",
+        "Permutation.P6_coords_zero_weight",
+        "Permutation.P6_right_coords_zero_weight",
+    ),
+    "P7": (
+        "FedIT.P7_fedit_error_identity",
+        "FedIT.P7_fedit_not_gauge_invariant",
+    ),
+    "P10": (
+        "Exactness.P10_stacking_exact",
+        "Exactness.P10_stacking_exact_weighted_B",
+        "Exactness.P10_shared_A_exact",
+        "Exactness.P10_shared_B_exact",
+        "Exactness.P10_residual_fold",
+        "Exactness.P10_transposed_residual_iff_symmetric",
+        "Exactness.P10_transposed_residual_wrong_witness",
+    ),
+    "P11": (
+        "Projection.P11_right_coords_are_projected_mean",
+        "Projection.P11_right_projection_of_the_mean",
+        "Projection.P11_right_exactness",
+        "Projection.P11_exact_if_factor_rows_in",
+        "Projection.P11_exact_if_right_consensus_range_in",
+        "Gauge.P11_gauge_keeps_row_space",
+        "Gauge.P11_client_projector_gauge_invariant",
+        "Gauge.P11_right_consensus_gauge_invariant",
+        "Gauge.P11_right_update_gauge_invariant",
+    ),
+    "P12": (
+        "Certificate.P12_certificate_left",
+        "Certificate.P12_kept_left",
+        "Certificate.P12_certificate_left_coords",
+        "Certificate.P12_certificate_right",
+        "Certificate.P12_kept_right",
+        "Certificate.P12_certificate_right_coords",
+        "Certificate.P12_certificate_glora",
+        "Certificate.P12_certificate_glora_right",
+        "Certificate.P12_kept_le_total",
+    ),
+    "L1": (
+        "Certificate.L1_fro2_is_sum_of_squares",
+        "Certificate.L1_orthonormal_left_factor",
+        "Certificate.L1_lowrank_norm",
+        "Certificate.L1_orthonormal_right_factor",
+    ),
+}
+
+# Where the Coq statements are narrower than the registry's (details in proofs/coq/README.md).
+COQ_SCOPE: dict[str, str] = {
+    "P1": "full (no hypothesis on U_ref needed)",
+    "P2": "from col(dW_i) inside col(U_ref), or from range(K) inside col(U_ref); that the top-R "
+    "eigenvectors of K span range(K) when R >= rank K is spectral and not checked",
+    "P3": "K, W_bar, projectors and U_ref S for two orthonormal bases of one subspace; that "
+    "TopEig_R(K) spans a subspace determined by K (eigengap > 0) is not checked",
+    "P5": "K only (col(c B_i) = col(B_i) for c != 0); U_ref via TopEig_R(K) is not checked",
+    "P6": "full, for every weighted client sum (W_bar, K, S, S', FedIT)",
+    "P7": "full: the identity, and an orthogonal-gauge witness that FedIT moves",
+    "P10": "full; the transposed FedEx residual: an iff with symmetry of the residual (d = k) "
+    "and a witness where it is not symmetric",
+    "P11": "as P1-P3 on the right; the spectral step is not checked",
+    "P12": "full, both sides, and ||S||^2 <= ||W||^2 over an ordered field",
+    "L1": "full, as squared norms (no square roots)",
+}
+
+COQ_NOT_CHECKED: dict[str, str] = {
+    "P4": "Eckart-Young optimality of the truncated SVD needs the SVD and spectral theory, "
+    "absent from mathcomp 1.15",
+    "P8": "Eckart-Young again (best rank-R approximation of W_bar)",
+    "P9": "Procrustes optimality over O(r) and the soft bound are analytic (polar "
+    "decomposition, inequalities); product preservation is Gauge.P3_gauge_keeps_product",
+    "P13": "monotonicity of the residual curve along nested top eigenvectors is spectral",
+    "P14": "min of the two certified residuals holds by construction of side='auto'; its "
+    "gauge invariance rests on P3/P11's spectral step",
+}

@@ -18,6 +18,7 @@ import pytest
 
 from glora_math.formatting import format_table
 
+from .formal import check as formal_check
 from .highprec import CHECKS, run_check
 from .propositions import PROPOSITIONS, Proposition
 from .symbolic import PROOFS
@@ -34,12 +35,15 @@ class Row:
     threshold: float | None
     examples: int
     failures: list[str]
+    #: "checked", "not machine-checked", "no coqc", "not run" or "failed: ..." (proofs.formal).
+    machine_checked: str = "not run"
 
     @property
     def ok(self) -> bool:
         return (
             self.symbolic
             and not self.failures
+            and not self.machine_checked.startswith("failed")
             and (self.residual is None or self.threshold is None or self.residual <= self.threshold)
         )
 
@@ -131,6 +135,7 @@ def verify_one(
     dps: int = 50,
     properties: bool = True,
     ran: dict[str, tuple[int, list[str]]] | None = None,
+    machine_checked: str = "not run",
 ) -> Row:
     """Run the three checks of one proposition (``ran``: its properties' results, if run)."""
     sym = PROOFS[prop.id]()
@@ -150,6 +155,7 @@ def verify_one(
         None if hp is None else hp.threshold,
         examples,
         failures,
+        machine_checked,
     )
 
 
@@ -159,6 +165,7 @@ def format_rows(rows: list[Row]) -> str:
         [
             r.pid,
             r.title,
+            r.machine_checked,
             "pass" if r.symbolic else "FAIL",
             "-" if r.residual is None else f"{r.residual:.1e} (< {r.threshold:.0e})",
             str(r.examples),
@@ -170,6 +177,7 @@ def format_rows(rows: list[Row]) -> str:
         [
             "prop",
             "statement",
+            "machine-checked (Coq)",
             "symbolic proof",
             "high-precision residual",
             "property examples",
@@ -179,13 +187,24 @@ def format_rows(rows: list[Row]) -> str:
     )
 
 
-def main(*, dps: int = 50, properties: bool = True, only: list[str] | None = None) -> int:
-    """Run everything, print the table, return the exit code."""
+def main(
+    *, dps: int = 50, properties: bool = True, only: list[str] | None = None, formal: bool = True
+) -> int:
+    """Run everything, print the table, return the exit code.
+
+    ``formal``: compile the Coq proofs (:mod:`proofs.formal`) where ``coqc`` exists; without
+    it the column says "no coqc" and the exit code does not depend on it.
+    """
     t0 = time.perf_counter()
     chosen = [p for p in PROPOSITIONS if only is None or p.id in only]
     refs = tuple(r for p in chosen for r in p.properties)
     ran = run_property_refs(refs) if properties else None  # one pytest session for all
-    rows = [verify_one(p, dps=dps, properties=properties, ran=ran) for p in chosen]
+    coq = formal_check([p.id for p in chosen]) if formal else {}
+    rows = [
+        verify_one(p, dps=dps, properties=properties, ran=ran,
+                   machine_checked=coq.get(p.id, "not run"))
+        for p in chosen
+    ]  # fmt: skip
     print(format_rows(rows))
     for r in rows:
         for f in r.failures:
