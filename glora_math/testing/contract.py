@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from hypothesis import Phase, given, reject, settings
+from hypothesis import HealthCheck, Phase, given, reject, settings
 from hypothesis import strategies as st
 
 from glora_math import LoRAFactors, apply_gauge, random_invertible
@@ -315,10 +315,14 @@ def check_guarantee(
     budget = settings().max_examples if max_examples is None else max_examples
     examples = max(10, budget // 3) if declared else max(100, budget)
 
+    # The problems are matrices built per draw: slow to generate by hypothesis's measure, and
+    # a user's own profile must not turn that into a failure (nor impose a deadline).
     @settings(
         phases=phases,
         max_examples=examples,
         database=settings().database if declared else None,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     @given(data=st.data())
     def run(data: st.DataObject) -> None:
