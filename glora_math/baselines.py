@@ -399,6 +399,18 @@ def aligned_side(round_index: int, first: Literal["A", "B"] = "A") -> Literal["A
     return first if round_index % 2 == 0 else other
 
 
+def _content_key(p: Tensor, fs: Sequence[LoRAFactors], i: int) -> tuple[float, ...]:
+    """A key that orders clients by weight and content, not by their position."""
+    f = fs[i]
+    return (
+        float(p[i]),
+        float(f.B.sum()),
+        float(f.A.sum()),
+        float((f.B * f.B).sum()),
+        float((f.A * f.A).sum()),
+    )
+
+
 @dataclass(frozen=True)
 class FairProblem:
     """LoRA-FAIR's discrepancy as functions of the correction ``dB``, from factors only.
@@ -462,6 +474,12 @@ def lora_fair(
     _require_equal_ranks(fs, "LoRA-FAIR")
     if not (math.isfinite(lam) and lam >= 0.0) or steps < 0:
         raise ValueError(f"lam must be >= 0 and steps >= 0, got {lam}, {steps}")
+    # The line search branches on comparisons, so rounding differences from the order of the
+    # sums could change its path: sum the clients in a canonical order (by weight and
+    # content), which makes the result exactly invariant to the clients' order.
+    order = sorted(range(len(fs)), key=lambda i: _content_key(p, fs, i))
+    p = p[order]
+    fs = [fs[i] for i in order]
     B_bar = _weighted_sum(p, [f.B for f in fs])
     A_bar = _weighted_sum(p, [f.A for f in fs])
     # M = W_bar A_bar^T = sum_i p_i B_i (A_i A_bar^T): one small product per client.
