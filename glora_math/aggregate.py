@@ -44,8 +44,8 @@ from glora_math.validation import (
     WeightsLike,
     as_factors,
     check_finite_output,
-    largest_client,
     normalize_weights,
+    overflow_error,
     validate_clients,
     validate_rank,
 )
@@ -229,12 +229,8 @@ def _overflow(err: Exception, factors: Sequence[LoRAFactors]) -> NonFiniteError:
     """
     if isinstance(err, NonFiniteError) and err.client is not None:
         return err
-    j, size = largest_client(factors)
     text = err.message if isinstance(err, NonFiniteError) else f"a kernel failed ({err})"
-    return NonFiniteError(
-        f"{text}; the largest client update has ||B|| ||A|| = {size:.2e} (rescale the factors)",
-        client=j,
-    )
+    return overflow_error(text, factors)
 
 
 def _check_modes(side: object, *, auto: bool, certify: bool, max_residual: object) -> None:

@@ -43,8 +43,8 @@ from glora_math.validation import (
     WeightsLike,
     as_factors,
     check_finite_output,
-    largest_client,
     normalize_weights,
+    overflow_error,
     validate_clients,
     validate_rank,
 )
@@ -303,20 +303,18 @@ class AggregationOperator:
                 with torch.no_grad():
                     results = group_fn(group, p, ctx)
             except KERNEL_ERRORS as err:
-                raise self._kernel_error([f for fs in group for f in fs], err) from None
+                flat = [f for fs in group for f in fs]  # module after module
+                raise self._kernel_error(flat, err, clients=len(group[0])) from None
             # each module's result is checked against its own clients
             return [self._checked(fs, r) for fs, r in zip(group, results, strict=True)]
         return [self._call(fs, pc, c) for fs, pc, c in ctxs]
 
-    def _kernel_error(self, fs: Sequence[LoRAFactors], err: Exception) -> NonFiniteError:
+    def _kernel_error(
+        self, fs: Sequence[LoRAFactors], err: Exception, *, clients: int | None = None
+    ) -> NonFiniteError:
         """A failed kernel on validated (finite) input: overflow; name the largest client."""
-        j, size = largest_client(fs)
-        n = len(fs)
-        return NonFiniteError(
-            f"{self.name}: a linear-algebra kernel failed on overflowed values ({err}); the "
-            f"largest client update has ||B|| ||A|| = {size:.2e}",
-            client=j % n if n else None,
-        )
+        cause = f"{self.name}: a linear-algebra kernel failed on overflowed values ({err})"
+        return overflow_error(cause, fs, clients=clients)
 
     def _context(
         self,

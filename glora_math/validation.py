@@ -149,22 +149,33 @@ def largest_client(factors: Sequence[LoRAFactors]) -> tuple[int, float]:
     return best, top
 
 
+def overflow_error(
+    cause: str, factors: Sequence[LoRAFactors], *, clients: int | None = None
+) -> NonFiniteError:
+    """The typed error for an overflow on validated (finite) input, naming the largest client.
+
+    ``cause`` says what overflowed. ``factors`` may hold several modules' clients one module
+    after another (``clients`` per module); the client index is then taken modulo ``clients``.
+    """
+    j, size = largest_client(factors)
+    return NonFiniteError(
+        f"{cause}; the largest client update has ||B|| ||A|| = {size:.2e} (rescale the "
+        "factors, or aggregate in float64)",
+        client=j % clients if clients else j,
+    )
+
+
 def check_finite_output(
     tensors: Sequence[Tensor | None], factors: Sequence[LoRAFactors], what: str
 ) -> None:
-    """Raise a :class:`NonFiniteError` naming the largest client if any output is not finite.
+    """Raise :func:`overflow_error` if any output is not finite.
 
     ``what`` names the operation (for the message). Finite inputs can still overflow the
     working dtype (a client update near its largest value); no Inf or NaN leaves an operator.
     """
     if all(t is None or all_finite(t) for t in tensors):
         return
-    j, size = largest_client(factors)
-    raise NonFiniteError(
-        f"{what} overflowed: the result has Inf/NaN entries; the largest client update has "
-        f"||B|| ||A|| = {size:.2e} (rescale the factors, or aggregate in float64)",
-        client=j,
-    )
+    raise overflow_error(f"{what} overflowed: the result has Inf/NaN entries", factors)
 
 
 def normalize_weights(
@@ -254,6 +265,7 @@ __all__ = [
     "check_finite_output",
     "largest_client",
     "normalize_weights",
+    "overflow_error",
     "validate_clients",
     "validate_rank",
 ]

@@ -283,3 +283,13 @@ def test_random_hostile_mixtures(
     fs = _shared_a(op_name, fs)
     out = _outcome(lambda: get_operator(op_name)(fs, weights, rank=3))
     assert isinstance(out, GloraError) or _finite(out)
+
+
+def test_an_overflow_in_a_group_of_modules_names_the_client_not_the_flat_index() -> None:
+    from glora_math.validation import overflow_error
+
+    # Two modules of three clients each, module after module; client 1 of module 2 is largest.
+    fs = [*_clients(n=3), *_clients(n=3, seed=1)]
+    fs[4] = gm.LoRAFactors(fs[4].B * 1e6, fs[4].A)
+    assert overflow_error("test", fs, clients=3).client == 1
+    assert overflow_error("test", fs).client == 4
