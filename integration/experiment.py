@@ -107,11 +107,6 @@ def plan(
     ]
 
 
-def _comparable(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The result-defining fields; a field a run did not record counts as its default."""
-    return results_config(cfg)
-
-
 def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
     """The finished results of a run folder (None if unfinished); its config must match."""
     folder = Path(cfg.out)
@@ -120,7 +115,7 @@ def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
         if not path.is_file():
             continue
         saved = json.loads(path.read_text())
-        if _comparable(saved["config"]) != _comparable(asdict(cfg)):
+        if results_config(saved["config"]) != results_config(asdict(cfg)):
             raise SystemExit(
                 f"{path} was written with another config; remove {folder} to rerun it "
                 "with the current settings"
