@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.glora-installed
+MUTATION_CHILDREN ?= 2
 
 .PHONY: demo test lint typecheck pytest verify mutation bench setup clean
 
@@ -47,7 +48,7 @@ mutation: $(STAMP)
 	$(BIN)/python -m pip install --quiet "mutmut==3.8.1"
 	rm -rf mutants
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 GLORA_HYPOTHESIS_PROFILE=mutation \
-		$(BIN)/mutmut run --max-children 2 || true
+		$(BIN)/mutmut run --max-children $(MUTATION_CHILDREN) || true
 	$(BIN)/mutmut results
 
 # Aggregation benchmark (not in CI: about 20 min on 2 cores); see docs/benchmarks.md.
