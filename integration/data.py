@@ -29,6 +29,10 @@ class DataError(GloraError):
 
 
 #: The built-in tasks (GLUE and the sentence tasks of ../shared/data).
+# The seed of the fixed train/dev split of the single-file sentence tasks (MR, SUBJ, CR, MPQA):
+# one split for every experiment, independent of the experiment seed.
+SPLIT_SEED = 0
+
 TASKS = ("sst2", "sst-2", "cola", "rte", "mr", "subj", "cr", "mpqa", "trec")
 
 
@@ -132,10 +136,13 @@ def load_task(task: str, split: str, data_dir: Path | None = None) -> Examples:
             lab, _, sent = line.partition(" ")
             labels.append(int(lab))
             texts.append(sent)
-        if task in files:  # single-file tasks: a fixed 90/10 split
+        if task in files:
+            # Single-file tasks: a fixed 90/10 split of a fixed shuffle. The files are sorted
+            # by label, so an unshuffled cut would leave one class in the dev split.
+            order = np.random.default_rng(SPLIT_SEED).permutation(len(labels)).tolist()
             cut = int(0.9 * len(labels))
-            sl = slice(0, cut) if split == "train" else slice(cut, None)
-            texts, labels = texts[sl], labels[sl]
+            keep = order[:cut] if split == "train" else order[cut:]
+            texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
     return Examples(texts, labels)
 
 
