@@ -1,22 +1,32 @@
 #!/bin/sh
-# The order in which the remaining cells run on a 2-core machine (resumable: rerun after an
-# interruption and it continues where it stopped; finished runs are skipped).
-#   1. cell (a) (every operator, 3 seeds; finished);
-#   2. seed 2 of alpha 0.1 (cell (d));
-#   3. seed 0 of TREC (cell (e): the sentence task, 6 classes) for the five main operators;
-#   4. seeds 1 and 2 of heterogeneous ranks and alpha 100 (cell (d));
-#   5. seeds 1 and 2 of TREC, then of participation 0.3.
+# The order in which the remaining cells run on a 2-core machine, as two chains that run at the
+# same time (one torch thread each) and never touch the same run folder. Resumable: rerun after
+# an interruption and it continues where it stopped; finished runs are skipped.
+#   chain 1: cell (a) (every operator, 3 seeds; finished), alpha 0.1 (cell (d)), then TREC
+#            (cell (e), 20 rounds: seed 0, then seeds 1 and 2);
+#   chain 2: heterogeneous ranks, alpha 100, participation 0.3 (cell (d), 3 seeds each).
 # Usage (from the repository root):
-#   nohup sh integration/experiments/run_queue.sh > /tmp/queue.log 2>&1 &
+#   nohup sh integration/experiments/run_queue.sh 1 > /tmp/queue1.log 2>&1 &
+#   nohup sh integration/experiments/run_queue.sh 2 > /tmp/queue2.log 2>&1 &
 set -e
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 E="$PY -m integration.experiment"
 X=integration/experiments
-$E $X/a_sst2.json
-$E $X/d_sst2_alpha0.1.json
-$E --seeds 0 $X/e_trec.json
-$E $X/d_sst2_hetero.json
-$E $X/d_sst2_alpha100.json
-$E $X/e_trec.json
-$E $X/d_sst2_participation.json
+case "${1:-1}" in
+  1)
+    $E $X/a_sst2.json
+    $E $X/d_sst2_alpha0.1.json
+    $E --seeds 0 $X/e_trec.json
+    $E $X/e_trec.json
+    ;;
+  2)
+    $E $X/d_sst2_hetero.json
+    $E $X/d_sst2_alpha100.json
+    $E $X/d_sst2_participation.json
+    ;;
+  *)
+    echo "usage: $0 1|2" >&2
+    exit 2
+    ;;
+esac
