@@ -178,3 +178,36 @@ def test_every_baseline_returns_factors_in_the_clients_dtype() -> None:
             for o in fl:
                 assert o.B.dtype == dtype, name
                 assert o.A.dtype == dtype, name
+
+
+def test_fedex_lora_returns_the_residual_in_nn_linears_layout_by_default() -> None:
+    # layout="out_in" (torch.nn.Linear) by default: the residual W_bar - B_bar A_bar is d by k.
+    fs = _equal_rank_clients()
+    fs = [LoRAFactors(f.B, f.A * (i + 1)) for i, f in enumerate(fs)]  # the A's differ
+    (avg, residual) = bl.fedex_lora(fs, _WEIGHTS)
+    W = sum(
+        (p * (f.B @ f.A) for p, f in zip(_p(), fs, strict=True)),
+        torch.zeros(8, 6, dtype=torch.float64),
+    )
+    ref = W - avg.B @ avg.A
+    scale = sum(
+        p * float(torch.linalg.matrix_norm(f.B) * torch.linalg.matrix_norm(f.A))
+        for p, f in zip(_p(), fs, strict=True)
+    )
+    assert residual.shape == (8, 6)
+    n = n_dims(8, 6, [2, 2, 2])
+    assert float(torch.linalg.matrix_norm(residual - ref)) <= product_tol(
+        torch.float64, n=n, scale=2.0 * scale
+    )
+
+
+def test_flora_na_takes_three_steps_by_default() -> None:
+    # The signature's default: the same as steps=3 (deterministic), and not the same as 4 steps.
+    g = torch.Generator().manual_seed(7)
+    fs = gaussian_clients(3, 8, 2, 6, generator=g)
+    default = bl.flora_na(fs, _WEIGHTS)
+    three = bl.flora_na(fs, _WEIGHTS, steps=3)
+    four = bl.flora_na(fs, _WEIGHTS, steps=4)
+    assert torch.equal(default.B, three.B)
+    assert torch.equal(default.A, three.A)
+    assert not torch.equal(default.B, four.B)
