@@ -211,3 +211,16 @@ def test_flora_na_takes_three_steps_by_default() -> None:
     assert torch.equal(default.B, three.B)
     assert torch.equal(default.A, three.A)
     assert not torch.equal(default.B, four.B)
+
+
+def test_fedex_lora_in_out_layout_is_the_transposed_residual() -> None:
+    # layout="in_out" (GPT-2's Conv1D): the same residual, k by d; other layouts are refused.
+    fs = _equal_rank_clients()
+    fs = [LoRAFactors(f.B, f.A * (i + 1)) for i, f in enumerate(fs)]
+    avg, residual = bl.fedex_lora(fs, _WEIGHTS, layout="out_in")
+    avg_t, residual_t = bl.fedex_lora(fs, _WEIGHTS, layout="in_out")
+    assert torch.equal(avg_t.B, avg.B)
+    assert torch.equal(avg_t.A, avg.A)
+    assert torch.equal(residual_t, residual.mT)
+    with pytest.raises(ValueError, match="unknown layout 'IN_OUT'; expected 'out_in' or 'in_out'"):
+        bl.fedex_lora(fs, layout="IN_OUT")  # type: ignore[arg-type]
