@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
+import os
+
+import pytest
 import torch
 
-from glora_math.implicit import gram_basis_maps
+from glora_math import LoRAFactors, RankClampedWarning, Sketch, glora_aggregate
+from glora_math.implicit import gram_basis_maps, implicit_state
 from glora_math.linalg import numerical_rank
-from glora_math.testing.helpers import f64
+from glora_math.testing.helpers import f64, state_tol
 from glora_math.testing.strategies import conditioned_matrix
 from glora_math.tolerances import eps
+from glora_math.validation import normalize_weights, validate_clients
 
 F32 = torch.float32
 
@@ -26,3 +32,61 @@ def test_gram_basis_maps_decide_the_rank_by_the_rule_for_a_d_by_r_matrix() -> No
     maps = gram_basis_maps([B], [1.0], F32)
     assert maps is not None
     assert maps[1] == [expected]
+
+
+def test_clients_of_rank_zero_give_the_empty_state_on_the_float32_route() -> None:
+    # Every client of rank 0 (float32, qr gauge, where the Gram route is tried first): all
+    # updates are zero, so the state is empty and the clamp is a warning, not an error.
+    clients = [LoRAFactors(torch.zeros(5, 0, dtype=F32), torch.zeros(0, 7, dtype=F32))] * 2
+    with pytest.warns(RankClampedWarning, match="all client updates are zero"):
+        state = glora_aggregate(clients, rank=2)
+    assert state.rank == 0
+    assert state.U.shape == (5, 0)
+    assert state.S.shape == (0, 7)
+    assert state.relative_residual == 0.0
+
+
+def _float32_clients() -> list[LoRAFactors]:
+    # Two rank-2 float32 clients in d = 6: their column spaces span m = 4 dimensions.
+    g = torch.Generator().manual_seed(1)
+    return [
+        LoRAFactors(
+            conditioned_matrix(6, 2, cond=2.0, scale=1.0, generator=g, dtype=torch.float64).to(F32),
+            conditioned_matrix(2, 5, cond=2.0, scale=1.0, generator=g, dtype=torch.float64).to(F32),
+        )
+        for _ in range(2)
+    ]
+
+
+def test_a_sketch_as_wide_as_the_clients_span_takes_the_general_route() -> None:
+    # R + oversample = min(d, m) = 4: the sketch is as wide as the union of the client
+    # subspaces, so implicit_state declines and the general route computes the exact consensus.
+    fs = _float32_clients()
+    info = validate_clients(fs)
+    p = normalize_weights(None, 2, dtype=F32, device=info.device)
+    assert implicit_state(fs, info, p, 1, Sketch(oversample=3, power_iters=1, seed=0)) is None
+    assert implicit_state(fs, info, p, 1, Sketch(oversample=2, power_iters=1, seed=0)) is not None
+    wide = glora_aggregate(fs, rank=1, sketch=Sketch(oversample=3, power_iters=1, seed=0))
+    exact = glora_aggregate(fs, rank=1, route="householder")
+    assert wide.route == "householder"
+    scale = sum(float(f.B.norm() * f.A.norm()) for f in fs) / 2
+    tol = state_tol(F32, d=6, k=5, ranks=[2, 2], kappa=2.0, gap=exact.gap, scale=scale)
+    assert float((f64(wide.delta()) - f64(exact.delta())).norm()) <= tol
+
+
+def test_implicit_state_warnings_point_at_the_caller_of_its_caller() -> None:
+    # Documented: warnings point at the caller of the caller (the public operator's caller).
+    # R = 5 exceeds the 4 dimensions the clients span: a RankClampedWarning.
+    fs = _float32_clients()
+    info = validate_clients(fs)
+    p = normalize_weights(None, 2, dtype=F32, device=info.device)
+
+    def operator() -> object:
+        return implicit_state(fs, info, p, 5, None)
+
+    line = inspect.currentframe().f_lineno + 2  # type: ignore[union-attr]
+    with pytest.warns(RankClampedWarning) as rec:
+        state = operator()
+    assert state is not None
+    if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampolines add stack frames
+        assert (rec[0].filename, rec[0].lineno) == (__file__, line)
