@@ -2,9 +2,9 @@
 # The order in which the remaining cells run on a 2-core machine, as two chains that run at the
 # same time (one torch thread each) and never touch the same run folder. Resumable: rerun after
 # an interruption and it continues where it stopped; finished runs are skipped.
-#   chain 1: cell (a) (every operator, 3 seeds; finished), alpha 0.1 (cell (d)), then TREC
-#            (cell (e), 20 rounds: seed 0, then seeds 1 and 2);
-#   chain 2: heterogeneous ranks, alpha 100, participation 0.3 (cell (d), 3 seeds each).
+#   chain 1: cell (a) (finished), alpha 0.1 (cell (d), finished), TREC seed 0 (cell (e)),
+#            CoLA at the longer budget (cell (c): seed 0, then seeds 1 and 2);
+#   chain 2: heterogeneous ranks (cell (d)), TREC seeds 1 and 2, alpha 100, participation 0.3.
 # Usage (from the repository root):
 #   nohup sh integration/experiments/run_queue.sh 1 > /tmp/queue1.log 2>&1 &
 #   nohup sh integration/experiments/run_queue.sh 2 > /tmp/queue2.log 2>&1 &
@@ -18,10 +18,12 @@ case "${1:-1}" in
     $E $X/a_sst2.json
     $E $X/d_sst2_alpha0.1.json
     $E --seeds 0 $X/e_trec.json
-    $E $X/e_trec.json
+    $E --seeds 0 $X/c_cola_long.json
+    $E $X/c_cola_long.json
     ;;
   2)
     $E $X/d_sst2_hetero.json
+    $E --seeds 1,2 $X/e_trec.json
     $E $X/d_sst2_alpha100.json
     $E $X/d_sst2_participation.json
     ;;
