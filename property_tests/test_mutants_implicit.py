@@ -13,7 +13,7 @@ from glora_math.implicit import gram_basis_maps, implicit_state
 from glora_math.linalg import numerical_rank
 from glora_math.testing.helpers import f64, state_tol
 from glora_math.testing.strategies import conditioned_matrix
-from glora_math.tolerances import eps
+from glora_math.tolerances import eigenvalue_error, eps
 from glora_math.validation import normalize_weights, validate_clients
 
 F32 = torch.float32
@@ -74,15 +74,19 @@ def test_a_sketch_as_wide_as_the_clients_span_takes_the_general_route() -> None:
     assert float((f64(wide.delta()) - f64(exact.delta())).norm()) <= tol
 
 
-def test_implicit_state_warnings_point_at_the_caller_of_its_caller() -> None:
+@pytest.mark.parametrize("sketch", [None, Sketch(oversample=0, power_iters=1, seed=0)])
+def test_implicit_state_warnings_point_at_the_caller_of_its_caller(sketch: Sketch | None) -> None:
     # Documented: warnings point at the caller of the caller (the public operator's caller).
-    # R = 5 exceeds the 4 dimensions the clients span: a RankClampedWarning.
-    fs = _float32_clients()
+    # Both clients share one column space (B_1 = 2 B_0): they span 2 dimensions, m = 4 columns.
+    # R = 3 exceeds the span: a RankClampedWarning, from the exact and the sketched consensus
+    # (width 3 < min(d, m) = 4).
+    f = _float32_clients()[0]
+    fs = [f, LoRAFactors(2.0 * f.B, f.A.flip(0))]
     info = validate_clients(fs)
     p = normalize_weights(None, 2, dtype=F32, device=info.device)
 
     def operator() -> object:
-        return implicit_state(fs, info, p, 5, None)
+        return implicit_state(fs, info, p, 3, sketch)
 
     line = inspect.currentframe().f_lineno + 2  # type: ignore[union-attr]
     with pytest.warns(RankClampedWarning) as rec:
@@ -90,3 +94,26 @@ def test_implicit_state_warnings_point_at_the_caller_of_its_caller() -> None:
     assert state is not None
     if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampolines add stack frames
         assert (rec[0].filename, rec[0].lineno) == (__file__, line)
+
+
+def test_the_sketched_gram_route_reports_the_spectrum_of_K() -> None:
+    # The same sketch on the Gram route and on the Householder route (the same test matrix):
+    # the same Ritz values of K, squares of the Ritz values of M, to the rounding of K's
+    # eigenvalues in float32.
+    g = torch.Generator().manual_seed(2)
+    fs = [
+        LoRAFactors(
+            conditioned_matrix(30, 3, cond=3.0, scale=1.0, generator=g, dtype=torch.float64).to(
+                F32
+            ),
+            conditioned_matrix(3, 8, cond=3.0, scale=1.0, generator=g, dtype=torch.float64).to(F32),
+        )
+        for _ in range(4)
+    ]
+    sketch = Sketch(oversample=3, power_iters=2, seed=5)
+    gram = glora_aggregate(fs, rank=2, sketch=sketch)
+    householder = glora_aggregate(fs, rank=2, sketch=sketch, route="householder")
+    assert (gram.route, householder.route) == ("gram", "householder")
+    lam = f64(householder.eigvals)
+    tol = eigenvalue_error(float(lam[0]), 30 + 12, F32)
+    assert float((f64(gram.eigvals) - lam).abs().max()) <= tol
