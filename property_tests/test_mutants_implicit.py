@@ -117,3 +117,15 @@ def test_the_sketched_gram_route_reports_the_spectrum_of_K() -> None:
     lam = f64(householder.eigvals)
     tol = eigenvalue_error(float(lam[0]), 30 + 12, F32)
     assert float((f64(gram.eigvals) - lam).abs().max()) <= tol
+
+
+def test_a_direction_just_above_the_rank_threshold_is_kept_and_the_maps_decline() -> None:
+    # s_2 = 1.5 max(d, r) eps s_1 (float32, d = 64): above numerical_rank's threshold, so the
+    # direction is kept, and the kept part's condition number 1 / (1.5 d eps) = 87000 is beyond
+    # what a float64 Gram orthonormalises to float32 accuracy (about 23000): the maps decline.
+    d, r = 64, 2
+    g = torch.Generator().manual_seed(3)
+    cond = 1.0 / (1.5 * d * eps(F32))
+    B = conditioned_matrix(d, r, cond=cond, scale=1.0, generator=g, dtype=torch.float64).to(F32)
+    assert numerical_rank(torch.linalg.svdvals(f64(B)), (d, r), F32) == 2
+    assert gram_basis_maps([B], [1.0], F32) is None
