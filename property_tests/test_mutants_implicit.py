@@ -129,3 +129,13 @@ def test_a_direction_just_above_the_rank_threshold_is_kept_and_the_maps_decline(
     B = conditioned_matrix(d, r, cond=cond, scale=1.0, generator=g, dtype=torch.float64).to(F32)
     assert numerical_rank(torch.linalg.svdvals(f64(B)), (d, r), F32) == 2
     assert gram_basis_maps([B], [1.0], F32) is None
+
+
+def test_a_large_rank_one_client_is_perfectly_conditioned_for_the_gram_route() -> None:
+    # The condition number is scale-free: a rank-1 B of norm 1e5 has condition number 1 and
+    # takes the Gram route (its size is not its conditioning).
+    g = torch.Generator().manual_seed(4)
+    B = conditioned_matrix(40, 1, cond=1.0, scale=1e5, generator=g, dtype=torch.float64).to(F32)
+    maps = gram_basis_maps([B], [1.0], F32)
+    assert maps is not None
+    assert maps[1] == [1]
