@@ -3,7 +3,9 @@
 # same time (one torch thread each) and never touch the same run folder. Resumable: rerun after
 # an interruption and it continues where it stopped; finished runs are skipped.
 #   chain 1: cell (a) (finished), alpha 0.1 (cell (d), finished), TREC seed 0 (cell (e)),
-#            CoLA at the longer budget (cell (c): seed 0, then seeds 1 and 2);
+#            RoLoRA and LoRA-FAIR in training beside four baselines (cell (e), SST-2);
+#   (CoLA at the longer budget, c_cola_long.json, stopped after its centralised run and FedIT
+#   seed 0 stayed at the majority class; run it alone if you want the other operators.)
 #   chain 2: heterogeneous ranks (cell (d)), TREC seeds 1 and 2, alpha 100, participation 0.3.
 # Usage (from the repository root):
 #   nohup sh integration/experiments/run_queue.sh 1 > /tmp/queue1.log 2>&1 &
@@ -18,8 +20,8 @@ case "${1:-1}" in
     $E $X/a_sst2.json
     $E $X/d_sst2_alpha0.1.json
     $E --seeds 0 $X/e_trec.json
-    $E --seeds 0 $X/c_cola_long.json
-    $E $X/c_cola_long.json
+    $E --seeds 0 $X/e_sst2_new_operators.json
+    $E $X/e_sst2_new_operators.json
     ;;
   2)
     $E $X/d_sst2_hetero.json
