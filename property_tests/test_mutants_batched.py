@@ -1,0 +1,76 @@
+"""Tests written for surviving mutants of ``batched.py`` (docs/mutation.md).
+
+The stacked route (clients carrying a batch of same-shape modules) takes the batched Gram
+route where the per-module operator would take the Gram route: float32 and half clients, qr
+gauge, every client's rank at most d, a sketch narrower than the clients' span; float64
+stacks take the batched Householder route. Either way every module equals the per-module
+operator on its own clients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glora_math import LoRAFactors, ServerState, Sketch, glora_aggregate
+from glora_math.testing.helpers import f64, state_tol
+from glora_math.testing.strategies import conditioned_matrix
+
+F32 = torch.float32
+
+
+def _stack(L: int, d: int, k: int, ranks: list[int], dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(L * d + k)
+    out = []
+    for r in ranks:
+        Bs = [
+            conditioned_matrix(d, r, cond=2.0, scale=1.0, generator=g, dtype=torch.float64)
+            for _ in range(L)
+        ]
+        As = [
+            conditioned_matrix(r, k, cond=2.0, scale=1.0, generator=g, dtype=torch.float64)
+            for _ in range(L)
+        ]
+        out.append(LoRAFactors(torch.stack(Bs).to(dtype), torch.stack(As).to(dtype)))
+    return out
+
+
+def _modules_match(state: ServerState, fs: list[LoRAFactors], R: int, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    L = state.U.shape[0]
+    weights = kwargs.pop("weights", None)
+    for layer in range(L):
+        mods = [LoRAFactors(f.B[layer], f.A[layer]) for f in fs]
+        ref = glora_aggregate(mods, weights, rank=R, **kwargs)
+        one = state.module(layer)
+        d, k = ref.shape
+        scale = sum(float(f.B.norm() * f.A.norm()) for f in mods) / len(mods)
+        tol = state_tol(
+            ref.U.dtype, d=d, k=k, ranks=[f.rank for f in mods], kappa=2.0, gap=ref.gap, scale=scale
+        )
+        assert float((f64(one.delta()) - f64(ref.delta())).norm()) <= tol
+
+
+def test_a_float64_stack_takes_the_batched_householder_route() -> None:
+    fs = _stack(3, 8, 6, [2, 3], torch.float64)
+    state = glora_aggregate(fs, rank=2)
+    assert state.route == "stacked-householder"
+    _modules_match(state, fs, 2)
+
+
+def test_a_float32_stack_of_square_client_factors_takes_the_batched_gram_route() -> None:
+    # r = d for client 0: its B is square and well conditioned, which the per-module Gram route
+    # accepts. K = p_0 I + p_1 U_1 U_1^T has the gap p_1 at R = 2.
+    fs = _stack(3, 4, 6, [4, 2], F32)
+    state = glora_aggregate(fs, [1.0, 3.0], rank=2)
+    assert state.route == "stacked-gram"
+    one = glora_aggregate([LoRAFactors(f.B[0], f.A[0]) for f in fs], [1.0, 3.0], rank=2)
+    assert one.route == "gram"
+    _modules_match(state, fs, 2, weights=[1.0, 3.0])
+
+
+def test_a_sketch_as_wide_as_the_clients_span_takes_the_batched_householder_route() -> None:
+    # R + oversample = min(d, n) = 5 (d = 8, ranks 2 + 3): the batched Gram route declines.
+    fs = _stack(3, 8, 6, [2, 3], F32)
+    sketch = Sketch(oversample=3, power_iters=1, seed=0)
+    state = glora_aggregate(fs, rank=2, sketch=sketch)
+    assert state.route == "stacked-householder"
+    _modules_match(state, fs, 2, sketch=sketch)
