@@ -74,3 +74,21 @@ def test_a_sketch_as_wide_as_the_clients_span_takes_the_batched_householder_rout
     state = glora_aggregate(fs, rank=2, sketch=sketch)
     assert state.route == "stacked-householder"
     _modules_match(state, fs, 2, sketch=sketch)
+
+
+def test_the_sketched_batched_route_does_not_depend_on_the_default_dtype() -> None:
+    # Every tensor is made in the clients' working dtype: a float64 default dtype (a global
+    # setting of the caller's) changes nothing, bit for bit.
+    fs = _stack(2, 8, 6, [2, 3], F32)
+    sketch = Sketch(oversample=1, power_iters=1, seed=0)
+    ref = glora_aggregate(fs, rank=2, sketch=sketch)
+    assert ref.route == "stacked-gram"
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        state = glora_aggregate(fs, rank=2, sketch=sketch)
+    finally:
+        torch.set_default_dtype(before)
+    assert state.route == "stacked-gram"
+    assert torch.equal(state.U, ref.U)
+    assert torch.equal(state.S, ref.S)
