@@ -9,11 +9,13 @@ operator on its own clients.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from glora_math import LoRAFactors, ServerState, Sketch, glora_aggregate
+from glora_math import LoRAFactors, RankClampedWarning, ServerState, Sketch, glora_aggregate
 from glora_math.testing.helpers import f64, state_tol
 from glora_math.testing.strategies import conditioned_matrix
+from glora_math.tolerances import eigenvalue_error, orthonormality_tol
 
 F32 = torch.float32
 
@@ -92,3 +94,39 @@ def test_the_sketched_batched_route_does_not_depend_on_the_default_dtype() -> No
     assert state.route == "stacked-gram"
     assert torch.equal(state.U, ref.U)
     assert torch.equal(state.S, ref.S)
+
+
+def test_the_sketched_batched_gram_route_reports_the_spectrum_of_each_module() -> None:
+    # The same sketch per module (the same test matrix): the Ritz values of K, squared
+    # singular values, as the per-module operator reports them, to the rounding of K's
+    # eigenvalues in float32.
+    fs = _stack(2, 8, 6, [2, 3], F32)
+    sketch = Sketch(oversample=1, power_iters=1, seed=0)
+    state = glora_aggregate(fs, rank=2, sketch=sketch)
+    assert state.route == "stacked-gram"
+    for layer in range(2):
+        ref = glora_aggregate(
+            [LoRAFactors(f.B[layer], f.A[layer]) for f in fs], rank=2, sketch=sketch
+        )
+        lam = f64(ref.eigvals)
+        tol = eigenvalue_error(float(lam[0]), 8 + 5, F32)
+        assert float((f64(state.module(layer).eigvals) - lam).abs().max()) <= tol
+
+
+def test_a_module_whose_clients_span_fewer_than_R_directions_is_clamped() -> None:
+    # Three rank-1 clients on one column v per module (v, 3 v and 7 v, rounded in float32):
+    # they span 1 direction, R = 2. The sketch (width 2 < min(d, n) = 3) cannot be used as it
+    # is: the module is redone by the per-module operator, which clamps R (a warning naming
+    # the module) and leaves a zero column in U and a zero row in S beyond it.
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(2, 8, 1, generator=g, dtype=torch.float64)
+    v = (v / v.norm(dim=1, keepdim=True)).to(F32)
+    fs = [LoRAFactors(v * c, torch.randn(2, 1, 6, generator=g).to(F32)) for c in (1.0, 3.0, 7.0)]
+    with pytest.warns(RankClampedWarning) as rec:
+        state = glora_aggregate(fs, rank=2, sketch=Sketch(oversample=0, power_iters=1, seed=0))
+    assert sorted(str(w.message)[:8] for w in rec) == ["module 0", "module 1"]
+    assert state.U.shape == (2, 8, 2)
+    assert float(state.U[:, :, 1].abs().max()) == 0.0
+    assert float(state.S[:, 1].abs().max()) == 0.0
+    norms = f64(state.U[:, :, 0]).norm(dim=1)
+    assert float((norms - 1.0).abs().max()) <= orthonormality_tol(F32, n=8 + 1)
