@@ -130,3 +130,15 @@ def test_a_module_whose_clients_span_fewer_than_R_directions_is_clamped() -> Non
     assert float(state.S[:, 1].abs().max()) == 0.0
     norms = f64(state.U[:, :, 0]).norm(dim=1)
     assert float((norms - 1.0).abs().max()) <= orthonormality_tol(F32, n=8 + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, F32])
+def test_a_zero_weight_client_drops_out_of_every_module(dtype: torch.dtype) -> None:
+    # Weight 0: the client is not in K, in the stacked width or in the spectrum of any module,
+    # exactly as in the per-module operator (spectrum of width min(d, 2), not min(d, 5)).
+    fs = _stack(2, 8, 6, [2, 3], dtype)
+    state = glora_aggregate(fs, [1.0, 0.0], rank=2)
+    for layer in range(2):
+        ref = glora_aggregate([LoRAFactors(f.B[layer], f.A[layer]) for f in fs], [1.0, 0.0], rank=2)
+        assert state.module(layer).eigvals.shape == ref.eigvals.shape == (2,)
+    _modules_match(state, fs, 2, weights=[1.0, 0.0])
