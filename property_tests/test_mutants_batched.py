@@ -142,3 +142,15 @@ def test_a_zero_weight_client_drops_out_of_every_module(dtype: torch.dtype) -> N
         ref = glora_aggregate([LoRAFactors(f.B[layer], f.A[layer]) for f in fs], [1.0, 0.0], rank=2)
         assert state.module(layer).eigvals.shape == ref.eigvals.shape == (2,)
     _modules_match(state, fs, 2, weights=[1.0, 0.0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_stack_on_the_householder_route_works_in_float32(
+    dtype: torch.dtype,
+) -> None:
+    # Half-precision factors are computed in float32 on either route.
+    fs = _stack(2, 8, 6, [2, 3], dtype)
+    state = glora_aggregate(fs, rank=2, route="householder")
+    assert state.route == "stacked-householder"
+    assert state.U.dtype == F32
+    _modules_match(state, fs, 2, route="householder")
