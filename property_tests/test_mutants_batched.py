@@ -15,7 +15,7 @@ import torch
 from glora_math import LoRAFactors, RankClampedWarning, ServerState, Sketch, glora_aggregate
 from glora_math.testing.helpers import f64, state_tol
 from glora_math.testing.strategies import conditioned_matrix
-from glora_math.tolerances import eigenvalue_error, orthonormality_tol
+from glora_math.tolerances import eigenvalue_error, orthonormality_tol, zero_gap_tol
 
 F32 = torch.float32
 
@@ -154,3 +154,30 @@ def test_a_half_precision_stack_on_the_householder_route_works_in_float32(
     assert state.route == "stacked-householder"
     assert state.U.dtype == F32
     _modules_match(state, fs, 2, route="householder")
+
+
+def test_the_zero_gap_rule_of_a_stack_counts_the_stacked_width() -> None:
+    # K = p_0 (e_1 e_1^T + e_2 e_2^T) + p_1 e_3 e_3^T in every module (d = 8, m = 3 columns):
+    # the gap at R = 2 is p_0 - p_1 = 1.5e-14, above the zero-gap tolerance over d + m = 11
+    # terms, SAFETY 11 eps lambda_1 = 1.2e-14, as the per-module operator counts: no warning.
+    d, k = 8, 5
+    g = torch.Generator().manual_seed(6)
+    eye = torch.eye(d, dtype=torch.float64)
+    fs = [
+        LoRAFactors(
+            eye[:, :2].expand(2, d, 2), torch.randn(2, 2, k, generator=g, dtype=torch.float64)
+        ),
+        LoRAFactors(
+            eye[:, 2:3].expand(2, d, 1), torch.randn(2, 1, k, generator=g, dtype=torch.float64)
+        ),
+    ]
+    w = [0.5 + 7.5e-15, 0.5 - 7.5e-15]
+    lam1 = 0.5
+    assert (
+        zero_gap_tol(lam1, d + 3, torch.float64)
+        < 1.5e-14
+        < zero_gap_tol(lam1, 2 * d, torch.float64)
+    )
+    state = glora_aggregate(fs, w, rank=2)  # a ZeroEigengapWarning would fail the test
+    assert state.route == "stacked-householder"
+    glora_aggregate([LoRAFactors(f.B[0], f.A[0]) for f in fs], w, rank=2)
