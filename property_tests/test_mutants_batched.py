@@ -96,32 +96,36 @@ def test_the_sketched_batched_route_does_not_depend_on_the_default_dtype() -> No
     assert torch.equal(state.S, ref.S)
 
 
-def test_the_sketched_batched_gram_route_reports_the_spectrum_of_each_module() -> None:
+@pytest.mark.parametrize(("dtype", "route"), [(F32, "gram"), (torch.float64, "householder")])
+def test_the_sketched_batched_route_reports_the_spectrum_of_each_module(
+    dtype: torch.dtype, route: str
+) -> None:
     # The same sketch per module (the same test matrix): the Ritz values of K, squared
     # singular values, as the per-module operator reports them, to the rounding of K's
-    # eigenvalues in float32.
-    fs = _stack(2, 8, 6, [2, 3], F32)
+    # eigenvalues.
+    fs = _stack(2, 8, 6, [2, 3], dtype)
     sketch = Sketch(oversample=1, power_iters=1, seed=0)
     state = glora_aggregate(fs, rank=2, sketch=sketch)
-    assert state.route == "stacked-gram"
+    assert state.route == f"stacked-{route}"
     for layer in range(2):
         ref = glora_aggregate(
             [LoRAFactors(f.B[layer], f.A[layer]) for f in fs], rank=2, sketch=sketch
         )
         lam = f64(ref.eigvals)
-        tol = eigenvalue_error(float(lam[0]), 8 + 5, F32)
+        tol = eigenvalue_error(float(lam[0]), 8 + 5, dtype)
         assert float((f64(state.module(layer).eigvals) - lam).abs().max()) <= tol
 
 
-def test_a_module_whose_clients_span_fewer_than_R_directions_is_clamped() -> None:
+@pytest.mark.parametrize("dtype", [F32, torch.float64])
+def test_a_module_whose_clients_span_fewer_than_R_directions_is_clamped(dtype: torch.dtype) -> None:
     # Three rank-1 clients on one column v per module (v, 3 v and 7 v, rounded in float32):
     # they span 1 direction, R = 2. The sketch (width 2 < min(d, n) = 3) cannot be used as it
     # is: the module is redone by the per-module operator, which clamps R (a warning naming
     # the module) and leaves a zero column in U and a zero row in S beyond it.
     g = torch.Generator().manual_seed(5)
     v = torch.randn(2, 8, 1, generator=g, dtype=torch.float64)
-    v = (v / v.norm(dim=1, keepdim=True)).to(F32)
-    fs = [LoRAFactors(v * c, torch.randn(2, 1, 6, generator=g).to(F32)) for c in (1.0, 3.0, 7.0)]
+    v = (v / v.norm(dim=1, keepdim=True)).to(dtype)
+    fs = [LoRAFactors(v * c, torch.randn(2, 1, 6, generator=g).to(dtype)) for c in (1.0, 3.0, 7.0)]
     with pytest.warns(RankClampedWarning) as rec:
         state = glora_aggregate(fs, rank=2, sketch=Sketch(oversample=0, power_iters=1, seed=0))
     assert sorted(str(w.message)[:8] for w in rec) == ["module 0", "module 1"]
@@ -129,7 +133,7 @@ def test_a_module_whose_clients_span_fewer_than_R_directions_is_clamped() -> Non
     assert float(state.U[:, :, 1].abs().max()) == 0.0
     assert float(state.S[:, 1].abs().max()) == 0.0
     norms = f64(state.U[:, :, 0]).norm(dim=1)
-    assert float((norms - 1.0).abs().max()) <= orthonormality_tol(F32, n=8 + 1)
+    assert float((norms - 1.0).abs().max()) <= orthonormality_tol(dtype, n=8 + 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, F32])
@@ -181,3 +185,14 @@ def test_the_zero_gap_rule_of_a_stack_counts_the_stacked_width() -> None:
     state = glora_aggregate(fs, w, rank=2)  # a ZeroEigengapWarning would fail the test
     assert state.route == "stacked-householder"
     glora_aggregate([LoRAFactors(f.B[0], f.A[0]) for f in fs], w, rank=2)
+
+
+def test_a_rank_deficient_client_in_a_sketched_float64_stack_is_redone_per_module() -> None:
+    # Client 1's B has rank 1 of 2 in every module: the batched QR cannot use it as a basis,
+    # so each module is redone by the per-module operator, whose state it then equals.
+    fs = _stack(2, 8, 6, [2, 2], torch.float64)
+    B1 = fs[1].B[..., :1] @ torch.ones(2, 1, 2, dtype=torch.float64)
+    fs[1] = LoRAFactors(B1, fs[1].A)
+    sketch = Sketch(oversample=1, power_iters=1, seed=0)
+    state = glora_aggregate(fs, rank=2, sketch=sketch)
+    _modules_match(state, fs, 2, sketch=sketch)
