@@ -9,14 +9,16 @@ from glora_math import LoRAFactors, NonFiniteError, glora_aggregate
 from glora_math.aggregate import _overflow
 
 
-def _const(rows: int, cols: int, value: float, dtype: torch.dtype) -> torch.Tensor:
-    return torch.full((rows, cols), value, dtype=dtype)
-
-
 def _clients() -> list[LoRAFactors]:
     return [
-        LoRAFactors(_const(4, 1, 1.0, torch.float64), _const(1, 3, 1.0, torch.float64)),
-        LoRAFactors(_const(4, 1, 5.0, torch.float64), _const(1, 3, 1.0, torch.float64)),
+        LoRAFactors(
+            torch.full((4, 1), 1.0, dtype=torch.float64),
+            torch.full((1, 3), 1.0, dtype=torch.float64),
+        ),
+        LoRAFactors(
+            torch.full((4, 1), 5.0, dtype=torch.float64),
+            torch.full((1, 3), 1.0, dtype=torch.float64),
+        ),
     ]
 
 
@@ -42,7 +44,11 @@ def test_a_certificate_overflow_is_reported_as_such() -> None:
     # float32, one rank-1 client B = c 1, A = c 1 with c = 1e19: every entry of W = c^2 and of
     # S = U^T W is finite, but ||W||_F = 4 c^2 = 4e38 exceeds float32's largest value 3.4e38.
     c = 1e19
-    clients = [LoRAFactors(_const(4, 1, c, torch.float32), _const(1, 4, c, torch.float32))]
+    clients = [
+        LoRAFactors(
+            torch.full((4, 1), c, dtype=torch.float32), torch.full((1, 4), c, dtype=torch.float32)
+        )
+    ]
     with pytest.raises(NonFiniteError) as info:
         glora_aggregate(clients, rank=1)
     assert info.value.client == 0

@@ -15,10 +15,6 @@ from glora_math.tolerances import product_tol
 from glora_math.validation import largest_client
 
 
-def _const(rows: int, cols: int, value: float, dtype: torch.dtype) -> torch.Tensor:
-    return torch.full((rows, cols), value, dtype=dtype)
-
-
 def _size_tol(expected: float, n: int) -> float:
     # Two float64 norms of n entries and one product: backward-stable, relative to the size.
     return product_tol(torch.float64, n=n, scale=expected)
@@ -30,9 +26,18 @@ def test_largest_client_is_the_largest_product_of_norms_in_float64() -> None:
     # Client 2 is the largest: ||B|| = 2, ||A|| = 4, size 8 (exact: constant entries).
     d, r, k = 4, 1, 4
     clients = [
-        LoRAFactors(_const(d, r, 1e20, torch.float32), _const(r, k, 1e-20, torch.float32)),
-        LoRAFactors(_const(d, r, 1e-20, torch.float32), _const(r, k, 1e20, torch.float32)),
-        LoRAFactors(_const(d, r, 1.0, torch.float32), _const(r, k, 2.0, torch.float32)),
+        LoRAFactors(
+            torch.full((d, r), 1e20, dtype=torch.float32),
+            torch.full((r, k), 1e-20, dtype=torch.float32),
+        ),
+        LoRAFactors(
+            torch.full((d, r), 1e-20, dtype=torch.float32),
+            torch.full((r, k), 1e20, dtype=torch.float32),
+        ),
+        LoRAFactors(
+            torch.full((d, r), 1.0, dtype=torch.float32),
+            torch.full((r, k), 2.0, dtype=torch.float32),
+        ),
     ]
     j, size = largest_client(clients)
     assert j == 2
@@ -42,8 +47,14 @@ def test_largest_client_is_the_largest_product_of_norms_in_float64() -> None:
 def test_largest_client_reports_sizes_below_one() -> None:
     # Every size below 1: the answer is still the largest client and its own size.
     clients = [
-        LoRAFactors(_const(4, 1, 0.25, torch.float64), _const(1, 4, 0.25, torch.float64)),
-        LoRAFactors(_const(4, 1, 0.25, torch.float64), _const(1, 4, 0.5, torch.float64)),
+        LoRAFactors(
+            torch.full((4, 1), 0.25, dtype=torch.float64),
+            torch.full((1, 4), 0.25, dtype=torch.float64),
+        ),
+        LoRAFactors(
+            torch.full((4, 1), 0.25, dtype=torch.float64),
+            torch.full((1, 4), 0.5, dtype=torch.float64),
+        ),
     ]
     j, size = largest_client(clients)
     assert j == 1
@@ -54,8 +65,13 @@ def test_largest_client_reports_sizes_below_one() -> None:
 def test_a_zero_update_client_has_size_zero() -> None:
     # A = 0: the size is 0 (no division by ||A||), and the other client is named.
     clients = [
-        LoRAFactors(_const(4, 1, 3.0, torch.float64), torch.zeros(1, 4, dtype=torch.float64)),
-        LoRAFactors(_const(4, 1, 1e-3, torch.float64), _const(1, 4, 1e-3, torch.float64)),
+        LoRAFactors(
+            torch.full((4, 1), 3.0, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64)
+        ),
+        LoRAFactors(
+            torch.full((4, 1), 1e-3, dtype=torch.float64),
+            torch.full((1, 4), 1e-3, dtype=torch.float64),
+        ),
     ]
     j, size = largest_client(clients)
     assert j == 1
@@ -66,8 +82,13 @@ def test_a_norm_beyond_float64_is_inf_never_nan() -> None:
     # ||B||_F of four entries 1e308 overflows float64: the size is inf (documented), even with
     # A = 0 (inf * 0 would be NaN), so that client is the one named.
     clients = [
-        LoRAFactors(_const(4, 1, 1.0, torch.float64), _const(1, 4, 1.0, torch.float64)),
-        LoRAFactors(_const(4, 1, 1e308, torch.float64), torch.zeros(1, 4, dtype=torch.float64)),
+        LoRAFactors(
+            torch.full((4, 1), 1.0, dtype=torch.float64),
+            torch.full((1, 4), 1.0, dtype=torch.float64),
+        ),
+        LoRAFactors(
+            torch.full((4, 1), 1e308, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64)
+        ),
     ]
     j, size = largest_client(clients)
     assert j == 1
@@ -76,5 +97,7 @@ def test_a_norm_beyond_float64_is_inf_never_nan() -> None:
 
 def test_ties_name_the_first_client() -> None:
     # The first of equal clients, as Python's max() and torch.argmax break ties.
-    f = LoRAFactors(_const(4, 2, 1.0, torch.float64), _const(2, 3, 1.0, torch.float64))
+    f = LoRAFactors(
+        torch.full((4, 2), 1.0, dtype=torch.float64), torch.full((2, 3), 1.0, dtype=torch.float64)
+    )
     assert largest_client([f, f, f])[0] == 0
