@@ -118,6 +118,10 @@ def _implicit_batched(
         return None
     if sketch is not None and R + sketch.oversample >= min(d, n):
         return None
+    if R > min(d, n):
+        # Fewer weighted directions than R (a zero-weight client can raise R above them): the
+        # Householder route pads the bases with zero columns and clamps the module.
+        return None
     uniform = torch.ones(L, dtype=torch.bool, device=B0.device)
     blocks = []
     for i in live:

@@ -98,6 +98,35 @@ def test_batched_with_fewer_client_directions_than_R() -> None:
         )
 
 
+def test_a_zero_weight_client_can_raise_R_above_the_weighted_directions_of_a_stack() -> None:
+    # R is checked against every client's rank, a zero-weight one's too, so R can exceed the
+    # directions the weighted clients span. Found by the mutation round: the float32 Gram
+    # route of a stack then returned R - 1 columns and the stack failed with a raw reshape
+    # error. Every module must equal the per-module operator (clamped, zero columns beyond).
+    import pytest
+
+    from glora_math import RankClampedWarning
+    from glora_math.tolerances import product_tol
+
+    for dtype in (torch.float32, torch.float64):
+        g = torch.Generator().manual_seed(0)
+        Bs = [torch.randn(3, 8, 2, generator=g, dtype=dtype) for _ in range(2)]
+        As = [torch.randn(3, 2, 6, generator=g, dtype=dtype) for _ in range(2)]
+        with pytest.warns(RankClampedWarning):
+            st_ = glora_aggregate(stacked(Bs, As), [1.0, 0.0], rank=3)
+        for layer in range(3):
+            with pytest.warns(RankClampedWarning):
+                one = glora_aggregate(
+                    [LoRAFactors(B[layer], A[layer]) for B, A in zip(Bs, As, strict=True)],
+                    [1.0, 0.0],
+                    rank=3,
+                )
+            W = Bs[0][layer] @ As[0][layer]
+            tol = product_tol(dtype, n=8 + 6 + 4, scale=float(W.norm()))
+            assert float((st_.delta()[layer] - W).norm()) <= tol
+            assert float((st_.delta()[layer] - one.delta()).norm()) <= 2 * tol
+
+
 @given(
     problems(min_clients=2, max_clients=4, weights="random"),
     st.integers(1, 3),

@@ -196,3 +196,22 @@ def test_a_rank_deficient_client_in_a_sketched_float64_stack_is_redone_per_modul
     sketch = Sketch(oversample=1, power_iters=1, seed=0)
     state = glora_aggregate(fs, rank=2, sketch=sketch)
     _modules_match(state, fs, 2, sketch=sketch)
+
+
+@pytest.mark.parametrize("sketch", [None, Sketch(oversample=1, power_iters=1, seed=0)])
+def test_a_stack_whose_weighted_clients_have_fewer_columns_than_R_is_clamped_per_module(
+    sketch: Sketch | None,
+) -> None:
+    # Two rank-2 float64 clients, the second of weight 0: the stacked bases of the weighted
+    # client have m = 2 columns, below R = 3 (which the clients' total rank 4 allows). Every
+    # module (L = 3) is redone by the per-module operator, which clamps R to 2 with a warning
+    # naming the module and leaves a zero column in U beyond it; each module equals it.
+    fs = _stack(3, 8, 6, [2, 2], torch.float64)
+    with pytest.warns(RankClampedWarning) as rec:
+        state = glora_aggregate(fs, [1.0, 0.0], rank=3, sketch=sketch)
+    assert state.route == "stacked-householder"
+    assert sorted(str(w.message)[:8] for w in rec) == ["module 0", "module 1", "module 2"]
+    assert state.U.shape == (3, 8, 3)
+    assert float(state.U[:, :, 2].abs().max()) == 0.0
+    with pytest.warns(RankClampedWarning):  # the per-module operator clamps each module too
+        _modules_match(state, fs, 3, weights=[1.0, 0.0], sketch=sketch)

@@ -139,3 +139,24 @@ def test_a_large_rank_one_client_is_perfectly_conditioned_for_the_gram_route() -
     maps = gram_basis_maps([B], [1.0], F32)
     assert maps is not None
     assert maps[1] == [1]
+
+
+@pytest.mark.parametrize("default", [torch.float64, torch.float16, torch.bfloat16])
+def test_the_gram_route_does_not_depend_on_the_default_dtype(default: torch.dtype) -> None:
+    # The weights p_i enter the maps sqrt(p_i) V_i S_i^{-1} through a float64 tensor made with
+    # an explicit dtype: torch's default dtype (a global setting of the caller's; float64 or a
+    # half type) changes nothing, bit for bit. Weights 0.3 and 0.7 are not representable in a
+    # half type, so rounding them there would move the state.
+    fs = _float32_clients()
+    ref = glora_aggregate(fs, [0.3, 0.7], rank=2)
+    assert ref.route == "gram"
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        state = glora_aggregate(fs, [0.3, 0.7], rank=2)
+    finally:
+        torch.set_default_dtype(before)
+    assert state.route == "gram"
+    assert torch.equal(state.U, ref.U)
+    assert torch.equal(state.S, ref.S)
+    assert torch.equal(state.eigvals, ref.eigvals)
