@@ -187,7 +187,10 @@ def lowrank_svd(
     d, m = int(B.shape[-2]), int(B.shape[-1])
     chosen = route or svd_route(d, int(A.shape[-1]), m)
     if chosen == "dense" or d <= m:
-        return sign_fixed_svd(B @ A)
+        # The product has rank at most m: keep p = min(d, m, k) triplets, as the factor route.
+        p = min(d, m, int(A.shape[-1]))
+        U, s, Vh = sign_fixed_svd(B @ A)
+        return U[..., :p], s[..., :p], Vh[..., :p, :]
     Q, T = torch.linalg.qr(B, mode="reduced")
     if A.shape[1] > A.shape[0]:
         P, L = torch.linalg.qr(A.mT, mode="reduced")

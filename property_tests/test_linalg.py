@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from glora_math import LoRAFactors
 from glora_math.linalg import (
+    SvdRoute,
     column_signs,
     full_column_rank,
     full_rank_qr,
@@ -187,17 +188,19 @@ def test_projector_distance_matches_the_angles_and_the_dense_norm(p, q, angles, 
     assert abs(got - exact) <= _tol(12, p, q) * max(exact, 1e-3)
 
 
-@given(DIMS, DIMS, st.integers(0, 6), SEEDS)
+@given(DIMS, DIMS, st.integers(0, 10), st.sampled_from([None, "dense", "factors"]), SEEDS)
 def test_lowrank_fro_norm_and_svd_match_the_dense_product(
-    d: int, k: int, m: int, seed: int
+    d: int, k: int, m: int, route: SvdRoute | None, seed: int
 ) -> None:
+    # Every route returns p = min(d, k, m) triplets: the dense route once returned min(d, k)
+    # when m < min(d, k) (found by the mutation round).
     g = torch.Generator().manual_seed(seed)
     B = torch.randn(d, m, generator=g, dtype=F64)
     A = torch.randn(m, k, generator=g, dtype=F64)
     W = B @ A
     scale = float(B.norm() * A.norm())
     assert abs(lowrank_fro_norm(B, A) - float(W.norm())) <= _tol(d, k, m, scale=scale)
-    U, s, Vh = lowrank_svd(B, A)
+    U, s, Vh = lowrank_svd(B, A, route=route)
     p = min(d, k, m)
     assert U.shape == (d, p)
     assert s.shape == (p,)
@@ -210,6 +213,24 @@ def test_lowrank_fro_norm_and_svd_match_the_dense_product(
     if p:
         idx = U.abs().argmax(dim=0)
         assert bool((U[idx, torch.arange(p)] >= 0).all())
+
+
+@pytest.mark.parametrize(
+    ("d", "k", "m", "route"),
+    [(3, 3, 1, "dense"), (5, 7, 2, "dense"), (9, 9, 8, None), (4, 6, 3, "factors")],
+)
+def test_lowrank_svd_keeps_min_d_k_m_triplets_on_every_route(
+    d: int, k: int, m: int, route: SvdRoute | None
+) -> None:
+    # (9, 9, 8) is where the cost model picks the dense route by itself.
+    g = torch.Generator().manual_seed(0)
+    U, s, Vh = lowrank_svd(
+        torch.randn(d, m, generator=g, dtype=F64),
+        torch.randn(m, k, generator=g, dtype=F64),
+        route=route,
+    )
+    p = min(d, k, m)
+    assert (U.shape, s.shape, Vh.shape) == ((d, p), (p,), (p, k))
 
 
 @given(DIMS, DIMS, SEEDS)

@@ -13,7 +13,9 @@ import warnings
 import pytest
 import torch
 
-from glora_math import GloraError, LoRAFactors, ServerState, glora_aggregate
+from glora_math import GloraError, LoRAFactors, ServerState, ShapeMismatchError, glora_aggregate
+from glora_math.errors import DtypeError
+from glora_math.types import GaugeFixed
 
 
 def _stack(batch: tuple[int, ...], *, certify: bool = True, dtype=torch.float64) -> ServerState:  # type: ignore[no-untyped-def]
@@ -78,3 +80,55 @@ def test_module_indices_are_ints_in_range() -> None:
     for bad in (True, 1.0, "0", -1, 2):
         with pytest.raises(GloraError, match="module index must be an int in"):
             state.module(bad)  # type: ignore[arg-type]
+
+
+# The containers' own checks: each names the offending field exactly as the dataclass does.
+
+
+def _error_text(exc: pytest.ExceptionInfo[GloraError]) -> str:
+    return exc.value.message
+
+
+def test_lora_factors_name_a_field_that_is_not_a_tensor() -> None:
+    A = torch.zeros(2, 3)
+    with pytest.raises(DtypeError) as exc:
+        LoRAFactors([[0.0, 0.0]], A)  # type: ignore[arg-type]
+    assert _error_text(exc) == "B must be a torch.Tensor, got list"
+    with pytest.raises(DtypeError) as exc:
+        LoRAFactors(torch.zeros(4, 2), (1.0, 2.0))  # type: ignore[arg-type]
+    assert _error_text(exc) == "A must be a torch.Tensor, got tuple"
+
+
+def test_lora_factors_name_a_field_that_is_not_floating_point() -> None:
+    with pytest.raises(DtypeError) as exc:
+        LoRAFactors(torch.zeros(4, 2, dtype=torch.int64), torch.zeros(2, 3))
+    assert _error_text(exc) == "B must be floating point, got torch.int64"
+    with pytest.raises(DtypeError) as exc:
+        LoRAFactors(torch.zeros(4, 2), torch.zeros(2, 3, dtype=torch.int32))
+    assert _error_text(exc) == "A must be floating point, got torch.int32"
+
+
+def test_gauge_fixed_names_its_fields_in_its_errors() -> None:
+    U, C = torch.zeros(4, 2), torch.zeros(2, 3)
+    with pytest.raises(DtypeError) as exc:
+        GaugeFixed([[1.0]], C)  # type: ignore[arg-type]
+    assert _error_text(exc) == "U must be a torch.Tensor, got list"
+    with pytest.raises(DtypeError) as exc:
+        GaugeFixed(U, torch.zeros(2, 3, dtype=torch.int64))
+    assert _error_text(exc) == "C must be floating point, got torch.int64"
+    with pytest.raises(DtypeError) as exc:
+        GaugeFixed(U.to(torch.int16), C)
+    assert _error_text(exc) == "U must be floating point, got torch.int16"
+    with pytest.raises(DtypeError) as exc:
+        GaugeFixed(U, None)  # type: ignore[arg-type]
+    assert _error_text(exc) == "C must be a torch.Tensor, got NoneType"
+
+
+def test_a_gauge_fixed_client_is_one_matrix_pair_never_a_stack() -> None:
+    # Only LoRAFactors take stacks (leading batch dimensions); GaugeFixed is one module's.
+    with pytest.raises(ShapeMismatchError) as exc:
+        GaugeFixed(torch.zeros(2, 4, 2), torch.zeros(2, 2, 3))
+    assert _error_text(exc) == "U must be a matrix (2-D), got shape (2, 4, 2)"
+    with pytest.raises(ShapeMismatchError) as exc:
+        GaugeFixed(torch.zeros(4, 2), torch.zeros(1, 2, 3))
+    assert _error_text(exc) == "C must be a matrix (2-D), got shape (1, 2, 3)"
