@@ -462,7 +462,9 @@ def lora_fair(
     Frobenius cosine (scale-free, like the paper's) and normalise the penalty by
     ``||B_bar||^2`` so that ``lam`` means the same for any scale of the factors.
     Minimised by ``steps`` gradient steps with Armijo backtracking (the objective never
-    increases). Everything is computed from the factors: O(N r^2 (d + k)) once, then
+    increases): the first trial step is 1; a step ``t`` is accepted when the value falls by at
+    least ``1e-4 t ||grad||^2``, halved until it is (the search stops below ``1e-12``), and
+    doubled after each accepted step. Everything is computed from the factors: O(N r^2 (d + k)) once, then
     O(d r^2) per step; the published code forms the d-by-k updates (O(T d^2 r)).
 
     Returns
