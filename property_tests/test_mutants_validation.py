@@ -7,12 +7,19 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
+import pytest
 import torch
 
-from glora_math import LoRAFactors
+from glora_math import LoRAFactors, NonFiniteError, WeightError
 from glora_math.tolerances import product_tol
-from glora_math.validation import largest_client
+from glora_math.validation import (
+    check_finite_output,
+    largest_client,
+    normalize_weights,
+    validate_clients,
+)
 
 
 def _size_tol(expected: float, n: int) -> float:
@@ -101,3 +108,75 @@ def test_ties_name_the_first_client() -> None:
         torch.full((4, 2), 1.0, dtype=torch.float64), torch.full((2, 3), 1.0, dtype=torch.float64)
     )
     assert largest_client([f, f, f])[0] == 0
+
+
+def _weights(w: object, n: int) -> torch.Tensor:
+    return normalize_weights(w, n, dtype=torch.float64, device=torch.device("cpu"))  # type: ignore[arg-type]
+
+
+def _error(w: object, n: int) -> WeightError:
+    with pytest.raises(WeightError) as err:
+        _weights(w, n)
+    return err.value
+
+
+def test_validate_clients_reports_the_clients_device() -> None:
+    f = LoRAFactors(torch.ones(3, 1), torch.ones(1, 2))
+    assert validate_clients([f, f]).device == torch.device("cpu")
+
+
+def test_an_overflowed_output_is_named_in_the_error() -> None:
+    f = LoRAFactors(torch.ones(3, 1), torch.ones(1, 2))
+    with pytest.raises(NonFiniteError) as err:
+        check_finite_output([torch.ones(2), torch.tensor([1.0, math.inf])], [f], "the readout")
+    assert err.value.message.startswith(
+        "the readout overflowed: the result has Inf/NaN entries; the largest client update"
+    )
+    assert err.value.client == 0
+
+
+def test_integer_weight_tensors_are_accepted_and_bool_tensors_refused() -> None:
+    p = _weights(torch.tensor([1, 3]), 2)
+    assert p.tolist() == [0.25, 0.75]  # exact: 1/4 and 3/4 are binary fractions
+    err = _error(torch.tensor([True, False]), 2)
+    assert err.message == "weights must be a real tensor, got torch.bool"
+
+
+@pytest.mark.parametrize(("w", "name"), [(3.0, "float"), ("13", "str"), (b"13", "bytes")])
+def test_weights_that_are_not_a_sequence_of_numbers_are_refused(w: object, name: str) -> None:
+    err = _error(w, 2)
+    assert err.message == f"weights must be a sequence of numbers, got {name}"
+    assert err.client is None
+
+
+@pytest.mark.parametrize(("bad", "name"), [("1.5", "str"), (None, "NoneType")])
+def test_a_weight_that_is_not_a_real_number_is_named(bad: object, name: str) -> None:
+    err = _error([1.0, bad], 2)
+    assert err.message == f"weight must be a real number, got {name}"
+    assert err.client == 1
+
+
+def test_a_complex_scalar_tensor_weight_is_refused() -> None:
+    err = _error([torch.tensor(1.0 + 2.0j), 1.0], 2)
+    assert err.message == "weight must be a real number, got Tensor"
+    assert err.client == 0
+
+
+@pytest.mark.parametrize(
+    "w",
+    [
+        [torch.tensor(1.0), torch.tensor(3.0)],
+        [torch.tensor(1), torch.tensor(3.0, dtype=torch.float16)],
+        [Fraction(1, 2), Fraction(3, 2)],
+    ],
+)
+def test_real_scalars_that_convert_to_float_are_accepted(w: list[object]) -> None:
+    # torch scalar tensors (with is_complex()) and other real numbers with __float__
+    # (Fraction has no is_complex) are weights; the values here are exact binary fractions.
+    assert _weights(w, 2).tolist() == [0.25, 0.75]
+
+
+def test_an_integer_weight_beyond_float64_is_named() -> None:
+    err = _error([1, 10**400], 2)
+    assert err.message == "weight is beyond the float64 range"
+    assert err.client == 1
