@@ -402,7 +402,7 @@ def _stacked_state(  # noqa: PLR0917 - private, called once by the public operat
         Bs, As = [a.mT for _, a in flat], [b.mT for b, _ in flat]
     # Per module, clients whose other factor is exactly zero (see _side_state).
     other = [a for _, a in flat] if side == "left" else [b for b, _ in flat]
-    zero = torch.stack([x.reshape(L, -1).abs().amax(-1) == 0 for x in other], dim=1)  # (L, N)
+    zero = torch.stack([~(x.flatten(1) != 0).any(-1) for x in other], dim=1)  # (L, N); rank 0 too
     own_weights = zero.any(-1) & ~zero.all(-1)
     device = p.device
     if gauge == "qr":
@@ -506,9 +506,10 @@ def _redo_modules(  # noqa: PLR0917 - private, called once by _stacked_state
         for w in caught:
             msg = w.message
             if isinstance(msg, GloraWarning):
-                warnings.warn(type(msg)(f"module {layer}: {msg}"), stacklevel=3)
+                # From here: _stacked_state, glora_aggregate, then the caller.
+                warnings.warn(type(msg)(f"module {layer}: {msg}"), stacklevel=4)
             elif isinstance(msg, Warning):
-                warnings.warn(msg, stacklevel=3)
+                warnings.warn(msg, stacklevel=4)
         U[layer] = 0.0
         S[layer] = 0.0
         U[layer, :, : st.rank] = st.U

@@ -464,8 +464,8 @@ def lora_fair(
     Minimised by ``steps`` gradient steps with Armijo backtracking (the objective never
     increases): the first trial step is 1; a step ``t`` is accepted when the value falls by at
     least ``1e-4 t ||grad||^2``, halved until it is (the search stops below ``1e-12``), and
-    doubled after each accepted step. Everything is computed from the factors: O(N r^2 (d + k)) once, then
-    O(d r^2) per step; the published code forms the d-by-k updates (O(T d^2 r)).
+    doubled after each accepted step. Everything is computed from the factors: O(N r^2 (d + k))
+    once, then O(d r^2) per step; the published code forms the d-by-k updates (O(T d^2 r)).
 
     Returns
     -------

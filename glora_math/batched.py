@@ -53,10 +53,17 @@ def stacked_route(
     """
     L, d = int(Bs[0].shape[0]), int(Bs[0].shape[1])
     device = Bs[0].device
-    live = [i for i, pi in enumerate(p.tolist()) if pi > 0]
+    # Clients of rank 0 add nothing to K or S (their update is zero; the weights stay as given).
+    live = [i for i, pi in enumerate(p.tolist()) if pi > 0 and int(Bs[i].shape[-1]) > 0]
     fast = _implicit_batched(Bs, As, p, live=live, R=R, sketch=sketch, wd=wd) if gram else None
     if fast is not None:
         return (*fast, "gram")
+    if not live:  # every weighted client has rank 0: the per-module operator's empty states
+        U0 = torch.zeros(L, d, R, dtype=wd, device=device)
+        S0 = torch.zeros(L, R, int(As[0].shape[-1]), dtype=wd, device=device)
+        eig0 = torch.zeros(L, 0, dtype=wd, device=device)
+        redo = torch.zeros(L, dtype=torch.bool, device=device)
+        return U0, S0, eig0, redo, 0, "householder"
     Qs, Cs, uniform = [], [], torch.ones(L, dtype=torch.bool, device=device)
     for i in live:
         B, A = Bs[i].to(wd), As[i].to(wd)

@@ -127,6 +127,43 @@ def test_a_zero_weight_client_can_raise_R_above_the_weighted_directions_of_a_sta
             assert float((st_.delta()[layer] - one.delta()).norm()) <= 2 * tol
 
 
+def test_a_stack_with_clients_of_rank_zero_equals_the_modules() -> None:
+    # Found by the mutation round: a rank-0 client made the stack fail with a raw IndexError
+    # (a reduction over an empty dimension), and the warnings of a module redone one by one
+    # pointed inside the library instead of at the caller.
+    import os
+    import warnings
+
+    from glora_math import RankClampedWarning
+    from glora_math.tolerances import product_tol
+
+    for dtype in (torch.float32, torch.float64):
+        g = torch.Generator().manual_seed(0)
+        ranks = (0, 2, 3)
+        Bs = [torch.randn(3, 8, r, generator=g, dtype=dtype) for r in ranks]
+        As = [torch.randn(3, r, 6, generator=g, dtype=dtype) for r in ranks]
+        p = [1.0, 1.0, 2.0]
+        st_ = glora_aggregate(stacked(Bs, As), p, rank=5)  # exact: 5 directions
+        for layer in range(3):
+            W = (Bs[1][layer] @ As[1][layer] + 2 * Bs[2][layer] @ As[2][layer]) / 4
+            one = glora_aggregate(
+                [LoRAFactors(B[layer], A[layer]) for B, A in zip(Bs, As, strict=True)], p, rank=5
+            )
+            tol = product_tol(dtype, n=8 + 6 + 5, scale=float(W.norm()))
+            assert float((st_.delta()[layer] - W).norm()) <= tol
+            assert float((st_.delta()[layer] - one.delta()).norm()) <= 2 * tol
+        # Every client of rank 0: the zero update, and one warning per module, at the caller.
+        empty = [LoRAFactors(torch.zeros(3, 8, 0, dtype=dtype), torch.zeros(3, 0, 6, dtype=dtype))]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            zero = glora_aggregate(empty * 2, None, rank=2)
+        assert float(zero.delta().norm()) == 0.0
+        clamped = [w for w in caught if issubclass(w.category, RankClampedWarning)]
+        assert {f"module {i}" for i in range(3)} <= {str(w.message)[:8] for w in clamped}
+        if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampolines add frames
+            assert {w.filename for w in clamped} == {__file__}
+
+
 @given(
     problems(min_clients=2, max_clients=4, weights="random"),
     st.integers(1, 3),
