@@ -54,6 +54,20 @@ def _stacked_mean(
     return Bc, Ac, m
 
 
+def _scaled_fro_norm(x: Tensor) -> Tensor:
+    """Frobenius norms over the last two dimensions, scaled by a power of 2 first.
+
+    ``torch.linalg.matrix_norm`` squares the entries unscaled, so in float32 it overflows once
+    an entry passes about 1.8e19, far below the norms float32 can hold (3.4e38). Dividing by
+    the power of 2 at the largest entry is exact, so where the unscaled norm does not overflow
+    the result is the same to the last bit. A non-finite entry stays non-finite.
+    """
+    top = x.abs().amax(dim=(-2, -1)) if x.numel() else x.new_zeros(x.shape[:-2])
+    scale = torch.ldexp(torch.ones_like(top), torch.frexp(top).exponent)  # 1 for 0, inf, NaN
+    norms: Tensor = torch.linalg.matrix_norm(x / scale[..., None, None]) * scale
+    return norms
+
+
 def certify_norms(
     factors: Sequence[LoRAFactors], p: Tensor, U: Tensor, S: Tensor, wd: torch.dtype
 ) -> tuple[Tensor, Tensor]:
@@ -81,8 +95,8 @@ def certify_norms(
     # With fewer rows than columns the stacked factor is already small: use it as it is.
     T = torch.linalg.qr(Bc, mode="r")[1] if Bc.shape[-2] > Bc.shape[-1] else Bc
     head = T[..., :m] @ Ac
-    mean = torch.linalg.matrix_norm(head)
-    num = torch.linalg.matrix_norm(head + T[..., m:] @ S.to(wd))
+    mean = _scaled_fro_norm(head)
+    num = _scaled_fro_norm(head + T[..., m:] @ S.to(wd))
     if not (all_finite(mean) and all_finite(num)):
         raise NonFiniteError(
             f"the certificate overflowed {wd}: the mean update's norm is beyond its range "
