@@ -41,7 +41,7 @@ verify: $(STAMP)
 
 test: lint typecheck pytest verify
 
-# Mutation testing of the core modules (slow: about 30 min on 2 cores; not in CI). One BLAS
+# Mutation testing of the core modules (slow: 72 min on 2 idle cores; not in CI). One BLAS
 # thread per mutmut child: two children with two threads each oversubscribe 2 cores and push
 # surviving mutants past mutmut's CPU-time limit, where they would count as timeouts (killed).
 mutation: $(STAMP)
