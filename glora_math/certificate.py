@@ -58,12 +58,15 @@ def _scaled_fro_norm(x: Tensor) -> Tensor:
     """Frobenius norms over the last two dimensions, scaled by a power of 2 first.
 
     ``torch.linalg.matrix_norm`` squares the entries unscaled, so in float32 it overflows once
-    an entry passes about 1.8e19, far below the norms float32 can hold (3.4e38). Dividing by
-    the power of 2 at the largest entry is exact, so where the unscaled norm does not overflow
-    the result is the same to the last bit. A non-finite entry stays non-finite.
+    an entry passes about 1.8e19, far below the norms float32 can hold (3.4e38), and the
+    squares of entries below about 1e-19 underflow to 0. Dividing by ``2^(e-1)``, the power
+    of 2 at or below the largest entry (finite even for the dtype's largest value), is exact:
+    where the squares neither overflow nor underflow, the result is the same to the last bit.
+    A non-finite entry gives a non-finite norm.
     """
     top = x.abs().amax(dim=(-2, -1)) if x.numel() else x.new_zeros(x.shape[:-2])
-    scale = torch.ldexp(torch.ones_like(top), torch.frexp(top).exponent)  # 1 for 0, inf, NaN
+    e = torch.frexp(top).exponent  # top in [2^(e-1), 2^e); 0 for 0, inf and NaN
+    scale = torch.ldexp(torch.ones_like(top), e - 1)
     norms: Tensor = torch.linalg.matrix_norm(x / scale[..., None, None]) * scale
     return norms
 

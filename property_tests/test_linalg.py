@@ -192,8 +192,8 @@ def test_projector_distance_matches_the_angles_and_the_dense_norm(p, q, angles, 
 def test_lowrank_fro_norm_and_svd_match_the_dense_product(
     d: int, k: int, m: int, route: SvdRoute | None, seed: int
 ) -> None:
-    # Every route returns p = min(d, k, m) triplets: the dense route once returned min(d, k)
-    # when m < min(d, k) (found by the mutation round).
+    # Every route returns p = min(d, k, m) triplets (the regression test of the dense route's
+    # shape is test_lowrank_svd_keeps_min_d_k_m_triplets_on_every_route).
     g = torch.Generator().manual_seed(seed)
     B = torch.randn(d, m, generator=g, dtype=F64)
     A = torch.randn(m, k, generator=g, dtype=F64)

@@ -49,3 +49,15 @@ def test_a_float32_certificate_holds_norms_beyond_the_square_root_of_its_range()
     mean = state.certificate.mean_norm
     assert abs(mean - 4 * c * c) <= certificate_tol(torch.float32, n=4 + 4 + 1, scale=4 * c * c)
     assert state.relative_residual <= certificate_tol(torch.float32, n=4 + 4 + 1, scale=1.0)
+
+
+def test_a_float32_certificate_holds_norms_at_both_ends_of_its_range() -> None:
+    # The largest entry may be as large as the norm allows (a first scaling by 2^e overflowed
+    # to inf for entries at or above 2^127, giving NaN), and squares of tiny entries must not
+    # underflow to a zero mean (a mean of norm 5e-24 was certified as exactly 0).
+    for c in (1.4e19, 1e-12):
+        state = glora_aggregate([LoRAFactors(c * torch.ones(1, 1), c * torch.ones(1, 1))], rank=1)
+        assert state.certificate is not None
+        tol = certificate_tol(torch.float32, n=3, scale=c * c)
+        assert abs(state.certificate.mean_norm - c * c) <= tol
+        assert state.relative_residual <= certificate_tol(torch.float32, n=3, scale=1.0)
