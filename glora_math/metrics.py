@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from glora_math.errors import ShapeMismatchError
 from glora_math.linalg import lowrank_fro_norm, lowrank_svd
 from glora_math.types import LoRAFactors, ServerState
 from glora_math.validation import (
@@ -50,18 +51,30 @@ def state_factors(state: ServerState) -> LoRAFactors:
     return LoRAFactors(state.U, state.S)
 
 
+def _one_module(x: LoRAFactors, what: str) -> LoRAFactors:
+    """``x`` if it is one module; a stack (leading batch dimensions) is a typed error."""
+    if x.batch_shape:
+        raise ShapeMismatchError(
+            f"{what} takes one module, got stacked factors (batch dimensions {x.batch_shape}): "
+            "pass the modules one by one"
+        )
+    return x
+
+
 def fro_norm(x: LoRAFactors) -> float:
     """``||B A||_F`` without forming ``B A``."""
+    x = _one_module(x, "fro_norm")
     return lowrank_fro_norm(x.B, x.A)
 
 
 def fro_distance(x: LoRAFactors, y: LoRAFactors) -> float:
     """``||B_x A_x - B_y A_y||_F`` without forming either product."""
-    return fro_norm(difference(x, y))
+    return fro_norm(difference(_one_module(x, "fro_distance"), _one_module(y, "fro_distance")))
 
 
 def singular_values(x: LoRAFactors) -> torch.Tensor:
     """Singular values of ``B A`` (descending) from the factors, O(d m^2 + m^2 k)."""
+    x = _one_module(x, "singular_values")
     return lowrank_svd(x.B, x.A)[1]
 
 
@@ -71,6 +84,7 @@ def best_rank_approx(x: LoRAFactors, rank: int) -> LoRAFactors:
     Computed from the factors (QR + small SVD); never forms ``B A``.
     """
     r = validate_rank(rank)
+    x = _one_module(x, "best_rank_approx")
     U, s, Vh = lowrank_svd(x.B, x.A)
     return LoRAFactors(U[:, :r] * s[:r], Vh[:r])
 

@@ -158,3 +158,24 @@ def test_errors_carry_module_context() -> None:
     assert isinstance(err, NonFiniteError)
     assert isinstance(err, GloraError)
     assert str(err) == "module 'q_proj', client 2: B has 1 NaN/Inf entries"
+
+
+@pytest.mark.parametrize(
+    "name", ["fro_norm", "singular_values", "best_rank_approx", "fro_distance"]
+)
+def test_single_module_metrics_refuse_a_stack_with_a_typed_error(name: str) -> None:
+    # They raised raw torch errors (a shape mismatch, a tensor converted to float) on stacks.
+    from glora_math import metrics
+    from glora_math.errors import ShapeMismatchError
+
+    x = LoRAFactors(
+        torch.randn(3, 8, 2, dtype=torch.float64), torch.randn(3, 2, 6, dtype=torch.float64)
+    )
+    call = {
+        "fro_norm": lambda: metrics.fro_norm(x),
+        "singular_values": lambda: metrics.singular_values(x),
+        "best_rank_approx": lambda: metrics.best_rank_approx(x, 1),
+        "fro_distance": lambda: metrics.fro_distance(x, x),
+    }[name]
+    with pytest.raises(ShapeMismatchError, match=f"{name} takes one module"):
+        call()
