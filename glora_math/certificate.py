@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from glora_math.errors import NonFiniteError, ResidualWarning
+from glora_math.linalg import scaled_fro_norm
 from glora_math.types import Certificate, LoRAFactors
 from glora_math.validation import all_finite
 
@@ -52,23 +53,6 @@ def _stacked_mean(
         Ac[..., col : col + r, :].copy_(factors[i].A.detach())
         col += r
     return Bc, Ac, m
-
-
-def _scaled_fro_norm(x: Tensor) -> Tensor:
-    """Frobenius norms over the last two dimensions, scaled by a power of 2 first.
-
-    ``torch.linalg.matrix_norm`` squares the entries unscaled, so in float32 it overflows once
-    an entry passes about 1.8e19, far below the norms float32 can hold (3.4e38), and the
-    squares of entries below about 1e-19 underflow to 0. Dividing by ``2^(e-1)``, the power
-    of 2 at or below the largest entry (finite even for the dtype's largest value), is exact:
-    where the squares neither overflow nor underflow, the result is the same to the last bit.
-    A non-finite entry gives a non-finite norm.
-    """
-    top = x.abs().amax(dim=(-2, -1)) if x.numel() else x.new_zeros(x.shape[:-2])
-    e = torch.frexp(top).exponent  # top in [2^(e-1), 2^e); 0 for 0, inf and NaN
-    scale = torch.ldexp(torch.ones_like(top), e - 1)
-    norms: Tensor = torch.linalg.matrix_norm(x / scale[..., None, None]) * scale
-    return norms
 
 
 def certify_norms(
@@ -98,8 +82,8 @@ def certify_norms(
     # With fewer rows than columns the stacked factor is already small: use it as it is.
     T = torch.linalg.qr(Bc, mode="r")[1] if Bc.shape[-2] > Bc.shape[-1] else Bc
     head = T[..., :m] @ Ac
-    mean = _scaled_fro_norm(head)
-    num = _scaled_fro_norm(head + T[..., m:] @ S.to(wd))
+    mean = scaled_fro_norm(head)
+    num = scaled_fro_norm(head + T[..., m:] @ S.to(wd))
     if not (all_finite(mean) and all_finite(num)):
         raise NonFiniteError(
             f"the certificate overflowed {wd}: the mean update's norm is beyond its range "

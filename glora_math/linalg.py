@@ -133,6 +133,23 @@ def projector_distance(U1: Float[Tensor, "d p"], U2: Float[Tensor, "d q"]) -> fl
     return float(total.sqrt())
 
 
+def scaled_fro_norm(x: Tensor) -> Tensor:
+    """Frobenius norms over the last two dimensions, scaled by a power of 2 first.
+
+    ``torch.linalg.matrix_norm`` squares the entries unscaled, so in float32 it overflows once
+    an entry passes about 1.8e19, far below the norms float32 can hold (3.4e38), and the
+    squares of entries below about 1e-19 underflow to 0. Dividing by ``2^(e-1)``, the power
+    of 2 at or below the largest entry (finite even for the dtype's largest value), is exact:
+    where the squares neither overflow nor underflow, the result is the same to the last bit.
+    A non-finite entry gives a non-finite norm.
+    """
+    top = x.abs().amax(dim=(-2, -1)) if x.numel() else x.new_zeros(x.shape[:-2])
+    e = torch.frexp(top).exponent  # top in [2^(e-1), 2^e); 0 for 0, inf and NaN
+    scale = torch.ldexp(torch.ones_like(top), e - 1)
+    norms: Tensor = torch.linalg.matrix_norm(x / scale[..., None, None]) * scale
+    return norms
+
+
 def lowrank_fro_norm(B: Float[Tensor, "d r"], A: Float[Tensor, "r k"]) -> float:
     """``||B @ A||_F`` without forming the product: ``||T A||_F`` where ``B = Q T``.
 
@@ -142,9 +159,9 @@ def lowrank_fro_norm(B: Float[Tensor, "d r"], A: Float[Tensor, "r k"]) -> float:
     if B.shape[1] == 0:
         return 0.0
     if B.shape[0] <= B.shape[1]:
-        return float(torch.linalg.matrix_norm(B @ A))
+        return float(scaled_fro_norm(B @ A))
     _, T = torch.linalg.qr(B, mode="reduced")
-    return float(torch.linalg.matrix_norm(T @ A))
+    return float(scaled_fro_norm(T @ A))
 
 
 SvdRoute = Literal["factors", "dense"]
@@ -403,6 +420,7 @@ __all__ = [
     "projector_distance",
     "randomized_left_svd",
     "randomized_left_svd_factored",
+    "scaled_fro_norm",
     "sign_fixed_qr",
     "sign_fixed_svd",
     "svd_costs",

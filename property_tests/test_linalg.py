@@ -216,6 +216,20 @@ def test_lowrank_fro_norm_and_svd_match_the_dense_product(
 
 
 @pytest.mark.parametrize(
+    ("c", "d"),  # d = 1: the direct branch; d = 4: the QR branch
+    [(1e10, 1), (1.4e19, 1), (1e-12, 1), (1e10, 4), (8e18, 4), (1e-12, 4)],
+)
+def test_lowrank_fro_norm_holds_float32_norms_at_both_ends_of_its_range(c: float, d: int) -> None:
+    # Unscaled squares overflowed past entries of 1.8e19 and underflowed below 1e-19.
+    r = 1
+    B, A = c * torch.ones(d, r), c * torch.ones(r, d)
+    exact = d * c * c  # ||c^2 ones(d, d)||_F
+    assert abs(lowrank_fro_norm(B, A) - exact) <= product_tol(
+        torch.float32, n=2 * d + r, scale=exact
+    )
+
+
+@pytest.mark.parametrize(
     ("d", "k", "m", "route"),
     [(3, 3, 1, "dense"), (5, 7, 2, "dense"), (9, 9, 8, None), (4, 6, 3, "factors")],
 )
