@@ -19,6 +19,7 @@ from glora_math import (
 )
 from glora_math.aggregate import _overflow
 from glora_math.errors import ResidualWarning
+from glora_math.testing.strategies import gaussian_clients
 from glora_math.tolerances import certificate_tol, eigenvalue_error
 
 
@@ -79,14 +80,8 @@ def _axis_client(i: int, j: int, scale: float) -> LoRAFactors:
 
 
 def _random_clients(dtype: torch.dtype = torch.float64, *, seed: int = 0) -> list[LoRAFactors]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        LoRAFactors(
-            torch.randn(6, 2, generator=g, dtype=torch.float64).to(dtype),
-            torch.randn(2, 5, generator=g, dtype=torch.float64).to(dtype),
-        )
-        for _ in range(3)
-    ]
+    fs = gaussian_clients(3, 6, 2, 5, generator=torch.Generator().manual_seed(seed))
+    return [LoRAFactors(f.B.to(dtype), f.A.to(dtype)) for f in fs]
 
 
 def _stack(dtype: torch.dtype = torch.float64, *, scale: float = 1.0) -> list[LoRAFactors]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from glora_math import LoRAFactors, mean_update
+from glora_math import mean_update
+from glora_math.testing.strategies import gaussian_clients
 from glora_math.tolerances import product_tol
 
 
@@ -12,13 +13,7 @@ def test_the_equal_weights_of_float64_clients_are_float64() -> None:
     # mean_update with weights=None is sum_i B_i A_i / N in the working dtype (float64): the
     # weight 1/3 must not be rounded to float32 (a relative error of 1e-8).
     g = torch.Generator().manual_seed(0)
-    clients = [
-        LoRAFactors(
-            torch.randn(6, 2, generator=g, dtype=torch.float64),
-            torch.randn(2, 5, generator=g, dtype=torch.float64),
-        )
-        for _ in range(3)
-    ]
+    clients = gaussian_clients(3, 6, 2, 5, generator=g)
     mean = mean_update(clients)
     assert mean.B.dtype == torch.float64
     expected = sum(f.B @ f.A for f in clients) / 3
