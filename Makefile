@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.glora-installed
 MUTATION_CHILDREN ?= 2
 
-.PHONY: demo test lint typecheck pytest verify mutation bench setup clean
+.PHONY: demo test lint typecheck pytest verify numerics mutation bench setup clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,14 @@ verify: $(STAMP)
 	$(BIN)/glora verify
 
 test: lint typecheck pytest verify
+
+# The property suite once more under a second numerical configuration (CI runs it after
+# `make test`): MKL's AVX2 code branch (what MKL takes on AMD processors), torch's AVX2 kernels,
+# its deterministic algorithms and one thread. Rounding differs from the default run, so a test
+# that depends on one machine's rounding fails here (about 2 minutes).
+numerics: $(STAMP)
+	MKL_CBWR=AVX2 ATEN_CPU_CAPABILITY=avx2 GLORA_DETERMINISTIC=1 OMP_NUM_THREADS=1 \
+		MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 -p no:cacheprovider property_tests
 
 # Mutation testing of the core modules (slow: 72 min on 2 idle cores; not in CI). One BLAS
 # thread per mutmut child: two children with two threads each oversubscribe 2 cores and push
