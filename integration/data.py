@@ -146,6 +146,21 @@ def load_task(task: str, split: str, data_dir: Path | None = None) -> Examples:
     return Examples(texts, labels)
 
 
+def hold_out(ex: Examples, n: int) -> tuple[Examples, Examples]:
+    """``(rest, test)``: ``n`` examples set aside as a test set that nothing trains on.
+
+    The held-out rows are fixed by :data:`SPLIT_SEED` alone, so every experiment seed, every
+    operator and every run of a study sees the same test set, and no seed's training sample
+    can contain a test row. ``n`` must leave at least one example to train on.
+    """
+    if not 0 < n < len(ex):
+        raise DataError(f"a held-out test set of {n} examples needs 0 < n < {len(ex)}")
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(ex)).tolist()
+    test = sorted(order[:n])
+    rest = sorted(order[n:])
+    return ex.subset(rest), ex.subset(test)
+
+
 def sample(ex: Examples, n: int, seed: int) -> Examples:
     """A seeded subsample of at most ``n`` examples."""
     if n >= len(ex):

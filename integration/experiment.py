@@ -34,12 +34,15 @@ from typing import Any
 
 from .data import load_task, sample
 from .simulate import SimConfig, Simulation, results_config
+from .stats import auc, paired
 
 #: Per-round metrics kept in the raw JSON.
 ROUND_KEYS = (
     "round",
     "accuracy",
     "eval_loss",
+    "test_accuracy",
+    "test_loss",
     "mcc",
     "aggregation_error",
     "aggregation_error_max",
@@ -246,11 +249,154 @@ def table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
     return "\n".join(notes) + "\n".join(lines) + "\n"
 
 
+#: The paired metrics: name, what it is, and how it is read from one run's rounds. "Best" is
+#: the test accuracy of the round with the best validation accuracy (chosen on validation,
+#: reported on test). Every metric is "higher is better" except the test loss.
+PAIRED_METRICS: tuple[tuple[str, str], ...] = (
+    ("final", "final-round test accuracy"),
+    ("last3", "mean test accuracy of the last 3 rounds"),
+    ("auc", "area under the test-accuracy curve (mean over rounds)"),
+    ("best_on_val", "test accuracy at the round of best validation accuracy"),
+    ("final_loss", "final-round test loss (lower is better)"),
+)
+
+
+def run_metrics(rounds: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The :data:`PAIRED_METRICS` of one run (test set if the run has one, else validation)."""
+    key = "test_accuracy" if "test_accuracy" in rounds[0] else "accuracy"
+    loss = "test_loss" if "test_loss" in rounds[0] else "eval_loss"
+    acc = [float(r[key]) for r in rounds]
+    val = [float(r["accuracy"]) for r in rounds]
+    best = max(range(len(val)), key=lambda j: (val[j], -j))  # the earliest best round
+    return {
+        "final": acc[-1],
+        "last3": statistics.fmean(acc[-3:]),
+        "auc": auc(acc),
+        "best_on_val": acc[best],
+        "final_loss": float(rounds[-1][loss]),
+    }
+
+
+def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
+    """Every entry against the config's ``reference`` entry, paired by seed.
+
+    For each metric of :data:`PAIRED_METRICS`: the mean per-seed difference (entry minus
+    reference), its 95% t-interval, and seeds won/lost; ``*`` marks an interval that excludes
+    zero. Only seeds that both runs finished are paired. Empty when the config names no
+    reference.
+    """
+    ref_id = config.get("reference")
+    if not ref_id:
+        return ""
+    raw = docs / "raw" / cell
+
+    def load(e: Mapping[str, Any]) -> dict[int, dict[str, float]]:
+        out = {}
+        for seed in config["seeds"]:
+            path = raw / f"{run_id(e)}-seed{seed}.json"
+            if path.is_file():
+                out[int(seed)] = run_metrics(json.loads(path.read_text())["rounds"])
+        return out
+
+    by_id = {run_id(e): e for e in entries(config)}
+    if ref_id not in by_id:
+        raise SystemExit(f"reference {ref_id!r} is not a run of cell {cell}: {sorted(by_id)}")
+    ref = load(by_id[ref_id])
+    others = [e for e in entries(config) if run_id(e) not in (ref_id, CEILING_ID)]
+    m = len(others) * len(PAIRED_METRICS)
+    head = ["run", "paired seeds", *(name for name, _ in PAIRED_METRICS)]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + " --- |" * len(head),
+        "| "
+        + " | ".join(
+            [label(by_id[ref_id]) + " (reference, absolute)", str(len(ref))]
+            + [_ms([v[name] for v in ref.values()]) for name, _ in PAIRED_METRICS]
+        )
+        + " |",
+    ]
+    for e in others:
+        runs = load(e)
+        seeds = sorted(set(runs) & set(ref))
+        cells = [label(e), str(len(seeds))]
+        for name, _ in PAIRED_METRICS:
+            if not seeds:
+                cells.append("-")
+                continue
+            cells.append(str(paired([runs[s][name] for s in seeds], [ref[s][name] for s in seeds])))
+        lines.append("| " + " | ".join(cells) + " |")
+    what = "; ".join(f"`{n}`: {w}" for n, w in PAIRED_METRICS)
+    return "\n".join(
+        [
+            "",
+            f"## Paired by seed against {label(by_id[ref_id])}",
+            "",
+            f"Each cell: mean of (run - reference) over the seeds both finished, its 95% "
+            f"Student-t interval, and seeds won/lost; `*` marks an interval that excludes "
+            f"zero. Metrics: {what}. The reference row gives absolute values (mean ± std). "
+            f"Multiplicity: this table holds {m} comparisons; at a nominal 5% each, about "
+            f"{0.05 * m:.1f} would exclude zero by chance if nothing differed, so only the "
+            f"pre-registered primary comparisons (docs/experiments.md) are read as evidence.",
+            "",
+            *lines,
+            "",
+        ]
+    )
+
+
+def selection(config: Mapping[str, Any], cell: str, docs: Path) -> str:
+    """The config's ``select`` rule applied to the finished runs (validation only).
+
+    ``"select": {"among": [ids...]}``: among those entries, the one whose mean over the
+    cell's seeds of the *validation* accuracy averaged over the last 3 rounds is highest wins;
+    ties go to the earlier entry (list the more conservative setting first). Only runs finished
+    for every seed count. The test set is never read here.
+    """
+    rule = config.get("select")
+    if not rule:
+        return ""
+    raw = docs / "raw" / cell
+    scores: list[tuple[str, float | None]] = []
+    for rid in rule["among"]:
+        vals = []
+        for seed in config["seeds"]:
+            path = raw / f"{rid}-seed{seed}.json"
+            if path.is_file():
+                rounds = json.loads(path.read_text())["rounds"]
+                vals.append(statistics.fmean(float(r["accuracy"]) for r in rounds[-3:]))
+        full = len(vals) == len(config["seeds"])
+        scores.append((rid, statistics.fmean(vals) if full else None))
+    done = [(rid, v) for rid, v in scores if v is not None]
+    rows = [f"| {rid} | {'-' if v is None else f'{v:.4f}'} |" for rid, v in scores]
+    if len(done) == len(scores):
+        best = max(done, key=lambda t: t[1])  # max keeps the first of equal values
+        verdict = f"Chosen by the rule: **{best[0]}**."
+    else:
+        verdict = "Not decided yet: some runs are unfinished."
+    return "\n".join(
+        [
+            "",
+            "## Selection on validation",
+            "",
+            "Validation accuracy averaged over the last 3 rounds, mean over all seeds; the "
+            "highest wins, ties to the earlier entry. The test set is not read.",
+            "",
+            "| entry | validation, last-3 mean |",
+            "| --- | --- |",
+            *rows,
+            "",
+            verdict,
+            "",
+        ]
+    )
+
+
 def write_table(config: Mapping[str, Any], cell: str, docs: Path) -> Path:
     """Write ``<docs>/<cell>.md`` and its curves ``<docs>/<cell>.png``."""
     docs.mkdir(parents=True, exist_ok=True)
     path = docs / f"{cell}.md"
-    text = table(config, cell, docs)
+    text = table(config, cell, docs) + selection(config, cell, docs)
+    text += paired_table(config, cell, docs)
     if write_plot(config, cell, docs) is not None:
         text += f"\n![accuracy and aggregation error per round]({cell}.png)\n"
     path.write_text(text)
@@ -278,6 +424,10 @@ def curves(config: Mapping[str, Any], cell: str, docs: Path) -> dict[str, dict[s
     return out
 
 
+_STYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "v", "D", "x", "+", "*")
+
+
 def write_plot(config: Mapping[str, Any], cell: str, docs: Path) -> Path | None:
     """``<docs>/<cell>.png``: accuracy and aggregation error per round, one line per run.
 
@@ -291,14 +441,16 @@ def write_plot(config: Mapping[str, Any], cell: str, docs: Path) -> Path | None:
 
     fig = Figure(figsize=(11, 4))
     ax_acc, ax_err = fig.subplots(1, 2)
-    for name, c in data.items():
+    for j, (name, c) in enumerate(data.items()):
+        # Every run its own (colour, line style, marker): tab10 has 10 colours, the 4 styles
+        # cycle against them, so no two of up to 40 runs look alike.
+        style = {"color": f"C{j % 10}", "linestyle": _STYLES[(j // 10 + j) % len(_STYLES)],
+                 "marker": _MARKERS[j % len(_MARKERS)], "ms": 3}  # fmt: skip
         rounds = list(range(1, len(c["accuracy"]) + 1))
-        ax_acc.plot(rounds, c["accuracy"], marker="o", ms=3, label=name)
+        ax_acc.plot(rounds, c["accuracy"], label=name, **style)
         errs = c["aggregation_error"]
         if max(errs, default=0.0) > 1e-12:  # the one-client ceiling is exact: nothing to plot
-            ax_err.plot(rounds, errs, marker="o", ms=3)
-        else:
-            ax_err.plot([], [])  # keep the colours of the two panels in step
+            ax_err.plot(rounds, errs, **style)
     for ax, title in (
         (ax_acc, "accuracy (mean over seeds)"),
         (ax_err, "aggregation error to the mean update"),

@@ -41,7 +41,7 @@ from glora_math.registry import (
 )
 
 from .causal_lm import build_causal_lm, lm_batch_loss, lm_evaluate, template
-from .data import TASKS, Examples, dirichlet_split, load_examples, load_task, sample
+from .data import TASKS, Examples, dirichlet_split, hold_out, load_examples, load_task, sample
 from .models import (
     BatchLoss,
     Encoder,
@@ -80,6 +80,14 @@ class SimConfig:
     device: str = "cpu"
     max_train: int = 2000
     max_eval: int = 400
+    # > 0: this many training examples are set aside (fixed by data.SPLIT_SEED, the same for
+    # every seed) as a held-out test set that no client trains on and no choice looks at; the
+    # global model is evaluated on it every round (test_accuracy, test_loss) beside the
+    # validation set (the task's dev split, max_eval). 0: no test set.
+    test_holdout: int = 0
+    # False: the test rows are still held out (the same training pool) but not evaluated, as
+    # in a sweep that must choose on validation alone (and need not pay for test evaluations).
+    evaluate_test: bool = True
     max_len: int = 64
     target_modules: list[str] | None = None  # None: query,value (BERT-style), q_proj,v_proj (LM)
     objective: str = "classification"  # or "causal_lm": instruction tuning (SmolLM2)
@@ -136,6 +144,9 @@ class SimConfig:
             (self.scramble_gauge < 0 or 0 < self.scramble_gauge < 1,
              f"--scramble-gauge must be 0 or a condition number >= 1, got {self.scramble_gauge}"),
             (self.threads < 0, f"--threads must be >= 0, got {self.threads}"),
+            (self.test_holdout < 0, f"--test-holdout must be >= 0, got {self.test_holdout}"),
+            (self.test_holdout > 0 and self.objective != "classification",
+             "--test-holdout: a held-out test set is built for classification only"),
             (self.objective not in ("classification", "causal_lm"),
              f"--objective must be classification or causal_lm, got {self.objective!r}"),
             (self.operator not in list_operators(),
@@ -244,8 +255,12 @@ def results_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in full.items() if k not in NOT_RESULTS}
 
 
-def _load_data(cfg: SimConfig) -> tuple[Examples, Examples]:
-    """Training and evaluation examples: a built-in task, or the user's files."""
+def _load_data(cfg: SimConfig) -> tuple[Examples, Examples, Examples | None]:
+    """Training, validation and (``test_holdout`` > 0) held-out test examples.
+
+    From a built-in task or the user's files; the test rows are set aside from the training
+    pool before the run's training sample is drawn (:func:`integration.data.hold_out`).
+    """
     if cfg.train_file is not None and cfg.eval_file is not None:
         cols = {"text_column": cfg.text_column, "label_column": cfg.label_column,
                 "text_pair_column": cfg.text_pair_column}  # fmt: skip
@@ -254,7 +269,10 @@ def _load_data(cfg: SimConfig) -> tuple[Examples, Examples]:
     else:
         root = Path(cfg.data_dir) if cfg.data_dir else None
         train, dev = load_task(cfg.task, "train", root), load_task(cfg.task, "dev", root)
-    return sample(train, cfg.max_train, cfg.seed), sample(dev, cfg.max_eval, cfg.seed + 1)
+    test = None
+    if cfg.test_holdout > 0:
+        train, test = hold_out(train, cfg.test_holdout)
+    return sample(train, cfg.max_train, cfg.seed), sample(dev, cfg.max_eval, cfg.seed + 1), test
 
 
 class Simulation:
@@ -267,7 +285,7 @@ class Simulation:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         cfg.check()
-        train, self.eval = _load_data(cfg)
+        train, self.eval, self.test = _load_data(cfg)
         self.num_labels = max(*train.labels, *self.eval.labels) + 1
         parts = dirichlet_split(train.labels, cfg.clients, cfg.dirichlet, cfg.seed)
         self.shards = [train.subset(p) for p in parts]
@@ -288,6 +306,8 @@ class Simulation:
         if cfg.objective == "classification":
             self.encoder.prefill(train.texts)
             self.encoder.prefill(self.eval.texts)
+            if self.test is not None and cfg.evaluate_test:
+                self.encoder.prefill(self.test.texts)
         self.round = 0
         self.metrics: list[dict[str, Any]] = []
         # Called after each client's local training: (clients done, clients this round).
@@ -425,6 +445,9 @@ class Simulation:
         }
         if self.cfg.task.lower() == "cola" and "mcc" in ev:
             row["mcc"] = ev["mcc"]
+        if self.test is not None and self.cfg.evaluate_test:
+            te = self.evaluate(self.test)
+            row["test_accuracy"], row["test_loss"] = te["accuracy"], te["eval_loss"]
         row.update(outcome.metrics())
         row["seconds"] = time.perf_counter() - t0
         row["eval_seconds"] = time.perf_counter() - t_agg
@@ -433,12 +456,13 @@ class Simulation:
         self.round += 1
         return row
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, examples: Examples | None = None) -> dict[str, float]:
         """``accuracy``, ``eval_loss`` (and ``mcc``, classification) of the global model.
 
-        The global model is base + dense folds + global update + averaged head, written into
-        one evaluation model kept across rounds.
+        On ``examples`` (default: the validation set). The global model is base + dense folds
+        + global update + averaged head, written into one evaluation model kept across rounds.
         """
+        examples = self.eval if examples is None else examples
         if self._eval_model is None:
             self._eval_model = copy.deepcopy(self.base)
         model = merged_model(
@@ -446,12 +470,12 @@ class Simulation:
         )
         if self.cfg.objective == "causal_lm":
             acc, loss = lm_evaluate(
-                model, self.tok, self.cfg.task, self.eval, max_len=self.cfg.max_len,
+                model, self.tok, self.cfg.task, examples, max_len=self.cfg.max_len,
                 device=self.device,
             )  # fmt: skip
             return {"accuracy": acc, "eval_loss": loss}
         return evaluate_classifier(
-            model, self.tok, self.eval, max_len=self.cfg.max_len, device=self.device,
+            model, self.tok, examples, max_len=self.cfg.max_len, device=self.device,
             encoder=self.encoder,
         )  # fmt: skip
 
@@ -614,7 +638,11 @@ _HELP = {
     "seed": "run seed (data split, shared init, batches, sampling)",
     "device": "torch device, e.g. cpu or cuda",
     "max_train": "training examples drawn from the task",
-    "max_eval": "evaluation examples drawn from the task's dev split",
+    "max_eval": "validation examples drawn from the task's dev split (or --eval-file)",
+    "test_holdout": "training examples set aside as a held-out test set, the same for every "
+    "seed, never trained on, evaluated every round (0: none)",
+    "evaluate_test": "evaluate the held-out test set every round (--no-evaluate-test: hold "
+    "it out but never evaluate it, as a sweep that chooses on validation does)",
     "max_len": "token length cap",
     "target_modules": "comma-separated LoRA target modules (default: query,value; "
     "q_proj,v_proj for causal LMs)",
@@ -654,7 +682,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SimConfig, bool]:
         flag = "--" + name.replace("_", "-")
         text = _HELP.get(name, "")
         if isinstance(value, bool):
-            p.add_argument(flag, action="store_true", help=text)
+            action = argparse.BooleanOptionalAction if value else "store_true"
+            p.add_argument(flag, action=action, default=value, help=text)
         elif isinstance(value, list) or value is None:
             p.add_argument(flag, type=str, default=None, help=text)
         elif name == "operator":

@@ -113,3 +113,21 @@ def test_single_file_tasks_split_into_fixed_90_10_parts_with_every_label(task: s
     for c in (0, 1):
         share = (train.labels.count(c) + dev.labels.count(c)) / total
         assert abs(dev.labels.count(c) / len(dev) - share) < 0.05
+
+
+def test_the_held_out_test_set_is_fixed_disjoint_and_never_sampled(tmp_path: Path) -> None:
+    from integration.data import Examples, hold_out, sample
+
+    ex = Examples([f"s{i}" for i in range(200)], [i % 2 for i in range(200)])
+    rest, test = hold_out(ex, 50)
+    again_rest, again_test = hold_out(ex, 50)
+    assert test == again_test  # the same rows on every call
+    assert rest == again_rest
+    assert (len(test), len(rest)) == (50, 150)
+    assert set(test.texts).isdisjoint(rest.texts)
+    assert sorted(test.texts + rest.texts) == sorted(ex.texts)
+    for seed in range(5):  # no seed's training sample reaches a test row
+        assert set(sample(rest, 100, seed).texts).isdisjoint(test.texts)
+    for bad in (0, 200, -1):
+        with pytest.raises(DataError, match="held-out"):
+            hold_out(ex, bad)

@@ -332,3 +332,58 @@ def test_resume_refuses_a_changed_configuration(tmp_path: Path) -> None:
     # Settings that do not change results (threads, device, out) may differ.
     same = SimConfig(**(TINY | {"out": str(tmp_path / "r"), "threads": 1}))  # type: ignore[arg-type]
     assert len(Simulation(same).run(resume=True)) == 2
+
+
+def test_held_out_test_set_is_evaluated_and_never_trained_on(tmp_path: Path) -> None:
+    from integration.data import hold_out, load_task
+
+    rows = _run(tmp_path, "held", test_holdout=40, rounds=1)
+    assert {"test_accuracy", "test_loss"} <= set(rows[0])
+    assert 0.0 <= float(rows[0]["test_accuracy"]) <= 1.0  # type: ignore[arg-type]
+    sim = Simulation(SimConfig(**(TINY | {"out": str(tmp_path / "s"), "test_holdout": 40})))  # type: ignore[arg-type]
+    _, test = hold_out(load_task("sst2", "train"), 40)
+    assert sim.test is not None
+    assert sim.test.texts == test.texts
+    trained = {t for shard in sim.shards for t in shard.texts}
+    assert trained.isdisjoint(test.texts)
+    # Held out but not evaluated: the same training shards, no test metrics.
+    quiet = SimConfig(**(TINY | {"out": str(tmp_path / "q"), "test_holdout": 40,  # type: ignore[arg-type]
+                                 "evaluate_test": False}))  # fmt: skip
+    assert [s.texts for s in Simulation(quiet).shards] == [s.texts for s in sim.shards]
+    assert "test_accuracy" not in _run(tmp_path, "quiet", test_holdout=40, rounds=1,
+                                       evaluate_test=False)[0]  # fmt: skip
+
+
+def test_experiment_pairs_runs_by_seed_and_selects_on_validation(tmp_path: Path) -> None:
+    from integration import experiment
+
+    cfg = {
+        "name": "paired",
+        "seeds": [0, 1],
+        "reference": "fedit",
+        "select": {"among": ["fedit", "flexlora"]},
+        "base": TINY | {"rounds": 3, "test_holdout": 40, "max_len": 32, "threads": 1},
+        "runs": [{"operator": "fedit"}, {"operator": "flexlora"}],
+    }
+    path = tmp_path / "paired.json"
+    path.write_text(json.dumps(cfg))
+    docs = tmp_path / "docs"
+    assert experiment.main([str(path), "--out", str(tmp_path / "out"), "--docs", str(docs)]) == 0
+    text = (docs / "paired.md").read_text()
+    assert "## Paired by seed against fedit" in text
+    assert "Chosen by the rule: **" in text
+    # The paired cells are recomputed from the raw JSON: per-seed differences of the last-3
+    # mean of test accuracy.
+    raw = docs / "raw" / "paired"
+    last3 = {
+        rid: [
+            sum(r["test_accuracy"] for r in json.loads(
+                (raw / f"{rid}-seed{s}.json").read_text())["rounds"][-3:]) / 3
+            for s in (0, 1)
+        ]
+        for rid in ("fedit", "flexlora")
+    }  # fmt: skip
+    want = experiment.paired(last3["flexlora"], last3["fedit"])
+    section = text.split("## Paired by seed")[1]
+    row = next(line for line in section.splitlines() if line.startswith("| flexlora |"))
+    assert row.split(" | ")[3] == str(want)

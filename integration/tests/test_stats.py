@@ -1,0 +1,64 @@
+"""Paired statistics of the experiment driver against independent references."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import mpmath
+import pytest
+
+from integration.stats import auc, paired, t_cdf, t_quantile
+
+# Student-t 97.5% quantiles, from the tables (e.g. Abramowitz & Stegun, table 26.10).
+_T975 = {1: 12.7062047, 2: 4.3026527, 5: 2.5705818, 9: 2.2621572, 19: 2.0930241, 30: 2.0422725}
+
+
+@pytest.mark.parametrize("df", sorted(_T975))
+def test_t_quantile_matches_the_tables(df: int) -> None:
+    assert t_quantile(0.975, df) == pytest.approx(_T975[df], abs=5e-7)
+    assert t_quantile(0.025, df) == pytest.approx(-_T975[df], abs=5e-7)
+
+
+def test_t_cdf_against_an_independent_integral() -> None:
+    # The density integrated by mpmath's quadrature, not through the incomplete beta.
+    for df in (1, 3, 10):
+        c = mpmath.gamma((df + 1) / 2) / (mpmath.sqrt(df * mpmath.pi) * mpmath.gamma(df / 2))
+        for t in (-2.5, -0.3, 0.0, 1.7):
+
+            def density(x: float, c: float = c, df: int = df) -> float:
+                return c * (1 + x * x / df) ** (-(df + 1) / 2)
+
+            ref = 0.5 + mpmath.quad(density, [0, t])
+            assert t_cdf(t, df) == pytest.approx(float(ref), abs=1e-12)
+
+
+def test_paired_interval_wins_and_losses() -> None:
+    x = [0.80, 0.82, 0.79, 0.85, 0.81]
+    ref = [0.78, 0.80, 0.80, 0.81, 0.79]
+    d = [a - b for a, b in zip(x, ref, strict=True)]
+    got = paired(x, ref)
+    half = t_quantile(0.975, 4) * statistics.stdev(d) / math.sqrt(5)
+    assert got.mean == pytest.approx(statistics.fmean(d))
+    assert (got.low, got.high) == pytest.approx((got.mean - half, got.mean + half))
+    assert (got.won, got.lost, got.n) == (4, 1, 5)
+    assert got.excludes_zero == (got.low > 0)
+    # Swapping the two sides mirrors everything.
+    back = paired(ref, x)
+    assert (back.low, back.high) == pytest.approx((-got.high, -got.low))
+    assert (back.won, back.lost) == (1, 4)
+
+
+def test_paired_edge_cases() -> None:
+    one = paired([0.5], [0.4])
+    assert (one.low, one.high) == (-math.inf, math.inf)
+    assert not one.excludes_zero
+    same = paired([0.5, 0.6], [0.5, 0.6])
+    assert (same.mean, same.low, same.high, same.won, same.lost) == (0.0, 0.0, 0.0, 0, 0)
+    with pytest.raises(ValueError, match="equal"):
+        paired([0.1], [0.1, 0.2])
+    with pytest.raises(ValueError, match="equal"):
+        paired([], [])
+    with pytest.raises(ValueError, match="level"):
+        paired([0.1, 0.2], [0.1, 0.3], level=1.0)
+    assert auc([0.5, 0.7, 0.9]) == pytest.approx(0.7)
