@@ -325,6 +325,7 @@ def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
                 continue
             cells.append(str(paired([runs[s][name] for s in seeds], [ref[s][name] for s in seeds])))
         lines.append("| " + " | ".join(cells) + " |")
+    primary = _primary(config, by_id, ref, load, others)
     what = "; ".join(f"`{n}`: {w}" for n, w in PAIRED_METRICS)
     return "\n".join(
         [
@@ -340,8 +341,58 @@ def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
             "",
             *lines,
             "",
+            *primary,
         ]
     )
+
+
+def _primary(
+    config: Mapping[str, Any],
+    by_id: Mapping[str, Mapping[str, Any]],
+    ref: Mapping[int, Mapping[str, float]],
+    load: Any,
+    others: Sequence[Mapping[str, Any]],
+) -> list[str]:
+    """The pre-registered primary comparisons: ``"primary": {"metric": m, "runs": [ids]}``.
+
+    Each listed run minus the reference on metric ``m``, paired by seed, with a Bonferroni
+    interval at family-wise 95% (each at ``1 - 0.05 / len(runs)``).
+    """
+    rule = config.get("primary")
+    if not rule:
+        return []
+    metric, ids = str(rule["metric"]), [str(i) for i in rule["runs"]]
+    known = {run_id(e) for e in others}
+    if metric not in dict(PAIRED_METRICS) or not set(ids) <= known:
+        raise SystemExit(f"primary: metric {metric!r} or runs {ids} not in this cell")
+    level = 1.0 - 0.05 / len(ids)
+    rows = []
+    for rid in ids:
+        runs = load(by_id[rid])
+        seeds = sorted(set(runs) & set(ref))
+        if len(seeds) < 2:
+            rows.append(f"| {label(by_id[rid])} | {len(seeds)} | - | not enough seeds |")
+            continue
+        got = paired([runs[s][metric] for s in seeds], [ref[s][metric] for s in seeds],
+                     level=level)  # fmt: skip
+        if got.excludes_zero:
+            verdict = "higher" if got.low > 0 else "lower"
+        elif -0.01 <= got.low and got.high <= 0.01:
+            verdict = "no difference larger than 0.01"
+        else:
+            verdict = "not established"
+        rows.append(f"| {label(by_id[rid])} | {len(seeds)} | {got} | {verdict} |")
+    return [
+        f"## Primary comparisons (pre-registered): `{metric}`, family-wise 95%",
+        "",
+        f"Bonferroni over {len(ids)} comparisons: each interval at {100 * level:.2f}%. A "
+        "difference is claimed only where the interval excludes zero.",
+        "",
+        "| run | paired seeds | difference [interval] won/lost | reading |",
+        "| --- | --- | --- | --- |",
+        *rows,
+        "",
+    ]
 
 
 def selection(config: Mapping[str, Any], cell: str, docs: Path) -> str:

@@ -362,6 +362,7 @@ def test_experiment_pairs_runs_by_seed_and_selects_on_validation(tmp_path: Path)
         "seeds": [0, 1],
         "reference": "fedit",
         "select": {"among": ["fedit", "flexlora"]},
+        "primary": {"metric": "last3", "runs": ["flexlora"]},
         "base": TINY | {"rounds": 3, "test_holdout": 40, "max_len": 32, "threads": 1},
         "runs": [{"operator": "fedit"}, {"operator": "flexlora"}],
     }
@@ -372,6 +373,7 @@ def test_experiment_pairs_runs_by_seed_and_selects_on_validation(tmp_path: Path)
     text = (docs / "paired.md").read_text()
     assert "## Paired by seed against fedit" in text
     assert "Chosen by the rule: **" in text
+    assert "## Primary comparisons (pre-registered): `last3`, family-wise 95%" in text
     # The paired cells are recomputed from the raw JSON: per-seed differences of the last-3
     # mean of test accuracy.
     raw = docs / "raw" / "paired"
