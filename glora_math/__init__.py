@@ -30,12 +30,15 @@ from glora_math.gauge import (
     random_special_orthogonal,
 )
 from glora_math.metrics import fro_distance, fro_norm, mean_update, relative_error, state_factors
+from glora_math.operators import AggregationOperator, get_operator, list_operators
 from glora_math.readout import eckart_young_error, readout, readouts
+from glora_math.rounds import ModulesRound, aggregate_modules
 from glora_math.types import ConsensusBasis, GaugeFixed, LoRAFactors, ServerState, Sketch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AggregationOperator",
     "ConsensusBasis",
     "DeviceMismatchError",
     "DtypeError",
@@ -45,6 +48,7 @@ __all__ = [
     "GloraError",
     "GloraWarning",
     "LoRAFactors",
+    "ModulesRound",
     "NonFiniteError",
     "RankClampedWarning",
     "RankError",
@@ -54,6 +58,7 @@ __all__ = [
     "WeightError",
     "ZeroEigengapWarning",
     "__version__",
+    "aggregate_modules",
     "apply_gauge",
     "consensus_basis",
     "eckart_young_error",
@@ -61,7 +66,9 @@ __all__ = [
     "fro_distance",
     "fro_norm",
     "gauge_fix",
+    "get_operator",
     "glora_aggregate",
+    "list_operators",
     "mean_update",
     "random_invertible",
     "random_orthogonal",

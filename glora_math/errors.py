@@ -83,6 +83,10 @@ class ProtocolError(GloraError):
     """Client factors violate a method's protocol (e.g. FFA-LoRA's frozen, shared A)."""
 
 
+class OptionError(GloraError):
+    """An option an operator does not take, or an option value it cannot use."""
+
+
 class UnknownOperatorError(GloraError, KeyError):
     """An operator name that is not registered (also a ``KeyError``, as a lookup)."""
 
@@ -122,6 +126,7 @@ __all__ = [
     "GloraError",
     "GloraWarning",
     "NonFiniteError",
+    "OptionError",
     "ProtocolError",
     "RankClampedWarning",
     "RankError",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -82,17 +83,60 @@ def all_finite(x: Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
+class ValidatedClients(tuple[LoRAFactors, ...]):
+    """Clients already checked by :func:`validate_clients`, carrying what they agree on.
+
+    Made by :func:`validated`. Every entry point that validates clients (the operators, the
+    baselines, :func:`glora_math.glora_aggregate`, the metrics) takes them as they are, so a
+    round validates each module's clients once, at its boundary. Immutable (a tuple).
+    """
+
+    info: ClientsInfo
+
+    def __new__(cls, factors: Sequence[LoRAFactors], info: ClientsInfo) -> ValidatedClients:
+        """The checked ``factors`` (LoRAFactors) with their :class:`ClientsInfo`."""
+        self = super().__new__(cls, factors)
+        self.info = info
+        return self
+
+
+def validated(factors: Sequence[LoRAFactors], *, stack: bool = False) -> ValidatedClients:
+    """``factors`` validated once (:func:`validate_clients`), as :class:`ValidatedClients`.
+
+    ``(B, A)`` tuples become :class:`LoRAFactors`.
+    """
+    if isinstance(factors, ValidatedClients):
+        validate_clients(factors, stack=stack)  # the stack rule still applies
+        return factors
+    info = _check_clients(factors, stack)
+    return ValidatedClients([as_factors(f, i) for i, f in enumerate(factors)], info)
+
+
 def validate_clients(factors: Sequence[LoRAFactors], *, stack: bool = False) -> ClientsInfo:
     """Check that clients are non-empty, shape-compatible, on one device and finite.
 
     Ranks may differ between clients; ``d`` and ``k`` may not. With ``stack=True`` the
     clients may carry stacks of same-shape modules (leading batch dimensions, the same for
-    every client); otherwise a stack is refused, naming the client.
+    every client); otherwise a stack is refused, naming the client. Clients that were
+    validated already (:class:`ValidatedClients`) are not checked again.
 
     Raises
     ------
     EmptyClientsError, ShapeMismatchError, DeviceMismatchError, NonFiniteError, DtypeError
     """
+    if isinstance(factors, ValidatedClients):
+        if factors.info.batch_shape and not stack:
+            raise ShapeMismatchError(
+                f"stacked factors (batch dimensions {factors.info.batch_shape}) are accepted "
+                "only by glora_aggregate; pass one module's (d, r) and (r, k) matrices",
+                client=0,
+            )
+        return factors.info
+    return _check_clients(factors, stack)
+
+
+def _check_clients(factors: Sequence[LoRAFactors], stack: bool) -> ClientsInfo:
+    """The checks of :func:`validate_clients` (every entry of every factor read once)."""
     if len(factors) == 0:
         raise EmptyClientsError("no client factors were given")
     clients = [as_factors(f, i) for i, f in enumerate(factors)]
@@ -193,6 +237,40 @@ def normalize_weights(
         On wrong length, a non-number (None, a string, a complex number), NaN/Inf, a value
         beyond float64, a negative entry (naming the client) or an all-zero vector.
     """
+    if isinstance(weights, Tensor) and _is_normalized(weights, n):
+        # Normalised already (by this function): cast, never normalise twice.
+        if weights.dtype == dtype and weights.device == device:
+            return weights
+        return _remember(weights.to(dtype=dtype, device=device))
+    return _remember(_normalize(weights, n, dtype=dtype, device=device))
+
+
+#: The weight vectors this function returned (by id) and their version counter then: a vector
+#: passed back unchanged is not normalised again (an in-place edit bumps the version). An entry
+#: leaves with its tensor.
+_NORMALIZED: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
+_VERSIONS: dict[int, int] = {}
+
+
+def _remember(p: Tensor) -> Tensor:
+    if _NORMALIZED.get(id(p)) is not p:
+        _NORMALIZED[id(p)] = p
+        weakref.finalize(p, _VERSIONS.pop, id(p), None)
+    _VERSIONS[id(p)] = p._version
+    return p
+
+
+def _is_normalized(w: Tensor, n: int) -> bool:
+    return (
+        _NORMALIZED.get(id(w)) is w
+        and _VERSIONS.get(id(w)) == w._version
+        and tuple(w.shape) == (n,)
+        and not w.requires_grad
+    )
+
+
+def _normalize(weights: WeightsLike, n: int, *, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The arithmetic of :func:`normalize_weights` (checks, scaling by the largest, sum 1)."""
     if weights is None:
         return torch.full((n,), 1.0 / n, dtype=dtype, device=device)
     values = _weight_values(weights)
@@ -259,6 +337,7 @@ def validate_rank(rank: object, *, name: str = "rank") -> int:
 __all__ = [
     "KERNEL_ERRORS",
     "ClientsInfo",
+    "ValidatedClients",
     "WeightsLike",
     "all_finite",
     "as_factors",
@@ -268,4 +347,5 @@ __all__ = [
     "overflow_error",
     "validate_clients",
     "validate_rank",
+    "validated",
 ]

@@ -27,15 +27,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from glora_math import LoRAFactors
-from glora_math.certificate import warn_residual
 from glora_math.errors import GloraError, NonFiniteError, ShapeMismatchError
-from glora_math.registry import (
-    AggregateResult,
-    AggregationOperator,
-    OperatorState,
-    get_operator,
-)
-from glora_math.validation import WeightsLike, normalize_weights
+from glora_math.operators import AggregateResult, AggregationOperator, OperatorState
+from glora_math.rounds import aggregate_modules
+from glora_math.validation import WeightsLike
 
 PREFIX = "base_model.model."
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight$")
@@ -469,51 +464,21 @@ def fedavg_dense(clients: Sequence[ClientAdapter], p: Tensor) -> dict[str, Tenso
     return out
 
 
-def _grouped(
-    op: AggregationOperator,
-    clients: Sequence[ClientAdapter],
-    names: Sequence[str],
-    want: Sequence[Mapping[str, int]],
-    p: Tensor,
-    *,
-    rank: int,
-    options: Mapping[str, float],
-) -> dict[str, AggregateResult]:
-    """Modules grouped by (shape, client ranks, ranks sent back), one call per group."""
-    groups: dict[tuple[Any, ...], list[str]] = defaultdict(list)
-    for name in names:
-        key = (
-            clients[0].modules[name].factors.shape,
-            tuple(c.modules[name].factors.rank for c in clients),
-            tuple(w[name] for w in want),
-        )
-        groups[key].append(name)
-    results: dict[str, AggregateResult] = {}
-    for (_, _, ranks_out), group in groups.items():
-        modules = [[c.modules[m].factors for c in clients] for m in group]
-        try:
-            outs = op.aggregate_group(
-                modules, p, rank=rank, client_ranks=list(ranks_out), options=options
-            )
-        except GloraError as err:
-            raise err.with_context(
-                module=group[0] if len(group) == 1 else f"{group[0]} (+{len(group) - 1})"
-            ) from None
-        results.update(zip(group, outs, strict=True))
-    return results
-
-
 def aggregate_adapters(
     clients: Sequence[ClientAdapter],
     weights: WeightsLike = None,
     *,
-    operator: str = "glora_auto",
+    operator: str | AggregationOperator = "glora_auto",
     rank: int,
     client_ranks: Sequence[Mapping[str, int]] | None = None,
     states: Mapping[str, OperatorState | None] | None = None,
     options: Mapping[str, float] | None = None,
 ) -> AdapterRound:
     """Aggregate whole adapters module by module with a registered operator.
+
+    The adapters become a mapping of module name to the clients' factors, and one call of
+    :func:`glora_math.aggregate_modules` (the core's round) does the rest; the dense tensors
+    (``modules_to_save``) are averaged with the same normalised weights.
 
     The default, ``glora_auto``, is GLoRA on the side (the B column spaces or the A row
     spaces) with the smaller certified residual: at the same server rank its error is never
@@ -529,7 +494,7 @@ def aggregate_adapters(
     weights
         Client weights (e.g. sample counts).
     operator
-        A name from :func:`glora_math.registry.list_operators`.
+        A name from :func:`glora_math.list_operators`, or the operator itself.
     rank
         Server rank R.
     client_ranks
@@ -547,61 +512,22 @@ def aggregate_adapters(
     if not clients:
         raise AdapterError("no client adapters")
     names = _check_same_modules(clients)
-    n = len(clients)
-    p = normalize_weights(weights, n, dtype=torch.float64, device=torch.device("cpu"))
-    want = [
-        {
-            name: (client_ranks[i][name] if client_ranks else c.modules[name].factors.rank)
-            for name in names
-        }
-        for i, c in enumerate(clients)
-    ]
-    op = get_operator(operator)
-    unknown = sorted(set(options or {}) - set(op.options))
-    if unknown:
-        raise AdapterError(f"operator {operator!r} has no option(s) {unknown}")
-    limit = float((options or {}).get("max_residual", 0.0))
-    # The residual warning is raised here, per module by name, not by the operator.
-    per_call = {k: v for k, v in (options or {}).items() if k != "max_residual"}
-    results: dict[str, AggregateResult] = {}
-    per_client: list[dict[str, LoRAFactors]] = [{} for _ in range(n)]
-    new_states: dict[str, OperatorState | None] = {}
-    if op.group_fn is not None and not op.stateful:
-        results = _grouped(op, clients, names, want, p, rank=rank, options=per_call)
-        for m, res in results.items():
-            new_states[m] = None
-            for i in range(n):
-                per_client[i][m] = (res.client_factors or [])[i]
-    else:
-        for name in names:
-            fs = [c.modules[name].factors for c in clients]
-            try:
-                res = op(
-                    fs,
-                    p,
-                    rank=rank,
-                    client_ranks=[w[name] for w in want],
-                    state=(states or {}).get(name),
-                    options=per_call,
-                )
-            except GloraError as err:
-                raise err.with_context(module=name) from None
-            results[name] = res
-            new_states[name] = res.state
-            if res.client_factors is not None:
-                for i in range(n):
-                    per_client[i][name] = res.client_factors[i]
-    for name, res in results.items():
-        if res.certificate is not None:
-            warn_residual(
-                res.certificate.relative_residual, limit, f"module {name!r}", stacklevel=2
-            )
-    reinit = any(r.client_factors is None for r in results.values())
+    modules = {name: [c.modules[name].factors for c in clients] for name in names}
+    rnd = aggregate_modules(
+        modules,
+        weights,
+        operator=operator,
+        rank=rank,
+        client_ranks=client_ranks,
+        states=states,
+        options=options,
+        _stacklevel=3,
+    )
     return AdapterRound(
-        results=results,
-        client_modules=[None if reinit else pc for pc in per_client],
-        dense=fedavg_dense(clients, p),
-        states=new_states,
+        results=rnd.results,
+        client_modules=rnd.client_modules,
+        dense=fedavg_dense(clients, rnd.weights),
+        states=rnd.states,
     )
 
 
