@@ -17,23 +17,28 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import glora_math as gm
-from glora_math import baselines as bl
 from glora_math import consensus as consensus_module
 from glora_math import gauge as gauge_module
 from glora_math import metrics
+from glora_math.registry import get_operator, list_operators
 from glora_math.validation import all_finite, validate_clients
 
-from .strategies import gaussian_clients
+from .strategies import conditioned_factors, gaussian_clients
 
 F64 = torch.float64
 
 
 class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor produced by a torch op."""
+    """Records the largest number of elements of any tensor produced by a torch op.
 
-    def __init__(self) -> None:
+    With ``above``, also the shapes of the tensors of more than ``above`` elements.
+    """
+
+    def __init__(self, above: int | None = None) -> None:
         super().__init__()
         self.largest = 0
+        self.above = above
+        self.large_shapes: set[tuple[int, ...]] = set()
 
     def __torch_dispatch__(  # type: ignore[override]
         self,
@@ -46,6 +51,8 @@ class LargestTensor(TorchDispatchMode):
         for o in out if isinstance(out, tuple | list) else (out,):
             if isinstance(o, torch.Tensor):
                 self.largest = max(self.largest, o.numel())
+                if self.above is not None and o.numel() > self.above:
+                    self.large_shapes.add(tuple(o.shape))
         return out
 
 
@@ -55,18 +62,19 @@ def _largest(fn: Callable[[], object]) -> int:
     return rec.largest
 
 
+D, K, RANKS, EQUAL_RANKS = 300, 200, [2, 3, 2], [2, 2, 2]
+
+
 def test_no_operator_creates_a_tensor_of_size_d_times_k() -> None:
-    d, k, ranks = 300, 200, [2, 3, 2]
+    # The functions beside the registered operators (which the next test covers).
+    d, k, ranks = D, K, RANKS
     fs = gaussian_clients(len(ranks), d, ranks, k, generator=torch.Generator().manual_seed(0))
     m = sum(ranks)
     # Stacked factors (d or k by m), their small products (m by m): all far below d * k.
     bound = (d + k) * m
     assert bound < d * k // 10
     state = gm.glora_aggregate(fs, rank=3)
-    eq = gaussian_clients(3, d, [2, 2, 2], k, generator=torch.Generator().manual_seed(1))
     calls: dict[str, Callable[[], object]] = {
-        "glora qr": lambda: gm.glora_aggregate(fs, rank=3),
-        "glora svd": lambda: gm.glora_aggregate(fs, rank=3, gauge="svd"),
         "glora sketch": lambda: gm.glora_aggregate(fs, rank=3, sketch=gm.Sketch()),
         "readout": lambda: gm.readout(state, 2),
         "mean_update": lambda: metrics.mean_update(fs),
@@ -75,11 +83,44 @@ def test_no_operator_creates_a_tensor_of_size_d_times_k() -> None:
         "singular_values": lambda: metrics.singular_values(metrics.mean_update(fs)),
         "best_rank_approx": lambda: metrics.best_rank_approx(metrics.mean_update(fs), 2),
         "relative_error": lambda: metrics.relative_error(fs[0], fs),
-        "lora_fair": lambda: bl.lora_fair(eq, steps=20),
-        "rolora": lambda: bl.rolora([gm.LoRAFactors(f.B, eq[0].A) for f in eq], trained="B"),
     }
     for name, fn in calls.items():
         assert _largest(fn) <= bound, name
+
+
+@pytest.mark.parametrize("name", list_operators())
+def test_no_registered_operator_creates_a_tensor_of_size_d_times_k(name: str) -> None:
+    # Every registered operator, called as its metadata says: clients of equal ranks where it
+    # declares equal_ranks, its protocol's frozen factor shared (op.protocol), its warm state
+    # in rounds 1 and 2 where it declares one (RoLoRA freezes A, then B), its default options.
+    # Operators that are dense by definition (their declared download includes the d x k
+    # residual) may create d x k matrices, and nothing larger or of another shape.
+    op = get_operator(name)
+    d, k = D, K
+    ranks = EQUAL_RANKS if op.equal_ranks else RANKS
+    fs = gaussian_clients(len(ranks), d, ranks, k, generator=torch.Generator().manual_seed(0))
+    m = sum(ranks)
+    # Stacked factors (d or k by m, and the certificate's m + R <= 2m columns), their small
+    # products: all far below d * k.
+    bound = 2 * (d + k) * m
+    assert bound < d * k // 5
+    dense = op.communication(d, k, max(ranks)).down >= d * k
+    # A previous global adapter, for the warm states (as in the contract suite).
+    g = torch.Generator().manual_seed(1)
+    reference = conditioned_factors(d, k, ranks[0], cond=2.0, generator=g, dtype=F64)
+    for round_index in (1, 2) if op.warm_state is not None else (1,):
+        state = None if op.warm_state is None else op.warm_state(reference, round_index)
+        clients = op.protocol(fs, round_index)
+        with LargestTensor(above=bound) as rec:
+            result = op(clients, state=state, options=dict(op.options))
+        where = f"{name}, round {round_index}"
+        if dense:
+            assert rec.large_shapes <= {(d, k)}, (where, rec.large_shapes)
+            assert result.residual is not None, where
+            assert tuple(result.residual.shape) == (d, k), where
+        else:
+            assert rec.largest <= bound, (where, rec.largest, rec.large_shapes)
+            assert result.residual is None, where
 
 
 def test_the_finiteness_check_allocates_nothing_of_the_input_size() -> None:

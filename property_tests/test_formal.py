@@ -12,9 +12,8 @@ import re
 from pathlib import Path
 
 import pytest
-
-from proofs import formal
-from proofs.propositions import PROPOSITIONS
+from glora_math.proofs import formal
+from glora_math.proofs.propositions import PROPOSITIONS
 
 COQ_DIR = Path(formal.__file__).resolve().parent / "coq"
 # Vernacular that would let a theorem stand on an unproved fact. (Section "Variable"s for the

@@ -1,8 +1,11 @@
-"""Tests written for surviving mutants of ``types.py`` (docs/mutation.md).
+"""Tests of ``glora_math.types``.
 
-``ServerState.module(i)`` is module i's state of a stack: its own basis, coordinates, spectrum,
-gap and certificate, and every setting of the stack (requested rank, weights, gauge, dtype,
-side, rank rule, tolerance, route).
+They pin behaviour found by the mutation run (docs/mutation.md): each was written for a mutant of
+``types.py`` that survived the property suite.
+
+``ServerState.module(i)`` is module i's state of a stack: its own basis, coordinates, spectrum, gap
+and certificate, and every setting of the stack (requested rank, weights, gauge, dtype, side, rank
+rule, tolerance, route).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Tests written for surviving mutants of ``validation.py`` (docs/mutation.md).
+"""Tests of ``glora_math.validation``.
+
+They pin behaviour found by the mutation run (docs/mutation.md): each was written for a mutant of
+``validation.py`` that survived the property suite.
 
 ``largest_client`` names the client an overflow error blames: the client with the largest
 ``||B||_F ||A||_F``, computed in float64, inf where that overflows.

@@ -1,4 +1,8 @@
-"""Tests written for surviving mutants of ``metrics.py`` (docs/mutation.md)."""
+"""Tests of ``glora_math.metrics``.
+
+They pin behaviour found by the mutation run (docs/mutation.md): each was written for a mutant of
+``metrics.py`` that survived the property suite.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,123 @@
+"""One round over a whole adapter in the core: ``glora_math.aggregate_modules``.
+
+It must equal the operator called module by module, validate each module's clients and
+normalise the weights exactly once (counted here), look the operator up once, and name the
+module in every error and warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import glora_math as gm
+from glora_math import validation
+from glora_math.errors import (
+    EmptyClientsError,
+    NonFiniteError,
+    OptionError,
+    ResidualWarning,
+    ShapeMismatchError,
+)
+from glora_math.operators import get_operator, list_operators
+from glora_math.testing.strategies import gaussian_clients
+from glora_math.tolerances import product_tol
+
+#: Three modules: two of one shape (batched together where the operator can) and one other.
+_SHAPES = {"q": (8, 6), "v": (8, 6), "o": (5, 7)}
+_WEIGHTS = [3.0, 1.0, 2.0]
+
+
+def _modules(name: str, seed: int = 0) -> dict[str, list[gm.LoRAFactors]]:
+    op = get_operator(name)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for m, (d, k) in _SHAPES.items():
+        out[m] = op.protocol(gaussian_clients(3, d, 2, k, generator=g))
+    return out
+
+
+class _Counter:
+    def __init__(self, fn: object) -> None:
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        self.calls += 1
+        return self.fn(*args, **kwargs)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("name", list_operators())
+def test_one_validation_per_module_and_one_normalisation_per_round(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    modules = _modules(name)
+    checks = _Counter(validation._check_clients)
+    norms = _Counter(validation._normalize)
+    monkeypatch.setattr(validation, "_check_clients", checks)
+    monkeypatch.setattr(validation, "_normalize", norms)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gm.GloraWarning)
+        rnd = gm.aggregate_modules(modules, _WEIGHTS, operator=name, rank=2)
+    assert checks.calls == len(modules)
+    assert norms.calls == 1
+    assert list(rnd.results) == list(modules)
+    assert rnd.operator is get_operator(name)
+
+
+@pytest.mark.parametrize("name", list_operators())
+def test_the_round_equals_the_operator_module_by_module(name: str) -> None:
+    modules = _modules(name, seed=1)
+    op = get_operator(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gm.GloraWarning)
+        rnd = gm.aggregate_modules(modules, _WEIGHTS, operator=op, rank=2)
+        for m, fs in modules.items():
+            alone = op(fs, _WEIGHTS, rank=2)
+            got = rnd.results[m]
+            d, k = _SHAPES[m]
+            scale = sum(float(f.B.norm() * f.A.norm()) for f in fs)
+            # Same mathematics; the weights and the batched route round differently.
+            tol = product_tol(torch.float64, n=d + k + 6, scale=scale, kappa=1e3)
+            assert float((got.dense() - alone.dense()).norm()) <= tol
+            if alone.client_factors is None:
+                assert rnd.client_modules == [None] * 3
+                continue
+            for i, cf in enumerate(alone.client_factors):
+                mine = rnd.client_modules[i]
+                assert mine is not None
+                assert float((mine[m].delta() - cf.delta()).norm()) <= tol
+
+
+def test_errors_and_warnings_name_the_module() -> None:
+    modules = _modules("glora")
+    bad = dict(modules)
+    bad["o"] = [modules["o"][0], modules["o"][1], gm.LoRAFactors(
+        modules["o"][2].B * float("nan"), modules["o"][2].A)]  # fmt: skip
+    with pytest.raises(NonFiniteError) as err:
+        gm.aggregate_modules(bad, operator="glora", rank=2)
+    assert (err.value.module, err.value.client) == ("o", 2)
+    short = dict(modules, v=modules["v"][:2])
+    with pytest.raises(ShapeMismatchError) as err2:
+        gm.aggregate_modules(short, operator="fedit", rank=2)
+    assert err2.value.module == "v"
+    with pytest.raises(OptionError, match="bogus"):
+        gm.aggregate_modules(modules, operator="glora", rank=2, options={"bogus": 1.0})
+    with pytest.raises(EmptyClientsError):
+        gm.aggregate_modules({}, operator="glora", rank=2)
+    with pytest.raises(gm.GloraError, match="unknown operator"):
+        gm.aggregate_modules(modules, operator="nope", rank=2)
+    # Independent clients at R = r keep little of the mean: one warning per module, by name,
+    # pointing at the caller.
+    with pytest.warns(ResidualWarning) as caught:
+        gm.aggregate_modules(modules, operator="glora", rank=2, options={"max_residual": 1e-3})
+    assert sorted(str(w.message).split(":")[0] for w in caught) == [
+        "module 'o'",
+        "module 'q'",
+        "module 'v'",
+    ]
+    assert {w.filename for w in caught} == {__file__}
+    assert "worst certified residual" in repr(
+        gm.aggregate_modules(modules, operator="glora", rank=2)
+    )
