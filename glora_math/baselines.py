@@ -8,6 +8,7 @@ Weights are renormalised as everywhere (:func:`glora_math.validation.normalize_w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,8 +24,10 @@ from glora_math.metrics import mean_update
 from glora_math.types import LoRAFactors
 from glora_math.validation import (
     ClientsInfo,
+    ValidatedClients,
     WeightsLike,
     normalize_weights,
+    permuted,
     validate_clients,
     validate_rank,
 )
@@ -34,11 +37,13 @@ Layout = Literal["out_in", "in_out"]
 
 def _prepare(
     factors: Sequence[LoRAFactors], weights: WeightsLike
-) -> tuple[ClientsInfo, Tensor, list[LoRAFactors]]:
+) -> tuple[ClientsInfo, Tensor, ValidatedClients]:
+    """Validate once; the weights normalised; the factors in the working dtype (still valid)."""
     info = validate_clients(factors)
     p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
     wd = info.work_dtype
-    return info, p, [LoRAFactors(f.B.to(wd), f.A.to(wd)) for f in factors]
+    work = [LoRAFactors(f.B.to(wd), f.A.to(wd)) for f in factors]
+    return info, p, ValidatedClients(work, dataclasses.replace(info, dtype=wd))
 
 
 def _require_equal_ranks(factors: Sequence[LoRAFactors], method: str) -> int:
@@ -372,7 +377,7 @@ def fedrot_lora(
     """
     info, p, fs = _prepare(factors, weights)
     r = _require_equal_ranks(fs, "FedRot-LoRA")
-    aligned = fs
+    aligned: list[LoRAFactors] = list(fs)
     if reference is not None:
         if reference.rank != r or reference.shape != (info.d, info.k):
             raise ShapeMismatchError(
@@ -480,8 +485,7 @@ def lora_fair(
     # sums could change its path: sum the clients in a canonical order (by weight and
     # content), which makes the result exactly invariant to the clients' order.
     order = sorted(range(len(fs)), key=lambda i: _content_key(p, fs, i))
-    p = p[order]
-    fs = [fs[i] for i in order]
+    fs, p = permuted(fs, p, order)
     B_bar = _weighted_sum(p, [f.B for f in fs])
     A_bar = _weighted_sum(p, [f.A for f in fs])
     # M = W_bar A_bar^T = sum_i p_i B_i (A_i A_bar^T): one small product per client.

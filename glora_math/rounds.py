@@ -50,6 +50,9 @@ class ModulesRound:
         when the operator has clients re-initialise (FLoRA).
     states
         Per module, the operator state for the next round (``None`` for stateless operators).
+    clients
+        Per module, the clients' factors as validated (for measuring the round against them
+        without checking them again).
     """
 
     operator: AggregationOperator
@@ -57,6 +60,7 @@ class ModulesRound:
     results: dict[str, AggregateResult]
     client_modules: list[dict[str, LoRAFactors] | None]
     states: dict[str, OperatorState | None]
+    clients: dict[str, ValidatedClients]
 
     def certificates(self) -> dict[str, float]:
         """Per certified module, its exact relative residual against the module's mean."""
@@ -193,6 +197,7 @@ def aggregate_modules(
         results={m: results[m] for m in names},
         client_modules=per_client,
         states={m: results[m].state for m in names},
+        clients=checked,
     )
 
 

@@ -112,6 +112,18 @@ def validated(factors: Sequence[LoRAFactors], *, stack: bool = False) -> Validat
     return ValidatedClients([as_factors(f, i) for i, f in enumerate(factors)], info)
 
 
+def permuted(
+    clients: ValidatedClients, p: Tensor, order: Sequence[int]
+) -> tuple[ValidatedClients, Tensor]:
+    """Validated clients and their normalised weights in another ``order`` (still both)."""
+    if sorted(order) != list(range(len(clients))) or tuple(p.shape) != (len(clients),):
+        raise ValueError(f"order {list(order)} is not a permutation of {len(clients)} clients")
+    q = p[list(order)]
+    if _is_normalized(p, len(clients)):
+        _remember(q)
+    return ValidatedClients([clients[i] for i in order], clients.info), q
+
+
 def validate_clients(factors: Sequence[LoRAFactors], *, stack: bool = False) -> ClientsInfo:
     """Check that clients are non-empty, shape-compatible, on one device and finite.
 
@@ -345,6 +357,7 @@ __all__ = [
     "largest_client",
     "normalize_weights",
     "overflow_error",
+    "permuted",
     "validate_clients",
     "validate_rank",
     "validated",

@@ -627,7 +627,7 @@ class LoRAStrategy(Strategy):
         if "max_residual" in op.options:
             opts["max_residual"] = max_residual
         # The server state and round policy: the same object the runner drives.
-        self.server = FederatedServer(op.name, server_rank=server_rank, options=opts)
+        self.server = FederatedServer(op, server_rank=server_rank, options=opts)
         self.op = self.server.op
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
@@ -1073,7 +1073,7 @@ class LoRAStrategy(Strategy):
                 rnd = aggregate_adapters(
                     [reply.adapter],
                     [1.0],
-                    operator=self.op.name,
+                    operator=self.op,
                     rank=self.server.server_rank or reply.top_rank(),
                     states=self.server.op_states,
                     options=self.server.options,

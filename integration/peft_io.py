@@ -399,13 +399,24 @@ class AdapterRound:
 
     ``results[name]`` is the operator's result for module ``name``; ``client_modules[i]`` are
     the folded factors client i continues from (None where the operator re-initialises);
-    ``dense`` is the FedAvg of the dense tensors.
+    ``dense`` is the FedAvg of the dense tensors; ``weights`` the clients' normalised weights
+    and ``clients`` each module's validated client factors (to measure the round against).
     """
 
     results: dict[str, AggregateResult]
     client_modules: list[dict[str, LoRAFactors] | None]
     dense: dict[str, Tensor]
     states: dict[str, OperatorState | None]
+    weights: Tensor | None = None
+    clients: Mapping[str, Sequence[LoRAFactors]] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        certs = self.certificates()
+        worst = f", worst certified residual {max(certs.values()):.3e}" if certs else ""
+        return (
+            f"AdapterRound(modules={len(self.results)}, clients={len(self.client_modules)}, "
+            f"dense={len(self.dense)}{worst})"
+        )
 
     @property
     def global_modules(self) -> dict[str, LoRAFactors]:
@@ -528,6 +539,8 @@ def aggregate_adapters(
         client_modules=rnd.client_modules,
         dense=fedavg_dense(clients, rnd.weights),
         states=rnd.states,
+        weights=rnd.weights,
+        clients=rnd.clients,
     )
 
 

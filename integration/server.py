@@ -33,14 +33,10 @@ from glora_math.baselines import truncate_svd
 from glora_math.compare import round_error
 from glora_math.errors import GloraError, GloraWarning
 from glora_math.linalg import lowrank_svd
-from glora_math.registry import (
-    AggregateResult,
-    AggregationOperator,
-    Guarantee,
-    OperatorState,
-    get_operator,
-)
+from glora_math.operators import AggregateResult, AggregationOperator, Guarantee, OperatorState
+from glora_math.rounds import resolve_operator
 from glora_math.types import LoRAFactors
+from glora_math.validation import WeightsLike
 
 from .peft_io import AdapterRound, ClientAdapter, aggregate_adapters
 
@@ -86,11 +82,17 @@ class RoundOutcome:
 def measure(
     results: Mapping[str, AggregateResult],
     adapters: Sequence[ClientAdapter],
-    weights: Sequence[float],
+    weights: WeightsLike,
+    *,
+    clients: Mapping[str, Sequence[LoRAFactors]] | None = None,
 ) -> dict[str, Any]:
-    """The error and shape metrics of :class:`RoundOutcome` for one round's results."""
-    err = round_error(results, {m: [a.modules[m].factors for a in adapters] for m in results},
-                      weights)  # fmt: skip
+    """The error and shape metrics of :class:`RoundOutcome` for one round's results.
+
+    ``clients`` (each module's client factors, e.g. the round's validated ones) and normalised
+    ``weights`` let the measurement reuse what the round checked instead of checking again.
+    """
+    factors = clients or {m: [a.modules[m].factors for a in adapters] for m in results}
+    err = round_error(results, factors, weights)
     certs = [res.certificate for res in results.values()]
     worst = max((c.relative_residual for c in certs if c is not None), default=0.0)
     ranks = [res.update.rank for res in results.values()]
@@ -130,13 +132,13 @@ class FederatedServer:
 
     def __init__(
         self,
-        operator: str = "glora_auto",
+        operator: str | AggregationOperator = "glora_auto",
         *,
         server_rank: int | None = None,
         options: Mapping[str, float] | None = None,
         dense: Mapping[str, Tensor] | None = None,
     ) -> None:
-        self.op: AggregationOperator = get_operator(operator)
+        self.op: AggregationOperator = resolve_operator(operator)  # looked up once
         self.server_rank = server_rank
         self.options = dict(options or {})
         self.round = 0
@@ -185,7 +187,7 @@ class FederatedServer:
             rnd = aggregate_adapters(
                 adapters,
                 weights,
-                operator=self.op.name,
+                operator=self.op,
                 rank=R,
                 client_ranks=None
                 if client_ranks is None
@@ -199,7 +201,12 @@ class FederatedServer:
             clients=list(clients),
             results=dict(rnd.results),
             warnings=notes,
-            **measure(rnd.results, adapters, weights),
+            **measure(
+                rnd.results,
+                adapters,
+                weights if rnd.weights is None else rnd.weights,
+                clients=rnd.clients,
+            ),
         )
         self._apply(rnd, list(clients), ranks)
         self.round += 1

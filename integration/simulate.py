@@ -285,6 +285,7 @@ class Simulation:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         cfg.check()
+        self.op = get_operator(cfg.operator)  # the one lookup of the run's operator
         train, self.eval, self.test = _load_data(cfg)
         self.num_labels = max(*train.labels, *self.eval.labels) + 1
         parts = dirichlet_split(train.labels, cfg.clients, cfg.dirichlet, cfg.seed)
@@ -315,9 +316,10 @@ class Simulation:
         # Round 0 starts every client from the same initial head (modules_to_save).
         first = get_peft_model_state_dict(self._model(cfg.ranks()[0]))
         heads = {k.removeprefix(PREFIX): v for k, v in first.items() if ".lora_" not in k}
-        # The server state carried between rounds (checkpointed with every round).
+        # The server state carried between rounds (checkpointed with every round); it holds
+        # the operator, looked up once here.
         self.server = FederatedServer(
-            cfg.operator,
+            self.op,
             server_rank=cfg.server_rank or max(cfg.ranks()),
             options=self._options(),
             dense=heads,
@@ -359,14 +361,14 @@ class Simulation:
             seed=self.cfg.seed,
             round_index=self.round,
             top_rank=max(self.cfg.ranks()),
-            freeze_a=get_operator(self.cfg.operator).shared_A,
+            freeze_a=self.server.op.shared_A,
             per_client_init=self.cfg.per_client_init,
         )
         return model
 
     def _train(self, model: torch.nn.Module, shard: Examples, i: int) -> None:
         # The factor the operator keeps frozen this round (FFA-LoRA: A; RoLoRA: A, then B).
-        frozen = get_operator(self.cfg.operator).frozen_factor(self.round + 1)
+        frozen = self.server.op.frozen_factor(self.round + 1)
         train_local(
             model,
             self.tok,
@@ -399,7 +401,7 @@ class Simulation:
 
     def _options(self) -> dict[str, float]:
         """Operator options from the config: ``max_residual`` and ``tol`` where it takes them."""
-        op = get_operator(self.cfg.operator)
+        op = self.op
         out = {}
         if "max_residual" in op.options:
             out["max_residual"] = float(self.cfg.max_residual)
