@@ -1,0 +1,621 @@
+"""A Flower app (ServerApp + ClientApp) that fine-tunes with peft LoRA and any operator.
+
+The module-level ``server_app`` and ``client_app`` are what ``flwr run`` starts on Flower's
+deployment engine: copy the app folder ``flower_template`` (next to this file; its
+``pyproject.toml`` points at them and lists every run-config key with its default) and follow
+its README (one ``flower-superlink``, one ``flower-supernode`` per data partition with
+``--node-config "partition-id=<i> num-partitions=<n>"``, then ``flwr run``). Clients train
+sequence classification on Dirichlet label-skew shards of a task (``data-dir`` run-config key,
+or a node's ``data-dir`` node-config key, else ``$GLORA_DATA``, else ``../shared/data``) with
+their own LoRA rank; the server is :class:`glora_math.integration.flower.LoRAStrategy`. Run-config
+keys are checked: an unknown key or a bad value stops the run with a one-line
+:class:`FlowerConfigError`. At the end the server writes ``<out>/flower_results.json``
+(per-round train and evaluation metrics, accepted and rejected nodes with the partitions they
+name and the reasons) and the global adapter ``<out>/global_adapter`` (a peft adapter folder;
+``base_delta.safetensors`` too for operators that fold dense updates into the base).
+
+``python -m glora_math.integration.flower_app --clients 3 --rounds 2`` does all of that on this
+machine (:class:`LocalDeployment`: a SuperLink and ``--clients`` SuperNodes on 127.0.0.1,
+insecure, torn down at the end; their logs in ``<out>/deployment``). ``--faulty 2:nan`` makes
+partition 2 send NaN (also ``missing``: a module left out, ``shape``: a wrong shape) to show
+the server rejecting it and carrying on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
+from logging import ERROR, INFO
+from pathlib import Path
+from typing import IO, Any
+
+import tomli_w
+import torch
+from flwr.app import ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+from peft import get_peft_model, get_peft_model_state_dict
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from glora_math.operators import list_operators
+
+from ..data import Examples, dirichlet_split, load_task, sample
+from ..federated.models import (
+    build_model,
+    evaluate_model,
+    lora_config,
+    lora_shapes,
+    merged_model,
+    seed_for,
+    start_client,
+    target_weights,
+    train_local,
+)
+from ..peft.io import PREFIX
+from .config import FlowerConfig, FlowerConfigError
+from .messages import evaluate_reply, read_evaluate_message, read_train_message, train_reply
+from .strategy import LoRAStrategy, RoundLog
+
+#: The app folder users copy (``pyproject.toml`` with ``[tool.flwr.app]``, README).
+TEMPLATE = Path(__file__).resolve().parents[1] / "flower_template"
+
+
+def _threads(cfg: FlowerConfig) -> None:
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+
+
+# ----------------------------------------------------------------------------------------------
+# Client side
+
+
+def _node(context: Context) -> tuple[int, int, str | None]:
+    """``(partition-id, num-partitions, data-dir or None)`` of a node, checked."""
+    nc = context.node_config
+    pid, n = nc.get("partition-id"), nc.get("num-partitions")
+    for key, v in (("partition-id", pid), ("num-partitions", n)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise FlowerConfigError(f"node config {key!r} must be a whole number, got {v!r}; "
+                                    'start the SuperNode with --node-config "partition-id=<i> '
+                                    'num-partitions=<n>"')  # fmt: skip
+    assert isinstance(pid, int)
+    assert isinstance(n, int)
+    if not 0 <= pid < n:
+        raise FlowerConfigError(f"node config partition-id={pid} is not in [0, {n})")
+    data_dir = nc.get("data-dir")
+    if data_dir is not None and not isinstance(data_dir, str):
+        raise FlowerConfigError(f"node config 'data-dir' must be a string, got {data_dir!r}")
+    return pid, n, data_dir or None
+
+
+def _data(cfg: FlowerConfig, data_dir: str | None) -> tuple[Examples, Examples, int]:
+    root = Path(data_dir) if data_dir else (Path(cfg.data_dir) if cfg.data_dir else None)
+    train = sample(load_task(cfg.task, "train", root), cfg.max_train, cfg.seed)
+    dev = sample(load_task(cfg.task, "dev", root), cfg.max_eval, cfg.seed + 1)
+    return train, dev, max(*train.labels, *dev.labels) + 1
+
+
+@lru_cache(maxsize=4)
+def _setup(
+    cfg: FlowerConfig, num_partitions: int, data_dir: str | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[Examples], list[Examples], int]:
+    """Base model, tokenizer, train and evaluation shards (cached per process)."""
+    train, dev, num_labels = _data(cfg, data_dir)
+    parts = dirichlet_split(train.labels, num_partitions, cfg.dirichlet, cfg.seed)
+    evals = [dev.subset(list(range(i, len(dev), num_partitions))) for i in range(num_partitions)]
+    base, tok = build_model(cfg.model, num_labels, cfg.seed)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base, tok, [train.subset(p) for p in parts], evals, num_labels
+
+
+def _sabotage(sd: dict[str, Tensor], kind: str) -> dict[str, Tensor]:
+    """A malformed reply, for the fault-injection runs and tests."""
+    key = sorted(k for k in sd if ".lora_B." in k)[0]
+    sd = dict(sd)
+    if kind == "nan":
+        sd[key] = sd[key].clone()
+        sd[key].view(-1)[0] = float("nan")
+    elif kind == "missing":
+        del sd[key]
+        del sd[key.replace("lora_B", "lora_A")]
+    elif kind == "shape":
+        sd[key] = torch.zeros(sd[key].shape[0] + 1, sd[key].shape[1])
+    else:
+        raise ValueError(f"unknown fault {kind!r}")
+    return sd
+
+
+def make_client_app(default: FlowerConfig | None = None) -> ClientApp:
+    """The ClientApp; settings from ``default`` or, if None, from Flower's run_config.
+
+    It reads the server's messages with :func:`~integration.flower.read_train_message` /
+    :func:`~integration.flower.read_evaluate_message` and replies with
+    :func:`~integration.flower.train_reply` / :func:`~integration.flower.evaluate_reply`,
+    naming its partition.
+    """
+    app = ClientApp()
+
+    def config_of(context: Context) -> FlowerConfig:
+        cfg = default if default is not None else FlowerConfig.from_run_config(context.run_config)
+        _threads(cfg)
+        return cfg
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg = config_of(context)
+        pid, n, data_dir = _node(context)
+        base, tok, shards, _, _ = _setup(cfg, n, data_dir)
+        job = read_train_message(msg)
+        r = cfg.rank_of(pid)
+        lcfg = lora_config(r, cfg.target_modules)
+        model = get_peft_model(merged_model(base, job.base, {}), lcfg)
+        start_client(
+            model,
+            r,
+            init=job.init,
+            dense=job.dense,
+            client=pid,
+            seed=cfg.seed,
+            round_index=job.server_round,
+            top_rank=max(cfg.rank_of(q) for q in range(n)),
+            freeze_a=job.freeze_a,
+            per_client_init=cfg.per_client_init,
+        )
+        if not target_weights(model):
+            raise FlowerConfigError(f"no modules match target-modules {cfg.target_modules}")
+        loss = train_local(
+            model,
+            tok,
+            shards[pid],
+            steps=cfg.local_steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            max_len=cfg.max_len,
+            seed=seed_for(cfg.seed, job.server_round, pid, 2),
+            freeze_a=job.freeze_a,
+            freeze_b=job.freeze_b,
+            device=torch.device("cpu"),
+        )
+        sd = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}
+        if pid in cfg.faults():
+            sd = _sabotage(sd, cfg.faults()[pid])
+        reply = train_reply(sd, lcfg, num_examples=len(shards[pid]), train_loss=loss, partition=pid)
+        return Message(content=reply, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        cfg = config_of(context)
+        pid, n, data_dir = _node(context)
+        base, tok, _, evals, _ = _setup(cfg, n, data_dir)
+        job = read_evaluate_message(msg)
+        model = merged_model(base, job.deltas(), job.dense)
+        acc, loss = evaluate_model(
+            model, tok, evals[pid], max_len=cfg.max_len, device=torch.device("cpu")
+        )
+        reply = evaluate_reply(
+            num_examples=len(evals[pid]), accuracy=acc, eval_loss=loss, partition=pid
+        )
+        return Message(content=reply, reply_to=msg)
+
+    return app
+
+
+# ----------------------------------------------------------------------------------------------
+# Server side
+
+
+def initial_adapter(cfg: FlowerConfig) -> tuple[dict[str, Tensor], dict[str, tuple[int, int]]]:
+    """The server's own initial adapter: heads and adapted modules.
+
+    The heads (``modules_to_save``) every client starts from, and the adapted modules with
+    their ``(out_features, in_features)``.
+
+    These are the reference every reply must match (:class:`LoRAStrategy` ``modules=`` and the
+    initial arrays), so no reply decides it.
+    """
+    _, _, num_labels = _data(cfg, None)
+    base, _ = build_model(cfg.model, num_labels, cfg.seed)
+    model = get_peft_model(base, lora_config(cfg.rank_of(0), cfg.target_modules))
+    heads = {
+        k.removeprefix(PREFIX): v.detach().clone()
+        for k, v in get_peft_model_state_dict(model).items()
+        if ".lora_" not in k
+    }
+    shapes = lora_shapes(model)
+    if not shapes:
+        raise FlowerConfigError(f"no modules of {cfg.model!r} match target-modules "
+                                f"{','.join(cfg.target_modules)!r}")  # fmt: skip
+    return heads, shapes
+
+
+def initial_heads(cfg: FlowerConfig) -> dict[str, Tensor]:
+    """The ``modules_to_save`` tensors every client starts from (round 1)."""
+    return initial_adapter(cfg)[0]
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _round_json(logged: RoundLog, evaluation: Mapping[str, Any] | None) -> dict[str, Any]:
+    """One round of ``flower_results.json``, with partitions next to node ids."""
+    by_part = {
+        str(logged.partitions.get(n, f"node {n}")): why for n, why in logged.rejected.items()
+    }
+    return {
+        **asdict(logged),
+        "aggregation_error": _finite(logged.aggregation_error),
+        "certified_residual": _finite(logged.certified_residual),
+        "train_loss": _finite(logged.train_loss),
+        "accepted_partitions": sorted(
+            logged.partitions[n] for n in logged.accepted if n in logged.partitions
+        ),
+        "rejected_partitions": by_part,
+        "evaluate": dict(evaluation) if evaluation is not None else None,
+    }
+
+
+def make_server_app(default: FlowerConfig | None = None) -> ServerApp:
+    """The ServerApp; settings from ``default`` or, if None, from Flower's run_config.
+
+    It writes ``<out>/flower_results.json`` and the global adapter ``<out>/global_adapter``.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            cfg = (default or FlowerConfig.from_run_config(context.run_config)).check()
+        except FlowerConfigError as err:
+            log(ERROR, "%s", err)
+            raise
+        _threads(cfg)
+        heads, shapes = initial_adapter(cfg)
+        strategy = LoRAStrategy(
+            cfg.operator,
+            server_rank=cfg.server_rank,
+            max_residual=cfg.max_residual,
+            fraction_train=cfg.participation,
+            fraction_evaluate=cfg.fraction_evaluate,
+            min_train_nodes=1,
+            min_evaluate_nodes=1,
+            min_available_nodes=cfg.clients,
+            seed=cfg.seed,
+            modules=shapes,
+            node_wait=cfg.timeout,
+        )
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(heads),
+            num_rounds=cfg.rounds,
+            timeout=cfg.timeout,
+        )
+        out = Path(cfg.out).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        top = max((f.rank for f in strategy.server.global_update.values()), default=0)
+        written = strategy.save_global_adapter(
+            out / "global_adapter", lora_config(top or cfg.rank_of(0), cfg.target_modules)
+        )
+        for path in written:
+            log(INFO, "wrote %s", path)
+        rounds = [
+            _round_json(logged, result.evaluate_metrics_clientapp.get(logged.round))
+            for logged in strategy.history
+        ]
+        results = {
+            "config": {**asdict(cfg), "faulty": {str(k): v for k, v in cfg.faulty}},
+            "run_id": context.run_id,
+            "rounds": rounds,
+            "global_adapter": str(out / "global_adapter") if written else None,
+        }
+        (out / "flower_results.json").write_text(json.dumps(results, indent=2))
+        log(INFO, "wrote %s", out / "flower_results.json")
+
+    return app
+
+
+server_app = make_server_app()
+client_app = make_client_app()
+
+
+# ----------------------------------------------------------------------------------------------
+# Flower's deployment engine on this machine
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a ``flwr run`` ended.
+
+    Its id, Flower's status (``finished:completed`` on success) and the run's log (the
+    ServerApp's output).
+    """
+
+    run_id: int
+    status: str
+    log: str
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run completed."""
+        return self.status == "finished:completed"
+
+
+class LocalDeployment:
+    """Flower's deployment engine on this machine: one SuperLink and ``nodes`` SuperNodes.
+
+    All on 127.0.0.1 with free ports, ``--insecure`` (no TLS: for one machine only), the
+    SuperLink with ``--disable-runtime-dependency-installation`` (the app runs in this Python
+    environment; Flower would otherwise ``uv sync`` the app's dependencies), SuperNode ``i``
+    with ``--node-config "partition-id=i num-partitions=<nodes>"``. ``FLWR_HOME`` is
+    ``<workdir>/flwr-home``, holding the Flower configuration file with the SuperLink
+    connection ``local-deployment``. Logs go to ``<workdir>/*.log``. Use it as a context
+    manager: the processes (and the app processes they start) are stopped on exit, also on
+    errors. POSIX only (process groups).
+    """
+
+    CONNECTION = "local-deployment"
+
+    def __init__(
+        self,
+        nodes: int,
+        workdir: str | Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        startup_timeout: float = 60.0,
+    ) -> None:
+        self.nodes = nodes
+        self.workdir = Path(workdir).resolve()
+        self.home = self.workdir / "flwr-home"
+        self.startup_timeout = startup_timeout
+        self.bin = Path(sys.executable).parent
+        self.port = 0
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._logs: list[IO[bytes]] = []
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(self.home),
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
+            **dict(env or {}),
+        }
+
+    def superlink_command(self) -> list[str]:
+        """The SuperLink's command line."""
+        return [str(self.bin / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                "--port", str(self.port), "--disable-runtime-dependency-installation"]  # fmt: skip
+
+    def supernode_command(self, partition: int, port: int) -> list[str]:
+        """SuperNode ``partition``'s command line (``port``: its own Runtime API)."""
+        return [str(self.bin / "flower-supernode"), "--insecure", "--superlink",
+                f"127.0.0.1:{self.port}", "--port", str(port), "--node-config",
+                f"partition-id={partition} num-partitions={self.nodes}"]  # fmt: skip
+
+    def __enter__(self) -> LocalDeployment:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _spawn(self, cmd: list[str], name: str) -> None:
+        if not Path(cmd[0]).exists():
+            raise RuntimeError(f"{cmd[0]} does not exist: install Flower next to this Python "
+                               '(pip install "glora-math[flower]")')  # fmt: skip
+        out = (self.workdir / f"{name}.log").open("wb")
+        self._logs.append(out)
+        self.procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=self.workdir,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
+
+    def start(self) -> None:
+        """Start the SuperLink, wait until it answers, then start the SuperNodes."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{self.CONNECTION}"\n\n[superlink.{self.CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+        self._spawn(self.superlink_command(), "superlink")
+        deadline = time.monotonic() + self.startup_timeout
+        while not self._healthy():
+            if self.procs[0].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the SuperLink did not start; see {self.workdir}/superlink.log")
+            time.sleep(0.5)
+        for i in range(self.nodes):
+            self._spawn(self.supernode_command(i, free_port()), f"supernode-{i}")
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                return int(r.status) == 200
+        except OSError:
+            return False
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """Run the ``flwr`` command line against this deployment."""
+        return subprocess.run(
+            [str(self.bin / "flwr"), *args], cwd=self.workdir, env=self.env, text=True,
+            capture_output=True, timeout=timeout, check=False,
+        )  # fmt: skip
+
+    def run(self, app: str | Path, run_config: Mapping[str, Any], *, timeout: float) -> RunResult:
+        """``flwr run <app> local-deployment --run-config <file>``; wait for the run to end.
+
+        Raises
+        ------
+        RuntimeError
+            If ``flwr run`` fails, or the run does not end within ``timeout`` seconds (it is
+            stopped then).
+        """
+        overrides = self.workdir / "run-config.toml"
+        overrides.write_text(tomli_w.dumps(dict(run_config)))
+        started = self.flwr("run", str(app), self.CONNECTION, "--run-config", str(overrides),
+                            "--format", "json")  # fmt: skip
+        try:
+            run_id = int(_last_json(started.stdout)["run-id"])
+        except (ValueError, KeyError, TypeError):
+            raise RuntimeError(f"flwr run failed: {(started.stdout + started.stderr)[-2000:]}"
+                               ) from None  # fmt: skip
+        try:
+            streamed = self.flwr("log", str(run_id), self.CONNECTION, "--stream", timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.flwr("stop", str(run_id), self.CONNECTION)
+            raise RuntimeError(f"run {run_id} did not end within {timeout:g} s") from None
+        text = streamed.stdout + streamed.stderr
+        (self.workdir / f"run-{run_id}.log").write_text(text)
+        listed = self.flwr("ls", self.CONNECTION, "--run-id", str(run_id), "--format", "json")
+        try:
+            status = str(_last_json(listed.stdout)["runs"][0]["status"])
+        except (ValueError, KeyError, TypeError, IndexError):
+            status = f"unknown ({listed.stdout[-300:]})"
+        return RunResult(run_id, status, text)
+
+    def stop(self) -> None:
+        """Stop the SuperNodes, then the SuperLink (each process group: SIGTERM, then SIGKILL)."""
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=15)
+        self.procs.clear()
+        for f in self._logs:
+            f.close()
+        self._logs.clear()
+
+
+def _last_json(text: str) -> Any:
+    """The JSON object ``flwr ... --format json`` printed (after any other output)."""
+    start = text.find("{")
+    if start < 0:
+        raise ValueError("no JSON in the output")
+    return json.JSONDecoder().raw_decode(text[start:])[0]
+
+
+def run(cfg: FlowerConfig) -> dict[str, Any]:
+    """Run the app on Flower's deployment engine on this machine; return the results JSON.
+
+    A :class:`LocalDeployment` with ``cfg.clients`` SuperNodes runs :data:`TEMPLATE` with
+    ``cfg`` as its run config; its logs stay in ``<out>/deployment``.
+
+    Raises
+    ------
+    RuntimeError
+        If the run fails (the end of its log is in the message).
+    """
+    cfg = replace(cfg.check(), out=str(Path(cfg.out).resolve()))
+    workdir = Path(cfg.out) / "deployment"
+    workdir.mkdir(parents=True, exist_ok=True)
+    results = Path(cfg.out) / "flower_results.json"
+    results.unlink(missing_ok=True)
+    with LocalDeployment(cfg.clients, workdir) as deployment:
+        outcome = deployment.run(TEMPLATE, cfg.to_run_config(),
+                                 timeout=cfg.rounds * 2 * cfg.timeout + 120)  # fmt: skip
+    if not outcome.ok or not results.exists():
+        raise RuntimeError(f"the Flower run {outcome.run_id} ended {outcome.status}; the end of "
+                           f"its log:\n{outcome.log[-3000:]}")  # fmt: skip
+    out: dict[str, Any] = json.loads(results.read_text())
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: run the app on Flower's deployment engine here and print a summary."""
+    ap = argparse.ArgumentParser(
+        prog="python -m glora_math.integration.flower_app", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    d = FlowerConfig()
+    ap.add_argument("--model", default=d.model, help="tiny-roberta, minilm or an HF path")
+    ap.add_argument("--task", default=d.task)
+    ap.add_argument("--data-dir", default=d.data_dir, help="default: $GLORA_DATA")
+    ap.add_argument("--operator", default=d.operator, choices=list_operators())
+    ap.add_argument("--clients", type=int, default=d.clients, help="SuperNodes to start")
+    ap.add_argument("--rounds", type=int, default=d.rounds)
+    ap.add_argument("--client-ranks", type=int, nargs="+", default=list(d.client_ranks))
+    ap.add_argument("--server-rank", type=int, default=None)
+    ap.add_argument("--participation", type=float, default=d.participation)
+    ap.add_argument("--fraction-evaluate", type=float, default=d.fraction_evaluate)
+    ap.add_argument("--local-steps", type=int, default=d.local_steps)
+    ap.add_argument("--max-train", type=int, default=d.max_train)
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument(
+        "--faulty", nargs="*", default=[], help="partition:kind, kind in nan|missing|shape"
+    )
+    ap.add_argument("--per-client-init", action="store_true", help="per-client LoRA inits")
+    ap.add_argument("--threads", type=int, default=d.threads, help="torch threads per process")
+    ap.add_argument("--timeout", type=float, default=d.timeout)
+    ap.add_argument("--out", default=d.out)
+    a = ap.parse_args(argv)
+    try:
+        cfg = FlowerConfig.from_run_config(
+            {
+                "model": a.model, "task": a.task, "data-dir": a.data_dir,
+                "operator": a.operator, "clients": a.clients, "rounds": a.rounds,
+                "client-ranks": ",".join(str(r) for r in a.client_ranks),
+                "server-rank": a.server_rank or 0, "participation": a.participation,
+                "fraction-evaluate": a.fraction_evaluate, "local-steps": a.local_steps,
+                "max-train": a.max_train, "seed": a.seed, "faulty": ",".join(a.faulty),
+                "per-client-init": a.per_client_init, "threads": a.threads,
+                "timeout": a.timeout, "out": a.out,
+            }
+        )  # fmt: skip
+    except FlowerConfigError as err:
+        ap.exit(2, f"error: {err}\n")
+    try:
+        res = run(cfg)
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for row in res["rounds"]:
+        ev = row["evaluate"] or {}
+        print(
+            f"round {row['round']}: accepted partitions {row['accepted_partitions']}, rejected "
+            f"{row['rejected_partitions'] or 'none'}, aggregation error "
+            f"{row['aggregation_error']}, accuracy {ev.get('accuracy')}"
+        )
+    print(f"wrote {Path(cfg.out) / 'flower_results.json'} and {res['global_adapter']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,591 @@
+"""Run an experiment cell (a JSON config: runs x seeds) resumably, and write its table.
+
+``python -m integration.experiment integration/experiments/a_sst2.json`` runs every
+(seed, entry) of the cell in order (all entries of the first seed, then the next seed, so
+partial results are useful), each in its own folder ``<out>/<id>-seed<k>/``: a finished run
+(``results.json`` present) is skipped, an interrupted one resumes from its checkpoint. After
+each run it writes the run's small raw JSON (config and per-round metrics) to
+``<docs>/raw/<cell>/<id>-seed<k>.json`` and regenerates the table ``<docs>/<cell>.md``.
+
+``python -m integration.experiment --table integration/experiments/a_sst2.json`` only
+regenerates the table from the raw JSON files (final and best accuracy mean ± std over seeds,
+mean per-round aggregation error and certified residual, seconds per round; the floor, i.e.
+the majority-class rate of the evaluation set, and the ceiling, a centralised run, beside it).
+
+Config keys: ``name`` (the cell; default: the file's stem), ``description``, ``seeds``,
+``base`` (:class:`integration.simulate.SimConfig` fields), ``runs`` (entries, most important
+first: ``{"operator": ..., "label": ..., "id": ..., <SimConfig overrides>}``), ``ceiling``
+(true: add a centralised run, one client holding all the training data with the same number
+of optimizer steps, ``rounds * local_steps``, as each federated client), ``out`` (run
+folders; cells may share one, so that identical runs are done once). The older form with an
+``operators`` list is accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..data import load_task, sample
+from .config import SimConfig, results_config
+from .simulate import Simulation
+from .stats import auc, paired
+
+#: Per-round metrics kept in the raw JSON.
+ROUND_KEYS = (
+    "round",
+    "accuracy",
+    "eval_loss",
+    "test_accuracy",
+    "test_loss",
+    "mcc",
+    "aggregation_error",
+    "aggregation_error_max",
+    "certified_residual",
+    "certified_residual_max",
+    "server_rank",
+    "server_rank_mean",
+    "sides",
+    "seconds",
+    "eval_seconds",
+)
+#: Config fields that do not change results (ignored when matching a run folder's config).
+CEILING_ID = "ceiling"
+
+
+def cell_name(config: Mapping[str, Any], path: Path) -> str:
+    """The cell's name: ``name`` in the config, else the config file's stem."""
+    return str(config.get("name") or path.stem)
+
+
+def entries(config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The cell's run entries, in order (the ceiling first, if asked for)."""
+    runs = [dict(e) for e in config.get("runs", [])]
+    runs += [{"operator": op} for op in config.get("operators", [])]
+    if config.get("ceiling"):
+        runs.insert(
+            0,
+            {"operator": "fedit", "clients": 1, "participation": 1.0, "id": CEILING_ID,
+             "label": "centralised (ceiling)"},
+        )  # fmt: skip
+    return runs
+
+
+def run_id(entry: Mapping[str, Any]) -> str:
+    """``id`` of an entry, or its operator with its overrides (``glora-server_rank8``)."""
+    if "id" in entry:
+        return str(entry["id"])
+    extra = [f"{k}{v}" for k, v in sorted(entry.items()) if k not in ("operator", "label")]
+    return "-".join([str(entry["operator"]), *extra])
+
+
+def label(entry: Mapping[str, Any]) -> str:
+    """The entry's table label."""
+    return str(entry.get("label") or run_id(entry))
+
+
+def run_config(
+    config: Mapping[str, Any], entry: Mapping[str, Any], seed: int, out: Path, device: str
+) -> SimConfig:
+    """The :class:`SimConfig` of one (entry, seed)."""
+    over = {k: v for k, v in entry.items() if k not in ("id", "label")}
+    kw = dict(config["base"]) | over | {"seed": seed, "device": device}
+    kw["out"] = str(out / f"{run_id(entry)}-seed{seed}")
+    return SimConfig(**kw)
+
+
+def plan(
+    config: Mapping[str, Any], out: Path, device: str = "cpu"
+) -> list[tuple[dict[str, Any], int, SimConfig]]:
+    """Every (entry, seed, config) in run order: all entries of a seed, then the next seed."""
+    return [
+        (e, int(seed), run_config(config, e, int(seed), out, device))
+        for seed in config["seeds"]
+        for e in entries(config)
+    ]
+
+
+def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
+    """The finished results of a run folder (None if unfinished); its config must match."""
+    folder = Path(cfg.out)
+    for name in ("results.json", "checkpoint.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        saved = json.loads(path.read_text())
+        if results_config(saved["config"]) != results_config(asdict(cfg)):
+            raise SystemExit(
+                f"{path} was written with another config; remove {folder} to rerun it "
+                "with the current settings"
+            )
+        if name == "results.json":
+            out: dict[str, Any] = saved
+            return out
+    return None
+
+
+def raw_record(
+    cell: str, entry: Mapping[str, Any], seed: int, results: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The small JSON kept in docs: config and per-round metrics of one run."""
+    rounds = []
+    for m in results["metrics"]:
+        row = {k: m[k] for k in ROUND_KEYS if k in m}
+        row["warnings"] = len(m.get("warnings", []))
+        rounds.append(row)
+    return {
+        "cell": cell,
+        "id": run_id(entry),
+        "label": label(entry),
+        "seed": seed,
+        "config": {k: v for k, v in results["config"].items() if k not in ("out",)},
+        "rounds": rounds,
+    }
+
+
+def floor(config: Mapping[str, Any]) -> float:
+    """Majority-class rate of the evaluation set, averaged over the cell's seeds."""
+    base = SimConfig(**config["base"])
+    if base.objective != "classification":
+        return math.nan
+    dev = load_task(base.task, "dev")
+    rates = []
+    for seed in config["seeds"]:
+        ev = sample(dev, base.max_eval, int(seed) + 1)  # the runner's evaluation sample
+        counts: dict[int, int] = {}
+        for y in ev.labels:
+            counts[y] = counts.get(y, 0) + 1
+        rates.append(max(counts.values()) / len(ev))
+    return statistics.mean(rates)
+
+
+def _ms(xs: Sequence[float], fmt: str = ".4f") -> str:
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:{fmt}}"
+    return f"{statistics.mean(xs):{fmt}} ± {statistics.stdev(xs):{fmt}}"
+
+
+def _mean(xs: Sequence[float | None]) -> float | None:
+    vals = [float(x) for x in xs if x is not None]
+    return statistics.mean(vals) if vals else None
+
+
+def table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
+    """The markdown of a cell from the raw JSON files present (partial results included)."""
+    raw = docs / "raw" / cell
+    base = SimConfig(**config["base"])
+    cola = base.task.lower() == "cola"
+    head = ["run", "seeds", "final accuracy", "best accuracy"]
+    head += ["final MCC", "best MCC"] if cola else []
+    head += [
+        "round-1 aggregation error",
+        "mean aggregation error",
+        "mean certified residual",
+        "server rank",
+        "s / round",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    ceiling = ""
+    for e in entries(config):
+        recs = []
+        for seed in config["seeds"]:
+            path = raw / f"{run_id(e)}-seed{seed}.json"
+            if path.is_file():
+                recs.append(json.loads(path.read_text()))
+        if not recs:
+            lines.append(f"| {label(e)} | 0 |" + " |" * (len(head) - 2))
+            continue
+        final = [r["rounds"][-1]["accuracy"] for r in recs]
+        best = [max(x["accuracy"] for x in r["rounds"]) for r in recs]
+        cells = [label(e), str(len(recs)), _ms(final), _ms(best)]
+        if cola:
+            cells += [
+                _ms([r["rounds"][-1].get("mcc", math.nan) for r in recs]),
+                _ms([max(x.get("mcc", math.nan) for x in r["rounds"]) for r in recs]),
+            ]
+        first = [r["rounds"][0]["aggregation_error"] for r in recs]
+        err = [_mean([x["aggregation_error"] for x in r["rounds"]]) for r in recs]
+        cert = [_mean([x.get("certified_residual") for x in r["rounds"]]) for r in recs]
+        rank = [_mean([x.get("server_rank_mean") for x in r["rounds"]]) for r in recs]
+        secs = [_mean([x["seconds"] for x in r["rounds"]]) for r in recs]
+        e_m, c_m, r_m, s_m = _mean(err), _mean(cert), _mean(rank), _mean(secs)
+        cells += [
+            _ms(first, ".3f"),
+            "-" if e_m is None else f"{e_m:.2e}",
+            "-" if c_m is None else f"{c_m:.2e}",
+            "-" if r_m is None else f"{r_m:.1f}",
+            "-" if s_m is None else f"{s_m:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+        if run_id(e) == CEILING_ID:
+            ceiling = f"final accuracy {_ms(final)}, best {_ms(best)} ({len(recs)} seeds)"
+    b = config["base"]
+    steps = int(b.get("rounds", base.rounds)) * int(b.get("local_steps", base.local_steps))
+    notes = [
+        f"# Cell {cell}",
+        "",
+        str(config.get("description", "")),
+        "",
+        f"- Floor (majority-class rate of the evaluation set): {floor(config):.4f}",
+        f"- Ceiling (centralised: one client with all {base.max_train} training examples, "
+        f"{steps} optimizer steps): {ceiling or 'not run yet'}",
+        f"- Settings: {json.dumps(config['base'], sort_keys=True)}",
+        "- Accuracy: mean ± std over seeds; aggregation error: exact relative error of the "
+        "server update against the mean update over all modules (round 1: every operator "
+        "aggregates the very same client updates, mean ± std over seeds; mean: averaged over "
+        "rounds); certified residual: the same from the GLoRA-family certificates.",
+        f"- Regenerate: `python -m integration.experiment --table <config of {cell}>`; raw "
+        f"per-round JSON in `raw/{cell}/`.",
+        "",
+        "",
+    ]
+    return "\n".join(notes) + "\n".join(lines) + "\n"
+
+
+#: The paired metrics: name, what it is, and how it is read from one run's rounds. "Best" is
+#: the test accuracy of the round with the best validation accuracy (chosen on validation,
+#: reported on test). Every metric is "higher is better" except the test loss.
+PAIRED_METRICS: tuple[tuple[str, str], ...] = (
+    ("final", "final-round test accuracy"),
+    ("last3", "mean test accuracy of the last 3 rounds"),
+    ("auc", "area under the test-accuracy curve (mean over rounds)"),
+    ("best_on_val", "test accuracy at the round of best validation accuracy"),
+    ("final_loss", "final-round test loss (lower is better)"),
+)
+
+
+def run_metrics(rounds: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The :data:`PAIRED_METRICS` of one run (test set if the run has one, else validation)."""
+    key = "test_accuracy" if "test_accuracy" in rounds[0] else "accuracy"
+    loss = "test_loss" if "test_loss" in rounds[0] else "eval_loss"
+    acc = [float(r[key]) for r in rounds]
+    val = [float(r["accuracy"]) for r in rounds]
+    best = max(range(len(val)), key=lambda j: (val[j], -j))  # the earliest best round
+    return {
+        "final": acc[-1],
+        "last3": statistics.fmean(acc[-3:]),
+        "auc": auc(acc),
+        "best_on_val": acc[best],
+        "final_loss": float(rounds[-1][loss]),
+    }
+
+
+def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
+    """Every entry against the config's ``reference`` entry, paired by seed.
+
+    For each metric of :data:`PAIRED_METRICS`: the mean per-seed difference (entry minus
+    reference), its 95% t-interval, and seeds won/lost; ``*`` marks an interval that excludes
+    zero. Only seeds that both runs finished are paired. Empty when the config names no
+    reference.
+    """
+    ref_id = config.get("reference")
+    if not ref_id:
+        return ""
+    raw = docs / "raw" / cell
+
+    def load(e: Mapping[str, Any]) -> dict[int, dict[str, float]]:
+        out = {}
+        for seed in config["seeds"]:
+            path = raw / f"{run_id(e)}-seed{seed}.json"
+            if path.is_file():
+                out[int(seed)] = run_metrics(json.loads(path.read_text())["rounds"])
+        return out
+
+    by_id = {run_id(e): e for e in entries(config)}
+    if ref_id not in by_id:
+        raise SystemExit(f"reference {ref_id!r} is not a run of cell {cell}: {sorted(by_id)}")
+    ref = load(by_id[ref_id])
+    others = [e for e in entries(config) if run_id(e) not in (ref_id, CEILING_ID)]
+    m = len(others) * len(PAIRED_METRICS)
+    head = ["run", "paired seeds", *(name for name, _ in PAIRED_METRICS)]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + " --- |" * len(head),
+        "| "
+        + " | ".join(
+            [label(by_id[ref_id]) + " (reference, absolute)", str(len(ref))]
+            + [_ms([v[name] for v in ref.values()]) for name, _ in PAIRED_METRICS]
+        )
+        + " |",
+    ]
+    for e in others:
+        runs = load(e)
+        seeds = sorted(set(runs) & set(ref))
+        cells = [label(e), str(len(seeds))]
+        for name, _ in PAIRED_METRICS:
+            if not seeds:
+                cells.append("-")
+                continue
+            cells.append(str(paired([runs[s][name] for s in seeds], [ref[s][name] for s in seeds])))
+        lines.append("| " + " | ".join(cells) + " |")
+    primary = _primary(config, by_id, ref, load, others)
+    what = "; ".join(f"`{n}`: {w}" for n, w in PAIRED_METRICS)
+    return "\n".join(
+        [
+            "",
+            f"## Paired by seed against {label(by_id[ref_id])}",
+            "",
+            f"Each cell: mean of (run - reference) over the seeds both finished, its 95% "
+            f"Student-t interval, and seeds won/lost; `*` marks an interval that excludes "
+            f"zero. Metrics: {what}. The reference row gives absolute values (mean ± std). "
+            f"Multiplicity: this table holds {m} comparisons; at a nominal 5% each, about "
+            f"{0.05 * m:.1f} would exclude zero by chance if nothing differed, so only the "
+            f"pre-registered primary comparisons (docs/experiments.md) are read as evidence.",
+            "",
+            *lines,
+            "",
+            *primary,
+        ]
+    )
+
+
+def _primary(
+    config: Mapping[str, Any],
+    by_id: Mapping[str, Mapping[str, Any]],
+    ref: Mapping[int, Mapping[str, float]],
+    load: Any,
+    others: Sequence[Mapping[str, Any]],
+) -> list[str]:
+    """The pre-registered primary comparisons: ``"primary": {"metric": m, "runs": [ids]}``.
+
+    Each listed run minus the reference on metric ``m``, paired by seed, with a Bonferroni
+    interval at family-wise 95% (each at ``1 - 0.05 / len(runs)``).
+    """
+    rule = config.get("primary")
+    if not rule:
+        return []
+    metric, ids = str(rule["metric"]), [str(i) for i in rule["runs"]]
+    known = {run_id(e) for e in others}
+    if metric not in dict(PAIRED_METRICS) or not set(ids) <= known:
+        raise SystemExit(f"primary: metric {metric!r} or runs {ids} not in this cell")
+    level = 1.0 - 0.05 / len(ids)
+    rows = []
+    for rid in ids:
+        runs = load(by_id[rid])
+        seeds = sorted(set(runs) & set(ref))
+        if len(seeds) < 2:
+            rows.append(f"| {label(by_id[rid])} | {len(seeds)} | - | not enough seeds |")
+            continue
+        got = paired([runs[s][metric] for s in seeds], [ref[s][metric] for s in seeds],
+                     level=level)  # fmt: skip
+        if got.excludes_zero:
+            verdict = "higher" if got.low > 0 else "lower"
+        elif -0.01 <= got.low and got.high <= 0.01:
+            verdict = "no difference larger than 0.01"
+        else:
+            verdict = "not established"
+        rows.append(f"| {label(by_id[rid])} | {len(seeds)} | {got} | {verdict} |")
+    return [
+        f"## Primary comparisons (pre-registered): `{metric}`, family-wise 95%",
+        "",
+        f"Bonferroni over {len(ids)} comparisons: each interval at {100 * level:.2f}%. A "
+        "difference is claimed only where the interval excludes zero.",
+        "",
+        "| run | paired seeds | difference [interval] won/lost | reading |",
+        "| --- | --- | --- | --- |",
+        *rows,
+        "",
+    ]
+
+
+def selection(config: Mapping[str, Any], cell: str, docs: Path) -> str:
+    """The config's ``select`` rule applied to the finished runs (validation only).
+
+    ``"select": {"among": [ids...]}``: among those entries, the one whose mean over the
+    cell's seeds of the *validation* accuracy averaged over the last 3 rounds is highest wins;
+    ties go to the earlier entry (list the more conservative setting first). Only runs finished
+    for every seed count. The test set is never read here.
+    """
+    rule = config.get("select")
+    if not rule:
+        return ""
+    raw = docs / "raw" / cell
+    scores: list[tuple[str, float | None]] = []
+    for rid in rule["among"]:
+        vals = []
+        for seed in config["seeds"]:
+            path = raw / f"{rid}-seed{seed}.json"
+            if path.is_file():
+                rounds = json.loads(path.read_text())["rounds"]
+                vals.append(statistics.fmean(float(r["accuracy"]) for r in rounds[-3:]))
+        full = len(vals) == len(config["seeds"])
+        scores.append((rid, statistics.fmean(vals) if full else None))
+    done = [(rid, v) for rid, v in scores if v is not None]
+    rows = [f"| {rid} | {'-' if v is None else f'{v:.4f}'} |" for rid, v in scores]
+    if len(done) == len(scores):
+        best = max(done, key=lambda t: t[1])  # max keeps the first of equal values
+        verdict = f"Chosen by the rule: **{best[0]}**."
+    else:
+        verdict = "Not decided yet: some runs are unfinished."
+    return "\n".join(
+        [
+            "",
+            "## Selection on validation",
+            "",
+            "Validation accuracy averaged over the last 3 rounds, mean over all seeds; the "
+            "highest wins, ties to the earlier entry. The test set is not read.",
+            "",
+            "| entry | validation, last-3 mean |",
+            "| --- | --- |",
+            *rows,
+            "",
+            verdict,
+            "",
+        ]
+    )
+
+
+def write_table(config: Mapping[str, Any], cell: str, docs: Path) -> Path:
+    """Write ``<docs>/<cell>.md`` and its curves ``<docs>/<cell>.png``."""
+    docs.mkdir(parents=True, exist_ok=True)
+    path = docs / f"{cell}.md"
+    text = table(config, cell, docs) + selection(config, cell, docs)
+    text += paired_table(config, cell, docs)
+    if write_plot(config, cell, docs) is not None:
+        text += f"\n![accuracy and aggregation error per round]({cell}.png)\n"
+    path.write_text(text)
+    return path
+
+
+def curves(config: Mapping[str, Any], cell: str, docs: Path) -> dict[str, dict[str, list[float]]]:
+    """Per run label: seed-mean accuracy and aggregation error per round (raw JSON present)."""
+    raw = docs / "raw" / cell
+    out: dict[str, dict[str, list[float]]] = {}
+    for e in entries(config):
+        runs = []
+        for seed in config.get("seeds", [0]):
+            path = raw / f"{run_id(e)}-seed{seed}.json"
+            if path.is_file():
+                runs.append(json.loads(path.read_text())["rounds"])
+        if not runs:
+            continue
+        n = min(len(r) for r in runs)
+        seeds = f"{len(runs)} seed" + ("s" if len(runs) > 1 else "")
+        out[f"{label(e)} ({seeds})"] = {
+            key: [statistics.fmean(float(r[j].get(key) or 0.0) for r in runs) for j in range(n)]
+            for key in ("accuracy", "aggregation_error")
+        }
+    return out
+
+
+_STYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "v", "D", "x", "+", "*")
+
+
+def write_plot(config: Mapping[str, Any], cell: str, docs: Path) -> Path | None:
+    """``<docs>/<cell>.png``: accuracy and aggregation error per round, one line per run.
+
+    Uses matplotlib's object API (no pyplot, no global backend change).
+    """
+    data = curves(config, cell, docs)
+    if not data:
+        return None
+    from matplotlib.figure import Figure  # noqa: PLC0415 - heavy, only needed here
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+
+    fig = Figure(figsize=(11, 4))
+    ax_acc, ax_err = fig.subplots(1, 2)
+    for j, (name, c) in enumerate(data.items()):
+        # Every run its own (colour, line style, marker): tab10 has 10 colours, the 4 styles
+        # cycle against them, so no two of up to 40 runs look alike.
+        style = {"color": f"C{j % 10}", "linestyle": _STYLES[(j // 10 + j) % len(_STYLES)],
+                 "marker": _MARKERS[j % len(_MARKERS)], "ms": 3}  # fmt: skip
+        rounds = list(range(1, len(c["accuracy"]) + 1))
+        ax_acc.plot(rounds, c["accuracy"], label=name, **style)
+        errs = c["aggregation_error"]
+        if max(errs, default=0.0) > 1e-12:  # the one-client ceiling is exact: nothing to plot
+            ax_err.plot(rounds, errs, **style)
+    for ax, title in (
+        (ax_acc, "accuracy (mean over seeds)"),
+        (ax_err, "aggregation error to the mean update"),
+    ):
+        ax.set_xlabel("round")
+        ax.set_title(title, fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_err.set_yscale("log")
+    fig.suptitle(f"{cell}: {config.get('base', {}).get('task', '')}", fontsize=11)
+    fig.legend(loc="center right", fontsize=7)
+    fig.subplots_adjust(right=0.78, wspace=0.25)
+    path = docs / f"{cell}.png"
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def run_cell(
+    config: Mapping[str, Any],
+    cell: str,
+    out: Path,
+    docs: Path,
+    device: str,
+    *,
+    seeds: Sequence[int] | None = None,
+) -> None:
+    """Run (or resume, or skip) every (seed, entry) in order; raw JSON and table after each.
+
+    ``seeds`` restricts what runs now to a subset of the config's seeds; the table is always
+    written for the whole config (every finished seed).
+    """
+    raw = docs / "raw" / cell
+    raw.mkdir(parents=True, exist_ok=True)
+    todo = config if seeds is None else dict(config) | {"seeds": list(seeds)}
+    for entry, seed, cfg in plan(todo, out, device):
+        results = _check_folder(cfg)
+        if results is None:
+            print(f"[{cell}] running {run_id(entry)} seed {seed} -> {cfg.out}", flush=True)
+            Simulation(cfg).run(resume=True)
+            results = _check_folder(cfg)
+            assert results is not None
+        rec = raw_record(cell, entry, seed, results)
+        (raw / f"{run_id(entry)}-seed{seed}.json").write_text(json.dumps(rec, indent=1) + "\n")
+        write_table(config, cell, docs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point."""
+    p = argparse.ArgumentParser(prog="python -m integration.experiment", description=__doc__)
+    p.add_argument("config")
+    p.add_argument("--table", action="store_true", help="only regenerate the table")
+    p.add_argument("--list", action="store_true", help="print the run order and exit")
+    p.add_argument("--out", default=None, help="run folders (default: config 'out')")
+    p.add_argument("--docs", default="docs/experiments", help="tables and raw JSON")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--resume", action="store_true", help="ignored: runs always resume")
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated subset of the config's seeds to run now (e.g. 0); the table "
+        "still reports every finished seed",
+    )
+    args = p.parse_args(argv)
+    path = Path(args.config)
+    config = json.loads(path.read_text())
+    wanted: list[int] | None = None
+    if args.seeds is not None:
+        wanted = [int(s) for s in args.seeds.split(",") if s.strip()]
+        unknown = sorted(set(wanted) - {int(s) for s in config["seeds"]})
+        if unknown:
+            p.error(f"--seeds {unknown} not in the config's seeds {config['seeds']}")
+    cell = cell_name(config, path)
+    out = Path(args.out or config.get("out") or f"out/experiments/{cell}")
+    docs = Path(args.docs)
+    if args.list:
+        listed = config if wanted is None else dict(config) | {"seeds": wanted}
+        for entry, seed, cfg in plan(listed, out, args.device):
+            print(f"{run_id(entry)} seed {seed}: {cfg.out}")
+        return 0
+    if not args.table:
+        run_cell(config, cell, out, docs, args.device, seeds=wanted)
+    print(write_table(config, cell, docs).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
