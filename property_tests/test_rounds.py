@@ -121,3 +121,13 @@ def test_errors_and_warnings_name_the_module() -> None:
     assert "worst certified residual" in repr(
         gm.aggregate_modules(modules, operator="glora", rank=2)
     )
+
+
+def test_options_from_a_command_line() -> None:
+    from glora_math.operators import parse_options
+
+    assert parse_options("lam=0.02, steps=10") == {"lam": 0.02, "steps": 10.0}
+    assert parse_options("") == {}
+    for bad in ("lam", "lam=x", "=1", "lam=1,lam=2", "lam=nan", "2x=1"):
+        with pytest.raises(OptionError):
+            parse_options(bad)

@@ -34,6 +34,7 @@ from glora_math.operators.interface import (
     RoundContext,
     get_operator,
     list_operators,
+    parse_options,
     register,
 )
 
@@ -46,5 +47,6 @@ __all__ = [
     "RoundContext",
     "get_operator",
     "list_operators",
+    "parse_options",
     "register",
 ]

@@ -412,6 +412,32 @@ def list_operators() -> list[str]:
 # Shared helpers of the families
 
 
+def parse_options(text: str) -> dict[str, float]:
+    """``"lam=0.02,steps=10"`` as ``{"lam": 0.02, "steps": 10.0}`` (a command line's options).
+
+    Raises
+    ------
+    OptionError
+        For an entry that is not ``name=number`` or a name given twice.
+    """
+    out: dict[str, float] = {}
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not eq or not name.isidentifier() or not math.isfinite(number):
+            raise OptionError(f"option {item!r} is not name=number (e.g. lam=0.02,steps=10)")
+        if name in out:
+            raise OptionError(f"option {name!r} is given twice")
+        out[name] = number
+    return out
+
+
 def same_for_all(n: int, f: LoRAFactors, ranks: Sequence[int], method: str) -> list[LoRAFactors]:
     """``f`` for each of ``n`` clients, whose requested ranks must all be ``f``'s own."""
     for i, r in enumerate(ranks):
@@ -459,6 +485,7 @@ __all__ = [
     "factors_cost",
     "get_operator",
     "list_operators",
+    "parse_options",
     "register",
     "same_for_all",
 ]

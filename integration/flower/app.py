@@ -290,6 +290,7 @@ def make_server_app(default: FlowerConfig | None = None) -> ServerApp:
             cfg.operator,
             server_rank=cfg.server_rank,
             max_residual=cfg.max_residual,
+            options=cfg.operator_options(),
             fraction_train=cfg.participation,
             fraction_evaluate=cfg.fraction_evaluate,
             min_train_nodes=1,

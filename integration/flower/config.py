@@ -10,10 +10,10 @@ import difflib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NoReturn
 
 from glora_math import GloraError
-from glora_math.operators import list_operators
+from glora_math.operators import get_operator, list_operators, parse_options
 
 #: Kinds of fault a partition can be told to inject (``faulty`` run-config key).
 FAULTS = ("nan", "missing", "shape")
@@ -65,6 +65,8 @@ class FlowerConfig:
     server_rank: int | None = None
     operator: str = "glora_auto"
     max_residual: float = 0.2
+    # Any option the operator declares, "name=value,..." (e.g. "lam=0.02,steps=10").
+    options: str = ""
     participation: float = 1.0
     fraction_evaluate: float = 1.0
     seed: int = 0
@@ -99,7 +101,19 @@ class FlowerConfig:
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             _bad("operator", self.operator, f"is not an operator{hint}; one of "
                  f"{', '.join(list_operators())}")  # fmt: skip
+        try:
+            opts = self.operator_options()
+        except GloraError as err:
+            _bad("options", self.options, f"cannot be read: {err.message}")
+        unknown = sorted(set(opts) - set(get_operator(self.operator).options))
+        if unknown:
+            _bad("options", self.options, f"names {unknown}; operator {self.operator!r} takes "
+                 f"{sorted(get_operator(self.operator).options)}")  # fmt: skip
         return self
+
+    def operator_options(self) -> dict[str, float]:
+        """``options`` as a mapping (``{}`` when empty)."""
+        return parse_options(self.options)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FlowerConfig:
@@ -141,11 +155,11 @@ class FlowerConfig:
 _INT = ("clients", "rounds", "local_steps", "batch_size", "server_rank", "seed", "max_train",
         "max_eval", "max_len", "threads")  # fmt: skip
 _FLOAT = ("dirichlet", "lr", "max_residual", "participation", "fraction_evaluate", "timeout")
-_STR = ("model", "task", "data_dir", "operator", "out")
+_STR = ("model", "task", "data_dir", "operator", "options", "out")
 _BOOL = ("per_client_init",)
 
 
-def _bad(name: str, value: object, why: str) -> None:
+def _bad(name: str, value: object, why: str) -> NoReturn:
     if name in ("client_ranks", "target_modules") and isinstance(value, tuple):
         value = ",".join(str(x) for x in value)
     elif name == "faulty" and isinstance(value, tuple):

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from glora_math.errors import GloraError
-from glora_math.operators import list_operators
+from glora_math.operators import get_operator, list_operators, parse_options
 
 from ..data import TASKS
 
@@ -65,6 +65,9 @@ class SimConfig:
     # Operators with a "tol" option (glora_auto_rank): the certified-residual tolerance; None
     # keeps the operator's default.
     tol: float | None = None
+    # Any operator option by name (e.g. {"lam": 0.02, "steps": 10} for LoRA-FAIR), passed to the
+    # operator as is; it wins over max_residual, tol and sketch above.
+    options: dict[str, float] | None = None
     # > 0: each client uploads its factors in a random gauge (B G, G^-1 A), G random invertible
     # with this condition number, seeded by (seed, round, client). Products are unchanged.
     scramble_gauge: float = 0.0
@@ -112,6 +115,9 @@ class SimConfig:
              f"--objective must be classification or causal_lm, got {self.objective!r}"),
             (self.operator not in list_operators(),
              f"--operator {self.operator!r} is not one of {list_operators()}"),
+            (bool(self._unknown_options()),
+             f"--options {self._unknown_options()}: operator {self.operator!r} takes "
+             f"{self._known_options()}"),
             ((self.train_file is None) != (self.eval_file is None),
              "--train-file and --eval-file go together"),
             (self.train_file is not None and self.objective == "causal_lm",
@@ -121,6 +127,16 @@ class SimConfig:
              "--eval-file)"),
         ]  # fmt: skip
         return out + [msg for bad, msg in rules if bad]
+
+    def _known_options(self) -> list[str]:
+        if self.operator not in list_operators():
+            return []
+        return sorted(get_operator(self.operator).options)
+
+    def _unknown_options(self) -> list[str]:
+        if self.operator not in list_operators():
+            return []
+        return sorted(set(self.options or {}) - set(self._known_options()))
 
     def check(self) -> None:
         """Raise a :class:`ConfigError` listing every problem of these settings."""
@@ -188,6 +204,8 @@ _HELP = {
     "sketch": "GLoRA family: the randomized consensus (subspace iteration, arXiv 0909.4061) "
     "instead of the exact one",
     "tol": "glora_auto_rank: certified relative residual tolerance (default: the operator's, 0.05)",
+    "options": "operator options as name=value pairs, e.g. lam=0.02,steps=10 (LoRA-FAIR); any "
+    "option the operator declares",
     "scramble_gauge": "> 0: every client uploads its factors in a random gauge (B G, G^-1 A) "
     "with this condition number",
     "threads": "torch intra-op threads (0: torch's default; 1 is fastest on a busy machine)",
@@ -237,6 +255,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SimConfig, bool]:
         kw["tol"] = float(kw["tol"]) if kw["tol"] else None
     except ValueError as err:
         p.error(f"--client-ranks, --server-rank and --tol take numbers: {err}")
+    try:
+        kw["options"] = parse_options(kw["options"]) if kw["options"] else None
+    except GloraError as err:
+        p.error(f"--options: {err}")
     kw["target_modules"] = kw["target_modules"].split(",") if kw["target_modules"] else None
     cfg = SimConfig(**kw)
     found = cfg.problems()

@@ -268,7 +268,11 @@ class Simulation:
         return sorted(torch.randperm(n, generator=g)[:m].tolist())
 
     def _options(self) -> dict[str, float]:
-        """Operator options from the config: ``max_residual`` and ``tol`` where it takes them."""
+        """The operator's options for this run.
+
+        ``max_residual``, ``tol`` and ``sketch`` where the operator takes them, then the
+        config's ``options`` as given.
+        """
         op = self.op
         out = {}
         if "max_residual" in op.options:
@@ -279,7 +283,7 @@ class Simulation:
             if "sketch" not in op.options:
                 raise ValueError(f"--sketch: operator {op.name!r} has no randomized consensus")
             out["sketch"] = 1.0
-        return out
+        return out | dict(self.cfg.options or {})
 
     def step(self) -> dict[str, Any]:
         """One federated round: local training, aggregation, folds, evaluation."""

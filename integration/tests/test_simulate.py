@@ -389,3 +389,19 @@ def test_experiment_pairs_runs_by_seed_and_selects_on_validation(tmp_path: Path)
     section = text.split("## Paired by seed")[1]
     row = next(line for line in section.splitlines() if line.startswith("| flexlora |"))
     assert row.split(" | ")[3] == str(want)
+
+
+def test_any_operator_option_reaches_the_operator(tmp_path: Path) -> None:
+    from integration.flower_app import FlowerConfig, FlowerConfigError
+
+    cfg = SimConfig(**(TINY | {"out": str(tmp_path / "o"), "operator": "lora_fair",  # type: ignore[arg-type]
+                               "options": {"lam": 0.5, "steps": 3.0}}))  # fmt: skip
+    assert Simulation(cfg)._options() == {"lam": 0.5, "steps": 3.0}
+    wrong = SimConfig(**(TINY | {"operator": "fedit", "options": {"lam": 0.5}}))  # type: ignore[arg-type]
+    assert any("--options ['lam']" in p for p in wrong.problems())
+    parsed, _ = parse_args(["--operator", "lora_fair", "--options", "lam=0.5,steps=3"])
+    assert parsed.options == {"lam": 0.5, "steps": 3.0}
+    flower = FlowerConfig.from_run_config({"operator": "lora_fair", "options": "lam=0.5"})
+    assert flower.operator_options() == {"lam": 0.5}
+    with pytest.raises(FlowerConfigError, match="options"):
+        FlowerConfig.from_run_config({"operator": "fedit", "options": "lam=0.5"})
