@@ -2,7 +2,7 @@
 
 Each function takes client factors (scale folded in) and weights, and returns factors (and,
 where the method is dense by definition, a dense residual). The registry
-(:mod:`glora_math.registry`) wraps them behind one interface with declared guarantees.
+(:mod:`glora_math.operators`) wraps them behind one interface with declared guarantees.
 Weights are renormalised as everywhere (:func:`glora_math.validation.normalize_weights`).
 """
 

@@ -25,8 +25,8 @@ from glora_math.metrics import (
     mean_update,
     state_factors,
 )
+from glora_math.operators import list_operators
 from glora_math.readout import eckart_young_error, readout
-from glora_math.registry import list_operators
 from glora_math.synthetic import random_clients, shared_init_clients
 from glora_math.types import GaugeMode, LoRAFactors, Side
 

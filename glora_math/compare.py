@@ -20,7 +20,7 @@ import torch
 from glora_math.errors import GloraError, GloraWarning, ProtocolError
 from glora_math.gauge import apply_gauge, random_invertible, random_orthogonal
 from glora_math.metrics import fro_distance, fro_norm, mean_update
-from glora_math.registry import (
+from glora_math.operators import (
     AggregateResult,
     AggregationOperator,
     OperatorState,

@@ -6,6 +6,8 @@ before; new code imports them from :mod:`glora_math.operators` (or from :mod:`gl
 
 from __future__ import annotations
 
+import warnings
+
 from glora_math.operators import (
     AggregateResult,
     AggregationOperator,
@@ -16,6 +18,13 @@ from glora_math.operators import (
     get_operator,
     list_operators,
     register,
+)
+
+warnings.warn(
+    "glora_math.registry is the old name of glora_math.operators; import from there (or from "
+    "glora_math)",
+    DeprecationWarning,
+    stacklevel=2,
 )
 
 __all__ = [

@@ -14,8 +14,8 @@ clients' factors of that module and
   exceeds it, naming the module,
 - attaches the module's name to every error (``err.module``).
 
-The peft path (:func:`glora_math.integration.peft_io.aggregate_adapters`), the federated server,
-the runner and the Flower strategy all aggregate through it.
+The peft path (:func:`glora_math.integration.peft.aggregate.aggregate_adapters`), the
+federated server, the runner and the Flower strategy all aggregate through it.
 """
 
 from __future__ import annotations

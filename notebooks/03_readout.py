@@ -98,7 +98,7 @@ for r, f in zip(ranks, per_client, strict=True):
 
 # %%
 from glora_math.metrics import best_rank_approx, mean_update, relative_error
-from glora_math.registry import get_operator
+from glora_math.operators import get_operator
 
 het = get_operator("hetlora")(clients, rank=R, client_ranks=ranks)
 assert het.client_factors is not None

@@ -60,7 +60,7 @@ def test_python_dash_m_entry_point() -> None:
 
 
 def test_compare_lists_every_operator_with_its_guarantees_visible(capsys) -> None:  # type: ignore[no-untyped-def]
-    from glora_math.registry import list_operators
+    from glora_math.operators import list_operators
 
     assert main(["compare", "--d", "40", "--k", "30", "--clients", "4", "--server-rank", "6"]) == 0
     rows = _rows(capsys.readouterr().out)

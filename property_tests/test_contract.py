@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from glora_math.registry import Guarantee, get_operator, list_operators
+from glora_math.operators import Guarantee, get_operator, list_operators
 from glora_math.testing.contract import PROPERTIES, check_guarantee
 
 

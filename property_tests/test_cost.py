@@ -20,7 +20,7 @@ import glora_math as gm
 from glora_math import consensus as consensus_module
 from glora_math import gauge as gauge_module
 from glora_math import metrics
-from glora_math.registry import get_operator, list_operators
+from glora_math.operators import get_operator, list_operators
 from glora_math.validation import all_finite, validate_clients
 
 from .strategies import conditioned_factors, gaussian_clients

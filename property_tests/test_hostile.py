@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import glora_math as gm
 from glora_math.errors import GloraError, NonFiniteError, UnknownOperatorError, WeightError
-from glora_math.registry import AggregateResult, get_operator, list_operators
+from glora_math.operators import AggregateResult, get_operator, list_operators
 
 OPERATORS = list_operators()
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from glora_math import LoRAFactors, random_orthogonal
 from glora_math import baselines as bl
 from glora_math.errors import ProtocolError
-from glora_math.registry import OperatorState, get_operator, list_operators
+from glora_math.operators import OperatorState, get_operator, list_operators
 from glora_math.tolerances import orthonormality_tol, product_tol
 
 from .helpers import cond, f64, n_dims

@@ -131,3 +131,14 @@ def test_options_from_a_command_line() -> None:
     for bad in ("lam", "lam=x", "=1", "lam=1,lam=2", "lam=nan", "2x=1"):
         with pytest.raises(OptionError):
             parse_options(bad)
+
+
+def test_the_old_registry_name_is_a_deprecated_alias() -> None:
+    import importlib
+    import sys
+
+    sys.modules.pop("glora_math.registry", None)
+    with pytest.warns(DeprecationWarning, match="glora_math.operators"):
+        registry = importlib.import_module("glora_math.registry")
+    assert registry.get_operator is get_operator
+    assert registry.list_operators() == list_operators()

@@ -30,7 +30,7 @@ from glora_math import (
 )
 from glora_math.errors import ResidualWarning, ZeroEigengapWarning
 from glora_math.linalg import projector_distance
-from glora_math.registry import get_operator
+from glora_math.operators import get_operator
 from glora_math.tolerances import (
     certificate_tol,
     orthonormality_tol,

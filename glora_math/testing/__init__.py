@@ -1,7 +1,7 @@
 """Testing tools shipped with the package (needs ``hypothesis``: ``glora-math[test]``).
 
 - :mod:`glora_math.testing.contract`: the operator contract, one property per
-  :class:`~glora_math.registry.Guarantee`; :func:`check_contract` runs it on any registered
+  :class:`~glora_math.operators.Guarantee`; :func:`check_contract` runs it on any registered
   operator (yours included), as linear_operator ships its ``LinearOperatorTestCase``.
 - :mod:`glora_math.testing.strategies`: hypothesis strategies for federated LoRA problems
   (conditioned factors, heterogeneous ranks, weights, gauges).

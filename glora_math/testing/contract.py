@@ -1,6 +1,6 @@
 """The operator contract as a library: one property per guarantee, for any operator.
 
-Every :class:`~glora_math.registry.Guarantee` has a property here (:data:`PROPERTIES`). For an
+Every :class:`~glora_math.operators.Guarantee` has a property here (:data:`PROPERTIES`). For an
 operator that declares a guarantee the property must hold on every drawn problem; for one that
 does not, the same property must be falsified by a found counterexample (otherwise the
 declaration is missing). The project's contract test runs every registered operator through
@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from glora_math import LoRAFactors, apply_gauge, random_invertible
 from glora_math.errors import GloraError, RankClampedWarning, ZeroEigengapWarning
 from glora_math.linalg import projector_distance
-from glora_math.registry import (
+from glora_math.operators import (
     AggregateResult,
     AggregationOperator,
     Guarantee,

@@ -118,13 +118,13 @@ class FederatedServer:
     Parameters
     ----------
     operator
-        A name from :func:`glora_math.registry.list_operators` (default: the certified,
+        A name from :func:`glora_math.operators.list_operators` (default: the certified,
         side-aware GLoRA).
     server_rank
         The server rank R (default: the largest client rank of each round).
     options
         Operator options (``max_residual``, ``tol``, ``sketch``, ...; see
-        :attr:`glora_math.registry.AggregationOperator.options`).
+        :attr:`glora_math.operators.AggregationOperator.options`).
     dense
         The initial dense tensors every client starts from (``modules_to_save``), if any.
 

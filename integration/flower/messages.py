@@ -4,6 +4,27 @@ Encoding and decoding of factors and tensors (numpy arrays, ``allow_pickle=False
 train and evaluate instructions a client reads, the replies it builds, and the decoding of a
 train reply into a :class:`~glora_math.integration.peft.io.ClientAdapter` with every check of
 the trust boundary (see :mod:`.strategy` for the record layout).
+
+Record layout (keys of the ``RecordDict``):
+
+server -> client, train
+    ``"init"``: the client's folded factors (``"<module>.B"``, ``"<module>.A"``), empty for a
+    fresh LoRA start; ``"base"``: dense folds accumulated into base weights (``"<module>"``,
+    FedEx-LoRA residuals, FLoRA merges); ``"dense"``: ``modules_to_save`` tensors;
+    ``"config"``: ``server-round``, ``freeze-a``/``freeze-b`` (the factor the operator keeps
+    frozen and shared this round: FFA-LoRA's A, RoLoRA's A then B). :func:`read_train_message`
+    decodes it.
+client -> server, train
+    ``"adapter"``: the peft LoRA state dict (``get_peft_model_state_dict``); ``"lora"``: its
+    ``r``, ``lora_alpha``, ``use_rslora``, ``fan_in_fan_out`` (and ``rank_pattern`` /
+    ``alpha_pattern`` as JSON strings); ``"metrics"``: ``num-examples``, ``train-loss`` and,
+    optionally, ``partition-id``. :func:`train_reply` builds it.
+server -> client, evaluate
+    ``"update"``: the global low-rank update, ``"base"``, ``"dense"``; the client merges them.
+    :func:`read_evaluate_message` decodes it.
+client -> server, evaluate
+    ``"metrics"``: ``num-examples``, ``accuracy``, ``eval-loss`` (and ``partition-id``).
+    :func:`evaluate_reply` builds it.
 """
 
 from __future__ import annotations

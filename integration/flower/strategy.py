@@ -1,10 +1,10 @@
 """Every registered operator as a Flower strategy (Message API, ``flwr.serverapp.strategy``).
 
 :class:`LoRAStrategy` only samples nodes, converts records and checks replies: client replies
-become :class:`~integration.peft_io.ClientAdapter` objects, the server state and round policy
-are :class:`integration.server.FederatedServer` (the same object the runner drives; its math is
-:func:`~integration.peft_io.aggregate_adapters` with any operator of
-:mod:`glora_math.registry`), and the results go back as records. Clients may have different
+become :class:`~integration.peft.io.ClientAdapter` objects, the server state and round policy
+are :class:`integration.federated.server.FederatedServer` (the same object the runner drives;
+its math is :func:`glora_math.aggregate_modules` with any operator of
+:mod:`glora_math.operators`), and the results go back as records. Clients may have different
 LoRA ranks: each one receives factors of its own rank (a rank-compatible readout for GLoRA,
 FlexLoRA and the like).
 
@@ -24,26 +24,7 @@ cannot be traced to one reply, or a non-finite aggregate, keeps the global model
 exception from a reply reaches Flower, and no reply changes which other replies are accepted.
 Payloads are numpy arrays decoded with ``allow_pickle=False``; nothing is unpickled.
 
-Record layout (keys of the ``RecordDict``):
-
-server -> client, train
-    ``"init"``: the client's folded factors (``"<module>.B"``, ``"<module>.A"``), empty for a
-    fresh LoRA start; ``"base"``: dense folds accumulated into base weights (``"<module>"``,
-    FedEx-LoRA residuals, FLoRA merges); ``"dense"``: ``modules_to_save`` tensors;
-    ``"config"``: ``server-round``, ``freeze-a``/``freeze-b`` (the factor the operator keeps
-    frozen and shared this round: FFA-LoRA's A, RoLoRA's A then B). :func:`read_train_message`
-    decodes it.
-client -> server, train
-    ``"adapter"``: the peft LoRA state dict (``get_peft_model_state_dict``); ``"lora"``: its
-    ``r``, ``lora_alpha``, ``use_rslora``, ``fan_in_fan_out`` (and ``rank_pattern`` /
-    ``alpha_pattern`` as JSON strings); ``"metrics"``: ``num-examples``, ``train-loss`` and,
-    optionally, ``partition-id``. :func:`train_reply` builds it.
-server -> client, evaluate
-    ``"update"``: the global low-rank update, ``"base"``, ``"dense"``; the client merges them.
-    :func:`read_evaluate_message` decodes it.
-client -> server, evaluate
-    ``"metrics"``: ``num-examples``, ``accuracy``, ``eval-loss`` (and ``partition-id``).
-    :func:`evaluate_reply` builds it.
+The records a round exchanges are laid out in :mod:`.messages`.
 """
 
 from __future__ import annotations
@@ -131,7 +112,7 @@ class LoRAStrategy(Strategy):
     Parameters
     ----------
     operator
-        A name from :func:`glora_math.registry.list_operators`.
+        A name from :func:`glora_math.operators.list_operators`.
     server_rank
         The server rank R (default: the largest client rank of the round). It is also the
         reference rank for operators that need equal client ranks.

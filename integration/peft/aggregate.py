@@ -151,7 +151,7 @@ def aggregate_adapters(
     states
         Per-module operator states (stateful operators), from the previous round.
     options
-        Operator options (:attr:`glora_math.registry.AggregationOperator.options`), e.g.
+        Operator options (:attr:`glora_math.operators.AggregationOperator.options`), e.g.
         ``{"max_residual": 0.1}`` for the GLoRA family: a ``ResidualWarning`` naming the
         module when a module's certified relative residual exceeds it.
 

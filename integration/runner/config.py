@@ -182,7 +182,7 @@ _HELP = {
     "rank": "LoRA rank of every client (unless --client-ranks)",
     "client_ranks": "comma-separated per-client LoRA ranks, e.g. 2,4,8",
     "server_rank": "server rank R (default: the largest client rank)",
-    "operator": "aggregation operator (glora_math.registry)",
+    "operator": "aggregation operator (glora_math.operators)",
     "participation": "fraction of clients sampled each round",
     "seed": "run seed (data split, shared init, batches, sampling)",
     "device": "torch device, e.g. cpu or cuda",

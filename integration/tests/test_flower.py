@@ -26,7 +26,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from glora_math import LoRAFactors
 from glora_math.linalg import lowrank_svd
-from glora_math.registry import Guarantee, list_operators
+from glora_math.operators import Guarantee, list_operators
 from glora_math.tolerances import product_tol
 from integration.flower import LoRAStrategy, factors_to_record, record_to_factors
 from integration.peft_io import PREFIX, adapter_from_state_dict, aggregate_adapters
@@ -260,7 +260,7 @@ def test_a_client_rank_above_the_server_rank_is_refused_not_crashed() -> None:
 
 @pytest.mark.parametrize("name", list_operators())
 def test_every_operator_runs_as_a_strategy(name: str) -> None:
-    from glora_math.registry import get_operator
+    from glora_math.operators import get_operator
 
     op = get_operator(name)
     het = Guarantee.RANK_COMPATIBLE in op.guarantees
