@@ -13,4 +13,7 @@ import sys
 _new = importlib.import_module(f"{__package__}.runner.experiment")
 if __name__ == "__main__":
     raise SystemExit(_new.main())
+# Loaders that execute this file without the import system's sys.modules lookup (Flower's app
+# loader) still find every name here.
+globals().update({k: v for k, v in vars(_new).items() if not k.startswith("__")})
 sys.modules[__name__] = _new

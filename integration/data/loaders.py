@@ -64,7 +64,7 @@ def default_data_dir() -> Path:
     env = os.environ.get("GLORA_DATA")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parents[1]
+    here = Path(__file__).resolve().parents[2]  # the folder holding integration/
     cwd = Path.cwd()
     for cand in (here / "shared" / "data", here.parent / "shared" / "data",
                  cwd / "shared" / "data", cwd.parent / "shared" / "data"):  # fmt: skip

@@ -468,8 +468,8 @@ def test_the_template_lists_every_run_config_key_with_its_default() -> None:
     assert app["config"] == FlowerConfig().to_run_config()
     for ref in app["components"].values():
         module, _, attr = ref.partition(":")
-        assert module == "glora_math.integration.flower_app"
-        assert hasattr(importlib.import_module("integration.flower_app"), attr)
+        assert module == "glora_math.integration.flower.app"
+        assert hasattr(importlib.import_module("integration.flower.app"), attr)
     # The connection file names the port and the security the README's commands use.
     conn = tomllib.loads((TEMPLATE / "flower-config.toml").read_text())["superlink"]
     assert conn["local-deployment"] == {"address": "127.0.0.1:9093", "insecure": True}
