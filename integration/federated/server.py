@@ -213,6 +213,48 @@ class FederatedServer:
         self.round += 1
         return outcome
 
+    def what_if(
+        self,
+        operator: str | AggregationOperator,
+        adapters: Sequence[ClientAdapter],
+        weights: Sequence[float],
+        *,
+        options: Mapping[str, float] | None = None,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
+        """The global model another (stateless) operator would make of these very uploads.
+
+        Nothing of this server changes. Returns the dense ``out x in`` change of every module
+        (this server's folds so far, plus the other operator's folds and update), the averaged
+        dense tensors, and the round's metrics (:func:`measure`). The counterfactual rounds of
+        the runner use it: every listed operator aggregates the same uploads.
+
+        Raises
+        ------
+        GloraError
+            If the operator keeps state between rounds (it has no history on this trajectory).
+        """
+        op = resolve_operator(operator)
+        if op.stateful:
+            raise GloraError(f"operator {op.name!r} is stateful: it has no counterfactual round")
+        ranks = [max(m.factors.rank for m in a.modules.values()) for a in adapters]
+        opts = {k: v for k, v in self.options.items() if k in op.options} | dict(options or {})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GloraWarning)
+            rnd = aggregate_adapters(
+                adapters, weights, operator=op, rank=self.server_rank or max(ranks), options=opts
+            )
+        deltas = {name: f.detach().clone() for name, f in self.base_fold.items()}
+        for name, res in rnd.results.items():
+            parts = [res.residual, res.update.delta()]
+            for part in parts:
+                if part is not None:
+                    d = part.detach().to(torch.float64)
+                    deltas[name] = deltas[name] + d if name in deltas else d
+        dense = {k: v.to(torch.float32) for k, v in rnd.dense.items()}
+        p = weights if rnd.weights is None else rnd.weights
+        metrics = measure(rnd.results, adapters, p, clients=rnd.clients)
+        return deltas, dense, metrics
+
     def _apply(self, rnd: AdapterRound, clients: list[int], ranks: list[int]) -> None:
         update = {}
         for name, res in rnd.results.items():

@@ -68,6 +68,11 @@ class SimConfig:
     # Any operator option by name (e.g. {"lam": 0.02, "steps": 10} for LoRA-FAIR), passed to the
     # operator as is; it wins over max_residual, tol and sketch above.
     options: dict[str, float] | None = None
+    # Counterfactual rounds: these (stateless) operators also aggregate every round's very
+    # uploads; each resulting global model is evaluated (on the test set if there is one, else
+    # on the validation set) and recorded in the round's row, and the run itself goes on with
+    # `operator` unchanged.
+    counterfactual: list[str] | None = None
     # > 0: each client uploads its factors in a random gauge (B G, G^-1 A), G random invertible
     # with this condition number, seeded by (seed, round, client). Products are unchanged.
     scramble_gauge: float = 0.0
@@ -115,6 +120,12 @@ class SimConfig:
              f"--objective must be classification or causal_lm, got {self.objective!r}"),
             (self.operator not in list_operators(),
              f"--operator {self.operator!r} is not one of {list_operators()}"),
+            (any(o not in list_operators() or get_operator(o).stateful
+                 for o in self.counterfactual or []),
+             f"--counterfactual {self.counterfactual}: each must be a registered operator that "
+             "keeps no state between rounds"),
+            (bool(self.counterfactual) and self.objective != "classification",
+             "--counterfactual: classification only"),
             (bool(self._unknown_options()),
              f"--options {self._unknown_options()}: operator {self.operator!r} takes "
              f"{self._known_options()}"),
@@ -204,6 +215,8 @@ _HELP = {
     "sketch": "GLoRA family: the randomized consensus (subspace iteration, arXiv 0909.4061) "
     "instead of the exact one",
     "tol": "glora_auto_rank: certified relative residual tolerance (default: the operator's, 0.05)",
+    "counterfactual": "comma-separated stateless operators that also aggregate every round's "
+    "same uploads; each global model is evaluated and recorded, the run goes on unchanged",
     "options": "operator options as name=value pairs, e.g. lam=0.02,steps=10 (LoRA-FAIR); any "
     "option the operator declares",
     "scramble_gauge": "> 0: every client uploads its factors in a random gauge (B G, G^-1 A) "
@@ -260,6 +273,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SimConfig, bool]:
     except GloraError as err:
         p.error(f"--options: {err}")
     kw["target_modules"] = kw["target_modules"].split(",") if kw["target_modules"] else None
+    cf = kw["counterfactual"]
+    kw["counterfactual"] = [x.strip() for x in cf.split(",") if x.strip()] if cf else None
     cfg = SimConfig(**kw)
     found = cfg.problems()
     if found:

@@ -54,6 +54,7 @@ ROUND_KEYS = (
     "sides",
     "seconds",
     "eval_seconds",
+    "counterfactual",
 )
 #: Config fields that do not change results (ignored when matching a run folder's config).
 CEILING_ID = "ceiling"
@@ -396,6 +397,86 @@ def _primary(
     ]
 
 
+def counterfactual_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
+    """The counterfactual rounds of every run that has them, against the run's own operator.
+
+    At every round of a run, each listed operator aggregated the very uploads of that round
+    (``counterfactual`` in the run's config). Per operator: the mean aggregation error and
+    certificate over rounds and seeds, and the loss and accuracy differences from the run's
+    own aggregate (the run's operator, which must be listed too), averaged over the rounds
+    of each seed and paired by seed (95% t-interval, seeds won/lost on the loss: "won" is a
+    lower loss). The dose-response line correlates, over (seed, round, operator), the error
+    difference with the loss difference.
+    """
+    raw = docs / "raw" / cell
+    blocks = []
+    for e in entries(config):
+        recs = []
+        for seed in config["seeds"]:
+            path = raw / f"{run_id(e)}-seed{seed}.json"
+            if path.is_file():
+                rounds = json.loads(path.read_text())["rounds"]
+                if rounds and "counterfactual" in rounds[0]:
+                    recs.append(rounds)
+        if not recs:
+            continue
+        own = str(e.get("operator", config["base"].get("operator", "")))
+        names = list(recs[0][0]["counterfactual"])
+        if own not in names:
+            continue
+        lines = [
+            "| operator | mean aggregation error | mean certificate | Δloss vs own "
+            "(paired by seed) | Δaccuracy vs own |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        xs: list[float] = []
+        ys: list[float] = []
+        for name in names:
+            errs, certs, dl, da = [], [], [], []
+            for rounds in recs:
+                cf = [r["counterfactual"] for r in rounds]
+                errs += [c[name]["aggregation_error"] for c in cf]
+                certs += [c[name]["certified_residual"] for c in cf
+                          if c[name]["certified_residual"] is not None]  # fmt: skip
+                dl.append(statistics.fmean(c[name]["loss"] - c[own]["loss"] for c in cf))
+                da.append(statistics.fmean(c[name]["accuracy"] - c[own]["accuracy"] for c in cf))
+                for c in cf:
+                    if name != own:
+                        xs.append(c[name]["aggregation_error"] - c[own]["aggregation_error"])
+                        ys.append(c[name]["loss"] - c[own]["loss"])
+            zeros = [0.0] * len(dl)
+            cert = f"{statistics.fmean(certs):.3e}" if certs else "-"
+            loss = "(reference)" if name == own else str(paired(zeros, dl))
+            acc = "(reference)" if name == own else f"{statistics.fmean(da):+.4f}"
+            lines.append(f"| {name} | {statistics.fmean(errs):.3e} | {cert} | {loss} | {acc} |")
+        corr = "-"
+        if len(xs) > 2 and statistics.pstdev(xs) > 0 and statistics.pstdev(ys) > 0:
+            corr = f"{statistics.correlation(xs, ys):+.3f} (n = {len(xs)})"
+        blocks += [
+            f"### Counterfactual rounds of {label(e)} ({len(recs)} seeds)",
+            "",
+            *lines,
+            "",
+            f"Dose-response: correlation of (error - own error) with (loss - own loss): {corr}.",
+            "",
+        ]
+    if not blocks:
+        return ""
+    return "\n".join(
+        [
+            "",
+            "## The aggregation step isolated (counterfactual rounds)",
+            "",
+            "Every listed operator aggregates the same uploads at every round of the run; "
+            "each global model is evaluated on the test set. Δloss: mean over the rounds of a "
+            "seed, then paired over seeds as (own - operator), so a positive difference means "
+            "the operator's aggregate has the *lower* loss; `*`: the interval excludes zero.",
+            "",
+            *blocks,
+        ]
+    )
+
+
 def selection(config: Mapping[str, Any], cell: str, docs: Path) -> str:
     """The config's ``select`` rule applied to the finished runs (validation only).
 
@@ -448,7 +529,7 @@ def write_table(config: Mapping[str, Any], cell: str, docs: Path) -> Path:
     docs.mkdir(parents=True, exist_ok=True)
     path = docs / f"{cell}.md"
     text = table(config, cell, docs) + selection(config, cell, docs)
-    text += paired_table(config, cell, docs)
+    text += paired_table(config, cell, docs) + counterfactual_table(config, cell, docs)
     if write_plot(config, cell, docs) is not None:
         text += f"\n![accuracy and aggregation error per round]({cell}.png)\n"
     path.write_text(text)

@@ -306,6 +306,10 @@ class Simulation:
                 )
             adapters.append(adapter)
         weights = [float(len(self.shards[i])) for i in who]
+        # Counterfactual rounds first: the other operators on these very uploads; nothing of the
+        # run changes (no state, no randomness consumed).
+        counterfactual = {name: self._what_if(name, adapters, weights)
+                          for name in self.cfg.counterfactual or []}  # fmt: skip
         outcome = self.server.aggregate(
             who, adapters, weights, client_ranks=[ranks[i] for i in who]
         )
@@ -326,9 +330,33 @@ class Simulation:
         row["seconds"] = time.perf_counter() - t0
         row["eval_seconds"] = time.perf_counter() - t_agg
         row["warnings"] = outcome.warnings
+        if counterfactual:
+            row["counterfactual"] = counterfactual
         self.metrics.append(row)
         self.round += 1
         return row
+
+    def _what_if(
+        self, name: str, adapters: list[ClientAdapter], weights: list[float]
+    ) -> dict[str, Any]:
+        """One counterfactual aggregate of this round's uploads, evaluated."""
+        deltas, dense, metrics = self.server.what_if(name, adapters, weights)
+        if self._eval_model is None:
+            self._eval_model = copy.deepcopy(self.base)
+        model = merged_model(self.base, deltas, dense, into=self._eval_model)
+        examples = self.test if self.test is not None and self.cfg.evaluate_test else self.eval
+        ev = evaluate_classifier(
+            model, self.tok, examples, max_len=self.cfg.max_len, device=self.device,
+            encoder=self.encoder,
+        )  # fmt: skip
+        split = "test" if examples is self.test else "validation"
+        return {
+            "split": split,
+            "accuracy": ev["accuracy"],
+            "loss": ev["eval_loss"],
+            "aggregation_error": metrics["aggregation_error"],
+            "certified_residual": metrics["certified_residual"],
+        }
 
     def evaluate(self, examples: Examples | None = None) -> dict[str, float]:
         """``accuracy``, ``eval_loss`` (and ``mcc``, classification) of the global model.

@@ -405,3 +405,53 @@ def test_any_operator_option_reaches_the_operator(tmp_path: Path) -> None:
     assert flower.operator_options() == {"lam": 0.5}
     with pytest.raises(FlowerConfigError, match="options"):
         FlowerConfig.from_run_config({"operator": "fedit", "options": "lam=0.5"})
+
+
+def test_counterfactual_rounds_use_the_same_uploads_and_change_nothing(tmp_path: Path) -> None:
+    base = {"rounds": 2, "test_holdout": 40}
+    plain = _run(tmp_path, "plain", **base)
+    cf = ["glora_auto", "fedit", "flexlora", "glora"]  # the run's own operator first
+    rows = _run(tmp_path, "cf", counterfactual=cf, **base)
+    again = _run(tmp_path, "again", counterfactual=cf, **base)
+    for p, r, a in zip(plain, rows, again, strict=True):
+        # The run itself is bit-identical with or without its counterfactual rounds ...
+        for key in ("accuracy", "eval_loss", "test_accuracy", "test_loss", "aggregation_error"):
+            assert p[key] == r[key]
+        # ... and so are the counterfactual rounds on a rerun.
+        assert r["counterfactual"] == a["counterfactual"]
+        got = r["counterfactual"]
+        assert list(got) == cf  # type: ignore[arg-type]
+        # The run's own operator on the same uploads is the run's own global model.
+        own = got["glora_auto"]  # type: ignore[index]
+        assert own["split"] == "test"
+        assert (own["accuracy"], own["loss"]) == (r["test_accuracy"], r["test_loss"])
+        assert own["aggregation_error"] == r["aggregation_error"]
+        assert got["glora"]["certified_residual"] is not None  # type: ignore[index]
+    assert any(
+        "--counterfactual" in m for m in SimConfig(counterfactual=["fedrot_lora"]).problems()
+    )
+    parsed, _ = parse_args(["--counterfactual", "fedit,glora"])
+    assert parsed.counterfactual == ["fedit", "glora"]
+
+
+def test_experiment_tables_the_counterfactual_rounds(tmp_path: Path) -> None:
+    from integration import experiment
+
+    cfg = {
+        "name": "cf",
+        "seeds": [0, 1],
+        "base": TINY
+        | {"rounds": 2, "test_holdout": 40, "max_len": 32, "threads": 1, "operator": "fedit"},
+        "runs": [{"operator": "fedit", "counterfactual": ["fedit", "flexlora", "glora_auto"]}],
+    }
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(cfg))
+    docs = tmp_path / "docs"
+    assert experiment.main([str(path), "--out", str(tmp_path / "out"), "--docs", str(docs)]) == 0
+    text = (docs / "cf.md").read_text()
+    assert "## The aggregation step isolated (counterfactual rounds)" in text
+    for name in ("| fedit |", "| flexlora |", "| glora_auto |"):
+        assert name in text.split("counterfactual rounds")[-1]
+    rid = experiment.run_id(cfg["runs"][0])  # type: ignore[index]
+    rounds = json.loads((docs / "raw" / "cf" / f"{rid}-seed0.json").read_text())["rounds"]
+    assert set(rounds[0]["counterfactual"]) == {"fedit", "flexlora", "glora_auto"}
