@@ -24,9 +24,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 from glora_math.baselines import truncate_svd
@@ -39,7 +41,7 @@ from glora_math.types import LoRAFactors
 from glora_math.validation import WeightsLike
 
 from ..peft.aggregate import AdapterRound, aggregate_adapters
-from ..peft.io import ClientAdapter
+from ..peft.io import ClientAdapter, config_dict, save_adapter
 
 
 @dataclass
@@ -254,6 +256,34 @@ class FederatedServer:
         p = weights if rnd.weights is None else rnd.weights
         metrics = measure(rnd.results, adapters, p, clients=rnd.clients)
         return deltas, dense, metrics
+
+    def save_global_adapter(
+        self, path: str | Path, lora_config: Any, *, base_model: str | None = None
+    ) -> list[Path]:
+        """Write the global model as a peft adapter folder; return what was written.
+
+        ``path/adapter_model.safetensors`` + ``adapter_config.json`` (the global update of every
+        module plus the heads; ``PeftModel.from_pretrained`` loads it) if there is an update,
+        and ``path/base_delta.safetensors`` (dense ``out x in`` changes to add to the base
+        weights: FedEx-LoRA residuals, FLoRA merges) if there are folds. ``lora_config``: a
+        ``LoraConfig`` or its dict (target modules, ``modules_to_save``); ``r`` and
+        ``rank_pattern`` are set from the update; ``base_model`` becomes the config's
+        ``base_model_name_or_path``.
+        """
+        folder = Path(path)
+        written: list[Path] = []
+        config = config_dict(lora_config)
+        if base_model is not None:
+            config["base_model_name_or_path"] = base_model
+        if self.global_update:
+            save_adapter(folder, self.global_update, self.dense, config)
+            written += [folder / "adapter_model.safetensors", folder / "adapter_config.json"]
+        if self.base_fold:
+            folder.mkdir(parents=True, exist_ok=True)
+            folds = {k: v.detach().cpu().contiguous() for k, v in self.base_fold.items()}
+            save_file(folds, str(folder / "base_delta.safetensors"))
+            written.append(folder / "base_delta.safetensors")
+        return written
 
     def _apply(self, rnd: AdapterRound, clients: list[int], ranks: list[int]) -> None:
         update = {}

@@ -51,7 +51,6 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
-from safetensors.torch import save_file
 from torch import Tensor
 
 from glora_math import GloraError, LoRAFactors
@@ -59,10 +58,6 @@ from glora_math.operators import get_operator
 
 from ..federated.server import FederatedServer, RoundOutcome
 from ..peft.aggregate import aggregate_adapters
-from ..peft.io import (
-    config_dict,
-    save_adapter,
-)
 from .messages import (
     MAX_ABS,
     MAX_EXAMPLES,
@@ -326,28 +321,11 @@ class LoRAStrategy(Strategy):
         """The global model: update factors, dense folds and heads, flattened in one record."""
         return tensors_to_record(self.server.global_tensors())
 
-    def save_global_adapter(self, path: str | Path, lora_config: Any) -> list[Path]:
-        """Write the global model as a peft adapter folder; return what was written.
-
-        ``path/adapter_model.safetensors`` + ``adapter_config.json`` (the global update of every
-        module plus the heads; ``PeftModel.from_pretrained`` loads it) if there is an update,
-        and ``path/base_delta.safetensors`` (dense ``out x in`` changes to add to the base
-        weights: FedEx-LoRA residuals, FLoRA merges) if there are folds. ``lora_config``: a
-        ``LoraConfig`` or its dict (target modules, ``modules_to_save``); ``r`` and
-        ``rank_pattern`` are set from the update.
-        """
-        folder = Path(path)
-        written: list[Path] = []
-        if self.server.global_update:
-            save_adapter(folder, self.server.global_update, self.server.dense,
-                         config_dict(lora_config))  # fmt: skip
-            written += [folder / "adapter_model.safetensors", folder / "adapter_config.json"]
-        if self.server.base_fold:
-            folder.mkdir(parents=True, exist_ok=True)
-            folds = {k: v.detach().cpu().contiguous() for k, v in self.server.base_fold.items()}
-            save_file(folds, str(folder / "base_delta.safetensors"))
-            written.append(folder / "base_delta.safetensors")
-        return written
+    def save_global_adapter(
+        self, path: str | Path, lora_config: Any, *, base_model: str | None = None
+    ) -> list[Path]:
+        """The global model as a peft adapter folder (the server's ``save_global_adapter``)."""
+        return self.server.save_global_adapter(path, lora_config, base_model=base_model)
 
     # ------------------------------------------------------------------ internals
 

@@ -73,6 +73,9 @@ class SimConfig:
     # on the validation set) and recorded in the round's row, and the run itself goes on with
     # `operator` unchanged.
     counterfactual: list[str] | None = None
+    # Also write the global adapter after every round (out/rounds/<k>/); the final one is
+    # always written to out/global_adapter.
+    save_every_round: bool = False
     # > 0: each client uploads its factors in a random gauge (B G, G^-1 A), G random invertible
     # with this condition number, seeded by (seed, round, client). Products are unchanged.
     scramble_gauge: float = 0.0
@@ -171,7 +174,7 @@ class ConfigError(GloraError):
 
 
 #: Fields that do not change a run's results (where it writes, how fast it runs).
-NOT_RESULTS = ("out", "device", "threads", "data_dir")
+NOT_RESULTS = ("out", "device", "threads", "data_dir", "save_every_round")
 
 
 def results_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -215,6 +218,8 @@ _HELP = {
     "sketch": "GLoRA family: the randomized consensus (subspace iteration, arXiv 0909.4061) "
     "instead of the exact one",
     "tol": "glora_auto_rank: certified relative residual tolerance (default: the operator's, 0.05)",
+    "save_every_round": "also write the global adapter of every round to OUT/rounds/<k>/ (the "
+    "final one always goes to OUT/global_adapter)",
     "counterfactual": "comma-separated stateless operators that also aggregate every round's "
     "same uploads; each global model is evaluated and recorded, the run goes on unchanged",
     "options": "operator options as name=value pairs, e.g. lam=0.02,steps=10 (LoRA-FAIR); any "

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -43,6 +44,7 @@ from ..federated.models import (
     evaluate_classifier,
     lora_config,
     merged_model,
+    minilm_path,
     seed_for,
     start_client,
     target_weights,
@@ -123,8 +125,11 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _load_data(cfg: SimConfig) -> tuple[Examples, Examples, Examples | None]:
-    """Training, validation and (``test_holdout`` > 0) held-out test examples.
+def _load_data(cfg: SimConfig) -> tuple[Examples, Examples, Examples | None, list[str] | None]:
+    """Training, validation and (``test_holdout`` > 0) held-out test examples, label names.
+
+    The label names are the user's file's (``label_names[i]`` names label ``i``), or ``None``
+    for a built-in task (whose labels are the integers of its files).
 
     From a built-in task or the user's files; the test rows are set aside from the training
     pool before the run's training sample is drawn (:func:`integration.data.hold_out`).
@@ -135,12 +140,14 @@ def _load_data(cfg: SimConfig) -> tuple[Examples, Examples, Examples | None]:
         train, names = load_examples(cfg.train_file, **cols)  # type: ignore[arg-type]
         dev, _ = load_examples(cfg.eval_file, label_names=names, **cols)  # type: ignore[arg-type]
     else:
+        names = None
         root = Path(cfg.data_dir) if cfg.data_dir else None
         train, dev = load_task(cfg.task, "train", root), load_task(cfg.task, "dev", root)
     test = None
     if cfg.test_holdout > 0:
         train, test = hold_out(train, cfg.test_holdout)
-    return sample(train, cfg.max_train, cfg.seed), sample(dev, cfg.max_eval, cfg.seed + 1), test
+    train, dev = sample(train, cfg.max_train, cfg.seed), sample(dev, cfg.max_eval, cfg.seed + 1)
+    return train, dev, test, names
 
 
 class Simulation:
@@ -154,8 +161,9 @@ class Simulation:
             torch.set_num_threads(cfg.threads)
         cfg.check()
         self.op = get_operator(cfg.operator)  # the one lookup of the run's operator
-        train, self.eval, self.test = _load_data(cfg)
+        train, self.eval, self.test, names = _load_data(cfg)
         self.num_labels = max(*train.labels, *self.eval.labels) + 1
+        self.label_names = names or [str(i) for i in range(self.num_labels)]
         parts = dirichlet_split(train.labels, cfg.clients, cfg.dirichlet, cfg.seed)
         self.shards = [train.subset(p) for p in parts]
         if cfg.objective == "causal_lm":
@@ -484,17 +492,52 @@ class Simulation:
             self._progress = functools.partial(self._show_progress, bar)
             row = self.step()
             self.save()
+            if self.cfg.save_every_round:
+                self.save_adapter(self.out / "rounds" / str(self.round))
             bar.set_postfix(acc=f"{row['accuracy']:.3f}", agg_err=f"{row['aggregation_error']:.2e}")
-        write_results(self.out, self.cfg, self.metrics)
+        written = self.save_adapter(self.out / "global_adapter")
+        extra = {"label_names": self.label_names,
+                 "global_adapter": [str(p.relative_to(self.out)) for p in written]}  # fmt: skip
+        write_results(self.out, self.cfg, self.metrics, extra)
         return self.metrics
 
+    def base_model(self) -> str | None:
+        """The base model's name or path as an adapter names it (None: the random test model)."""
+        if self.cfg.model == "tiny-roberta":
+            return None
+        if self.cfg.model == "minilm":
+            return str(minilm_path())
+        return self.cfg.model
 
-def write_results(out: Path, cfg: SimConfig, metrics: list[dict[str, Any]]) -> None:
-    """results.json and PNG plots of accuracy and aggregation error per round."""
+    def save_adapter(self, folder: Path) -> list[Path]:
+        """The current global model as a peft adapter folder (``PeftModel.from_pretrained``).
+
+        Written to a fresh temporary folder first and moved into place, so that ``folder``
+        never holds a mix of two rounds' files.
+        """
+        tmp = folder.with_name(folder.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        written = self.server.save_global_adapter(
+            tmp, self._config_dict(max(self.cfg.ranks())), base_model=self.base_model()
+        )
+        if folder.exists():
+            shutil.rmtree(folder)
+        if tmp.exists():
+            tmp.rename(folder)
+        return [folder / p.name for p in written]
+
+
+def write_results(
+    out: Path,
+    cfg: SimConfig,
+    metrics: list[dict[str, Any]],
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """results.json (config, versions, metrics and ``extra``) and PNG plots per round."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(
-        json.dumps({"config": asdict(cfg), "versions": versions(), "metrics": metrics}, indent=2)
-    )
+    doc = {"config": asdict(cfg), "versions": versions(), "metrics": metrics, **(extra or {})}
+    (out / "results.json").write_text(json.dumps(doc, indent=2))
     if not metrics:
         return
     # The object-oriented API: no pyplot, no global backend change (a notebook keeps its own).

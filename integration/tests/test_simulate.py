@@ -455,3 +455,36 @@ def test_experiment_tables_the_counterfactual_rounds(tmp_path: Path) -> None:
     rid = experiment.run_id(cfg["runs"][0])  # type: ignore[index]
     rounds = json.loads((docs / "raw" / "cf" / f"{rid}-seed0.json").read_text())["rounds"]
     assert set(rounds[0]["counterfactual"]) == {"fedit", "flexlora", "glora_auto"}
+
+
+def test_the_runner_saves_the_global_adapter_peft_loads(tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    from glora_math.tolerances import storage_tol
+    from integration.models import build_model
+    from integration.peft_io import load_adapter
+
+    cfg = SimConfig(**(TINY | {"out": str(tmp_path / "run"), "save_every_round": True}))  # type: ignore[arg-type]
+    sim = Simulation(cfg)
+    sim.run()
+    out = tmp_path / "run"
+    results = json.loads((out / "results.json").read_text())
+    assert results["label_names"] == ["0", "1"]
+    assert results["global_adapter"] == [
+        "global_adapter/adapter_model.safetensors",
+        "global_adapter/adapter_config.json",
+    ]
+    assert sorted(p.name for p in (out / "rounds").iterdir()) == ["1", "2"]
+    assert not (out / "global_adapter.tmp").exists()
+    saved = load_adapter(out / "global_adapter")
+    for name, f in sim.server.global_update.items():
+        got = saved.modules[name].factors
+        scale = float(f.B.norm() * f.A.norm())
+        # Unfolding and refolding the LoRA scale rounds once in the stored dtype (float32).
+        assert float((got.delta().double() - f.delta().double()).norm()) <= storage_tol(
+            torch.float32, scale=scale
+        )
+    base, _ = build_model("tiny-roberta", sim.num_labels, cfg.seed)
+    model = PeftModel.from_pretrained(base, str(out / "global_adapter"))
+    batch = sim.tok(["a fine film", "dull"], return_tensors="pt", padding=True)
+    assert model(**batch).logits.shape == (2, sim.num_labels)
