@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from glora_math.errors import ProtocolError, ShapeMismatchError
+from glora_math.errors import OptionError, ProtocolError, ShapeMismatchError
 from glora_math.linalg import lowrank_fro_norm, lowrank_svd, sign_fixed_svd
 from glora_math.metrics import mean_update
 from glora_math.types import LoRAFactors
@@ -131,7 +131,7 @@ def rolora(
     info, p, fs = _prepare(factors, weights)
     _require_equal_ranks(fs, "RoLoRA")
     if trained not in ("A", "B"):
-        raise ValueError(f"trained must be 'A' or 'B', got {trained!r}")
+        raise OptionError(f"trained must be 'A' or 'B', got {trained!r}")
     frozen = "A" if trained == "B" else "B"
     # Training A with B frozen is training B with A frozen on the transposed problem.
     sides = [(f.B, f.A) if trained == "B" else (f.A.mT, f.B.mT) for f in fs]
@@ -184,7 +184,7 @@ def fedex_lora(
     if layout == "in_out":
         residual = residual.mT.contiguous()
     elif layout != "out_in":
-        raise ValueError(f"unknown layout {layout!r}; expected 'out_in' or 'in_out'")
+        raise OptionError(f"unknown layout {layout!r}; expected 'out_in' or 'in_out'")
     return _cast(avg, info.dtype), residual
 
 
@@ -239,7 +239,7 @@ def truncate_svd(
         B = U[:, :rr] * s[:rr]
         A = Vh[:rr]
     else:
-        raise ValueError(f"split must be 'balanced' or 'left', got {split!r}")
+        raise OptionError(f"split must be 'balanced' or 'left', got {split!r}")
     if rr < r:
         B = torch.cat([B, B.new_zeros((B.shape[0], r - rr))], dim=1)
         A = torch.cat([A, A.new_zeros((r - rr, A.shape[1]))], dim=0)
@@ -339,13 +339,13 @@ def fedrot_rotation(
     satisfies ``||R - I||_F <= 2 lam ||R* - I||_F`` (SPEC P9). ``lam = 1`` returns ``R*`` in O(r).
     """
     if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"alignment strength must be in [0, 1], got {lam}")
+        raise OptionError(f"alignment strength must be in [0, 1], got {lam}")
     if align == "A":
         M = client.A @ reference.A.mT
     elif align == "B":
         M = client.B.mT @ reference.B
     else:
-        raise ValueError(f"align must be 'A' or 'B', got {align!r}")
+        raise OptionError(f"align must be 'A' or 'B', got {align!r}")
     if lam == 1.0:
         return procrustes(M)
     Rstar = procrustes(M, special=True)
@@ -399,7 +399,7 @@ def fedrot_lora(
 def aligned_side(round_index: int, first: Literal["A", "B"] = "A") -> Literal["A", "B"]:
     """FedRot-LoRA's aligned factor in round ``round_index`` (from 1; round 2 aligns ``first``)."""
     if first not in ("A", "B"):
-        raise ValueError(f"first must be 'A' or 'B', got {first!r}")
+        raise OptionError(f"first must be 'A' or 'B', got {first!r}")
     other: Literal["A", "B"] = "B" if first == "A" else "A"
     return first if round_index % 2 == 0 else other
 
@@ -480,7 +480,7 @@ def lora_fair(
     info, p, fs = _prepare(factors, weights)
     _require_equal_ranks(fs, "LoRA-FAIR")
     if not (math.isfinite(lam) and lam >= 0.0) or steps < 0:
-        raise ValueError(f"lam must be >= 0 and steps >= 0, got {lam}, {steps}")
+        raise OptionError(f"lam must be >= 0 and steps >= 0, got {lam}, {steps}")
     # The line search branches on comparisons, so rounding differences from the order of the
     # sums could change its path: sum the clients in a canonical order (by weight and
     # content), which makes the result exactly invariant to the clients' order.
@@ -528,7 +528,7 @@ def flora_na(
     info, p, fs = _prepare(factors, weights)
     _require_equal_ranks(fs, "FLoRA-NA")
     if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+        raise OptionError(f"steps must be >= 0, got {steps}")
     B = _weighted_sum(p, [f.B for f in fs])
     A = _weighted_sum(p, [f.A for f in fs])
     for _ in range(steps):

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from glora_math.errors import GloraError, GloraWarning, ProtocolError
+from glora_math.errors import GloraError, GloraWarning, OptionError, ProtocolError
 from glora_math.gauge import apply_gauge, random_invertible, random_orthogonal
 from glora_math.metrics import fro_distance, fro_norm, mean_update
 from glora_math.operators import (
@@ -134,7 +134,7 @@ def gauge_sensitivity(
             elif kind == "orthogonal":
                 G = random_orthogonal(f.rank, generator=gen, dtype=torch.float64)
             else:
-                raise ValueError(f"unknown gauge kind {kind!r}")
+                raise OptionError(f"unknown gauge kind {kind!r}")
             gauged.append(apply_gauge(f, G))
         moved = op(gauged, weights, rank=rank, state=state)
         worst = max(worst, update_distance(base, moved) / den)

@@ -38,7 +38,7 @@ from glora_math.linalg import (
     randomized_left_svd,
     tall_left_svd,
 )
-from glora_math.tolerances import orthonormality_tol, working_dtype, zero_gap_tol
+from glora_math.tolerances import orthonormality_tol, storage_tol, working_dtype, zero_gap_tol
 from glora_math.types import ConsensusBasis, GaugeFixed, Sketch
 from glora_math.validation import WeightsLike, all_finite, normalize_weights, validate_rank
 
@@ -88,7 +88,12 @@ def _check_fixed(fixed: Sequence[GaugeFixed]) -> None:
         gap = float(
             torch.linalg.matrix_norm(U.mT @ U - torch.eye(U.shape[1], dtype=wd, device=dev))
         )
-        if gap > orthonormality_tol(wd, n=int(U.shape[0] + U.shape[1])):
+        # A basis stored in half precision is orthonormal to that precision only.
+        tol = max(
+            orthonormality_tol(wd, n=int(U.shape[0] + U.shape[1])),
+            storage_tol(f.U.dtype, scale=2.0 * int(U.shape[1])),
+        )
+        if gap > tol:
             raise GaugeError(
                 f"basis columns are not orthonormal (||U^T U - I|| = {gap:.1e}); gauge-fix the "
                 "client with gauge_fix",
@@ -134,6 +139,14 @@ def consensus_basis(
     """
     R = validate_rank(rank)
     _check_fixed(fixed)
+    # Half-precision bases are computed in float32 (eigh has no half kernels), and the math
+    # is not differentiable: detached copies in the working dtype.
+    fixed = [
+        GaugeFixed(
+            f.U.detach().to(working_dtype(f.U.dtype)), f.C.detach().to(working_dtype(f.C.dtype))
+        )
+        for f in fixed
+    ]
     U0 = fixed[0].U
     p = normalize_weights(weights, len(fixed), dtype=U0.dtype, device=U0.device)
     return consensus(fixed, p, R, sketch, stacklevel=3)[0]

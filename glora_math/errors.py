@@ -83,8 +83,11 @@ class ProtocolError(GloraError):
     """Client factors violate a method's protocol (e.g. FFA-LoRA's frozen, shared A)."""
 
 
-class OptionError(GloraError):
-    """An option an operator does not take, or an option value it cannot use."""
+class OptionError(GloraError, ValueError):
+    """An option or setting that is not known, or a value of one that cannot be used.
+
+    Also a ``ValueError``, as such errors were before they were typed.
+    """
 
 
 class UnknownOperatorError(GloraError, KeyError):

@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from glora_math.errors import GaugeError, RankError
+from glora_math.errors import GaugeError, OptionError, RankError
 from glora_math.linalg import (
     column_signs,
     full_rank_qr,
@@ -87,7 +87,7 @@ def gauge_fix_all(
 ) -> list[GaugeFixed]:
     """Gauge-fix clients already checked by :func:`validate_clients`, in ``info.work_dtype``."""
     if mode not in ("qr", "svd"):
-        raise ValueError(f"unknown gauge mode {mode!r}; expected 'qr' or 'svd'")
+        raise OptionError(f"unknown gauge mode {mode!r}; expected 'qr' or 'svd'")
     wd = info.work_dtype
     cs = [as_factors(f, i) for i, f in enumerate(factors)]
     out: list[GaugeFixed | None] = [None] * len(cs)

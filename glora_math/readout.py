@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from glora_math.errors import NonFiniteError, RankError
+from glora_math.errors import NonFiniteError, OptionError, RankError
 from glora_math.linalg import sign_fixed_svd
 from glora_math.types import LoRAFactors, ServerState, Split
 from glora_math.validation import all_finite, validate_rank
@@ -30,7 +30,7 @@ def _readout_from_svd(
 ) -> LoRAFactors:
     Us, s, Vh = svd
     if split not in ("balanced", "left", "right"):
-        raise ValueError(f"unknown split {split!r}; expected 'balanced', 'left' or 'right'")
+        raise OptionError(f"unknown split {split!r}; expected 'balanced', 'left' or 'right'")
     if state.side == "right":  # the transposed problem's B is the update's A
         swap: dict[Split, Split] = {"balanced": "balanced", "left": "right", "right": "left"}
         split = swap[split]

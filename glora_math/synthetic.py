@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from glora_math.errors import RankError
+from glora_math.errors import OptionError, RankError
 from glora_math.linalg import sign_fixed_qr
 from glora_math.types import LoRAFactors
 from glora_math.validation import validate_rank
@@ -37,7 +37,7 @@ def random_clients(
         raise RankError(f"got {len(ranks)} ranks for {n} clients")
     ranks = [validate_rank(r) for r in ranks]
     if not 0.0 <= heterogeneity <= 1.0:
-        raise ValueError(f"heterogeneity must be in [0, 1], got {heterogeneity}")
+        raise OptionError(f"heterogeneity must be in [0, 1], got {heterogeneity}")
     g = torch.Generator().manual_seed(seed)
     sd = validate_rank(shared_dim if shared_dim is not None else max(ranks), name="shared_dim")
     shared, _ = sign_fixed_qr(torch.randn(d, min(sd, d), generator=g, dtype=torch.float64))

@@ -61,6 +61,8 @@ def _check_matrix(name: str, x: object, *, stack: bool = False) -> Tensor:
         raise DtypeError(f"{name} must be floating point, got {x.dtype}")
     if x.is_meta:
         raise DtypeError(f"{name} is a meta tensor (a shape without data)")
+    if x.layout != torch.strided:
+        raise DtypeError(f"{name} is a {x.layout} tensor; pass a dense one (x.to_dense())")
     return x
 
 

@@ -149,6 +149,13 @@ def validate_clients(factors: Sequence[LoRAFactors], *, stack: bool = False) -> 
 
 def _check_clients(factors: Sequence[LoRAFactors], stack: bool) -> ClientsInfo:
     """The checks of :func:`validate_clients` (every entry of every factor read once)."""
+    given: object = factors  # the annotation is a promise the caller may not keep
+    if given is None:
+        raise EmptyClientsError("no client factors were given (got None)")
+    if isinstance(given, str | bytes | Tensor | LoRAFactors) or not hasattr(given, "__len__"):
+        raise ShapeMismatchError(
+            f"expected a sequence of LoRAFactors (one per client), got {type(given).__name__}"
+        )
     if len(factors) == 0:
         raise EmptyClientsError("no client factors were given")
     clients = [as_factors(f, i) for i, f in enumerate(factors)]
@@ -156,6 +163,8 @@ def _check_clients(factors: Sequence[LoRAFactors], stack: bool) -> ClientsInfo:
     batch = clients[0].batch_shape
     device = clients[0].B.device
     dtype = clients[0].B.dtype
+    if 0 in batch:
+        raise ShapeMismatchError(f"a stack of no modules (batch dimensions {batch})", client=0)
     for i, f in enumerate(clients):
         if f.batch_shape and not stack:
             raise ShapeMismatchError(

@@ -20,8 +20,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import glora_math as gm
-from glora_math.errors import GloraError, NonFiniteError, UnknownOperatorError, WeightError
+from glora_math.errors import (
+    GloraError,
+    NonFiniteError,
+    OptionError,
+    UnknownOperatorError,
+    WeightError,
+)
 from glora_math.operators import AggregateResult, get_operator, list_operators
+from glora_math.tolerances import storage_tol
 
 OPERATORS = list_operators()
 
@@ -293,3 +300,57 @@ def test_an_overflow_in_a_group_of_modules_names_the_client_not_the_flat_index()
     fs[4] = gm.LoRAFactors(fs[4].B * 1e6, fs[4].A)
     assert overflow_error("test", fs, clients=3).client == 1
     assert overflow_error("test", fs).client == 4
+
+
+# ------------------------------------------------- round two: containers, layouts, settings
+
+_NOT_CLIENTS: dict[str, Callable[[], Any]] = {
+    "None": lambda: None,
+    "a string": lambda: "clients",
+    "an int": lambda: 5,
+    "one LoRAFactors": lambda: _clients()[0],
+    "a tensor": lambda: torch.zeros(3, 2),
+    "sparse factors": lambda: [gm.LoRAFactors(f.B.to_sparse(), f.A) for f in _clients()],
+}
+
+
+@pytest.mark.parametrize("op_name", OPERATORS)
+@pytest.mark.parametrize("case", list(_NOT_CLIENTS))
+def test_what_is_not_a_list_of_clients(op_name: str, case: str) -> None:
+    # A typed error (building the sparse factors already refuses them), never a raw one.
+    out = _outcome(lambda: get_operator(op_name)(_NOT_CLIENTS[case](), None, rank=2))
+    assert isinstance(out, GloraError), out
+    assert isinstance(
+        _outcome(lambda: gm.glora_aggregate(_NOT_CLIENTS[case](), rank=2)), GloraError
+    )
+
+
+def test_a_stack_of_no_modules_and_unknown_settings_are_typed() -> None:
+    empty = [gm.LoRAFactors(torch.zeros(0, 8, 2), torch.zeros(0, 2, 5))] * 2
+    with pytest.raises(gm.ShapeMismatchError, match="a stack of no modules"):
+        gm.glora_aggregate(empty, rank=2)
+    fs = _clients()
+    # Typed, and still ValueErrors for code that caught those.
+    with pytest.raises(OptionError, match="unknown gauge mode"):
+        gm.gauge_fix(fs[0], mode="x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown split"):
+        gm.readout(gm.glora_aggregate(fs, rank=2), 2, split="x")  # type: ignore[arg-type]
+    with pytest.raises(OptionError, match="lam"):
+        gm.baselines.lora_fair(fs, lam=-1.0)
+
+
+@pytest.mark.parametrize("kind", ["half", "requires_grad"])
+def test_consensus_of_half_and_differentiable_bases(kind: str) -> None:
+    fixed = [gm.gauge_fix(f) for f in _clients()]
+    ref = gm.consensus_basis(fixed, rank=2)
+    if kind == "half":
+        given_ = [gm.GaugeFixed(f.U.half(), f.C.half()) for f in fixed]
+    else:
+        given_ = [gm.GaugeFixed(f.U.clone().requires_grad_(), f.C) for f in fixed]
+    got = gm.consensus_basis(given_, rank=2)
+    assert not got.U.requires_grad
+    assert got.U.dtype == (torch.float32 if kind == "half" else ref.U.dtype)
+    # The same subspace, to the precision the bases were stored in.
+    P, Q = got.U.double() @ got.U.double().mT, ref.U @ ref.U.mT
+    storage = torch.float16 if kind == "half" else ref.U.dtype
+    assert float((P - Q).norm()) <= storage_tol(storage, scale=2.0 * 2) / max(ref.gap, 1e-3)
