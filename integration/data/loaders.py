@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -192,31 +193,47 @@ def dirichlet_split(labels: list[int], n_clients: int, alpha: float, seed: int) 
     raise ValueError(f"could not give every one of {n_clients} clients an example")
 
 
+def _text(path: Path) -> str:
+    """The file as text: UTF-8, a byte-order mark dropped (Excel writes one), or a DataError."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x}); save the file as UTF-8"
+        ) from None
+
+
 def _rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any]]]:
-    """(line number, row) of a TSV, CSV or JSONL file (a header row names TSV/CSV columns)."""
+    """(line number, row) of a TSV, CSV or JSONL file (a header row names TSV/CSV columns).
+
+    UTF-8 with or without a byte-order mark. TSV is read as GLUE's own readers read it, with
+    no quote character (a field may begin with an unbalanced ``"``); CSV with standard quoting.
+    """
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        with path.open(encoding="utf-8") as fh:
-            for no, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(
-                        f"{path}:{no}: not a JSON object per line ({err.msg})"
-                    ) from None
-                if not isinstance(row, dict):
-                    raise DataError(
-                        f"{path}:{no}: expected a JSON object, got {type(row).__name__}"
-                    )
-                yield no, row
-        return
-    if suffix not in (".tsv", ".csv", ".txt"):
+    if suffix not in (".tsv", ".csv", ".txt", ".jsonl", ".json", ".ndjson"):
         raise DataError(f"{path}: unknown format {suffix!r} (use .tsv, .csv or .jsonl)")
-    with path.open(encoding="utf-8", newline="") as fh:
-        delim = "," if suffix == ".csv" else "\t"
-        reader = csv.DictReader(fh, delimiter=delim)
+    text = _text(path)
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        for no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{no}: not a JSON object per line ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{no}: expected a JSON object, got {type(row).__name__}")
+            yield no, row
+        return
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=",")
+    else:
+        reader = csv.DictReader(
+            io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE
+        )
+    try:
         for row in reader:
             if None in row:  # more fields than the header names
                 raise DataError(
@@ -224,10 +241,19 @@ def _rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any]]]:
                     f"fields, the header names {len(reader.fieldnames or [])}"
                 )
             yield reader.line_num, row
+    except csv.Error as err:  # e.g. a field over the csv module's size limit
+        raise DataError(f"{path}:{reader.line_num}: {err}") from None
 
 
 def _dataset_rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any]]]:
     """Rows of a local Hugging Face ``datasets`` folder (``Dataset.save_to_disk``)."""
+    if not any((path / name).is_file() for name in ("dataset_info.json", "state.json",
+                                                       "dataset_dict.json")):  # fmt: skip
+        raise DataError(
+            f"{path}: a folder that is not a saved datasets dataset (no dataset_info.json, "
+            "state.json or dataset_dict.json); pass a .tsv/.csv/.jsonl file or a folder "
+            "written by Dataset.save_to_disk"
+        )
     if importlib.util.find_spec("datasets") is None:
         raise DataError(
             f"{path}: a datasets folder needs the datasets library (pip install datasets)"
@@ -241,6 +267,35 @@ def _dataset_rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any]]]:
             f"({path}/<split>)"
         )
     yield from enumerate(ds, start=1)
+
+
+#: Integer labels above this are refused: a classification head of that many classes is not
+#: what a sentence task means, and the label names would be built one per integer.
+MAX_CLASSES = 10_000
+
+
+def _label_names(src: Path, column: str, raw: Sequence[tuple[int, str]]) -> list[str]:
+    """The label vocabulary of a file's labels (integers 0..C-1, or names in sorted order)."""
+    values = {v for _, v in raw}
+    ints = {v for v in values if v.lstrip("-").isdigit()}
+    if ints and ints != values:  # a typo such as "pos" among 0/1
+        odd = next((no, v) for no, v in raw if v not in ints)
+        raise DataError(
+            f"{src}:{odd[0]}: column {column!r}: label {odd[1]!r} among integer labels "
+            f"{sorted(ints, key=int)[:5]}; fix the row or pass label_names"
+        )
+    if ints:
+        numbers = sorted(int(v) for v in ints)
+        if numbers[0] < 0:
+            raise DataError(f"{src}: column {column!r}: negative label {numbers[0]}")
+        if numbers[-1] >= MAX_CLASSES:
+            no = next(no for no, v in raw if int(v) == numbers[-1])
+            raise DataError(
+                f"{src}:{no}: column {column!r}: label {numbers[-1]} is not a class index "
+                f"(labels are the integers 0..C-1, C <= {MAX_CLASSES})"
+            )
+        return [str(i) for i in range(numbers[-1] + 1)]
+    return sorted(values)
 
 
 def load_examples(
@@ -286,18 +341,16 @@ def load_examples(
         raise DataError(f"{src}: no examples")
     names = list(label_names) if label_names is not None else None
     if names is None:
-        values = {v for _, v in raw}
-        if all(v.lstrip("-").isdigit() for v in values):
-            ints = sorted(int(v) for v in values)
-            if ints[0] < 0:
-                raise DataError(f"{src}: column {label_column!r}: negative label {ints[0]}")
-            names = [str(i) for i in range(ints[-1] + 1)]
-        else:
-            names = sorted(values)
+        names = _label_names(src, label_column, raw)
+        if len({v for _, v in raw}) < 2:
+            raise DataError(
+                f"{src}: column {label_column!r}: every row has the label {raw[0][1]!r}; a "
+                "classifier needs at least two classes"
+            )
     index = {n: i for i, n in enumerate(names)}
     labels = []
     for no, v in raw:
-        key = str(int(v)) if v.lstrip("-").isdigit() and v not in index else v
+        key = str(int(v)) if v.lstrip("-").isdigit() and len(v) < 20 and v not in index else v
         if key not in index:
             raise DataError(
                 f"{src}:{no}: column {label_column!r}: label {v!r} is not one of {names[:10]}"

@@ -131,3 +131,41 @@ def test_the_held_out_test_set_is_fixed_disjoint_and_never_sampled(tmp_path: Pat
     for bad in (0, 200, -1):
         with pytest.raises(DataError, match="held-out"):
             hold_out(ex, bad)
+
+
+def test_real_files_a_bom_and_unbalanced_quotes(tmp_path: Path) -> None:
+    # A GLUE-format sentence-pair TSV saved with a BOM, a field beginning with a lone quote.
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_bytes(
+        "\ufeffsentence1\tsentence2\tlabel\n"
+        '"Quoted start\tsecond one\t1\nplain\tother\t0\n'.encode()
+    )
+    ex, names = load_examples(tsv, text_column="sentence1", text_pair_column="sentence2")
+    assert ex.texts == ['"Quoted start [SEP] second one', "plain [SEP] other"]
+    assert (ex.labels, names) == ([1, 0], ["0", "1"])
+    csv = tmp_path / "excel.csv"
+    csv.write_bytes('\ufefftext,label\n"a, b",pos\nc,neg\n'.encode())
+    ex2, names2 = load_examples(csv)
+    assert (ex2.texts, names2) == (["a, b", "c"], ["neg", "pos"])
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"text\tlabel\nfine\t0\nbad\xff\t1\n", r"bad\.tsv:3: not UTF-8 \(byte 0xff\)"),
+        (b"text\tlabel\na\t0\nb\tpos\nc\t1\n", r"bad\.tsv:3: column 'label': label 'pos' among"),
+        (b"text\tlabel\na\t0\nb\t1000000000000\n", r"bad\.tsv:3: .*not a class index"),
+        (b"text\tlabel\na\t1\nb\t1\n", "every row has the label '1'"),
+        (b"text\tlabel\n" + b"x" * 140_000 + b"\t0\n", r"bad\.tsv:\d+: field larger than"),
+    ],
+)
+def test_bad_data_files_are_one_line_errors(tmp_path: Path, content: bytes, match: str) -> None:
+    path = tmp_path / "bad.tsv"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=match):
+        load_examples(path)
+
+
+def test_a_plain_folder_is_not_a_dataset(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not a saved datasets dataset"):
+        load_examples(tmp_path)
