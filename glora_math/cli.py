@@ -363,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "simulate", help="federated fine-tuning run (see: glora simulate --help)", add_help=False
     )
+    sub.add_parser(
+        "aggregate",
+        help="one round over peft adapter folders (see: glora aggregate --help)",
+        add_help=False,
+    )
     ver = sub.add_parser(
         "verify",
         help="symbolic proofs, high-precision checks and properties of P1-P14 and the lemmas",
@@ -409,11 +414,23 @@ def run_simulate(argv: list[str]) -> int:
     return code
 
 
+def run_aggregate(argv: list[str]) -> int:
+    """Forward to :mod:`glora_math.integration.peft.aggregate` (peft adapter folders)."""
+    try:
+        peft_round = importlib.import_module("glora_math.integration.peft.aggregate")
+    except ImportError as err:
+        sys.stderr.write(f"glora aggregate needs the integration extra: {err}\n")
+        return 2
+    code: int = peft_round.main(argv)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``glora`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["simulate"]:
-        return run_simulate(argv[1:])
+    forwarded = {"simulate": run_simulate, "aggregate": run_aggregate}
+    if argv[:1] and argv[0] in forwarded:  # commands of the integration layer
+        return forwarded[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":

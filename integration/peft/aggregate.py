@@ -6,7 +6,10 @@ The adapters become a mapping of module name to the clients' factors; the dense 
 
 from __future__ import annotations
 
+import argparse
 import json
+import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +20,14 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from glora_math import LoRAFactors
-from glora_math.errors import ShapeMismatchError
-from glora_math.operators import AggregateResult, AggregationOperator, OperatorState
+from glora_math.errors import GloraError, ShapeMismatchError
+from glora_math.operators import (
+    AggregateResult,
+    AggregationOperator,
+    OperatorState,
+    list_operators,
+    parse_options,
+)
 from glora_math.rounds import aggregate_modules
 from glora_math.validation import WeightsLike
 
@@ -257,6 +266,52 @@ def aggregate_peft(
     return rnd
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """``glora aggregate ADAPTER... --out DIR``: one round over real peft adapter folders."""
+    p = argparse.ArgumentParser(
+        prog="glora aggregate",
+        description="Aggregate peft LoRA adapter folders (one per client) with any operator and "
+        "write the global adapter (OUT/global), each client's continuation (OUT/client_<i>) "
+        "and a round summary (OUT/round.json).",
+    )
+    p.add_argument("adapters", nargs="+", help="peft adapter folders, one per client")
+    p.add_argument("--out", required=True, help="output folder (must be empty or new)")
+    p.add_argument("--weights", default=None, help="comma-separated client weights, e.g. "
+                   "sample counts (default: equal)")  # fmt: skip
+    p.add_argument("--operator", default="glora_auto", help="a name of glora_math.list_operators()")
+    p.add_argument("--rank", type=int, default=None, help="server rank R (default: the largest "
+                   "client rank)")  # fmt: skip
+    p.add_argument("--options", default="", help="operator options, name=value,...")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        p.error(f"--out {out} is not an empty folder (pass --overwrite to replace it)")
+    try:
+        weights = None
+        if args.weights:
+            weights = [float(w) for w in args.weights.split(",") if w.strip()]
+        opts = parse_options(args.options)
+        if args.operator not in list_operators():
+            p.error(f"--operator {args.operator!r} is not one of {list_operators()}")
+        if out.exists() and args.overwrite:
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        rnd = aggregate_peft(args.adapters, weights, operator=args.operator, rank=args.rank,
+                             out=out, options=opts)  # fmt: skip
+    except GloraError as err:  # before ValueError: GloraErrors are ValueErrors too
+        sys.stderr.write(f"glora aggregate: error: {err}\n")
+        return 2
+    except ValueError as err:  # --weights that are not numbers
+        p.error(str(err))
+    except OSError as err:
+        sys.stderr.write(f"glora aggregate: error: {out}: {err.strerror}\n")
+        return 2
+    certs = rnd.certificates()
+    worst = f"; worst certified residual {max(certs.values()):.3e}" if certs else ""
+    print(f"wrote {out}/global ({len(rnd.results)} modules, operator {args.operator}){worst}")
+    return 0
+
+
 __all__ = [
     "AdapterRound",
     "ClientLike",
@@ -264,4 +319,5 @@ __all__ = [
     "aggregate_peft",
     "as_adapter",
     "fedavg_dense",
+    "main",
 ]

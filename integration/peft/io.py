@@ -311,6 +311,16 @@ def load_adapter(path: str | Path, *, client: int | None = None) -> ClientAdapte
     folder = Path(path)
     weights = folder / "adapter_model.safetensors"
     cfg = folder / "adapter_config.json"
+    if not folder.exists():
+        raise AdapterError(f"{folder}: no such adapter folder", client=client)
+    if not folder.is_dir():
+        raise AdapterError(f"{folder}: not a folder (pass a peft adapter folder)", client=client)
+    if not weights.is_file() and (folder / "adapter_model.bin").is_file():
+        raise AdapterError(
+            f"{folder} holds adapter_model.bin, a pickle, which is never loaded here; re-save "
+            "it with save_pretrained(..., safe_serialization=True)",
+            client=client,
+        )
     if not weights.is_file() or not cfg.is_file():
         raise AdapterError(
             f"{folder} lacks adapter_model.safetensors or adapter_config.json", client=client
@@ -324,6 +334,12 @@ def load_adapter(path: str | Path, *, client: int | None = None) -> ClientAdapte
         raise AdapterError(
             f"cannot read adapter at {folder}: {type(err).__name__}: {err}"[:300], client=client
         ) from None
+    kind = config.get("peft_type", "LORA") if isinstance(config, dict) else "LORA"
+    if str(kind).upper() != "LORA":
+        raise AdapterError(
+            f"{folder}: peft_type {kind!r} is not LoRA; only LoRA adapters are aggregated",
+            client=client,
+        )
     return adapter_from_state_dict(state, config, client=client)
 
 

@@ -329,3 +329,43 @@ def test_aggregate_peft_takes_models_pairs_and_folders_and_saves_a_loadable_roun
         assert float((got - mean).norm()) <= 1e-5 * (1.0 + float(mean.norm()))
     for i in range(3):
         assert (tmp_path / "srv" / f"client_{i}" / "adapter_config.json").is_file()
+
+
+def test_glora_aggregate_command_on_three_real_adapter_folders(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import save_file
+
+    from glora_math.cli import main
+
+    folders = []
+    for s in range(3):
+        folders.append(str(tmp_path / f"c{s}"))
+        _peft_roberta(s, r=4, lora_alpha=8).save_pretrained(folders[-1])
+    out = tmp_path / "round"
+    assert main(["aggregate", *folders, "--weights", "1,2,3", "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    summary = json.loads((out / "round.json").read_text())
+    assert (summary["operator"], summary["weights"]) == ("glora_auto", [1.0, 2.0, 3.0])
+    assert (out / "global" / "adapter_model.safetensors").is_file()
+    # A non-empty --out is refused unless told to overwrite; bad inputs are one-line errors.
+    with pytest.raises(SystemExit):
+        main(["aggregate", *folders, "--out", str(out)])
+    assert "not an empty folder" in capsys.readouterr().err
+    assert main(["aggregate", *folders, "--out", str(out), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert (
+        main(["aggregate", folders[0], str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    )
+    assert "client 1" in capsys.readouterr().err
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "adapter_model.bin").write_bytes(b"pickle")
+    (tmp_path / "bin" / "adapter_config.json").write_text("{}")
+    assert main(["aggregate", folders[0], str(tmp_path / "bin"), "--out", str(tmp_path / "o")]) == 2
+    assert "a pickle, which is never loaded" in capsys.readouterr().err
+    ia3 = tmp_path / "ia3"
+    ia3.mkdir()
+    (ia3 / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    save_file({"x": torch.zeros(1)}, str(ia3 / "adapter_model.safetensors"))
+    assert main(["aggregate", folders[0], str(ia3), "--out", str(tmp_path / "o")]) == 2
+    assert "peft_type 'IA3' is not LoRA" in capsys.readouterr().err
