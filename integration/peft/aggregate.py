@@ -266,8 +266,8 @@ def aggregate_peft(
     return rnd
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``glora aggregate ADAPTER... --out DIR``: one round over real peft adapter folders."""
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``glora aggregate``."""
     p = argparse.ArgumentParser(
         prog="glora aggregate",
         description="Aggregate peft LoRA adapter folders (one per client) with any operator and "
@@ -283,6 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "client rank)")  # fmt: skip
     p.add_argument("--options", default="", help="operator options, name=value,...")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``glora aggregate ADAPTER... --out DIR``: one round over real peft adapter folders."""
+    p = build_parser()
     args = p.parse_args(argv)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:

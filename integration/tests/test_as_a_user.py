@@ -146,6 +146,10 @@ def test_readme_command_lines_parse() -> None:
             words = shlex.split(line, comments=True)
             if words[:2] == ["glora", "simulate"]:
                 parse_args(words[2:])
+            elif words[:2] == ["glora", "aggregate"]:
+                from integration.peft.aggregate import build_parser as aggregate_parser
+
+                aggregate_parser().parse_args(words[2:])
             elif words[:1] == ["glora"]:
                 from glora_math.cli import build_parser
 
