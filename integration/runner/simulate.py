@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -95,8 +96,14 @@ def _sha256(path: Path) -> str:
 
 
 def _digest(meta: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in meta.items() if k != "digest"}
+    """SHA-256 of the manifest without its digest and signature (which are made from it)."""
+    body = {k: v for k, v in meta.items() if k not in ("digest", "hmac")}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _signature(key: str, digest: str) -> str:
+    """HMAC-SHA256 of a manifest's digest (which covers the tensors' SHA-256) under ``key``."""
+    return hmac.new(key.encode(), digest.encode(), hashlib.sha256).hexdigest()
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -110,8 +117,21 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     missing = [k for k in ("round", "config", "metrics", "tensors") if k not in meta]
     if missing:
         raise CheckpointError(f"{path} lacks {missing}")
-    if meta.get("format", 1) >= CHECKPOINT_FORMAT and meta.get("digest") != _digest(meta):
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        # No downgrade path: an older (or unknown) format has fewer checks, so it is refused.
+        raise CheckpointError(
+            f"{path}: checkpoint format {meta.get('format', 1)!r} is not this version's "
+            f"({CHECKPOINT_FORMAT}); start over in another --out"
+        )
+    if meta.get("digest") != _digest(meta):
         raise CheckpointError(f"{path} was edited or damaged (its digest does not match)")
+    key = os.environ.get("GLORA_CHECKPOINT_KEY")
+    if key:
+        want = _signature(key, str(meta["digest"]))
+        if not isinstance(meta.get("hmac"), str) or not hmac.compare_digest(meta["hmac"], want):
+            raise CheckpointError(
+                f"{path} is not signed with GLORA_CHECKPOINT_KEY (edited, or written without it)"
+            )
     name = meta["tensors"]
     if not isinstance(name, str) or not _TENSOR_FILE.fullmatch(name):
         raise CheckpointError(f"{path}: tensor file {str(name)[:60]!r} is not a checkpoint "
@@ -413,6 +433,9 @@ class Simulation:
             "sha256": _sha256(tensors),
         }
         meta["digest"] = _digest(meta)
+        key = os.environ.get("GLORA_CHECKPOINT_KEY")
+        if key:  # a signed manifest: an edit with recomputed hashes is refused on --resume
+            meta["hmac"] = _signature(key, meta["digest"])
         tmpj = self.out / "checkpoint.json.tmp"
         tmpj.write_text(json.dumps(meta, indent=2))
         os.replace(tmpj, self.out / "checkpoint.json")
@@ -453,7 +476,7 @@ class Simulation:
         tensors = self.out / meta["tensors"]
         if not tensors.is_file():
             raise CheckpointError(f"{meta_path} points at {tensors.name}, which is missing")
-        if meta.get("format", 1) >= CHECKPOINT_FORMAT and _sha256(tensors) != meta.get("sha256"):
+        if _sha256(tensors) != meta.get("sha256"):
             raise CheckpointError(f"{tensors} does not match the SHA-256 in {meta_path} "
                                   "(damaged or edited)")  # fmt: skip
         try:
@@ -463,22 +486,50 @@ class Simulation:
         self.round = int(meta["round"])
         self.metrics = list(meta["metrics"])
         server_meta = meta.get("server")
-        if server_meta is None:  # a checkpoint written before the server module: base weights
-            server_meta = {"round": self.round}
-            base_sd = self.base.state_dict()
-            old, flat = flat, {}
-            for key, v in old.items():
-                if key.startswith("base."):
-                    fold = v.to(torch.float64) - base_sd[f"{key[5:]}.weight"].to(torch.float64)
-                    if bool(fold.any()):
-                        flat[key] = fold
-                else:
-                    flat[key] = v
+        if not isinstance(server_meta, dict):
+            raise CheckpointError(f"{meta_path} has no server state")
         try:
             self.server.restore(flat, server_meta)
         except (GloraError, KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"cannot restore {tensors}: {err}"[:300]) from None
+        self._check_restored(flat, tensors)
         return True
+
+    def _check_restored(self, flat: Mapping[str, torch.Tensor], tensors: Path) -> None:
+        """Every restored value against this run: finite, floating point, the model's shapes.
+
+        The hashes prove the files are the ones written; this proves they can be what this
+        run writes (a NaN update, an Inf head or a wrong-shaped factor is refused).
+        """
+        for key, v in flat.items():
+            if key.endswith("round_index"):
+                continue
+            if not v.is_floating_point():
+                raise CheckpointError(f"{tensors}: tensor {key!r} is {v.dtype}, not floating point")
+            if not bool(torch.isfinite(v).all()):
+                raise CheckpointError(f"{tensors}: tensor {key!r} has NaN/Inf entries")
+        base = self.base.state_dict()
+        top = sum(self.cfg.ranks())  # no update or readout can exceed the clients' total rank
+        srv = self.server
+        factors = [(n, f) for n, f in srv.global_update.items()]
+        factors += [(n, f) for init in srv.client_init.values() for n, f in init.items()]
+        for name, f in factors:
+            w = base.get(f"{name}.weight")
+            if w is None or w.ndim != 2:
+                raise CheckpointError(f"{tensors}: module {name!r} is not a LoRA target here")
+            if (f.shape != tuple(w.shape) and f.shape != tuple(w.shape)[::-1]) or f.rank > top:
+                raise CheckpointError(
+                    f"{tensors}: module {name!r} has factors {tuple(f.B.shape)} x "
+                    f"{tuple(f.A.shape)}, the model's weight is {tuple(w.shape)}"
+                )
+        for name, fold in srv.base_fold.items():
+            w = base.get(f"{name}.weight")
+            if w is None or tuple(fold.shape) != tuple(w.shape):
+                raise CheckpointError(f"{tensors}: base fold of {name!r} does not fit the model")
+        for key, v in srv.dense.items():
+            plain = key.replace("modules_to_save.default.", "")
+            if plain in base and tuple(base[plain].shape) != tuple(v.shape):
+                raise CheckpointError(f"{tensors}: head {key!r} has shape {tuple(v.shape)}")
 
     def _show_progress(self, bar: Any, done: int, total: int) -> None:
         bar.set_postfix_str(f"round {self.round + 1}: client {done}/{total} trained")

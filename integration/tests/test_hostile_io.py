@@ -187,7 +187,59 @@ def _edit_tensor(out: Path) -> None:
     save_file(flat, str(path))
 
 
+def _rehash(change: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
+    """Edit the tensors, then recompute the SHA-256 and the digest as an attacker would."""
+
+    def edit(out: Path) -> None:
+        from safetensors.torch import load_file
+
+        from integration.runner.simulate import _digest, _sha256
+
+        path = out / "checkpoint-1.safetensors"
+        flat = load_file(str(path))
+        change(flat)
+        save_file(flat, str(path))
+        meta = json.loads((out / "checkpoint.json").read_text())
+        meta["sha256"] = _sha256(path)
+        meta.pop("digest")
+        meta["digest"] = _digest(meta)
+        (out / "checkpoint.json").write_text(json.dumps(meta))
+
+    return edit
+
+
+def _first(flat: dict[str, Any], prefix: str) -> str:
+    return next(k for k in flat if k.startswith(prefix))
+
+
+def _downgrade(out: Path) -> None:
+    meta = json.loads((out / "checkpoint.json").read_text())
+    meta["format"] = 1
+    for key in ("digest", "sha256"):
+        meta.pop(key)
+    (out / "checkpoint.json").write_text(json.dumps(meta))
+
+
 CHECKPOINTS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "format 1 without digest or SHA-256": (_downgrade, "format 1 is not this version's"),
+    "NaN update, hashes recomputed": (
+        _rehash(lambda f: f.__setitem__(_first(f, "update."), f[_first(f, "update.")] * math.nan)),
+        "NaN/Inf",
+    ),
+    "Inf head, hashes recomputed": (
+        _rehash(lambda f: f.__setitem__(_first(f, "dense."), f[_first(f, "dense.")] * math.inf)),
+        "NaN/Inf",
+    ),
+    "wrong-shaped factor, hashes recomputed": (
+        _rehash(
+            lambda f: [
+                f.__setitem__(k, torch.zeros(7, f[k].shape[1]))
+                for k in list(f)
+                if k.startswith("update.") and k.endswith(".B")
+            ]
+        ),
+        "the model's weight is",
+    ),
     "truncated tensors": (
         lambda o: (o / "checkpoint-1.safetensors").write_bytes(b"\x01" * 10),
         "SHA-256",
@@ -264,3 +316,26 @@ def test_glora_compare_load_reports_bad_files_in_one_line(
     err = capsys.readouterr().err
     assert re.search(match, err), err
     assert err.count("\n") == 1
+
+
+def test_a_signed_checkpoint_refuses_an_edit_with_recomputed_hashes(
+    finished_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GLORA_CHECKPOINT_KEY", "a secret")
+    out = tmp_path / "signed"
+    Simulation(SimConfig(**(TINY | {"out": str(out)}))).run()  # type: ignore[arg-type]
+    assert "hmac" in json.loads((out / "checkpoint.json").read_text())
+    # Untouched: it resumes.
+    more = SimConfig(**(TINY | {"out": str(out), "rounds": 2}))  # type: ignore[arg-type]
+    assert Simulation(more).load()
+    # Edited with every hash recomputed (the attacker has no key): refused.
+    _rehash(lambda f: f.__setitem__(_first(f, "update."), f[_first(f, "update.")] + 1.0))(out)
+    with pytest.raises(CheckpointError, match="not signed with GLORA_CHECKPOINT_KEY"):
+        Simulation(more).load()
+    # A checkpoint written without the key is refused while the key is set.
+    import shutil
+
+    unsigned = tmp_path / "unsigned"
+    shutil.copytree(finished_run, unsigned)
+    with pytest.raises(CheckpointError, match="not signed"):
+        Simulation(SimConfig(**(TINY | {"out": str(unsigned), "rounds": 2}))).load()  # type: ignore[arg-type]
