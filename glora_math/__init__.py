@@ -20,6 +20,7 @@ from glora_math.errors import (
     RankClampedWarning,
     RankError,
     ShapeMismatchError,
+    UnderflowWarning,
     WeightError,
     ZeroEigengapWarning,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "ServerState",
     "ShapeMismatchError",
     "Sketch",
+    "UnderflowWarning",
     "WeightError",
     "ZeroEigengapWarning",
     "__version__",

@@ -14,6 +14,7 @@ state, and the smallest server rank that meets a certified tolerance (``rank="au
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from glora_math.errors import (
     NonFiniteError,
     RankClampedWarning,
     ResidualWarning,
+    UnderflowWarning,
     ZeroEigengapWarning,
 )
 from glora_math.gauge import gauge_fix_all
@@ -149,6 +151,11 @@ def glora_aggregate(
     p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
     # Detached views: the math is not differentiable, and autograd would refuse its out= kernels.
     factors = [_detached(as_factors(f, i)) for i, f in enumerate(factors)]
+    given = factors
+    shift = _shift(factors, info.work_dtype)
+    if shift != (0, 0):  # near the ends of the dtype's range: compute at unit scale
+        factors = [LoRAFactors(_times_pow2(f.B, -shift[0]), _times_pow2(f.A, -shift[1]))
+                   for f in factors]  # fmt: skip
     if info.batch_shape:
         if auto or side == "auto":
             raise GloraError(
@@ -163,6 +170,8 @@ def glora_aggregate(
         except _OVERFLOWS as err:
             raise _overflow(err, factors) from None
         check_finite_output([stacked.U, stacked.S], factors, "glora_aggregate")
+        stacked = _unscaled(stacked, sum(shift))
+        check_finite_output([stacked.S], given, "glora_aggregate")
         return stacked
     sides: tuple[Literal["left", "right"], ...] = ("left", "right") if side == "auto" else (side,)
     found: list[tuple[ServerState, list[Warning]]] = []
@@ -197,7 +206,74 @@ def glora_aggregate(
             stacklevel=2,
         )
     warn_residual(best.relative_residual, limit, f"side={best.side}, R={best.rank}", stacklevel=2)
+    best = _unscaled(best, sum(shift))
+    check_finite_output([best.S], given, "glora_aggregate")
     return best
+
+
+def _times_pow2(x: Tensor, k: int) -> Tensor:
+    """``x * 2**k`` exactly (in steps a float32 can hold), for results in the normal range."""
+    while k != 0:
+        step = max(-100, min(100, k))
+        x = x * 2.0**step
+        k -= step
+    return x
+
+
+def _shift(factors: Sequence[LoRAFactors], dtype: torch.dtype) -> tuple[int, int]:
+    """Powers of 2 that bring the largest entries of the B_i and A_i to unit scale, or (0, 0).
+
+    The state, its coordinates and its certificate are homogeneous in the factors, and scaling
+    by a power of 2 is exact: clients whose norms lie in the dtype's comfortable band
+    ``[sqrt(tiny) / eps, sqrt(max) * eps]`` (where no square or product of the certificate
+    under- or overflows) are left alone, bit for bit; the others are computed at unit scale.
+    """
+    fi = torch.finfo(dtype)
+    lo, hi = math.sqrt(fi.tiny) / fi.eps, math.sqrt(fi.max) * fi.eps
+    # The largest entries (a norm of tiny entries would underflow while it is measured).
+    nb = max((float(f.B.abs().max()) for f in factors if f.B.numel()), default=0.0)
+    na = max((float(f.A.abs().max()) for f in factors if f.A.numel()), default=0.0)
+    if nb == 0.0 or na == 0.0 or (lo <= nb <= hi and lo <= na <= hi):
+        return 0, 0
+    return math.frexp(nb)[1], math.frexp(na)[1]
+
+
+def _unscaled(state: ServerState, k: int) -> ServerState:
+    """The state of the original factors from the state of factors scaled by ``2**-k``.
+
+    ``S`` and the norms of the mean scale back by ``2**k``; relative residuals do not. Where
+    ``S`` then underflows the dtype entirely, the update is zero: its certificate says so
+    (relative residual 1) and an :class:`~glora_math.errors.UnderflowWarning` is emitted.
+    """
+    if k == 0:
+        return state
+    S = _times_pow2(state.S, k)
+    lost = bool(state.S.abs().max() > 0) and not bool(S.abs().max() > 0)
+
+    def back(c: Certificate | None) -> Certificate | None:
+        if c is None:
+            return None
+        return Certificate(1.0 if lost else c.relative_residual, c.mean_norm * 2.0**k)
+
+    if lost:
+        norm = state.certificate.mean_norm if state.certificate else 0.0
+        hint = "rescale the factors" + (
+            " or aggregate in float64" if S.dtype != torch.float64 else ""
+        )
+        warnings.warn(
+            UnderflowWarning(
+                f"the server update underflows {S.dtype}: it is returned as zero (the mean "
+                f"update has norm {norm:.3e} x 2^{k}); {hint}"
+            ),
+            stacklevel=3,
+        )
+    mods = state.module_certificates
+    return dataclasses.replace(
+        state,
+        S=S,
+        certificate=back(state.certificate),
+        module_certificates=None if mods is None else tuple(back(c) for c in mods),  # type: ignore[misc]
+    )
 
 
 def _rank_rule(

@@ -513,6 +513,25 @@ def lora_fair(
     return _cast(LoRAFactors(B_bar + dB, A_bar), info.dtype), before, value
 
 
+def _balanced(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+    """``(B 2^k, A 2^-k)``, the same product with both factors' largest entries near each other.
+
+    Only where one of them lies outside the dtype's comfortable band (where ``B^T B`` or
+    ``A A^T`` would under- or overflow); otherwise ``(B, A)`` unchanged, bit for bit. A scalar
+    gauge: ALS from it gives the same products (each step is equivariant under it).
+    """
+    fi = torch.finfo(B.dtype)
+    lo, hi = math.sqrt(fi.tiny) / fi.eps, math.sqrt(fi.max) * fi.eps
+    b = float(B.abs().max()) if B.numel() else 0.0
+    a = float(A.abs().max()) if A.numel() else 0.0
+    if b == 0.0 or a == 0.0 or (lo <= b <= hi and lo <= a <= hi):
+        return B, A
+    k = (math.frexp(a)[1] - math.frexp(b)[1]) // 2
+    return torch.ldexp(B, torch.tensor(float(k), dtype=B.dtype)), torch.ldexp(
+        A, torch.tensor(float(-k), dtype=A.dtype)
+    )
+
+
 def flora_na(
     factors: Sequence[LoRAFactors], weights: WeightsLike = None, *, steps: int = 3
 ) -> LoRAFactors:
@@ -531,6 +550,7 @@ def flora_na(
         raise OptionError(f"steps must be >= 0, got {steps}")
     B = _weighted_sum(p, [f.B for f in fs])
     A = _weighted_sum(p, [f.A for f in fs])
+    B, A = _balanced(B, A)
     for _ in range(steps):
         rhs = sum((p[i] * ((B.mT @ f.B) @ f.A) for i, f in enumerate(fs)), torch.zeros_like(A))
         A = torch.linalg.pinv(B.mT @ B, hermitian=True) @ rhs

@@ -113,6 +113,10 @@ class RankClampedWarning(GloraWarning):
     """The requested server rank exceeded the rank the clients span; it was clamped."""
 
 
+class UnderflowWarning(GloraWarning):
+    """A result is too small for its dtype: it is returned as zero, and its certificate says so."""
+
+
 class ResidualWarning(GloraWarning):
     """The certified relative residual of a server update exceeds the caller's threshold.
 
@@ -135,6 +139,7 @@ __all__ = [
     "RankError",
     "ResidualWarning",
     "ShapeMismatchError",
+    "UnderflowWarning",
     "WeightError",
     "ZeroEigengapWarning",
 ]

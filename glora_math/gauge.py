@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from glora_math.errors import GaugeError, OptionError, RankError
+from glora_math.errors import GaugeError, NonFiniteError, OptionError, RankError
 from glora_math.linalg import (
     column_signs,
     full_rank_qr,
@@ -24,7 +24,7 @@ from glora_math.linalg import (
 )
 from glora_math.tolerances import working_dtype
 from glora_math.types import GaugeFixed, GaugeMode, LoRAFactors
-from glora_math.validation import ClientsInfo, as_factors, validate_clients
+from glora_math.validation import ClientsInfo, all_finite, as_factors, validate_clients
 
 
 def _fix_qr(B: Tensor, A: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -79,7 +79,15 @@ def gauge_fix(factors: LoRAFactors, mode: GaugeMode = "qr") -> GaugeFixed:
 
     Cost O((d + k) r^2).
     """
-    return gauge_fix_all([factors], validate_clients([factors]), mode)[0]
+    fixed = gauge_fix_all([factors], validate_clients([factors]), mode)[0]
+    if not (all_finite(fixed.U) and all_finite(fixed.C)):
+        # Finite factors whose product is beyond the working dtype: no finite answer exists.
+        wider = "" if fixed.C.dtype == torch.float64 else " or gauge-fix in float64"
+        raise NonFiniteError(
+            f"gauge_fix: the coordinates C = T A overflow {fixed.C.dtype} (the update B A is "
+            f"beyond its range); rescale the factors{wider}"
+        )
+    return fixed
 
 
 def gauge_fix_all(

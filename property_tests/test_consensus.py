@@ -198,15 +198,17 @@ def test_non_finite_coordinates_are_refused_with_their_message() -> None:
     assert err.value.message == "basis or coordinates have NaN/Inf entries"
 
 
-def test_a_half_precision_basis_is_checked_for_orthonormality_in_float32() -> None:
-    # The column (1, 2^-8) has squared norm 1 + 2^-16: its gap 1.5e-5 is far above the float32
-    # tolerance, though 1 + 2^-16 rounds to 1 in float16. The working dtype of a float16
-    # basis is float32, and the check runs there.
-    U = torch.tensor([[1.0], [2.0**-8]], dtype=torch.float16)
-    assert 2.0**-16 > orthonormality_tol(torch.float32, n=3)
-    f = GaugeFixed(U, torch.ones(1, 2, dtype=torch.float16))
+def test_a_half_precision_basis_is_checked_to_its_storage_precision() -> None:
+    # A basis stored in float16 is orthonormal to float16 precision at best: the column
+    # (1, 2^-8) (gap 2^-16, within float16 rounding) is accepted and computed in float32; the
+    # column (1, 2^-2) (gap 1/16, far beyond it) is refused.
+    fine = torch.tensor([[1.0], [2.0**-8]], dtype=torch.float16)
+    assert 2.0**-16 > orthonormality_tol(torch.float32, n=3)  # float32's tolerance would refuse it
+    basis = consensus_basis([GaugeFixed(fine, torch.ones(1, 2, dtype=torch.float16))], rank=1)
+    assert basis.U.dtype == torch.float32
+    bad = torch.tensor([[1.0], [2.0**-2]], dtype=torch.float16)
     with pytest.raises(GaugeError, match="not orthonormal"):
-        consensus_basis([f], rank=1)
+        consensus_basis([GaugeFixed(bad, torch.ones(1, 2, dtype=torch.float16))], rank=1)
 
 
 def test_a_basis_exactly_at_the_orthonormality_tolerance_is_accepted() -> None:

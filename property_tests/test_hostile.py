@@ -28,7 +28,7 @@ from glora_math.errors import (
     WeightError,
 )
 from glora_math.operators import AggregateResult, get_operator, list_operators
-from glora_math.tolerances import storage_tol
+from glora_math.tolerances import certificate_tol, storage_tol
 
 OPERATORS = list_operators()
 
@@ -354,3 +354,70 @@ def test_consensus_of_half_and_differentiable_bases(kind: str) -> None:
     P, Q = got.U.double() @ got.U.double().mT, ref.U @ ref.U.mT
     storage = torch.float16 if kind == "half" else ref.U.dtype
     assert float((P - Q).norm()) <= storage_tol(storage, scale=2.0 * 2) / max(ref.gap, 1e-3)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    [
+        (torch.float32, 1e-21),
+        (torch.float32, 1e-19),
+        (torch.float32, 1e18),
+        (torch.float64, 1e-160),
+        (torch.float64, 1e150),
+    ],
+)
+def test_the_certificate_holds_near_the_ends_of_the_range(dtype: torch.dtype, scale: float) -> None:
+    # Relative residuals do not depend on the scale of the factors: the one at unit scale in
+    # float64 is the reference, to the rounding of the dtype the clients are in.
+    fs = _clients()
+    ref = gm.glora_aggregate(fs, rank=2)
+    tiny = [gm.LoRAFactors((f.B * scale).to(dtype), (f.A * scale).to(dtype)) for f in fs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gm.GloraWarning)
+        got = gm.glora_aggregate(tiny, rank=2)
+    tol = certificate_tol(dtype, n=2 * (10 + 7 + 6), scale=1.0 / (1.0 - ref.relative_residual))
+    assert abs(got.relative_residual - ref.relative_residual) <= tol
+    assert got.certificate is not None
+    want = float(ref.certificate.mean_norm) * scale * scale  # type: ignore[union-attr]
+    assert got.certificate.mean_norm == pytest.approx(want, rel=1e3 * tol)
+
+
+@pytest.mark.parametrize(("dtype", "scale"), [(torch.float32, 1e-23), (torch.float64, 1e-200)])
+def test_an_update_that_underflows_is_certified_as_zero(dtype: torch.dtype, scale: float) -> None:
+    # Factors of normal size whose products lie below the dtype's smallest number.
+    fs = [gm.LoRAFactors((f.B * scale).to(dtype), (f.A * scale).to(dtype)) for f in _clients()]
+    with pytest.warns(gm.UnderflowWarning, match=f"underflows {dtype}"):
+        got = gm.glora_aggregate(fs, rank=2)
+    assert not bool(got.S.any())  # the update is zero ...
+    assert got.relative_residual == 1.0  # ... and its certificate says so
+    # Inside the comfortable band nothing is rescaled: results stay bit for bit.
+    from glora_math.aggregate import _shift
+
+    assert _shift(_clients(), torch.float64) == (0, 0)
+    assert _shift(_clients(), torch.float32) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"), [(torch.float32, 1e19), (torch.bfloat16, 1e30), (torch.float64, 1e200)]
+)
+def test_gauge_fix_of_an_update_beyond_the_dtype_is_a_typed_error(
+    dtype: torch.dtype, scale: float
+) -> None:
+    f = _clients()[0]
+    big = gm.LoRAFactors((f.B * scale).to(dtype), (f.A * scale).to(dtype))
+    with pytest.raises(NonFiniteError, match="overflow"):
+        gm.gauge_fix(big)
+
+
+def test_flora_na_with_unbalanced_scales_is_no_worse_than_fedit() -> None:
+    # B ~ 1e-200 and A ~ 1e200: B^T B underflows unless the scalar gauge is balanced first;
+    # ALS is monotone from FedIT's start, so its error never exceeds FedIT's (its docstring).
+    from glora_math.metrics import relative_error
+
+    fs = [gm.LoRAFactors(f.B * 1e-200, f.A * 1e200) for f in _clients()]
+    na, fe = gm.baselines.flora_na(fs), gm.baselines.fedit(fs)
+    assert relative_error(na, fs) <= relative_error(fe, fs)
+    # The same clients at unit scale give the same relative error (to float64 rounding).
+    unit = gm.baselines.flora_na(_clients())
+    tol = certificate_tol(torch.float64, n=12 + 10 + 6, scale=10.0)
+    assert abs(relative_error(na, fs) - relative_error(unit, _clients())) <= tol
