@@ -403,26 +403,25 @@ def run_verify(args: argparse.Namespace) -> int:
     return code
 
 
-def run_simulate(argv: list[str]) -> int:
-    """Forward to :mod:`glora_math.integration.simulate` (transformers and peft)."""
+def _forward(command: str, module: str, argv: list[str]) -> int:
+    """Run ``glora COMMAND`` from the integration layer's ``module`` (its ``main(argv)``)."""
     try:
-        simulate = importlib.import_module("glora_math.integration.simulate")
+        target = importlib.import_module(module)
     except ImportError as err:
-        sys.stderr.write(f"glora simulate needs the integration extra: {err}\n")
+        sys.stderr.write(f"glora {command} needs the integration extra: {err}\n")
         return 2
-    code: int = simulate.main(argv)
+    code: int = target.main(argv)
     return code
+
+
+def run_simulate(argv: list[str]) -> int:
+    """Forward to :mod:`glora_math.integration.runner.simulate` (transformers and peft)."""
+    return _forward("simulate", "glora_math.integration.runner.simulate", argv)
 
 
 def run_aggregate(argv: list[str]) -> int:
     """Forward to :mod:`glora_math.integration.peft.aggregate` (peft adapter folders)."""
-    try:
-        peft_round = importlib.import_module("glora_math.integration.peft.aggregate")
-    except ImportError as err:
-        sys.stderr.write(f"glora aggregate needs the integration extra: {err}\n")
-        return 2
-    code: int = peft_round.main(argv)
-    return code
+    return _forward("aggregate", "glora_math.integration.peft.aggregate", argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
