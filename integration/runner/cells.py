@@ -1,0 +1,61 @@
+"""The vocabulary of an experiment cell (a JSON config: runs x seeds).
+
+Shared by the driver and its tables: run ids, labels, the entries in run order, and small
+formatting helpers.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+#: The id of the centralised reference run (one client holding all the training data).
+CEILING_ID = "ceiling"
+
+
+def cell_name(config: Mapping[str, Any], path: Path) -> str:
+    """The cell's name: ``name`` in the config, else the config file's stem."""
+    return str(config.get("name") or path.stem)
+
+
+def entries(config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The cell's run entries, in order (the ceiling first, if asked for)."""
+    runs = [dict(e) for e in config.get("runs", [])]
+    runs += [{"operator": op} for op in config.get("operators", [])]
+    if config.get("ceiling"):
+        runs.insert(
+            0,
+            {"operator": "fedit", "clients": 1, "participation": 1.0, "id": CEILING_ID,
+             "label": "centralised (ceiling)"},
+        )  # fmt: skip
+    return runs
+
+
+def run_id(entry: Mapping[str, Any]) -> str:
+    """``id`` of an entry, or its operator with its overrides (``glora-server_rank8``)."""
+    if "id" in entry:
+        return str(entry["id"])
+    extra = [f"{k}{v}" for k, v in sorted(entry.items()) if k not in ("operator", "label")]
+    return "-".join([str(entry["operator"]), *extra])
+
+
+def label(entry: Mapping[str, Any]) -> str:
+    """The entry's table label."""
+    return str(entry.get("label") or run_id(entry))
+
+
+def ms(xs: Sequence[float], fmt: str = ".4f") -> str:
+    """``mean ± std`` of ``xs`` (one value as it is; ``-`` for none)."""
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:{fmt}}"
+    return f"{statistics.mean(xs):{fmt}} ± {statistics.stdev(xs):{fmt}}"
+
+
+def mean_or_none(xs: Sequence[float | None]) -> float | None:
+    """The mean of the values that are not ``None`` (``None`` if there are none)."""
+    vals = [float(x) for x in xs if x is not None]
+    return statistics.mean(vals) if vals else None

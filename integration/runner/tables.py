@@ -1,0 +1,462 @@
+"""The tables and curves of an experiment cell, regenerated from its raw per-run JSON.
+
+The summary table, the choice made on validation (``select``), the runs paired by seed
+against a reference (``reference``, with the pre-registered ``primary`` comparisons), the
+counterfactual rounds, and the curves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..data import load_task, sample
+from .cells import CEILING_ID, entries, label, mean_or_none, ms, run_id
+from .config import SimConfig
+from .stats import auc, paired
+
+
+def floor(config: Mapping[str, Any]) -> float:
+    """Majority-class rate of the evaluation set, averaged over the cell's seeds."""
+    base = SimConfig(**config["base"])
+    if base.objective != "classification":
+        return math.nan
+    dev = load_task(base.task, "dev")
+    rates = []
+    for seed in config["seeds"]:
+        ev = sample(dev, base.max_eval, int(seed) + 1)  # the runner's evaluation sample
+        counts: dict[int, int] = {}
+        for y in ev.labels:
+            counts[y] = counts.get(y, 0) + 1
+        rates.append(max(counts.values()) / len(ev))
+    return statistics.mean(rates)
+
+
+def table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
+    """The markdown of a cell from the raw JSON files present (partial results included)."""
+    raw = docs / "raw" / cell
+    base = SimConfig(**config["base"])
+    cola = base.task.lower() == "cola"
+    head = ["run", "seeds", "final accuracy", "best accuracy"]
+    head += ["final MCC", "best MCC"] if cola else []
+    head += [
+        "round-1 aggregation error",
+        "mean aggregation error",
+        "mean certified residual",
+        "server rank",
+        "s / round",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    ceiling = ""
+    for e in entries(config):
+        recs = []
+        for seed in config["seeds"]:
+            path = raw / f"{run_id(e)}-seed{seed}.json"
+            if path.is_file():
+                recs.append(json.loads(path.read_text()))
+        if not recs:
+            lines.append(f"| {label(e)} | 0 |" + " |" * (len(head) - 2))
+            continue
+        final = [r["rounds"][-1]["accuracy"] for r in recs]
+        best = [max(x["accuracy"] for x in r["rounds"]) for r in recs]
+        cells = [label(e), str(len(recs)), ms(final), ms(best)]
+        if cola:
+            cells += [
+                ms([r["rounds"][-1].get("mcc", math.nan) for r in recs]),
+                ms([max(x.get("mcc", math.nan) for x in r["rounds"]) for r in recs]),
+            ]
+        first = [r["rounds"][0]["aggregation_error"] for r in recs]
+        err = [mean_or_none([x["aggregation_error"] for x in r["rounds"]]) for r in recs]
+        cert = [mean_or_none([x.get("certified_residual") for x in r["rounds"]]) for r in recs]
+        rank = [mean_or_none([x.get("server_rank_mean") for x in r["rounds"]]) for r in recs]
+        secs = [mean_or_none([x["seconds"] for x in r["rounds"]]) for r in recs]
+        e_m, c_m, r_m, s_m = (
+            mean_or_none(err),
+            mean_or_none(cert),
+            mean_or_none(rank),
+            mean_or_none(secs),
+        )
+        cells += [
+            ms(first, ".3f"),
+            "-" if e_m is None else f"{e_m:.2e}",
+            "-" if c_m is None else f"{c_m:.2e}",
+            "-" if r_m is None else f"{r_m:.1f}",
+            "-" if s_m is None else f"{s_m:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+        if run_id(e) == CEILING_ID:
+            ceiling = f"final accuracy {ms(final)}, best {ms(best)} ({len(recs)} seeds)"
+    b = config["base"]
+    steps = int(b.get("rounds", base.rounds)) * int(b.get("local_steps", base.local_steps))
+    notes = [
+        f"# Cell {cell}",
+        "",
+        str(config.get("description", "")),
+        "",
+        f"- Floor (majority-class rate of the evaluation set): {floor(config):.4f}",
+        f"- Ceiling (centralised: one client with all {base.max_train} training examples, "
+        f"{steps} optimizer steps): {ceiling or 'not run yet'}",
+        f"- Settings: {json.dumps(config['base'], sort_keys=True)}",
+        "- Accuracy: mean ± std over seeds; aggregation error: exact relative error of the "
+        "server update against the mean update over all modules (round 1: every operator "
+        "aggregates the very same client updates, mean ± std over seeds; mean: averaged over "
+        "rounds); certified residual: the same from the GLoRA-family certificates.",
+        f"- Regenerate: `python -m integration.experiment --table <config of {cell}>`; raw "
+        f"per-round JSON in `raw/{cell}/`.",
+        "",
+        "",
+    ]
+    return "\n".join(notes) + "\n".join(lines) + "\n"
+
+
+#: The paired metrics: name, what it is, and how it is read from one run's rounds. "Best" is
+#: the test accuracy of the round with the best validation accuracy (chosen on validation,
+#: reported on test). Every metric is "higher is better" except the test loss.
+PAIRED_METRICS: tuple[tuple[str, str], ...] = (
+    ("final", "final-round test accuracy"),
+    ("last3", "mean test accuracy of the last 3 rounds"),
+    ("auc", "area under the test-accuracy curve (mean over rounds)"),
+    ("best_on_val", "test accuracy at the round of best validation accuracy"),
+    ("final_loss", "final-round test loss (lower is better)"),
+)
+
+
+def run_metrics(rounds: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The :data:`PAIRED_METRICS` of one run (test set if the run has one, else validation)."""
+    key = "test_accuracy" if "test_accuracy" in rounds[0] else "accuracy"
+    loss = "test_loss" if "test_loss" in rounds[0] else "eval_loss"
+    acc = [float(r[key]) for r in rounds]
+    val = [float(r["accuracy"]) for r in rounds]
+    best = max(range(len(val)), key=lambda j: (val[j], -j))  # the earliest best round
+    return {
+        "final": acc[-1],
+        "last3": statistics.fmean(acc[-3:]),
+        "auc": auc(acc),
+        "best_on_val": acc[best],
+        "final_loss": float(rounds[-1][loss]),
+    }
+
+
+def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
+    """Every entry against the config's ``reference`` entry, paired by seed.
+
+    For each metric of :data:`PAIRED_METRICS`: the mean per-seed difference (entry minus
+    reference), its 95% t-interval, and seeds won/lost; ``*`` marks an interval that excludes
+    zero. Only seeds that both runs finished are paired. Empty when the config names no
+    reference.
+    """
+    ref_id = config.get("reference")
+    if not ref_id:
+        return ""
+    raw = docs / "raw" / cell
+
+    def load(e: Mapping[str, Any]) -> dict[int, dict[str, float]]:
+        out = {}
+        for seed in config["seeds"]:
+            path = raw / f"{run_id(e)}-seed{seed}.json"
+            if path.is_file():
+                out[int(seed)] = run_metrics(json.loads(path.read_text())["rounds"])
+        return out
+
+    by_id = {run_id(e): e for e in entries(config)}
+    if ref_id not in by_id:
+        raise SystemExit(f"reference {ref_id!r} is not a run of cell {cell}: {sorted(by_id)}")
+    ref = load(by_id[ref_id])
+    others = [e for e in entries(config) if run_id(e) not in (ref_id, CEILING_ID)]
+    m = len(others) * len(PAIRED_METRICS)
+    head = ["run", "paired seeds", *(name for name, _ in PAIRED_METRICS)]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + " --- |" * len(head),
+        "| "
+        + " | ".join(
+            [label(by_id[ref_id]) + " (reference, absolute)", str(len(ref))]
+            + [ms([v[name] for v in ref.values()]) for name, _ in PAIRED_METRICS]
+        )
+        + " |",
+    ]
+    for e in others:
+        runs = load(e)
+        seeds = sorted(set(runs) & set(ref))
+        cells = [label(e), str(len(seeds))]
+        for name, _ in PAIRED_METRICS:
+            if not seeds:
+                cells.append("-")
+                continue
+            cells.append(str(paired([runs[s][name] for s in seeds], [ref[s][name] for s in seeds])))
+        lines.append("| " + " | ".join(cells) + " |")
+    primary = _primary(config, by_id, ref, load, others)
+    what = "; ".join(f"`{n}`: {w}" for n, w in PAIRED_METRICS)
+    return "\n".join(
+        [
+            "",
+            f"## Paired by seed against {label(by_id[ref_id])}",
+            "",
+            f"Each cell: mean of (run - reference) over the seeds both finished, its 95% "
+            f"Student-t interval, and seeds won/lost; `*` marks an interval that excludes "
+            f"zero. Metrics: {what}. The reference row gives absolute values (mean ± std). "
+            f"Multiplicity: this table holds {m} comparisons; at a nominal 5% each, about "
+            f"{0.05 * m:.1f} would exclude zero by chance if nothing differed, so only the "
+            f"pre-registered primary comparisons (docs/experiments.md) are read as evidence.",
+            "",
+            *lines,
+            "",
+            *primary,
+        ]
+    )
+
+
+def _primary(
+    config: Mapping[str, Any],
+    by_id: Mapping[str, Mapping[str, Any]],
+    ref: Mapping[int, Mapping[str, float]],
+    load: Any,
+    others: Sequence[Mapping[str, Any]],
+) -> list[str]:
+    """The pre-registered primary comparisons: ``"primary": {"metric": m, "runs": [ids]}``.
+
+    Each listed run minus the reference on metric ``m``, paired by seed, with a Bonferroni
+    interval at family-wise 95% (each at ``1 - 0.05 / len(runs)``).
+    """
+    rule = config.get("primary")
+    if not rule:
+        return []
+    metric, ids = str(rule["metric"]), [str(i) for i in rule["runs"]]
+    known = {run_id(e) for e in others}
+    if metric not in dict(PAIRED_METRICS) or not set(ids) <= known:
+        raise SystemExit(f"primary: metric {metric!r} or runs {ids} not in this cell")
+    level = 1.0 - 0.05 / len(ids)
+    rows = []
+    for rid in ids:
+        runs = load(by_id[rid])
+        seeds = sorted(set(runs) & set(ref))
+        if len(seeds) < 2:
+            rows.append(f"| {label(by_id[rid])} | {len(seeds)} | - | not enough seeds |")
+            continue
+        got = paired([runs[s][metric] for s in seeds], [ref[s][metric] for s in seeds],
+                     level=level)  # fmt: skip
+        if got.excludes_zero:
+            verdict = "higher" if got.low > 0 else "lower"
+        elif -0.01 <= got.low and got.high <= 0.01:
+            verdict = "no difference larger than 0.01"
+        else:
+            verdict = "not established"
+        rows.append(f"| {label(by_id[rid])} | {len(seeds)} | {got} | {verdict} |")
+    return [
+        f"## Primary comparisons (pre-registered): `{metric}`, family-wise 95%",
+        "",
+        f"Bonferroni over {len(ids)} comparisons: each interval at {100 * level:.2f}%. A "
+        "difference is claimed only where the interval excludes zero.",
+        "",
+        "| run | paired seeds | difference [interval] won/lost | reading |",
+        "| --- | --- | --- | --- |",
+        *rows,
+        "",
+    ]
+
+
+def counterfactual_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
+    """The counterfactual rounds of every run that has them, against the run's own operator.
+
+    At every round of a run, each listed operator aggregated the very uploads of that round
+    (``counterfactual`` in the run's config). Per operator: the mean aggregation error and
+    certificate over rounds and seeds, and the loss and accuracy differences from the run's
+    own aggregate (the run's operator, which must be listed too), averaged over the rounds
+    of each seed and paired by seed (95% t-interval, seeds won/lost on the loss: "won" is a
+    lower loss). The dose-response line correlates, over (seed, round, operator), the error
+    difference with the loss difference.
+    """
+    raw = docs / "raw" / cell
+    blocks = []
+    for e in entries(config):
+        recs = []
+        for seed in config["seeds"]:
+            path = raw / f"{run_id(e)}-seed{seed}.json"
+            if path.is_file():
+                rounds = json.loads(path.read_text())["rounds"]
+                if rounds and "counterfactual" in rounds[0]:
+                    recs.append(rounds)
+        if not recs:
+            continue
+        own = str(e.get("operator", config["base"].get("operator", "")))
+        names = list(recs[0][0]["counterfactual"])
+        if own not in names:
+            continue
+        lines = [
+            "| operator | mean aggregation error | mean certificate | Δloss vs own "
+            "(paired by seed) | Δaccuracy vs own |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        xs: list[float] = []
+        ys: list[float] = []
+        for name in names:
+            errs, certs, dl, da = [], [], [], []
+            for rounds in recs:
+                cf = [r["counterfactual"] for r in rounds]
+                errs += [c[name]["aggregation_error"] for c in cf]
+                certs += [c[name]["certified_residual"] for c in cf
+                          if c[name]["certified_residual"] is not None]  # fmt: skip
+                dl.append(statistics.fmean(c[name]["loss"] - c[own]["loss"] for c in cf))
+                da.append(statistics.fmean(c[name]["accuracy"] - c[own]["accuracy"] for c in cf))
+                for c in cf:
+                    if name != own:
+                        xs.append(c[name]["aggregation_error"] - c[own]["aggregation_error"])
+                        ys.append(c[name]["loss"] - c[own]["loss"])
+            zeros = [0.0] * len(dl)
+            cert = f"{statistics.fmean(certs):.3e}" if certs else "-"
+            loss = "(reference)" if name == own else str(paired(zeros, dl))
+            acc = "(reference)" if name == own else f"{statistics.fmean(da):+.4f}"
+            lines.append(f"| {name} | {statistics.fmean(errs):.3e} | {cert} | {loss} | {acc} |")
+        corr = "-"
+        if len(xs) > 2 and statistics.pstdev(xs) > 0 and statistics.pstdev(ys) > 0:
+            corr = f"{statistics.correlation(xs, ys):+.3f} (n = {len(xs)})"
+        blocks += [
+            f"### Counterfactual rounds of {label(e)} ({len(recs)} seeds)",
+            "",
+            *lines,
+            "",
+            f"Dose-response: correlation of (error - own error) with (loss - own loss): {corr}.",
+            "",
+        ]
+    if not blocks:
+        return ""
+    return "\n".join(
+        [
+            "",
+            "## The aggregation step isolated (counterfactual rounds)",
+            "",
+            "Every listed operator aggregates the same uploads at every round of the run; "
+            "each global model is evaluated on the test set. Δloss: mean over the rounds of a "
+            "seed, then paired over seeds as (own - operator), so a positive difference means "
+            "the operator's aggregate has the *lower* loss; `*`: the interval excludes zero.",
+            "",
+            *blocks,
+        ]
+    )
+
+
+def selection(config: Mapping[str, Any], cell: str, docs: Path) -> str:
+    """The config's ``select`` rule applied to the finished runs (validation only).
+
+    ``"select": {"among": [ids...]}``: among those entries, the one whose mean over the
+    cell's seeds of the *validation* accuracy averaged over the last 3 rounds is highest wins;
+    ties go to the earlier entry (list the more conservative setting first). Only runs finished
+    for every seed count. The test set is never read here.
+    """
+    rule = config.get("select")
+    if not rule:
+        return ""
+    raw = docs / "raw" / cell
+    scores: list[tuple[str, float | None]] = []
+    for rid in rule["among"]:
+        vals = []
+        for seed in config["seeds"]:
+            path = raw / f"{rid}-seed{seed}.json"
+            if path.is_file():
+                rounds = json.loads(path.read_text())["rounds"]
+                vals.append(statistics.fmean(float(r["accuracy"]) for r in rounds[-3:]))
+        full = len(vals) == len(config["seeds"])
+        scores.append((rid, statistics.fmean(vals) if full else None))
+    done = [(rid, v) for rid, v in scores if v is not None]
+    rows = [f"| {rid} | {'-' if v is None else f'{v:.4f}'} |" for rid, v in scores]
+    if len(done) == len(scores):
+        best = max(done, key=lambda t: t[1])  # max keeps the first of equal values
+        verdict = f"Chosen by the rule: **{best[0]}**."
+    else:
+        verdict = "Not decided yet: some runs are unfinished."
+    return "\n".join(
+        [
+            "",
+            "## Selection on validation",
+            "",
+            "Validation accuracy averaged over the last 3 rounds, mean over all seeds; the "
+            "highest wins, ties to the earlier entry. The test set is not read.",
+            "",
+            "| entry | validation, last-3 mean |",
+            "| --- | --- |",
+            *rows,
+            "",
+            verdict,
+            "",
+        ]
+    )
+
+
+def write_table(config: Mapping[str, Any], cell: str, docs: Path) -> Path:
+    """Write ``<docs>/<cell>.md`` and its curves ``<docs>/<cell>.png``."""
+    docs.mkdir(parents=True, exist_ok=True)
+    path = docs / f"{cell}.md"
+    text = table(config, cell, docs) + selection(config, cell, docs)
+    text += paired_table(config, cell, docs) + counterfactual_table(config, cell, docs)
+    if write_plot(config, cell, docs) is not None:
+        text += f"\n![accuracy and aggregation error per round]({cell}.png)\n"
+    path.write_text(text)
+    return path
+
+
+def curves(config: Mapping[str, Any], cell: str, docs: Path) -> dict[str, dict[str, list[float]]]:
+    """Per run label: seed-mean accuracy and aggregation error per round (raw JSON present)."""
+    raw = docs / "raw" / cell
+    out: dict[str, dict[str, list[float]]] = {}
+    for e in entries(config):
+        runs = []
+        for seed in config.get("seeds", [0]):
+            path = raw / f"{run_id(e)}-seed{seed}.json"
+            if path.is_file():
+                runs.append(json.loads(path.read_text())["rounds"])
+        if not runs:
+            continue
+        n = min(len(r) for r in runs)
+        seeds = f"{len(runs)} seed" + ("s" if len(runs) > 1 else "")
+        out[f"{label(e)} ({seeds})"] = {
+            key: [statistics.fmean(float(r[j].get(key) or 0.0) for r in runs) for j in range(n)]
+            for key in ("accuracy", "aggregation_error")
+        }
+    return out
+
+
+_STYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "v", "D", "x", "+", "*")
+
+
+def write_plot(config: Mapping[str, Any], cell: str, docs: Path) -> Path | None:
+    """``<docs>/<cell>.png``: accuracy and aggregation error per round, one line per run.
+
+    Uses matplotlib's object API (no pyplot, no global backend change).
+    """
+    data = curves(config, cell, docs)
+    if not data:
+        return None
+    from matplotlib.figure import Figure  # noqa: PLC0415 - heavy, only needed here
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+
+    fig = Figure(figsize=(11, 4))
+    ax_acc, ax_err = fig.subplots(1, 2)
+    for j, (name, c) in enumerate(data.items()):
+        # Every run its own (colour, line style, marker): tab10 has 10 colours, the 4 styles
+        # cycle against them, so no two of up to 40 runs look alike.
+        style = {"color": f"C{j % 10}", "linestyle": _STYLES[(j // 10 + j) % len(_STYLES)],
+                 "marker": _MARKERS[j % len(_MARKERS)], "ms": 3}  # fmt: skip
+        rounds = list(range(1, len(c["accuracy"]) + 1))
+        ax_acc.plot(rounds, c["accuracy"], label=name, **style)
+        errs = c["aggregation_error"]
+        if max(errs, default=0.0) > 1e-12:  # the one-client ceiling is exact: nothing to plot
+            ax_err.plot(rounds, errs, **style)
+    for ax, title in (
+        (ax_acc, "accuracy (mean over seeds)"),
+        (ax_err, "aggregation error to the mean update"),
+    ):
+        ax.set_xlabel("round")
+        ax.set_title(title, fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_err.set_yscale("log")
+    fig.suptitle(f"{cell}: {config.get('base', {}).get('task', '')}", fontsize=11)
+    fig.legend(loc="center right", fontsize=7)
+    fig.subplots_adjust(right=0.78, wspace=0.25)
+    path = docs / f"{cell}.png"
+    fig.savefig(path, dpi=90)
+    return path
