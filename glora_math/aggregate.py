@@ -14,7 +14,6 @@ state, and the smallest server rank that meets a certified tolerance (``rank="au
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -33,11 +32,13 @@ from glora_math.errors import (
     NonFiniteError,
     RankClampedWarning,
     ResidualWarning,
-    UnderflowWarning,
     ZeroEigengapWarning,
 )
 from glora_math.gauge import gauge_fix_all
 from glora_math.implicit import implicit_state
+from glora_math.scaling import shift as _shift
+from glora_math.scaling import times_pow2 as _times_pow2
+from glora_math.scaling import unscaled as _unscaled
 from glora_math.tolerances import zero_gap_tol
 from glora_math.types import Certificate, GaugeMode, LoRAFactors, ServerState, Side, Sketch
 from glora_math.validation import (
@@ -209,71 +210,6 @@ def glora_aggregate(
     best = _unscaled(best, sum(shift))
     check_finite_output([best.S], given, "glora_aggregate")
     return best
-
-
-def _times_pow2(x: Tensor, k: int) -> Tensor:
-    """``x * 2**k`` exactly (in steps a float32 can hold), for results in the normal range."""
-    while k != 0:
-        step = max(-100, min(100, k))
-        x = x * 2.0**step
-        k -= step
-    return x
-
-
-def _shift(factors: Sequence[LoRAFactors], dtype: torch.dtype) -> tuple[int, int]:
-    """Powers of 2 that bring the largest entries of the B_i and A_i to unit scale, or (0, 0).
-
-    The state, its coordinates and its certificate are homogeneous in the factors, and scaling
-    by a power of 2 is exact: clients whose norms lie in the dtype's comfortable band
-    ``[sqrt(tiny) / eps, sqrt(max) * eps]`` (where no square or product of the certificate
-    under- or overflows) are left alone, bit for bit; the others are computed at unit scale.
-    """
-    fi = torch.finfo(dtype)
-    lo, hi = math.sqrt(fi.tiny) / fi.eps, math.sqrt(fi.max) * fi.eps
-    # The largest entries (a norm of tiny entries would underflow while it is measured).
-    nb = max((float(f.B.abs().max()) for f in factors if f.B.numel()), default=0.0)
-    na = max((float(f.A.abs().max()) for f in factors if f.A.numel()), default=0.0)
-    if nb == 0.0 or na == 0.0 or (lo <= nb <= hi and lo <= na <= hi):
-        return 0, 0
-    return math.frexp(nb)[1], math.frexp(na)[1]
-
-
-def _unscaled(state: ServerState, k: int) -> ServerState:
-    """The state of the original factors from the state of factors scaled by ``2**-k``.
-
-    ``S`` and the norms of the mean scale back by ``2**k``; relative residuals do not. Where
-    ``S`` then underflows the dtype entirely, the update is zero: its certificate says so
-    (relative residual 1) and an :class:`~glora_math.errors.UnderflowWarning` is emitted.
-    """
-    if k == 0:
-        return state
-    S = _times_pow2(state.S, k)
-    lost = bool(state.S.abs().max() > 0) and not bool(S.abs().max() > 0)
-
-    def back(c: Certificate | None) -> Certificate | None:
-        if c is None:
-            return None
-        return Certificate(1.0 if lost else c.relative_residual, c.mean_norm * 2.0**k)
-
-    if lost:
-        norm = state.certificate.mean_norm if state.certificate else 0.0
-        hint = "rescale the factors" + (
-            " or aggregate in float64" if S.dtype != torch.float64 else ""
-        )
-        warnings.warn(
-            UnderflowWarning(
-                f"the server update underflows {S.dtype}: it is returned as zero (the mean "
-                f"update has norm {norm:.3e} x 2^{k}); {hint}"
-            ),
-            stacklevel=3,
-        )
-    mods = state.module_certificates
-    return dataclasses.replace(
-        state,
-        S=S,
-        certificate=back(state.certificate),
-        module_certificates=None if mods is None else tuple(back(c) for c in mods),  # type: ignore[misc]
-    )
 
 
 def _rank_rule(

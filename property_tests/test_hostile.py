@@ -391,7 +391,7 @@ def test_an_update_that_underflows_is_certified_as_zero(dtype: torch.dtype, scal
     assert not bool(got.S.any())  # the update is zero ...
     assert got.relative_residual == 1.0  # ... and its certificate says so
     # Inside the comfortable band nothing is rescaled: results stay bit for bit.
-    from glora_math.aggregate import _shift
+    from glora_math.scaling import shift as _shift
 
     assert _shift(_clients(), torch.float64) == (0, 0)
     assert _shift(_clients(), torch.float32) == (0, 0)
