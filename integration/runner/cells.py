@@ -28,7 +28,7 @@ def entries(config: Mapping[str, Any]) -> list[dict[str, Any]]:
         runs.insert(
             0,
             {"operator": "fedit", "clients": 1, "participation": 1.0, "id": CEILING_ID,
-             "label": "centralised (ceiling)"},
+             "label": "centralised, same steps"},
         )  # fmt: skip
     return runs
 

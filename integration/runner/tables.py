@@ -98,7 +98,7 @@ def table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
         str(config.get("description", "")),
         "",
         f"- Floor (majority-class rate of the evaluation set): {floor(config):.4f}",
-        f"- Ceiling (centralised: one client with all {base.max_train} training examples, "
+        f"- Centralised, same steps (one client with all {base.max_train} training examples, "
         f"{steps} optimizer steps): {ceiling or 'not run yet'}",
         f"- Settings: {json.dumps(config['base'], sort_keys=True)}",
         "- Accuracy: mean ± std over seeds; aggregation error: exact relative error of the "
