@@ -21,6 +21,7 @@ from torch import Tensor
 from glora_math.errors import OptionError, ProtocolError, ShapeMismatchError
 from glora_math.linalg import lowrank_fro_norm, lowrank_svd, sign_fixed_svd
 from glora_math.metrics import mean_update
+from glora_math.tolerances import comfortable_band
 from glora_math.types import LoRAFactors
 from glora_math.validation import (
     ClientsInfo,
@@ -520,8 +521,7 @@ def _balanced(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     ``A A^T`` would under- or overflow); otherwise ``(B, A)`` unchanged, bit for bit. A scalar
     gauge: ALS from it gives the same products (each step is equivariant under it).
     """
-    fi = torch.finfo(B.dtype)
-    lo, hi = math.sqrt(fi.tiny) / fi.eps, math.sqrt(fi.max) * fi.eps
+    lo, hi = comfortable_band(B.dtype)
     b = float(B.abs().max()) if B.numel() else 0.0
     a = float(A.abs().max()) if A.numel() else 0.0
     if b == 0.0 or a == 0.0 or (lo <= b <= hi and lo <= a <= hi):

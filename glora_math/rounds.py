@@ -64,11 +64,7 @@ class ModulesRound:
 
     def certificates(self) -> dict[str, float]:
         """Per certified module, its exact relative residual against the module's mean."""
-        return {
-            m: r.certificate.relative_residual
-            for m, r in self.results.items()
-            if r.certificate is not None
-        }
+        return certificates(self.results)
 
     def __repr__(self) -> str:
         certs = self.certificates()
@@ -77,6 +73,13 @@ class ModulesRound:
             f"ModulesRound(operator={self.operator.name!r}, modules={len(self.results)}, "
             f"clients={len(self.weights)}{worst})"
         )
+
+
+def certificates(results: Mapping[str, AggregateResult]) -> dict[str, float]:
+    """Per certified module of ``results``, its exact relative residual against its mean."""
+    return {
+        m: r.certificate.relative_residual for m, r in results.items() if r.certificate is not None
+    }
 
 
 def resolve_operator(operator: str | AggregationOperator) -> AggregationOperator:
@@ -219,4 +222,4 @@ def _groups(
     return list(groups.values())
 
 
-__all__ = ["ModulesRound", "aggregate_modules", "resolve_operator"]
+__all__ = ["ModulesRound", "aggregate_modules", "certificates", "resolve_operator"]

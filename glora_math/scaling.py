@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from glora_math.errors import UnderflowWarning
+from glora_math.tolerances import comfortable_band
 from glora_math.types import Certificate, LoRAFactors, ServerState
 
 
@@ -37,8 +38,7 @@ def shift(factors: Sequence[LoRAFactors], dtype: torch.dtype) -> tuple[int, int]
     ``[sqrt(tiny) / eps, sqrt(max) * eps]`` (where no square or product of the certificate
     under- or overflows) are left alone, bit for bit; the others are computed at unit scale.
     """
-    fi = torch.finfo(dtype)
-    lo, hi = math.sqrt(fi.tiny) / fi.eps, math.sqrt(fi.max) * fi.eps
+    lo, hi = comfortable_band(dtype)
     # The largest entries (a norm of tiny entries would underflow while it is measured).
     nb = max((float(f.B.abs().max()) for f in factors if f.B.numel()), default=0.0)
     na = max((float(f.A.abs().max()) for f in factors if f.A.numel()), default=0.0)

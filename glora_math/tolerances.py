@@ -16,6 +16,7 @@ inputs are computed in float32.
 
 from __future__ import annotations
 
+import math
 from typing import TypeVar
 
 import torch
@@ -168,10 +169,22 @@ def certificate_tol(dtype: torch.dtype, *, n: int, scale: float) -> float:
     return 2.0 * SAFETY * n * eps(dtype) * scale
 
 
+def comfortable_band(dtype: torch.dtype) -> tuple[float, float]:
+    """Magnitudes ``[sqrt(tiny) / eps, sqrt(max) * eps]`` of the working dtype for ``dtype``.
+
+    Entries in this band can be squared and multiplied by one another (as Gram matrices and
+    certificates do) with neither underflow nor overflow; outside it, exact rescaling by a
+    power of 2 is needed first.
+    """
+    fi = torch.finfo(working_dtype(dtype))
+    return math.sqrt(fi.tiny) / fi.eps, math.sqrt(fi.max) * fi.eps
+
+
 __all__ = [
     "SAFETY",
     "aggregate_tol",
     "certificate_tol",
+    "comfortable_band",
     "eigenvalue_error",
     "eps",
     "gram_basis_accurate",

@@ -28,7 +28,7 @@ from glora_math.operators import (
     list_operators,
     parse_options,
 )
-from glora_math.rounds import aggregate_modules
+from glora_math.rounds import aggregate_modules, certificates
 from glora_math.validation import WeightsLike
 
 from .io import (
@@ -77,11 +77,7 @@ class AdapterRound:
 
     def certificates(self) -> dict[str, float]:
         """Per module, the certified relative residual (GLoRA family; others are absent)."""
-        return {
-            n: r.certificate.relative_residual
-            for n, r in self.results.items()
-            if r.certificate is not None
-        }
+        return certificates(self.results)
 
 
 def _check_same_modules(clients: Sequence[ClientAdapter]) -> list[str]:
