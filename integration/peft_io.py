@@ -9,16 +9,19 @@ from __future__ import annotations
 from .peft.aggregate import (
     AdapterRound,
     ClientLike,
+    ModuleSets,
     aggregate_adapters,
     aggregate_peft,
     as_adapter,
     fedavg_dense,
+    module_holders,
 )
 from .peft.io import (
     PREFIX,
     AdapterError,
     AdapterModule,
     ClientAdapter,
+    OutputError,
     adapter_from_state_dict,
     adapter_state_dict,
     check_pattern,
@@ -27,6 +30,7 @@ from .peft.io import (
     lora_scale,
     pattern_value,
     save_adapter,
+    write_folder,
 )
 
 __all__ = [
@@ -36,6 +40,8 @@ __all__ = [
     "AdapterRound",
     "ClientAdapter",
     "ClientLike",
+    "ModuleSets",
+    "OutputError",
     "adapter_from_state_dict",
     "adapter_state_dict",
     "aggregate_adapters",
@@ -46,6 +52,8 @@ __all__ = [
     "fedavg_dense",
     "load_adapter",
     "lora_scale",
+    "module_holders",
     "pattern_value",
     "save_adapter",
+    "write_folder",
 ]

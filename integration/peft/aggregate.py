@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
@@ -28,15 +27,17 @@ from glora_math.operators import (
     list_operators,
     parse_options,
 )
-from glora_math.rounds import aggregate_modules, certificates
-from glora_math.validation import WeightsLike
+from glora_math.rounds import aggregate_modules, certificates, resolve_operator
+from glora_math.validation import WeightsLike, normalize_weights, validate_rank
 
 from .io import (
     AdapterError,
     ClientAdapter,
     adapter_from_state_dict,
+    check_output,
     load_adapter,
     save_adapter,
+    write_folder,
 )
 
 
@@ -80,6 +81,10 @@ class AdapterRound:
         return certificates(self.results)
 
 
+#: How clients with different module sets are aggregated (``modules=`` of the functions below).
+ModuleSets = Literal["same", "intersection", "union"]
+
+
 def _check_same_modules(clients: Sequence[ClientAdapter]) -> list[str]:
     names = sorted(clients[0].modules)
     for i, c in enumerate(clients):
@@ -88,33 +93,75 @@ def _check_same_modules(clients: Sequence[ClientAdapter]) -> list[str]:
         if missing or extra:
             raise AdapterError(
                 f"module set differs from client 0's (missing {sorted(missing)[:3]}, extra "
-                f"{sorted(extra)[:3]})",
+                f"{sorted(extra)[:3]}); pass modules='intersection' or 'union' to aggregate "
+                "clients with different target modules",
                 client=i,
             )
-        for name in names:
-            if c.modules[name].factors.shape != clients[0].modules[name].factors.shape:
-                raise ShapeMismatchError(
-                    f"update shape {c.modules[name].factors.shape} differs from client 0's "
-                    f"{clients[0].modules[name].factors.shape}",
-                    client=i,
-                    module=name,
-                )
-        if set(c.dense) != set(clients[0].dense):
-            raise AdapterError("dense (modules_to_save) tensors differ from client 0's", client=i)
+    _check_shapes(clients, {name: list(range(len(clients))) for name in names})
+    if any(set(c.dense) != set(clients[0].dense) for c in clients):
+        i = next(i for i, c in enumerate(clients) if set(c.dense) != set(clients[0].dense))
+        raise AdapterError("dense (modules_to_save) tensors differ from client 0's", client=i)
     return names
 
 
-def fedavg_dense(clients: Sequence[ClientAdapter], p: Tensor) -> dict[str, Tensor]:
-    """Weighted average of the dense tensors (``modules_to_save``), key by key."""
-    out = {}
-    for key, ref in clients[0].dense.items():
-        for i, c in enumerate(clients):
-            if c.dense[key].shape != ref.shape:
+def _check_shapes(clients: Sequence[ClientAdapter], holders: Mapping[str, list[int]]) -> None:
+    for name, who in holders.items():
+        first = clients[who[0]].modules[name].factors.shape
+        for i in who:
+            if clients[i].modules[name].factors.shape != first:
                 raise ShapeMismatchError(
-                    f"dense tensor {key!r} has shape {tuple(c.dense[key].shape)}", client=i
+                    f"update shape {clients[i].modules[name].factors.shape} differs from client "
+                    f"{who[0]}'s {first}",
+                    client=i,
+                    module=name,
                 )
-        stacked = torch.stack([c.dense[key].to(p.dtype) for c in clients])
-        out[key] = torch.tensordot(p, stacked, dims=1).to(ref.dtype)
+
+
+def module_holders(clients: Sequence[ClientAdapter], modules: str) -> dict[str, list[int]]:
+    """Module name -> the clients that aggregate it, under the ``modules`` rule.
+
+    ``"same"``: every client must hold the same modules (else an :class:`AdapterError` naming
+    the client); ``"intersection"``: the modules every client holds; ``"union"``: every module
+    any client holds, aggregated over the clients that hold it (their weights renormalised:
+    the mean update of the clients that adapted the module).
+    """
+    if modules not in ("same", "intersection", "union"):
+        raise AdapterError(f"modules must be 'same', 'intersection' or 'union', got {modules!r}")
+    if modules == "same":
+        return {name: list(range(len(clients))) for name in _check_same_modules(clients)}
+    every = sorted(set().union(*(c.modules for c in clients)))
+    holders = {n: [i for i, c in enumerate(clients) if n in c.modules] for n in every}
+    if modules == "intersection":
+        holders = {n: who for n, who in holders.items() if len(who) == len(clients)}
+        if not holders:
+            raise AdapterError("the clients have no LoRA module in common (modules='intersection')")
+    _check_shapes(clients, holders)
+    return holders
+
+
+def fedavg_dense(
+    clients: Sequence[ClientAdapter], p: Tensor, *, modules: str = "same"
+) -> dict[str, Tensor]:
+    """Weighted average of the dense tensors (``modules_to_save``), key by key.
+
+    With ``modules="union"`` a key is averaged over the clients that hold it (their weights
+    renormalised); with ``"intersection"`` only the keys every client holds are kept.
+    """
+    keys = sorted(set().union(*(c.dense for c in clients)))
+    out = {}
+    for key in keys:
+        who = [i for i, c in enumerate(clients) if key in c.dense]
+        if len(who) < len(clients) and modules != "union":
+            continue  # "same" checked the key sets already
+        ref = clients[who[0]].dense[key]
+        for i in who:
+            if clients[i].dense[key].shape != ref.shape:
+                raise ShapeMismatchError(
+                    f"dense tensor {key!r} has shape {tuple(clients[i].dense[key].shape)}", client=i
+                )
+        q = p[who] / p[who].sum() if len(who) < len(clients) else p
+        stacked = torch.stack([clients[i].dense[key].to(p.dtype) for i in who])
+        out[key] = torch.tensordot(q, stacked, dims=1).to(ref.dtype)
     return out
 
 
@@ -127,6 +174,7 @@ def aggregate_adapters(
     client_ranks: Sequence[Mapping[str, int]] | None = None,
     states: Mapping[str, OperatorState | None] | None = None,
     options: Mapping[str, float] | None = None,
+    modules: ModuleSets = "same",
 ) -> AdapterRound:
     """Aggregate whole adapters module by module with a registered operator.
 
@@ -159,31 +207,92 @@ def aggregate_adapters(
         Operator options (:attr:`glora_math.operators.AggregationOperator.options`), e.g.
         ``{"max_residual": 0.1}`` for the GLoRA family: a ``ResidualWarning`` naming the
         module when a module's certified relative residual exceeds it.
+    modules
+        Clients with different module sets (:func:`module_holders`): ``"same"`` (the
+        default) refuses them, ``"intersection"`` aggregates the modules all clients hold,
+        ``"union"`` every module over the clients that hold it (a client continues only
+        from the modules it holds).
 
     Every GLoRA-family result carries ``certificate`` (its exact relative error against the
     module's mean update).
     """
     if not clients:
         raise AdapterError("no client adapters")
-    names = _check_same_modules(clients)
-    modules = {name: [c.modules[name].factors for c in clients] for name in names}
-    rnd = aggregate_modules(
-        modules,
-        weights,
-        operator=operator,
-        rank=rank,
-        client_ranks=client_ranks,
-        states=states,
-        options=options,
-        _stacklevel=3,
-    )
+    holders = module_holders(clients, modules)
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name, who in holders.items():
+        groups.setdefault(tuple(who), []).append(name)
+    if len(groups) == 1 and len(next(iter(groups))) == len(clients):
+        names = next(iter(groups.values()))
+        rnd = aggregate_modules(
+            {name: [c.modules[name].factors for c in clients] for name in names},
+            weights,
+            operator=operator,
+            rank=rank,
+            client_ranks=client_ranks,
+            states=states,
+            options=options,
+            _stacklevel=3,
+        )
+        return AdapterRound(
+            results=rnd.results,
+            client_modules=rnd.client_modules,
+            dense=fedavg_dense(clients, rnd.weights, modules=modules),
+            states=rnd.states,
+            weights=rnd.weights,
+            clients=rnd.clients,
+        )
+    return _aggregate_groups(clients, groups, weights, operator=operator, rank=rank,
+                             client_ranks=client_ranks, states=states, options=options,
+                             modules=modules)  # fmt: skip
+
+
+def _aggregate_groups(
+    clients: Sequence[ClientAdapter],
+    groups: Mapping[tuple[int, ...], list[str]],
+    weights: WeightsLike,
+    *,
+    operator: str | AggregationOperator,
+    rank: int,
+    client_ranks: Sequence[Mapping[str, int]] | None,
+    states: Mapping[str, OperatorState | None] | None,
+    options: Mapping[str, float] | None,
+    modules: str,
+) -> AdapterRound:
+    """One core round per set of clients holding the same modules (``modules="union"``)."""
+    p = normalize_weights(weights, len(clients), dtype=torch.float64, device=torch.device("cpu"))
+    op = resolve_operator(operator)
+    results: dict[str, AggregateResult] = {}
+    kept: dict[str, OperatorState | None] = {}
+    validated: dict[str, Any] = {}
+    continues: list[dict[str, LoRAFactors] | None] = [{} for _ in clients]
+    for who, names in groups.items():
+        sub = p[list(who)]
+        if float(sub.sum()) <= 0.0:
+            continue  # only zero-weight clients hold these modules: nothing to aggregate
+        rnd = aggregate_modules(
+            {name: [clients[i].modules[name].factors for i in who] for name in names},
+            sub,
+            operator=op,
+            rank=rank,
+            client_ranks=None if client_ranks is None else [client_ranks[i] for i in who],
+            states=None if states is None else {n: states.get(n) for n in names},
+            options=options,
+            _stacklevel=4,
+        )
+        results.update(rnd.results)
+        kept.update(rnd.states)
+        validated.update(rnd.clients)
+        for j, i in enumerate(who):
+            got, mine = rnd.client_modules[j], continues[i]
+            continues[i] = None if got is None or mine is None else mine | got
     return AdapterRound(
-        results=rnd.results,
-        client_modules=rnd.client_modules,
-        dense=fedavg_dense(clients, rnd.weights),
-        states=rnd.states,
-        weights=rnd.weights,
-        clients=rnd.clients,
+        results=results,
+        client_modules=continues,
+        dense=fedavg_dense(clients, p, modules=modules),
+        states=kept,
+        weights=p,
+        clients=validated,
     )
 
 
@@ -223,28 +332,38 @@ def aggregate_peft(
     operator: str = "glora_auto",
     rank: int | None = None,
     out: str | Path | None = None,
+    overwrite: bool = False,
     options: Mapping[str, float] | None = None,
+    modules: ModuleSets = "same",
 ) -> AdapterRound:
     """One federated round on peft adapters, in one call; optionally saved as adapter folders.
 
     ``clients``: adapter folders, ``PeftModel``s or ``(state_dict, LoraConfig)`` pairs (see
-    :func:`as_adapter`). ``rank``: the server rank R (default: the largest client rank).
-    With ``out``, writes ``out/global`` (the server update of every module plus the averaged
-    ``modules_to_save``: load it with ``PeftModel.from_pretrained``), ``out/client_<i>`` (what
-    client i continues from, at its own rank; not for operators whose clients re-initialise),
-    ``out/base_delta.safetensors`` (dense changes to fold into the base weights, for
-    FedEx-LoRA and the ``_residual`` operators) and ``out/round.json`` (operator, weights,
-    server rank, per-module certificates). Everything else as :func:`aggregate_adapters`.
+    :func:`as_adapter`). ``rank``: the server rank R, a positive integer (``None``: the
+    largest client rank). With ``out``, writes ``out/global`` (the server update of every
+    module plus the averaged ``modules_to_save``: load it with ``PeftModel.from_pretrained``),
+    ``out/client_<i>`` (what client i continues from, at its own rank; not for operators whose
+    clients re-initialise), ``out/base_delta.safetensors`` (dense changes to fold into the base
+    weights, for FedEx-LoRA and the ``_residual`` operators) and ``out/round.json`` (operator,
+    weights, server rank, per-module certificates). ``out`` must be new or empty unless
+    ``overwrite`` (which replaces it whole); it is written at once, so a failed round leaves it
+    as it was (:func:`~integration.peft.io.write_folder`, :class:`OutputError`). Everything else
+    as :func:`aggregate_adapters`.
     """
+    if out is not None:
+        check_output(out, overwrite=overwrite)  # before any work
     adapters = [as_adapter(c, i) for i, c in enumerate(clients)]
     if not adapters:
         raise AdapterError("no client adapters")
-    R = rank or max(m.factors.rank for a in adapters for m in a.modules.values())
-    rnd = aggregate_adapters(adapters, weights, operator=operator, rank=R, options=options)
-    if out is not None:
-        folder = Path(out)
-        config = adapters[0].config
-        save_adapter(folder / "global", rnd.global_modules, rnd.dense, config)
+    if rank is None:
+        R = max(m.factors.rank for a in adapters for m in a.modules.values())
+    else:
+        R = validate_rank(rank, name="rank (the server rank; None: the largest client rank)")
+    rnd = aggregate_adapters(adapters, weights, operator=operator, rank=R, options=options,
+                             modules=modules)  # fmt: skip
+
+    def write(folder: Path) -> None:
+        save_adapter(folder / "global", rnd.global_modules, rnd.dense, adapters[0].config)
         for i, mods in enumerate(rnd.client_modules):
             if mods is not None:
                 save_adapter(folder / f"client_{i}", mods, rnd.dense, adapters[i].config)
@@ -255,10 +374,15 @@ def aggregate_peft(
             "operator": operator,
             "server_rank": R,
             "clients": len(adapters),
+            "modules": modules,
             "weights": None if weights is None else [float(w) for w in weights],
+            "normalized_weights": None if rnd.weights is None else rnd.weights.tolist(),
             "certified_relative_residual": rnd.certificates(),
         }
         (folder / "round.json").write_text(json.dumps(summary, indent=2))
+
+    if out is not None:
+        write_folder(out, write, overwrite=overwrite)
     return rnd
 
 
@@ -279,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "client rank)")  # fmt: skip
     p.add_argument("--options", default="", help="operator options, name=value,...")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--modules", default="same", choices=["same", "intersection", "union"],
+                   help="clients with different target modules: refuse them (same), "
+                   "aggregate the modules all hold (intersection) or each over its holders "
+                   "(union)")  # fmt: skip
     return p
 
 
@@ -287,8 +415,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        p.error(f"--out {out} is not an empty folder (pass --overwrite to replace it)")
     try:
         weights = None
         if args.weights:
@@ -296,18 +422,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts = parse_options(args.options)
         if args.operator not in list_operators():
             p.error(f"--operator {args.operator!r} is not one of {list_operators()}")
-        if out.exists() and args.overwrite:
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
         rnd = aggregate_peft(args.adapters, weights, operator=args.operator, rank=args.rank,
-                             out=out, options=opts)  # fmt: skip
+                             out=out, overwrite=args.overwrite, options=opts,
+                             modules=args.modules)  # fmt: skip
     except GloraError as err:  # before ValueError: GloraErrors are ValueErrors too
         sys.stderr.write(f"glora aggregate: error: {err}\n")
         return 2
     except ValueError as err:  # --weights that are not numbers
         p.error(str(err))
-    except OSError as err:
-        sys.stderr.write(f"glora aggregate: error: {out}: {err.strerror}\n")
-        return 2
     certs = rnd.certificates()
     worst = f"; worst certified residual {max(certs.values()):.3e}" if certs else ""
     print(f"wrote {out}/global ({len(rnd.results)} modules, operator {args.operator}){worst}")
@@ -322,4 +444,5 @@ __all__ = [
     "as_adapter",
     "fedavg_dense",
     "main",
+    "module_holders",
 ]

@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import tempfile
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -397,6 +399,59 @@ def save_adapter(
     )
 
 
+class OutputError(GloraError):
+    """An output folder that cannot be written (the reason in the message).
+
+    Not empty (without ``overwrite``), a file, or a path the operating system refuses.
+    """
+
+
+def check_output(out: str | Path, *, overwrite: bool = False) -> Path:
+    """``out`` as a folder :func:`write_folder` may write, checked before any work is done."""
+    folder = Path(out)
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(f"{folder} is a file, not a folder")
+        if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+            raise OutputError(f"{folder} is not an empty folder (pass overwrite=True, or "
+                              "--overwrite, to replace it)")  # fmt: skip
+    except OSError as err:
+        raise OutputError(f"{folder}: {err.strerror or err}") from None
+    return folder
+
+
+def write_folder(
+    out: str | Path, write: Callable[[Path], None], *, overwrite: bool = False
+) -> Path:
+    """Write a whole output folder at once: ``write`` fills a fresh sibling that replaces ``out``.
+
+    ``out`` must be new or an empty folder unless ``overwrite`` (then its old contents go: no
+    stale file of an earlier round survives). A failure leaves ``out`` as it was.
+
+    Raises
+    ------
+    OutputError
+        If ``out`` is a file, a non-empty folder without ``overwrite``, or cannot be written.
+    """
+    folder = check_output(out, overwrite=overwrite)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as err:
+        raise OutputError(f"{folder}: {err.strerror or err}") from None
+    try:
+        write(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except OSError as err:
+        raise OutputError(f"{folder}: {err.strerror or err}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def _jsonable(value: object) -> object:
     """JSON for the values peft's ``LoraConfig.to_dict()`` may hold (sets, enums)."""
     if isinstance(value, set | frozenset):
@@ -411,12 +466,15 @@ __all__ = [
     "AdapterError",
     "AdapterModule",
     "ClientAdapter",
+    "OutputError",
     "adapter_from_state_dict",
     "adapter_state_dict",
+    "check_output",
     "check_pattern",
     "config_dict",
     "load_adapter",
     "lora_scale",
     "pattern_value",
     "save_adapter",
+    "write_folder",
 ]

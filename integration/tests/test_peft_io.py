@@ -351,8 +351,7 @@ def test_glora_aggregate_command_on_three_real_adapter_folders(
     assert (summary["operator"], summary["weights"]) == ("glora_auto", [1.0, 2.0, 3.0])
     assert (out / "global" / "adapter_model.safetensors").is_file()
     # A non-empty --out is refused unless told to overwrite; bad inputs are one-line errors.
-    with pytest.raises(SystemExit):
-        main(["aggregate", *folders, "--out", str(out)])
+    assert main(["aggregate", *folders, "--out", str(out)]) == 2
     assert "not an empty folder" in capsys.readouterr().err
     assert main(["aggregate", *folders, "--out", str(out), "--overwrite"]) == 0
     capsys.readouterr()
@@ -371,3 +370,62 @@ def test_glora_aggregate_command_on_three_real_adapter_folders(
     save_file({"x": torch.zeros(1)}, str(ia3 / "adapter_model.safetensors"))
     assert main(["aggregate", folders[0], str(ia3), "--out", str(tmp_path / "o")]) == 2
     assert "peft_type 'IA3' is not LoRA" in capsys.readouterr().err
+
+
+def test_aggregate_peft_output_folders_rank_and_module_sets(tmp_path: Path) -> None:
+    """out= is new, empty or replaced whole; bad paths and rank=0 are typed errors; clients
+    with different target modules aggregate their common modules or each over its holders."""
+    from glora_math import RankError
+    from integration.peft_io import OutputError, aggregate_peft, as_adapter
+
+    models = [_peft_roberta(s, r=4, lora_alpha=8) for s in range(3)]
+    out = tmp_path / "round"
+    aggregate_peft(models, out=out)
+    (out / "stale.txt").write_text("an earlier round")
+    with pytest.raises(OutputError, match="not an empty folder"):
+        aggregate_peft(models, out=out)
+    aggregate_peft(models, operator="fedit", out=out, overwrite=True)
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "round.json").read_text())["operator"] == "fedit"
+    (tmp_path / "file").write_text("x")
+    for bad in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(OutputError, match=str(bad)):
+            aggregate_peft(models, out=bad)
+    # A round that fails leaves the folder as it was.
+    with pytest.raises(RankError):
+        aggregate_peft(models, rank=0, out=out, overwrite=True)
+    with pytest.raises(RankError, match="the largest client rank"):
+        aggregate_peft(models, rank=-2)
+    assert json.loads((out / "round.json").read_text())["operator"] == "fedit"
+    # Different target modules: refused by default, naming the client and the way out.
+    torch.manual_seed(7)
+    base = RobertaForSequenceClassification(TINY)
+    only_q = get_peft_model(base, LoraConfig(r=4, target_modules=["query"],
+                                             modules_to_save=["classifier"]))  # fmt: skip
+    with torch.no_grad():
+        for name, prm in only_q.named_parameters():
+            if "lora_B" in name:
+                prm.normal_(0.0, 0.5)
+    clients = [*models[:2], only_q]
+    with pytest.raises(AdapterError, match=r"client 2: module set differs.*modules='intersection'"):
+        aggregate_peft(clients)
+    ads = [as_adapter(c, i) for i, c in enumerate(clients)]
+    inter = aggregate_peft(clients, [1.0, 2.0, 3.0], operator="fedit", modules="intersection")
+    assert set(inter.results) == set(ads[2].modules)
+    union = aggregate_peft(clients, [1.0, 2.0, 3.0], operator="svd_mean", modules="union")
+    assert set(union.results) == set(ads[0].modules)
+    for name in ads[0].modules:
+        who = [i for i, a in enumerate(ads) if name in a.modules]
+        w = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)[who]
+        mean = sum(wi / w.sum() * ads[i].modules[name].factors.delta().double()
+                   for wi, i in zip(w, who, strict=True))  # fmt: skip
+        got = union.results[name].update.delta().double()
+        # svd_mean is the best rank-4 approximation of the holders' renormalised mean
+        # (Eckart-Young): its error is the norm of the mean's trailing singular values (to
+        # the rounding of the float32 arithmetic it ran in).
+        err = float((got - mean).norm())
+        assert abs(err - float(torch.linalg.svdvals(mean)[4:].norm())) <= _tol(mean.float())
+    assert union.client_modules[2] is not None
+    assert set(union.client_modules[2]) == set(ads[2].modules)
+    with pytest.raises(AdapterError, match="modules must be"):
+        aggregate_peft(clients, modules="all")  # type: ignore[arg-type]
