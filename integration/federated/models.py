@@ -33,6 +33,7 @@ from glora_math.errors import GloraError
 
 from ..data import Examples
 from ..peft.io import PREFIX, AdapterError, adapter_state_dict
+from .settings import downloads_allowed
 
 
 class ModelNotInstalledError(GloraError):
@@ -57,6 +58,20 @@ def minilm_path() -> Path:
         ) from None
 
 
+def missing_targets(model: torch.nn.Module, targets: Sequence[str]) -> str | None:
+    """Which LoRA target modules match no layer of ``model`` (peft's suffix rule), or None.
+
+    The message lists the model's linear layer names to choose from.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if not missing:
+        return None
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    return (f"target modules {missing} match no linear layer of the model; its linear layers "
+            f"are named {', '.join(leaves[:12])}{' ...' if len(leaves) > 12 else ''}")  # fmt: skip
+
+
 def build_model(
     name: str, num_labels: int, seed: int
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -77,8 +92,11 @@ def build_model(
         cfg.num_labels = num_labels
         return RobertaForSequenceClassification(cfg), tok
     path = str(minilm_path()) if name == "minilm" else name
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    local = not downloads_allowed()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=local)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels, local_files_only=local
+    )
     return model, tok
 
 

@@ -28,8 +28,7 @@ import json
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, replace
-from functools import lru_cache
+from dataclasses import asdict, fields, replace
 from logging import ERROR, INFO
 from pathlib import Path
 from typing import Any
@@ -43,22 +42,22 @@ from peft import get_peft_model, get_peft_model_state_dict
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from glora_math.operators import list_operators
-
-from ..data import Examples, dirichlet_split, load_task, sample
+from ..data import Examples, dirichlet_split
 from ..federated.models import (
     build_model,
     evaluate_model,
     lora_config,
     lora_shapes,
     merged_model,
+    missing_targets,
     seed_for,
     start_client,
     target_weights,
     train_local,
 )
+from ..federated.settings import HELP
 from ..peft.io import PREFIX
-from .config import FlowerConfig, FlowerConfigError
+from .config import _BOOL, _FLOAT, _INT, FlowerConfig, FlowerConfigError
 from .deploy import LocalDeployment
 from .messages import evaluate_reply, read_evaluate_message, read_train_message, train_reply
 from .strategy import LoRAStrategy, RoundLog
@@ -96,17 +95,31 @@ def _node(context: Context) -> tuple[int, int, str | None]:
 
 
 def _data(cfg: FlowerConfig, data_dir: str | None) -> tuple[Examples, Examples, int]:
-    root = Path(data_dir) if data_dir else (Path(cfg.data_dir) if cfg.data_dir else None)
-    train = sample(load_task(cfg.task, "train", root), cfg.max_train, cfg.seed)
-    dev = sample(load_task(cfg.task, "dev", root), cfg.max_eval, cfg.seed + 1)
-    return train, dev, max(*train.labels, *dev.labels) + 1
+    """The run's training and evaluation examples (the same loading as ``glora simulate``)."""
+    train, dev, _, names = cfg.load_data(data_dir=data_dir)
+    return train, dev, len(names) if names else max(*train.labels, *dev.labels) + 1
 
 
-@lru_cache(maxsize=4)
+_SETUPS: dict[tuple[str, int, str | None], Any] = {}
+
+
 def _setup(
     cfg: FlowerConfig, num_partitions: int, data_dir: str | None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[Examples], list[Examples], int]:
-    """Base model, tokenizer, train and evaluation shards (cached per process)."""
+    """Base model, tokenizer, train and evaluation shards (cached per process, by settings)."""
+    key = (repr(cfg), num_partitions, data_dir)
+    if key not in _SETUPS:
+        if len(_SETUPS) >= 4:
+            _SETUPS.pop(next(iter(_SETUPS)))
+        _SETUPS[key] = _build(cfg, num_partitions, data_dir)
+    setup: tuple[PreTrainedModel, PreTrainedTokenizerBase, list[Examples], list[Examples], int]
+    setup = _SETUPS[key]
+    return setup
+
+
+def _build(
+    cfg: FlowerConfig, num_partitions: int, data_dir: str | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[Examples], list[Examples], int]:
     train, dev, num_labels = _data(cfg, data_dir)
     parts = dirichlet_split(train.labels, num_partitions, cfg.dirichlet, cfg.seed)
     evals = [dev.subset(list(range(i, len(dev), num_partitions))) for i in range(num_partitions)]
@@ -155,7 +168,7 @@ def make_client_app(default: FlowerConfig | None = None) -> ClientApp:
         base, tok, shards, _, _ = _setup(cfg, n, data_dir)
         job = read_train_message(msg)
         r = cfg.rank_of(pid)
-        lcfg = lora_config(r, cfg.target_modules)
+        lcfg = lora_config(r, cfg.modules())
         model = get_peft_model(merged_model(base, job.base, {}), lcfg)
         start_client(
             model,
@@ -170,7 +183,7 @@ def make_client_app(default: FlowerConfig | None = None) -> ClientApp:
             per_client_init=cfg.per_client_init,
         )
         if not target_weights(model):
-            raise FlowerConfigError(f"no modules match target-modules {cfg.target_modules}")
+            raise FlowerConfigError(f"no modules match target-modules {cfg.modules()}")
         loss = train_local(
             model,
             tok,
@@ -223,7 +236,10 @@ def initial_adapter(cfg: FlowerConfig) -> tuple[dict[str, Tensor], dict[str, tup
     """
     _, _, num_labels = _data(cfg, None)
     base, _ = build_model(cfg.model, num_labels, cfg.seed)
-    model = get_peft_model(base, lora_config(cfg.rank_of(0), cfg.target_modules))
+    trouble = missing_targets(base, cfg.modules())
+    if trouble:
+        raise FlowerConfigError(f"run-config key 'target-modules': {trouble}")
+    model = get_peft_model(base, lora_config(cfg.rank_of(0), cfg.modules()))
     heads = {
         k.removeprefix(PREFIX): v.detach().clone()
         for k, v in get_peft_model_state_dict(model).items()
@@ -232,7 +248,7 @@ def initial_adapter(cfg: FlowerConfig) -> tuple[dict[str, Tensor], dict[str, tup
     shapes = lora_shapes(model)
     if not shapes:
         raise FlowerConfigError(f"no modules of {cfg.model!r} match target-modules "
-                                f"{','.join(cfg.target_modules)!r}")  # fmt: skip
+                                f"{','.join(cfg.modules())!r}")  # fmt: skip
     return heads, shapes
 
 
@@ -303,7 +319,7 @@ def make_server_app(default: FlowerConfig | None = None) -> ServerApp:
         out.mkdir(parents=True, exist_ok=True)
         top = max((f.rank for f in strategy.server.global_update.values()), default=0)
         written = strategy.save_global_adapter(
-            out / "global_adapter", lora_config(top or cfg.rank_of(0), cfg.target_modules)
+            out / "global_adapter", lora_config(top or cfg.rank_of(0), cfg.modules())
         )
         for path in written:
             log(INFO, "wrote %s", path)
@@ -353,47 +369,33 @@ def run(cfg: FlowerConfig) -> dict[str, Any]:
     return out
 
 
+_FLAG_HELP = HELP | {
+    "clients": "SuperNodes to start (one partition each)",
+    "fraction_evaluate": "fraction of nodes that evaluate the global model (0: none)",
+    "faulty": "fault injection, 'partition:kind,...' with kind nan, missing or shape",
+    "timeout": "seconds the server waits for nodes and for each round's replies",
+    "out": "results and the global adapter",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: run the app on Flower's deployment engine here and print a summary."""
     ap = argparse.ArgumentParser(
         prog="python -m glora_math.integration.flower_app", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    d = FlowerConfig()
-    ap.add_argument("--model", default=d.model, help="tiny-roberta, minilm or an HF path")
-    ap.add_argument("--task", default=d.task)
-    ap.add_argument("--data-dir", default=d.data_dir, help="default: $GLORA_DATA")
-    ap.add_argument("--operator", default=d.operator, choices=list_operators())
-    ap.add_argument("--clients", type=int, default=d.clients, help="SuperNodes to start")
-    ap.add_argument("--rounds", type=int, default=d.rounds)
-    ap.add_argument("--client-ranks", type=int, nargs="+", default=list(d.client_ranks))
-    ap.add_argument("--server-rank", type=int, default=None)
-    ap.add_argument("--participation", type=float, default=d.participation)
-    ap.add_argument("--fraction-evaluate", type=float, default=d.fraction_evaluate)
-    ap.add_argument("--local-steps", type=int, default=d.local_steps)
-    ap.add_argument("--max-train", type=int, default=d.max_train)
-    ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument(
-        "--faulty", nargs="*", default=[], help="partition:kind, kind in nan|missing|shape"
-    )
-    ap.add_argument("--per-client-init", action="store_true", help="per-client LoRA inits")
-    ap.add_argument("--threads", type=int, default=d.threads, help="torch threads per process")
-    ap.add_argument("--timeout", type=float, default=d.timeout)
-    ap.add_argument("--out", default=d.out)
+    for f in fields(FlowerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in _BOOL:
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                            help=_FLAG_HELP.get(f.name))  # fmt: skip
+        else:
+            kind = int if f.name in _INT else float if f.name in _FLOAT else str
+            ap.add_argument(flag, type=kind, default=None, help=_FLAG_HELP.get(f.name))
     a = ap.parse_args(argv)
+    given = {k.replace("_", "-"): v for k, v in vars(a).items() if v is not None}
     try:
-        cfg = FlowerConfig.from_run_config(
-            {
-                "model": a.model, "task": a.task, "data-dir": a.data_dir,
-                "operator": a.operator, "clients": a.clients, "rounds": a.rounds,
-                "client-ranks": ",".join(str(r) for r in a.client_ranks),
-                "server-rank": a.server_rank or 0, "participation": a.participation,
-                "fraction-evaluate": a.fraction_evaluate, "local-steps": a.local_steps,
-                "max-train": a.max_train, "seed": a.seed, "faulty": ",".join(a.faulty),
-                "per-client-init": a.per_client_init, "threads": a.threads,
-                "timeout": a.timeout, "out": a.out,
-            }
-        )  # fmt: skip
+        cfg = FlowerConfig.from_run_config(given)
     except FlowerConfigError as err:
         ap.exit(2, f"error: {err}\n")
     try:

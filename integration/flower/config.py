@@ -13,28 +13,20 @@ from dataclasses import dataclass, fields
 from typing import Any, NoReturn
 
 from glora_math import GloraError
-from glora_math.operators import get_operator, list_operators, parse_options
+from glora_math.operators import parse_options
+
+from ..federated.settings import RunSettings
 
 #: Kinds of fault a partition can be told to inject (``faulty`` run-config key).
 FAULTS = ("nan", "missing", "shape")
 
 
 _RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
-    (("clients", "rounds", "local_steps", "batch_size", "max_train", "max_eval"),
-     lambda v: v >= 1, "must be at least 1"),
-    (("max_len",), lambda v: v >= 2, "must be at least 2"),
-    (("threads",), lambda v: v >= 0, "must be 0 (torch's default) or more"),
-    (("dirichlet", "lr", "timeout"), lambda v: v > 0, "must be a positive number"),
-    (("max_residual",), lambda v: v >= 0, "must be 0 (off) or more"),
-    (("participation",), lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    (("timeout",), lambda v: v > 0, "must be a positive number"),
     (("fraction_evaluate",), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    (("client_ranks",), lambda v: bool(v) and min(v) >= 1, "must be positive whole numbers"),
-    (("server_rank",), lambda v: v is None or v >= 1,
-     "must be positive (0: the largest client rank)"),
-    (("target_modules",), lambda v: bool(v) and all(v), "must name at least one module"),
     (("faulty",), lambda v: all(p >= 0 and k in FAULTS for p, k in v),
      f"must be 'partition:kind' pairs with kind in {', '.join(FAULTS)}"),
-    (("model", "task", "out"), bool, "must not be empty"),
+    (("out",), bool, "must not be empty"),
 )  # fmt: skip
 
 
@@ -42,43 +34,22 @@ class FlowerConfigError(GloraError):
     """Settings of a Flower run (run config, node config) that cannot work: one line, the key."""
 
 
-@dataclass(frozen=True)
-class FlowerConfig:
-    """Settings of a Flower run (defaults: a CI-sized run with the tiny random RoBERTa).
+@dataclass
+class FlowerConfig(RunSettings):
+    """Settings of a Flower run: every run's (:class:`RunSettings`) and the Flower app's own.
 
-    In Flower's run config the keys are these names with ``-`` for ``_``; ``client-ranks``
-    and ``target-modules`` are comma-separated strings, ``faulty`` is ``"2:nan,1:shape"``,
-    ``server-rank = 0`` means the largest client rank and ``data-dir = ""`` means
-    ``$GLORA_DATA`` or ``../shared/data``.
+    The settings shared with ``glora simulate`` have its defaults and its checks.
+
+    In Flower's run config the keys are these names with ``-`` for ``_``; ``client-ranks``,
+    ``target-modules`` and ``options`` are comma-separated strings (``"2,4,8"``,
+    ``"query,value"``, ``"lam=0.02,steps=10"``), ``faulty`` is ``"2:nan,1:shape"``, and
+    ``server-rank = 0`` and an empty string (``data-dir``, ``train-file``, ...) mean unset.
+    ``clients`` is the number of SuperNodes the server waits for; each partition ``i`` (node
+    config ``partition-id``) trains at rank ``client_ranks[i % len(client_ranks)]``.
     """
 
-    model: str = "tiny-roberta"
-    task: str = "sst2"
-    data_dir: str = ""
-    clients: int = 3  # nodes the server waits for before round 1
-    rounds: int = 2
-    dirichlet: float = 0.5
-    local_steps: int = 2
-    batch_size: int = 8
-    lr: float = 5e-4
-    client_ranks: tuple[int, ...] = (2, 4, 4)
-    server_rank: int | None = None
-    operator: str = "glora_auto"
-    max_residual: float = 0.2
-    # Any option the operator declares, "name=value,..." (e.g. "lam=0.02,steps=10").
-    options: str = ""
-    participation: float = 1.0
     fraction_evaluate: float = 1.0
-    seed: int = 0
-    max_train: int = 120
-    max_eval: int = 60
-    max_len: int = 32
-    target_modules: tuple[str, ...] = ("query", "value")
     faulty: tuple[tuple[int, str], ...] = ()  # (partition, "nan" | "missing" | "shape")
-    # Fresh LoRA starts: one shared init (the rank-r part of one draw at the largest client
-    # rank, seeded by seed and round), or, if True, a per-client draw (an ablation).
-    per_client_init: bool = False
-    threads: int = 1  # torch threads per app process (0: torch's default)
     out: str = "out/flower"
     timeout: float = 300.0  # seconds the server waits for nodes and for a round's replies
 
@@ -86,34 +57,17 @@ class FlowerConfig:
         """Fault injection: partition -> kind."""
         return dict(self.faulty)
 
-    def rank_of(self, partition: int) -> int:
-        """The LoRA rank of a partition (the ranks cycle)."""
-        return self.client_ranks[partition % len(self.client_ranks)]
-
     def check(self) -> FlowerConfig:
         """Raise :class:`FlowerConfigError` (one line, the key) if a value cannot work."""
-        for names, ok, why in _RULES:
-            for name in names:
-                if not ok(getattr(self, name)):
-                    _bad(name, getattr(self, name), why)
-        if self.operator not in list_operators():
-            near = difflib.get_close_matches(self.operator, list_operators(), n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            _bad("operator", self.operator, f"is not an operator{hint}; one of "
-                 f"{', '.join(list_operators())}")  # fmt: skip
-        try:
-            opts = self.operator_options()
-        except GloraError as err:
-            _bad("options", self.options, f"cannot be read: {err.message}")
-        unknown = sorted(set(opts) - set(get_operator(self.operator).options))
-        if unknown:
-            _bad("options", self.options, f"names {unknown}; operator {self.operator!r} takes "
-                 f"{sorted(get_operator(self.operator).options)}")  # fmt: skip
+        found = self.invalid_settings() + [
+            (name, getattr(self, name), why)
+            for names, ok, why in _RULES
+            for name in names
+            if not ok(getattr(self, name))
+        ]
+        if found:
+            _bad(*found[0])
         return self
-
-    def operator_options(self) -> dict[str, float]:
-        """``options`` as a mapping (``{}`` when empty)."""
-        return parse_options(self.options)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FlowerConfig:
@@ -137,39 +91,42 @@ class FlowerConfig:
 
     def to_run_config(self) -> dict[str, str | int | float | bool]:
         """These settings as Flower run-config values (the inverse of :meth:`from_run_config`)."""
-        out: dict[str, str | int | float | bool] = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            key = f.name.replace("_", "-")
-            if f.name in ("client_ranks", "target_modules"):
-                out[key] = ",".join(str(x) for x in v)
-            elif f.name == "faulty":
-                out[key] = ",".join(f"{p}:{k}" for p, k in v)
-            elif f.name == "server_rank":
-                out[key] = v or 0
-            else:
-                out[key] = v
-        return out
+        return {
+            f.name.replace("_", "-"): _value(f.name, getattr(self, f.name)) for f in fields(self)
+        }
 
 
-_INT = ("clients", "rounds", "local_steps", "batch_size", "server_rank", "seed", "max_train",
-        "max_eval", "max_len", "threads")  # fmt: skip
+_INT = ("clients", "rounds", "local_steps", "batch_size", "rank", "server_rank", "seed",
+        "max_train", "max_eval", "max_len", "threads")  # fmt: skip
 _FLOAT = ("dirichlet", "lr", "max_residual", "participation", "fraction_evaluate", "timeout")
-_STR = ("model", "task", "data_dir", "operator", "options", "out")
+_STR = ("model", "task", "operator", "out", "text_column", "label_column")
+_OPTIONAL_STR = ("data_dir", "train_file", "eval_file", "text_pair_column")
 _BOOL = ("per_client_init",)
 
 
+def _value(name: str, v: Any) -> str | int | float | bool:
+    """One setting as a run-config value: lists comma-separated, unset as ``""`` or 0."""
+    if name == "faulty":
+        return ",".join(f"{p}:{k}" for p, k in v)
+    if name == "options":
+        return ",".join(f"{k}={x!r}" for k, x in (v or {}).items())
+    if name in ("client_ranks", "target_modules"):
+        return ",".join(str(x) for x in v or ())
+    if name == "server_rank":
+        return int(v or 0)
+    if v is None:
+        return ""
+    assert isinstance(v, str | int | float | bool)
+    return v
+
+
 def _bad(name: str, value: object, why: str) -> NoReturn:
-    if name in ("client_ranks", "target_modules") and isinstance(value, tuple):
-        value = ",".join(str(x) for x in value)
-    elif name == "faulty" and isinstance(value, tuple):
-        value = ",".join(f"{p}:{k}" for p, k in value)
-    raise FlowerConfigError(f"run-config key {name.replace('_', '-')!r} = {value!r} {why}")
+    raise FlowerConfigError(f"run-config key {name.replace('_', '-')!r} = "
+                            f"{_value(name, value)!r} {why}")  # fmt: skip
 
 
 def _parse(name: str, value: object) -> Any:
     """One run-config value as the field's type, or a one-line error naming the key."""
-    key = name.replace("_", "-")
     if name in _INT:
         ok, what = isinstance(value, int) and not isinstance(value, bool), "a whole number"
     elif name in _FLOAT:
@@ -179,24 +136,51 @@ def _parse(name: str, value: object) -> Any:
         ok, what = isinstance(value, bool), "true or false"
     else:
         ok, what = isinstance(value, str), "a string"
-    if ok and isinstance(value, str) and name not in _STR:
-        parts = [x.strip() for x in value.split(",") if x.strip()]
-        try:
-            if name == "client_ranks":
-                return tuple(int(x) for x in parts)
-            if name == "faulty":
-                return tuple((int(p), kind.strip()) for p, kind in (x.split(":") for x in parts))
-        except ValueError:
-            ok, what = False, ("comma-separated whole numbers" if name == "client_ranks"
-                               else "comma-separated 'partition:kind' pairs")  # fmt: skip
-        else:
-            return tuple(parts)  # target_modules
     if not ok:
-        raise FlowerConfigError(f"run-config key {key!r} must be {what}, got {value!r} "
-                                f"({type(value).__name__})")  # fmt: skip
-    if name == "server_rank":
+        raise FlowerConfigError(f"run-config key {name.replace('_', '-')!r} must be {what}, got "
+                                f"{value!r} ({type(value).__name__})")  # fmt: skip
+    if name in _FLOAT:
+        return float(value)  # type: ignore[arg-type]
+    if name == "server_rank" or name in _OPTIONAL_STR:
         return value or None
-    return float(value) if name in _FLOAT else value  # type: ignore[arg-type]
+    convert = _CONVERT.get(name)
+    return convert(str(value)) if convert else value
+
+
+def _split(value: str) -> list[str]:
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
+def _ranks(value: str) -> list[int] | None:
+    try:
+        return [int(x) for x in _split(value)] or None
+    except ValueError:
+        raise FlowerConfigError(f"run-config key 'client-ranks' must be comma-separated whole "
+                                f"numbers, got {value!r}") from None  # fmt: skip
+
+
+def _faulty(value: str) -> tuple[tuple[int, str], ...]:
+    try:
+        return tuple((int(p), kind.strip()) for p, kind in (x.split(":") for x in _split(value)))
+    except ValueError:
+        raise FlowerConfigError(f"run-config key 'faulty' must be comma-separated "
+                                f"'partition:kind' pairs, got {value!r}") from None  # fmt: skip
+
+
+def _options(value: str) -> dict[str, float] | None:
+    try:
+        return parse_options(value) or None
+    except GloraError as err:
+        raise FlowerConfigError(f"run-config key 'options' = {value!r} cannot be read: "
+                                f"{err.message}") from None  # fmt: skip
+
+
+_CONVERT: dict[str, Callable[[str], Any]] = {
+    "client_ranks": _ranks,
+    "faulty": _faulty,
+    "options": _options,
+    "target_modules": lambda v: _split(v) or None,
+}
 
 
 __all__ = ["FAULTS", "FlowerConfig", "FlowerConfigError"]

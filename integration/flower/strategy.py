@@ -115,7 +115,8 @@ class LoRAStrategy(Strategy):
         For the GLoRA family: a logged ``ResidualWarning`` naming the module when its
         certified relative residual exceeds this (0 turns the warning off).
     options
-        Further operator options (e.g. ``{"tol": 0.05}`` for ``glora_auto_rank``).
+        Further operator options (e.g. ``{"tol": 0.05}`` for ``glora_auto_rank``); a
+        ``max_residual`` among them wins over the argument, as in ``glora simulate``.
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes
         Node sampling, as in Flower's ``FedAvg``; ``fraction_train < 1`` gives sparse
         participation.
@@ -163,7 +164,7 @@ class LoRAStrategy(Strategy):
         op = get_operator(operator)
         opts = dict(options or {})
         if "max_residual" in op.options:
-            opts["max_residual"] = max_residual
+            opts.setdefault("max_residual", max_residual)
         # The server state and round policy: the same object the runner drives.
         self.server = FederatedServer(op, server_rank=server_rank, options=opts)
         self.op = self.server.op

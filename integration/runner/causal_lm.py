@@ -35,6 +35,7 @@ from transformers.utils import logging as hf_logging
 
 from ..data import Examples
 from ..federated.models import ModelNotInstalledError, minilm_path
+from ..federated.settings import downloads_allowed
 
 #: task -> (instruction, answer word of label 0, answer word of label 1)
 TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -104,8 +105,9 @@ def build_causal_lm(name: str, seed: int) -> tuple[PreTrainedModel, PreTrainedTo
         )
         model = LlamaForCausalLM(cfg)
     else:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name)
+        local = not downloads_allowed()
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"

@@ -33,7 +33,7 @@ from glora_math.errors import GloraError
 from glora_math.gauge import apply_gauge, random_invertible
 from glora_math.operators import get_operator
 
-from ..data import Examples, dirichlet_split, hold_out, load_examples, load_task, sample
+from ..data import Examples, dirichlet_split
 from ..federated.models import (
     BatchLoss,
     Encoder,
@@ -43,6 +43,7 @@ from ..federated.models import (
     lora_config,
     merged_model,
     minilm_path,
+    missing_targets,
     seed_for,
     start_client,
     target_weights,
@@ -83,31 +84,6 @@ def scramble_adapter(adapter: ClientAdapter, cond: float, seed: int) -> ClientAd
     return ClientAdapter(modules, adapter.dense, adapter.config)
 
 
-def _load_data(cfg: SimConfig) -> tuple[Examples, Examples, Examples | None, list[str] | None]:
-    """Training, validation and (``test_holdout`` > 0) held-out test examples, label names.
-
-    The label names are the user's file's (``label_names[i]`` names label ``i``), or ``None``
-    for a built-in task (whose labels are the integers of its files).
-
-    From a built-in task or the user's files; the test rows are set aside from the training
-    pool before the run's training sample is drawn (:func:`integration.data.hold_out`).
-    """
-    if cfg.train_file is not None and cfg.eval_file is not None:
-        cols = {"text_column": cfg.text_column, "label_column": cfg.label_column,
-                "text_pair_column": cfg.text_pair_column}  # fmt: skip
-        train, names = load_examples(cfg.train_file, **cols)  # type: ignore[arg-type]
-        dev, _ = load_examples(cfg.eval_file, label_names=names, **cols)  # type: ignore[arg-type]
-    else:
-        names = None
-        root = Path(cfg.data_dir) if cfg.data_dir else None
-        train, dev = load_task(cfg.task, "train", root), load_task(cfg.task, "dev", root)
-    test = None
-    if cfg.test_holdout > 0:
-        train, test = hold_out(train, cfg.test_holdout)
-    train, dev = sample(train, cfg.max_train, cfg.seed), sample(dev, cfg.max_eval, cfg.seed + 1)
-    return train, dev, test, names
-
-
 class Simulation:
     """State of one federated run; ``run()`` executes (or resumes) it."""
 
@@ -119,7 +95,7 @@ class Simulation:
             torch.set_num_threads(cfg.threads)
         cfg.check()
         self.op = get_operator(cfg.operator)  # the one lookup of the run's operator
-        train, self.eval, self.test, names = _load_data(cfg)
+        train, self.eval, self.test, names = cfg.load_data(test_holdout=cfg.test_holdout)
         self.num_labels = max(*train.labels, *self.eval.labels) + 1
         self.label_names = names or [str(i) for i in range(self.num_labels)]
         parts = dirichlet_split(train.labels, cfg.clients, cfg.dirichlet, cfg.seed)
@@ -131,6 +107,9 @@ class Simulation:
             self.base, self.tok = build_model(cfg.model, self.num_labels, cfg.seed)
         else:
             raise ValueError(f"unknown objective {cfg.objective!r}")
+        trouble = missing_targets(self.base, cfg.modules())
+        if trouble:
+            raise ConfigError(f"--target-modules: {trouble}")
         torch.nn.Module.to(self.base, self.device)
         for prm in self.base.parameters():
             prm.requires_grad_(False)
@@ -155,7 +134,7 @@ class Simulation:
         self.server = FederatedServer(
             self.op,
             server_rank=cfg.server_rank or max(cfg.ranks()),
-            options=self._options(),
+            options=cfg.operator_options(),
             dense=heads,
         )
 
@@ -232,24 +211,6 @@ class Simulation:
         m = max(1, math.ceil(self.cfg.participation * n))
         g = torch.Generator().manual_seed(seed_for(self.cfg.seed, self.round, 3))
         return sorted(torch.randperm(n, generator=g)[:m].tolist())
-
-    def _options(self) -> dict[str, float]:
-        """The operator's options for this run.
-
-        ``max_residual``, ``tol`` and ``sketch`` where the operator takes them, then the
-        config's ``options`` as given.
-        """
-        op = self.op
-        out = {}
-        if "max_residual" in op.options:
-            out["max_residual"] = float(self.cfg.max_residual)
-        if "tol" in op.options and self.cfg.tol is not None:
-            out["tol"] = float(self.cfg.tol)
-        if self.cfg.sketch:
-            if "sketch" not in op.options:
-                raise ValueError(f"--sketch: operator {op.name!r} has no randomized consensus")
-            out["sketch"] = 1.0
-        return out | dict(self.cfg.options or {})
 
     def step(self) -> dict[str, Any]:
         """One federated round: local training, aggregation, folds, evaluation."""

@@ -505,7 +505,10 @@ def test_the_template_readme_runs_what_local_deployment_runs(tmp_path: Path) -> 
         ({"faulty": "2"}, "'faulty' must be comma-separated 'partition:kind' pairs"),
         ({"operator": "glora_atuo"}, "(did you mean 'glora_auto'?)"),
         ({"per-client-init": 1}, "'per-client-init' must be true or false, got 1 (int)"),
-        ({"target-modules": ""}, "'target-modules' = '' must name at least one module"),
+        ({"options": "lam"}, "run-config key 'options' = 'lam' cannot be read"),
+        ({"options": "lam=0.5"}, "'options' = 'lam=0.5' names ['lam']; operator 'glora_auto'"),
+        ({"train-file": "a.tsv"}, "'train-file' = 'a.tsv' needs its partner"),
+        ({"task": "imdb"}, "'task' = 'imdb' is not one of"),
         ({"server-rank": -1}, "'server-rank' = -1 must be positive"),
     ],
 )
@@ -523,10 +526,40 @@ def test_run_config_errors_are_one_line_and_name_the_key(
 def test_run_config_round_trips() -> None:
     from integration.flower_app import FlowerConfig
 
-    cfg = FlowerConfig(client_ranks=(8, 4), server_rank=8, faulty=((1, "shape"), (2, "nan")),
-                       target_modules=("q_proj", "v_proj"), per_client_init=True)  # fmt: skip
+    cfg = FlowerConfig(client_ranks=[8, 4], server_rank=8, faulty=((1, "shape"), (2, "nan")),
+                       target_modules=["q_proj", "v_proj"], per_client_init=True,
+                       operator="lora_fair", options={"lam": 0.02, "steps": 10.0},
+                       train_file="t.tsv", eval_file="e.tsv", text_pair_column="b")  # fmt: skip
     assert FlowerConfig.from_run_config(cfg.to_run_config()) == cfg
-    assert FlowerConfig.from_run_config({"server-rank": 0}).server_rank is None
+    assert FlowerConfig.from_run_config(FlowerConfig().to_run_config()) == FlowerConfig()
+    unset = FlowerConfig.from_run_config({"server-rank": 0, "client-ranks": "", "data-dir": "",
+                                          "target-modules": "", "options": ""})  # fmt: skip
+    assert (unset.server_rank, unset.client_ranks, unset.data_dir) == (None, None, None)
+    assert (unset.target_modules, unset.options) == (None, None)
+
+
+def test_the_runner_and_the_flower_app_share_settings_defaults_and_checks() -> None:
+    """One RunSettings: every shared field has one default and one check, worded per surface."""
+    from dataclasses import fields
+
+    from integration.federated.settings import RunSettings
+    from integration.flower_app import FlowerConfig, FlowerConfigError
+    from integration.runner.config import SimConfig
+
+    sim, flower = SimConfig(), FlowerConfig()
+    for f in fields(RunSettings):
+        if f.name != "out":
+            assert getattr(sim, f.name) == getattr(flower, f.name), f.name
+    for bad in ({"rounds": 0}, {"client_ranks": [2, 0]}, {"lr": -1.0}, {"operator": "nope"}):
+        sim_found = SimConfig(**bad).problems()  # type: ignore[arg-type]
+        with pytest.raises(FlowerConfigError) as info:
+            FlowerConfig(**bad).check()  # type: ignore[arg-type]
+        why = RunSettings(**bad).invalid_settings()[0][2]  # type: ignore[arg-type]
+        assert sim_found[0].endswith(why)
+        assert str(info.value).endswith(why)
+    # One --client-ranks meaning: the list cycled over the clients, in both.
+    assert SimConfig(clients=5, client_ranks=[2, 8]).ranks() == [2, 8, 2, 8, 2]
+    assert [FlowerConfig(client_ranks=[2, 8]).rank_of(p) for p in range(3)] == [2, 8, 2]
 
 
 def test_node_config_is_checked() -> None:
@@ -565,8 +598,10 @@ def test_the_command_line_checks_its_settings_and_runs_the_deployment(
         return {"rounds": [row], "global_adapter": "out/global_adapter"}
 
     monkeypatch.setattr(flower_app, "run", fake_run)
-    argv = ["--rounds", "1", "--client-ranks", "2", "8", "--faulty", "2:nan", "--out", "o"]
+    argv = ["--rounds", "1", "--client-ranks", "2,8", "--faulty", "2:nan", "--out", "o",
+            "--options", "max_residual=0.5", "--per-client-init"]  # fmt: skip
     assert flower_app.main(argv) == 0
-    assert seen == [flower_app.FlowerConfig(rounds=1, client_ranks=(2, 8), faulty=((2, "nan"),),
-                                            out="o")]  # fmt: skip
+    assert seen == [flower_app.FlowerConfig(rounds=1, client_ranks=[2, 8], faulty=((2, "nan"),),
+                                            out="o", options={"max_residual": 0.5},
+                                            per_client_init=True)]  # fmt: skip
     assert "round 1: accepted partitions [0, 1], rejected {'2': 'NaN'}" in capsys.readouterr().out

@@ -51,7 +51,9 @@ def test_deployment_engine_rejects_the_faulty_partition_and_exports_the_adapter(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "out"
-    cfg = FlowerConfig(rounds=1, faulty=((2, "nan"),), out=str(out), timeout=60.0)
+    cfg = FlowerConfig(model="tiny-roberta", clients=3, rounds=1, local_steps=2, batch_size=8,
+                       client_ranks=[2, 4, 4], max_train=120, max_eval=60, max_len=32,
+                       threads=1, faulty=((2, "nan"),), out=str(out), timeout=60.0)  # fmt: skip
     workdir = tmp_path / "deployment"
     start = time.monotonic()
     with LocalDeployment(3, workdir, startup_timeout=60.0) as deployment:

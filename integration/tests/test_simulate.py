@@ -306,11 +306,15 @@ def test_own_data_files_run_and_results_record_versions(tmp_path: Path) -> None:
 
 def test_bad_settings_are_refused_before_anything_loads(capsys: pytest.CaptureFixture[str]) -> None:
     for argv, match in (
-        (["--clients", "3", "--client-ranks", "2,4"], "gives 2 ranks for 3 clients"),
-        (["--participation", "0"], "--participation must be in"),
-        (["--rounds", "0"], "--rounds must be >= 1"),
+        (["--client-ranks", "2,0"], "--client-ranks = 2,0 must be positive whole numbers"),
+        (["--participation", "0"], "--participation = 0.0 must be in (0, 1]"),
+        (["--rounds", "0"], "--rounds = 0 must be at least 1"),
         (["--client-ranks", "2,x", "--clients", "2"], "take numbers"),
-        (["--task", "imdb"], "--task 'imdb' is not one of"),
+        (["--task", "imdb"], "--task = 'imdb' is not one of"),
+        (["--operator", "fedit", "--sketch"], "--sketch: operator 'fedit' has no randomized"),
+        (["--model", "no-such-model"], "not in the Hugging Face cache; nothing is downloaded"),
+        (["--model", "/"], "/ is not a Hugging Face model folder (no config.json in it)"),
+        (["--device", "bogus"], "--device 'bogus' is not a torch device"),
         (["--train-file", "a.tsv"], "go together"),
     ):
         with pytest.raises(SystemExit) as exc:
@@ -320,6 +324,16 @@ def test_bad_settings_are_refused_before_anything_loads(capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         parse_args(["--version"])
     assert "glora-math" in capsys.readouterr().out
+
+
+def test_target_modules_the_model_lacks_are_one_line_errors_naming_its_layers(
+    tmp_path: Path,
+) -> None:
+    from integration.simulate import ConfigError
+
+    cfg = SimConfig(**(TINY | {"out": str(tmp_path / "t"), "target_modules": ["query", "qkv"]}))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"\['qkv'\] match no linear layer.*named .*query"):
+        Simulation(cfg)
 
 
 def test_resume_refuses_a_changed_configuration(tmp_path: Path) -> None:
@@ -396,9 +410,9 @@ def test_any_operator_option_reaches_the_operator(tmp_path: Path) -> None:
 
     cfg = SimConfig(**(TINY | {"out": str(tmp_path / "o"), "operator": "lora_fair",  # type: ignore[arg-type]
                                "options": {"lam": 0.5, "steps": 3.0}}))  # fmt: skip
-    assert Simulation(cfg)._options() == {"lam": 0.5, "steps": 3.0}
+    assert Simulation(cfg).server.options == {"lam": 0.5, "steps": 3.0}
     wrong = SimConfig(**(TINY | {"operator": "fedit", "options": {"lam": 0.5}}))  # type: ignore[arg-type]
-    assert any("--options ['lam']" in p for p in wrong.problems())
+    assert any("--options = lam=0.5 names ['lam']" in p for p in wrong.problems())
     parsed, _ = parse_args(["--operator", "lora_fair", "--options", "lam=0.5,steps=3"])
     assert parsed.options == {"lam": 0.5, "steps": 3.0}
     flower = FlowerConfig.from_run_config({"operator": "lora_fair", "options": "lam=0.5"})
