@@ -368,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="one round over peft adapter folders (see: glora aggregate --help)",
         add_help=False,
     )
+    sub.add_parser(
+        "flower",
+        help="the Flower app: glora flower new DIR writes it, glora flower run runs it here",
+        add_help=False,
+    )
     ver = sub.add_parser(
         "verify",
         help="symbolic proofs, high-precision checks and properties of P1-P14 and the lemmas",
@@ -424,10 +429,15 @@ def run_aggregate(argv: list[str]) -> int:
     return _forward("aggregate", "glora_math.integration.peft.aggregate", argv)
 
 
+def run_flower(argv: list[str]) -> int:
+    """Forward to :mod:`glora_math.integration.flower.cli` (``new`` and ``run``)."""
+    return _forward("flower", "glora_math.integration.flower.cli", argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``glora`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    forwarded = {"simulate": run_simulate, "aggregate": run_aggregate}
+    forwarded = {"simulate": run_simulate, "aggregate": run_aggregate, "flower": run_flower}
     if argv[:1] and argv[0] in forwarded:  # commands of the integration layer
         return forwarded[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)

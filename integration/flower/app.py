@@ -57,13 +57,11 @@ from ..federated.models import (
 )
 from ..federated.settings import HELP
 from ..peft.io import PREFIX
+from .cli import TEMPLATE
 from .config import _BOOL, _FLOAT, _INT, FlowerConfig, FlowerConfigError
 from .deploy import LocalDeployment
 from .messages import evaluate_reply, read_evaluate_message, read_train_message, train_reply
 from .strategy import LoRAStrategy, RoundLog
-
-#: The app folder users copy (``pyproject.toml`` with ``[tool.flwr.app]``, README).
-TEMPLATE = Path(__file__).resolve().parents[1] / "flower_template"
 
 
 def _threads(cfg: FlowerConfig) -> None:
@@ -319,7 +317,9 @@ def make_server_app(default: FlowerConfig | None = None) -> ServerApp:
         out.mkdir(parents=True, exist_ok=True)
         top = max((f.rank for f in strategy.server.global_update.values()), default=0)
         written = strategy.save_global_adapter(
-            out / "global_adapter", lora_config(top or cfg.rank_of(0), cfg.modules())
+            out / "global_adapter",
+            lora_config(top or cfg.rank_of(0), cfg.modules()),
+            base_model=cfg.base_model_path(),
         )
         for path in written:
             log(INFO, "wrote %s", path)
@@ -381,7 +381,7 @@ _FLAG_HELP = HELP | {
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: run the app on Flower's deployment engine here and print a summary."""
     ap = argparse.ArgumentParser(
-        prog="python -m glora_math.integration.flower_app", description=__doc__,
+        prog="glora flower run", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     for f in fields(FlowerConfig):

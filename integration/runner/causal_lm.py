@@ -34,8 +34,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from ..data import Examples
-from ..federated.models import ModelNotInstalledError, minilm_path
-from ..federated.settings import downloads_allowed
+from ..federated.settings import ModelNotInstalledError, downloads_allowed, minilm_path
 
 #: task -> (instruction, answer word of label 0, answer word of label 1)
 TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {

@@ -42,7 +42,6 @@ from ..federated.models import (
     evaluate_classifier,
     lora_config,
     merged_model,
-    minilm_path,
     missing_targets,
     seed_for,
     start_client,
@@ -452,12 +451,8 @@ class Simulation:
         return self.metrics
 
     def base_model(self) -> str | None:
-        """The base model's name or path as an adapter names it (None: the random test model)."""
-        if self.cfg.model == "tiny-roberta":
-            return None
-        if self.cfg.model == "minilm":
-            return str(minilm_path())
-        return self.cfg.model
+        """The base model's name or path as an adapter names it (None: a random test model)."""
+        return self.cfg.base_model_path()
 
     def save_adapter(self, folder: Path) -> list[Path]:
         """The current global model as a peft adapter folder (``PeftModel.from_pretrained``).

@@ -119,6 +119,15 @@ def test_every_cli_command_runs_from_the_wheel(installed: Installed, tmp_path: P
         assert "usage" in _ok(
             installed.run([str(installed.python), "-m", module, "--help"], tmp_path)
         )
+    # The Flower app from the wheel: written where the user asks, never over their files.
+    assert "wrote the Flower app" in _ok(installed.run([glora, "flower", "new", "app"], tmp_path))
+    template = ROOT / "integration" / "flower_template"
+    for name in ("pyproject.toml", "flower-config.toml", "README.md"):
+        assert (tmp_path / "app" / name).read_text() == (template / name).read_text()
+    again = installed.run([glora, "flower", "new", "app"], tmp_path)
+    assert again.returncode == 2
+    assert "not an empty folder" in again.stderr
+    assert "--client-ranks" in _ok(installed.run([glora, "flower", "run", "--help"], tmp_path))
 
 
 def _readme_blocks(lang: str) -> list[str]:
@@ -136,9 +145,14 @@ def test_readme_python_snippets_run_as_written(
     assert proc.returncode == 0, f"README python block {index}:\n{code}\n{proc.stderr[-3000:]}"
 
 
-def test_readme_command_lines_parse() -> None:
+def test_readme_command_lines_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     # The documented commands' flags exist and validate (running them is the CI's job).
+    from integration.flower import app
     from integration.simulate import parse_args
+
+    checked: list[object] = []
+    monkeypatch.setattr(app, "run", lambda cfg: checked.append(cfg) or {"rounds": [],
+                                                                        "global_adapter": None})
 
     for block in _readme_blocks("bash"):
         text = block.replace("\\\n", " ")
@@ -146,6 +160,10 @@ def test_readme_command_lines_parse() -> None:
             words = shlex.split(line, comments=True)
             if words[:2] == ["glora", "simulate"]:
                 parse_args(words[2:])
+            elif words[:3] == ["glora", "flower", "run"]:
+                assert app.main(words[3:]) == 0, line
+            elif words[:3] == ["glora", "flower", "new"]:
+                assert len(words) == 4 or words[4] == "&&", line
             elif words[:2] == ["glora", "aggregate"]:
                 from integration.peft.aggregate import build_parser as aggregate_parser
 
@@ -154,6 +172,7 @@ def test_readme_command_lines_parse() -> None:
                 from glora_math.cli import build_parser
 
                 build_parser().parse_args(words[1:])
+    assert len(checked) == sum(b.count("glora flower run") for b in _readme_blocks("bash"))
 
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.py"))

@@ -605,3 +605,12 @@ def test_the_command_line_checks_its_settings_and_runs_the_deployment(
                                             out="o", options={"max_residual": 0.5},
                                             per_client_init=True)]  # fmt: skip
     assert "round 1: accepted partitions [0, 1], rejected {'2': 'NaN'}" in capsys.readouterr().out
+
+
+def test_the_exported_adapter_names_its_base_model(tmp_path: Path) -> None:
+    from integration.federated.settings import minilm_path
+    from integration.flower_app import FlowerConfig
+
+    assert FlowerConfig(model="minilm").base_model_path() == str(minilm_path())
+    assert FlowerConfig(model="tiny-roberta").base_model_path() is None  # random: no name
+    assert FlowerConfig(model=str(tmp_path)).base_model_path() == str(tmp_path)
