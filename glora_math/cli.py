@@ -369,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sub.add_parser(
+        "experiment",
+        help="runs x seeds of a config, resumable, with its paired table "
+        "(see: glora experiment --help)",
+        add_help=False,
+    )
+    sub.add_parser(
         "flower",
         help="the Flower app: glora flower new DIR writes it, glora flower run runs it here",
         add_help=False,
@@ -429,6 +435,11 @@ def run_aggregate(argv: list[str]) -> int:
     return _forward("aggregate", "glora_math.integration.peft.aggregate", argv)
 
 
+def run_experiment(argv: list[str]) -> int:
+    """Forward to :mod:`glora_math.integration.runner.experiment` (cells of runs x seeds)."""
+    return _forward("experiment", "glora_math.integration.runner.experiment", argv)
+
+
 def run_flower(argv: list[str]) -> int:
     """Forward to :mod:`glora_math.integration.flower.cli` (``new`` and ``run``)."""
     return _forward("flower", "glora_math.integration.flower.cli", argv)
@@ -437,7 +448,12 @@ def run_flower(argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``glora`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    forwarded = {"simulate": run_simulate, "aggregate": run_aggregate, "flower": run_flower}
+    forwarded = {
+        "simulate": run_simulate,
+        "aggregate": run_aggregate,
+        "flower": run_flower,
+        "experiment": run_experiment,
+    }
     if argv[:1] and argv[0] in forwarded:  # commands of the integration layer
         return forwarded[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)

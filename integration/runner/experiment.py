@@ -1,6 +1,7 @@
 """Run an experiment cell (a JSON config: runs x seeds) resumably, and write its table.
 
-``python -m integration.experiment integration/experiments/a_sst2.json`` runs every
+``glora experiment integration/experiments/a_sst2.json`` (or ``glora experiment a_sst2``, a
+cell shipped with the package; ``python -m integration.experiment`` in a checkout) runs every
 (seed, entry) of the cell in order (all entries of the first seed, then the next seed, so
 partial results are useful), each in its own folder ``<out>/<id>-seed<k>/``: a finished run
 (``results.json`` present) is skipped, an interrupted one resumes from its checkpoint. After
@@ -145,14 +146,36 @@ def run_cell(
         write_table(config, cell, docs)
 
 
+#: The cells shipped with the package (``glora experiment a_sst2`` finds ``a_sst2.json`` here).
+SHIPPED = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def find_config(name: str) -> Path:
+    """A config file's path, or a shipped cell's by name (``a_sst2``, ``f_sst2_powered``, ...)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = SHIPPED / f"{path.stem}.json"
+    if not path.suffix and shipped.is_file():
+        return shipped
+    cells = sorted(q.stem for q in SHIPPED.glob("*.json"))
+    raise FileNotFoundError(
+        f"{name}: no such config file, and not a shipped cell ({', '.join(cells)})"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
-    p = argparse.ArgumentParser(prog="python -m integration.experiment", description=__doc__)
-    p.add_argument("config")
+    p = argparse.ArgumentParser(prog="glora experiment", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("config", help="a config file, or the name of a shipped cell (e.g. a_sst2)")
     p.add_argument("--table", action="store_true", help="only regenerate the table")
     p.add_argument("--list", action="store_true", help="print the run order and exit")
-    p.add_argument("--out", default=None, help="run folders (default: config 'out')")
-    p.add_argument("--docs", default="docs/experiments", help="tables and raw JSON")
+    p.add_argument("--out", default=None, help="everything under this folder: the runs in "
+                   "OUT/runs, the table and raw JSON in OUT (default: the runs in the config's "
+                   "'out', the tables in --docs)")  # fmt: skip
+    p.add_argument("--docs", default=None, help="tables and raw JSON (default: OUT with --out, "
+                   "else docs/experiments, the source checkout's record)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--resume", action="store_true", help="ignored: runs always resume")
     p.add_argument(
@@ -162,8 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "still reports every finished seed",
     )
     args = p.parse_args(argv)
-    path = Path(args.config)
-    config = json.loads(path.read_text())
+    try:
+        path = find_config(args.config)
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        p.error(str(err))
     wanted: list[int] | None = None
     if args.seeds is not None:
         wanted = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -171,8 +197,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             p.error(f"--seeds {unknown} not in the config's seeds {config['seeds']}")
     cell = cell_name(config, path)
-    out = Path(args.out or config.get("out") or f"out/experiments/{cell}")
-    docs = Path(args.docs)
+    if args.out is not None:
+        out, docs = Path(args.out) / "runs", Path(args.docs or args.out)
+    else:
+        out = Path(config.get("out") or f"out/experiments/{cell}")
+        docs = Path(args.docs or "docs/experiments")
+    problems = [f"{run_id(e)} seed {s}: {msg}" for e, s, cfg in plan(config, out, args.device)
+                for msg in cfg.problems()][:5]  # fmt: skip
+    if problems:
+        p.error("; ".join(problems))
     if args.list:
         listed = config if wanted is None else dict(config) | {"seeds": wanted}
         for entry, seed, cfg in plan(listed, out, args.device):

@@ -7,6 +7,7 @@ counterfactual rounds, and the curves.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -14,7 +15,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..data import load_task, sample
 from .cells import CEILING_ID, entries, label, mean_or_none, ms, run_id
 from .config import SimConfig
 from .stats import auc, paired
@@ -25,10 +25,10 @@ def floor(config: Mapping[str, Any]) -> float:
     base = SimConfig(**config["base"])
     if base.objective != "classification":
         return math.nan
-    dev = load_task(base.task, "dev")
     rates = []
     for seed in config["seeds"]:
-        ev = sample(dev, base.max_eval, int(seed) + 1)  # the runner's evaluation sample
+        # the runner's own evaluation sample (a built-in task or the user's eval_file)
+        ev = dataclasses.replace(base, seed=int(seed)).load_data()[1]
         counts: dict[int, int] = {}
         for y in ev.labels:
             counts[y] = counts.get(y, 0) + 1

@@ -151,8 +151,9 @@ def test_readme_command_lines_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     from integration.simulate import parse_args
 
     checked: list[object] = []
-    monkeypatch.setattr(app, "run", lambda cfg: checked.append(cfg) or {"rounds": [],
-                                                                        "global_adapter": None})
+    monkeypatch.setattr(
+        app, "run", lambda cfg: checked.append(cfg) or {"rounds": [], "global_adapter": None}
+    )
 
     for block in _readme_blocks("bash"):
         text = block.replace("\\\n", " ")

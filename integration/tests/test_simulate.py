@@ -288,6 +288,41 @@ def test_experiment_smoke_config_runs_resumably_and_writes_tables(
         experiment.main([str(other), "--out", str(out), "--docs", str(docs)])
 
 
+def test_glora_experiment_on_own_data_writes_everything_under_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from glora_math.cli import main
+
+    rows = [(f"text number {i} is {'nice' if i % 3 else 'awful'}", "yes" if i % 3 else "no")
+            for i in range(40)]  # fmt: skip
+    for name in ("train", "dev"):
+        (tmp_path / f"{name}.tsv").write_text(
+            "review\tverdict\n" + "".join(f"{t}\t{y}\n" for t, y in rows)
+        )
+    base = TINY | {"rounds": 1, "threads": 1, "train_file": str(tmp_path / "train.tsv"),
+                   "eval_file": str(tmp_path / "dev.tsv"), "text_column": "review",
+                   "label_column": "verdict"}  # fmt: skip
+    cfg = {"name": "mine", "seeds": [0], "base": base, "runs": [{"operator": "fedit"}]}
+    (tmp_path / "mine.json").write_text(json.dumps(cfg))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    out = tmp_path / "results"
+    assert main(["experiment", str(tmp_path / "mine.json"), "--out", str(out)]) == 0
+    assert (out / "runs" / "fedit-seed0" / "results.json").is_file()
+    assert (out / "raw" / "mine" / "fedit-seed0.json").is_file()
+    table = (out / "mine.md").read_text()
+    # The floor is the majority rate of the user's evaluation sample, the runner's own draw.
+    from integration.runner.config import SimConfig as Sim
+
+    ev = Sim(**base).load_data()[1]  # type: ignore[arg-type]
+    want = max(ev.labels.count(y) for y in set(ev.labels)) / len(ev)
+    assert f"- Floor (majority-class rate of the evaluation set): {want:.4f}" in table
+    assert list(work.iterdir()) == []  # nothing written where it ran
+    with pytest.raises(SystemExit):
+        main(["experiment", "no_such_cell", "--out", str(out)])
+
+
 def test_own_data_files_run_and_results_record_versions(tmp_path: Path) -> None:
     # A user's TSV files instead of a built-in task: two labels given by name.
     rows = [(f"text number {i} is {'nice' if i % 2 else 'awful'}", "yes" if i % 2 else "no")
