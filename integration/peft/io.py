@@ -354,9 +354,13 @@ def adapter_state_dict(
 
     The written config keeps ``lora_alpha``/``alpha_pattern``/``use_rslora`` and records each
     module's rank in ``rank_pattern`` (the most common rank becomes ``r``), so that
-    ``scale(r_written) * B A`` equals the folded product.
+    ``scale(r_written) * B A`` equals the folded product. A module whose update is zero
+    (rank 0) is written at rank 1 with zero factors.
     """
     use_rslora, alpha0, alpha_pattern, _ = _scaling_config(config, None)
+    # A zero update (rank 0: e.g. every client still at peft's B = 0 init) is written at rank 1
+    # with zero factors: peft adapters have rank >= 1, and the product is the same zero.
+    modules = {name: f if f.rank > 0 else _zero_rank_one(f) for name, f in modules.items()}
     ranks = {name: f.rank for name, f in modules.items()}
     counts: dict[int, int] = defaultdict(int)
     for r in ranks.values():
@@ -381,6 +385,10 @@ def adapter_state_dict(
     out["r"] = r0
     out["rank_pattern"] = {name: r for name, r in ranks.items() if r != r0}
     return state, out
+
+
+def _zero_rank_one(f: LoRAFactors) -> LoRAFactors:
+    return LoRAFactors(f.B.new_zeros(f.B.shape[0], 1), f.A.new_zeros(1, f.A.shape[1]))
 
 
 def save_adapter(

@@ -191,3 +191,56 @@ def test_every_notebook_runs_from_the_installed_package(
     extra = {"MPLBACKEND": "Agg", "GLORA_DATA": str(DATA)}
     proc = installed.run([str(installed.python), str(copy)], tmp_path, timeout=600, extra=extra)
     assert proc.returncode == 0, f"{script.name}:\n{proc.stderr[-3000:]}"
+
+
+def test_a_user_journey_from_the_wheel(installed: Installed, tmp_path: Path) -> None:
+    """From an empty folder: own sentence-pair data (a BOM, unbalanced quotes) -> a trained
+    adapter that peft loads and runs; three adapter folders -> one aggregated round; an
+    experiment config on the same data -> its table, all under the folders asked for."""
+    glora = str(installed.bin / "glora")
+    rows = [(f'"quoted {i}', f"second text {i}", str(i % 2)) for i in range(24)]
+    for name in ("train", "dev"):
+        body = "sentence1\tsentence2\tlabel\n" + "".join("\t".join(r) + "\n" for r in rows)
+        (tmp_path / f"{name}.tsv").write_text("\ufeff" + body, encoding="utf-8")
+    data = ["--train-file", "train.tsv", "--eval-file", "dev.tsv", "--text-column",
+            "sentence1", "--text-pair-column", "sentence2"]  # fmt: skip
+    tiny = ["--model", "tiny-roberta", "--clients", "2", "--rounds", "1", "--local-steps", "1",
+            "--batch-size", "4", "--max-eval", "8", "--threads", "1"]  # fmt: skip
+    _ok(installed.run([glora, "simulate", *tiny, *data, "--out", "run"], tmp_path))
+    use = (
+        "import torch\n"
+        "from peft import PeftModel\n"
+        "from glora_math.integration.models import build_model\n"
+        "base, tok = build_model('tiny-roberta', 2, 0)\n"
+        "model = PeftModel.from_pretrained(base, 'run/global_adapter')\n"
+        "batch = tok(['\"quoted 1 [SEP] second text 1'], return_tensors='pt')\n"
+        "print('logits', tuple(model(**batch).logits.shape))\n"
+    )
+    assert "logits (1, 2)" in _ok(installed.run([str(installed.python), "-c", use], tmp_path))
+    make = (
+        "import torch\n"
+        "from peft import LoraConfig, get_peft_model\n"
+        "from glora_math.integration.models import build_model\n"
+        "for i in range(3):\n"
+        "    base, _ = build_model('tiny-roberta', 2, 0)\n"
+        "    torch.manual_seed(i)\n"
+        "    m = get_peft_model(base, LoraConfig(r=2, target_modules=['query', 'value']))\n"
+        "    for name, p in m.named_parameters():\n"
+        "        if 'lora_B' in name:\n"
+        "            torch.nn.init.normal_(p)  # as if trained: peft starts B at 0\n"
+        "    m.save_pretrained(f'client{i}')\n"
+    )
+    _ok(installed.run([str(installed.python), "-c", make], tmp_path))
+    agg = _ok(installed.run([glora, "aggregate", "client0", "client1", "client2", "--weights",
+                             "1,2,3", "--out", "server"], tmp_path))  # fmt: skip
+    assert "wrote server/global" in agg
+    assert (tmp_path / "server" / "global" / "adapter_model.safetensors").is_file()
+    config = {"name": "mine", "seeds": [0], "runs": [{"operator": "fedit"}],
+              "base": {"model": "tiny-roberta", "clients": 2, "rounds": 1, "local_steps": 1,
+                       "batch_size": 4, "max_eval": 8, "threads": 1,
+                       "train_file": "train.tsv", "eval_file": "dev.tsv",
+                       "text_column": "sentence1", "text_pair_column": "sentence2"}}  # fmt: skip
+    (tmp_path / "mine.json").write_text(__import__("json").dumps(config))
+    _ok(installed.run([glora, "experiment", "mine.json", "--out", "study"], tmp_path))
+    assert "Floor" in (tmp_path / "study" / "mine.md").read_text()
+    assert (tmp_path / "study" / "runs" / "fedit-seed0" / "global_adapter").is_dir()

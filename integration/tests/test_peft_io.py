@@ -429,3 +429,31 @@ def test_aggregate_peft_output_folders_rank_and_module_sets(tmp_path: Path) -> N
     assert set(union.client_modules[2]) == set(ads[2].modules)
     with pytest.raises(AdapterError, match="modules must be"):
         aggregate_peft(clients, modules="all")  # type: ignore[arg-type]
+
+
+def test_fresh_adapters_with_zero_updates_aggregate_and_write_a_loadable_zero_adapter(
+    tmp_path: Path,
+) -> None:
+    # peft initialises B = 0: a round over such clients has a zero mean update (the GLoRA
+    # family clamps the server rank to 0); it is written at rank 1 with zero factors.
+    import warnings
+
+    from glora_math import RankClampedWarning
+    from integration.peft_io import aggregate_peft
+
+    models = []
+    for s in range(3):
+        torch.manual_seed(s)
+        base = RobertaForSequenceClassification(TINY)
+        models.append(get_peft_model(base, LoraConfig(r=4, target_modules=["query", "value"])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RankClampedWarning)
+        aggregate_peft(models, out=tmp_path / "round")
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(
+        RobertaForSequenceClassification(TINY), tmp_path / "round" / "global"
+    )
+    deltas = _deltas(loaded)
+    assert deltas
+    for delta in deltas.values():
+        assert float(delta.abs().max()) == 0.0  # zero factors: the product is exactly zero
