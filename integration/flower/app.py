@@ -92,6 +92,16 @@ def _node(context: Context) -> tuple[int, int, str | None]:
     return pid, n, data_dir or None
 
 
+def check_partitions(cfg: FlowerConfig, num_partitions: int) -> None:
+    """A node's ``num-partitions`` must be the run's ``clients`` (one SuperNode per partition)."""
+    if num_partitions != cfg.clients:
+        raise FlowerConfigError(
+            f"node config num-partitions={num_partitions} but run-config key 'clients' = "
+            f"{cfg.clients}: the server waits for 'clients' SuperNodes, one per partition; "
+            f"set clients={num_partitions}"
+        )
+
+
 def _data(cfg: FlowerConfig, data_dir: str | None) -> tuple[Examples, Examples, int]:
     """The run's training and evaluation examples (the same loading as ``glora simulate``)."""
     train, dev, _, names = cfg.load_data(data_dir=data_dir)
@@ -163,6 +173,7 @@ def make_client_app(default: FlowerConfig | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         cfg = config_of(context)
         pid, n, data_dir = _node(context)
+        check_partitions(cfg, n)
         base, tok, shards, _, _ = _setup(cfg, n, data_dir)
         job = read_train_message(msg)
         r = cfg.rank_of(pid)

@@ -210,7 +210,8 @@ class LoRAStrategy(Strategy):
             time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
             nodes = sorted(grid.get_node_ids())
         if len(nodes) < self.min_available_nodes:
-            log(WARNING, "only %d nodes connected, %d required; going on with them",
+            log(WARNING, "only %d nodes connected, %d required; going on with them (the Flower "
+                "app's run-config key 'clients' is the number of SuperNodes to wait for)",
                 len(nodes), self.min_available_nodes)  # fmt: skip
         size = min(len(nodes), max(minimum, math.ceil(fraction * len(nodes))))
         return sorted(self.rng.sample(nodes, size))

@@ -614,3 +614,14 @@ def test_the_exported_adapter_names_its_base_model(tmp_path: Path) -> None:
     assert FlowerConfig(model="minilm").base_model_path() == str(minilm_path())
     assert FlowerConfig(model="tiny-roberta").base_model_path() is None  # random: no name
     assert FlowerConfig(model=str(tmp_path)).base_model_path() == str(tmp_path)
+
+
+def test_a_node_started_for_another_number_of_partitions_is_told_to_set_clients() -> None:
+    from integration.flower.app import check_partitions
+    from integration.flower_app import FlowerConfig, FlowerConfigError
+
+    check_partitions(FlowerConfig(clients=3), 3)
+    with pytest.raises(
+        FlowerConfigError, match=r"num-partitions=3 but .*'clients' = 10.*clients=3"
+    ):
+        check_partitions(FlowerConfig(), 3)
