@@ -94,6 +94,17 @@ class LoRAFactors:
     B: Float[Tensor, "*batch d r"]
     A: Float[Tensor, "*batch r k"]
 
+    def __repr__(self) -> str:
+        """Shapes, dtype and device, never the entries (a print of a round stays short)."""
+        try:
+            lead = tuple(self.B.shape[:-2])
+            d, r, k = self.B.shape[-2], self.B.shape[-1], self.A.shape[-1]
+        except (AttributeError, IndexError):  # pragma: no cover - __post_init__ refused it
+            return "LoRAFactors(<invalid>)"
+        stack = f"stack={lead}, " if lead else ""
+        dev = "" if self.B.device.type == "cpu" else f", device={self.B.device}"
+        return f"LoRAFactors({stack}d={d}, r={r}, k={k}, dtype={str(self.B.dtype)[6:]}{dev})"
+
     def __post_init__(self) -> None:
         stack = (
             isinstance(self.B, Tensor)

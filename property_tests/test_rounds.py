@@ -123,6 +123,23 @@ def test_errors_and_warnings_name_the_module() -> None:
     )
 
 
+def test_results_print_shapes_never_entries() -> None:
+    """A printed round, result or factor names shapes and the certificate, not the tensors."""
+    g = torch.Generator().manual_seed(3)
+    clients = [(torch.randn(64, 4, generator=g), torch.randn(4, 48, generator=g)) for _ in "abc"]
+    modules = {"q": [gm.LoRAFactors(B, A) for B, A in clients]}
+    rnd = gm.aggregate_modules(modules, operator="fedex_lora", rank=4)
+    text = repr(rnd.results["q"])
+    assert text.startswith("AggregateResult(update=LoRAFactors(d=64, r=4, k=48, dtype=float32)")
+    assert "residual=(64, 48)" in text
+    assert "tensor(" not in text
+    stack = gm.LoRAFactors(torch.zeros(5, 64, 4), torch.zeros(5, 4, 48))
+    assert repr(stack) == "LoRAFactors(stack=(5,), d=64, r=4, k=48, dtype=float32)"
+    cert = repr(gm.aggregate_modules(modules, operator="glora", rank=4).results["q"])
+    assert "certificate=" in cert
+    assert "tensor(" not in cert
+
+
 def test_options_from_a_command_line() -> None:
     from glora_math.operators import parse_options
 

@@ -135,6 +135,19 @@ class AggregateResult:
     certificate: Certificate | None = None
     route: str | None = None
 
+    def __repr__(self) -> str:
+        """The parts' shapes and the certificate, never the entries."""
+        parts = [f"update={self.update!r}"]
+        if self.residual is not None:
+            parts.append(f"residual={tuple(self.residual.shape)}")
+        if self.client_factors is not None:
+            parts.append(f"client_factors={len(self.client_factors)}")
+        if self.certificate is not None:
+            parts.append(f"certificate={self.certificate.relative_residual:.3e}")
+        if self.route is not None:
+            parts.append(f"route={self.route!r}")
+        return f"AggregateResult({', '.join(parts)})"
+
     def dense(self) -> Tensor:
         """The server update ``update.delta() + residual`` as a dense matrix (tests only)."""
         d = self.update.delta()

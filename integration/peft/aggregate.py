@@ -362,11 +362,15 @@ def aggregate_peft(
     rnd = aggregate_adapters(adapters, weights, operator=operator, rank=R, options=options,
                              modules=modules)  # fmt: skip
 
+    emb = {n for a in adapters for n, m in a.modules.items() if m.embedding}
+
     def write(folder: Path) -> None:
-        save_adapter(folder / "global", rnd.global_modules, rnd.dense, adapters[0].config)
+        save_adapter(folder / "global", rnd.global_modules, rnd.dense, adapters[0].config,
+                     embeddings=emb)  # fmt: skip
         for i, mods in enumerate(rnd.client_modules):
             if mods is not None:
-                save_adapter(folder / f"client_{i}", mods, rnd.dense, adapters[i].config)
+                save_adapter(folder / f"client_{i}", mods, rnd.dense, adapters[i].config,
+                             embeddings=emb)  # fmt: skip
         if rnd.base_deltas:
             deltas = {k: v.contiguous() for k, v in rnd.base_deltas.items()}
             save_file(deltas, str(folder / "base_delta.safetensors"))

@@ -19,7 +19,7 @@ import re
 import shutil
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,9 @@ from glora_math.errors import GloraError, NonFiniteError
 
 PREFIX = "base_model.model."
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight$")
+#: Embedding LoRA (``lora_embedding_A``: r x num_embeddings, ``lora_embedding_B``: dim x r;
+#: peft adds ``scale * (B A)^T`` to the embedding matrix).
+_EMBEDDING = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<which>[AB])(?:\.default)?$")
 
 
 class AdapterError(GloraError):
@@ -117,6 +120,9 @@ class AdapterModule:
     factors: LoRAFactors
     alpha: float
     fan_in_fan_out: bool
+    # An embedding layer's LoRA (lora_embedding_A/B): the product B A is the transpose of the
+    # change to the embedding matrix, as for fan_in_fan_out layers.
+    embedding: bool = False
 
 
 @dataclass(frozen=True)
@@ -209,6 +215,7 @@ def adapter_from_state_dict(
         If a tensor has NaN/Inf entries.
     """
     config = config_dict(config, client=client)
+    _refuse_dora(config, state, client)
     use_rslora, alpha0, alpha_pattern, fan = _scaling_config(config, client)
     ranks = _rank_config(config, client)
     pairs: dict[str, dict[str, Tensor]] = defaultdict(dict)
@@ -216,11 +223,14 @@ def adapter_from_state_dict(
     if not isinstance(state, Mapping):
         raise AdapterError(f"state dict must be a mapping, got {type(state).__name__}",
                            client=client)  # fmt: skip
+    embeddings: set[str] = set()
     for key, value in state.items():
         _check_entry(key, value, client)
-        m = _LORA.match(key)
+        m = _LORA.match(key) or _EMBEDDING.match(key)
         if m:
             pairs[m["module"].removeprefix(PREFIX)][m["which"]] = value
+            if m.re is _EMBEDDING:
+                embeddings.add(m["module"].removeprefix(PREFIX))
         else:
             dense[key.removeprefix(PREFIX)] = value
     modules = {}
@@ -228,8 +238,24 @@ def adapter_from_state_dict(
         A, B = _module_pair(name, ab, ranks, client)
         alpha = float(pattern_value(alpha_pattern, name, alpha0))
         s = lora_scale(int(A.shape[0]), alpha, use_rslora)
-        modules[name] = AdapterModule(name, LoRAFactors(B * s, A), alpha, fan)
+        emb = name in embeddings
+        modules[name] = AdapterModule(name, LoRAFactors(B * s, A), alpha, fan or emb, emb)
     return ClientAdapter(modules, dense, dict(config))
+
+
+def _refuse_dora(config: Mapping[str, Any], state: object, client: int | None) -> None:
+    """DoRA adapters are refused: their update is not the low-rank product aggregated here."""
+    magnitude = isinstance(state, Mapping) and any(
+        isinstance(k, str) and "lora_magnitude_vector" in k for k in state
+    )
+    if config.get("use_dora") is True or magnitude:
+        raise AdapterError(
+            "DoRA adapter (use_dora: a learned magnitude rescales every column of W + B A, so "
+            "the update is not the low-rank product B A the operators aggregate, and averaging "
+            "the magnitudes is not the mean update): train with use_dora=False to aggregate "
+            "with glora-math",
+            client=client,
+        )
 
 
 def _check_entry(key: object, value: object, client: int | None) -> None:
@@ -349,6 +375,8 @@ def adapter_state_dict(
     modules: Mapping[str, LoRAFactors],
     dense: Mapping[str, Tensor],
     config: Mapping[str, Any],
+    *,
+    embeddings: Collection[str] = (),
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Folded factors -> a peft LoRA state dict and config, unfolding each module's scale.
 
@@ -377,8 +405,12 @@ def adapter_state_dict(
                 f"unfolding the scale {s:.3g} gives Inf/NaN in lora_B (dtype {B.dtype})",
                 module=name,
             )
-        state[f"{PREFIX}{name}.lora_A.weight"] = f.A.contiguous()
-        state[f"{PREFIX}{name}.lora_B.weight"] = B.contiguous()
+        if name in embeddings:
+            state[f"{PREFIX}{name}.lora_embedding_A"] = f.A.contiguous()
+            state[f"{PREFIX}{name}.lora_embedding_B"] = B.contiguous()
+        else:
+            state[f"{PREFIX}{name}.lora_A.weight"] = f.A.contiguous()
+            state[f"{PREFIX}{name}.lora_B.weight"] = B.contiguous()
     for key, value in dense.items():
         state[f"{PREFIX}{key}"] = value.contiguous()
     out = dict(config)
@@ -396,9 +428,14 @@ def save_adapter(
     modules: Mapping[str, LoRAFactors],
     dense: Mapping[str, Tensor],
     config: Mapping[str, Any],
+    *,
+    embeddings: Collection[str] = (),
 ) -> None:
-    """Write folded factors as a peft adapter folder (``PeftModel.from_pretrained`` loads it)."""
-    state, cfg = adapter_state_dict(modules, dense, config)
+    """Write folded factors as a peft adapter folder (``PeftModel.from_pretrained`` loads it).
+
+    ``embeddings``: the modules that are embedding layers (written as ``lora_embedding_A/B``).
+    """
+    state, cfg = adapter_state_dict(modules, dense, config, embeddings=embeddings)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / "adapter_model.safetensors"))

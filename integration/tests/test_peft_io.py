@@ -457,3 +457,41 @@ def test_fresh_adapters_with_zero_updates_aggregate_and_write_a_loadable_zero_ad
     assert deltas
     for delta in deltas.values():
         assert float(delta.abs().max()) == 0.0  # zero factors: the product is exactly zero
+
+
+def test_embedding_lora_goes_through_the_operator_and_dora_is_refused(tmp_path: Path) -> None:
+    from integration.peft_io import aggregate_peft, as_adapter
+
+    def model(seed: int, **kw: object) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        m = get_peft_model(RobertaForSequenceClassification(TINY),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["query",
+                                      "word_embeddings"], **kw))  # type: ignore[arg-type]  # fmt: skip
+        with torch.no_grad():
+            for name, prm in m.named_parameters():
+                if "lora_B" in name or "lora_embedding_B" in name:
+                    prm.normal_(0.0, 0.5)
+        return m
+
+    clients = [model(s) for s in range(3)]
+    emb = "roberta.embeddings.word_embeddings"
+    ads = [as_adapter(c, i) for i, c in enumerate(clients)]
+    assert ads[0].modules[emb].embedding
+    # GLoRA at R = the clients' total rank is the exact mean update, embedding included: the
+    # written adapter loads into peft with the mean of the clients' embedding changes.
+    rnd = aggregate_peft(clients, [1.0, 2.0, 3.0], operator="glora", rank=6, out=tmp_path / "r")
+    # the certificate is relative: the rounding of float32 factorisations over d + k + sum r
+    assert rnd.certificates()[emb] <= product_tol(
+        torch.float32, n=TINY.vocab_size + TINY.hidden_size + 6, scale=1.0
+    )
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(RobertaForSequenceClassification(TINY), tmp_path / "r" / "global")
+    layer = dict(loaded.named_modules())[f"base_model.model.{emb}"]
+    got = layer.get_delta_weight("default").detach().double()
+    want = sum(w * dict(c.named_modules())[f"base_model.model.{emb}"].get_delta_weight("default")
+               .detach().double() for w, c in zip((1 / 6, 2 / 6, 3 / 6), clients, strict=True))  # fmt: skip
+    assert got.shape == (TINY.vocab_size, TINY.hidden_size)
+    assert float((got - want).norm()) <= _tol(want.float())
+    # DoRA: refused with its reason, naming the client.
+    with pytest.raises(AdapterError, match="client 1: DoRA adapter"):
+        aggregate_peft([clients[0], model(5, use_dora=True)])
