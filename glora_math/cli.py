@@ -6,6 +6,7 @@ import argparse
 import importlib
 import math
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -125,13 +126,16 @@ def run_demo(args: argparse.Namespace) -> str:
         ],
         ro_rows,
     )
-    return (
-        f"{head}\n\n1. Gauge invariance and accuracy\n{t1}\n\n"
-        f"2. Rank-compatible readout from one GLoRA state (R={args.server_rank})\n{t2}\n\n"
+    third = _wrap(
         f"3. The shared-init regime (every round's start: A_i = A_0 + 1% noise, B_i small and "
         f"independent; r = R = {args.rank}): the paper's left consensus is flat and its "
-        "certificate says so; side=auto keeps the row spaces\n"
-        f"{t3}\n"
+        "certificate says so; side=auto keeps the row spaces"
+    )
+    return (
+        "\n".join(_wrap(line) for line in head.splitlines())
+        + f"\n\n1. Gauge invariance and accuracy\n{t1}\n\n"
+        f"2. Rank-compatible readout from one GLoRA state (R={args.server_rank})\n{t2}\n\n"
+        f"{third}\n{t3}\n"
     )
 
 
@@ -243,41 +247,47 @@ def run_compare(args: argparse.Namespace) -> str:
         seed=args.seed,
     )
     table = format_table(
-        [
-            "operator",
-            "paper",
-            "error to W_bar",
-            "GL-gauge change",
-            "O-gauge change",
-            "floats up",
-            "floats down",
-            "time ms",
-            "note",
-        ],
+        ["operator", "error to W_bar", "GL-gauge change", "O-gauge change", "floats up",
+         "floats down", "time ms", "note"],
         [
             [
                 row.name,
-                row.paper,
                 _fmt(row.error),
                 _fmt(row.sensitivity_gl),
                 _fmt(row.sensitivity_o),
                 str(row.up),
                 str(row.down),
                 _fmt(row.time_ms, ".2f"),
-                row.note,
+                "refused" if row.error is None else "reconstr." if row.note else "",
             ]
             for row in rows
         ],
-    )
+    )  # fmt: skip
+    refused = [f"{row.name}: {row.note}" for row in rows if row.error is None and row.note]
     d, k = clients[0].shape
-    return (
-        f"glora-math compare: clients {source}; server rank R={args.server_rank}.\n"
-        f"Errors and gauge changes are relative to |W_bar| (W_bar = exact mean update); gauge "
-        f"changes are the largest over {args.trials} draws of per-client gauges "
-        f"(GL: cond {args.gauge_cond:g}). Communication: floats per client per round "
-        f"(d={d}, k={k}). Stateful FedRot starts from a warm reference (FedIT of these "
-        f"clients). Times: median of 3 runs on this machine.\n\n{table}\n"
+    head = (
+        f"glora-math compare: clients {source}; server rank R={args.server_rank}. Errors and "
+        f"gauge changes are relative to |W_bar| (W_bar = exact mean update); gauge changes are "
+        f"the largest over {args.trials} draws of per-client gauges (GL: cond "
+        f"{args.gauge_cond:g}). Communication: floats per client per round (d={d}, k={k}). "
+        "Stateful FedRot starts from a warm reference (FedIT of these clients). Times: median "
+        "of 3 runs on this machine."
     )
+    papers = "Papers: " + "; ".join(
+        f"{row.name} {row.paper.split(' (')[0]}"
+        + (" (reconstructed)" if "recon" in row.note else "")
+        for row in rows
+    )
+    notes = [_wrap(why) for why in refused] + [_wrap(papers)]
+    return "\n".join([_wrap(head), "", table, "", *notes, ""])
+
+
+#: The width the command's reports fit in.
+WIDTH = 120
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, width=WIDTH, break_on_hyphens=False)
 
 
 def _bounded(

@@ -185,8 +185,8 @@ def compare_operators(
     for name in names or list_operators():
         op = get_operator(name)
         comm = op.communication(d, k, r, rank, len(factors))
-        state = warm_state(op, factors)
         try:
+            state = warm_state(op, factors)
             clients = op.protocol(factors, 1 if state is None else state.round_index)
         except GloraError as err_:
             why = f"refused ({type(err_).__name__}): {err_}"
