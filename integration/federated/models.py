@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -32,6 +33,10 @@ from ..data import Examples
 from ..peft.io import PREFIX, AdapterError, adapter_state_dict
 from .settings import ModelNotInstalledError, downloads_allowed, minilm_path
 
+# peft 0.21 calls a transformers 5 API that transformers deprecates: not the user's to fix, so
+# not printed on every model load (the same filter as the test configuration's).
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
 
 def missing_targets(model: torch.nn.Module, targets: Sequence[str]) -> str | None:
     """Which LoRA target modules match no layer of ``model`` (peft's suffix rule), or None.
@@ -52,6 +57,7 @@ def build_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load any HF model path (offline), the packaged MiniLM, or a tiny random RoBERTa."""
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # expected init notices
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # its load report
     torch.manual_seed(seed)
     if name == "tiny-roberta":
         tok = AutoTokenizer.from_pretrained(str(minilm_path()))

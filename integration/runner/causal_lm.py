@@ -82,6 +82,7 @@ def smollm2_gguf() -> Path:
 def build_causal_lm(name: str, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load SmolLM2 (GGUF, offline), a tiny random Llama, or any HF causal-LM path."""
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # its load report
     torch.manual_seed(seed)
     model: PreTrainedModel
     if name == "smollm2":

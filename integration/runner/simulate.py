@@ -436,7 +436,9 @@ class Simulation:
         """Run the remaining rounds, checkpointing after each; write results and plots."""
         if resume:
             self.load()
-        bar = tqdm(range(self.round, self.cfg.rounds), desc=f"{self.cfg.operator}", unit="round")
+        # disable=None: no bar when stderr is not a terminal (logs, notebooks, CI)
+        bar = tqdm(range(self.round, self.cfg.rounds), desc=f"{self.cfg.operator}", unit="round",
+                   disable=None)  # fmt: skip
         for _ in bar:
             self._progress = functools.partial(self._show_progress, bar)
             row = self.step()
