@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import shutil
 import sys
 import textwrap
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -389,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the Flower app: glora flower new DIR writes it, glora flower run runs it here",
         add_help=False,
     )
+    nbs = sub.add_parser(
+        "notebooks",
+        help="write the study notebooks (.ipynb) to DIR; open them with jupyter notebook",
+        formatter_class=fmt,
+    )
+    nbs.add_argument("dir", help="a new or empty folder")
     ver = sub.add_parser(
         "verify",
         help="symbolic proofs, high-precision checks and properties of P1-P14 and the lemmas",
@@ -402,6 +410,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ver.add_argument("--only", help="comma-separated proposition ids, e.g. P1,P3 (default: all)")
     return parser
+
+
+def notebooks_folder() -> Path:
+    """Where the study notebooks are: in the wheel (glora_math/notebooks) or a checkout."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "notebooks", here.parent / "notebooks"):
+        if any(folder.glob("[0-9]*.ipynb")):
+            return folder
+    raise FileNotFoundError("the study notebooks are not installed with this copy of glora-math")
+
+
+def run_notebooks(args: argparse.Namespace) -> int:
+    """Copy the study notebooks into a new or empty folder."""
+    out = Path(args.dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        sys.stderr.write(f"glora notebooks: error: {out} is not a new or empty folder\n")
+        return 2
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for nb in sorted(notebooks_folder().glob("[0-9]*.ipynb")):
+            shutil.copyfile(nb, out / nb.name)
+    except OSError as err:
+        sys.stderr.write(f"glora notebooks: error: {out}: {err.strerror or err}\n")
+        return 2
+    sys.stdout.write(f"wrote the study notebooks to {out}; open them with: jupyter notebook "
+                     f"{out} (pip install 'glora-math[notebooks]' installs Jupyter)\n")  # fmt: skip
+    return 0
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -467,19 +502,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] and argv[0] in forwarded:  # commands of the integration layer
         return forwarded[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "demo": lambda a: _print(run_demo(a)),
+        "compare": lambda a: _print(run_compare(a)),
+        "verify": run_verify,
+        "notebooks": run_notebooks,
+    }
     try:
-        if args.command == "demo":
-            sys.stdout.write(run_demo(args))
-            return 0
-        if args.command == "compare":
-            sys.stdout.write(run_compare(args))
-            return 0
-        if args.command == "verify":
-            return run_verify(args)
+        return commands[args.command](args)
     except (GloraError, KeyError) as err:
         sys.stderr.write(f"glora: error: {err}\n")
         return 1
-    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def _print(text: str) -> int:
+    sys.stdout.write(text)
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
