@@ -381,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sub.add_parser(
+        "data",
+        help="the data folder layout of the built-in tasks, and a check of one (glora data DIR)",
+        add_help=False,
+    )
+    sub.add_parser(
         "experiment",
         help="runs x seeds of a config, resumable, with its paired table "
         "(see: glora experiment --help)",
@@ -480,6 +485,11 @@ def run_aggregate(argv: list[str]) -> int:
     return _forward("aggregate", "glora_math.integration.peft.aggregate", argv)
 
 
+def run_data(argv: list[str]) -> int:
+    """Forward to :mod:`glora_math.integration.data.check` (layout and check of a folder)."""
+    return _forward("data", "glora_math.integration.data.check", argv)
+
+
 def run_experiment(argv: list[str]) -> int:
     """Forward to :mod:`glora_math.integration.runner.experiment` (cells of runs x seeds)."""
     return _forward("experiment", "glora_math.integration.runner.experiment", argv)
@@ -498,6 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "aggregate": run_aggregate,
         "flower": run_flower,
         "experiment": run_experiment,
+        "data": run_data,
     }
     if argv[:1] and argv[0] in forwarded:  # commands of the integration layer
         return forwarded[argv[0]](argv[1:])

@@ -36,6 +36,36 @@ SPLIT_SEED = 0
 
 TASKS = ("sst2", "sst-2", "cola", "rte", "mr", "subj", "cr", "mpqa", "trec")
 
+#: Where each built-in task's files are inside a data folder: (train file, dev file). The
+#: single-file sentence tasks are cut 90/10 by a fixed shuffle (SPLIT_SEED); TREC's dev split
+#: is its test file.
+TASK_FILES: dict[str, tuple[str, str]] = {
+    "sst2": ("glue/SST-2/train.tsv", "glue/SST-2/dev.tsv"),
+    "cola": ("glue/CoLA/train.tsv", "glue/CoLA/dev.tsv"),
+    "rte": ("glue/RTE/train.tsv", "glue/RTE/dev.tsv"),
+    "mr": ("sentence/rt-polarity.all", "sentence/rt-polarity.all"),
+    "subj": ("sentence/subj.all", "sentence/subj.all"),
+    "cr": ("sentence/custrev.all", "sentence/custrev.all"),
+    "mpqa": ("sentence/mpqa.all", "sentence/mpqa.all"),
+    "trec": ("sentence/TREC.train.all", "sentence/TREC.test.all"),
+}
+
+
+def task_file(task: str, split: str, root: Path) -> Path:
+    """The file of one split of a built-in task in ``root``.
+
+    Raises :class:`DataError` saying which file is expected where (``glora data`` shows the
+    whole layout).
+    """
+    name = {"sst-2": "sst2"}.get(task.lower(), task.lower())
+    if name not in TASK_FILES:
+        raise DataError(f"unknown task {task!r}; the built-in tasks are {', '.join(TASK_FILES)}")
+    path = root / TASK_FILES[name][0 if split == "train" else 1]
+    if not path.is_file():
+        raise DataError(f"task {name!r} ({split}): {path} is missing; the data folder must "
+                        "follow the layout that `glora data` prints")  # fmt: skip
+    return path
+
 
 @dataclass(frozen=True)
 class Examples:
@@ -73,8 +103,9 @@ def default_data_dir() -> Path:
             return cand
     raise DataError(
         "no data folder for the built-in tasks: pass --data-dir (data_dir=...) or set "
-        "GLORA_DATA to the folder holding glue/ and sentence/, or use your own files "
-        "(--train-file, --eval-file)"
+        "GLORA_DATA to the folder holding glue/ and sentence/ (`glora data` prints the "
+        "layout), pass --data-dir hub to download the tasks from the Hugging Face Hub, or use "
+        "your own files (--train-file, --eval-file)"
     )
 
 
@@ -92,52 +123,51 @@ def load_task(task: str, split: str, data_dir: Path | None = None) -> Examples:
     """Load one split (``train`` or ``dev``) of a task.
 
     Tasks: ``sst2``, ``cola``, ``rte`` (GLUE) and the sentence tasks ``mr``, ``subj``, ``cr``,
-    ``mpqa``, ``trec``.
+    ``mpqa``, ``trec``, from a data folder laid out as :data:`TASK_FILES` (``data_dir``, else
+    :func:`default_data_dir`), or from the Hugging Face Hub with ``data_dir="hub"``
+    (:func:`integration.data.hub.load_hub_task`: downloads, so only when asked).
     """
+    if str(data_dir) == "hub":
+        from .hub import load_hub_task  # noqa: PLC0415 - needs `datasets`, only for the hub
+
+        return load_hub_task(task, split)
     root = Path(data_dir) if data_dir else default_data_dir()
     task = task.lower()
+    path = task_file(task, split, root)
+    try:
+        return _parse_task(task, split, path)
+    except (ValueError, IndexError) as err:
+        raise DataError(f"task {task!r}: {path} is not in the task's format "
+                        f"({type(err).__name__}: {err})"[:300]) from None  # fmt: skip
+
+
+def _parse_task(task: str, split: str, path: Path) -> Examples:
     texts: list[str] = []
     labels: list[int] = []
     if task in ("sst2", "sst-2"):
-        lines = _read_lines(
-            root / "glue" / "SST-2" / f"{'train' if split == 'train' else 'dev'}.tsv"
-        )
+        lines = _read_lines(path)
         for line in lines[1:]:
             sent, _, lab = line.rpartition("\t")
             texts.append(sent)
             labels.append(int(lab))
     elif task == "cola":
-        for line in _read_lines(
-            root / "glue" / "CoLA" / f"{'train' if split == 'train' else 'dev'}.tsv"
-        ):
+        for line in _read_lines(path):
             parts = line.split("\t")
             labels.append(int(parts[1]))
             texts.append(parts[3])
     elif task == "rte":
-        lines = _read_lines(root / "glue" / "RTE" / f"{'train' if split == 'train' else 'dev'}.tsv")
+        lines = _read_lines(path)
         for line in lines[1:]:
             _, s1, s2, lab = line.split("\t")
             texts.append(f"{s1} [SEP] {s2}")
             labels.append(0 if lab == "entailment" else 1)
     else:
-        files = {
-            "mr": "rt-polarity.all",
-            "subj": "subj.all",
-            "cr": "custrev.all",
-            "mpqa": "mpqa.all",
-        }
-        if task == "trec":
-            name = "TREC.train.all" if split == "train" else "TREC.test.all"
-        elif task in files:
-            name = files[task]
-        else:
-            raise ValueError(f"unknown task {task!r}")
-        lines = _read_lines(root / "sentence" / name)
+        lines = _read_lines(path)
         for line in lines:
             lab, _, sent = line.partition(" ")
             labels.append(int(lab))
             texts.append(sent)
-        if task in files:
+        if task != "trec":
             # Single-file tasks: a fixed 90/10 split of a fixed shuffle. The files are sorted
             # by label, so an unshuffled cut would leave one class in the dev split.
             order = np.random.default_rng(SPLIT_SEED).permutation(len(labels)).tolist()

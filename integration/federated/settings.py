@@ -276,7 +276,8 @@ HELP = {
     "options": "operator options as name=value pairs, e.g. lam=0.02,steps=10 (LoRA-FAIR); any "
     "option the operator declares",
     "threads": "torch intra-op threads (0: torch's default; 1 is fastest on a busy machine)",
-    "data_dir": "folder of the built-in tasks (holding glue/ and sentence/; default: "
+    "data_dir": "folder of the built-in tasks (holding glue/ and sentence/, see `glora data`; "
+    "'hub': download them from the Hugging Face Hub; default: "
     "$GLORA_DATA, else a shared/data folder beside the repository or the working directory)",
     "train_file": "your own training data instead of --task: a .tsv/.csv (header row) or "
     ".jsonl file, or a local `datasets` folder (save_to_disk)",

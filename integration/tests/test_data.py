@@ -169,3 +169,59 @@ def test_bad_data_files_are_one_line_errors(tmp_path: Path, content: bytes, matc
 def test_a_plain_folder_is_not_a_dataset(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not a saved datasets dataset"):
         load_examples(tmp_path)
+
+
+def test_glora_data_prints_the_layout_and_checks_a_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from glora_math.cli import main
+
+    shared = Path(__file__).resolve().parents[3] / "shared" / "data"
+    assert main(["data", str(shared)]) == 0
+    out = capsys.readouterr().out
+    assert "glue/SST-2/train.tsv" in out
+    assert "sst2   ok: train 67349 rows, 2 classes" in out
+    # A folder with only SST-2: the other tasks name the file they miss; exit 1.
+    (tmp_path / "glue").mkdir()
+    shutil.copytree(shared / "glue" / "SST-2", tmp_path / "glue" / "SST-2")
+    (tmp_path / "sentence").mkdir()
+    (tmp_path / "sentence" / "TREC.train.all").write_text("NUM:x what is it\n")
+    assert main(["data", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "sst2   ok" in out
+    assert f"{tmp_path / 'glue' / 'CoLA' / 'train.tsv'} is missing" in out
+    assert "trec   problem: task 'trec'" in out  # a line that is not '<int label> <text>'
+    assert main(["data", str(tmp_path / "nope")]) == 2
+
+
+def test_the_hub_route_maps_each_task_to_its_dataset_and_columns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The real loading code with the Hub call replaced (tests never fetch): the right dataset,
+    # configuration and split, pairs joined as the local RTE files are, labels as integers.
+    import datasets
+
+    from integration.data import load_task
+
+    calls = []
+
+    def fake(path: str, name: str | None, split: str) -> dict[str, list[object]]:
+        calls.append((path, name, split))
+        return {"sentence1": ["a", "b"], "sentence2": ["c", "d"], "label": [0, 1],
+                "text": ["x", "y"], "coarse_label": [5, 2], "sentence": ["s", "t"]}  # fmt: skip
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    rte = load_task("rte", "dev", Path("hub"))
+    assert (rte.texts, rte.labels) == (["a [SEP] c", "b [SEP] d"], [0, 1])
+    trec = load_task("trec", "train", "hub")  # type: ignore[arg-type]
+    assert trec.labels == [5, 2]
+    assert calls == [("nyu-mll/glue", "rte", "validation"), ("CogComp/trec", None, "train")]
+
+    def offline(*args: object, **kw: object) -> None:
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"task 'sst2' from the Hub \(nyu-mll/glue\): ConnectionError"):
+        load_task("sst2", "train", Path("hub"))

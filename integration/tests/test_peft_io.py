@@ -485,7 +485,9 @@ def test_embedding_lora_goes_through_the_operator_and_dora_is_refused(tmp_path: 
         torch.float32, n=TINY.vocab_size + TINY.hidden_size + 6, scale=1.0
     )
     torch.manual_seed(0)
-    loaded = PeftModel.from_pretrained(RobertaForSequenceClassification(TINY), tmp_path / "r" / "global")
+    loaded = PeftModel.from_pretrained(
+        RobertaForSequenceClassification(TINY), tmp_path / "r" / "global"
+    )
     layer = dict(loaded.named_modules())[f"base_model.model.{emb}"]
     got = layer.get_delta_weight("default").detach().double()
     want = sum(w * dict(c.named_modules())[f"base_model.model.{emb}"].get_delta_weight("default")
