@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from integration.flower_app import TEMPLATE, FlowerConfig, LocalDeployment
+from integration.flower.cli import new_app
+from integration.flower_app import FlowerConfig, LocalDeployment
 from integration.peft_io import load_adapter
 
 BINARIES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr",
@@ -55,14 +56,15 @@ def test_deployment_engine_rejects_the_faulty_partition_and_exports_the_adapter(
                        client_ranks=[2, 4, 4], max_train=120, max_eval=60, max_len=32,
                        threads=1, faulty=((2, "nan"),), out=str(out), timeout=60.0)  # fmt: skip
     workdir = tmp_path / "deployment"
+    app = new_app(tmp_path / "app")  # the folder `glora flower new` writes, as a user has it
     start = time.monotonic()
     with LocalDeployment(3, workdir, startup_timeout=60.0) as deployment:
         # A value that cannot work stops the run, with one line naming the key.
-        bad = deployment.run(TEMPLATE, {**cfg.to_run_config(), "participation": 1.5}, timeout=120)
+        bad = deployment.run(app, {**cfg.to_run_config(), "participation": 1.5}, timeout=120)
         assert not bad.ok
         assert "run-config key 'participation' = 1.5 must be in (0, 1]" in bad.log
         # The run: three partitions, partition 2 sends NaN.
-        res = deployment.run(TEMPLATE, cfg.to_run_config(), timeout=240)
+        res = deployment.run(app, cfg.to_run_config(), timeout=240)
         assert res.ok, f"{res.status}\n{res.log[-3000:]}"
     elapsed = time.monotonic() - start
     deadline = time.monotonic() + 20
