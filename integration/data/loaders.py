@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -386,4 +387,30 @@ def load_examples(
                 f"{src}:{no}: column {label_column!r}: label {v!r} is not one of {names[:10]}"
             )
         labels.append(index[key])
+    _report_rare(src, label_column, raw, labels)
     return Examples(texts, labels), names
+
+
+#: A class with at most this many rows among at least RARE_ROWS rows is reported (a typo?).
+RARE_COUNT, RARE_ROWS = 1, 1000
+
+
+class RareLabelWarning(UserWarning):
+    """A class that appears (almost) only once in a large file: often a typo in a label."""
+
+
+def _report_rare(src: Path, column: str, raw: Sequence[tuple[int, str]], labels: list[int]) -> None:
+    if len(labels) < RARE_ROWS:
+        return
+    counts = np.bincount(np.asarray(labels))
+    for y, n in enumerate(counts.tolist()):
+        if 0 < n <= RARE_COUNT:
+            no, v = next((no, v) for (no, v), lab in zip(raw, labels, strict=True) if lab == y)
+            warnings.warn(
+                RareLabelWarning(
+                    f"{src}:{no}: column {column!r}: label {v!r} appears {n} time(s) in "
+                    f"{len(labels)} rows; if it is a typo, fix the row, or fix the vocabulary "
+                    "with --labels"
+                ),
+                stacklevel=3,
+            )

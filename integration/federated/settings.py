@@ -26,6 +26,7 @@ from glora_math.errors import GloraError
 from glora_math.operators import get_operator, list_operators
 
 from ..data import TASKS, Examples, hold_out, load_examples, load_task, sample
+from ..peft.aggregate import DEFAULT_MAX_RESIDUAL
 
 #: A problem of a setting: (field name, its value, what is wrong, e.g. "must be at least 1").
 Problem = tuple[str, Any, str]
@@ -44,6 +45,8 @@ _RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
      "must be positive (unset: the largest client rank)"),
     (("target_modules",), lambda v: v is None or (bool(v) and all(v)),
      "must name at least one module"),
+    (("labels",), lambda v: v is None or (len(v) >= 2 and all(v) and len(set(v)) == len(v)),
+     "must name at least two distinct classes"),
     (("model", "task", "text_column", "label_column"), bool, "must not be empty"),
 )  # fmt: skip
 
@@ -80,7 +83,7 @@ class RunSettings:
     per_client_init: bool = False
     # GLoRA family: a ResidualWarning (recorded in the round's row) per module whose certified
     # relative residual exceeds this; 0 disables the warning.
-    max_residual: float = 0.2
+    max_residual: float = DEFAULT_MAX_RESIDUAL
     # Any operator option by name (e.g. {"lam": 0.02, "steps": 10} for LoRA-FAIR), passed to the
     # operator as is; it wins over max_residual.
     options: dict[str, float] | None = None
@@ -97,6 +100,9 @@ class RunSettings:
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
+    # The label vocabulary of train_file, in order (label i is labels[i]); a label outside it
+    # is an error naming the row. None: integers 0..C-1 as found, or the names sorted.
+    labels: list[str] | None = None
 
     def invalid_settings(self) -> list[Problem]:
         """What is wrong with these settings (empty if nothing); nothing is loaded to find out."""
@@ -166,7 +172,7 @@ class RunSettings:
             cols: dict[str, Any] = {"text_column": self.text_column,
                                     "label_column": self.label_column,
                                     "text_pair_column": self.text_pair_column}  # fmt: skip
-            train, names = load_examples(self.train_file, **cols)
+            train, names = load_examples(self.train_file, label_names=self.labels, **cols)
             dev, _ = load_examples(self.eval_file, label_names=names, **cols)
         else:
             names = None
@@ -285,6 +291,8 @@ HELP = {
     "text_column": "column of the text in --train-file/--eval-file",
     "text_pair_column": "column of the second text of a pair (joined as 'a [SEP] b')",
     "label_column": "column of the label (integers 0..C-1 or names)",
+    "labels": "comma-separated label vocabulary of --train-file in order (label i is the i-th "
+    "name), e.g. negative,positive; a row with another label is an error naming it",
 }
 
 __all__ = [

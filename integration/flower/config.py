@@ -110,7 +110,7 @@ def _value(name: str, v: Any) -> str | int | float | bool:
         return ",".join(f"{p}:{k}" for p, k in v)
     if name == "options":
         return ",".join(f"{k}={x!r}" for k, x in (v or {}).items())
-    if name in ("client_ranks", "target_modules"):
+    if name in ("client_ranks", "target_modules", "labels"):
         return ",".join(str(x) for x in v or ())
     if name == "server_rank":
         return int(v or 0)
@@ -180,6 +180,7 @@ _CONVERT: dict[str, Callable[[str], Any]] = {
     "faulty": _faulty,
     "options": _options,
     "target_modules": lambda v: _split(v) or None,
+    "labels": lambda v: _split(v) or None,
 }
 
 

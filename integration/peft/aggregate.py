@@ -81,6 +81,11 @@ class AdapterRound:
         return certificates(self.results)
 
 
+#: The certified relative residual above which a round warns (``ResidualWarning``, naming the
+#: module) unless told otherwise: ``aggregate_peft``, ``glora aggregate``, ``glora simulate``
+#: and the Flower app. The core operators do not warn unless given ``max_residual``.
+DEFAULT_MAX_RESIDUAL = 0.2
+
 #: How clients with different module sets are aggregated (``modules=`` of the functions below).
 ModuleSets = Literal["same", "intersection", "union"]
 
@@ -347,8 +352,10 @@ def aggregate_peft(
     weights, for FedEx-LoRA and the ``_residual`` operators) and ``out/round.json`` (operator,
     weights, server rank, per-module certificates). ``out`` must be new or empty unless
     ``overwrite`` (which replaces it whole); it is written at once, so a failed round leaves it
-    as it was (:func:`~integration.peft.io.write_folder`, :class:`OutputError`). Everything else
-    as :func:`aggregate_adapters`.
+    as it was (:func:`~integration.peft.io.write_folder`, :class:`OutputError`). A GLoRA-family
+    operator warns (``ResidualWarning``, naming the module) where a module's certified relative
+    residual exceeds ``options["max_residual"]``, by default :data:`DEFAULT_MAX_RESIDUAL`
+    (0 turns it off). Everything else as :func:`aggregate_adapters`.
     """
     if out is not None:
         check_output(out, overwrite=overwrite)  # before any work
@@ -359,7 +366,10 @@ def aggregate_peft(
         R = max(m.factors.rank for a in adapters for m in a.modules.values())
     else:
         R = validate_rank(rank, name="rank (the server rank; None: the largest client rank)")
-    rnd = aggregate_adapters(adapters, weights, operator=operator, rank=R, options=options,
+    opts = dict(options or {})
+    if "max_residual" in resolve_operator(operator).options:
+        opts.setdefault("max_residual", DEFAULT_MAX_RESIDUAL)
+    rnd = aggregate_adapters(adapters, weights, operator=operator, rank=R, options=opts,
                              modules=modules)  # fmt: skip
 
     emb = {n for a in adapters for n, m in a.modules.items() if m.embedding}
@@ -441,6 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = [
+    "DEFAULT_MAX_RESIDUAL",
     "AdapterRound",
     "ClientLike",
     "aggregate_adapters",

@@ -233,7 +233,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SimConfig, bool]:
         kw["options"] = parse_options(kw["options"]) if kw["options"] else None
     except GloraError as err:
         p.error(f"--options: {err}")
-    kw["target_modules"] = kw["target_modules"].split(",") if kw["target_modules"] else None
+    for name in ("target_modules", "labels"):
+        kw[name] = (
+            [x.strip() for x in kw[name].split(",") if x.strip()] or None if kw[name] else None
+        )
     cf = kw["counterfactual"]
     kw["counterfactual"] = [x.strip() for x in cf.split(",") if x.strip()] if cf else None
     cfg = SimConfig(**kw)

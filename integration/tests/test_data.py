@@ -223,5 +223,29 @@ def test_the_hub_route_maps_each_task_to_its_dataset_and_columns(
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(DataError, match=r"task 'sst2' from the Hub \(nyu-mll/glue\): ConnectionError"):
+    with pytest.raises(
+        DataError, match=r"task 'sst2' from the Hub \(nyu-mll/glue\): ConnectionError"
+    ):
         load_task("sst2", "train", Path("hub"))
+
+
+def test_a_fixed_label_vocabulary_and_a_rare_class_reported(tmp_path: Path) -> None:
+    from integration.data.loaders import RareLabelWarning
+    from integration.runner.config import SimConfig, parse_args
+
+    rows = "".join(f"text {i}\t{'pos' if i % 2 else 'neg'}\n" for i in range(1200))
+    (tmp_path / "t.tsv").write_text("text\tlabel\n" + rows + "one more\tpso\n")
+    # A label seen once in 1,201 rows is reported with its line (a typo?).
+    with pytest.warns(RareLabelWarning, match=r"t.tsv:1202: column 'label': label 'pso' appears 1"):
+        load_examples(tmp_path / "t.tsv")
+    # With the vocabulary fixed, the typo is an error naming the row; the order is the given one.
+    with pytest.raises(DataError, match=r"t.tsv:1202: column 'label': label 'pso' is not one of"):
+        load_examples(tmp_path / "t.tsv", label_names=["pos", "neg"])
+    (tmp_path / "u.tsv").write_text("text\tlabel\n" + rows)
+    ex, names = load_examples(tmp_path / "u.tsv", label_names=["pos", "neg"])
+    assert names == ["pos", "neg"]
+    assert ex.labels[:2] == [1, 0]
+    cfg, _ = parse_args(["--train-file", "u.tsv", "--eval-file", "u.tsv", "--labels", "pos,neg"])
+    assert cfg.labels == ["pos", "neg"]
+    assert any("--labels = pos must name at least two" in p
+               for p in SimConfig(labels=["pos"]).problems())  # fmt: skip
