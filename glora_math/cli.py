@@ -174,6 +174,25 @@ def _accuracy_rows(
     return rows
 
 
+def adapter_clients(folders: Sequence[str], module: str | None) -> tuple[list[LoRAFactors], str]:
+    """One module's folded factors from peft adapter folders (safetensors and JSON only)."""
+    try:
+        io = importlib.import_module("glora_math.integration.peft.io")
+    except ImportError as err:
+        raise GloraError(f"--adapters needs the integration extra: {err}") from None
+    adapters = [io.load_adapter(f, client=i) for i, f in enumerate(folders)]
+    names = sorted(adapters[0].modules)
+    name = module or names[0]
+    for i, a in enumerate(adapters):
+        if name not in a.modules:
+            raise GloraError(f"client {i}: {folders[i]} has no module {name!r} (its modules: "
+                             f"{', '.join(sorted(a.modules)[:6])} ...)")  # fmt: skip
+    others = f"; --module picks one of {len(names)}" if len(names) > 1 else ""
+    return [
+        a.modules[name].factors for a in adapters
+    ], f"module {name!r} of {len(folders)} adapter folders{others}"
+
+
 def load_clients(path: str) -> tuple[list[LoRAFactors], torch.Tensor | None]:
     """Client factors from a safetensors file: ``clients.<i>.B``, ``clients.<i>.A``, ``weights``.
 
@@ -219,7 +238,10 @@ def _fmt(x: float | None, spec: str = ".2e") -> str:
 def run_compare(args: argparse.Namespace) -> str:
     """Build the comparison report (a string) from parsed arguments."""
     weights: torch.Tensor | None = None
-    if args.load:
+    if args.adapters:
+        clients, source = adapter_clients(args.adapters, args.module)
+        weights = None if args.weights is None else torch.tensor(args.weights, dtype=torch.float64)
+    elif args.load:
         clients, weights = load_clients(args.load)
         source = f"loaded from {args.load}"
     else:
@@ -290,6 +312,15 @@ WIDTH = 120
 
 def _wrap(text: str) -> str:
     return textwrap.fill(text, width=WIDTH, break_on_hyphens=False)
+
+
+def _weight_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
 
 
 def _bounded(
@@ -367,6 +398,18 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="every registered operator on the same clients", formatter_class=fmt
     )
     cmp.add_argument("--load", help="safetensors file with clients.<i>.B/A (and weights)")
+    cmp.add_argument(
+        "--adapters",
+        nargs="+",
+        metavar="DIR",
+        help="peft adapter folders, one per client (the integration extra)",
+    )
+    cmp.add_argument(
+        "--module",
+        help="with --adapters: the module to compare (default: the first; the report lists them)",
+    )
+    cmp.add_argument("--weights", type=_weight_list, help="with --adapters: client weights, "
+                     "comma-separated (default: equal)")  # fmt: skip
     cmp.add_argument("--ranks", type=_rank_list,
                      help="comma-separated per-client ranks, e.g. 2,4,8")  # fmt: skip
     cmp.add_argument("--operators", type=_operator_list,

@@ -505,3 +505,27 @@ def test_embedding_lora_goes_through_the_operator_and_dora_is_refused(tmp_path: 
     # DoRA: refused with its reason, naming the client.
     with pytest.raises(AdapterError, match="client 1: DoRA adapter"):
         aggregate_peft([clients[0], model(5, use_dora=True)])
+
+
+def test_glora_compare_over_real_adapter_folders(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from glora_math.cli import main
+
+    folders = []
+    for s in range(3):
+        folders.append(str(tmp_path / f"c{s}"))
+        _peft_roberta(s, r=4, lora_alpha=8).save_pretrained(folders[-1])
+    module = "roberta.encoder.layer.1.attention.self.value"
+    argv = ["compare", "--adapters", *folders, "--module", module, "--server-rank", "12",
+            "--trials", "1", "--operators", "fedit,glora", "--weights", "1,2,3"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"module '{module}' of 3 adapter folders" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line[:5] in ("fedit", "glora")}
+    # R = 12 spans the three rank-4 clients: GLoRA is exact, FedIT (factor averaging) is not.
+    # (relative errors: float32 rounding over d + k + sum r_i)
+    tol = product_tol(torch.float32, n=TINY.hidden_size * 2 + 12, scale=1.0)
+    assert float(rows["glora"][1]) <= tol < float(rows["fedit"][1])
+    assert main([*argv[:2], folders[0], folders[1], "--module", "nope"]) == 1
+    assert "client 0:" in capsys.readouterr().err
