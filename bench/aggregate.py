@@ -8,6 +8,8 @@ aggregated by
 - ``glora_uncertified``: the same with ``certify=False`` (the certificate's cost is the gap);
 - ``glora_auto``: the side-aware GLoRA (both sides' consensus and certificate, ours);
 - ``glora_sketch``: GLoRA with the randomized consensus (:class:`glora_math.Sketch`);
+- ``glora_sketch_estimate``: the same with the certificate estimated from Gaussian probes
+  (``Sketch(certificate="estimate")``, P15), linear in N;
 - ``flexlora_factors``: FlexLoRA's truncated SVD of the mean, computed from the factors;
 - ``dense``: what FlexLoRA's public code does: form the d x k mean, full SVD, truncate.
 
@@ -52,11 +54,14 @@ METHODS = (
     "glora_exact",
     "glora_uncertified",
     "glora_sketch",
+    "glora_sketch_estimate",
     "glora_auto",
     "flexlora_factors",
     "dense",
 )
 SKETCH = Sketch(oversample=10, power_iters=2, seed=0)
+#: The same sketch with the randomized certificate estimate (P15: linear in N).
+SKETCH_ESTIMATE = Sketch(oversample=10, power_iters=2, seed=0, certificate="estimate")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,6 +98,7 @@ def runners(clients: Sequence[LoRAFactors], R: int) -> dict[str, Callable[[], ob
         "fedit": lambda: fedit(clients),
         "glora_exact": lambda: glora_aggregate(clients, rank=R),
         "glora_sketch": lambda: glora_aggregate(clients, rank=R, sketch=SKETCH),
+        "glora_sketch_estimate": lambda: glora_aggregate(clients, rank=R, sketch=SKETCH_ESTIMATE),
         "glora_uncertified": lambda: glora_aggregate(clients, rank=R, certify=False),
         "glora_auto": lambda: glora_aggregate(clients, rank=R, side="auto"),
         "flexlora_factors": lambda: flexlora(clients),
@@ -301,7 +307,8 @@ def _mib(b: int | None) -> str:
 def table(rows: Sequence[Row], methods: Sequence[str]) -> str:
     """Markdown table of times and ratios."""
     head = ["d", "N", "r"] + [f"{m} ms" for m in methods]
-    head += ["glora_exact/fedit", "glora_sketch/fedit", "dense/glora_exact", "sketch sin"]
+    head += ["glora_exact/fedit", "glora_sketch/fedit", "sketch_estimate/fedit",
+             "dense/glora_exact", "sketch sin"]  # fmt: skip
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for x in rows:
         cells = [str(x.d), str(x.n), str(x.r)]
@@ -315,6 +322,7 @@ def table(rows: Sequence[Row], methods: Sequence[str]) -> str:
         cells += [
             ratio("glora_exact", "fedit"),
             ratio("glora_sketch", "fedit"),
+            ratio("glora_sketch_estimate", "fedit"),
             ratio("dense", "glora_exact"),
             f"{x.sketch_sin_rms:.1e}",
         ]

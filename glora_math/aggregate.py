@@ -23,7 +23,14 @@ import torch
 from torch import Tensor
 
 from glora_math.batched import stacked_route
-from glora_math.certificate import as_certificate, certify_norms, residual_curve, warn_residual
+from glora_math.certificate import (
+    as_certificate,
+    certify_norms,
+    estimate_norms,
+    estimated_certificate,
+    residual_curve,
+    warn_residual,
+)
 from glora_math.certificate import certify as certificate_of
 from glora_math.consensus import consensus, eigengap, live_clients, stacked_weights
 from glora_math.errors import (
@@ -280,6 +287,54 @@ def _transposed(factors: Sequence[LoRAFactors]) -> list[LoRAFactors]:
     return out
 
 
+def _probe_generator(sketch: Sketch) -> torch.Generator:
+    """The probes' generator: seeded by the sketch's seed, apart from its test matrix's."""
+    return torch.Generator().manual_seed(sketch.seed + 1)
+
+
+def _certificate(
+    fs: Sequence[LoRAFactors],
+    p: Tensor,
+    U: Tensor,
+    S: Tensor,
+    wd: torch.dtype,
+    *,
+    sketch: Sketch | None,
+) -> Certificate:
+    """The exact certificate, or the sketch's randomized estimate where it asks for one."""
+    if sketch is None or sketch.certificate == "exact":
+        return certificate_of(fs, p, U, S, wd)
+    x, s2 = estimate_norms(fs, p, U, S, wd, probes=sketch.probes,
+                           generator=_probe_generator(sketch))  # fmt: skip
+    return estimated_certificate(float(x), float(s2), sketch.probes, sketch.confidence)
+
+
+def _stack_certificates(
+    stacked: Sequence[LoRAFactors],
+    p: Tensor,
+    U: Tensor,
+    S: Tensor,
+    wd: torch.dtype,
+    *,
+    sketch: Sketch | None,
+) -> tuple[tuple[Certificate, ...], Certificate]:
+    """Each module's certificate and the stack's total, exact or (sketch) estimated."""
+    if sketch is not None and sketch.certificate == "estimate":
+        # the same probes for every module: their sum estimates the stack's total
+        xs, s2s = estimate_norms(stacked, p, U, S, wd, probes=sketch.probes,
+                                 generator=_probe_generator(sketch))  # fmt: skip
+        certs = tuple(estimated_certificate(x, s2, sketch.probes, sketch.confidence)
+                      for x, s2 in zip(xs.tolist(), s2s.tolist(), strict=True))  # fmt: skip
+        total = estimated_certificate(float(xs.sum()), float(s2s.sum()), sketch.probes,
+                                      sketch.confidence)  # fmt: skip
+        return certs, total
+    nums, means = certify_norms(stacked, p, U, S, wd)  # one batched QR for all modules
+    certs = tuple(as_certificate(a, b) for a, b in zip(nums.tolist(), means.tolist(), strict=True))
+    sq = sum(ct.mean_norm**2 for ct in certs)
+    res = sum(ct.residual**2 for ct in certs)
+    return certs, Certificate(math.sqrt(res / sq) if sq > 0 else 0.0, math.sqrt(sq))
+
+
 def _side_state(  # noqa: PLR0917 - private, called once with every setting of the public call
     factors: Sequence[LoRAFactors],
     info: ClientsInfo,
@@ -317,7 +372,7 @@ def _side_state(  # noqa: PLR0917 - private, called once with every setting of t
                 "span); use route='auto'"
             )
         U, S, eigvals, gap = fast or _general_state(fs, info, p_side, R, gauge=gauge, sketch=sketch)
-    cert = certificate_of(fs, p, U, S, wd) if certify else None
+    cert = _certificate(fs, p, U, S, wd, sketch=sketch) if certify else None
     if tol is not None:
         assert cert is not None  # checked at the boundary: rank="auto" needs the certificate
         meets = torch.nonzero(residual_curve(S, cert.mean_norm) <= tol * tol)
@@ -456,15 +511,8 @@ def _stacked_state(  # noqa: PLR0917 - private, called once by the public operat
     certs: tuple[Certificate, ...] | None = None
     total: Certificate | None = None
     if certify:
-        nums, means = certify_norms(
-            [LoRAFactors(B, A) for B, A in zip(Bs, As, strict=True)], p, U, S, wd
-        )  # one batched QR for all modules
-        certs = tuple(
-            as_certificate(a, b) for a, b in zip(nums.tolist(), means.tolist(), strict=True)
-        )
-        sq = sum(ct.mean_norm**2 for ct in certs)
-        res = sum(ct.residual**2 for ct in certs)
-        total = Certificate(math.sqrt(res / sq) if sq > 0 else 0.0, math.sqrt(sq))
+        stacked = [LoRAFactors(B, A) for B, A in zip(Bs, As, strict=True)]
+        certs, total = _stack_certificates(stacked, p, U, S, wd, sketch=sketch)
         for layer, ct in enumerate(certs):
             where = f"module {layer}, side={side}, R={R}"
             warn_residual(ct.relative_residual, limit, where, stacklevel=3)

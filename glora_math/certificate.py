@@ -20,6 +20,7 @@ clients ``(A_i^T, B_i^T)``, which have the same residual norms.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -90,6 +91,67 @@ def certify_norms(
             "(rescale the clients' factors)"
         )
     return num, mean
+
+
+def estimate_norms(
+    factors: Sequence[LoRAFactors],
+    p: Tensor,
+    U: Tensor,
+    S: Tensor,
+    wd: torch.dtype,
+    *,
+    probes: int,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """``(mean_j ||(W_bar - U S) g_j||^2, ||S||_F^2)`` per module, from Gaussian probes ``g_j``.
+
+    The first is Hutchinson's estimator of ``||W_bar - U S||_F^2 = tr(E^T E)`` with
+    ``E = W_bar - U S``: unbiased, and for ``s`` probes and any ``eps`` in (0, 1)
+
+        P( mean_j ||E g_j||^2 <= (1 - eps) ||E||_F^2 ) <= exp(-s eps^2 / 4)
+
+    (Chernoff on ``sum_i lambda_i Z_i^2`` with ``log(1 + x) >= x - x^2 / 2``; proof in
+    ``proofs/symbolic.py``, P15). The probes are the same for every module of a stack, so the
+    sum over modules is the same estimator of the stack's total. Cost
+    O(s (k + d) (sum_i r_i + R)) per module: linear in the number of clients, never d-by-k.
+    """
+    R = int(U.shape[-1])
+    k = int(S.shape[-1])
+    G = torch.randn((k, probes), generator=generator, dtype=wd).to(S.device)
+    Y = -(U.detach().to(wd) @ (S.detach().to(wd) @ G))
+    for f, pi in zip(factors, p.tolist(), strict=True):
+        if pi > 0:
+            Y += pi * (f.B.detach().to(wd) @ (f.A.detach().to(wd) @ G))
+    x = scaled_fro_norm(Y).pow(2) / probes
+    s2 = scaled_fro_norm(S.detach().to(wd)).pow(2) if R > 0 else x.new_zeros(x.shape)
+    if not (all_finite(x) and all_finite(s2)):
+        raise NonFiniteError(
+            f"the certificate estimate overflowed {wd}: the mean update's norm is beyond its "
+            "range (rescale the clients' factors)"
+        )
+    return x, s2
+
+
+def estimated_certificate(x: float, s2: float, probes: int, confidence: float) -> Certificate:
+    """The :class:`Certificate` of :func:`estimate_norms`' ``(x, ||S||^2)`` for one module.
+
+    With ``eps = 2 sqrt(ln(1 / (1 - confidence)) / probes)``, ``||E||^2 <= x / (1 - eps)``
+    with probability at least ``confidence``; since ``||W_bar||^2 = ||S||^2 + ||E||^2``
+    (Pythagoras, L1, to rounding) and ``e / sqrt(a + e^2)`` increases with ``e``, the relative
+    residual is at most ``sqrt(e_up^2 / (||S||^2 + e_up^2))`` with the same probability.
+    """
+    eps = 2.0 * math.sqrt(math.log(1.0 / (1.0 - confidence)) / probes)
+    up = x / (1.0 - eps)
+    mean2 = s2 + x
+    if mean2 <= 0.0:
+        return Certificate(0.0, 0.0, estimated=True, bound=0.0, confidence=confidence)
+    return Certificate(
+        math.sqrt(x / mean2),
+        math.sqrt(mean2),
+        estimated=True,
+        bound=math.sqrt(up / (s2 + up)),
+        confidence=confidence,
+    )
 
 
 def as_certificate(num: float, mean: float) -> Certificate:

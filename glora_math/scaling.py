@@ -62,7 +62,12 @@ def unscaled(state: ServerState, k: int) -> ServerState:
     def back(c: Certificate | None) -> Certificate | None:
         if c is None:
             return None
-        return Certificate(1.0 if lost else c.relative_residual, c.mean_norm * 2.0**k)
+        return dataclasses.replace(
+            c,
+            relative_residual=1.0 if lost else c.relative_residual,
+            mean_norm=c.mean_norm * 2.0**k,
+            bound=1.0 if lost and c.bound is not None else c.bound,
+        )
 
     if lost:
         norm = state.certificate.mean_norm if state.certificate else 0.0

@@ -38,17 +38,43 @@ class Sketch:
         ``(lambda_{R+oversample+1} / lambda_R)^(2 q + 1)``, by a power.
     seed
         Seed of the Gaussian test matrix (the result is deterministic given it).
+    certificate
+        ``"exact"`` (default): the certificate from one QR of the stacked factors, whose cost
+        grows with the square of the clients' total rank. ``"estimate"``: a randomized
+        estimate from ``probes`` Gaussian probes, linear in the number of clients, with an
+        upper bound that holds with probability at least ``confidence``
+        (:func:`glora_math.certificate.estimate_norms`); the state records it as estimated.
+    probes
+        Gaussian probes of the estimate (at least ``4 ln(1 / (1 - confidence))``).
+    confidence
+        Probability with which the estimate's upper bound holds, in (0, 1).
     """
 
     oversample: int = 10
     power_iters: int = 2
     seed: int = 0
+    certificate: Literal["exact", "estimate"] = "exact"
+    probes: int = 64
+    confidence: float = 0.99
 
     def __post_init__(self) -> None:
-        for name in ("oversample", "power_iters", "seed"):
+        for name in ("oversample", "power_iters", "seed", "probes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise GloraError(f"Sketch.{name} must be a non-negative int, got {v!r}")
+        if self.certificate not in ("exact", "estimate"):
+            raise GloraError(
+                f"Sketch.certificate must be 'exact' or 'estimate', got {self.certificate!r}"
+            )
+        c = self.confidence
+        if isinstance(c, bool) or not isinstance(c, int | float) or not 0.0 < c < 1.0:
+            raise GloraError(f"Sketch.confidence must be a number in (0, 1), got {c!r}")
+        need = 4.0 * math.log(1.0 / (1.0 - c))
+        if self.certificate == "estimate" and self.probes <= need:
+            raise GloraError(
+                f"Sketch.probes = {self.probes} is too few for confidence {c}: the bound needs "
+                f"more than 4 ln(1 / (1 - confidence)) = {need:.1f} probes"
+            )
 
 
 def _check_matrix(name: str, x: object, *, stack: bool = False) -> Tensor:
@@ -223,6 +249,12 @@ class Certificate:
 
     relative_residual: float
     mean_norm: float
+    #: True for a randomized estimate (``Sketch(certificate="estimate")``): then
+    #: ``relative_residual`` and ``mean_norm`` are estimates, and ``bound`` is an upper bound
+    #: on the relative residual that holds with probability at least ``confidence``.
+    estimated: bool = False
+    bound: float | None = None
+    confidence: float | None = None
 
     @property
     def residual(self) -> float:

@@ -403,6 +403,27 @@ def check_P14(rng: random.Random) -> tuple[mp.mpf, str]:
     return worst, "max |d rho^2| of both sides under GL(r) gauges, choice moved, shared-A right"
 
 
+def check_P15(rng: random.Random) -> tuple[mp.mpf, str]:
+    """The lower tail of the probe estimator against exp(-s eps^2 / 4), exactly.
+
+    For j equal eigenvalues, s X / (T / j) ~ chi-square with j s degrees of freedom, so
+    P(X <= (1 - eps) T) = P(chi2_{js} <= (1 - eps) j s), the regularized lower incomplete gamma
+    function, at 50 digits. Returned: the largest excess of that probability over the bound
+    (0 when the bound holds), over random s, eps and j = 1 (one direction: the widest
+    spread) to 8.
+    """
+    worst = mp.mpf(0)
+    for _ in range(4):
+        probes = rng.randint(19, 256)
+        eps = mp.mpf(rng.uniform(0.05, 0.95))
+        bound = mp.exp(-probes * eps**2 / 4)
+        for j in (1, 2, 3, 8):
+            dof = j * probes
+            tail = mp.gammainc(mp.mpf(dof) / 2, 0, (1 - eps) * dof / 2, regularized=True)
+            worst = max(worst, tail - bound)
+    return worst, "max (P(X <= (1 - eps) T) - exp(-s eps^2 / 4)) over s, eps, j equal eigenvalues"
+
+
 CHECKS: dict[str, Callable[[random.Random], tuple[mp.mpf, str]]] = {
     "P1": check_P1,
     "P2": check_P2,
@@ -418,6 +439,7 @@ CHECKS: dict[str, Callable[[random.Random], tuple[mp.mpf, str]]] = {
     "P12": check_P12,
     "P13": check_P13,
     "P14": check_P14,
+    "P15": check_P15,
 }
 
 

@@ -197,6 +197,18 @@ PROPOSITIONS: tuple[Proposition, ...] = (
         ("test_sided:test_P14_auto_side_is_the_better_side",),
     ),
     Proposition(
+        "P15",
+        "the estimated certificate's upper bound (ours)",
+        "With s Gaussian probes, X = mean ||(W_bar - U S) g_j||^2 is unbiased for "
+        "||W_bar - U S||_F^2 = T and P(X <= (1 - eps) T) <= exp(-s eps^2 / 4); so "
+        "sqrt(e^2 / (||S||^2 + e^2)) with e^2 = X / (1 - eps), eps = 2 sqrt(ln(1/delta) / s), "
+        "bounds the relative residual with probability at least 1 - delta.",
+        r"P\Big(\tfrac1s \textstyle\sum_j \|E g_j\|^2 \le (1-\varepsilon)\|E\|_F^2\Big) "
+        r"\le e^{-s\varepsilon^2/4}",
+        ("glora", "glora_auto"),
+        ("test_certificate:test_P15_estimated_certificate_bound_holds",),
+    ),
+    Proposition(
         "L1",
         "low-rank Frobenius norms (used by every metric)",
         "||B A||_F = ||T A||_F for the thin QR B = Q T: distances need no d-by-k matrix.",
@@ -332,4 +344,6 @@ COQ_NOT_CHECKED: dict[str, str] = {
     "P13": "monotonicity of the residual curve along nested top eigenvectors is spectral",
     "P14": "min of the two certified residuals holds by construction of side='auto'; its "
     "gauge invariance rests on P3/P11's spectral step",
+    "P15": "a probability bound on Gaussian quadratic forms needs measure theory and the "
+    "Gaussian integral, beyond mathcomp 1.15's algebra",
 }

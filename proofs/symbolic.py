@@ -858,6 +858,57 @@ def prove_P14() -> SymbolicResult:
     )
 
 
+def prove_P15() -> SymbolicResult:
+    """The estimated certificate's upper bound (Sketch(certificate="estimate"), ours).
+
+    For E = W_bar - U S and s Gaussian probes g_j, X = mean_j ||E g_j||^2 is an unbiased
+    estimator of T = ||E||_F^2 = sum_i lam_i (lam_i >= 0 the eigenvalues of E^T E), and
+
+        P(X <= (1 - eps) T) <= exp(-s eps^2 / 4),  0 < eps < 1.
+
+    Proof (checked step by step): E ||E g||^2 = tr(E^T E E[g g^T]) = tr(E^T E) (a symbolic 2 x 3
+    E and the second moments of a standard Gaussian vector). Chernoff with t > 0:
+    P(X <= c) <= e^(t s c) prod_i E e^(-t lam_i Z^2)^s with E e^(-a Z^2) = (1 + 2a)^(-1/2)
+    (the integral, symbolically); log(1 + x) >= x - x^2 / 2 for x >= 0 (f(0) = 0 and
+    f'(x) = x^2 / (1 + x) >= 0); with sum lam_i^2 <= T^2 the exponent is at most
+    s (-t eps T + t^2 T^2), minimal at t = eps / (2 T), where it equals -s eps^2 / 4. Finally,
+    e -> e / sqrt(a + e^2) increases (derivative a / (a + e^2)^(3/2) >= 0), so the bound on
+    ||E|| gives the bound on the relative residual sqrt(e^2 / (||S||^2 + e^2)).
+    """
+    x, t, eps, T, s, a, e, z = sp.symbols("x t epsilon T s a e z", positive=True)
+    # unbiasedness: E[g g^T] = I for a standard Gaussian vector
+    E = sp.Matrix(2, 3, sp.symbols("e0:6", real=True))
+    g = sp.Matrix(sp.symbols("g0:3", real=True))
+    quad = sp.expand((E * g).dot(E * g))  # g^T (E^T E) g, a quadratic form in g
+    # E[g_i g_j] = delta_ij: the expectation of g^T Q g is tr Q = sum_i (1/2) d^2/dg_i^2
+    expected = sum(sp.diff(quad, gi, 2) / 2 for gi in g)
+    unbiased = _is_zero(sp.expand(expected - (E.T * E).trace()))
+    # moment generating function of -a Z^2
+    mgf = sp.integrate(sp.exp(-a * z**2) * sp.exp(-(z**2) / 2) / sp.sqrt(2 * sp.pi),
+                       (z, -sp.oo, sp.oo))  # fmt: skip
+    mgf_ok = _is_zero(sp.simplify(mgf - 1 / sp.sqrt(1 + 2 * a)))
+    # log(1 + x) >= x - x^2 / 2 on x >= 0
+    f = sp.log(1 + x) - x + x**2 / 2
+    log_ok = f.subs(x, 0) == 0 and _is_zero(sp.simplify(sp.diff(f, x) - x**2 / (1 + x)))
+    # the Chernoff exponent and its minimum
+    expo = s * (-t * eps * T + t**2 * T**2)
+    t_star = sp.solve(sp.diff(expo, t), t)
+    opt_ok = t_star == [eps / (2 * T)] and _is_zero(
+        sp.simplify(expo.subs(t, t_star[0]) + s * eps**2 / 4)
+    )
+    # monotone map from the residual norm to the relative residual
+    mono_ok = _is_zero(
+        sp.simplify(sp.diff(e / sp.sqrt(a + e**2), e) - a / (a + e**2) ** sp.Rational(3, 2))
+    )
+    ok = bool(unbiased and mgf_ok and log_ok and opt_ok and mono_ok)
+    return SymbolicResult(
+        ok,
+        "sympy: Gaussian moments, MGF integral, log inequality, Chernoff optimum, monotonicity",
+        f"unbiased {unbiased}, MGF (1+2a)^(-1/2) {mgf_ok}, log(1+x) >= x - x^2/2 {log_ok}, "
+        f"optimum -s eps^2/4 at t = eps/(2T) {opt_ok}, e/sqrt(a+e^2) increasing {mono_ok}",
+    )
+
+
 PROOFS: dict[str, Callable[[], SymbolicResult]] = {
     "P1": prove_P1,
     "P2": prove_P2,
@@ -873,5 +924,6 @@ PROOFS: dict[str, Callable[[], SymbolicResult]] = {
     "P12": prove_P12,
     "P13": prove_P13,
     "P14": prove_P14,
+    "P15": prove_P15,
     "L1": prove_L1,
 }

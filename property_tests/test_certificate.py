@@ -65,3 +65,77 @@ def test_a_float32_certificate_holds_norms_at_both_ends_of_its_range() -> None:
         tol = certificate_tol(torch.float32, n=3, scale=c * c)
         assert abs(state.certificate.mean_norm - c * c) <= tol
         assert state.relative_residual <= certificate_tol(torch.float32, n=3, scale=1.0)
+
+
+def test_P15_estimated_certificate_bound_holds() -> None:
+    """P15: the estimate's upper bound holds in at least 99% of 1,000 random cases.
+
+    Random clients (sizes, ranks, weights, float32 and float64, R below the clients' span so
+    the residual is not zero), the sketch's estimate against the exact certificate of the same
+    state: the bound (confidence 0.99) must be at least the exact relative residual, up to the
+    dtype's certificate tolerance.
+    """
+    import random
+
+    from glora_math import Sketch
+    from glora_math.synthetic import random_clients
+
+    rng = random.Random(15)
+    misses = 0
+    for case in range(1000):
+        n, r = rng.randint(2, 6), rng.randint(1, 4)
+        d, k = rng.randint(n * r + 2, 48), rng.randint(8, 40)
+        dtype = torch.float32 if case % 2 else torch.float64
+        clients = random_clients(n_clients=n, d=d, k=k, rank=r, seed=case, dtype=dtype,
+                                 heterogeneity=rng.uniform(0.1, 1.0))  # fmt: skip
+        weights = [rng.uniform(0.1, 1.0) for _ in range(n)]
+        R = rng.randint(1, max(1, n * r - 1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exact = glora_aggregate(clients, weights, rank=R, sketch=Sketch(seed=case))
+            est = glora_aggregate(clients, weights, rank=R,
+                                  sketch=Sketch(seed=case, certificate="estimate"))  # fmt: skip
+        assert exact.certificate is not None
+        assert est.certificate is not None
+        assert est.certificate.estimated
+        assert not exact.certificate.estimated
+        assert est.certificate.confidence == 0.99
+        bound = est.certificate.bound
+        assert bound is not None
+        assert bound >= est.certificate.relative_residual
+        tol = certificate_tol(dtype, n=d + k + n * r, scale=1.0)
+        misses += bound + tol < exact.certificate.relative_residual
+    assert misses <= 10, misses
+
+
+def test_the_estimate_is_linear_in_the_clients_and_refuses_too_few_probes() -> None:
+    import pytest
+
+    from glora_math import GloraError, Sketch
+    from glora_math.operators import get_operator
+    from glora_math.synthetic import random_clients
+
+    with pytest.raises(GloraError, match=r"too few for confidence 0\.99"):
+        Sketch(certificate="estimate", probes=10)
+    with pytest.raises(GloraError, match="'exact' or 'estimate'"):
+        Sketch(certificate="guess")  # type: ignore[arg-type]
+    # Through the operators' options: sketch_probes > 0 asks for the estimate.
+    clients = random_clients(n_clients=5, d=40, k=30, rank=3, seed=1)
+    res = get_operator("glora")(clients, rank=4, options={"sketch": 1.0, "sketch_probes": 96.0})
+    assert res.certificate is not None
+    assert res.certificate.estimated
+    # A stack: one set of probes for every module; the total is the stack's estimate.
+    Bs, As = (
+        torch.randn(4, 3, 40, 2, dtype=torch.float64),
+        torch.randn(4, 3, 2, 30, dtype=torch.float64),
+    )
+    stack = [LoRAFactors(Bs[i], As[i]) for i in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = glora_aggregate(stack, rank=3, sketch=Sketch(certificate="estimate"))
+        ex = glora_aggregate(stack, rank=3, sketch=Sketch())
+    assert est.certificate is not None
+    assert ex.certificate is not None
+    assert est.certificate.estimated
+    assert est.certificate.bound is not None
+    assert est.certificate.bound >= ex.certificate.relative_residual

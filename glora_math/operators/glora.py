@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,17 +41,23 @@ def _sketch(options: Mapping[str, float]) -> Sketch | None:
     """The randomized consensus selected by the options, or ``None`` (exact).
 
     ``sketch`` > 0 turns it on; ``oversample``, ``power_iters`` and ``sketch_seed`` (whole
-    numbers) are the :class:`~glora_math.types.Sketch` settings.
+    numbers) are the :class:`~glora_math.types.Sketch` settings; ``sketch_probes`` > 0 asks
+    for the randomized certificate estimate with that many probes (``Sketch(certificate=
+    "estimate")``, confidence 0.99).
     """
     if options.get("sketch", 0.0) <= 0:
         return None
-    values = {}
+    values: dict[str, Any] = {}
     for key, name in (("oversample", "oversample"), ("power_iters", "power_iters"),
-                      ("sketch_seed", "seed")):  # fmt: skip
-        v = options.get(key, float(getattr(Sketch(), name)))
+                      ("sketch_seed", "seed"), ("sketch_probes", "probes")):  # fmt: skip
+        v = options.get(key, float(getattr(Sketch(), name)) if name != "probes" else 0.0)
         if not float(v).is_integer():
             raise GloraError(f"option {key!r} must be a whole number, got {v!r}")
         values[name] = int(v)
+    if values["probes"] > 0:  # the randomized certificate estimate, linear in N
+        values["certificate"] = "estimate"
+    else:
+        del values["probes"]
     return Sketch(**values)
 
 
@@ -185,6 +192,7 @@ _GLORA_OPTIONS = {
     "oversample": 10.0,
     "power_iters": 2.0,
     "sketch_seed": 0.0,
+    "sketch_probes": 0.0,
 }
 
 _MODES: tuple[GaugeMode, ...] = ("qr", "svd")
