@@ -215,6 +215,10 @@ def adapter_from_state_dict(
         If a tensor has NaN/Inf entries.
     """
     config = config_dict(config, client=client)
+    kind = getattr(config.get("peft_type"), "value", config.get("peft_type")) or "LORA"
+    if str(kind).upper() != "LORA":
+        raise AdapterError(f"peft_type {kind!r} is not LoRA; only LoRA adapters are aggregated",
+                           client=client)  # fmt: skip
     _refuse_dora(config, state, client)
     use_rslora, alpha0, alpha_pattern, fan = _scaling_config(config, client)
     ranks = _rank_config(config, client)
@@ -233,6 +237,9 @@ def adapter_from_state_dict(
                 embeddings.add(m["module"].removeprefix(PREFIX))
         else:
             dense[key.removeprefix(PREFIX)] = value
+    if not pairs:
+        raise AdapterError("no LoRA modules in the state dict (no lora_A / lora_B, or "
+                           "lora_embedding_A / lora_embedding_B, tensors)", client=client)  # fmt: skip
     modules = {}
     for name, ab in sorted(pairs.items()):
         A, B = _module_pair(name, ab, ranks, client)

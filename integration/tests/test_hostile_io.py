@@ -339,3 +339,15 @@ def test_a_signed_checkpoint_refuses_an_edit_with_recomputed_hashes(
     shutil.copytree(finished_run, unsigned)
     with pytest.raises(CheckpointError, match="not signed"):
         Simulation(SimConfig(**(TINY | {"out": str(unsigned), "rounds": 2}))).load()  # type: ignore[arg-type]
+
+
+def test_non_lora_state_dicts_are_refused_by_name() -> None:
+    # IA3 / LoHa given as (state_dict, config) pairs, not folders: refused with the reason, not
+    # "max() arg is an empty sequence".
+    from integration.peft_io import AdapterError, aggregate_peft
+
+    sd = {"base_model.model.x.ia3_l": torch.ones(4)}
+    with pytest.raises(AdapterError, match="client 0: peft_type 'IA3' is not LoRA"):
+        aggregate_peft([(sd, {"peft_type": "IA3"}), (sd, {"peft_type": "IA3"})])
+    with pytest.raises(AdapterError, match="client 0: no LoRA modules in the state dict"):
+        aggregate_peft([(sd, {}), (sd, {})])
