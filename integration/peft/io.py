@@ -238,8 +238,11 @@ def adapter_from_state_dict(
         else:
             dense[key.removeprefix(PREFIX)] = value
     if not pairs:
-        raise AdapterError("no LoRA modules in the state dict (no lora_A / lora_B, or "
-                           "lora_embedding_A / lora_embedding_B, tensors)", client=client)  # fmt: skip
+        raise AdapterError(
+            "no LoRA modules in the state dict (no lora_A / lora_B, or lora_embedding_A / "
+            "lora_embedding_B, tensors)",
+            client=client,
+        )
     modules = {}
     for name, ab in sorted(pairs.items()):
         A, B = _module_pair(name, ab, ranks, client)
