@@ -284,6 +284,9 @@ def _round_json(logged: RoundLog, evaluation: Mapping[str, Any] | None) -> dict[
             logged.partitions[n] for n in logged.accepted if n in logged.partitions
         ),
         "rejected_partitions": by_part,
+        "missing_partitions": {
+            str(logged.partitions.get(n, f"node {n}")): why for n, why in logged.missing.items()
+        },
         "evaluate": dict(evaluation) if evaluation is not None else None,
     }
 
@@ -317,6 +320,8 @@ def make_server_app(default: FlowerConfig | None = None) -> ServerApp:
             seed=cfg.seed,
             modules=shapes,
             node_wait=cfg.timeout,
+            min_replies=cfg.min_replies,
+            min_fraction=cfg.min_fraction,
         )
         result = strategy.start(
             grid=grid,

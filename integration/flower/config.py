@@ -23,7 +23,8 @@ FAULTS = ("nan", "missing", "shape")
 
 _RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
     (("timeout",), lambda v: v > 0, "must be a positive number"),
-    (("fraction_evaluate",), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    (("fraction_evaluate", "min_fraction"), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    (("min_replies",), lambda v: v >= 1, "must be at least 1"),
     (("faulty",), lambda v: all(p >= 0 and k in FAULTS for p, k in v),
      f"must be 'partition:kind' pairs with kind in {', '.join(FAULTS)}"),
     (("out",), bool, "must not be empty"),
@@ -49,6 +50,10 @@ class FlowerConfig(RunSettings):
     """
 
     fraction_evaluate: float = 1.0
+    # A round aggregates only with at least max(min_replies, ceil(min_fraction * sampled))
+    # usable replies; otherwise the global model is unchanged and the round says why.
+    min_replies: int = 1
+    min_fraction: float = 0.0
     faulty: tuple[tuple[int, str], ...] = ()  # (partition, "nan" | "missing" | "shape")
     out: str = "out/flower"
     timeout: float = 300.0  # seconds the server waits for nodes and for a round's replies
@@ -97,8 +102,9 @@ class FlowerConfig(RunSettings):
 
 
 _INT = ("clients", "rounds", "local_steps", "batch_size", "rank", "server_rank", "seed",
-        "max_train", "max_eval", "max_len", "threads")  # fmt: skip
-_FLOAT = ("dirichlet", "lr", "max_residual", "participation", "fraction_evaluate", "timeout")
+        "max_train", "max_eval", "max_len", "threads", "min_replies")  # fmt: skip
+_FLOAT = ("dirichlet", "lr", "max_residual", "participation", "fraction_evaluate", "timeout",
+          "min_fraction")  # fmt: skip
 _STR = ("model", "task", "operator", "out", "text_column", "label_column")
 _OPTIONAL_STR = ("data_dir", "train_file", "eval_file", "text_pair_column")
 _BOOL = ("per_client_init",)

@@ -82,7 +82,9 @@ class RoundLog:
 
     ``accepted``: the nodes whose replies were aggregated; ``rejected``: node -> reason (a
     second reply of an accepted node is listed here too); ``partitions``: node -> the
-    partition its reply names; ``evaluate_rejected``: node -> reason, for evaluation replies.
+    partition its reply names (this round, or learnt from its earlier replies);
+    ``evaluate_rejected``: node -> reason, for evaluation replies; ``missing``: sampled nodes
+    with no usable reply, with Flower's reason where it gave one.
     """
 
     round: int
@@ -94,6 +96,8 @@ class RoundLog:
     train_loss: float = math.nan
     warnings: list[str] = field(default_factory=list)
     evaluate_rejected: dict[int, str] = field(default_factory=dict)
+    # Sampled nodes whose reply never came or came as Flower's own error: node -> reason.
+    missing: dict[int, str] = field(default_factory=dict)
 
     def who(self, node: int) -> str:
         """``node <id> (partition <p>)``, or ``node <id>`` if the reply named no partition."""
@@ -134,6 +138,10 @@ class LoRAStrategy(Strategy):
         Upper bound of a reply's ``num-examples``.
     max_abs
         Upper bound of the absolute value of any entry a reply carries.
+    min_replies, min_fraction
+        A round aggregates only if at least ``max(min_replies, ceil(min_fraction * sampled))``
+        replies pass the checks; otherwise the global model is unchanged and the round says
+        why (log and ``RoundLog.warnings``).
     node_wait
         Seconds to wait for ``min_available_nodes`` to connect before sampling (then the
         round goes on with the nodes there are).
@@ -160,6 +168,8 @@ class LoRAStrategy(Strategy):
         max_examples: float = MAX_EXAMPLES,
         max_abs: float = MAX_ABS,
         node_wait: float = 60.0,
+        min_replies: int = 1,
+        min_fraction: float = 0.0,
     ) -> None:
         op = get_operator(operator)
         opts = dict(options or {})
@@ -183,6 +193,14 @@ class LoRAStrategy(Strategy):
         self.max_examples = float(max_examples)
         self.max_abs = float(max_abs)
         self.node_wait = float(node_wait)
+        if isinstance(min_replies, bool) or not isinstance(min_replies, int) or min_replies < 1:
+            raise GloraError(f"min_replies must be a whole number >= 1, got {min_replies!r}")
+        if not 0.0 <= float(min_fraction) <= 1.0:
+            raise GloraError(f"min_fraction must be in [0, 1], got {min_fraction!r}")
+        self.min_replies = min_replies
+        self.min_fraction = float(min_fraction)
+        # Partitions learnt from replies (node -> partition), to name nodes that go silent.
+        self.partition_of: dict[int, int] = {}
         # What only the transport needs: the heads' reference (names and shapes), whether the
         # initial heads arrived, the nodes sampled per round, and the round logs.
         self.dense_reference: dict[str, tuple[int, ...]] | None = None
@@ -369,6 +387,31 @@ class LoRAStrategy(Strategy):
             return {}  # first contact
         return self.server.start_for(node, r) or {}
 
+    def _enough(self, logged: RoundLog, candidates: list[_Reply], sampled: int) -> list[_Reply]:
+        """The candidates if there are enough of them (min-replies, min-fraction), else none."""
+        need = max(self.min_replies, math.ceil(self.min_fraction * sampled))
+        if not candidates or len(candidates) >= need:
+            return candidates
+        note = (f"only {len(candidates)} usable replies, {need} needed (min-replies "
+                f"{self.min_replies}, min-fraction {self.min_fraction:g}): round skipped, the "
+                "global model is unchanged")  # fmt: skip
+        logged.warnings.append(note)
+        log(WARNING, "round %d: %s", logged.round, note)
+        return []
+
+    def _name_missing(
+        self, logged: RoundLog, sampled: set[int] | None, seen: set[int], errors: list[str]
+    ) -> None:
+        """Every sampled node without a reply of its own, by partition, with Flower's reasons."""
+        if sampled is None:
+            return
+        reason = "no reply" + (f" (Flower: {'; '.join(sorted(set(errors)))})" if errors else "")
+        for node in sorted(sampled - seen):
+            if node in self.partition_of:
+                logged.partitions.setdefault(node, self.partition_of[node])
+            logged.missing[node] = reason
+            log(WARNING, "round %d: %s sent %s", logged.round, logged.who(node), reason)
+
     def _reject(self, logged: RoundLog, node: int, reason: str) -> None:
         if node in logged.rejected and reason not in logged.rejected[node]:
             logged.rejected[node] = f"{logged.rejected[node]}; {reason}"
@@ -381,11 +424,17 @@ class LoRAStrategy(Strategy):
         sampled = self.sampled.pop(server_round, None)
         decoded: dict[int, _Reply] = {}
         seen: set[int] = set()
+        flower_errors: list[str] = []
         for msg in replies:
             node = int(msg.metadata.src_node_id)
             partition = _partition_of(msg)
             if partition is not None:
                 logged.partitions.setdefault(node, partition)
+                self.partition_of[node] = partition
+            if msg.has_error() and sampled is not None and node not in sampled:
+                # Flower's own error for a node that did not answer (sent by the SuperLink)
+                flower_errors.append(_clip(msg.error.reason or f"error code {msg.error.code}"))
+                continue
             if node in seen:
                 self._reject(logged, node, "duplicate reply (the first reply of a node counts)")
                 continue
@@ -399,11 +448,16 @@ class LoRAStrategy(Strategy):
                 )
             except Exception as err:  # any failure to decode is this reply's rejection
                 self._reject(logged, node, _reason(err))
+        self._name_missing(logged, sampled, seen, flower_errors)
         candidates = self._check_against_reference(decoded, logged)
+        candidates = self._enough(logged, candidates, len(sampled or seen))
         outcome = self._aggregate_attributed(candidates, logged) if candidates else None
         for node, reason in logged.rejected.items():
             log(WARNING, "round %d: rejected the reply of %s: %s", server_round,
                 logged.who(node), reason)  # fmt: skip
+        if outcome is not None:
+            for note in outcome.warnings:  # e.g. a ResidualWarning naming its module
+                log(WARNING, "round %d: %s", server_round, note)
         if outcome is None:
             log(WARNING, "round %d: no reply aggregated; the global model is unchanged",
                 server_round)  # fmt: skip
@@ -615,6 +669,7 @@ class LoRAStrategy(Strategy):
             {
                 "accepted": len(logged.accepted),
                 "rejected": len(logged.rejected),
+                "missing": len(logged.missing),
                 "aggregation-error": logged.aggregation_error,
                 "certified-residual": logged.certified_residual,
                 "train-loss": logged.train_loss,

@@ -625,3 +625,55 @@ def test_a_node_started_for_another_number_of_partitions_is_told_to_set_clients(
         FlowerConfigError, match=r"num-partitions=3 but .*'clients' = 10.*clients=3"
     ):
         check_partitions(FlowerConfig(), 3)
+
+
+def _named_reply(node: int, r: int, seed: int, partition: int) -> Message:
+    sent = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    content = RecordDict(
+        {
+            "adapter": ArrayRecord(_state(r, seed)),
+            "lora": ConfigRecord({"r": r, "lora_alpha": float(2 * r)}),
+            "metrics": MetricRecord({"num-examples": 10, "train-loss": 0.5,
+                                     "partition-id": partition}),  # fmt: skip
+        }
+    )
+    return Message(content, reply_to=sent)
+
+
+def test_missing_nodes_are_named_by_partition_and_too_few_replies_skip_the_round(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Round 2: node 3 (partition 2, learnt in round 1) never answers and the SuperLink says
+    why; with min_replies = 3 the two usable replies are not enough: the model stays."""
+    from flwr.app import Error
+
+    st = LoRAStrategy("glora", min_available_nodes=3, min_replies=3)
+    grid = FakeGrid([1, 2, 3])
+    list(st.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    _, m1 = st.aggregate_train(1, [_named_reply(n, 2, n, n - 1) for n in (1, 2, 3)])
+    assert m1 is not None
+    assert (m1["accepted"], m1["missing"]) == (3, 0)
+    before = {k: v.delta().clone() for k, v in st.server.global_update.items()}
+    list(st.configure_train(2, ArrayRecord(), ConfigRecord(), grid))
+    lost = Message(Error(code=0, reason="node 3 is unavailable"),
+                   reply_to=Message(RecordDict(), dst_node_id=0, message_type=MessageType.TRAIN))  # fmt: skip
+    with caplog.at_level("WARNING"):
+        _, m2 = st.aggregate_train(2, [_named_reply(1, 2, 11, 0), _named_reply(2, 2, 12, 1), lost])
+    assert m2 is not None
+    logged = st.history[-1]
+    assert logged.missing == {3: "no reply (Flower: node 3 is unavailable)"}
+    assert logged.who(3) == "node 3 (partition 2)"
+    assert (m2["accepted"], m2["rejected"], m2["missing"]) == (0, 0, 1)
+    assert any("only 2 usable replies, 3 needed" in w for w in logged.warnings)
+    for name, delta in before.items():
+        assert torch.equal(st.server.global_update[name].delta(), delta)  # model unchanged
+    text = caplog.text
+    assert "node 3 (partition 2) sent no reply (Flower: node 3 is unavailable)" in text
+    assert "round skipped, the global model is unchanged" in text
+
+
+def test_residual_warnings_reach_the_server_log(caplog: pytest.LogCaptureFixture) -> None:
+    st = LoRAStrategy("glora", server_rank=2, max_residual=1e-3)
+    with caplog.at_level("WARNING"):
+        st.aggregate_train(1, [_reply(n, 2, n) for n in (1, 2, 3)])
+    assert "certified relative residual" in caplog.text

@@ -522,7 +522,9 @@ def test_glora_compare_over_real_adapter_folders(
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"module '{module}' of 3 adapter folders" in out
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line[:5] in ("fedit", "glora")}
+    rows = {
+        line.split()[0]: line.split() for line in out.splitlines() if line[:5] in ("fedit", "glora")
+    }
     # R = 12 spans the three rank-4 clients: GLoRA is exact, FedIT (factor averaging) is not.
     # (relative errors: float32 rounding over d + k + sum r_i)
     tol = product_tol(torch.float32, n=TINY.hidden_size * 2 + 12, scale=1.0)
