@@ -311,6 +311,13 @@ class FederatedServer:
         d = delta.detach().to(torch.float64)
         self.base_fold[name] = self.base_fold[name] + d if name in self.base_fold else d
 
+    def rename_client(self, old: int, new: int) -> None:
+        """Client ``old`` continues as ``new`` (a restarted node with a new id, same data)."""
+        if old in self.client_rank:
+            self.client_rank[new] = self.client_rank.pop(old)
+        if old in self.client_init:
+            self.client_init[new] = self.client_init.pop(old)
+
     def start_for(self, client: int, rank: int) -> dict[str, LoRAFactors] | None:
         """The factors ``client`` continues from at ``rank``, or None for a fresh LoRA start.
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
@@ -211,6 +211,12 @@ def make_client_app(default: FlowerConfig | None = None) -> ClientApp:
             sd = _sabotage(sd, cfg.faults()[pid])
         reply = train_reply(sd, lcfg, num_examples=len(shards[pid]), train_loss=loss, partition=pid)
         return Message(content=reply, reply_to=msg)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """The partition this node holds: the server keeps each partition's client state."""
+        pid, _, _ = _node(context)
+        return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -249,6 +249,7 @@ class LoRAStrategy(Strategy):
                             "freeze-a": frozen == "A", "freeze-b": frozen == "B"})  # fmt: skip
         msgs = []
         nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
+        self._learn_partitions(grid, nodes)
         self.sampled[server_round] = set(nodes)
         for node in nodes:
             content = RecordDict(
@@ -386,6 +387,36 @@ class LoRAStrategy(Strategy):
         if r is None:
             return {}  # first contact
         return self.server.start_for(node, r) or {}
+
+    def _learn_partitions(self, grid: Grid, nodes: Iterable[int]) -> None:
+        """Ask nodes never heard from which partition they hold (a QUERY message).
+
+        A node that holds the partition another node held before (a SuperNode restarted with
+        a new id) continues as that client: its rank and the factors it continues from move
+        to the new id. Nodes that cannot answer (an app without a query handler) stay unknown
+        and are treated as new clients, as before.
+        """
+        unknown = [n for n in nodes if n not in self.partition_of]
+        if not unknown or not hasattr(grid, "send_and_receive"):
+            return
+        asks = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
+                for n in unknown]  # fmt: skip
+        try:
+            answers = list(grid.send_and_receive(asks, timeout=self.node_wait))
+        except Exception as err:  # the round goes on without the partitions
+            log(WARNING, "could not ask nodes for their partitions: %s", _reason(err))
+            return
+        for msg in answers:
+            node, part = int(msg.metadata.src_node_id), _partition_of(msg)
+            if msg.has_error() or part is None or node not in unknown:
+                continue
+            before = [m for m, q in self.partition_of.items() if q == part and m != node]
+            self.partition_of[node] = part
+            for old in before:
+                self.server.rename_client(old, node)
+                del self.partition_of[old]
+                log(INFO, "node %d holds partition %d, as node %d did: it continues as that "
+                    "client", node, part, old)  # fmt: skip
 
     def _enough(self, logged: RoundLog, candidates: list[_Reply], sampled: int) -> list[_Reply]:
         """The candidates if there are enough of them (min-replies, min-fraction), else none."""

@@ -633,8 +633,9 @@ def _named_reply(node: int, r: int, seed: int, partition: int) -> Message:
         {
             "adapter": ArrayRecord(_state(r, seed)),
             "lora": ConfigRecord({"r": r, "lora_alpha": float(2 * r)}),
-            "metrics": MetricRecord({"num-examples": 10, "train-loss": 0.5,
-                                     "partition-id": partition}),  # fmt: skip
+            "metrics": MetricRecord(
+                {"num-examples": 10, "train-loss": 0.5, "partition-id": partition}
+            ),
         }
     )
     return Message(content, reply_to=sent)
@@ -677,3 +678,48 @@ def test_residual_warnings_reach_the_server_log(caplog: pytest.LogCaptureFixture
     with caplog.at_level("WARNING"):
         st.aggregate_train(1, [_reply(n, 2, n) for n in (1, 2, 3)])
     assert "certified relative residual" in caplog.text
+
+
+class AnsweringGrid(FakeGrid):
+    """A grid whose nodes answer the strategy's QUERY with the partition they hold."""
+
+    def __init__(self, partitions: dict[int, int]) -> None:
+        super().__init__(list(partitions))
+        self.partitions = partitions
+        self.asked: list[int] = []
+
+    def send_and_receive(
+        self, messages: list[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        out = []
+        for m in messages:
+            node = int(m.metadata.dst_node_id)
+            self.asked.append(node)
+            pid = self.partitions[node]
+            out.append(
+                Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=m)
+            )
+        return out
+
+
+def test_a_restarted_node_continues_as_the_client_of_its_partition() -> None:
+    """Node 3 (partition 2) restarts as node 9: it gets node 3's factors, not a fresh start."""
+    st = LoRAStrategy("glora", min_available_nodes=3)
+    ranks = {1: 2, 2: 4, 3: 4}
+    first = AnsweringGrid({1: 0, 2: 1, 3: 2})
+    list(st.configure_train(1, ArrayRecord(), ConfigRecord(), first))
+    assert sorted(first.asked) == [1, 2, 3]
+    st.aggregate_train(1, [_named_reply(n, r, n, n - 1) for n, r in ranks.items()])
+    want = st.server.start_for(3, 4)
+    assert want
+    second = AnsweringGrid({1: 0, 2: 1, 9: 2})
+    msgs = list(st.configure_train(2, ArrayRecord(), ConfigRecord(), second))
+    assert second.asked == [9]  # only the stranger is asked
+    sent = {int(m.metadata.dst_node_id): m for m in msgs}
+    init = record_to_factors(sent[9].content["init"])  # type: ignore[arg-type]
+    want = record_to_factors(factors_to_record(want))  # what the record carries, bit for bit
+    for name, f in want.items():
+        assert torch.equal(init[name].B, f.B)
+        assert torch.equal(init[name].A, f.A)
+    assert st.server.client_rank.get(9) == 4
+    assert 3 not in st.server.client_rank
