@@ -539,7 +539,9 @@ def run_experiment(argv: list[str]) -> int:
 
 
 def run_flower(argv: list[str]) -> int:
-    """Forward to :mod:`glora_math.integration.flower.cli` (``new`` and ``run``)."""
+    """``glora flower run``: :mod:`glora_math.integration.flower.app`; ``new``: its ``cli``."""
+    if argv[:1] == ["run"]:
+        return _forward("flower", "glora_math.integration.flower.app", argv[1:])
     return _forward("flower", "glora_math.integration.flower.cli", argv)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, fields, replace
@@ -42,6 +43,8 @@ from peft import get_peft_model, get_peft_model_state_dict
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from glora_math import GloraError
+
 from ..data import Examples, dirichlet_split
 from ..federated.models import (
     build_model,
@@ -57,6 +60,7 @@ from ..federated.models import (
 )
 from ..federated.settings import HELP
 from ..peft.io import PREFIX
+from ..runner.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from .cli import TEMPLATE
 from .config import _BOOL, _FLOAT, _INT, FlowerConfig, FlowerConfigError
 from .deploy import LocalDeployment
@@ -297,6 +301,89 @@ def _round_json(logged: RoundLog, evaluation: Mapping[str, Any] | None) -> dict[
     }
 
 
+#: Settings that do not change a Flower run's results (a resume may change them).
+_NOT_RESULTS = ("rounds", "out", "timeout", "resume", "threads", "data_dir", "faulty")
+
+
+def _jsonable_config(cfg: FlowerConfig) -> dict[str, Any]:
+    return {**asdict(cfg), "faulty": [[p, k] for p, k in cfg.faulty]}
+
+
+def _write_results(
+    out: Path, cfg: FlowerConfig, run_id: int, rounds: list[dict[str, Any]], adapter: Path | None
+) -> None:
+    """``<out>/flower_results.json``, rewritten after every round (atomically) and at the end."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = {
+        "config": {**asdict(cfg), "faulty": {str(k): v for k, v in cfg.faulty}},
+        "run_id": run_id,
+        "rounds": rounds,
+        "global_adapter": None if adapter is None else str(adapter),
+    }
+    tmp = out / "flower_results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out / "flower_results.json")
+
+
+def save_round(
+    out: Path,
+    strategy: LoRAStrategy,
+    cfg: FlowerConfig,
+    done: list[dict[str, Any]],
+    *,
+    run_id: int,
+) -> None:
+    """After a round: the verified checkpoint in ``<out>/checkpoint`` and the results so far."""
+    rounds = [*done, *(_round_json(x, None) for x in strategy.history)]
+    write_checkpoint(out / "checkpoint", strategy.history[-1].round,
+                     strategy.server.state_tensors(), {
+                         "server": strategy.server.state_meta(),
+                         "config": _jsonable_config(cfg),
+                         "metrics": rounds,
+                         "partitions": {str(n): q for n, q in strategy.partition_of.items()},
+                     })  # fmt: skip
+    _write_results(out, cfg, run_id, rounds, None)
+
+
+def resume_strategy(
+    strategy: LoRAStrategy, folder: Path, cfg: FlowerConfig
+) -> list[dict[str, Any]]:
+    """Restore the server state of the last finished round from ``folder``; its rounds' JSON.
+
+    Nothing to resume (no checkpoint) starts from round 1. A checkpoint made with other
+    result-defining settings, or one that is damaged or edited, is refused in one line.
+    """
+    found = read_checkpoint(folder)
+    if found is None:
+        log(INFO, "resume: no checkpoint in %s; starting from round 1", folder)
+        return []
+    meta, flat = found
+    saved = {k: v for k, v in meta["config"].items() if k not in _NOT_RESULTS}
+    now = {k: v for k, v in _jsonable_config(cfg).items() if k not in _NOT_RESULTS}
+    if saved != now:
+        diff = [k for k in sorted(now) if saved.get(k) != now.get(k)]
+        raise CheckpointError(f"resume: the checkpoint in {folder} was made with other "
+                              f"settings ({', '.join(diff[:5])})")  # fmt: skip
+    if int(meta["round"]) >= cfg.rounds:
+        raise CheckpointError(
+            f"resume: the checkpoint in {folder} is at round {meta['round']} and the run has "
+            f"rounds = {cfg.rounds}: nothing is left to do"
+        )
+    server = meta.get("server")
+    if not isinstance(server, dict):
+        raise CheckpointError(f"{folder}: the checkpoint has no server state")
+    try:
+        strategy.server.restore(flat, server)
+    except (GloraError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"resume: cannot restore {folder}: {err}"[:300]) from None
+    if not all(bool(torch.isfinite(t).all()) for t in flat.values() if t.is_floating_point()):
+        raise CheckpointError(f"resume: {folder} holds NaN/Inf values")
+    strategy.round_offset = int(meta["round"])
+    strategy.partition_of = {int(n): int(q) for n, q in dict(meta.get("partitions", {})).items()}
+    log(INFO, "resume: round %d restored from %s", strategy.round_offset, folder)
+    return list(meta["metrics"])
+
+
 def make_server_app(default: FlowerConfig | None = None) -> ServerApp:
     """The ServerApp; settings from ``default`` or, if None, from Flower's run_config.
 
@@ -313,6 +400,12 @@ def make_server_app(default: FlowerConfig | None = None) -> ServerApp:
             raise
         _threads(cfg)
         heads, shapes = initial_adapter(cfg)
+        out = Path(cfg.out).resolve()
+        done: list[dict[str, Any]] = []  # the rounds of earlier runs (a resume)
+
+        def after_round(logged: RoundLog) -> None:
+            save_round(out, strategy, cfg, done, run_id=context.run_id)
+
         strategy = LoRAStrategy(
             cfg.operator,
             server_rank=cfg.server_rank,
@@ -328,14 +421,17 @@ def make_server_app(default: FlowerConfig | None = None) -> ServerApp:
             node_wait=cfg.timeout,
             min_replies=cfg.min_replies,
             min_fraction=cfg.min_fraction,
+            on_round=after_round,
         )
+        if cfg.resume:
+            done = resume_strategy(strategy, out / "checkpoint", cfg)
+            heads = dict(strategy.server.dense) or heads
         result = strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(heads),
-            num_rounds=cfg.rounds,
+            num_rounds=cfg.rounds - strategy.round_offset,
             timeout=cfg.timeout,
         )
-        out = Path(cfg.out).resolve()
         out.mkdir(parents=True, exist_ok=True)
         top = max((f.rank for f in strategy.server.global_update.values()), default=0)
         written = strategy.save_global_adapter(
@@ -345,17 +441,13 @@ def make_server_app(default: FlowerConfig | None = None) -> ServerApp:
         )
         for path in written:
             log(INFO, "wrote %s", path)
-        rounds = [
-            _round_json(logged, result.evaluate_metrics_clientapp.get(logged.round))
-            for logged in strategy.history
-        ]
-        results = {
-            "config": {**asdict(cfg), "faulty": {str(k): v for k, v in cfg.faulty}},
-            "run_id": context.run_id,
-            "rounds": rounds,
-            "global_adapter": str(out / "global_adapter") if written else None,
-        }
-        (out / "flower_results.json").write_text(json.dumps(results, indent=2))
+        evaluations = result.evaluate_metrics_clientapp
+        offset = strategy.round_offset
+        rounds = [*done, *(_round_json(x, evaluations.get(x.round - offset))
+                           for x in strategy.history)]  # fmt: skip
+        _write_results(
+            out, cfg, context.run_id, rounds, out / "global_adapter" if written else None
+        )
         log(INFO, "wrote %s", out / "flower_results.json")
 
     return app

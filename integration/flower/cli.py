@@ -1,9 +1,9 @@
-"""``glora flower``: write the Flower app template (``new``) or run it on this machine (``run``).
+"""``glora flower new DIR``: write the Flower app template.
 
-``glora flower new DIR`` copies the app folder users deploy (``pyproject.toml`` with the
-components and every run-config key, ``flower-config.toml`` with the SuperLink connection,
-``README.md`` with the recipe) out of the installed package; ``glora flower run ...`` starts a
-SuperLink and SuperNodes here, runs the app and stops them (:func:`.app.main`).
+It copies the app folder users deploy (``pyproject.toml`` with the components and every
+run-config key, ``flower-config.toml`` with the SuperLink connection, ``README.md`` with the
+recipe) out of the installed package. ``glora flower run ...`` (starting a SuperLink and
+SuperNodes here, running the app and stopping them) is :func:`integration.flower.app.main`.
 """
 
 from __future__ import annotations
@@ -42,10 +42,6 @@ def new_app(folder: str | Path, *, overwrite: bool = False) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of ``glora flower``."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["run"]:
-        from .app import main as run_main  # noqa: PLC0415 - Flower and the model stack load only here
-
-        return run_main(args[1:])
     p = argparse.ArgumentParser(prog="glora flower", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = p.add_subparsers(dest="command", required=True)

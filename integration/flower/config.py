@@ -57,6 +57,9 @@ class FlowerConfig(RunSettings):
     faulty: tuple[tuple[int, str], ...] = ()  # (partition, "nan" | "missing" | "shape")
     out: str = "out/flower"
     timeout: float = 300.0  # seconds the server waits for nodes and for a round's replies
+    # Continue from the checkpoint in <out>/checkpoint (written after every round) after a
+    # SuperLink or server crash: the same settings, rounds may grow.
+    resume: bool = False
 
     def faults(self) -> dict[int, str]:
         """Fault injection: partition -> kind."""
@@ -107,7 +110,7 @@ _FLOAT = ("dirichlet", "lr", "max_residual", "participation", "fraction_evaluate
           "min_fraction")  # fmt: skip
 _STR = ("model", "task", "operator", "out", "text_column", "label_column")
 _OPTIONAL_STR = ("data_dir", "train_file", "eval_file", "text_pair_column")
-_BOOL = ("per_client_init",)
+_BOOL = ("per_client_init", "resume")
 
 
 def _value(name: str, v: Any) -> str | int | float | bool:

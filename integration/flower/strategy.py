@@ -33,7 +33,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -138,6 +138,10 @@ class LoRAStrategy(Strategy):
         Upper bound of a reply's ``num-examples``.
     max_abs
         Upper bound of the absolute value of any entry a reply carries.
+    round_offset, on_round
+        Rounds already done before this strategy starts (a resumed run: Flower's round k is
+        round ``round_offset + k``), and a function called with each round's log once its
+        replies are aggregated (the app writes its results and checkpoint there).
     min_replies, min_fraction
         A round aggregates only if at least ``max(min_replies, ceil(min_fraction * sampled))``
         replies pass the checks; otherwise the global model is unchanged and the round says
@@ -170,6 +174,8 @@ class LoRAStrategy(Strategy):
         node_wait: float = 60.0,
         min_replies: int = 1,
         min_fraction: float = 0.0,
+        round_offset: int = 0,
+        on_round: Callable[[RoundLog], None] | None = None,
     ) -> None:
         op = get_operator(operator)
         opts = dict(options or {})
@@ -197,6 +203,8 @@ class LoRAStrategy(Strategy):
             raise GloraError(f"min_replies must be a whole number >= 1, got {min_replies!r}")
         if not 0.0 <= float(min_fraction) <= 1.0:
             raise GloraError(f"min_fraction must be in [0, 1], got {min_fraction!r}")
+        self.round_offset = int(round_offset)
+        self.on_round = on_round
         self.min_replies = min_replies
         self.min_fraction = float(min_fraction)
         # Partitions learnt from replies (node -> partition), to name nodes that go silent.
@@ -238,6 +246,7 @@ class LoRAStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One train message per sampled node: its factors, the folds and the heads."""
+        server_round += self.round_offset  # rounds before a resume count
         if not self.started:  # the initial heads (modules_to_save) come in `arrays`
             heads = decode_arrays(arrays, what="initial head")
             self.server.dense = {k: v.to(torch.float32) for k, v in heads.items()}
@@ -271,22 +280,31 @@ class LoRAStrategy(Strategy):
         Never raises: a bad reply is rejected (logged with node, partition and reason), and an
         aggregation failure that no single reply explains keeps the global model.
         """
+        server_round += self.round_offset  # rounds before a resume count
         logged = self._log_for(server_round)
         snapshot = self._snapshot()
         try:
-            return self._aggregate_train(server_round, replies, logged)
+            out = self._aggregate_train(server_round, replies, logged)
         except Exception as err:  # a bug, not a client: keep the model and the server alive
             self._restore(snapshot)
             logged.accepted = []
             note = f"round failed ({_reason(err)}); the global model is unchanged"
             logged.warnings.append(note)
             log(ERROR, "round %d: %s", server_round, note)
-            return None, self._metrics(logged)
+            out = None, self._metrics(logged)
+        if self.on_round is not None:
+            try:
+                self.on_round(logged)
+            except Exception as err:  # the run goes on; the log says what was not written
+                log(ERROR, "round %d: could not write its results (%s)", server_round,
+                    _reason(err))  # fmt: skip
+        return out
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the global model (update, folds, heads) to the sampled nodes."""
+        server_round += self.round_offset  # rounds before a resume count
         if self.fraction_evaluate == 0.0:
             return []
         content = RecordDict(
@@ -307,6 +325,7 @@ class LoRAStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Example-weighted mean of the valid evaluation replies (never raises)."""
+        server_round += self.round_offset  # rounds before a resume count
         logged = self._log_for(server_round)
         total = acc = loss = 0.0
         seen: set[int] = set()

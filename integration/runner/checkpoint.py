@@ -16,6 +16,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
 from glora_math.errors import GloraError
 
 
@@ -86,4 +89,67 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return meta
 
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError"]
+def write_checkpoint(
+    folder: Path, round_index: int, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]
+) -> Path:
+    """Write ``checkpoint-<round>.safetensors`` and its signed-if-keyed manifest, atomically.
+
+    ``meta`` holds what else the manifest carries (at least ``config``, ``metrics`` and the
+    ``server`` state meta); the tensors go first, then the JSON that points at them, and older
+    tensor files are removed. Returns the manifest's path.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"checkpoint-{round_index}.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file(dict(tensors), str(tmp))
+    os.replace(tmp, path)
+    manifest: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "round": round_index, **meta,
+                                "tensors": path.name, "sha256": _sha256(path)}  # fmt: skip
+    # The digest is of the manifest as it will be read back: JSON turns integer keys into
+    # strings, and sorted string keys are not in numeric order.
+    manifest = json.loads(json.dumps(manifest))
+    manifest["digest"] = _digest(manifest)
+    key = os.environ.get("GLORA_CHECKPOINT_KEY")
+    if key:  # a signed manifest: an edit with recomputed hashes is refused on resume
+        manifest["hmac"] = _signature(key, manifest["digest"])
+    tmpj = folder / "checkpoint.json.tmp"
+    tmpj.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmpj, folder / "checkpoint.json")
+    for old in folder.glob("checkpoint-*.safetensors"):
+        if old != path:
+            old.unlink()
+    return folder / "checkpoint.json"
+
+
+def read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]] | None:
+    """The verified manifest and tensors of ``folder``'s checkpoint, or None if it has none.
+
+    Raises
+    ------
+    CheckpointError
+        Tensors without their manifest, a manifest or tensor file that is damaged or edited
+        (digest, SHA-256, HMAC with ``GLORA_CHECKPOINT_KEY``), or an unreadable tensor file.
+    """
+    meta_path = folder / "checkpoint.json"
+    if not meta_path.is_file():
+        if any(folder.glob("checkpoint-*.safetensors")):
+            raise CheckpointError(
+                f"{folder} holds checkpoint tensors but no checkpoint.json: the checkpoint "
+                "is damaged; remove the folder or use another output folder to start over"
+            )
+        return None
+    meta = _read_manifest(meta_path)
+    tensors = folder / meta["tensors"]
+    if not tensors.is_file():
+        raise CheckpointError(f"{meta_path} points at {tensors.name}, which is missing")
+    if _sha256(tensors) != meta.get("sha256"):
+        raise CheckpointError(f"{tensors} does not match the SHA-256 in {meta_path} "
+                              "(damaged or edited)")  # fmt: skip
+    try:
+        flat = load_file(str(tensors))
+    except Exception as err:  # safetensors raises its own error type on damaged files
+        raise CheckpointError(f"cannot read {tensors}: {err}"[:300]) from None
+    return meta, flat
+
+
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "read_checkpoint", "write_checkpoint"]

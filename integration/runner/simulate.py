@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -26,7 +25,6 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from glora_math.errors import GloraError
@@ -51,14 +49,7 @@ from ..federated.models import (
 from ..federated.server import FederatedServer
 from ..peft.io import PREFIX, ClientAdapter, adapter_from_state_dict
 from .causal_lm import build_causal_lm, lm_batch_loss, lm_evaluate, template
-from .checkpoint import (
-    CHECKPOINT_FORMAT,
-    CheckpointError,
-    _digest,
-    _read_manifest,
-    _sha256,
-    _signature,
-)
+from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from .config import (
     ConfigError,
     SimConfig,
@@ -316,30 +307,11 @@ class Simulation:
         file's name and SHA-256, and a digest of the JSON itself, so that ``--resume`` can
         refuse a damaged or edited checkpoint.
         """
-        self.out.mkdir(parents=True, exist_ok=True)
-        tensors = self.out / f"checkpoint-{self.round}.safetensors"
-        tmp = tensors.with_suffix(".tmp")
-        save_file(self.server.state_tensors(), str(tmp))
-        os.replace(tmp, tensors)
-        meta: dict[str, Any] = {
-            "format": CHECKPOINT_FORMAT,
-            "round": self.round,
+        write_checkpoint(self.out, self.round, self.server.state_tensors(), {
             "server": self.server.state_meta(),
             "config": asdict(self.cfg),
             "metrics": self.metrics,
-            "tensors": tensors.name,
-            "sha256": _sha256(tensors),
-        }
-        meta["digest"] = _digest(meta)
-        key = os.environ.get("GLORA_CHECKPOINT_KEY")
-        if key:  # a signed manifest: an edit with recomputed hashes is refused on --resume
-            meta["hmac"] = _signature(key, meta["digest"])
-        tmpj = self.out / "checkpoint.json.tmp"
-        tmpj.write_text(json.dumps(meta, indent=2))
-        os.replace(tmpj, self.out / "checkpoint.json")
-        for old in self.out.glob("checkpoint-*.safetensors"):
-            if old != tensors:
-                old.unlink()
+        })  # fmt: skip
 
     def load(self) -> bool:
         """Restore the last checkpoint, if any (False: nothing to resume, start fresh).
@@ -351,15 +323,11 @@ class Simulation:
             or tensor file that is damaged or edited (digest or SHA-256 mismatch), a tensor
             path outside the run folder, inconsistent rounds, or a different configuration.
         """
-        meta_path = self.out / "checkpoint.json"
-        if not meta_path.is_file():
-            if any(self.out.glob("checkpoint-*.safetensors")):
-                raise CheckpointError(
-                    f"{self.out} holds checkpoint tensors but no checkpoint.json: the checkpoint "
-                    "is damaged; remove the folder or use another --out to start over"
-                )
+        found = read_checkpoint(self.out)
+        if found is None:
             return False
-        meta = _read_manifest(meta_path)
+        meta, flat = found
+        meta_path, tensors = self.out / "checkpoint.json", self.out / meta["tensors"]
         # More (or fewer) rounds may be asked for; nothing else that defines results may change.
         saved, now = results_config(meta["config"]), results_config(asdict(self.cfg))
         saved.pop("rounds")
@@ -371,16 +339,6 @@ class Simulation:
                 f"--resume: the checkpoint in {self.out} was made with other settings "
                 f"({'; '.join(diff[:5])}); use another --out or the same settings"
             )
-        tensors = self.out / meta["tensors"]
-        if not tensors.is_file():
-            raise CheckpointError(f"{meta_path} points at {tensors.name}, which is missing")
-        if _sha256(tensors) != meta.get("sha256"):
-            raise CheckpointError(f"{tensors} does not match the SHA-256 in {meta_path} "
-                                  "(damaged or edited)")  # fmt: skip
-        try:
-            flat = load_file(str(tensors))
-        except Exception as err:  # safetensors raises its own error type on damaged files
-            raise CheckpointError(f"cannot read {tensors}: {err}"[:300]) from None
         self.round = int(meta["round"])
         self.metrics = list(meta["metrics"])
         server_meta = meta.get("server")

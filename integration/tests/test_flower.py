@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -723,3 +724,54 @@ def test_a_restarted_node_continues_as_the_client_of_its_partition() -> None:
         assert torch.equal(init[name].A, f.A)
     assert st.server.client_rank.get(9) == 4
     assert 3 not in st.server.client_rank
+
+
+def test_each_round_leaves_a_verified_checkpoint_and_a_resumed_run_continues_it(
+    tmp_path: Path,
+) -> None:
+    """The server crashes after round 1; round 2 of the resumed run starts from round 1's state."""
+    import json
+
+    from integration.flower.app import resume_strategy, save_round
+    from integration.flower_app import FlowerConfig
+    from integration.runner.checkpoint import CheckpointError
+
+    cfg = FlowerConfig(
+        model="tiny-roberta", clients=3, rounds=3, operator="glora", out=str(tmp_path)
+    )
+    grid = AnsweringGrid({1: 0, 2: 1, 3: 2})
+    first = LoRAStrategy("glora", min_available_nodes=3)
+    list(first.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    first.aggregate_train(1, [_named_reply(n, 2 + 2 * (n > 1), n, n - 1) for n in (1, 2, 3)])
+    save_round(tmp_path, first, cfg, [], run_id=1)
+    results = json.loads((tmp_path / "flower_results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [1]  # written after the round, not at the end
+    # A fresh server process resumes: the same state, round numbering and partitions.
+    second = LoRAStrategy("glora", min_available_nodes=3)
+    done = resume_strategy(second, tmp_path / "checkpoint", replace(cfg, resume=True))
+    assert [r["round"] for r in done] == [1]
+    assert second.round_offset == 1
+    assert second.partition_of == {1: 0, 2: 1, 3: 2}
+    for name, f in first.server.global_update.items():
+        assert torch.equal(second.server.global_update[name].B, f.B)
+        assert torch.equal(second.server.global_update[name].A, f.A)
+    msgs = list(second.configure_train(1, ArrayRecord(), ConfigRecord(), grid))  # Flower's round 1
+    assert {m.content["config"]["server-round"] for m in msgs} == {2}  # type: ignore[index]
+    for m in msgs:
+        node = int(m.metadata.dst_node_id)
+        want = record_to_factors(
+            factors_to_record(first.server.start_for(node, first.server.client_rank[node]) or {})
+        )
+        got = record_to_factors(m.content["init"])  # type: ignore[arg-type]
+        assert all(torch.equal(got[k].B, want[k].B) for k in want)
+    # Refused in one line: other settings, nothing left to do, an edited checkpoint.
+    with pytest.raises(CheckpointError, match=r"made with other settings \(lr\)"):
+        resume_strategy(LoRAStrategy("glora"), tmp_path / "checkpoint", replace(cfg, lr=0.1))
+    with pytest.raises(CheckpointError, match="nothing is left to do"):
+        resume_strategy(LoRAStrategy("glora"), tmp_path / "checkpoint", replace(cfg, rounds=1))
+    manifest = tmp_path / "checkpoint" / "checkpoint.json"
+    meta = json.loads(manifest.read_text())
+    meta["metrics"][0]["accepted"] = [1]
+    manifest.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="edited or damaged"):
+        resume_strategy(LoRAStrategy("glora"), tmp_path / "checkpoint", cfg)

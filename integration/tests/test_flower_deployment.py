@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -95,4 +96,17 @@ def test_deployment_engine_rejects_the_faulty_partition_and_exports_the_adapter(
     assert json.loads((folder / "adapter_config.json").read_text())["modules_to_save"] == [
         "classifier"
     ]
+    # Every round left a verified checkpoint: a new SuperLink and new SuperNodes (new node
+    # ids, the same partitions) resume from it and run round 2, each node as its partition.
+    assert (out / "checkpoint" / "checkpoint.json").is_file()
+    again = replace(cfg, rounds=2, resume=True)
+    with LocalDeployment(3, tmp_path / "restarted", startup_timeout=60.0) as deployment:
+        res2 = deployment.run(app, again.to_run_config(), timeout=240)
+        assert res2.ok, f"{res2.status}\n{res2.log[-3000:]}"
+    assert "resume: round 1 restored" in res2.log
+    assert res2.log.count("it continues as that client") == 3
+    resumed = json.loads((out / "flower_results.json").read_text())
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2]
+    assert resumed["rounds"][0]["accepted_partitions"] == [0, 1]  # round 1 kept as it was
+    assert "NaN" in resumed["rounds"][1]["rejected_partitions"]["2"]
     print(f"deployment test: {elapsed:.0f} s with {os.cpu_count()} CPUs")

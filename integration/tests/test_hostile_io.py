@@ -193,7 +193,7 @@ def _rehash(change: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
     def edit(out: Path) -> None:
         from safetensors.torch import load_file
 
-        from integration.runner.simulate import _digest, _sha256
+        from integration.runner.checkpoint import _digest, _sha256
 
         path = out / "checkpoint-1.safetensors"
         flat = load_file(str(path))
@@ -351,3 +351,17 @@ def test_non_lora_state_dicts_are_refused_by_name() -> None:
         aggregate_peft([(sd, {"peft_type": "IA3"}), (sd, {"peft_type": "IA3"})])
     with pytest.raises(AdapterError, match="client 0: no LoRA modules in the state dict"):
         aggregate_peft([(sd, {}), (sd, {})])
+
+
+def test_a_checkpoint_whose_metrics_have_integer_keys_reads_back(tmp_path: Path) -> None:
+    # JSON turns integer keys into strings, and sorted strings are not in numeric order: the
+    # digest must be of the manifest as read back (a Flower round log keys nodes by id).
+    from integration.runner.checkpoint import read_checkpoint, write_checkpoint
+
+    rows = [{"round": 1, "rejected": {10: "NaN", 9: "shape"}}]
+    write_checkpoint(tmp_path, 1, {"x": torch.zeros(2)}, {"config": {}, "metrics": rows})
+    found = read_checkpoint(tmp_path)
+    assert found is not None
+    meta, flat = found
+    assert meta["metrics"][0]["rejected"] == {"10": "NaN", "9": "shape"}
+    assert torch.equal(flat["x"], torch.zeros(2))
