@@ -114,6 +114,25 @@ def measure(
     }
 
 
+def folded(
+    base_fold: Mapping[str, Tensor], parts: Mapping[str, Sequence[Tensor | None]]
+) -> dict[str, Tensor]:
+    """Per module, the dense ``out x in`` change of the base: the folds so far plus ``parts``.
+
+    The one place where a round's dense parts (a residual, an update's product) are added to
+    the folds, in float64 and in the order given: the server's own model
+    (:meth:`FederatedServer.dense_deltas`) and the counterfactual rounds
+    (:meth:`FederatedServer.what_if`) both go through it.
+    """
+    out = {name: f.detach().clone() for name, f in base_fold.items()}
+    for name, extra in parts.items():
+        for part in extra:
+            if part is not None:
+                d = part.detach().to(torch.float64)
+                out[name] = out[name] + d if name in out else d
+    return out
+
+
 class FederatedServer:
     """Server state and round policy of federated LoRA with any registered operator.
 
@@ -245,13 +264,8 @@ class FederatedServer:
             rnd = aggregate_adapters(
                 adapters, weights, operator=op, rank=self.server_rank or max(ranks), options=opts
             )
-        deltas = {name: f.detach().clone() for name, f in self.base_fold.items()}
-        for name, res in rnd.results.items():
-            parts = [res.residual, res.update.delta()]
-            for part in parts:
-                if part is not None:
-                    d = part.detach().to(torch.float64)
-                    deltas[name] = deltas[name] + d if name in deltas else d
+        deltas = folded(self.base_fold, {n: [r.residual, r.update.delta()]
+                                         for n, r in rnd.results.items()})  # fmt: skip
         dense = {k: v.to(torch.float32) for k, v in rnd.dense.items()}
         p = weights if rnd.weights is None else rnd.weights
         metrics = measure(rnd.results, adapters, p, clients=rnd.clients)
@@ -344,11 +358,7 @@ class FederatedServer:
 
     def dense_deltas(self) -> dict[str, Tensor]:
         """Per module, the dense ``out x in`` change of the base: folds plus the update."""
-        out = {name: f.detach().clone() for name, f in self.base_fold.items()}
-        for name, upd in self.global_update.items():
-            d = upd.delta().detach().to(torch.float64)
-            out[name] = out[name] + d if name in out else d
-        return out
+        return folded(self.base_fold, {n: [u.delta()] for n, u in self.global_update.items()})
 
     # ------------------------------------------------------------------ checkpoints
 
