@@ -82,6 +82,7 @@ class LocalDeployment:
         self.bin = Path(sys.executable).parent
         self.port = 0
         self.procs: list[subprocess.Popen[bytes]] = []
+        self._by_name: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[IO[bytes]] = []
         self.env = {
             **os.environ,
@@ -118,19 +119,19 @@ class LocalDeployment:
         if not Path(cmd[0]).exists():
             raise RuntimeError(f"{cmd[0]} does not exist: install Flower next to this Python "
                                '(pip install "glora-math[flower]")')  # fmt: skip
-        out = (self.workdir / f"{name}.log").open("wb")
+        out = (self.workdir / f"{name}.log").open("ab")
         self._logs.append(out)
-        self.procs.append(
-            subprocess.Popen(
-                cmd,
-                cwd=self.workdir,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        proc = subprocess.Popen(
+            cmd,
+            cwd=self.workdir,
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
+        self.procs.append(proc)
+        self._by_name[name] = proc
 
     def start(self) -> None:
         """Start the SuperLink, wait until it answers, then start the SuperNodes."""
@@ -172,15 +173,35 @@ class LocalDeployment:
             If ``flwr run`` fails, or the run does not end within ``timeout`` seconds (it is
             stopped then).
         """
+        return self.wait(self.submit(app, run_config), timeout=timeout)
+
+    def submit(self, app: str | Path, run_config: Mapping[str, Any]) -> int:
+        """Start a run (``flwr run``) and return its id without waiting for it."""
         overrides = self.workdir / "run-config.toml"
         overrides.write_text(tomli_w.dumps(dict(run_config)))
         started = self.flwr("run", str(app), self.CONNECTION, "--run-config", str(overrides),
                             "--format", "json")  # fmt: skip
         try:
-            run_id = int(_last_json(started.stdout)["run-id"])
+            return int(_last_json(started.stdout)["run-id"])
         except (ValueError, KeyError, TypeError):
             raise RuntimeError(f"flwr run failed: {(started.stdout + started.stderr)[-2000:]}"
                                ) from None  # fmt: skip
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process group by its log name (``superlink``, ``supernode-<i>``)."""
+        proc = self._by_name.get(name)
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+
+    def restart_node(self, partition: int) -> None:
+        """Start SuperNode ``partition`` again (a new node id for Flower, the same data)."""
+        self.kill(f"supernode-{partition}")
+        self._spawn(self.supernode_command(partition, free_port()), f"supernode-{partition}")
+
+    def wait(self, run_id: int, *, timeout: float) -> RunResult:
+        """Stream run ``run_id``'s log until it ends; its status and log."""
         try:
             streamed = self.flwr("log", str(run_id), self.CONNECTION, "--stream", timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -209,6 +230,7 @@ class LocalDeployment:
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=15)
         self.procs.clear()
+        self._by_name.clear()
         for f in self._logs:
             f.close()
         self._logs.clear()

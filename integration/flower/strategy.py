@@ -432,10 +432,11 @@ class LoRAStrategy(Strategy):
             before = [m for m, q in self.partition_of.items() if q == part and m != node]
             self.partition_of[node] = part
             for old in before:
-                self.server.rename_client(old, node)
-                del self.partition_of[old]
-                log(INFO, "node %d holds partition %d, as node %d did: it continues as that "
-                    "client", node, part, old)  # fmt: skip
+                if old in self.server.client_rank or old in self.server.client_init:
+                    self.server.rename_client(old, node)
+                    # the old id stays mapped: if it is still sampled, it is named by partition
+                    log(INFO, "node %d holds partition %d, as node %d did: it continues as "
+                        "that client", node, part, old)  # fmt: skip
 
     def _enough(self, logged: RoundLog, candidates: list[_Reply], sampled: int) -> list[_Reply]:
         """The candidates if there are enough of them (min-replies, min-fraction), else none."""

@@ -724,6 +724,7 @@ def test_a_restarted_node_continues_as_the_client_of_its_partition() -> None:
         assert torch.equal(init[name].A, f.A)
     assert st.server.client_rank.get(9) == 4
     assert 3 not in st.server.client_rank
+    assert st.partition_of[3] == 2  # still named by its partition if it is sampled again
 
 
 def test_each_round_leaves_a_verified_checkpoint_and_a_resumed_run_continues_it(
