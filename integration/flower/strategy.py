@@ -34,7 +34,6 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +57,8 @@ from glora_math.operators import get_operator
 
 from ..federated.server import FederatedServer, RoundOutcome
 from ..peft.aggregate import aggregate_adapters
+from .admission import check_frozen, check_reference, frozen_reference
+from .faults_policy import RoundLog, enough, learn_partitions, name_missing
 from .messages import (
     MAX_ABS,
     MAX_EXAMPLES,
@@ -74,35 +75,6 @@ from .messages import (
     factors_to_record,
     tensors_to_record,
 )
-
-
-@dataclass
-class RoundLog:
-    """What one server round did (also returned as the train MetricRecord).
-
-    ``accepted``: the nodes whose replies were aggregated; ``rejected``: node -> reason (a
-    second reply of an accepted node is listed here too); ``partitions``: node -> the
-    partition its reply names (this round, or learnt from its earlier replies);
-    ``evaluate_rejected``: node -> reason, for evaluation replies; ``missing``: sampled nodes
-    with no usable reply, with Flower's reason where it gave one.
-    """
-
-    round: int
-    accepted: list[int] = field(default_factory=list)
-    rejected: dict[int, str] = field(default_factory=dict)
-    partitions: dict[int, int] = field(default_factory=dict)
-    aggregation_error: float = math.nan
-    certified_residual: float = math.nan
-    train_loss: float = math.nan
-    warnings: list[str] = field(default_factory=list)
-    evaluate_rejected: dict[int, str] = field(default_factory=dict)
-    # Sampled nodes whose reply never came or came as Flower's own error: node -> reason.
-    missing: dict[int, str] = field(default_factory=dict)
-
-    def who(self, node: int) -> str:
-        """``node <id> (partition <p>)``, or ``node <id>`` if the reply named no partition."""
-        p = self.partitions.get(node)
-        return f"node {node}" if p is None else f"node {node} (partition {p})"
 
 
 class LoRAStrategy(Strategy):
@@ -408,60 +380,7 @@ class LoRAStrategy(Strategy):
         return self.server.start_for(node, r) or {}
 
     def _learn_partitions(self, grid: Grid, nodes: Iterable[int]) -> None:
-        """Ask nodes never heard from which partition they hold (a QUERY message).
-
-        A node that holds the partition another node held before (a SuperNode restarted with
-        a new id) continues as that client: its rank and the factors it continues from move
-        to the new id. Nodes that cannot answer (an app without a query handler) stay unknown
-        and are treated as new clients, as before.
-        """
-        unknown = [n for n in nodes if n not in self.partition_of]
-        if not unknown or not hasattr(grid, "send_and_receive"):
-            return
-        asks = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
-                for n in unknown]  # fmt: skip
-        try:
-            answers = list(grid.send_and_receive(asks, timeout=self.node_wait))
-        except Exception as err:  # the round goes on without the partitions
-            log(WARNING, "could not ask nodes for their partitions: %s", _reason(err))
-            return
-        for msg in answers:
-            node, part = int(msg.metadata.src_node_id), _partition_of(msg)
-            if msg.has_error() or part is None or node not in unknown:
-                continue
-            before = [m for m, q in self.partition_of.items() if q == part and m != node]
-            self.partition_of[node] = part
-            for old in before:
-                if old in self.server.client_rank or old in self.server.client_init:
-                    self.server.rename_client(old, node)
-                    # the old id stays mapped: if it is still sampled, it is named by partition
-                    log(INFO, "node %d holds partition %d, as node %d did: it continues as "
-                        "that client", node, part, old)  # fmt: skip
-
-    def _enough(self, logged: RoundLog, candidates: list[_Reply], sampled: int) -> list[_Reply]:
-        """The candidates if there are enough of them (min-replies, min-fraction), else none."""
-        need = max(self.min_replies, math.ceil(self.min_fraction * sampled))
-        if not candidates or len(candidates) >= need:
-            return candidates
-        note = (f"only {len(candidates)} usable replies, {need} needed (min-replies "
-                f"{self.min_replies}, min-fraction {self.min_fraction:g}): round skipped, the "
-                "global model is unchanged")  # fmt: skip
-        logged.warnings.append(note)
-        log(WARNING, "round %d: %s", logged.round, note)
-        return []
-
-    def _name_missing(
-        self, logged: RoundLog, sampled: set[int] | None, seen: set[int], errors: list[str]
-    ) -> None:
-        """Every sampled node without a reply of its own, by partition, with Flower's reasons."""
-        if sampled is None:
-            return
-        reason = "no reply" + (f" (Flower: {'; '.join(sorted(set(errors)))})" if errors else "")
-        for node in sorted(sampled - seen):
-            if node in self.partition_of:
-                logged.partitions.setdefault(node, self.partition_of[node])
-            logged.missing[node] = reason
-            log(WARNING, "round %d: %s sent %s", logged.round, logged.who(node), reason)
+        learn_partitions(grid, nodes, self.partition_of, self.server, timeout=self.node_wait)
 
     def _reject(self, logged: RoundLog, node: int, reason: str) -> None:
         if node in logged.rejected and reason not in logged.rejected[node]:
@@ -499,9 +418,10 @@ class LoRAStrategy(Strategy):
                 )
             except Exception as err:  # any failure to decode is this reply's rejection
                 self._reject(logged, node, _reason(err))
-        self._name_missing(logged, sampled, seen, flower_errors)
+        name_missing(logged, sampled, seen, flower_errors, self.partition_of)
         candidates = self._check_against_reference(decoded, logged)
-        candidates = self._enough(logged, candidates, len(sampled or seen))
+        candidates = enough(logged, candidates, len(sampled or seen), self.min_replies,
+                            self.min_fraction)  # fmt: skip
         outcome = self._aggregate_attributed(candidates, logged) if candidates else None
         for node, reason in logged.rejected.items():
             log(WARNING, "round %d: rejected the reply of %s: %s", server_round,
@@ -529,49 +449,16 @@ class LoRAStrategy(Strategy):
     def _check_against_reference(
         self, decoded: Mapping[int, _Reply], logged: RoundLog
     ) -> list[_Reply]:
-        """The replies whose modules, shapes and heads match the reference, by node id."""
-        if not decoded:
-            return []
-        mods_of = {
-            n: tuple(sorted((m, r.adapter.modules[m].factors.shape) for m in r.adapter.modules))
-            for n, r in decoded.items()
-        }
-        dense_of = {
-            n: tuple(sorted((k, tuple(v.shape)) for k, v in r.adapter.dense.items()))
-            for n, r in decoded.items()
-        }
-        want_mods = (
-            tuple(sorted(self.modules.items())) if self.modules is not None
-            else _majority(mods_of)
-        )  # fmt: skip
-        want_dense = (
-            tuple(sorted(self.dense_reference.items())) if self.dense_reference is not None
-            else _majority(dense_of)
-        )  # fmt: skip
-        ok = []
-        for node in sorted(decoded):
-            if want_mods is None or want_dense is None:
-                self._reject(logged, node, "replies disagree on their modules and none holds a "
-                             "majority; pass modules= to LoRAStrategy")  # fmt: skip
-            elif mods_of[node] != want_mods:
-                want, have = dict(want_mods), dict(mods_of[node])
-                missing = sorted(set(want) - set(have))
-                extra = sorted(set(have) - set(want))
-                wrong = sorted(n for n in set(want) & set(have) if want[n] != have[n])
-                self._reject(logged, node, _clip(
-                    f"module mismatch: missing {missing[:3]}, extra {extra[:3]}, "
-                    f"wrong shape {[(n, have[n], want[n]) for n in wrong[:3]]}"
-                ))  # fmt: skip
-            elif dense_of[node] != want_dense:
-                self._reject(logged, node, _clip(
-                    f"modules_to_save tensors {[k for k, _ in dense_of[node]][:3]} differ from "
-                    f"the reference {[k for k, _ in want_dense][:3]} (names or shapes)"
-                ))  # fmt: skip
-            else:
-                ok.append(decoded[node])
+        """The replies whose modules, shapes, heads (and frozen factor) match the reference."""
+        ok, rejected = check_reference(decoded, self.modules, self.dense_reference)
         frozen = self._frozen()
         if frozen is not None and ok:
-            ok = self._check_frozen(ok, logged, frozen)
+            reference = frozen_reference(frozen, sorted(ok[0].adapter.modules),
+                                         self.server.global_update, self.shared_a)  # fmt: skip
+            ok, more = check_frozen(ok, frozen, reference, self.op.name)
+            rejected |= more
+        for node, reason in rejected.items():
+            self._reject(logged, node, reason)
         return ok
 
     def _frozen(self) -> Literal["A", "B"] | None:
@@ -581,53 +468,6 @@ class LoRAStrategy(Strategy):
         round that aggregated nothing.
         """
         return self.op.frozen_factor(self.server.round + 1)
-
-    def _check_frozen(
-        self, replies: list[_Reply], logged: RoundLog, which: Literal["A", "B"]
-    ) -> list[_Reply]:
-        """Keep the replies whose frozen factor (``which``) is the shared one, in every module.
-
-        The reference: for A, the server's own A once it has a global update, else
-        ``shared_a``; otherwise (and always for B, which carries the scale) the factor held by
-        a strict majority of the round's replies. Compared in float32, the precision the
-        clients received it in.
-        """
-
-        def part(r: _Reply, name: str) -> Tensor:
-            f = r.adapter.modules[name].factors
-            return (f.A if which == "A" else f.B).to(torch.float32)
-
-        names = sorted(replies[0].adapter.modules)
-        own = self.server.global_update
-        reference: dict[str, Tensor] | None = None
-        if which == "A" and own and set(names) <= set(own):
-            reference = {n: own[n].A.to(torch.float32) for n in names}
-        elif which == "A" and self.shared_a is not None:
-            reference = self.shared_a
-        majority = None
-        if reference is None:
-            majority = _majority(
-                {r.node: tuple(part(r, n).numpy().tobytes() for n in names) for r in replies}
-            )
-        ok = []
-        for r in replies:
-            if reference is not None:
-                good = all(
-                    n in reference
-                    and part(r, n).shape[0] <= reference[n].shape[0]
-                    and torch.equal(part(r, n), reference[n][: part(r, n).shape[0]])
-                    for n in names
-                )
-            else:
-                good = majority is not None and majority == tuple(
-                    part(r, n).numpy().tobytes() for n in names
-                )
-            if good:
-                ok.append(r)
-            else:
-                self._reject(logged, r.node, f"{which} differs from the frozen, shared "
-                             f"{which} of this round ({self.op.name})")  # fmt: skip
-        return ok
 
     def _aggregate_attributed(
         self, candidates: list[_Reply], logged: RoundLog
