@@ -302,7 +302,8 @@ def _round_json(logged: RoundLog, evaluation: Mapping[str, Any] | None) -> dict[
 
 
 #: Settings that do not change a Flower run's results (a resume may change them).
-_NOT_RESULTS = ("rounds", "out", "timeout", "resume", "threads", "data_dir", "faulty")
+_NOT_RESULTS = ("rounds", "out", "timeout", "resume", "threads", "data_dir", "faulty",
+                "keep_replies")  # fmt: skip
 
 
 def _jsonable_config(cfg: FlowerConfig) -> dict[str, Any]:
@@ -422,6 +423,7 @@ def make_server_app(default: FlowerConfig | None = None) -> ServerApp:
             min_replies=cfg.min_replies,
             min_fraction=cfg.min_fraction,
             on_round=after_round,
+            keep_replies=out / "replies" if cfg.keep_replies else None,
         )
         if cfg.resume:
             done = resume_strategy(strategy, out / "checkpoint", cfg)

@@ -60,6 +60,8 @@ class FlowerConfig(RunSettings):
     # Continue from the checkpoint in <out>/checkpoint (written after every round) after a
     # SuperLink or server crash: the same settings, rounds may grow.
     resume: bool = False
+    # Keep each round's accepted replies in <out>/replies (for replaying a run's aggregation).
+    keep_replies: bool = False
 
     def faults(self) -> dict[int, str]:
         """Fault injection: partition -> kind."""
@@ -110,7 +112,7 @@ _FLOAT = ("dirichlet", "lr", "max_residual", "participation", "fraction_evaluate
           "min_fraction")  # fmt: skip
 _STR = ("model", "task", "operator", "out", "text_column", "label_column")
 _OPTIONAL_STR = ("data_dir", "train_file", "eval_file", "text_pair_column")
-_BOOL = ("per_client_init", "resume")
+_BOOL = ("per_client_init", "resume", "keep_replies")
 
 
 def _value(name: str, v: Any) -> str | int | float | bool:

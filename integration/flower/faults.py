@@ -11,7 +11,8 @@ resumed); the CI runs it reduced (3 nodes, 3 rounds, one kill). It writes
 each round's checkpoint verified, and the checks:
 
 - the run finishes after the resume, every round present once;
-- the malformed partition is rejected with its reason in every round;
+- the malformed partition is never aggregated: rejected with its reason in every round it
+  replied in, named as missing otherwise;
 - every killed node is named (by partition) where its reply went missing, or is back as its
   partition in every later round; restarted nodes continue as the clients of their partitions;
 - the checkpoint of every round verified when it was written (and the last one at the end).
@@ -26,14 +27,22 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from glora_math.tolerances import product_tol
+
+from ..federated.server import FederatedServer
+from ..peft.io import load_adapter
 from ..runner.checkpoint import read_checkpoint
 from .cli import new_app
 from .config import FlowerConfig
 from .deploy import LocalDeployment
+from .faults_policy import load_replies
 
 
 def _rounds_done(out: Path) -> list[dict[str, Any]]:
@@ -56,6 +65,33 @@ def _wait_for_round(out: Path, k: int, timeout: float) -> list[dict[str, Any]]:
     raise RuntimeError(f"round {k} did not finish within {timeout:g} s")
 
 
+def replay_error(out: Path, cfg: FlowerConfig, last: int) -> dict[str, Any]:
+    """The last round aggregated again, in this process, against the exported global adapter.
+
+    From the round's accepted replies as the server decoded them (stateless operators without
+    folds: the last round alone defines the update). The largest relative error of a module's
+    product, and whether it is within float32 rounding.
+    """
+    server = FederatedServer(cfg.operator, server_rank=cfg.server_rank,
+                             options=cfg.operator_options())  # fmt: skip
+    replies = load_replies(out / "replies", last)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        server.aggregate([n for n, _, _ in replies], [a for _, _, a in replies],
+                         [w for _, w, _ in replies])  # fmt: skip
+    exported = load_adapter(out / "global_adapter")
+    worst, tol = 0.0, 0.0
+    for name, upd in server.global_update.items():
+        want = upd.delta().double()
+        got = exported.modules[name].factors.delta().double()
+        scale = float(want.norm())
+        worst = max(worst, float((got - want).norm()) / scale if scale > 0 else 0.0)
+        d, k = want.shape
+        tol = max(tol, product_tol(torch.float32, n=d + k + upd.rank, scale=1.0))
+    return {"round": last, "replies": len(replies), "max_relative_error": worst,
+            "tolerance": tol, "ok": worst <= tol}  # fmt: skip
+
+
 def run_faults(
     workdir: Path,
     *,
@@ -72,7 +108,7 @@ def run_faults(
     cfg = FlowerConfig(model="tiny-roberta", clients=nodes, rounds=rounds, local_steps=2,
                        batch_size=8, client_ranks=[2, 4, 4], max_train=40 * nodes,
                        max_eval=20 * nodes, max_len=32, threads=1, faulty=((bad, "nan"),),
-                       out=str(out), timeout=timeout)  # fmt: skip
+                       out=str(out), timeout=timeout, keep_replies=True)  # fmt: skip
     app = new_app(workdir / "app", overwrite=True)
     killed = list(range(kill))
     stop_link_after = max(1, rounds - 1)
@@ -96,13 +132,18 @@ def run_faults(
     final = _rounds_done(out)
     last = read_checkpoint(out / "checkpoint")
     verified[rounds] = last is not None and int(last[0]["round"]) == rounds
+    replay = replay_error(out, cfg, rounds)
     checks = {
         "finished after the resume": result.ok
         and [r["round"] for r in final] == list(range(1, rounds + 1)),
         "resumed from the last checkpoint": f"resume: round {len(first)} restored" in result.log,
-        "malformed partition rejected every round": all(
-            str(bad) in r["rejected_partitions"] for r in final
-        ),
+        # rejected with its reason in every round it replied (named as missing otherwise):
+        # never aggregated
+        "malformed partition never accepted": all(
+            str(bad) in r["rejected_partitions"] or str(bad) in r.get("missing_partitions", {})
+            for r in final
+        )
+        and all(bad not in r["accepted_partitions"] for r in final),
         # a killed partition is either named as missing, or back (as itself) in every round
         # after the kill: it is never lost silently
         "killed nodes named or back": all(
@@ -115,6 +156,7 @@ def run_faults(
         )
         >= nodes - 1,
         "every round's checkpoint verified": all(verified.values()),
+        "the exported adapter is the replay of the accepted replies": replay["ok"],
     }
     summary = {
         "nodes": nodes,
@@ -133,6 +175,7 @@ def run_faults(
             for r in final
         ],
         "checkpoint_verified": {str(k): v for k, v in sorted(verified.items())},
+        "replay": replay,
         "checks": checks,
         "ok": all(checks.values()),
     }

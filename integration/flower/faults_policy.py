@@ -9,18 +9,25 @@ its partition); sampled nodes without a reply of their own are named with Flower
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import TypeVar
 
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from glora_math import LoRAFactors
 
 from ..federated.server import FederatedServer
-from .messages import _partition_of, _reason
+from ..peft.io import AdapterModule, ClientAdapter
+from .messages import _partition_of, _reason, _Reply
 
 T = TypeVar("T")
 
@@ -127,4 +134,38 @@ def enough(
     return []
 
 
-__all__ = ["RoundLog", "enough", "learn_partitions", "name_missing"]
+def save_replies(folder: Path, round_index: int, replies: Sequence[_Reply]) -> None:
+    """The accepted replies of a round, as decoded (folded factors, heads, weights).
+
+    ``<folder>/round-<k>.safetensors`` and ``round-<k>.json``: what an in-process replay of the
+    round needs (:func:`load_replies`), for checking a run against its own uploads.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    flat: dict[str, Tensor] = {}
+    index = []
+    for j, r in enumerate(replies):
+        for name, m in r.adapter.modules.items():
+            flat[f"{j}.module.{name}.B"] = m.factors.B.contiguous()
+            flat[f"{j}.module.{name}.A"] = m.factors.A.contiguous()
+        for key, v in r.adapter.dense.items():
+            flat[f"{j}.dense.{key}"] = v.contiguous()
+        index.append({"node": r.node, "weight": r.weight, "modules": sorted(r.adapter.modules),
+                      "dense": sorted(r.adapter.dense)})  # fmt: skip
+    save_file(flat, str(folder / f"round-{round_index}.safetensors"))
+    (folder / f"round-{round_index}.json").write_text(json.dumps(index))
+
+
+def load_replies(folder: Path, round_index: int) -> list[tuple[int, float, ClientAdapter]]:
+    """``(node, weight, adapter)`` of each accepted reply of a round (:func:`save_replies`)."""
+    flat = load_file(str(folder / f"round-{round_index}.safetensors"))
+    out = []
+    for j, item in enumerate(json.loads((folder / f"round-{round_index}.json").read_text())):
+        mods = {n: AdapterModule(n, LoRAFactors(flat[f"{j}.module.{n}.B"],
+                                                flat[f"{j}.module.{n}.A"]), 0.0, False)
+                for n in item["modules"]}  # fmt: skip
+        dense = {k: flat[f"{j}.dense.{k}"] for k in item["dense"]}
+        out.append((int(item["node"]), float(item["weight"]), ClientAdapter(mods, dense)))
+    return out
+
+
+__all__ = ["RoundLog", "enough", "learn_partitions", "load_replies", "name_missing", "save_replies"]

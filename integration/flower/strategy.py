@@ -58,7 +58,7 @@ from glora_math.operators import get_operator
 from ..federated.server import FederatedServer, RoundOutcome
 from ..peft.aggregate import aggregate_adapters
 from .admission import check_frozen, check_reference, frozen_reference
-from .faults_policy import RoundLog, enough, learn_partitions, name_missing
+from .faults_policy import RoundLog, enough, learn_partitions, name_missing, save_replies
 from .messages import (
     MAX_ABS,
     MAX_EXAMPLES,
@@ -110,6 +110,9 @@ class LoRAStrategy(Strategy):
         Upper bound of a reply's ``num-examples``.
     max_abs
         Upper bound of the absolute value of any entry a reply carries.
+    keep_replies
+        A folder where each round's accepted replies are written as decoded (for replaying a
+        run against its own uploads; ``None``: not kept).
     round_offset, on_round
         Rounds already done before this strategy starts (a resumed run: Flower's round k is
         round ``round_offset + k``), and a function called with each round's log once its
@@ -148,6 +151,7 @@ class LoRAStrategy(Strategy):
         min_fraction: float = 0.0,
         round_offset: int = 0,
         on_round: Callable[[RoundLog], None] | None = None,
+        keep_replies: str | Path | None = None,
     ) -> None:
         op = get_operator(operator)
         opts = dict(options or {})
@@ -176,6 +180,7 @@ class LoRAStrategy(Strategy):
         if not 0.0 <= float(min_fraction) <= 1.0:
             raise GloraError(f"min_fraction must be in [0, 1], got {min_fraction!r}")
         self.round_offset = int(round_offset)
+        self.keep_replies = None if keep_replies is None else Path(keep_replies)
         self.on_round = on_round
         self.min_replies = min_replies
         self.min_fraction = float(min_fraction)
@@ -434,6 +439,7 @@ class LoRAStrategy(Strategy):
                 server_round)  # fmt: skip
             return None, self._metrics(logged)
         accepted = [decoded[n] for n in outcome.clients]
+        self._keep(server_round, accepted)
         logged.warnings += outcome.warnings
         logged.accepted = list(outcome.clients)
         losses = [(a.weight, a.loss) for a in accepted if a.loss is not None]
@@ -460,6 +466,10 @@ class LoRAStrategy(Strategy):
         for node, reason in rejected.items():
             self._reject(logged, node, reason)
         return ok
+
+    def _keep(self, server_round: int, accepted: list[_Reply]) -> None:
+        if self.keep_replies is not None:
+            save_replies(self.keep_replies, server_round, accepted)
 
     def _frozen(self) -> Literal["A", "B"] | None:
         """The factor clients keep frozen in the server's next round (FFA-LoRA, RoLoRA).
