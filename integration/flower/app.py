@@ -43,8 +43,6 @@ from peft import get_peft_model, get_peft_model_state_dict
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from glora_math import GloraError
-
 from ..data import Examples, dirichlet_split
 from ..federated.models import (
     build_model,
@@ -60,7 +58,7 @@ from ..federated.models import (
 )
 from ..federated.settings import HELP
 from ..peft.io import PREFIX
-from ..runner.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from ..runner.checkpoint import CheckpointError, read_checkpoint, restore_server, write_checkpoint
 from .cli import TEMPLATE
 from .config import _BOOL, _FLOAT, _INT, FlowerConfig, FlowerConfigError
 from .deploy import LocalDeployment
@@ -370,13 +368,7 @@ def resume_strategy(
             f"resume: the checkpoint in {folder} is at round {meta['round']} and the run has "
             f"rounds = {cfg.rounds}: nothing is left to do"
         )
-    server = meta.get("server")
-    if not isinstance(server, dict):
-        raise CheckpointError(f"{folder}: the checkpoint has no server state")
-    try:
-        strategy.server.restore(flat, server)
-    except (GloraError, KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"resume: cannot restore {folder}: {err}"[:300]) from None
+    restore_server(strategy.server, meta, flat, folder)
     if not all(bool(torch.isfinite(t).all()) for t in flat.values() if t.is_floating_point()):
         raise CheckpointError(f"resume: {folder} holds NaN/Inf values")
     strategy.round_offset = int(meta["round"])

@@ -21,6 +21,8 @@ from torch import Tensor
 
 from glora_math.errors import GloraError
 
+from ..federated.server import FederatedServer
+
 
 class CheckpointError(GloraError):
     """A checkpoint that cannot be resumed: missing, damaged, edited or inconsistent."""
@@ -152,4 +154,23 @@ def read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]] | 
     return meta, flat
 
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "read_checkpoint", "write_checkpoint"]
+def restore_server(
+    server: FederatedServer, meta: Mapping[str, Any], flat: Mapping[str, Tensor], where: Path
+) -> None:
+    """Restore ``server`` from a verified checkpoint's manifest and tensors, or say why not."""
+    state = meta.get("server")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: the checkpoint has no server state")
+    try:
+        server.restore(flat, state)
+    except (GloraError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"cannot restore {where}: {err}"[:300]) from None
+
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "read_checkpoint",
+    "restore_server",
+    "write_checkpoint",
+]

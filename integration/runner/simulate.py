@@ -49,7 +49,7 @@ from ..federated.models import (
 from ..federated.server import FederatedServer
 from ..peft.io import PREFIX, ClientAdapter, adapter_from_state_dict
 from .causal_lm import build_causal_lm, lm_batch_loss, lm_evaluate, template
-from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from .checkpoint import CheckpointError, read_checkpoint, restore_server, write_checkpoint
 from .config import (
     ConfigError,
     SimConfig,
@@ -327,7 +327,7 @@ class Simulation:
         if found is None:
             return False
         meta, flat = found
-        meta_path, tensors = self.out / "checkpoint.json", self.out / meta["tensors"]
+        tensors = self.out / meta["tensors"]
         # More (or fewer) rounds may be asked for; nothing else that defines results may change.
         saved, now = results_config(meta["config"]), results_config(asdict(self.cfg))
         saved.pop("rounds")
@@ -341,13 +341,7 @@ class Simulation:
             )
         self.round = int(meta["round"])
         self.metrics = list(meta["metrics"])
-        server_meta = meta.get("server")
-        if not isinstance(server_meta, dict):
-            raise CheckpointError(f"{meta_path} has no server state")
-        try:
-            self.server.restore(flat, server_meta)
-        except (GloraError, KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"cannot restore {tensors}: {err}"[:300]) from None
+        restore_server(self.server, meta, flat, tensors)
         self._check_restored(flat, tensors)
         return True
 
