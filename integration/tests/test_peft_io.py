@@ -51,6 +51,15 @@ def _peft_roberta(seed: int, **lora: object) -> torch.nn.Module:
     return model
 
 
+def _adapter_folders(tmp_path: Path, n: int = 3) -> list[str]:
+    """``n`` saved peft adapter folders (rank 4, independent inits and B's)."""
+    folders = []
+    for s in range(n):
+        folders.append(str(tmp_path / f"c{s}"))
+        _peft_roberta(s, r=4, lora_alpha=8).save_pretrained(folders[-1])
+    return folders
+
+
 def _deltas(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """peft's own delta weights (scale included, in the base weight's layout)."""
     out = {}
@@ -341,10 +350,7 @@ def test_glora_aggregate_command_on_three_real_adapter_folders(
 
     from glora_math.cli import main
 
-    folders = []
-    for s in range(3):
-        folders.append(str(tmp_path / f"c{s}"))
-        _peft_roberta(s, r=4, lora_alpha=8).save_pretrained(folders[-1])
+    folders = _adapter_folders(tmp_path)
     out = tmp_path / "round"
     # Clients from independent inits keep little of the mean at R = r: the default threshold
     # (DEFAULT_MAX_RESIDUAL) warns, naming the module.
@@ -512,10 +518,7 @@ def test_glora_compare_over_real_adapter_folders(
 ) -> None:
     from glora_math.cli import main
 
-    folders = []
-    for s in range(3):
-        folders.append(str(tmp_path / f"c{s}"))
-        _peft_roberta(s, r=4, lora_alpha=8).save_pretrained(folders[-1])
+    folders = _adapter_folders(tmp_path)
     module = "roberta.encoder.layer.1.attention.self.value"
     argv = ["compare", "--adapters", *folders, "--module", module, "--server-rank", "12",
             "--trials", "1", "--operators", "fedit,glora", "--weights", "1,2,3"]  # fmt: skip
