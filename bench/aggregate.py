@@ -4,6 +4,9 @@ For every size (d = k, N clients, rank r, server rank R = r) the same float32 cl
 aggregated by
 
 - ``fedit``: average the B's and the A's (FedIT): one read of the factors, the floor;
+- ``gram_floor``: the least any exact consensus does on one side: the Gram matrix ``M^T M`` of
+  the stacked weighted B's (float64, as the implicit route forms it) and its ``eigh`` (issue 33's
+  floor; the exact routes are reported as multiples of it);
 - ``glora_exact``: GLoRA with the exact consensus subspace, certified (the default);
 - ``glora_uncertified``: the same with ``certify=False`` (the certificate's cost is the gap);
 - ``glora_auto``: the side-aware GLoRA (both sides' consensus and certificate, ours);
@@ -38,6 +41,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,12 +49,13 @@ from typing import Any
 
 import torch
 
-from glora_math import LoRAFactors, Sketch, fedit, glora_aggregate
+from glora_math import LoRAFactors, Sketch, aggregate_modules, fedit, glora_aggregate
 from glora_math.baselines import flexlora
 from glora_math.linalg import lowrank_fro_norm, projector_distance
 
 METHODS = (
     "fedit",
+    "gram_floor",
     "glora_exact",
     "glora_uncertified",
     "glora_sketch",
@@ -92,10 +97,19 @@ def dense_path(clients: Sequence[LoRAFactors], rank: int) -> LoRAFactors:
     return LoRAFactors(U[:, :rank] * s[:rank], Vh[:rank])
 
 
+def gram_floor(clients: Sequence[LoRAFactors]) -> torch.Tensor:
+    """``eigh`` of the Gram matrix of ``[sqrt(p_i) B_i]`` (equal weights), in float64."""
+    n = len(clients)
+    M = torch.cat([f.B.to(torch.float64) for f in clients], dim=1) / n**0.5
+    eigvals: torch.Tensor = torch.linalg.eigh(M.mT @ M)[0]
+    return eigvals
+
+
 def runners(clients: Sequence[LoRAFactors], R: int) -> dict[str, Callable[[], object]]:
     """The benchmarked calls on one set of clients, by method name."""
     return {
         "fedit": lambda: fedit(clients),
+        "gram_floor": lambda: gram_floor(clients),
         "glora_exact": lambda: glora_aggregate(clients, rank=R),
         "glora_sketch": lambda: glora_aggregate(clients, rank=R, sketch=SKETCH),
         "glora_sketch_estimate": lambda: glora_aggregate(clients, rank=R, sketch=SKETCH_ESTIMATE),
@@ -246,6 +260,12 @@ LLAMA_7B_SHAPES = {  # (d, k) of the update -> modules per model (32 layers)
 }
 
 
+#: What the LLaMA-7B-shaped set measures (``default_glora_auto``: the default operator, as the
+#: peft path, the runner and Flower call it on a whole model).
+LLAMA_METHODS = ("fedit", "glora_exact", "glora_sketch", "glora_exact_certified",
+                 "glora_sketch_estimate", "default_glora_auto")  # fmt: skip
+
+
 def bench_llama(
     *, n: int, r: int, repeats: int, device: torch.device, seed: int, layers: int = 32
 ) -> dict[str, Any]:
@@ -285,11 +305,26 @@ def bench_llama(
 
         return run
 
+    # The default operator on the whole model, as the peft path, the runner and Flower call it:
+    # one round over every module (glora_auto: both sides, certified, module by module).
+    modules = {
+        f"{d}x{k}.{layer}": [LoRAFactors(B[layer], A[layer]) for B, A in zip(Bs, As, strict=True)]
+        for ((d, k), _), (Bs, As) in zip(LLAMA_7B_SHAPES.items(), groups, strict=True)
+        for layer in range(Bs[0].shape[0])
+    }
+
+    def default_all() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            aggregate_modules(modules, operator="glora_auto", rank=r)
+
     for name, fn in (
         ("fedit", fedit_all),
         ("glora_exact", glora_all(None)),
         ("glora_sketch", glora_all(SKETCH)),
         ("glora_exact_certified", glora_all(None, certify=True)),
+        ("glora_sketch_estimate", glora_all(SKETCH_ESTIMATE, certify=True)),
+        ("default_glora_auto", default_all),
     ):
         out[f"{name}_seconds"] = median_seconds(fn, repeats, device)
         out[f"{name}_peak_extra_bytes"] = peak_extra_bytes(fn, device)
@@ -307,8 +342,8 @@ def _mib(b: int | None) -> str:
 def table(rows: Sequence[Row], methods: Sequence[str]) -> str:
     """Markdown table of times and ratios."""
     head = ["d", "N", "r"] + [f"{m} ms" for m in methods]
-    head += ["glora_exact/fedit", "glora_sketch/fedit", "sketch_estimate/fedit",
-             "dense/glora_exact", "sketch sin"]  # fmt: skip
+    head += ["glora_exact/fedit", "glora_exact/floor", "glora_auto/floor", "glora_sketch/fedit",
+             "sketch_estimate/fedit", "dense/glora_exact", "sketch sin"]  # fmt: skip
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for x in rows:
         cells = [str(x.d), str(x.n), str(x.r)]
@@ -321,6 +356,8 @@ def table(rows: Sequence[Row], methods: Sequence[str]) -> str:
 
         cells += [
             ratio("glora_exact", "fedit"),
+            ratio("glora_exact", "gram_floor"),
+            ratio("glora_auto", "gram_floor"),
             ratio("glora_sketch", "fedit"),
             ratio("glora_sketch_estimate", "fedit"),
             ratio("dense", "glora_exact"),
@@ -358,8 +395,10 @@ def report(result: Mapping[str, Any]) -> str:
         out += ["", f"LLaMA-7B-shaped set ({ll['modules']} modules, N={ll['n']}, r={ll['r']}, "
                 f"factors {_mib(ll['factor_bytes'])} MiB):", ""]  # fmt: skip
         out += [
-            f"- {m}: {ll[m + '_seconds']:.2f} s, peak extra {_mib(ll[m + '_peak_extra_bytes'])} MiB"
-            for m in ("fedit", "glora_exact", "glora_sketch")
+            f"- {m}: {ll[m + '_seconds']:.2f} s ({ll[m + '_seconds'] / ll['fedit_seconds']:.1f}x "
+            f"FedIT), peak extra {_mib(ll[m + '_peak_extra_bytes'])} MiB"
+            for m in LLAMA_METHODS
+            if m + "_seconds" in ll
         ]
     return "\n".join(out)
 
@@ -440,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"factors {_mib(ll['factor_bytes'])} MiB): "
             + ", ".join(
                 f"{m} {ll[m + '_seconds']:.2f} s (+{_mib(ll[m + '_peak_extra_bytes'])} MiB)"
-                for m in ("fedit", "glora_exact", "glora_sketch")
+                for m in LLAMA_METHODS
             )
         )
     print(f"wrote {args.out}")
