@@ -115,7 +115,11 @@ def test_every_cli_command_runs_from_the_wheel(installed: Installed, tmp_path: P
     assert bare.returncode == 2
     assert "--data-dir" in bare.stderr
     assert "Traceback" not in bare.stderr
-    for module in ("glora_math.integration.experiment", "glora_math.integration.flower_app"):
+    for module in (
+        "glora_math.integration.experiment",
+        "glora_math.integration.flower_app",
+        "glora_math.integration.flower.faults",
+    ):
         assert "usage" in _ok(
             installed.run([str(installed.python), "-m", module, "--help"], tmp_path)
         )
