@@ -451,6 +451,18 @@ server_app = make_server_app()
 client_app = make_client_app()
 
 
+def local_threads(cfg: FlowerConfig, cpus: int | None = None) -> int:
+    """Torch threads per app process when all SuperNodes share this machine.
+
+    ``threads = 0`` (torch's default: every core) in each of ``clients`` processes would
+    oversubscribe the cores; it becomes the machine's cores shared out, at least 1. A value
+    the user set is kept.
+    """
+    if cfg.threads > 0:
+        return cfg.threads
+    return max(1, (cpus or os.cpu_count() or 1) // max(1, cfg.clients))
+
+
 def run(cfg: FlowerConfig) -> dict[str, Any]:
     """Run the app on Flower's deployment engine on this machine; return the results JSON.
 
@@ -462,7 +474,7 @@ def run(cfg: FlowerConfig) -> dict[str, Any]:
     RuntimeError
         If the run fails (the end of its log is in the message).
     """
-    cfg = replace(cfg.check(), out=str(Path(cfg.out).resolve()))
+    cfg = replace(cfg.check(), out=str(Path(cfg.out).resolve()), threads=local_threads(cfg))
     workdir = Path(cfg.out) / "deployment"
     workdir.mkdir(parents=True, exist_ok=True)
     results = Path(cfg.out) / "flower_results.json"

@@ -776,3 +776,12 @@ def test_each_round_leaves_a_verified_checkpoint_and_a_resumed_run_continues_it(
     manifest.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="edited or damaged"):
         resume_strategy(LoRAStrategy("glora"), tmp_path / "checkpoint", cfg)
+
+
+def test_local_runs_share_the_cores_out_unless_told() -> None:
+    from integration.flower.app import local_threads
+    from integration.flower_app import FlowerConfig
+
+    assert local_threads(FlowerConfig(clients=3), cpus=16) == 5
+    assert local_threads(FlowerConfig(clients=10), cpus=2) == 1
+    assert local_threads(FlowerConfig(clients=3, threads=4), cpus=16) == 4
