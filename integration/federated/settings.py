@@ -146,10 +146,13 @@ class RunSettings:
         return list(self.target_modules) if self.target_modules else ["query", "value"]
 
     def operator_options(self) -> dict[str, float]:
-        """The operator's options: ``max_residual`` where it takes it, then ``options``."""
+        """The operator's options: the named settings it takes, then ``options`` (which win)."""
+        return self.named_options() | dict(self.options or {})
+
+    def named_options(self) -> dict[str, float]:
+        """The settings with a name of their own that the operator takes: ``max_residual``."""
         known = get_operator(self.operator).options if self.operator in list_operators() else {}
-        out = {"max_residual": float(self.max_residual)} if "max_residual" in known else {}
-        return out | dict(self.options or {})
+        return {"max_residual": float(self.max_residual)} if "max_residual" in known else {}
 
     def base_model_path(self) -> str | None:
         """The base model as an adapter names it (``base_model_name_or_path``; None: random)."""

@@ -105,22 +105,20 @@ class SimConfig(RunSettings):
         """Each client's LoRA rank."""
         return [self.rank_of(i) for i in range(self.clients)]
 
-    def operator_options(self) -> dict[str, float]:
-        """The operator's options: ``max_residual``, ``tol``, ``sketch``, then ``options``.
+    def named_options(self) -> dict[str, float]:
+        """``max_residual``, ``tol`` and ``sketch`` where the operator takes them.
 
-        Each of the first three where the operator takes it; ``options`` as given wins.
+        ``options`` wins over them (:meth:`RunSettings.operator_options`).
         """
         op = get_operator(self.operator)
-        out = {}
-        if "max_residual" in op.options:
-            out["max_residual"] = float(self.max_residual)
+        out = super().named_options()
         if "tol" in op.options and self.tol is not None:
             out["tol"] = float(self.tol)
         if self.sketch:
             if "sketch" not in op.options:
                 raise ConfigError(f"--sketch: operator {op.name!r} has no randomized consensus")
             out["sketch"] = 1.0
-        return out | dict(self.options or {})
+        return out
 
 
 def _device_problem(device: str) -> str | None:
