@@ -5,7 +5,7 @@ client update, find the consensus subspace of the clients' projectors, aggregate
 coordinates and read out adapters of any rank r <= R.
 """
 
-from glora_math.aggregate import glora_aggregate
+from glora_math.aggregate import glora_aggregate, glora_aggregate_stack
 from glora_math.baselines import fedit
 from glora_math.consensus import consensus_basis
 from glora_math.errors import (
@@ -72,6 +72,7 @@ __all__ = [
     "gauge_fix",
     "get_operator",
     "glora_aggregate",
+    "glora_aggregate_stack",
     "list_operators",
     "mean_update",
     "random_invertible",

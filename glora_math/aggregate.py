@@ -19,38 +19,22 @@ import warnings
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
-from torch import Tensor
-
-from glora_math.batched import stacked_route
 from glora_math.certificate import (
-    as_certificate,
-    certify_norms,
-    estimate_norms,
-    estimated_certificate,
-    residual_curve,
     warn_residual,
 )
-from glora_math.certificate import certify as certificate_of
-from glora_math.consensus import consensus, eigengap, live_clients, stacked_weights
 from glora_math.errors import (
     GloraError,
-    GloraWarning,
     NonFiniteError,
-    RankClampedWarning,
     ResidualWarning,
-    ZeroEigengapWarning,
 )
-from glora_math.gauge import gauge_fix_all
-from glora_math.implicit import implicit_state
+from glora_math.implicit import GramCache
 from glora_math.scaling import shift as _shift
 from glora_math.scaling import times_pow2 as _times_pow2
 from glora_math.scaling import unscaled as _unscaled
-from glora_math.tolerances import zero_gap_tol
-from glora_math.types import Certificate, GaugeMode, LoRAFactors, ServerState, Side, Sketch
+from glora_math.sides import Route, side_state, stacked_state
+from glora_math.types import GaugeMode, LoRAFactors, ServerState, Side, Sketch
 from glora_math.validation import (
     KERNEL_ERRORS,
-    ClientsInfo,
     WeightsLike,
     as_factors,
     check_finite_output,
@@ -63,8 +47,6 @@ from glora_math.validation import (
 RankLike = int | Literal["auto"]
 #: Errors that mean the working dtype overflowed on validated (finite) input.
 _OVERFLOWS: tuple[type[Exception], ...] = (*KERNEL_ERRORS, NonFiniteError)
-#: How client bases are computed: the rule (``"auto"``), or one route forced.
-Route = Literal["auto", "gram", "householder"]
 
 
 def glora_aggregate(
@@ -168,11 +150,11 @@ def glora_aggregate(
         if auto or side == "auto":
             raise GloraError(
                 "side='auto' and rank='auto' choose per module, which gives modules states of "
-                "different shapes: aggregate a stack with a fixed side and rank, or pass the "
-                "modules one by one"
+                "different shapes: glora_aggregate_stack gives each module its own state "
+                "(side='auto' in batched kernels); rank='auto' takes the modules one by one"
             )
         try:
-            stacked = _stacked_state(
+            stacked = stacked_state(
                 factors, info, p, R, gauge, sketch, side, certify=certify, limit=limit, route=route
             )
         except _OVERFLOWS as err:
@@ -183,13 +165,13 @@ def glora_aggregate(
         return stacked
     sides: tuple[Literal["left", "right"], ...] = ("left", "right") if side == "auto" else (side,)
     found: list[tuple[ServerState, list[Warning]]] = []
+    grams = GramCache()  # side="auto": each side's raw Gram matrices are the other's too
     try:
         for sd in sides:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                st = _side_state(
-                    factors, info, p, R, gauge, sketch, sd, target, certify=certify, route=route
-                )
+                st = side_state(factors, info, p, R, gauge, sketch, sd, target, certify=certify,
+                                 route=route, grams=grams)  # fmt: skip
             check_finite_output([st.U, st.S], factors, "glora_aggregate")
             found.append((st, [w.message for w in caught if isinstance(w.message, Warning)]))
     except _OVERFLOWS as err:
@@ -278,313 +260,81 @@ def _check_fraction(value: object, name: str, upper: float = 1.0) -> float:
     return v
 
 
-def _transposed(factors: Sequence[LoRAFactors]) -> list[LoRAFactors]:
-    """The transpose problem: ``(A_i^T, B_i^T)``, whose update is ``W_bar^T``."""
+def glora_aggregate_stack(
+    factors: Sequence[LoRAFactors],
+    weights: WeightsLike = None,
+    *,
+    rank: int,
+    side: Side = "auto",
+    gauge: GaugeMode = "qr",
+    sketch: Sketch | None = None,
+    max_residual: float | None = None,
+    route: Route = "auto",
+) -> list[ServerState]:
+    """Aggregate a stack of same-shape modules; one state per module, each on its best side.
+
+    ``factors`` carry leading batch dimensions, as for a stack in :func:`glora_aggregate`
+    (B_i ``(L, d, r_i)``, A_i ``(L, r_i, k)``); the result is one
+    :class:`~glora_math.types.ServerState` per module, in flattened batch order. With
+    ``side="auto"`` (the default) both sides are computed in batched kernels that share each
+    module's two raw Gram matrices (the stacked B's and the stacked A's: both consensuses and
+    both certificates, P16), and each module keeps the side with the smaller certified residual
+    (ties go left): module by module, what ``glora_aggregate(side="auto")`` returns. A fixed
+    side gives the modules of ``glora_aggregate``'s stacked state. ``rank`` is an integer (the
+    auto-rank rule is per module: pass the modules one by one); the other parameters are
+    :func:`glora_aggregate`'s, and ``max_residual`` warns per module on the kept side.
+    Warnings of a side that no module keeps are dropped.
+
+    Raises
+    ------
+    GloraError
+        For factors without a batch dimension (use :func:`glora_aggregate`), and
+        :func:`glora_aggregate`'s errors.
+    """
+    info = validate_clients(factors, stack=True)
+    if not info.batch_shape:
+        raise GloraError(
+            "glora_aggregate_stack takes stacked modules (factors with a leading batch "
+            "dimension); aggregate one module with glora_aggregate"
+        )
+    R = validate_rank(rank)
+    _check_modes(side, auto=False, certify=True, max_residual=max_residual)
+    _check_route(route, gauge)
+    limit = None if max_residual is None else _check_fraction(max_residual, "max_residual", 1e300)
+    p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
+    factors = [_detached(as_factors(f, i)) for i, f in enumerate(factors)]
+    given = factors
+    shift = _shift(factors, info.work_dtype)
+    if shift != (0, 0):
+        factors = [LoRAFactors(_times_pow2(f.B, -shift[0]), _times_pow2(f.A, -shift[1]))
+                   for f in factors]  # fmt: skip
+    sides: tuple[Literal["left", "right"], ...] = ("left", "right") if side == "auto" else (side,)
+    grams = GramCache()
+    states, notes = [], []
+    try:
+        for sd in sides:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                st = stacked_state(factors, info, p, R, gauge, sketch, sd, certify=True,
+                                   limit=None, route=route, grams=grams)  # fmt: skip
+            check_finite_output([st.U, st.S], factors, "glora_aggregate_stack")
+            st = _unscaled(st, sum(shift))
+            check_finite_output([st.S], given, "glora_aggregate_stack")
+            states.append(st)
+            notes.append([w.message for w in caught if isinstance(w.message, Warning)])
+    except _OVERFLOWS as err:
+        raise _overflow(err, factors) from None
     out = []
-    for i, f in enumerate(factors):
-        c = as_factors(f, i)
-        out.append(LoRAFactors(c.A.mT, c.B.mT))
+    for j in range(math.prod(info.batch_shape)):
+        best = min((st.module(j) for st in states), key=lambda s: s.relative_residual)
+        out.append(best)
+        where = f"module {j}, side={best.side}, R={best.rank}"
+        warn_residual(best.relative_residual, limit, where, stacklevel=2)
+    kept = {st.side for st in out}
+    for sd, found in zip(sides, notes, strict=True):
+        for note in found if sd in kept else ():
+            warnings.warn(note, stacklevel=2)
     return out
 
 
-def _probe_generator(sketch: Sketch) -> torch.Generator:
-    """The probes' generator: seeded by the sketch's seed, apart from its test matrix's."""
-    return torch.Generator().manual_seed(sketch.seed + 1)
-
-
-def _certificate(
-    fs: Sequence[LoRAFactors],
-    p: Tensor,
-    U: Tensor,
-    S: Tensor,
-    wd: torch.dtype,
-    *,
-    sketch: Sketch | None,
-) -> Certificate:
-    """The exact certificate, or the sketch's randomized estimate where it asks for one."""
-    if sketch is None or sketch.certificate == "exact":
-        return certificate_of(fs, p, U, S, wd)
-    x, s2 = estimate_norms(fs, p, U, S, wd, probes=sketch.probes,
-                           generator=_probe_generator(sketch))  # fmt: skip
-    return estimated_certificate(float(x), float(s2), sketch.probes, sketch.confidence)
-
-
-def _stack_certificates(
-    stacked: Sequence[LoRAFactors],
-    p: Tensor,
-    U: Tensor,
-    S: Tensor,
-    wd: torch.dtype,
-    *,
-    sketch: Sketch | None,
-) -> tuple[tuple[Certificate, ...], Certificate]:
-    """Each module's certificate and the stack's total, exact or (sketch) estimated."""
-    if sketch is not None and sketch.certificate == "estimate":
-        # the same probes for every module: their sum estimates the stack's total
-        xs, s2s = estimate_norms(stacked, p, U, S, wd, probes=sketch.probes,
-                                 generator=_probe_generator(sketch))  # fmt: skip
-        certs = tuple(estimated_certificate(x, s2, sketch.probes, sketch.confidence)
-                      for x, s2 in zip(xs.tolist(), s2s.tolist(), strict=True))  # fmt: skip
-        total = estimated_certificate(float(xs.sum()), float(s2s.sum()), sketch.probes,
-                                      sketch.confidence)  # fmt: skip
-        return certs, total
-    nums, means = certify_norms(stacked, p, U, S, wd)  # one batched QR for all modules
-    certs = tuple(as_certificate(a, b) for a, b in zip(nums.tolist(), means.tolist(), strict=True))
-    sq = sum(ct.mean_norm**2 for ct in certs)
-    res = sum(ct.residual**2 for ct in certs)
-    return certs, Certificate(math.sqrt(res / sq) if sq > 0 else 0.0, math.sqrt(sq))
-
-
-def _side_state(  # noqa: PLR0917 - private, called once with every setting of the public call
-    factors: Sequence[LoRAFactors],
-    info: ClientsInfo,
-    p: Tensor,
-    R: int,
-    gauge: GaugeMode,
-    sketch: Sketch | None,
-    side: Literal["left", "right"],
-    tol: float | None,
-    *,
-    certify: bool,
-    route: Route = "auto",
-) -> ServerState:
-    """The certified state of one side; ``tol`` set means the auto-rank rule with cap R."""
-    fs = [as_factors(f, i) for i, f in enumerate(factors)] if side == "left" else None
-    if fs is None:
-        fs = _transposed(factors)
-        info = ClientsInfo(info.k, info.d, info.dtype, info.work_dtype, info.device)
-    wd = info.work_dtype
-    # A client whose other factor is exactly zero (LoRA's B = 0 start, seen from the right)
-    # has a zero update: its basis carries nothing and would only dilute the consensus. The
-    # left side's svd gauge drops such clients by construction; this does it for every route.
-    zero = torch.tensor([not bool(f.A.any()) for f in fs], device=p.device)
-    p_side = p.masked_fill(zero, 0.0) if bool(zero.any()) and not bool(zero.all()) else p
-    with warnings.catch_warnings():
-        if tol is not None:  # the cap is reached through the clamp by design; its gap is moot
-            warnings.simplefilter("ignore", GloraWarning)
-        try_gram = gauge == "qr" and route != "householder"
-        fast = implicit_state(fs, info, p_side, R, sketch) if try_gram else None
-        if fast is None and route == "gram":
-            raise GloraError(
-                f"route='gram' is not accurate for these clients ({info.work_dtype}: it needs "
-                "float32 or half factors, every client's kept part conditioned within "
-                "gram_basis_accurate, a non-zero update, and a sketch narrower than the clients' "
-                "span); use route='auto'"
-            )
-        U, S, eigvals, gap = fast or _general_state(fs, info, p_side, R, gauge=gauge, sketch=sketch)
-    cert = _certificate(fs, p, U, S, wd, sketch=sketch) if certify else None
-    if tol is not None:
-        assert cert is not None  # checked at the boundary: rank="auto" needs the certificate
-        meets = torch.nonzero(residual_curve(S, cert.mean_norm) <= tol * tol)
-        chosen = int(meets[0]) if meets.numel() else int(U.shape[1])
-        # The curve subtracts squared norms; confirm with the certificate (direct where the
-        # difference loses digits) and step up while it misses the target.
-        while True:
-            cert = certificate_of(fs, p, U[:, :chosen], S[:chosen], wd)
-            if cert.relative_residual <= tol or chosen >= int(U.shape[1]):
-                break
-            chosen += 1
-        U, S = U[:, :chosen], S[:chosen]
-        gap = eigengap(eigvals, chosen, n=info.d + sum(f.rank for f in fs), stacklevel=2)
-    return ServerState(
-        U=U,
-        S=S,
-        eigvals=eigvals,
-        gap=gap,
-        requested_rank=R,
-        weights=p,
-        gauge=gauge,
-        dtype=info.dtype,
-        side=side,
-        certificate=cert,
-        rank_rule="fixed" if tol is None else "auto",
-        tol=tol,
-        route="gram" if fast is not None else "householder",
-    )
-
-
-def _general_state(
-    factors: Sequence[LoRAFactors],
-    info: ClientsInfo,
-    p: Tensor,
-    R: int,
-    *,
-    gauge: GaugeMode,
-    sketch: Sketch | None,
-) -> tuple[Tensor, Tensor, Tensor, float]:
-    """``(U, S, eigvals, gap)`` through explicit gauge-fixed clients (every mode and dtype)."""
-    fixed = gauge_fix_all(factors, info, gauge)
-    basis, M = consensus(fixed, p, R, sketch, stacklevel=4)
-    U = basis.U
-    # S = sum_i p_i (U^T U_i) C_i = (U^T M) [sqrt(p_1) C_1; ...; sqrt(p_N) C_N]: two products.
-    live = live_clients(fixed, p)
-    if live and U.shape[1] > 0:
-        C = torch.cat([fixed[i].C for i in live], dim=0)
-        S = (U.mT @ M) @ (C * stacked_weights(fixed, p, live).unsqueeze(-1))
-    else:
-        S = U.new_zeros((U.shape[1], info.k))
-    return U, S, basis.eigvals, basis.gap
-
-
-def _stacked_state(  # noqa: PLR0917 - private, called once by the public operator
-    factors: Sequence[LoRAFactors],
-    info: ClientsInfo,
-    p: Tensor,
-    R: int,
-    gauge: GaugeMode,
-    sketch: Sketch | None,
-    side: Literal["left", "right"],
-    *,
-    certify: bool,
-    limit: float | None,
-    route: Route = "auto",
-) -> ServerState:
-    """The state of a stack of same-shape modules: batched kernels, odd modules redone.
-
-    The qr gauge goes through :func:`glora_math.batched.stacked_route`; modules it cannot
-    treat uniformly, modules where some client's other factor is exactly zero (their own
-    consensus weights, see :func:`_side_state`) and every module of the svd gauge are
-    computed by :func:`_side_state`, the per-module operator, so each module equals
-    ``glora_aggregate`` on its own clients. Warnings of a redone module name it.
-    """
-    batch = info.batch_shape
-    L = math.prod(batch)
-    fs = [as_factors(f, i) for i, f in enumerate(factors)]
-    d, k, wd = info.d, info.k, info.work_dtype
-    cap = max(1, min(d if side == "left" else k, sum(f.rank for f in fs)))
-    requested = R
-    if R > cap:  # no module can span more: never allocate beyond it
-        warnings.warn(
-            RankClampedWarning(
-                f"server rank R={R} exceeds what the clients can span ({cap}): clamped to {cap}"
-            ),
-            stacklevel=3,
-        )
-        R = cap
-    flat = [(f.B.reshape(L, d, f.rank), f.A.reshape(L, f.rank, k)) for f in fs]
-    n, c = (d, k) if side == "left" else (k, d)
-    if side == "left":
-        Bs, As = [b for b, _ in flat], [a for _, a in flat]
-    else:  # the transpose problem
-        Bs, As = [a.mT for _, a in flat], [b.mT for b, _ in flat]
-    # Per module, clients whose other factor is exactly zero (see _side_state).
-    other = [a for _, a in flat] if side == "left" else [b for b, _ in flat]
-    zero = torch.stack([~(x.flatten(1) != 0).any(-1) for x in other], dim=1)  # (L, N); rank 0 too
-    own_weights = zero.any(-1) & ~zero.all(-1)
-    device = p.device
-    if gauge == "qr":
-        U, S, eig, uniform, m, taken = stacked_route(
-            Bs, As, p, R=R, sketch=sketch, wd=wd, gram=route != "householder"
-        )
-        if route == "gram" and taken != "gram":
-            raise GloraError(
-                f"route='gram' is not available for these stacked clients ({wd}); use route='auto'"
-            )
-        uniform = uniform & ~own_weights.to(uniform.device)
-    else:
-        m = sum(f.rank for f in fs)
-        U = torch.zeros(L, n, R, dtype=wd, device=device)
-        S = torch.zeros(L, R, c, dtype=wd, device=device)
-        eig = torch.zeros(L, 0, dtype=wd, device=device)
-        uniform = torch.zeros(L, dtype=torch.bool, device=device)
-        taken = "householder"
-    nxt = eig[..., R] if R < eig.shape[-1] else torch.zeros(L, dtype=wd, device=device)
-    gaps = eig[..., R - 1] - nxt if R <= eig.shape[-1] else torch.zeros(L, dtype=wd, device=device)
-    zero_gap = gaps <= torch.tensor(
-        [zero_gap_tol(float(e), n + m, wd) for e in eig[..., 0]] if eig.shape[-1] else [0.0] * L,
-        dtype=wd,
-        device=device,
-    )
-    if bool((zero_gap & uniform).any()):
-        warnings.warn(
-            ZeroEigengapWarning(
-                f"consensus eigengap at R={R} is numerically zero in modules "
-                f"{torch.nonzero(zero_gap & uniform).flatten().tolist()}: the server subspace "
-                "is not unique"
-            ),
-            stacklevel=3,
-        )
-    redo = torch.nonzero(~uniform).flatten().tolist()
-    eig = _redo_modules(flat, redo, ClientsInfo(d, k, info.dtype, wd, info.device), p, R,
-                        gauge, sketch, side, U=U, S=S, gaps=gaps, eig=eig,
-                        route=route)  # fmt: skip
-    certs: tuple[Certificate, ...] | None = None
-    total: Certificate | None = None
-    if certify:
-        stacked = [LoRAFactors(B, A) for B, A in zip(Bs, As, strict=True)]
-        certs, total = _stack_certificates(stacked, p, U, S, wd, sketch=sketch)
-        for layer, ct in enumerate(certs):
-            where = f"module {layer}, side={side}, R={R}"
-            warn_residual(ct.relative_residual, limit, where, stacklevel=3)
-    return ServerState(
-        U=U.reshape(*batch, n, R),
-        S=S.reshape(*batch, R, c),
-        eigvals=eig.reshape(*batch, eig.shape[-1]),
-        gap=float(gaps.min()),
-        requested_rank=requested,
-        weights=p,
-        gauge=gauge,
-        dtype=info.dtype,
-        side=side,
-        certificate=total,
-        module_gaps=gaps.reshape(batch),
-        module_certificates=certs,
-        route=f"stacked-{taken}",
-    )
-
-
-def _redo_modules(  # noqa: PLR0917 - private, called once by _stacked_state
-    flat: Sequence[tuple[Tensor, Tensor]],
-    redo: Sequence[int],
-    single: ClientsInfo,
-    p: Tensor,
-    R: int,
-    gauge: GaugeMode,
-    sketch: Sketch | None,
-    side: Literal["left", "right"],
-    *,
-    U: Tensor,
-    S: Tensor,
-    gaps: Tensor,
-    eig: Tensor,
-    route: Route = "auto",
-) -> Tensor:
-    """Recompute the listed modules with the per-module operator, in place; the spectra.
-
-    Writes each redone module's basis, coordinates (zero beyond its rank) and gap into
-    ``U``, ``S`` and ``gaps``; returns the spectra, zero-padded to one width. Warnings of a
-    redone module are re-emitted naming it.
-    """
-    eig_rows: dict[int, Tensor] = {}
-    for layer in redo:
-        mods = [LoRAFactors(b[layer], a[layer]) for b, a in flat]
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            st = _side_state(
-                mods, single, p, R, gauge, sketch, side, None, certify=False, route=route
-            )
-        for w in caught:
-            msg = w.message
-            if isinstance(msg, GloraWarning):
-                # From here: _stacked_state, glora_aggregate, then the caller.
-                warnings.warn(type(msg)(f"module {layer}: {msg}"), stacklevel=4)
-            elif isinstance(msg, Warning):
-                warnings.warn(msg, stacklevel=4)
-        U[layer] = 0.0
-        S[layer] = 0.0
-        U[layer, :, : st.rank] = st.U
-        S[layer, : st.rank] = st.S
-        gaps[layer] = st.gap
-        eig_rows[layer] = st.eigvals
-    if not eig_rows:
-        return eig
-    width = max([int(eig.shape[-1])] + [int(e.numel()) for e in eig_rows.values()])
-    padded = eig.new_zeros((int(eig.shape[0]), width))
-    padded[:, : eig.shape[-1]] = eig
-    for layer, e in eig_rows.items():
-        padded[layer] = 0.0
-        padded[layer, : e.numel()] = e
-    return padded
-
-
-__all__ = ["glora_aggregate"]
+__all__ = ["glora_aggregate", "glora_aggregate_stack"]

@@ -17,7 +17,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from glora_math.implicit import implicit_bases, maps_from_gram
+from glora_math.certificate import GramParts, gram_parts
+from glora_math.implicit import (
+    GramCache,
+    diagonal_blocks,
+    gram_consensus,
+    implicit_bases,
+    maps_from_gram,
+)
 from glora_math.linalg import (
     column_signs,
     full_rank_qr,
@@ -38,7 +45,9 @@ def stacked_route(
     sketch: Sketch | None,
     wd: torch.dtype,
     gram: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, int, str]:
+    certify: bool = False,
+    grams: GramCache | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int, str, GramParts | None]:
     """The qr-gauge GLoRA route for L same-shape modules at once (validated inputs).
 
     ``Bs``, ``As``: per client, the stacked factors ``(L, d, r_i)`` and ``(L, r_i, k)`` in
@@ -49,21 +58,27 @@ def stacked_route(
     server rank at or above the numerical rank) module by module. ``m`` is the stacked
     basis width (for the zero-gap rule); the last item names the route taken (``"gram"``:
     the batched Gram route of :mod:`glora_math.implicit`, tried when ``gram``; else
-    ``"householder"``).
+    ``"householder"``), and the last the Gram certificate's parts per module (P16) where the
+    exact consensus came from the raw Gram matrices and ``certify`` is set, else ``None``
+    (valid for the uniform layers only).
     """
     L, d = int(Bs[0].shape[0]), int(Bs[0].shape[1])
     device = Bs[0].device
     # Clients of rank 0 add nothing to K or S (their update is zero; the weights stay as given).
     live = [i for i, pi in enumerate(p.tolist()) if pi > 0 and int(Bs[i].shape[-1]) > 0]
-    fast = _implicit_batched(Bs, As, p, live=live, R=R, sketch=sketch, wd=wd) if gram else None
+    fast = None
+    if gram:
+        fast = _implicit_batched(Bs, As, p, live=live, R=R, sketch=sketch, wd=wd,
+                                 certify=certify, grams=grams or GramCache())  # fmt: skip
     if fast is not None:
-        return (*fast, "gram")
+        U, S, eig, uniform, n, parts = fast
+        return U, S, eig, uniform, n, "gram", parts
     if not live:  # every weighted client has rank 0: the per-module operator's empty states
         U0 = torch.zeros(L, d, R, dtype=wd, device=device)
         S0 = torch.zeros(L, R, int(As[0].shape[-1]), dtype=wd, device=device)
         eig0 = torch.zeros(L, 0, dtype=wd, device=device)
         redo = torch.zeros(L, dtype=torch.bool, device=device)
-        return U0, S0, eig0, redo, 0, "householder"
+        return U0, S0, eig0, redo, 0, "householder", None
     Qs, Cs, uniform = [], [], torch.ones(L, dtype=torch.bool, device=device)
     for i in live:
         B, A = Bs[i].to(wd), As[i].to(wd)
@@ -93,7 +108,7 @@ def stacked_route(
     U[..., :Rb] = Uall[..., :Rb] * column_signs(Uall[..., :Rb]).unsqueeze(-2)
     # S = sum_i p_i (U^T U_i) C_i = (U^T M) [sqrt(p_i) C_i]_i, with U_i = Q_i, C_i = T_i A_i.
     S = (U.mT @ M) @ torch.cat(Cs, dim=-2)
-    return U, S, eig, uniform, m, "householder"
+    return U, S, eig, uniform, m, "householder", None
 
 
 def _implicit_batched(
@@ -105,7 +120,9 @@ def _implicit_batched(
     R: int,
     sketch: Sketch | None,
     wd: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, int] | None:
+    certify: bool,
+    grams: GramCache,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int, GramParts | None] | None:
     """The route of :mod:`glora_math.implicit` (exact or randomized), batched over L modules.
 
     Returns ``(U, S, eig, uniform, m)`` or ``None`` where that route does not apply (see
@@ -129,14 +146,16 @@ def _implicit_batched(
         # Fewer weighted directions than R (a zero-weight client can raise R above them): the
         # Householder route pads the bases with zero columns and clamps the module.
         return None
+    if sketch is None and d >= n:
+        return _raw_gram_batched(Bs, As, p, live=live, R=R, wd=wd, certify=certify, grams=grams)
     uniform = torch.ones(L, dtype=torch.bool, device=B0.device)
     blocks = []
     for i in live:
         B64 = Bs[i].to(torch.float64)
         r = int(B64.shape[-1])
-        maps, rho, accurate = maps_from_gram(B64.mT @ B64, d, p[i].to(torch.float64).sqrt(), wd)
+        maps, rho, accurate, _ = maps_from_gram(B64.mT @ B64, d, p[i].to(torch.float64).sqrt(), wd)
         uniform &= (rho == r) & accurate
-        blocks.append(maps)
+        blocks.append(maps.to(wd))
     Bw = [Bs[i].to(wd) for i in live]
     BtQ = None
     if sketch is None:
@@ -166,7 +185,49 @@ def _implicit_batched(
     p_cols = torch.cat([p[i].expand(r) for i, r in zip(live, widths, strict=True)])
     coef = (BtU * p_cols[:, None]).mT  # (L, R, n)
     S = coef @ torch.cat([As[i].to(wd) for i in live], dim=-2)
-    return U, S, eig, uniform, n
+    return U, S, eig, uniform, n, None
+
+
+def _raw_gram_batched(
+    Bs: Sequence[Tensor],
+    As: Sequence[Tensor],
+    p: Tensor,
+    *,
+    live: Sequence[int],
+    R: int,
+    wd: torch.dtype,
+    certify: bool,
+    grams: GramCache,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int, GramParts | None]:
+    """The exact consensus of :func:`~glora_math.implicit.gram_consensus`, batched over L.
+
+    One float64 Gram of the stacked B's per module (its diagonal blocks are the clients'
+    Gram matrices), and with ``certify`` one of the stacked A's: P16's certificate.
+    """
+    B0 = Bs[live[0]]
+    L, d = int(B0.shape[0]), int(B0.shape[1])
+    widths = [int(Bs[i].shape[-1]) for i in live]
+    Bw = [Bs[i].to(wd) for i in live]
+    gam = grams.get("B", live, Bw)
+    uniform = torch.ones(L, dtype=torch.bool, device=B0.device)
+    maps = []
+    for i, g in zip(live, diagonal_blocks(gam, widths), strict=True):
+        mp, rho, accurate, _ = maps_from_gram(g, d, p[i].to(torch.float64).sqrt(), wd)
+        uniform &= (rho == int(g.shape[-1])) & accurate
+        maps.append(mp)
+    U, lam, Y, ok = gram_consensus(Bw, maps, gam, R, wd)
+    uniform &= ok
+    U = U[..., :R] * column_signs(U[..., :R]).unsqueeze(-2)
+    p_cols = torch.cat([p[i].expand(r) for i, r in zip(live, widths, strict=True)])
+    coef = (torch.cat([B.mT @ U for B in Bw], dim=-2) * p_cols[:, None]).mT  # (L, R, n)
+    Aw = [As[i].to(wd) for i in live]
+    S = coef @ torch.cat(Aw, dim=-2)
+    parts = None
+    if certify:
+        pw = p_cols.to(torch.float64)
+        parts = gram_parts(gam, grams.get("A", live, [A.mT for A in Aw]), pw, Y[..., :R],
+                           d + int(Aw[0].shape[-1]) + sum(widths))  # fmt: skip
+    return U, S, lam, uniform, sum(widths), parts
 
 
 __all__ = ["stacked_route"]

@@ -14,6 +14,13 @@ computed directly, as the norm of the stacked difference
 ``[p_1 B_1, ..., p_N B_N, -U] [A_1; ...; A_N; S]``, with one QR of the stacked left factors
 that also gives ``||W_bar||``: never a d-by-k matrix, and no cancellation.
 
+Where the consensus came from the raw Gram matrix of the B's (:mod:`glora_math.implicit`),
+the same numbers come from that matrix and the raw Gram matrix of the A's, without the QR
+(:func:`gram_parts`, proposition P16): both norms are quadratic forms in the two m-by-m Gram
+matrices, evaluated in float64 (exact products of float32 entries) with a bound on their error;
+where the bound is wider than the QR certificate's own tolerance, the QR certificate is
+computed instead (:func:`gram_certificates`).
+
 Everything here works on one orientation: a right-side state is certified on the transposed
 clients ``(A_i^T, B_i^T)``, which have the same residual norms.
 """
@@ -23,12 +30,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from glora_math.errors import NonFiniteError, ResidualWarning
 from glora_math.linalg import scaled_fro_norm
+from glora_math.tolerances import SAFETY, certificate_tol
 from glora_math.types import Certificate, LoRAFactors
 from glora_math.validation import all_finite
 
@@ -144,14 +153,106 @@ def estimated_certificate(x: float, s2: float, probes: int, confidence: float) -
     up = x / (1.0 - eps)
     mean2 = s2 + x
     if mean2 <= 0.0:
-        return Certificate(0.0, 0.0, estimated=True, bound=0.0, confidence=confidence)
+        return Certificate(
+            0.0, 0.0, estimated=True, bound=0.0, confidence=confidence, method="estimate"
+        )
     return Certificate(
         math.sqrt(x / mean2),
         math.sqrt(mean2),
         estimated=True,
         bound=math.sqrt(up / (s2 + up)),
         confidence=confidence,
+        method="estimate",
     )
+
+
+_EPS64 = float(torch.finfo(torch.float64).eps)
+
+
+@dataclass(frozen=True, slots=True)
+class GramParts:
+    """The Gram route's certificate before its acceptance test (float64, one value per module).
+
+    ``res2`` and ``mean2`` are ``||W_bar - P W_bar||_F^2`` and ``||W_bar||_F^2`` as computed,
+    ``beta`` bounds the error of each, and ``size`` is ``sum_i p_i ||B_i||_F ||A_i||_F`` (the
+    scale of the QR certificate's tolerance).
+    """
+
+    res2: Tensor
+    mean2: Tensor
+    beta: Tensor
+    size: Tensor
+
+
+def gram_parts(gam_b: Tensor, gam_a: Tensor, pw: Tensor, Y: Tensor, n: int) -> GramParts:
+    """The certificate of ``span(B Y)`` from the raw Gram matrices of both sides (P16), batched.
+
+    ``B = [B_1, ..., B_N]`` and ``A = [A_1; ...; A_N]`` are the stacked raw factors (m columns
+    and rows), ``gam_b = B^T B`` and ``gam_a = A A^T`` their float64 Gram matrices, ``pw`` the
+    weight of each column (``p_i`` repeated ``r_i`` times) and ``Y`` (m by R, full column rank
+    ``B Y``) the coefficients of the state's basis. With ``W_bar = B diag(pw) A`` and
+    ``Pa = diag(pw) gam_a diag(pw)``, Pythagoras and the projector onto ``span(B Y)`` give
+
+        ||W_bar||^2         = <Pa, gam_b>
+        ||P W_bar||^2       = tr((Y^T gam_b Y)^{-1} Z^T Pa Z),   Z = gam_b Y
+        ||W_bar - P W_bar||^2 = the difference,
+
+    exact identities (proof in ``proofs/symbolic.py``, P16). Cost O(m^2 R): the Gram matrices
+    are what the Gram route has anyway. The difference cancels, so it is evaluated in float64:
+    every term is within ``size^2`` (Cauchy-Schwarz on the Gram entries), so the error of each
+    is at most ``beta = 2 SAFETY n eps64 size^2 (1 + cond(Y^T gam_b Y))`` over ``n`` terms.
+    For float32 and half inputs that is far inside the QR certificate's tolerance (``sqrt(n
+    eps64) <= n eps32``); the test stays, in :func:`gram_certificates`.
+    """
+    Pa = pw.unsqueeze(-1) * gam_a * pw.unsqueeze(-2)
+    mean2 = (Pa * gam_b).sum((-2, -1))
+    Z = gam_b @ Y
+    Gy = Y.mT @ Z
+    T = Z.mT @ (Pa @ Z)
+    L, info = torch.linalg.cholesky_ex(Gy)
+    bad = info != 0
+    Lsafe = torch.where(bad.unsqueeze(-1).unsqueeze(-1), torch.eye(int(Gy.shape[-1]),
+                        dtype=Gy.dtype, device=Gy.device), L)  # fmt: skip
+    X = torch.linalg.solve_triangular(Lsafe, T, upper=False)
+    X = torch.linalg.solve_triangular(Lsafe, X.mT, upper=False)
+    proj2 = X.diagonal(dim1=-2, dim2=-1).sum(-1)
+    ev = torch.linalg.eigvalsh(Gy)
+    cond = ev[..., -1] / ev[..., 0].clamp_min(torch.finfo(torch.float64).tiny)
+    size = (pw * (gam_a.diagonal(dim1=-2, dim2=-1) * gam_b.diagonal(dim1=-2, dim2=-1)).sqrt()
+            ).sum(-1)  # fmt: skip
+    beta = 2.0 * SAFETY * n * _EPS64 * size.pow(2) * (1.0 + cond)
+    beta = torch.where(bad | (ev[..., 0] <= 0), torch.full_like(beta, math.inf), beta)
+    return GramParts((mean2 - proj2).clamp_min(0.0), mean2.clamp_min(0.0), beta, size)
+
+
+def gram_certificates(
+    parts: GramParts, s_norm: Tensor, wd: torch.dtype, n: int
+) -> list[Certificate | None]:
+    """Each module's Gram certificate, or ``None`` where its error bound is too wide.
+
+    From ``beta`` of :func:`gram_parts`, an interval for the relative residual; the certificate
+    is taken where its half-width is at most half of
+    :func:`~glora_math.tolerances.certificate_tol` for ``wd`` over ``n`` terms (the QR
+    certificate is within the other half), so the two agree within that tolerance. ``s_norm``
+    is ``||S||_F`` per module. ``size`` of the parts is by column, at most ``sum_i p_i
+    ||B_i||_F ||A_i||_F``.
+    """
+    out: list[Certificate | None] = []
+    rows = zip(parts.res2.reshape(-1).tolist(), parts.mean2.reshape(-1).tolist(),
+               parts.beta.reshape(-1).tolist(), parts.size.reshape(-1).tolist(),
+               s_norm.reshape(-1).tolist(), strict=True)  # fmt: skip
+    for c2, w2, beta, size, sn in rows:
+        if not all(math.isfinite(x) for x in (c2, w2, beta, size, sn)) or w2 <= beta:
+            out.append(None)
+            continue
+        mean = math.sqrt(w2)
+        rho = min(1.0, math.sqrt(c2) / mean)
+        hi = min(1.0, math.sqrt(c2 + beta) / math.sqrt(w2 - beta))
+        lo = math.sqrt(max(c2 - beta, 0.0)) / math.sqrt(w2 + beta)
+        tol = certificate_tol(wd, n=n, scale=(size + sn) / mean)
+        out.append(Certificate(rho, mean, method="gram") if max(hi - rho, rho - lo) <= tol / 2
+                   else None)  # fmt: skip
+    return out
 
 
 def as_certificate(num: float, mean: float) -> Certificate:
@@ -199,4 +300,13 @@ def warn_residual(rho: float, limit: float | None, where: str, *, stacklevel: in
         )
 
 
-__all__ = ["as_certificate", "certify", "certify_norms", "residual_curve", "warn_residual"]
+__all__ = [
+    "GramParts",
+    "as_certificate",
+    "certify",
+    "certify_norms",
+    "gram_certificates",
+    "gram_parts",
+    "residual_curve",
+    "warn_residual",
+]

@@ -40,23 +40,35 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from glora_math.certificate import GramParts, gram_parts
 from glora_math.consensus import exact_top, finish_basis
-from glora_math.linalg import column_signs, randomized_left_svd_factored
-from glora_math.tolerances import gram_basis_accurate, gram_route_possible, rank_tol
+from glora_math.linalg import (
+    column_signs,
+    gram_lower,
+    randomized_left_svd_factored,
+    tall_left_svd,
+)
+from glora_math.tolerances import (
+    eigenvalue_error,
+    gram_basis_accurate,
+    gram_route_possible,
+    rank_tol,
+)
 from glora_math.types import LoRAFactors, Sketch
 from glora_math.validation import ClientsInfo, as_factors
 
 
 def maps_from_gram(
     G: Tensor, d: int, sqrt_p: Tensor, dtype: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """From float64 Gram matrices ``B^T B`` (..., r, r) of d-row B's: the maps, ranks, accuracy.
 
-    Returns ``sqrt_p V S^{-1}`` (..., r, r) in ``dtype``, with zero columns for the directions
+    Returns ``sqrt_p V S^{-1}`` (..., r, r) in float64, with zero columns for the directions
     the rank rule of :func:`~glora_math.linalg.numerical_rank` does not keep; the numerical
-    ranks (...); and whether :func:`~glora_math.tolerances.gram_basis_accurate` holds for the
-    kept part (...). ``sqrt_p`` broadcasts against the leading dimensions. Batched, so one
-    eigensolver call serves many clients (or many modules of one client).
+    ranks (...); whether :func:`~glora_math.tolerances.gram_basis_accurate` holds in ``dtype``
+    for the kept part (...); and the largest dropped singular value (..., 0 where none is
+    dropped). ``sqrt_p`` broadcasts against the leading dimensions. Batched, so one eigensolver
+    call serves many clients (or many modules of one client).
     """
     r = int(G.shape[-1])
     lam, V = torch.linalg.eigh(G)  # ascending
@@ -66,7 +78,34 @@ def maps_from_gram(
     kept = s.gather(-1, (rho - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
     kappa = torch.where(rho > 0, s[..., 0] / torch.where(rho > 0, kept, 1.0), 1.0)
     inv = torch.where(keep, sqrt_p.unsqueeze(-1) / torch.where(keep, s, 1.0), 0.0)
-    return (V.flip(-1) * inv.unsqueeze(-2)).to(dtype), rho, gram_basis_accurate(kappa, dtype)
+    dropped = torch.where(keep, 0.0, s).amax(-1)
+    return V.flip(-1) * inv.unsqueeze(-2), rho, gram_basis_accurate(kappa, dtype), dropped
+
+
+def client_maps(
+    grams: Sequence[Tensor], d: int, p: Sequence[float], dtype: torch.dtype
+) -> tuple[list[Tensor], list[int], list[float]] | None:
+    """Per client, from its float64 Gram ``B_i^T B_i``: the map ``sqrt(p_i) V_i S_i^{-1}``.
+
+    Returns the maps (float64, ``r_i`` by ``r_i``, zero columns for dropped directions), the
+    numerical ranks and the largest dropped singular values, or ``None`` where some client
+    fails :func:`~glora_math.tolerances.gram_basis_accurate` in ``dtype``. Clients of one rank
+    share one batched eigensolver call.
+    """
+    by_rank: dict[int, list[int]] = {}
+    for i, G in enumerate(grams):
+        by_rank.setdefault(int(G.shape[-1]), []).append(i)
+    maps: list[Tensor] = [grams[0]] * len(grams)
+    ranks, dropped = [0] * len(grams), [0.0] * len(grams)
+    for idx in by_rank.values():
+        pi = torch.tensor([p[i] for i in idx], dtype=torch.float64, device=grams[0].device)
+        got, rho, accurate, drop = maps_from_gram(torch.stack([grams[i] for i in idx]), d,
+                                                  pi.sqrt(), dtype)  # fmt: skip
+        if not bool(accurate.all()):
+            return None
+        for j, i in enumerate(idx):
+            maps[i], ranks[i], dropped[i] = got[j], int(rho[j]), float(drop[j])
+    return maps, ranks, dropped
 
 
 def gram_basis_maps(
@@ -99,7 +138,8 @@ def gram_basis_maps(
     for idx in by_rank.values():
         pi = torch.tensor([p[i] for i in idx], dtype=torch.float64, device=Bs[0].device)
         G = torch.stack([grams[i] for i in idx])
-        maps, rho, accurate = maps_from_gram(G, d, pi.sqrt(), dtype)
+        maps64, rho, accurate, _ = maps_from_gram(G, d, pi.sqrt(), dtype)
+        maps = maps64.to(dtype)
         if not bool(accurate.all()):
             return None
         if len(by_rank) == 1:
@@ -131,6 +171,127 @@ def map_blocks(D: Tensor, widths: Sequence[int], ranks: Sequence[int]) -> list[T
     return out
 
 
+class GramCache:
+    """Raw float64 Gram matrices of the clients' factors, shared by the two sides of one call.
+
+    The left side's consensus needs ``B^T B`` and its certificate ``A A^T``; the right side's
+    (the transpose problem) the same two matrices the other way round. ``side="auto"`` computes
+    each once. Keys are ``"B"`` and ``"A"`` in the left orientation with the live clients they
+    cover; :meth:`flipped` is the view of the right side (the same store).
+    """
+
+    def __init__(self, store: dict[str, tuple[tuple[int, ...], Tensor]] | None = None,
+                 *, flip: bool = False) -> None:  # fmt: skip
+        self._store = {} if store is None else store
+        self._flip = flip
+
+    def flipped(self) -> GramCache:
+        """The same matrices, seen from the transpose problem."""
+        return GramCache(self._store, flip=not self._flip)
+
+    def get(self, which: str, live: Sequence[int], Xs: Sequence[Tensor]) -> Tensor:
+        """``raw_gram(Xs)`` for factor ``which`` ("B" or "A", this view's orientation)."""
+        key = {"B": "A", "A": "B"}[which] if self._flip else which
+        found = self._store.get(key)
+        if found is not None and found[0] == tuple(live):
+            return found[1]
+        gam = raw_gram(Xs)
+        self._store[key] = (tuple(live), gam)
+        return gam
+
+
+def raw_gram(Xs: Sequence[Tensor]) -> Tensor:
+    """``X^T X`` for ``X = [X_1, ..., X_N]`` (each ``(..., n, r_i)``), in float64, symmetric.
+
+    Float32 and half entries multiply exactly in float64; only the sums round. Cost n m^2 for
+    m = sum_i r_i (the lower triangle, :func:`~glora_math.linalg.gram_lower`, mirrored).
+    """
+    X = torch.cat([x.to(torch.float64) for x in Xs], dim=-1)
+    G = gram_lower(X)
+    return G.tril() + G.tril(-1).mT
+
+
+def sandwich(G: Tensor, left: Sequence[Tensor], right: Sequence[Tensor]) -> Tensor:
+    """``L^T G R`` for block-diagonal ``L = diag(left_i)`` and ``R = diag(right_i)``, batched.
+
+    ``left_i`` is ``(..., r_i, c_i)``, ``right_i`` ``(..., r_i, e_i)`` and ``G`` ``(..., m, m)``
+    with m = sum_i r_i: block (i, j) of the result is ``left_i^T G_ij right_j``. Cost
+    O(m^2 max(c, e)) when all blocks share one shape (two batched products over the blocks),
+    else two dense products.
+    """
+    shapes = {tuple(x.shape[-2:]) for x in left}
+    rshapes = {tuple(x.shape[-2:]) for x in right}
+    if len(shapes) == 1 and len(rshapes) == 1:
+        (r, c), (_, e) = next(iter(shapes)), next(iter(rshapes))
+        n = len(left)
+        batch = tuple(G.shape[:-2])
+        G4 = G.reshape(*batch, n, r, n, r)
+        Ls, Rs = torch.stack(list(left), dim=-3), torch.stack(list(right), dim=-3)
+        T = torch.einsum("...iac,...iajb->...icjb", Ls, G4)
+        return torch.einsum("...icjb,...jbe->...icje", T, Rs).reshape(*batch, n * c, n * e)
+    return block_diagonal(left).mT @ G @ block_diagonal(right)
+
+
+def block_diagonal(blocks: Sequence[Tensor]) -> Tensor:
+    """``diag(blocks_i)``, batched over shared leading dimensions."""
+    b0 = blocks[0]
+    rows = sum(int(b.shape[-2]) for b in blocks)
+    cols = sum(int(b.shape[-1]) for b in blocks)
+    out = b0.new_zeros((*b0.shape[:-2], rows, cols))
+    r = c = 0
+    for b in blocks:
+        out[..., r : r + b.shape[-2], c : c + b.shape[-1]] = b
+        r, c = r + int(b.shape[-2]), c + int(b.shape[-1])
+    return out
+
+
+def gram_consensus(
+    Bs: Sequence[Tensor], maps: Sequence[Tensor], gam: Tensor, R: int, wd: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The exact consensus from the raw float64 Gram ``gam`` of the B's, batched.
+
+    ``G = D^T gam D`` (D = diag of the float64 ``maps``) is the Gram matrix of the stacked
+    bases ``M = [B_i] D``, formed without M and accurate to float64 rounding (the route
+    through M rounds M to ``wd`` first); its eigenvectors ``V`` (eigensolver in ``wd``, as on
+    the route through M) give the top-R basis ``U = orthonormalised(B Y)``, ``Y = D V_R
+    Lambda_R^{-1/2}``: one thin QR of a d-by-R matrix whose columns are orthonormal up to
+    rounding already, so its leading columns span the leading eigenvectors (nested). Returns
+    ``(U, lam, Y, ok)``: ``lam`` descending, ``Y`` in float64 (the values used for U), and
+    ``ok`` where ``lambda_R`` lies above ``wd``'s eigenvalue rounding level (as on the route
+    through M, :func:`~glora_math.linalg.gram_top_left_svd`); where it does not, U is
+    meaningless and callers take the accurate route. Cost: ``gam`` (by the caller, d m^2),
+    ``O(m^2 r)`` for G, one m-by-m eigensolver, ``O(d m R)`` for U.
+    """
+    G = sandwich(gam, maps, maps)
+    lam, V = torch.linalg.eigh(G.to(wd))
+    lam, V = lam.flip(-1), V.flip(-1)
+    m = int(G.shape[-1])
+    d = int(Bs[0].shape[-2])
+    Rb = min(R, m)
+    scale = lam[..., :Rb].clamp_min(torch.finfo(wd).tiny).rsqrt()
+    Y = block_times(maps, V[..., :Rb].to(torch.float64)) * scale.to(torch.float64).unsqueeze(-2)
+    Yw = Y.to(wd)
+    U = torch.linalg.qr(torch.cat(list(Bs), dim=-1) @ Yw).Q
+    noise = eigenvalue_error(lam[..., 0], d + m, wd)
+    ok = lam[..., Rb - 1] > noise if R <= m else torch.zeros_like(noise, dtype=torch.bool)
+    return U, lam, Yw.to(torch.float64), ok
+
+
+def block_times(blocks: Sequence[Tensor], X: Tensor) -> Tensor:
+    """``diag(blocks_i) @ X``, batched: block i (``r_i`` by ``c_i``) times rows of X.
+
+    One batched product when all blocks share one shape, else a dense product.
+    """
+    shapes = {tuple(b.shape[-2:]) for b in blocks}
+    if len(shapes) == 1:
+        r, c = next(iter(shapes))
+        n = len(blocks)
+        X3 = X.reshape(*X.shape[:-2], n, c, int(X.shape[-1]))
+        out = torch.stack(list(blocks), dim=-3) @ X3
+        return out.reshape(*X.shape[:-2], n * r, int(X.shape[-1]))
+    return block_diagonal(blocks) @ X
+
+
 def implicit_bases(Bs: Sequence[Tensor], blocks: Sequence[Tensor]) -> Tensor:
     """``M = [sqrt(p_1) U_1, ..., sqrt(p_N) U_N]``: each ``B_i`` times its block, batched.
 
@@ -154,12 +315,19 @@ def implicit_state(
     p: Tensor,
     R: int,
     sketch: Sketch | None,
-) -> tuple[Tensor, Tensor, Tensor, float] | None:
-    """``(U, S, eigvals, gap)`` of the GLoRA state (qr gauge), or ``None`` (general route).
+    *,
+    certify: bool = False,
+    grams: GramCache | None = None,
+) -> tuple[Tensor, Tensor, Tensor, float, GramParts | None] | None:
+    """``(U, S, eigvals, gap, parts)`` of the GLoRA state (qr gauge), or ``None`` (general route).
 
     ``factors`` are validated clients, ``p`` their normalised weights (``info.work_dtype``);
-    ``sketch`` is ``None`` for the exact consensus. Warnings (rank clamped, zero eigengap)
-    point at the caller of the caller.
+    ``sketch`` is ``None`` for the exact consensus. ``parts`` is the certificate from the
+    route's Gram matrices (:func:`~glora_math.certificate.gram_parts`, P16) where ``certify``
+    is set and the exact consensus came from the raw Gram matrix (d at least the clients'
+    total rank), else ``None``. ``grams`` shares the raw Gram matrices with the other side's
+    call. Warnings (rank clamped, zero eigengap) point at the caller of
+    the caller.
     """
     wd = info.work_dtype
     if not gram_route_possible(wd):
@@ -170,16 +338,18 @@ def implicit_state(
     if not cs or any(c.rank == 0 or c.rank > info.d for c in cs):
         return None
     Bs = [c.B.to(wd) for c in cs]
-    maps = gram_basis_maps(Bs, [pl[i] for i in live], wd)
-    if maps is None:
-        return None
-    D, ranks = maps
-    d, m = info.d, sum(ranks)
-    if m == 0:  # all updates zero: the general route warns and returns the empty state
-        return None
+    d, widths = info.d, [c.rank for c in cs]
     p_cols = torch.cat([p[i].expand(c.rank) for i, c in zip(live, cs, strict=True)])
+    if sketch is None and d >= sum(widths):
+        return _raw_gram_state(cs, live, Bs, [pl[i] for i in live], p_cols, R, info,
+                               certify=certify, grams=grams or GramCache())  # fmt: skip
+    found = gram_basis_maps(Bs, [pl[i] for i in live], wd)
+    D, ranks = found if found is not None else (Bs[0], [0])
+    m = sum(ranks)
+    if m == 0:  # not accurate, or all updates zero (the general route warns, returns empty)
+        return None
     if sketch is None:
-        Uall, eigvals = exact_top(implicit_bases(Bs, map_blocks(D, [c.rank for c in cs], ranks)), R)
+        Uall, eigvals = exact_top(implicit_bases(Bs, map_blocks(D, widths, ranks)), R)
         basis = finish_basis(Uall, eigvals, (d, m), R, stacklevel=4)
         U = basis.U
         # p_i (U^T B_i), one small product per client: R by sum r_i.
@@ -198,12 +368,86 @@ def implicit_state(
         Rk = int(U.shape[1])
         sg = column_signs(Uall[:, :Rk])
         coef = ((BtU[:, :Rk] * p_cols[:, None]) * sg).mT  # R by sum r_i
-    S = U.new_zeros((int(U.shape[1]), info.k))
+    return U, _coordinates(coef, cs, U, info.k, wd), basis.eigvals, basis.gap, None
+
+
+def _raw_gram_state(  # noqa: PLR0917 - the prelude's results, handed on once
+    cs: Sequence[LoRAFactors],
+    live: Sequence[int],
+    Bs: Sequence[Tensor],
+    pl: Sequence[float],
+    p_cols: Tensor,
+    R: int,
+    info: ClientsInfo,
+    *,
+    certify: bool,
+    grams: GramCache,
+) -> tuple[Tensor, Tensor, Tensor, float, GramParts | None] | None:
+    """The exact consensus from the raw float64 Gram of the B's (d at least sum r_i)."""
+    wd, d = info.work_dtype, info.d
+    widths = [c.rank for c in cs]
+    gam = grams.get("B", live, Bs)
+    got = client_maps(diagonal_blocks(gam, widths), d, pl, wd)
+    if got is None:
+        return None
+    maps, ranks, _ = got
+    m = sum(ranks)
+    if m == 0:  # all updates zero: the general route warns and returns the empty state
+        return None
+    Q, lam, Y, ok = gram_consensus(Bs, maps, gam, R, wd)
+    if bool(ok):
+        lam_kept = lam[:m]
+    else:  # R near the numerical rank: the clamp decision needs the accurate route
+        Q, s = tall_left_svd(
+            implicit_bases(Bs, [mp[:, :r].to(wd) for mp, r in zip(maps, ranks, strict=True)])
+        )
+        lam_kept = s.pow(2)
+    basis = finish_basis(Q, lam_kept, (d, m), R, stacklevel=5)
+    U = basis.U
+    coef = torch.cat([B.mT @ U for B in Bs]).mul_(p_cols[:, None]).mT
+    S = _coordinates(coef, cs, U, info.k, wd)
+    parts = None
+    if certify and bool(ok):
+        pw = torch.cat([torch.full((w,), pi, dtype=torch.float64) for w, pi in zip(widths, pl,
+                        strict=True)]).to(gam.device)  # fmt: skip
+        gam_a = grams.get("A", live, [c.A.to(wd).mT for c in cs])
+        parts = gram_parts(gam, gam_a, pw, Y[:, : int(U.shape[1])], d + info.k + sum(widths))
+    return U, S, basis.eigvals, basis.gap, parts
+
+
+def _coordinates(
+    coef: Tensor, cs: Sequence[LoRAFactors], U: Tensor, k: int, wd: torch.dtype
+) -> Tensor:
+    """``S = sum_i coef_i A_i``: one pass over the A's, without stacking them."""
+    S = U.new_zeros((int(U.shape[1]), k))
     col = 0
-    for c in cs:  # one pass over the A's, without stacking them
+    for c in cs:
         S.addmm_(coef[:, col : col + c.rank], c.A.to(wd))
         col += c.rank
-    return U, S, basis.eigvals, basis.gap
+    return S
 
 
-__all__ = ["gram_basis_maps", "implicit_bases", "implicit_state", "map_blocks", "maps_from_gram"]
+def diagonal_blocks(gam: Tensor, widths: Sequence[int]) -> list[Tensor]:
+    """The diagonal blocks of ``gam`` for blocks of the given widths (views)."""
+    out, col = [], 0
+    for w in widths:
+        out.append(gam[..., col : col + w, col : col + w])
+        col += w
+    return out
+
+
+__all__ = [
+    "GramCache",
+    "block_diagonal",
+    "block_times",
+    "client_maps",
+    "diagonal_blocks",
+    "gram_basis_maps",
+    "gram_consensus",
+    "implicit_bases",
+    "implicit_state",
+    "map_blocks",
+    "maps_from_gram",
+    "raw_gram",
+    "sandwich",
+]

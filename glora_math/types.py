@@ -255,6 +255,10 @@ class Certificate:
     estimated: bool = False
     bound: float | None = None
     confidence: float | None = None
+    #: How it was computed: ``"qr"`` (one QR of the stacked factors), ``"gram"`` (from the
+    #: Gram route's matrices, P16, taken only where its error bound is within the QR
+    #: certificate's tolerance) or ``"estimate"`` (Gaussian probes, P15).
+    method: str = "qr"
 
     @property
     def residual(self) -> float:

@@ -424,6 +424,40 @@ def check_P15(rng: random.Random) -> tuple[mp.mpf, str]:
     return worst, "max (P(X <= (1 - eps) T) - exp(-s eps^2 / 4)) over s, eps, j equal eigenvalues"
 
 
+def check_P16(rng: random.Random) -> tuple[mp.mpf, str]:
+    """The Gram certificate's two norms against the dense residual, at 50 digits.
+
+    Random clients and a random Y (the consensus basis's coefficients need not be special:
+    P16 holds for any X = B Y of full column rank, R = 1 to 4).
+    """
+    pb = _problem(rng)
+    B = _hstack(pb.Bs)
+    A = _hstack([X.T for X in pb.As]).T
+    m = B.cols
+    pw = mp.zeros(m, m)
+    for i, pi in enumerate(pb.p):
+        for j in range(pb.r):
+            pw[i * pb.r + j, i * pb.r + j] = pi
+    W = B * pw * A
+    gb, ga = B.T * B, A * A.T
+    Pa = pw * ga * pw
+    worst = mp.mpf(0)
+    for R in (1, 2, 4):
+        Y = _rand(m, R, rng)
+        X = B * Y
+        P = X * mp.inverse(X.T * X) * X.T
+        direct = _fro(W - P * W) ** 2
+        Z = gb * Y
+        proj = sum((mp.inverse(Y.T * gb * Y) * (Z.T * Pa * Z))[j, j] for j in range(R))
+        mean = sum(Pa[i, j] * gb[i, j] for i in range(m) for j in range(m))
+        worst = max(worst, abs((mean - proj) - direct) / pb.scale**2,
+                    abs(mean - _fro(W) ** 2) / pb.scale**2)  # fmt: skip
+    return (
+        worst,
+        "|(<Pa, gb> - tr((Y^T gb Y)^-1 Z^T Pa Z)) - ||W - P_X W||^2| / scale^2, R = 1, 2, 4",
+    )
+
+
 CHECKS: dict[str, Callable[[random.Random], tuple[mp.mpf, str]]] = {
     "P1": check_P1,
     "P2": check_P2,
@@ -440,6 +474,7 @@ CHECKS: dict[str, Callable[[random.Random], tuple[mp.mpf, str]]] = {
     "P13": check_P13,
     "P14": check_P14,
     "P15": check_P15,
+    "P16": check_P16,
 }
 
 

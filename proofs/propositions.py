@@ -209,6 +209,19 @@ PROPOSITIONS: tuple[Proposition, ...] = (
         ("test_certificate:test_P15_estimated_certificate_bound_holds",),
     ),
     Proposition(
+        "P16",
+        "the certificate from the two raw Gram matrices (ours)",
+        "For W_bar = B diag(pw) A (stacked raw factors, column weights), gb = B^T B, "
+        "ga = A A^T, Pa = diag(pw) ga diag(pw) and X = B Y of full column rank: "
+        "||W_bar||^2 = <Pa, gb> and ||P_X W_bar||^2 = tr((Y^T gb Y)^-1 Z^T Pa Z) with "
+        "Z = gb Y, so the certificate of span(X) is their difference: two m x m Gram matrices "
+        "(one per side, shared by side='auto') instead of a QR of the stacked factors.",
+        r"\|\bar W - P_{BY}\bar W\|_F^2 = \langle P_a, G_B\rangle - "
+        r"\operatorname{tr}\big((Y^\top G_B Y)^{-1} Y^\top G_B P_a G_B Y\big)",
+        ("glora", "glora_auto", "glora_auto_rank"),
+        ("test_certificate:test_P16_gram_certificate_matches_the_qr_certificate",),
+    ),
+    Proposition(
         "L1",
         "low-rank Frobenius norms (used by every metric)",
         "||B A||_F = ||T A||_F for the thin QR B = Q T: distances need no d-by-k matrix.",
@@ -344,6 +357,8 @@ COQ_NOT_CHECKED: dict[str, str] = {
     "P13": "monotonicity of the residual curve along nested top eigenvectors is spectral",
     "P14": "min of the two certified residuals holds by construction of side='auto'; its "
     "gauge invariance rests on P3/P11's spectral step",
+    "P16": "an identity of traces with the inverse of Y^T gb Y: within mathcomp's matrix "
+    "algebra, not written yet",
     "P15": "a probability bound on Gaussian quadratic forms needs measure theory and the "
     "Gaussian integral, beyond mathcomp 1.15's algebra",
 }

@@ -8,14 +8,23 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from glora_math import (
+    GloraError,
     LoRAFactors,
     RankClampedWarning,
     ServerState,
     Sketch,
+    aggregate_modules,
+    get_operator,
     glora_aggregate,
+    glora_aggregate_stack,
     readout,
 )
-from glora_math.tolerances import eigenvalue_error, orthonormality_tol, zero_gap_tol
+from glora_math.tolerances import (
+    certificate_tol,
+    eigenvalue_error,
+    orthonormality_tol,
+    zero_gap_tol,
+)
 
 from .helpers import f64, state_tol, unique_or_reject
 from .strategies import conditioned_matrix, problems
@@ -457,3 +466,104 @@ def test_a_stack_whose_weighted_clients_have_fewer_columns_than_R_is_clamped_per
     assert float(state.U[:, :, 2].abs().max()) == 0.0
     with pytest.warns(RankClampedWarning):  # the per-module operator clamps each module too
         _modules_match(state, fs, 3, weights=[1.0, 0.0], sketch=sketch)
+
+
+# ----------------------------------------------------------------------------------------------
+# glora_aggregate_stack: side="auto" on a stack, in batched kernels
+
+
+def _float32_stack(n: int, L: int, d: int, k: int, r: int, seed: int) -> list[LoRAFactors]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        B = torch.randn(L, d, r, generator=g)
+        A = torch.randn(L, r, k, generator=g)
+        # some modules agree more on the left, some on the right
+        out.append(LoRAFactors(B, A))
+    return out
+
+
+@given(
+    st.integers(1, 4),
+    st.integers(2, 5),
+    st.integers(1, 3),
+    st.integers(4, 20),
+    st.integers(4, 20),
+    st.integers(0, 2**16),
+    st.data(),
+)
+def test_the_stack_takes_each_modules_auto_side_like_the_per_module_operator(  # type: ignore[no-untyped-def]
+    L, n, r, d, k, seed, data
+) -> None:
+    # Each module of glora_aggregate_stack(side="auto") is glora_aggregate(side="auto") on that
+    # module's clients: the same side (unless the two sides' certificates tie within their
+    # tolerance, where either is right), the same update and certificate to rounding.
+    fs = _float32_stack(n, L, d, k, r, seed)
+    cap = min(n * r, d, k)
+    R = data.draw(st.integers(1, cap), label="R")
+    states = unique_or_reject(lambda: glora_aggregate_stack(fs, rank=R))
+    assert len(states) == L
+    for layer, got in enumerate(states):
+        mods = [LoRAFactors(f.B[layer], f.A[layer]) for f in fs]
+        ref = unique_or_reject(lambda mods=mods: glora_aggregate(mods, rank=R, side="auto"))
+        scale = sum(float(f.B.norm() * f.A.norm()) for f in mods) / n
+        mean = float(sum((f64(f.B) @ f64(f.A) for f in mods), torch.zeros(d, k)).norm()) / n
+        ctol = certificate_tol(torch.float32, n=d + k + n * r, scale=(scale + float(
+            f64(ref.S).norm())) / max(mean, 1e-30))  # fmt: skip
+        assert got.certificate is not None and ref.certificate is not None
+        assert abs(got.relative_residual - ref.relative_residual) <= ctol
+        if got.side != ref.side:  # a tie within the certificates' tolerance
+            left = glora_aggregate(mods, rank=R, side="left").relative_residual
+            right = glora_aggregate(mods, rank=R, side="right").relative_residual
+            assert abs(left - right) <= 2 * ctol
+            continue
+        tol = state_tol(torch.float32, d=d, k=k, ranks=[r] * n, kappa=1.0, gap=ref.gap,
+                        scale=scale)  # fmt: skip
+        assert float((f64(got.delta()) - f64(ref.delta())).norm()) <= tol
+
+
+def test_the_stack_keeps_the_right_side_where_the_clients_share_row_spaces() -> None:
+    # Module 0: the clients share one B (left exact at R = r); module 1: they share one A
+    # (right exact). side="auto" keeps left for module 0 and right for module 1, both with a
+    # zero certified residual, and both certified from the Gram matrices (P16).
+    g = torch.Generator().manual_seed(3)
+    d, k, r, n = 24, 20, 2, 4
+    B0, A1 = torch.randn(d, r, generator=g), torch.randn(r, k, generator=g)
+    fs = []
+    for _ in range(n):
+        B = torch.stack([B0, torch.randn(d, r, generator=g)])
+        A = torch.stack([torch.randn(r, k, generator=g), A1])
+        fs.append(LoRAFactors(B, A))
+    states = glora_aggregate_stack(fs, rank=r)
+    assert [s.side for s in states] == ["left", "right"]
+    for s in states:
+        assert s.certificate is not None and s.certificate.method == "gram"
+        assert s.relative_residual <= certificate_tol(torch.float32, n=d + k + n * r, scale=2.0)
+    fixed = glora_aggregate_stack(fs, rank=r, side="right")
+    assert [s.side for s in fixed] == ["right", "right"]
+
+
+def test_the_stack_function_refuses_one_module() -> None:
+    f = LoRAFactors(torch.randn(6, 2), torch.randn(2, 5))
+    with pytest.raises(GloraError, match="glora_aggregate_stack takes stacked modules"):
+        glora_aggregate_stack([f, f], rank=2)
+
+
+def test_the_glora_auto_operator_aggregates_a_group_like_each_module() -> None:
+    # aggregate_modules groups same-shape modules into one glora_aggregate_stack call; the
+    # results equal the per-module operator's (the update, each readout, the certificate).
+    fs = _float32_stack(3, 3, 16, 12, 2, seed=5)
+    modules = {f"m{j}": [LoRAFactors(f.B[j], f.A[j]) for f in fs] for j in range(3)}
+    grouped = aggregate_modules(modules, operator="glora_auto", rank=4)
+    op = get_operator("glora_auto")
+    for name, clients in modules.items():
+        one = op(clients, None, rank=4)
+        got = grouped.results[name]
+        assert got.certificate is not None and one.certificate is not None
+        tol = certificate_tol(torch.float32, n=16 + 12 + 6, scale=4.0)
+        assert abs(got.certificate.relative_residual - one.certificate.relative_residual) <= tol
+        scale = sum(float(c.B.norm() * c.A.norm()) for c in clients)
+        gap = glora_aggregate(clients, rank=4, side="auto").gap
+        stol = state_tol(torch.float32, d=16, k=12, ranks=[2] * 3, kappa=1.0, gap=gap,
+                         scale=scale)  # fmt: skip
+        assert float((f64(got.update.delta()) - f64(one.update.delta())).norm()) <= stol

@@ -166,7 +166,7 @@ def test_the_route_finds_the_general_routes_subspace_with_P1(pb, data) -> None: 
     fast = unique_or_reject(lambda: implicit_state(pb.factors, info, p, R, sketch))
     # The sketch is narrower than the union and the clients are well conditioned: taken.
     assert fast is not None
-    U, S, eigvals, gap = fast
+    U, S, eigvals, gap, _ = fast
     fixed = [gauge_fix(f, "qr") for f in pb.factors]
     general = unique_or_reject(lambda: consensus_basis(fixed, pb.weights, rank=R, sketch=sketch))
     assert U.shape == general.U.shape
@@ -201,7 +201,7 @@ def test_the_exact_route_finds_the_top_eigenspace_of_K_with_P1(pb, data) -> None
     fast = unique_or_reject(lambda: implicit_state(pb.factors, info, p, R, None))
     # Well-conditioned float32 clients with some update: the route is taken.
     assert fast is not None
-    U, S, eigvals, gap = fast
+    U, S, eigvals, gap, _ = fast
     V, lam = top_eigenspace(K, R)
     n = n_dims(pb.d, pb.k, pb.ranks)
     # The spectrum of K, as long as the general route's (the nonzero part).

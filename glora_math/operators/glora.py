@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from glora_math.aggregate import glora_aggregate
+from glora_math.aggregate import glora_aggregate, glora_aggregate_stack
 from glora_math.errors import GloraError, GloraWarning, RankError
 from glora_math.metrics import mean_update, state_factors
 from glora_math.operators.interface import (
@@ -116,6 +116,56 @@ def _glora_sensitivity(gauge: GaugeMode, sides: tuple[Side, ...]) -> Sensitivity
     return sensitivity
 
 
+def _stack(modules: Sequence[Sequence[LoRAFactors]]) -> Sequence[LoRAFactors]:
+    """The clients' factors of same-shape modules, stacked along a leading module dimension.
+
+    Validated modules (:class:`~glora_math.validation.ValidatedClients`) give a validated stack.
+    """
+    n = len(modules[0])
+    stacked: Sequence[LoRAFactors] = [
+        LoRAFactors(torch.stack([m[i].B for m in modules]), torch.stack([m[i].A for m in modules]))
+        for i in range(n)
+    ]
+    infos = [m.info for m in modules if isinstance(m, ValidatedClients)]
+    if len(infos) == len(modules):  # every module was validated: so is their stack
+        dtype = infos[0].dtype
+        for info in infos[1:]:
+            dtype = torch.promote_types(dtype, info.dtype)
+        stacked = ValidatedClients(
+            stacked,
+            dataclasses.replace(
+                infos[0], dtype=dtype, work_dtype=working_dtype(dtype),
+                batch_shape=(len(modules),),
+            ),
+        )  # fmt: skip
+    return stacked
+
+
+def _glora_auto_group(modules: Sequence[Sequence[LoRAFactors]], p: Tensor,
+                      ctx: RoundContext) -> list[AggregateResult]:  # fmt: skip
+    """The side-aware GLoRA over same-shape modules: both sides batched, the side per module.
+
+    :func:`glora_math.glora_aggregate_stack` (each module's two raw Gram matrices serve both
+    sides' consensus and certificates); equal to ``fn`` module by module.
+    """
+    _check_client_ranks(ctx)
+    limit = ctx.options.get("max_residual")
+    states = glora_aggregate_stack(
+        _stack(modules),
+        p,
+        rank=ctx.rank,
+        side="auto",
+        sketch=_sketch(ctx.options),
+        max_residual=None if limit is None or limit <= 0 else limit,
+    )
+    results = []
+    for st in states:
+        basis = st.U if st.side == "left" else None
+        results.append(AggregateResult(state_factors(st), None, readouts(st, ctx.client_ranks),
+                                       basis=basis, certificate=st.certificate))  # fmt: skip
+    return results
+
+
 def _glora_group(gauge: GaugeMode, fold_residual: bool) -> GroupFn:
     """The paper's GLoRA over same-shape modules: one stacked call, certified per module.
 
@@ -128,27 +178,9 @@ def _glora_group(gauge: GaugeMode, fold_residual: bool) -> GroupFn:
         modules: Sequence[Sequence[LoRAFactors]], p: Tensor, ctx: RoundContext
     ) -> list[AggregateResult]:
         _check_client_ranks(ctx)
-        n = len(modules[0])
-        stack = [
-            (torch.stack([m[i].B for m in modules]), torch.stack([m[i].A for m in modules]))
-            for i in range(n)
-        ]
-        stacked: Sequence[LoRAFactors] = [LoRAFactors(B, A) for B, A in stack]
-        infos = [m.info for m in modules if isinstance(m, ValidatedClients)]
-        if len(infos) == len(modules):  # every module was validated: so is their stack
-            dtype = infos[0].dtype
-            for info in infos[1:]:
-                dtype = torch.promote_types(dtype, info.dtype)
-            stacked = ValidatedClients(
-                stacked,
-                dataclasses.replace(
-                    infos[0], dtype=dtype, work_dtype=working_dtype(dtype),
-                    batch_shape=(len(modules),),
-                ),
-            )  # fmt: skip
         limit = ctx.options.get("max_residual")
         st = glora_aggregate(
-            stacked,
+            _stack(modules),
             p,
             rank=ctx.rank,
             gauge=gauge,
@@ -240,6 +272,7 @@ register(
         fn=_glora("qr", False, side="auto"),
         cost=factors_cost,
         options=_GLORA_OPTIONS,
+        group_fn=_glora_auto_group,
         sensitivity=_glora_sensitivity("qr", ("left", "right")),
     )
 )
