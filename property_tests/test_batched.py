@@ -472,15 +472,24 @@ def test_a_stack_whose_weighted_clients_have_fewer_columns_than_R_is_clamped_per
 # glora_aggregate_stack: side="auto" on a stack, in batched kernels
 
 
-def _float32_stack(n: int, L: int, d: int, k: int, r: int, seed: int) -> list[LoRAFactors]:
+def _float32_stack(n: int, L: int, shape: tuple[int, int, int], seed: int) -> list[LoRAFactors]:
+    """n clients of L float32 modules, ``shape = (d, k, r)``, Gaussian factors."""
+    d, k, r = shape
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        B = torch.randn(L, d, r, generator=g)
-        A = torch.randn(L, r, k, generator=g)
-        # some modules agree more on the left, some on the right
-        out.append(LoRAFactors(B, A))
-    return out
+    return [
+        LoRAFactors(torch.randn(L, d, r, generator=g), torch.randn(L, r, k, generator=g))
+        for _ in range(n)
+    ]
+
+
+def _cert_tol(mods: list[LoRAFactors], S: torch.Tensor) -> float:
+    """``certificate_tol`` (float32) of one module's equal-weight clients and state's S."""
+    n = len(mods)
+    d, k = int(mods[0].B.shape[0]), int(mods[0].A.shape[1])
+    size = sum(float(f.B.norm() * f.A.norm()) for f in mods) / n
+    mean = float(sum((f64(f.B) @ f64(f.A) for f in mods), torch.zeros(d, k)).norm()) / n
+    terms = d + k + sum(int(f.B.shape[1]) for f in mods)
+    return certificate_tol(torch.float32, n=terms, scale=(size + float(f64(S).norm())) / mean)
 
 
 @given(
@@ -492,13 +501,13 @@ def _float32_stack(n: int, L: int, d: int, k: int, r: int, seed: int) -> list[Lo
     st.integers(0, 2**16),
     st.data(),
 )
-def test_the_stack_takes_each_modules_auto_side_like_the_per_module_operator(  # type: ignore[no-untyped-def]
+def test_the_stack_takes_each_modules_auto_side_like_the_per_module_operator(  # type: ignore[no-untyped-def]  # noqa: PLR0917
     L, n, r, d, k, seed, data
 ) -> None:
     # Each module of glora_aggregate_stack(side="auto") is glora_aggregate(side="auto") on that
     # module's clients: the same side (unless the two sides' certificates tie within their
     # tolerance, where either is right), the same update and certificate to rounding.
-    fs = _float32_stack(n, L, d, k, r, seed)
+    fs = _float32_stack(n, L, (d, k, r), seed)
     cap = min(n * r, d, k)
     R = data.draw(st.integers(1, cap), label="R")
     states = unique_or_reject(lambda: glora_aggregate_stack(fs, rank=R))
@@ -506,17 +515,16 @@ def test_the_stack_takes_each_modules_auto_side_like_the_per_module_operator(  #
     for layer, got in enumerate(states):
         mods = [LoRAFactors(f.B[layer], f.A[layer]) for f in fs]
         ref = unique_or_reject(lambda mods=mods: glora_aggregate(mods, rank=R, side="auto"))
-        scale = sum(float(f.B.norm() * f.A.norm()) for f in mods) / n
-        mean = float(sum((f64(f.B) @ f64(f.A) for f in mods), torch.zeros(d, k)).norm()) / n
-        ctol = certificate_tol(torch.float32, n=d + k + n * r, scale=(scale + float(
-            f64(ref.S).norm())) / max(mean, 1e-30))  # fmt: skip
-        assert got.certificate is not None and ref.certificate is not None
+        ctol = _cert_tol(mods, ref.S)
+        assert got.certificate is not None
+        assert ref.certificate is not None
         assert abs(got.relative_residual - ref.relative_residual) <= ctol
         if got.side != ref.side:  # a tie within the certificates' tolerance
             left = glora_aggregate(mods, rank=R, side="left").relative_residual
             right = glora_aggregate(mods, rank=R, side="right").relative_residual
             assert abs(left - right) <= 2 * ctol
             continue
+        scale = sum(float(f.B.norm() * f.A.norm()) for f in mods) / n
         tol = state_tol(torch.float32, d=d, k=k, ranks=[r] * n, kappa=1.0, gap=ref.gap,
                         scale=scale)  # fmt: skip
         assert float((f64(got.delta()) - f64(ref.delta())).norm()) <= tol
@@ -536,9 +544,11 @@ def test_the_stack_keeps_the_right_side_where_the_clients_share_row_spaces() -> 
         fs.append(LoRAFactors(B, A))
     states = glora_aggregate_stack(fs, rank=r)
     assert [s.side for s in states] == ["left", "right"]
-    for s in states:
-        assert s.certificate is not None and s.certificate.method == "gram"
-        assert s.relative_residual <= certificate_tol(torch.float32, n=d + k + n * r, scale=2.0)
+    for j, s in enumerate(states):
+        assert s.certificate is not None
+        assert s.certificate.method == "gram"
+        mods = [LoRAFactors(f.B[j], f.A[j]) for f in fs]
+        assert s.relative_residual <= _cert_tol(mods, s.S)
     fixed = glora_aggregate_stack(fs, rank=r, side="right")
     assert [s.side for s in fixed] == ["right", "right"]
 
@@ -552,18 +562,19 @@ def test_the_stack_function_refuses_one_module() -> None:
 def test_the_glora_auto_operator_aggregates_a_group_like_each_module() -> None:
     # aggregate_modules groups same-shape modules into one glora_aggregate_stack call; the
     # results equal the per-module operator's (the update, each readout, the certificate).
-    fs = _float32_stack(3, 3, 16, 12, 2, seed=5)
+    fs = _float32_stack(3, 3, (16, 12, 2), seed=5)
     modules = {f"m{j}": [LoRAFactors(f.B[j], f.A[j]) for f in fs] for j in range(3)}
     grouped = aggregate_modules(modules, operator="glora_auto", rank=4)
     op = get_operator("glora_auto")
     for name, clients in modules.items():
         one = op(clients, None, rank=4)
         got = grouped.results[name]
-        assert got.certificate is not None and one.certificate is not None
-        tol = certificate_tol(torch.float32, n=16 + 12 + 6, scale=4.0)
+        assert got.certificate is not None
+        assert one.certificate is not None
+        ref = glora_aggregate(clients, rank=4, side="auto")
+        tol = _cert_tol(list(clients), ref.S)
         assert abs(got.certificate.relative_residual - one.certificate.relative_residual) <= tol
         scale = sum(float(c.B.norm() * c.A.norm()) for c in clients)
-        gap = glora_aggregate(clients, rank=4, side="auto").gap
-        stol = state_tol(torch.float32, d=16, k=12, ranks=[2] * 3, kappa=1.0, gap=gap,
+        stol = state_tol(torch.float32, d=16, k=12, ranks=[2] * 3, kappa=1.0, gap=ref.gap,
                          scale=scale)  # fmt: skip
         assert float((f64(got.update.delta()) - f64(one.update.delta())).norm()) <= stol
