@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     nbs.add_argument("dir", help="a new or empty folder")
     ver = sub.add_parser(
         "verify",
-        help="symbolic proofs, high-precision checks and properties of P1-P14 and the lemmas",
+        help="symbolic proofs, high-precision checks and properties of P1-P16 and the lemmas",
         formatter_class=fmt,
     )
     ver.add_argument("--dps", type=_positive_int, default=50,
