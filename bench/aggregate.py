@@ -262,7 +262,7 @@ LLAMA_7B_SHAPES = {  # (d, k) of the update -> modules per model (32 layers)
 
 #: What the LLaMA-7B-shaped set measures (``default_glora_auto``: the default operator, as the
 #: peft path, the runner and Flower call it on a whole model).
-LLAMA_METHODS = ("fedit", "glora_exact", "glora_sketch", "glora_exact_certified",
+LLAMA_METHODS = ("fedit", "gram_floor", "glora_exact", "glora_sketch", "glora_exact_certified",
                  "glora_sketch_estimate", "default_glora_auto")  # fmt: skip
 
 
@@ -298,6 +298,13 @@ def bench_llama(
 
     stacks = [[LoRAFactors(B, A) for B, A in zip(Bs, As, strict=True)] for Bs, As in groups]
 
+    def floor_all() -> None:
+        # One side's floor per module, batched per shape: the float64 Gram of the stacked
+        # B's and its eigenvalues (as gram_floor in the grid).
+        for Bs, _ in groups:
+            M = torch.cat([B.to(torch.float64) for B in Bs], dim=-1) / len(Bs) ** 0.5
+            torch.linalg.eigh(M.mT @ M)
+
     def glora_all(sketch: Sketch | None, *, certify: bool = False) -> Callable[[], None]:
         def run() -> None:
             for clients in stacks:  # one stacked call per distinct module shape
@@ -306,7 +313,8 @@ def bench_llama(
         return run
 
     # The default operator on the whole model, as the peft path, the runner and Flower call it:
-    # one round over every module (glora_auto: both sides, certified, module by module).
+    # one round over every module (glora_auto: both sides, certified; same-shape modules in one
+    # batched glora_aggregate_stack call, with per-client readouts).
     modules = {
         f"{d}x{k}.{layer}": [LoRAFactors(B[layer], A[layer]) for B, A in zip(Bs, As, strict=True)]
         for ((d, k), _), (Bs, As) in zip(LLAMA_7B_SHAPES.items(), groups, strict=True)
@@ -320,6 +328,7 @@ def bench_llama(
 
     for name, fn in (
         ("fedit", fedit_all),
+        ("gram_floor", floor_all),
         ("glora_exact", glora_all(None)),
         ("glora_sketch", glora_all(SKETCH)),
         ("glora_exact_certified", glora_all(None, certify=True)),
@@ -396,7 +405,13 @@ def report(result: Mapping[str, Any]) -> str:
                 f"factors {_mib(ll['factor_bytes'])} MiB):", ""]  # fmt: skip
         out += [
             f"- {m}: {ll[m + '_seconds']:.2f} s ({ll[m + '_seconds'] / ll['fedit_seconds']:.1f}x "
-            f"FedIT), peak extra {_mib(ll[m + '_peak_extra_bytes'])} MiB"
+            f"FedIT"
+            + (
+                f", {ll[m + '_seconds'] / ll['gram_floor_seconds']:.2f}x the floor"
+                if "gram_floor_seconds" in ll
+                else ""
+            )
+            + f"), peak extra {_mib(ll[m + '_peak_extra_bytes'])} MiB"
             for m in LLAMA_METHODS
             if m + "_seconds" in ll
         ]

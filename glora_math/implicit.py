@@ -35,6 +35,7 @@ Householder QR of every client and writing the coordinates ``C_i``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -204,8 +205,29 @@ def raw_gram(Xs: Sequence[Tensor]) -> Tensor:
     """``X^T X`` for ``X = [X_1, ..., X_N]`` (each ``(..., n, r_i)``), in float64, symmetric.
 
     Float32 and half entries multiply exactly in float64; only the sums round. Cost n m^2 for
-    m = sum_i r_i (the lower triangle, :func:`~glora_math.linalg.gram_lower`, mirrored).
+    m = sum_i r_i (the lower triangle, :func:`~glora_math.linalg.gram_lower`, mirrored). A
+    stack is done a few modules at a time, so the float64 copy of the factors stays below
+    :data:`RAW_GRAM_CHUNK_BYTES`.
     """
+    x0 = Xs[0]
+    batch = tuple(x0.shape[:-2])
+    n, m = int(x0.shape[-2]), sum(int(x.shape[-1]) for x in Xs)
+    count = math.prod(batch)
+    step = max(1, RAW_GRAM_CHUNK_BYTES // max(1, 8 * n * m))
+    if count <= step:
+        return _raw_gram(Xs)
+    flat = [x.reshape(count, n, int(x.shape[-1])) for x in Xs]
+    out = torch.empty((count, m, m), dtype=torch.float64, device=x0.device)
+    for i in range(0, count, step):
+        out[i : i + step] = _raw_gram([x[i : i + step] for x in flat])
+    return out.reshape(*batch, m, m)
+
+
+#: The largest float64 copy of a stack's factors :func:`raw_gram` makes at once (256 MiB).
+RAW_GRAM_CHUNK_BYTES = 256 * 2**20
+
+
+def _raw_gram(Xs: Sequence[Tensor]) -> Tensor:
     X = torch.cat([x.to(torch.float64) for x in Xs], dim=-1)
     G = gram_lower(X)
     return G.tril() + G.tril(-1).mT

@@ -516,3 +516,19 @@ def test_the_gram_route_does_not_depend_on_the_default_dtype(default: torch.dtyp
     assert torch.equal(state.U, ref.U)
     assert torch.equal(state.S, ref.S)
     assert torch.equal(state.eigvals, ref.eigvals)
+
+
+def test_the_raw_gram_of_a_stack_is_the_same_when_done_in_chunks(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # raw_gram bounds its float64 copy of a stack by doing a few modules at a time; the
+    # result is the same matrices, bit for bit (each chunk is the same kernels on its modules).
+    from glora_math import implicit
+
+    g = torch.Generator().manual_seed(0)
+    Xs = [torch.randn(5, 30, 3, generator=g) for _ in range(4)]
+    whole = implicit.raw_gram(Xs)
+    monkeypatch.setattr(implicit, "RAW_GRAM_CHUNK_BYTES", 8 * 30 * 12 * 2)  # two modules a time
+    assert torch.equal(implicit.raw_gram(Xs), whole)
+    X = torch.cat(Xs, dim=-1).to(torch.float64)
+    # The Gram itself, to the rounding of 30-term float64 sums.
+    tol = eigenvalue_error(float((X.mT @ X).abs().max()), 30, torch.float64)
+    assert float((whole - X.mT @ X).abs().max()) <= tol
