@@ -323,6 +323,12 @@ COQ_THEOREMS: dict[str, tuple[str, ...]] = {
         "Certificate.P12_certificate_glora_right",
         "Certificate.P12_kept_le_total",
     ),
+    "P16": (
+        "GramCertificate.projX_pythagoras",
+        "GramCertificate.P16_mean_norm",
+        "GramCertificate.P16_kept_norm",
+        "GramCertificate.P16_certificate",
+    ),
     "L1": (
         "Certificate.L1_fro2_is_sum_of_squares",
         "Certificate.L1_orthonormal_left_factor",
@@ -345,6 +351,8 @@ COQ_SCOPE: dict[str, str] = {
     "and a witness where it is not symmetric",
     "P11": "as P1-P3 on the right; the spectral step is not checked",
     "P12": "full, both sides, and ||S||^2 <= ||W||^2 over an ordered field",
+    "P16": "full, over any field: W = B D A for any m x m D (the operator's D is the diagonal "
+    "of weights), the projector onto the columns of B Y with (B Y)^T (B Y) invertible",
     "L1": "full, as squared norms (no square roots)",
 }
 
@@ -357,8 +365,6 @@ COQ_NOT_CHECKED: dict[str, str] = {
     "P13": "monotonicity of the residual curve along nested top eigenvectors is spectral",
     "P14": "min of the two certified residuals holds by construction of side='auto'; its "
     "gauge invariance rests on P3/P11's spectral step",
-    "P16": "an identity of traces with the inverse of Y^T gb Y: within mathcomp's matrix "
-    "algebra, not written yet",
     "P15": "a probability bound on Gaussian quadratic forms needs measure theory and the "
     "Gaussian integral, beyond mathcomp 1.15's algebra",
 }
