@@ -163,8 +163,8 @@ def test_a_stack_refuses_the_per_module_choices_and_says_why(kwargs: dict[str, o
         glora_aggregate(_stack(), **kwargs)  # type: ignore[arg-type]
     assert _message(info) == (
         "side='auto' and rank='auto' choose per module, which gives modules states of "
-        "different shapes: aggregate a stack with a fixed side and rank, or pass the "
-        "modules one by one"
+        "different shapes: glora_aggregate_stack gives each module its own state "
+        "(side='auto' in batched kernels); rank='auto' takes the modules one by one"
     )
 
 

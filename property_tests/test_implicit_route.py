@@ -27,7 +27,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import glora_math.aggregate as aggregate_module
+import glora_math.sides as sides_module
 from glora_math import (
     LoRAFactors,
     RankClampedWarning,
@@ -129,13 +129,13 @@ def test_float32_clients_take_the_route_and_float64_clients_do_not(monkeypatch) 
     fs32 = [LoRAFactors(f.B.to(F32), f.A.to(F32)) for f in fs64]
     sketch = Sketch(oversample=2, power_iters=1, seed=0)
     calls: list[int] = []
-    real = aggregate_module.gauge_fix_all
+    real = sides_module.gauge_fix_all
 
     def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(aggregate_module, "gauge_fix_all", spy)
+    monkeypatch.setattr(sides_module, "gauge_fix_all", spy)
     glora_aggregate(fs32, rank=3, sketch=sketch)
     glora_aggregate(fs32, rank=3)
     assert calls == []
@@ -286,8 +286,6 @@ def test_equal_ranks_give_a_stack_of_maps_that_acts_like_the_block_diagonal() ->
 def test_the_batched_route_matches_the_per_module_route_and_redoes_odd_layers(  # type: ignore[no-untyped-def]
     monkeypatch, sketch
 ) -> None:
-    import glora_math.aggregate as aggregate_module
-
     g = torch.Generator().manual_seed(21)
     L, d, k, r, n = 4, 48, 30, 4, 5
     Bs = [torch.randn(L, d, r, generator=g, dtype=torch.float64) for _ in range(n)]
@@ -300,13 +298,13 @@ def test_the_batched_route_matches_the_per_module_route_and_redoes_odd_layers(  
     As = [A.to(F32) for A in As]
     w = torch.tensor([1.0, 2.0, 0.0, 1.0, 3.0])
     redone: list[int] = []
-    real = aggregate_module._side_state
+    real = sides_module.side_state
 
     def spy(fs, *args, **kwargs):  # type: ignore[no-untyped-def]
         redone.append(1)
         return real(fs, *args, **kwargs)
 
-    monkeypatch.setattr(aggregate_module, "_side_state", spy)
+    monkeypatch.setattr(sides_module, "side_state", spy)
     clients = [LoRAFactors(B, A) for B, A in zip(Bs, As, strict=True)]
     batched = glora_aggregate(clients, w, rank=3, sketch=sketch)
     # Only the two odd layers went through the per-module operator.
