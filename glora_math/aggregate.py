@@ -19,6 +19,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Literal
 
+from torch import Tensor
+
 from glora_math.certificate import (
     warn_residual,
 )
@@ -35,6 +37,7 @@ from glora_math.sides import Route, side_state, stacked_state
 from glora_math.types import GaugeMode, LoRAFactors, ServerState, Side, Sketch
 from glora_math.validation import (
     KERNEL_ERRORS,
+    ClientsInfo,
     WeightsLike,
     as_factors,
     check_finite_output,
@@ -138,14 +141,7 @@ def glora_aggregate(
     _check_modes(side, auto=auto, certify=certify, max_residual=max_residual)
     _check_route(route, gauge)
     limit = None if max_residual is None else _check_fraction(max_residual, "max_residual", 1e300)
-    p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
-    # Detached views: the math is not differentiable, and autograd would refuse its out= kernels.
-    factors = [_detached(as_factors(f, i)) for i, f in enumerate(factors)]
-    given = factors
-    shift = _shift(factors, info.work_dtype)
-    if shift != (0, 0):  # near the ends of the dtype's range: compute at unit scale
-        factors = [LoRAFactors(_times_pow2(f.B, -shift[0]), _times_pow2(f.A, -shift[1]))
-                   for f in factors]  # fmt: skip
+    p, given, factors, shift = _prepared(factors, weights, info)
     if info.batch_shape:
         if auto or side == "auto":
             raise GloraError(
@@ -199,6 +195,25 @@ def glora_aggregate(
     best = _unscaled(best, sum(shift))
     check_finite_output([best.S], given, "glora_aggregate")
     return best
+
+
+def _prepared(
+    factors: Sequence[LoRAFactors], weights: WeightsLike, info: ClientsInfo
+) -> tuple[Tensor, list[LoRAFactors], list[LoRAFactors], tuple[int, int]]:
+    """``(p, given, scaled, shift)`` of checked clients, for the operator's entry points.
+
+    The normalised weights, the clients as given (detached) and at unit scale, and the
+    power-of-2 shift between them (``(0, 0)`` inside the dtype's comfortable band).
+    """
+    p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
+    # Detached views: the math is not differentiable, and autograd would refuse its out= kernels.
+    given = [_detached(as_factors(f, i)) for i, f in enumerate(factors)]
+    shift = _shift(given, info.work_dtype)
+    if shift == (0, 0):
+        return p, given, given, shift
+    # near the ends of the dtype's range: compute at unit scale
+    scaled = [LoRAFactors(_times_pow2(f.B, -shift[0]), _times_pow2(f.A, -shift[1])) for f in given]
+    return p, given, scaled, shift
 
 
 def _rank_rule(
@@ -301,13 +316,7 @@ def glora_aggregate_stack(
     _check_modes(side, auto=False, certify=True, max_residual=max_residual)
     _check_route(route, gauge)
     limit = None if max_residual is None else _check_fraction(max_residual, "max_residual", 1e300)
-    p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
-    factors = [_detached(as_factors(f, i)) for i, f in enumerate(factors)]
-    given = factors
-    shift = _shift(factors, info.work_dtype)
-    if shift != (0, 0):
-        factors = [LoRAFactors(_times_pow2(f.B, -shift[0]), _times_pow2(f.A, -shift[1]))
-                   for f in factors]  # fmt: skip
+    p, given, factors, shift = _prepared(factors, weights, info)
     sides: tuple[Literal["left", "right"], ...] = ("left", "right") if side == "auto" else (side,)
     grams = GramCache()
     states, notes = [], []
