@@ -257,7 +257,9 @@ class Certificate:
     confidence: float | None = None
     #: How it was computed: ``"qr"`` (one QR of the stacked factors), ``"gram"`` (from the
     #: Gram route's matrices, P16, taken only where its error bound is within the QR
-    #: certificate's tolerance) or ``"estimate"`` (Gaussian probes, P15).
+    #: certificate's tolerance) or ``"estimate"`` (Gaussian probes, P15). The total
+    #: certificate of a stack combines its modules' (``module_certificates`` say how each was
+    #: computed) and keeps the default ``"qr"`` unless it is an estimate.
     method: str = "qr"
 
     @property
