@@ -109,8 +109,10 @@ def glora_aggregate(
         :class:`~glora_math.errors.GloraError` saying why where it is not accurate). The
         route taken is recorded in ``state.route``.
     certify
-        Compute the certificate (default). It costs one QR of the stacked weighted left factors
-        (d by sum r_i + R); ``False`` skips it for speed-critical calls (``relative_residual``
+        Compute the certificate (default). On the Gram route's exact consensus it costs the
+        float64 Gram matrix of the stacked A's (P16, ``certificate.method == "gram"``);
+        elsewhere one QR of the stacked weighted left factors (d by sum r_i + R, ``"qr"``);
+        ``False`` skips it for speed-critical calls (``relative_residual``
         is then NaN), and is refused with ``side="auto"``, ``rank="auto"`` or ``max_residual``,
         which decide by it.
 
@@ -128,7 +130,8 @@ def glora_aggregate(
     WeightError, RankError, GloraError (bad ``side``, ``tol`` or ``max_residual``)
 
     Cost O(sum_i r_i^2 (d + k) + d (sum_i r_i)^2 + R (d + k) sum_i r_i), twice for
-    ``side="auto"``; the certificate adds one QR of the stacked weighted B's.
+    ``side="auto"`` (whose two sides share their two Gram matrices on the Gram route); the
+    certificate adds the A side's Gram matrix there, else one QR of the stacked weighted B's.
 
     For float32 (and half) clients with the ``qr`` gauge, both consensus modes run on the raw
     factors (:mod:`glora_math.implicit`): the client bases come from float64 Gram matrices,
@@ -298,7 +301,8 @@ def glora_aggregate_stack(
     side gives the modules of ``glora_aggregate``'s stacked state. ``rank`` is an integer (the
     auto-rank rule is per module: pass the modules one by one); the other parameters are
     :func:`glora_aggregate`'s, and ``max_residual`` warns per module on the kept side.
-    Warnings of a side that no module keeps are dropped.
+    Warnings of a side that no module keeps are dropped; those of a side that some module
+    keeps are emitted whole (they name their modules).
 
     Raises
     ------

@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from glora_math.certificate import GramParts, gram_parts
+from glora_math.certificate import GramParts, gram_parts, stored_basis_products
 from glora_math.implicit import (
     GramCache,
     diagonal_blocks,
@@ -125,7 +125,7 @@ def _implicit_batched(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, int, GramParts | None] | None:
     """The route of :mod:`glora_math.implicit` (exact or randomized), batched over L modules.
 
-    Returns ``(U, S, eig, uniform, m)`` or ``None`` where that route does not apply (see
+    Returns ``(U, S, eig, uniform, m, parts)`` or ``None`` where that route does not apply (see
     :func:`~glora_math.implicit.implicit_state`). Layers where some client's B is
     rank-deficient or too ill-conditioned for its float64 Gram matrix
     (:func:`~glora_math.tolerances.gram_basis_accurate`), or where the consensus needs the
@@ -215,7 +215,7 @@ def _raw_gram_batched(
         mp, rho, accurate, _ = maps_from_gram(g, d, p[i].to(torch.float64).sqrt(), wd)
         uniform &= (rho == int(g.shape[-1])) & accurate
         maps.append(mp)
-    U, lam, Y, ok = gram_consensus(Bw, maps, gam, R, wd)
+    U, lam, _, ok = gram_consensus(Bw, maps, gam, R, wd)
     uniform &= ok
     U = U[..., :R] * column_signs(U[..., :R]).unsqueeze(-2)
     p_cols = torch.cat([p[i].expand(r) for i, r in zip(live, widths, strict=True)])
@@ -225,7 +225,8 @@ def _raw_gram_batched(
     parts = None
     if certify:
         pw = p_cols.to(torch.float64)
-        parts = gram_parts(gam, grams.get("A", live, [A.mT for A in Aw]), pw, Y[..., :R],
+        XtB, XtX = stored_basis_products(U, Bw)
+        parts = gram_parts(gam, grams.get("A", live, [A.mT for A in Aw]), pw, XtB, XtX,
                            d + int(Aw[0].shape[-1]) + sum(widths))  # fmt: skip
     return U, S, lam, uniform, sum(widths), parts
 

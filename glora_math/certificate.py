@@ -15,11 +15,11 @@ computed directly, as the norm of the stacked difference
 that also gives ``||W_bar||``: never a d-by-k matrix, and no cancellation.
 
 Where the consensus came from the raw Gram matrix of the B's (:mod:`glora_math.implicit`),
-the same numbers come from that matrix and the raw Gram matrix of the A's, without the QR
-(:func:`gram_parts`, proposition P16): both norms are quadratic forms in the two m-by-m Gram
-matrices, evaluated in float64 (exact products of float32 entries) with a bound on their error;
-where the bound is wider than the QR certificate's own tolerance, the QR certificate is
-computed instead (:func:`gram_certificates`).
+the same numbers come from that matrix, the raw Gram matrix of the A's and the stored basis's
+products with the B's, without the QR (:func:`gram_parts`, proposition P16): both norms are
+quadratic forms in them, evaluated in float64 (exact products of float32 entries) with a
+bound on their error; where the bound is wider than the QR certificate's own tolerance, the QR
+certificate is computed instead (:func:`gram_certificates`).
 
 Everything here works on one orientation: a right-side state is certified on the transposed
 clients ``(A_i^T, B_i^T)``, which have the same residual norms.
@@ -184,39 +184,53 @@ class GramParts:
     size: Tensor
 
 
-def gram_parts(gam_b: Tensor, gam_a: Tensor, pw: Tensor, Y: Tensor, n: int) -> GramParts:
-    """The certificate of ``span(B Y)`` from the raw Gram matrices of both sides (P16), batched.
+def stored_basis_products(U: Tensor, Bs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(U^T B, U^T U)`` in float64 for a stored basis ``U`` (..., n, R) and the stacked B's.
+
+    The products of stored float32 or half entries are exact in float64; only the sums round.
+    Cost O(n m R): small beside the Gram matrices.
+    """
+    U64 = U.to(torch.float64)
+    XtB = torch.cat([U64.mT @ B.to(torch.float64) for B in Bs], dim=-1)
+    return XtB, U64.mT @ U64
+
+
+def gram_parts(  # noqa: PLR0917 - the quantities of one proposition (P16)
+    gam_b: Tensor, gam_a: Tensor, pw: Tensor, XtB: Tensor, XtX: Tensor, n: int
+) -> GramParts:
+    """The certificate of ``span(X)`` from the raw Gram matrices of both sides (P16), batched.
 
     ``B = [B_1, ..., B_N]`` and ``A = [A_1; ...; A_N]`` are the stacked raw factors (m columns
     and rows), ``gam_b = B^T B`` and ``gam_a = A A^T`` their float64 Gram matrices, ``pw`` the
-    weight of each column (``p_i`` repeated ``r_i`` times) and ``Y`` (m by R, full column rank
-    ``B Y``) the coefficients of the state's basis. With ``W_bar = B diag(pw) A`` and
-    ``Pa = diag(pw) gam_a diag(pw)``, Pythagoras and the projector onto ``span(B Y)`` give
+    weight of each column (``p_i`` repeated ``r_i`` times), and ``XtB = X^T B``, ``XtX = X^T
+    X`` (:func:`stored_basis_products`) for the state's stored basis X (full column rank:
+    the certificate is of the subspace the state stores, not of an ideal one). With ``W_bar =
+    B diag(pw) A`` and ``Pa = diag(pw) gam_a diag(pw)``, Pythagoras and the projector onto
+    ``span(X)`` give
 
-        ||W_bar||^2         = <Pa, gam_b>
-        ||P W_bar||^2       = tr((Y^T gam_b Y)^{-1} Z^T Pa Z),   Z = gam_b Y
+        ||W_bar||^2           = <Pa, gam_b>
+        ||P W_bar||^2         = tr((X^T X)^{-1} (X^T B) Pa (X^T B)^T)
         ||W_bar - P W_bar||^2 = the difference,
 
-    exact identities (proof in ``proofs/symbolic.py``, P16). Cost O(m^2 R): the Gram matrices
-    are what the Gram route has anyway. The difference cancels, so it is evaluated in float64:
-    every term is within ``size^2`` (Cauchy-Schwarz on the Gram entries), so the error of each
-    is at most ``beta = 2 SAFETY n eps64 size^2 (1 + cond(Y^T gam_b Y))`` over ``n`` terms.
-    For float32 and half inputs that is far inside the QR certificate's tolerance (``sqrt(n
-    eps64) <= n eps32``); the test stays, in :func:`gram_certificates`.
+    exact identities (P16: sympy, 50 digits, and Coq). Cost O(m^2 R): the Gram matrices are
+    what the Gram route has anyway. The difference cancels, so it is evaluated in float64:
+    every term is within ``size^2`` (Cauchy-Schwarz on the Gram entries, ``||X^T B|| <=
+    ||X|| ||B||``), so the error of each is at most ``beta = 2 SAFETY n eps64 size^2 (1 +
+    cond(X^T X))`` over ``n`` terms (``X^T X`` is the identity to the working precision). For
+    float32 and half inputs that is far inside the QR certificate's tolerance (``sqrt(n eps64)
+    <= n eps32``); the test stays, in :func:`gram_certificates`.
     """
     Pa = pw.unsqueeze(-1) * gam_a * pw.unsqueeze(-2)
     mean2 = (Pa * gam_b).sum((-2, -1))
-    Z = gam_b @ Y
-    Gy = Y.mT @ Z
-    T = Z.mT @ (Pa @ Z)
-    L, info = torch.linalg.cholesky_ex(Gy)
+    T = XtB @ Pa @ XtB.mT
+    L, info = torch.linalg.cholesky_ex(XtX)
     bad = info != 0
-    Lsafe = torch.where(bad.unsqueeze(-1).unsqueeze(-1), torch.eye(int(Gy.shape[-1]),
-                        dtype=Gy.dtype, device=Gy.device), L)  # fmt: skip
-    X = torch.linalg.solve_triangular(Lsafe, T, upper=False)
-    X = torch.linalg.solve_triangular(Lsafe, X.mT, upper=False)
-    proj2 = X.diagonal(dim1=-2, dim2=-1).sum(-1)
-    ev = torch.linalg.eigvalsh(Gy)
+    Lsafe = torch.where(bad.unsqueeze(-1).unsqueeze(-1), torch.eye(int(XtX.shape[-1]),
+                        dtype=XtX.dtype, device=XtX.device), L)  # fmt: skip
+    Xs = torch.linalg.solve_triangular(Lsafe, T, upper=False)
+    Xs = torch.linalg.solve_triangular(Lsafe, Xs.mT, upper=False)
+    proj2 = Xs.diagonal(dim1=-2, dim2=-1).sum(-1)
+    ev = torch.linalg.eigvalsh(XtX)
     cond = ev[..., -1] / ev[..., 0].clamp_min(torch.finfo(torch.float64).tiny)
     size = (pw * (gam_a.diagonal(dim1=-2, dim2=-1) * gam_b.diagonal(dim1=-2, dim2=-1)).sqrt()
             ).sum(-1)  # fmt: skip
@@ -308,5 +322,6 @@ __all__ = [
     "gram_certificates",
     "gram_parts",
     "residual_curve",
+    "stored_basis_products",
     "warn_residual",
 ]

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from glora_math.certificate import GramParts, gram_parts
+from glora_math.certificate import GramParts, gram_parts, stored_basis_products
 from glora_math.consensus import exact_top, finish_basis
 from glora_math.linalg import (
     column_signs,
@@ -416,7 +416,7 @@ def _raw_gram_state(  # noqa: PLR0917 - the prelude's results, handed on once
     m = sum(ranks)
     if m == 0:  # all updates zero: the general route warns and returns the empty state
         return None
-    Q, lam, Y, ok = gram_consensus(Bs, maps, gam, R, wd)
+    Q, lam, _, ok = gram_consensus(Bs, maps, gam, R, wd)
     if bool(ok):
         lam_kept = lam[:m]
     else:  # R near the numerical rank: the clamp decision needs the accurate route
@@ -433,7 +433,8 @@ def _raw_gram_state(  # noqa: PLR0917 - the prelude's results, handed on once
         pw = torch.cat([torch.full((w,), pi, dtype=torch.float64) for w, pi in zip(widths, pl,
                         strict=True)]).to(gam.device)  # fmt: skip
         gam_a = grams.get("A", live, [c.A.to(wd).mT for c in cs])
-        parts = gram_parts(gam, gam_a, pw, Y[:, : int(U.shape[1])], d + info.k + sum(widths))
+        XtB, XtX = stored_basis_products(U, Bs)
+        parts = gram_parts(gam, gam_a, pw, XtB, XtX, d + info.k + sum(widths))
     return U, S, basis.eigvals, basis.gap, parts
 
 

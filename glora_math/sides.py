@@ -1,10 +1,10 @@
-"""One side's GLoRA state, and a stack's (internal; the public entry is glora_aggregate).
+"""One side's GLoRA state, and a stack's (internal; the public entries are in aggregate.py).
 
 :func:`side_state` computes the certified state of one side (left: the B's column spaces;
 right: the transpose problem) of one module by the Gram route where it applies, else the
 general route; :func:`stacked_state` does the same for a stack of same-shape modules in
 batched kernels, redoing odd modules one by one. Both take checked inputs from
-:func:`glora_math.glora_aggregate`.
+:func:`glora_math.glora_aggregate` and :func:`glora_math.glora_aggregate_stack`.
 """
 
 from __future__ import annotations

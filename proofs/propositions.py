@@ -212,13 +212,13 @@ PROPOSITIONS: tuple[Proposition, ...] = (
         "P16",
         "the certificate from the two raw Gram matrices (ours)",
         "For W_bar = B diag(pw) A (stacked raw factors, column weights), gb = B^T B, "
-        "ga = A A^T, Pa = diag(pw) ga diag(pw) and X = B Y of full column rank: "
-        "||W_bar||^2 = <Pa, gb> and ||P_X W_bar||^2 = tr((Y^T gb Y)^-1 Z^T Pa Z) with "
-        "Z = gb Y, so the certificate of span(X) is their difference: two m x m Gram matrices "
-        "(one per side, shared by side='auto') instead of a QR of the stacked factors.",
-        r"\|\bar W - P_{BY}\bar W\|_F^2 = \langle P_a, G_B\rangle - "
-        r"\operatorname{tr}\big((Y^\top G_B Y)^{-1} Y^\top G_B P_a G_B Y\big)",
-        ("glora", "glora_auto", "glora_auto_rank"),
+        "ga = A A^T, Pa = diag(pw) ga diag(pw) and the stored basis X of full column rank: "
+        "||W_bar||^2 = <Pa, gb> and ||P_X W_bar||^2 = tr((X^T X)^-1 (X^T B) Pa (X^T B)^T), so "
+        "the certificate of span(X) is their difference: two m x m Gram matrices (one per "
+        "side, shared by side='auto') and X^T B instead of a QR of the stacked factors.",
+        r"\|\bar W - P_X\bar W\|_F^2 = \langle P_a, G_B\rangle - "
+        r"\operatorname{tr}\big((X^\top X)^{-1} X^\top B P_a B^\top X\big)",
+        ("glora", "glora_auto"),
         ("test_certificate:test_P16_gram_certificate_matches_the_qr_certificate",),
     ),
     Proposition(
@@ -352,7 +352,7 @@ COQ_SCOPE: dict[str, str] = {
     "P11": "as P1-P3 on the right; the spectral step is not checked",
     "P12": "full, both sides, and ||S||^2 <= ||W||^2 over an ordered field",
     "P16": "full, over any field: W = B D A for any m x m D (the operator's D is the diagonal "
-    "of weights), the projector onto the columns of B Y with (B Y)^T (B Y) invertible",
+    "of weights), the projector onto the columns of any X with X^T X invertible",
     "L1": "full, as squared norms (no square roots)",
 }
 

@@ -910,25 +910,22 @@ def prove_P15() -> SymbolicResult:
 
 
 def _gram_certificate_identities(d: int, m: int, k: int, R: int) -> tuple[bool, bool, bool]:
-    """P16's three identities for symbolic B (d x m), A (m x k), Y (m x R), weights pw."""
+    """P16's three identities for symbolic B (d x m), A (m x k), X (d x R), weights pw."""
     B = sp.Matrix(d, m, sp.symbols(f"b0:{d * m}", real=True))
     A = sp.Matrix(m, k, sp.symbols(f"a0:{m * k}", real=True))
-    Y = sp.Matrix(m, R, sp.symbols(f"y0:{m * R}", real=True))
+    X = sp.Matrix(d, R, sp.symbols(f"x0:{d * R}", real=True))
     pw = sp.diag(*sp.symbols(f"p0:{m}", positive=True))
     W = B * pw * A
     gb, ga = B.T * B, A * A.T
     Pa = pw * ga * pw
     pairs = sum(Pa[i, j] * gb[i, j] for i in range(m) for j in range(m))
     mean_ok = sp.expand((W.T * W).trace() - pairs) == 0
-    X = B * Y
     XtX = X.T * X
     adj, det = XtX.adjugate(), XtX.det()
-    # det(X^T X) ||P_X W||^2 = tr(adj(X^T X) X^T W W^T X) = tr(adj(Y^T gb Y) Z^T Pa Z)
-    Z = gb * Y
+    # det(X^T X) ||P_X W||^2 = tr(adj(X^T X) X^T W W^T X) = tr(adj(X^T X) (X^T B) Pa (X^T B)^T)
     lhs = (adj * X.T * W * W.T * X).trace()
-    proj_ok = bool(sp.expand(lhs - (adj * (Z.T * Pa * Z)).trace()) == 0) and bool(
-        sp.expand(XtX - Y.T * gb * Y).is_zero_matrix
-    )
+    XtB = X.T * B
+    proj_ok = bool(sp.expand(lhs - (adj * (XtB * Pa * XtB.T)).trace()) == 0)
     # det P_X = X adj(X^T X) X^T is symmetric and det P_X^2 = det P_X: an orthogonal projector,
     # so ||W - P_X W||^2 = ||W||^2 - ||P_X W||^2 (Pythagoras).
     Pn = X * adj * X.T
@@ -943,25 +940,25 @@ def prove_P16() -> SymbolicResult:
 
     For stacked raw factors B = [B_1 ... B_N] (d x m), A = [A_1; ...; A_N] (m x k), column
     weights pw (p_i repeated r_i times), W_bar = B diag(pw) A, gb = B^T B, ga = A A^T,
-    Pa = diag(pw) ga diag(pw), and X = B Y of full column rank:
+    Pa = diag(pw) ga diag(pw), and the state's stored basis X (d x R, full column rank):
 
         ||W_bar||_F^2 = <Pa, gb>,
-        ||P_X W_bar||_F^2 = tr((Y^T gb Y)^{-1} Z^T Pa Z),  Z = gb Y,
+        ||P_X W_bar||_F^2 = tr((X^T X)^{-1} (X^T B) Pa (X^T B)^T),
         ||W_bar - P_X W_bar||_F^2 = the difference (P_X an orthogonal projector).
 
     Proof: the first is tr(A^T pw B^T B pw A) = tr(pw A A^T pw B^T B); the second is
-    tr(W^T X (X^T X)^{-1} X^T W) with X^T X = Y^T gb Y and X^T W = Z^T pw A; the third is
-    Pythagoras. Checked as polynomial identities (the inverse through the adjugate) for generic
-    symbolic entries at (d, m, k, R) = (3, 2, 2, 1), (3, 3, 2, 1) and (2, 2, 2, 2).
+    tr(W^T X (X^T X)^{-1} X^T W) with X^T W = (X^T B) pw A; the third is Pythagoras. Checked
+    as polynomial identities (the inverse through the adjugate) for generic symbolic entries
+    at (d, m, k, R) = (3, 2, 2, 1), (3, 3, 2, 1) and (3, 2, 2, 2).
     """
-    shapes = ((3, 2, 2, 1), (3, 3, 2, 1), (2, 2, 2, 2))
+    shapes = ((3, 2, 2, 1), (3, 3, 2, 1), (3, 2, 2, 2))
     results = [_gram_certificate_identities(*shape) for shape in shapes]
     ok = all(all(r) for r in results)
     return SymbolicResult(
         ok,
         "sympy: polynomial identities over generic entries (inverse via the adjugate)",
-        f"<Pa, gb> = ||W||^2, tr(adj Z^T Pa Z) = det ||P_X W||^2, P_X orthogonal, at "
-        f"{', '.join(str(s) for s in shapes)}: {results}",
+        f"<Pa, gb> = ||W||^2, tr(adj (X^T B) Pa (X^T B)^T) = det ||P_X W||^2, P_X orthogonal, "
+        f"at {', '.join(str(s) for s in shapes)}: {results}",
     )
 
 

@@ -16,7 +16,7 @@ from glora_math import LoRAFactors, ServerState, glora_aggregate
 from glora_math.certificate import certify, residual_curve, warn_residual
 from glora_math.errors import GloraWarning
 from glora_math.testing.helpers import n_dims
-from glora_math.testing.strategies import Problem, problems
+from glora_math.testing.strategies import Problem, conditioned_matrix, problems
 from glora_math.tolerances import certificate_tol
 
 
@@ -197,3 +197,36 @@ def test_P16_the_default_route_certifies_from_the_gram_matrices_to_float64_accur
         assert state.certificate.method == "gram"
         truth = _qr_truth(pb, state)
         assert abs(state.relative_residual - truth) <= 1e-6 * truth
+
+
+@given(st.floats(1e3, 2e4), st.integers(0, 2**16), st.sampled_from(["left", "right", "auto"]))
+def test_P16_certifies_the_stored_state_for_clients_near_the_gram_routes_limit(
+    kappa: float, seed: int, side: str
+) -> None:
+    """P16 for ill-conditioned float32 clients (condition numbers up to 2e4, near the limit
+    of gram_basis_accurate): the certificate is of the basis the state stores, so it matches
+    the float64 QR certificate of that state within ``certificate_tol`` however the basis was
+    rounded, and the Gram route does take it.
+    """
+    g = torch.Generator().manual_seed(seed)
+    d, k, r, n = 48, 40, 4, 5
+    fs = [
+        LoRAFactors(
+            conditioned_matrix(d, r, cond=kappa, scale=1.0, generator=g, dtype=torch.float64),
+            conditioned_matrix(r, k, cond=kappa, scale=1.0, generator=g, dtype=torch.float64),
+        )
+        for _ in range(n)
+    ]
+    fs = [LoRAFactors(f.B.to(torch.float32), f.A.to(torch.float32)) for f in fs]
+    pb = Problem(fs, None, d, k, kappa, seed, torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GloraWarning)
+        state = glora_aggregate(fs, rank=6, side=side)  # type: ignore[arg-type]
+    assert state.certificate is not None
+    if side != "right":  # the B's are within the route's limit; the left side takes it
+        assert state.route == "gram" or state.side == "right"
+    den = float(pb.mean().norm())
+    scale = (pb.scale() + float(state.S.double().norm())) / den
+    tol = certificate_tol(torch.float32, n=n_dims(d, k, pb.ranks), scale=scale)
+    event(f"certificate method: {state.certificate.method}")
+    assert abs(state.relative_residual - _qr_truth(pb, state)) <= tol

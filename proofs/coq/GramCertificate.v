@@ -2,10 +2,10 @@
 
    For stacked raw factors B (d x m), A (m x k) and column weights D (any m x m matrix; the
    operator uses the diagonal matrix of the clients' weights), W = B D A. With Gb = B^T B,
-   Pa = D A A^T D^T, X = B Y and X^T X = Y^T Gb Y invertible, the orthogonal projector
-   P = X (X^T X)^-1 X^T onto the columns of X gives
+   Pa = D A A^T D^T and any X with X^T X invertible (the operator's stored basis), the
+   orthogonal projector P = X (X^T X)^-1 X^T onto the columns of X gives
      ||W||^2       = tr (Pa Gb),
-     ||P W||^2     = tr ((Y^T Gb Y)^-1 Z^T Pa Z),   Z = Gb Y,
+     ||P W||^2     = tr ((X^T X)^-1 (X^T B) Pa (X^T B)^T),
      ||W - P W||^2 = ||W||^2 - ||P W||^2.
    Over any field. *)
 
@@ -71,16 +71,15 @@ have -> : D *m A *m A^T *m D^T *m (B^T *m B) = (D *m A *m A^T) *m (D^T *m (B^T *
 by rewrite [\tr ((D *m A *m A^T) *m _)]mxtrace_mulC !mulmxA.
 Qed.
 
-(* ||P W||^2 = tr ((Y^T Gb Y)^-1 Z^T Pa Z), Z = Gb Y, for the projector onto B Y. *)
+(* ||P W||^2 = tr ((X^T X)^-1 (X^T B) Pa (X^T B)^T) for the projector onto any X. *)
 Theorem P16_kept_norm d m k r (B : 'M[R]_(d, m)) (D : 'M[R]_m) (A : 'M[R]_(m, k))
-    (Y : 'M[R]_(m, r)) :
-  (B *m Y)^T *m (B *m Y) \in unitmx ->
-  fro2 (projX (B *m Y) *m (B *m D *m A)) =
-  \tr (invmx (Y^T *m (B^T *m B) *m Y) *m
-       ((B^T *m B *m Y)^T *m (D *m A *m A^T *m D^T) *m (B^T *m B *m Y))).
+    (X : 'M[R]_(d, r)) :
+  X^T *m X \in unitmx ->
+  fro2 (projX X *m (B *m D *m A)) =
+  \tr (invmx (X^T *m X) *m ((X^T *m B) *m (D *m A *m A^T *m D^T) *m (X^T *m B)^T)).
 Proof.
 move=> hu.
-set X := B *m Y in hu *; set W := B *m D *m A.
+set W := B *m D *m A.
 have kept : fro2 (projX X *m W) = \tr (W^T *m projX X *m W).
   rewrite /fro2 trmx_mul projX_sym mulmxA -[W^T *m projX X *m projX X]mulmxA.
   by rewrite projX_idem.
@@ -88,22 +87,19 @@ rewrite kept /projX.
 have -> : W^T *m (X *m invmx (X^T *m X) *m X^T) *m W =
           (W^T *m X) *m (invmx (X^T *m X) *m (X^T *m W)) by rewrite !mulmxA.
 rewrite mxtrace_mulC.
-have eX : X^T *m X = Y^T *m (B^T *m B) *m Y by rewrite /X trmx_mul !mulmxA.
-have eW : X^T *m W = (B^T *m B *m Y)^T *m (D *m A).
-  by rewrite /X /W !trmx_mul trmxK !mulmxA.
-have eW' : W^T *m X = (D *m A)^T *m (B^T *m B *m Y).
-  by rewrite -[W^T *m X]trmxK trmx_mul trmxK eW trmx_mul trmxK.
-by rewrite eX eW eW' !trmx_mul !mulmxA.
+have eW : X^T *m W = (X^T *m B) *m (D *m A) by rewrite /W !mulmxA.
+have eW' : W^T *m X = (D *m A)^T *m (X^T *m B)^T.
+  by rewrite -[W^T *m X]trmxK trmx_mul trmxK eW trmx_mul.
+by rewrite eW eW' !trmx_mul !mulmxA.
 Qed.
 
-(* P16: the certificate of span(B Y) from the two Gram matrices. *)
+(* P16: the certificate of span(X) from the two Gram matrices and X^T B. *)
 Theorem P16_certificate d m k r (B : 'M[R]_(d, m)) (D : 'M[R]_m) (A : 'M[R]_(m, k))
-    (Y : 'M[R]_(m, r)) :
-  (B *m Y)^T *m (B *m Y) \in unitmx ->
-  fro2 (B *m D *m A - projX (B *m Y) *m (B *m D *m A)) =
+    (X : 'M[R]_(d, r)) :
+  X^T *m X \in unitmx ->
+  fro2 (B *m D *m A - projX X *m (B *m D *m A)) =
   \tr ((D *m A *m A^T *m D^T) *m (B^T *m B)) -
-  \tr (invmx (Y^T *m (B^T *m B) *m Y) *m
-       ((B^T *m B *m Y)^T *m (D *m A *m A^T *m D^T) *m (B^T *m B *m Y))).
+  \tr (invmx (X^T *m X) *m ((X^T *m B) *m (D *m A *m A^T *m D^T) *m (X^T *m B)^T)).
 Proof.
 by move=> hu; rewrite projX_pythagoras // P16_mean_norm P16_kept_norm.
 Qed.
