@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 from torch import Tensor
@@ -163,18 +163,14 @@ def glora_aggregate(
         check_finite_output([stacked.S], given, "glora_aggregate")
         return stacked
     sides: tuple[Literal["left", "right"], ...] = ("left", "right") if side == "auto" else (side,)
-    found: list[tuple[ServerState, list[Warning]]] = []
     grams = GramCache()  # side="auto": each side's raw Gram matrices are the other's too
-    try:
-        for sd in sides:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                st = side_state(factors, info, p, R, gauge, sketch, sd, target, certify=certify,
-                                 route=route, grams=grams)  # fmt: skip
-            check_finite_output([st.U, st.S], factors, "glora_aggregate")
-            found.append((st, [w.message for w in caught if isinstance(w.message, Warning)]))
-    except _OVERFLOWS as err:
-        raise _overflow(err, factors) from None
+    found = _each_side(
+        sides,
+        lambda sd: side_state(factors, info, p, R, gauge, sketch, sd, target, certify=certify,
+                              route=route, grams=grams),
+        factors,
+        "glora_aggregate",
+    )  # fmt: skip
     if auto:  # a side that meets tol first, then the smaller rank, then the smaller residual
         best, notes = min(
             found,
@@ -217,6 +213,30 @@ def _prepared(
     # near the ends of the dtype's range: compute at unit scale
     scaled = [LoRAFactors(_times_pow2(f.B, -shift[0]), _times_pow2(f.A, -shift[1])) for f in given]
     return p, given, scaled, shift
+
+
+def _each_side(
+    sides: Sequence[Literal["left", "right"]],
+    run: Callable[[Literal["left", "right"]], ServerState],
+    factors: Sequence[LoRAFactors],
+    name: str,
+) -> list[tuple[ServerState, list[Warning]]]:
+    """Each side's state (``run(side)``, checked finite) with the warnings it raised, held back.
+
+    The caller emits the warnings of the side it keeps; an overflow inside becomes a typed
+    error naming a client.
+    """
+    found: list[tuple[ServerState, list[Warning]]] = []
+    try:
+        for sd in sides:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                st = run(sd)
+            check_finite_output([st.U, st.S], factors, name)
+            found.append((st, [w.message for w in caught if isinstance(w.message, Warning)]))
+    except _OVERFLOWS as err:
+        raise _overflow(err, factors) from None
+    return found
 
 
 def _rank_rule(
@@ -323,20 +343,16 @@ def glora_aggregate_stack(
     p, given, factors, shift = _prepared(factors, weights, info)
     sides: tuple[Literal["left", "right"], ...] = ("left", "right") if side == "auto" else (side,)
     grams = GramCache()
-    states, notes = [], []
-    try:
-        for sd in sides:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                st = stacked_state(factors, info, p, R, gauge, sketch, sd, certify=True,
-                                   limit=None, route=route, grams=grams)  # fmt: skip
-            check_finite_output([st.U, st.S], factors, "glora_aggregate_stack")
-            st = _unscaled(st, sum(shift))
-            check_finite_output([st.S], given, "glora_aggregate_stack")
-            states.append(st)
-            notes.append([w.message for w in caught if isinstance(w.message, Warning)])
-    except _OVERFLOWS as err:
-        raise _overflow(err, factors) from None
+    found = _each_side(
+        sides,
+        lambda sd: stacked_state(factors, info, p, R, gauge, sketch, sd, certify=True,
+                                 limit=None, route=route, grams=grams),
+        factors,
+        "glora_aggregate_stack",
+    )  # fmt: skip
+    states = [_unscaled(st, sum(shift)) for st, _ in found]
+    for st in states:
+        check_finite_output([st.S], given, "glora_aggregate_stack")
     out = []
     for j in range(math.prod(info.batch_shape)):
         best = min((st.module(j) for st in states), key=lambda s: s.relative_residual)
@@ -344,8 +360,8 @@ def glora_aggregate_stack(
         where = f"module {j}, side={best.side}, R={best.rank}"
         warn_residual(best.relative_residual, limit, where, stacklevel=2)
     kept = {st.side for st in out}
-    for sd, found in zip(sides, notes, strict=True):
-        for note in found if sd in kept else ():
+    for st, notes in found:
+        for note in notes if st.side in kept else ():
             warnings.warn(note, stacklevel=2)
     return out
 

@@ -17,13 +17,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from glora_math.certificate import GramParts, gram_parts, stored_basis_products
+from glora_math.certificate import GramParts
 from glora_math.implicit import (
     GramCache,
     diagonal_blocks,
     gram_consensus,
     implicit_bases,
     maps_from_gram,
+    route_certificate,
 )
 from glora_math.linalg import (
     column_signs,
@@ -153,7 +154,7 @@ def _implicit_batched(
     for i in live:
         B64 = Bs[i].to(torch.float64)
         r = int(B64.shape[-1])
-        maps, rho, accurate, _ = maps_from_gram(B64.mT @ B64, d, p[i].to(torch.float64).sqrt(), wd)
+        maps, rho, accurate = maps_from_gram(B64.mT @ B64, d, p[i].to(torch.float64).sqrt(), wd)
         uniform &= (rho == r) & accurate
         blocks.append(maps.to(wd))
     Bw = [Bs[i].to(wd) for i in live]
@@ -212,22 +213,17 @@ def _raw_gram_batched(
     uniform = torch.ones(L, dtype=torch.bool, device=B0.device)
     maps = []
     for i, g in zip(live, diagonal_blocks(gam, widths), strict=True):
-        mp, rho, accurate, _ = maps_from_gram(g, d, p[i].to(torch.float64).sqrt(), wd)
+        mp, rho, accurate = maps_from_gram(g, d, p[i].to(torch.float64).sqrt(), wd)
         uniform &= (rho == int(g.shape[-1])) & accurate
         maps.append(mp)
-    U, lam, _, ok = gram_consensus(Bw, maps, gam, R, wd)
+    U, lam, ok = gram_consensus(Bw, maps, gam, R, wd)
     uniform &= ok
     U = U[..., :R] * column_signs(U[..., :R]).unsqueeze(-2)
     p_cols = torch.cat([p[i].expand(r) for i, r in zip(live, widths, strict=True)])
     coef = (torch.cat([B.mT @ U for B in Bw], dim=-2) * p_cols[:, None]).mT  # (L, R, n)
     Aw = [As[i].to(wd) for i in live]
     S = coef @ torch.cat(Aw, dim=-2)
-    parts = None
-    if certify:
-        pw = p_cols.to(torch.float64)
-        XtB, XtX = stored_basis_products(U, Bw)
-        parts = gram_parts(gam, grams.get("A", live, [A.mT for A in Aw]), pw, XtB, XtX,
-                           d + int(Aw[0].shape[-1]) + sum(widths))  # fmt: skip
+    parts = route_certificate(gam, grams, live, Bw, Aw, p_cols, U) if certify else None
     return U, S, lam, uniform, sum(widths), parts
 
 

@@ -61,15 +61,14 @@ from glora_math.validation import ClientsInfo, as_factors
 
 def maps_from_gram(
     G: Tensor, d: int, sqrt_p: Tensor, dtype: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """From float64 Gram matrices ``B^T B`` (..., r, r) of d-row B's: the maps, ranks, accuracy.
 
     Returns ``sqrt_p V S^{-1}`` (..., r, r) in float64, with zero columns for the directions
     the rank rule of :func:`~glora_math.linalg.numerical_rank` does not keep; the numerical
-    ranks (...); whether :func:`~glora_math.tolerances.gram_basis_accurate` holds in ``dtype``
-    for the kept part (...); and the largest dropped singular value (..., 0 where none is
-    dropped). ``sqrt_p`` broadcasts against the leading dimensions. Batched, so one eigensolver
-    call serves many clients (or many modules of one client).
+    ranks (...); and whether :func:`~glora_math.tolerances.gram_basis_accurate` holds in
+    ``dtype`` for the kept part (...). ``sqrt_p`` broadcasts against the leading dimensions.
+    Batched, so one eigensolver call serves many clients (or many modules of one client).
     """
     r = int(G.shape[-1])
     lam, V = torch.linalg.eigh(G)  # ascending
@@ -79,34 +78,33 @@ def maps_from_gram(
     kept = s.gather(-1, (rho - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
     kappa = torch.where(rho > 0, s[..., 0] / torch.where(rho > 0, kept, 1.0), 1.0)
     inv = torch.where(keep, sqrt_p.unsqueeze(-1) / torch.where(keep, s, 1.0), 0.0)
-    dropped = torch.where(keep, 0.0, s).amax(-1)
-    return V.flip(-1) * inv.unsqueeze(-2), rho, gram_basis_accurate(kappa, dtype), dropped
+    return V.flip(-1) * inv.unsqueeze(-2), rho, gram_basis_accurate(kappa, dtype)
 
 
 def client_maps(
     grams: Sequence[Tensor], d: int, p: Sequence[float], dtype: torch.dtype
-) -> tuple[list[Tensor], list[int], list[float]] | None:
+) -> tuple[list[Tensor], list[int]] | None:
     """Per client, from its float64 Gram ``B_i^T B_i``: the map ``sqrt(p_i) V_i S_i^{-1}``.
 
-    Returns the maps (float64, ``r_i`` by ``r_i``, zero columns for dropped directions), the
-    numerical ranks and the largest dropped singular values, or ``None`` where some client
-    fails :func:`~glora_math.tolerances.gram_basis_accurate` in ``dtype``. Clients of one rank
+    Returns the maps (float64, ``r_i`` by ``r_i``, zero columns for dropped directions) and the
+    numerical ranks, or ``None`` where some client fails
+    :func:`~glora_math.tolerances.gram_basis_accurate` in ``dtype``. Clients of one rank
     share one batched eigensolver call.
     """
     by_rank: dict[int, list[int]] = {}
     for i, G in enumerate(grams):
         by_rank.setdefault(int(G.shape[-1]), []).append(i)
     maps: list[Tensor] = [grams[0]] * len(grams)
-    ranks, dropped = [0] * len(grams), [0.0] * len(grams)
+    ranks = [0] * len(grams)
     for idx in by_rank.values():
         pi = torch.tensor([p[i] for i in idx], dtype=torch.float64, device=grams[0].device)
-        got, rho, accurate, drop = maps_from_gram(torch.stack([grams[i] for i in idx]), d,
-                                                  pi.sqrt(), dtype)  # fmt: skip
+        got, rho, accurate = maps_from_gram(torch.stack([grams[i] for i in idx]), d, pi.sqrt(),
+                                            dtype)  # fmt: skip
         if not bool(accurate.all()):
             return None
         for j, i in enumerate(idx):
-            maps[i], ranks[i], dropped[i] = got[j], int(rho[j]), float(drop[j])
-    return maps, ranks, dropped
+            maps[i], ranks[i] = got[j], int(rho[j])
+    return maps, ranks
 
 
 def gram_basis_maps(
@@ -127,34 +125,16 @@ def gram_basis_maps(
     otherwise as the dense block-diagonal matrix, ``sum r_i`` by ``sum rho_i``.
     """
     d = int(Bs[0].shape[0])
-    grams = []
-    for B in Bs:
-        B64 = B.to(torch.float64)
-        grams.append(B64.mT @ B64)
-    by_rank: dict[int, list[int]] = {}
-    for i, B in enumerate(Bs):
-        by_rank.setdefault(int(B.shape[1]), []).append(i)
-    blocks: list[Tensor | None] = [None] * len(Bs)
-    ranks = [0] * len(Bs)
-    for idx in by_rank.values():
-        pi = torch.tensor([p[i] for i in idx], dtype=torch.float64, device=Bs[0].device)
-        G = torch.stack([grams[i] for i in idx])
-        maps64, rho, accurate, _ = maps_from_gram(G, d, pi.sqrt(), dtype)
-        maps = maps64.to(dtype)
-        if not bool(accurate.all()):
-            return None
-        if len(by_rank) == 1:
-            return maps, [int(x) for x in rho.tolist()]
-        for j, (i, rj) in enumerate(zip(idx, rho.tolist(), strict=True)):
-            blocks[i] = maps[j, :, :rj]
-            ranks[i] = int(rj)
-    D = Bs[0].new_zeros((sum(int(B.shape[1]) for B in Bs), sum(ranks)))
-    row = col = 0
-    for blk in blocks:
-        assert blk is not None
-        D[row : row + blk.shape[0], col : col + blk.shape[1]] = blk
-        row, col = row + int(blk.shape[0]), col + int(blk.shape[1])
-    return D, ranks
+    grams = [B64.mT @ B64 for B64 in (B.to(torch.float64) for B in Bs)]
+    got = client_maps(grams, d, p, dtype)
+    if got is None:
+        return None
+    maps, ranks = got
+    if len({int(B.shape[1]) for B in Bs}) == 1:
+        return torch.stack(maps).to(dtype), ranks
+    return block_diagonal(
+        [mp[:, :rho].to(dtype) for mp, rho in zip(maps, ranks, strict=True)]
+    ), ranks
 
 
 def map_blocks(D: Tensor, widths: Sequence[int], ranks: Sequence[int]) -> list[Tensor]:
@@ -269,7 +249,7 @@ def block_diagonal(blocks: Sequence[Tensor]) -> Tensor:
 
 def gram_consensus(
     Bs: Sequence[Tensor], maps: Sequence[Tensor], gam: Tensor, R: int, wd: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """The exact consensus from the raw float64 Gram ``gam`` of the B's, batched.
 
     ``G = D^T gam D`` (D = diag of the float64 ``maps``) is the Gram matrix of the stacked
@@ -278,10 +258,10 @@ def gram_consensus(
     the route through M) give the top-R basis ``U = orthonormalised(B Y)``, ``Y = D V_R
     Lambda_R^{-1/2}``: one thin QR of a d-by-R matrix whose columns are orthonormal up to
     rounding already, so its leading columns span the leading eigenvectors (nested). Returns
-    ``(U, lam, Y, ok)``: ``lam`` descending, ``Y`` in float64 (the values used for U), and
-    ``ok`` where ``lambda_R`` lies above ``wd``'s eigenvalue rounding level (as on the route
-    through M, :func:`~glora_math.linalg.gram_top_left_svd`); where it does not, U is
-    meaningless and callers take the accurate route. Cost: ``gam`` (by the caller, d m^2),
+    ``(U, lam, ok)``: ``lam`` descending, and ``ok`` where ``lambda_R`` lies above ``wd``'s
+    eigenvalue rounding level (as on the route through M,
+    :func:`~glora_math.linalg.gram_top_left_svd`); where it does not, U is meaningless and
+    callers take the accurate route. Cost: ``gam`` (by the caller, d m^2),
     ``O(m^2 r)`` for G, one m-by-m eigensolver, ``O(d m R)`` for U.
     """
     G = sandwich(gam, maps, maps)
@@ -292,11 +272,10 @@ def gram_consensus(
     Rb = min(R, m)
     scale = lam[..., :Rb].clamp_min(torch.finfo(wd).tiny).rsqrt()
     Y = block_times(maps, V[..., :Rb].to(torch.float64)) * scale.to(torch.float64).unsqueeze(-2)
-    Yw = Y.to(wd)
-    U = torch.linalg.qr(torch.cat(list(Bs), dim=-1) @ Yw).Q
+    U = torch.linalg.qr(torch.cat(list(Bs), dim=-1) @ Y.to(wd)).Q
     noise = eigenvalue_error(lam[..., 0], d + m, wd)
     ok = lam[..., Rb - 1] > noise if R <= m else torch.zeros_like(noise, dtype=torch.bool)
-    return U, lam, Yw.to(torch.float64), ok
+    return U, lam, ok
 
 
 def block_times(blocks: Sequence[Tensor], X: Tensor) -> Tensor:
@@ -412,11 +391,11 @@ def _raw_gram_state(  # noqa: PLR0917 - the prelude's results, handed on once
     got = client_maps(diagonal_blocks(gam, widths), d, pl, wd)
     if got is None:
         return None
-    maps, ranks, _ = got
+    maps, ranks = got
     m = sum(ranks)
     if m == 0:  # all updates zero: the general route warns and returns the empty state
         return None
-    Q, lam, _, ok = gram_consensus(Bs, maps, gam, R, wd)
+    Q, lam, ok = gram_consensus(Bs, maps, gam, R, wd)
     if bool(ok):
         lam_kept = lam[:m]
     else:  # R near the numerical rank: the clamp decision needs the accurate route
@@ -430,12 +409,29 @@ def _raw_gram_state(  # noqa: PLR0917 - the prelude's results, handed on once
     S = _coordinates(coef, cs, U, info.k, wd)
     parts = None
     if certify and bool(ok):
-        pw = torch.cat([torch.full((w,), pi, dtype=torch.float64) for w, pi in zip(widths, pl,
-                        strict=True)]).to(gam.device)  # fmt: skip
-        gam_a = grams.get("A", live, [c.A.to(wd).mT for c in cs])
-        XtB, XtX = stored_basis_products(U, Bs)
-        parts = gram_parts(gam, gam_a, pw, XtB, XtX, d + info.k + sum(widths))
+        parts = route_certificate(gam, grams, live, Bs, [c.A.to(wd) for c in cs], p_cols, U)
     return U, S, basis.eigvals, basis.gap, parts
+
+
+def route_certificate(  # noqa: PLR0917 - the route's matrices, handed on once
+    gam: Tensor,
+    grams: GramCache,
+    live: Sequence[int],
+    Bs: Sequence[Tensor],
+    As: Sequence[Tensor],
+    p_cols: Tensor,
+    U: Tensor,
+) -> GramParts:
+    """P16's parts for the stored basis ``U`` of the raw-Gram route (one module or a stack).
+
+    ``gam`` is the raw Gram of the B's, ``As`` the live clients' A's (shape ``(..., r_i,
+    k)``), ``p_cols`` each column's weight; the A side's raw Gram comes through ``grams``
+    (the other side's consensus Gram under ``side="auto"``).
+    """
+    n = int(Bs[0].shape[-2]) + int(As[0].shape[-1]) + sum(int(B.shape[-1]) for B in Bs)
+    XtB, XtX = stored_basis_products(U, Bs)
+    gam_a = grams.get("A", live, [A.mT for A in As])
+    return gram_parts(gam, gam_a, p_cols.to(torch.float64), XtB, XtX, n)
 
 
 def _coordinates(
@@ -472,5 +468,6 @@ __all__ = [
     "map_blocks",
     "maps_from_gram",
     "raw_gram",
+    "route_certificate",
     "sandwich",
 ]
