@@ -22,7 +22,7 @@ from glora_math.errors import OptionError, ProtocolError, ShapeMismatchError
 from glora_math.linalg import lowrank_fro_norm, lowrank_svd, sign_fixed_svd
 from glora_math.metrics import mean_update
 from glora_math.tolerances import comfortable_band
-from glora_math.types import LoRAFactors
+from glora_math.types import LoRAFactors, Split
 from glora_math.validation import (
     ClientsInfo,
     ValidatedClients,
@@ -223,12 +223,13 @@ def truncate_svd(
     rank: int,
     dtype: torch.dtype,
     *,
-    split: Literal["balanced", "left"] = "balanced",
+    split: Split = "balanced",
 ) -> LoRAFactors:
     """Rank-``rank`` factors of ``U diag(s) Vh``, zero-padded if short.
 
     ``split="balanced"``: ``(U_r sqrt(s_r), sqrt(s_r) Vh_r)``; ``"left"``: ``(U_r s_r, Vh_r)``
-    (all singular values in B, A with orthonormal rows: FlexLoRA's published code).
+    (all singular values in B, A with orthonormal rows: FlexLoRA's published code);
+    ``"right"``: ``(U_r, s_r Vh_r)`` (B with orthonormal columns). The three have one product.
     """
     r = validate_rank(rank)
     rr = min(r, int(s.numel()))
@@ -239,8 +240,11 @@ def truncate_svd(
     elif split == "left":
         B = U[:, :rr] * s[:rr]
         A = Vh[:rr]
+    elif split == "right":
+        B = U[:, :rr]
+        A = Vh[:rr] * s[:rr, None]
     else:
-        raise OptionError(f"split must be 'balanced' or 'left', got {split!r}")
+        raise OptionError(f"split must be 'balanced', 'left' or 'right', got {split!r}")
     if rr < r:
         B = torch.cat([B, B.new_zeros((B.shape[0], r - rr))], dim=1)
         A = torch.cat([A, A.new_zeros((r - rr, A.shape[1]))], dim=0)

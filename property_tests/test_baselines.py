@@ -287,6 +287,30 @@ def test_truncate_svd_shares_the_singular_values_between_the_factors_by_default(
     assert torch.equal(out.A, Vh[:2] * root[:, None])
 
 
+def test_truncate_svd_splits_one_product_three_ways() -> None:
+    # The broadcast-split arm of the experiments hands one update back as each split: the
+    # products agree to rounding; "left" has orthonormal rows of A, "right" orthonormal
+    # columns of B; asking for more rank than there is pads with zeros.
+    U, s, Vh = bl.svd_of_mean(_clients(), rank=3)
+    n = n_dims(int(U.shape[0]), int(Vh.shape[1]), [3])
+    ref = bl.truncate_svd(U, s, Vh, 3, torch.float64).delta()
+    tol = product_tol(torch.float64, n=n, scale=float(s[0]))
+    eye = torch.eye(3, dtype=torch.float64)
+    for split in ("balanced", "left", "right"):
+        out = bl.truncate_svd(U, s, Vh, 3, torch.float64, split=split)
+        assert float(torch.linalg.matrix_norm(out.delta() - ref)) <= tol, split
+    left = bl.truncate_svd(U, s, Vh, 3, torch.float64, split="left")
+    right = bl.truncate_svd(U, s, Vh, 3, torch.float64, split="right")
+    ortho = product_tol(torch.float64, n=n, scale=1.0)
+    assert float(torch.linalg.matrix_norm(left.A @ left.A.T - eye)) <= ortho
+    assert float(torch.linalg.matrix_norm(right.B.T @ right.B - eye)) <= ortho
+    padded = bl.truncate_svd(U, s, Vh, 5, torch.float64, split="right")
+    assert padded.rank == 5
+    assert not padded.A[3:].any()  # zero rows: the padding is exact
+    with pytest.raises(ValueError, match="split"):
+        bl.truncate_svd(U, s, Vh, 2, torch.float64, split="top")  # type: ignore[arg-type]
+
+
 def _rot(theta: float) -> torch.Tensor:
     c, s = math.cos(theta), math.sin(theta)
     return torch.tensor([[c, -s], [s, c]], dtype=torch.float64)

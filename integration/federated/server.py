@@ -37,7 +37,7 @@ from glora_math.errors import GloraError, GloraWarning
 from glora_math.linalg import lowrank_svd
 from glora_math.operators import AggregateResult, AggregationOperator, Guarantee, OperatorState
 from glora_math.rounds import resolve_operator
-from glora_math.types import LoRAFactors
+from glora_math.types import LoRAFactors, Split
 from glora_math.validation import WeightsLike
 
 from ..peft.aggregate import AdapterRound, aggregate_adapters
@@ -270,6 +270,65 @@ class FederatedServer:
         p = weights if rnd.weights is None else rnd.weights
         metrics = measure(rnd.results, adapters, p, clients=rnd.clients)
         return deltas, dense, metrics
+
+    def fork(self, operator: str | AggregationOperator | None = None) -> FederatedServer:
+        """A copy of this server that goes on by itself, with this operator or a stateless one.
+
+        The copy shares no mutable state with this server: its rounds change nothing here. The
+        counterfactual rounds of the runner fork the server before a round's aggregation (arm
+        b: another operator aggregates the same uploads, and its clients train one round
+        further from what it sent them) and after it (the broadcast-split arm). Options this
+        server was given carry over where the operator takes them.
+
+        Raises
+        ------
+        GloraError
+            If another operator than this server's keeps state between rounds.
+        """
+        op = self.op if operator is None else resolve_operator(operator)
+        same = op.name == self.op.name
+        if op.stateful and not same:
+            raise GloraError(f"operator {op.name!r} is stateful: it cannot take over this server")
+        new = FederatedServer(
+            op,
+            server_rank=self.server_rank,
+            options={k: v for k, v in self.options.items() if k in op.options},
+        )
+        new.round = self.round
+        new.global_update = dict(self.global_update)  # LoRAFactors are never changed in place
+        new.base_fold = {k: v.clone() for k, v in self.base_fold.items()}
+        new.dense = {k: v.clone() for k, v in self.dense.items()}
+        new.op_states = dict(self.op_states) if same else {}
+        new.client_init = {c: dict(mods) for c, mods in self.client_init.items()}
+        new.client_rank = dict(self.client_rank)
+        return new
+
+    def rebroadcast(self, split: Split) -> None:
+        """Every known client continues from the global update, factored as ``split``.
+
+        Each module's update ``U S V^T`` (its SVD, from the factors) is handed back at the
+        client's rank as ``(U S^1/2, S^1/2 V^T)`` (``"balanced"``, what ``svd_mean`` sends),
+        ``(U S, V^T)`` (``"left"``, FlexLoRA's) or ``(U, S V^T)`` (``"right"``): one product
+        in different gauges (the rank-r_i truncation where the update's rank is larger). The
+        broadcast-split arm of the runner measures what this choice does to the next round.
+
+        Raises
+        ------
+        GloraError
+            If the operator keeps no global update to hand back (FLoRA restarts its clients,
+            personal operators keep per-client factors).
+        """
+        if self.op.personal or not self.global_update:
+            raise GloraError(
+                f"operator {self.op.name!r} hands no global update back to its clients: "
+                "nothing to split"
+            )
+        svds = {n: lowrank_svd(u.B, u.A) for n, u in self.global_update.items()}
+        self.client_init = {
+            c: {n: truncate_svd(U, s, Vh, r, self.global_update[n].B.dtype, split=split)
+                for n, (U, s, Vh) in svds.items()}
+            for c, r in self.client_rank.items()
+        }  # fmt: skip
 
     def save_global_adapter(
         self, path: str | Path, lora_config: Any, *, base_model: str | None = None

@@ -51,6 +51,18 @@ class SimConfig(RunSettings):
     # on the validation set) and recorded in the round's row, and the run itself goes on with
     # `operator` unchanged.
     counterfactual: list[str] | None = None
+    # Arm (b) of the counterfactual rounds: each listed operator's global model is also sent to
+    # the next round's participants, trained one round further (the batches the run's own next
+    # round uses) and aggregated again by that operator; recorded as "counterfactual_next".
+    counterfactual_next: bool = False
+    # The broadcast-split arm: after each round, the run's own global update is handed back in
+    # each of these factorisations ("own": what the operator sends; "balanced", "left",
+    # "right": its SVD split as U S^1/2 | S^1/2 V^T, U S | V^T, U | S V^T), trained one round
+    # further and aggregated by the run's operator; recorded as "broadcast_split".
+    broadcast_splits: list[str] | None = None
+    # Arm (b) and the broadcast-split arm run at rounds 1, 1 + k, 1 + 2k, ... (each costs a
+    # round of local training and an evaluation per operator or split).
+    counterfactual_every: int = 1
     # Also write the global adapter after every round (out/rounds/<k>/); the final one is
     # always written to out/global_adapter.
     save_every_round: bool = False
@@ -78,6 +90,18 @@ class SimConfig(RunSettings):
              "keeps no state between rounds"),
             (bool(self.counterfactual) and self.objective != "classification",
              "--counterfactual: classification only"),
+            (self.counterfactual_next and not self.counterfactual,
+             "--counterfactual-next needs the operators of --counterfactual"),
+            (any(x not in SPLITS for x in self.broadcast_splits or []),
+             f"--broadcast-splits {self.broadcast_splits}: each must be one of {list(SPLITS)}"),
+            (bool(self.broadcast_splits) and self.objective != "classification",
+             "--broadcast-splits: classification only"),
+            (bool(self.broadcast_splits) and self.operator in list_operators()
+             and _keeps_factors(self.operator),
+             f"--broadcast-splits: operator {self.operator!r} does not broadcast one update "
+             "(personal or frozen factors)"),
+            (self.counterfactual_every < 1,
+             f"--counterfactual-every must be >= 1, got {self.counterfactual_every}"),
             (self.sketch and self.operator in list_operators()
              and "sketch" not in get_operator(self.operator).options,
              f"--sketch: operator {self.operator!r} has no randomized consensus"),
@@ -119,6 +143,16 @@ class SimConfig(RunSettings):
                 raise ConfigError(f"--sketch: operator {op.name!r} has no randomized consensus")
             out["sketch"] = 1.0
         return out
+
+
+#: The broadcast-split arm's factorisations ("own": what the run's operator sends back).
+SPLITS = ("own", "balanced", "left", "right")
+
+
+def _keeps_factors(operator: str) -> bool:
+    """Whether clients of ``operator`` keep personal or frozen factors (nothing to re-split)."""
+    op = get_operator(operator)
+    return op.personal or op.shared_A or op.frozen is not None
 
 
 def _device_problem(device: str) -> str | None:
@@ -177,6 +211,11 @@ _HELP = HELP | {
     "final one always goes to OUT/global_adapter)",
     "counterfactual": "comma-separated stateless operators that also aggregate every round's "
     "same uploads; each global model is evaluated and recorded, the run goes on unchanged",
+    "counterfactual_next": "arm (b): each --counterfactual operator's global model is also "
+    "trained one round further by the next round's clients (same batches) and aggregated again",
+    "broadcast_splits": "comma-separated factorisations (own, balanced, left, right) in which "
+    "the run's global update is handed back and trained one round further",
+    "counterfactual_every": "arm (b) and the broadcast splits at rounds 1, 1 + k, 1 + 2k, ...",
     "scramble_gauge": "> 0: every client uploads its factors in a random gauge (B G, G^-1 A) "
     "with this condition number",
 }
@@ -235,8 +274,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SimConfig, bool]:
         kw[name] = (
             [x.strip() for x in kw[name].split(",") if x.strip()] or None if kw[name] else None
         )
-    cf = kw["counterfactual"]
-    kw["counterfactual"] = [x.strip() for x in cf.split(",") if x.strip()] if cf else None
+    for name in ("counterfactual", "broadcast_splits"):
+        cf = kw[name]
+        kw[name] = [x.strip() for x in cf.split(",") if x.strip()] if cf else None
     cfg = SimConfig(**kw)
     found = cfg.problems()
     if found:

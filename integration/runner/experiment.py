@@ -55,6 +55,8 @@ ROUND_KEYS = (
     "seconds",
     "eval_seconds",
     "counterfactual",
+    "counterfactual_next",
+    "broadcast_split",
 )
 
 

@@ -146,11 +146,13 @@ class Simulation:
     def _target_weights(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         return target_weights(model)
 
-    def _load_client(self, i: int, r: int) -> torch.nn.Module:
+    def _load_client(
+        self, i: int, r: int, server: FederatedServer, round_index: int
+    ) -> torch.nn.Module:
         model = self._model(r)
         # Base weights plus every dense fold so far (FedEx, GLoRA+residual, FLoRA merges).
         base_sd = self.base.state_dict()
-        folds = self.server.base_fold
+        folds = server.base_fold
         for name, w in self._target_weights(model).items():
             w.data.copy_(base_sd[f"{name}.weight"])
             if name in folds:
@@ -158,20 +160,23 @@ class Simulation:
         start_client(
             model,
             r,
-            init=self.server.start_for(i, r),
-            dense=self.server.dense,
+            init=server.start_for(i, r),
+            dense=server.dense,
             client=i,
             seed=self.cfg.seed,
-            round_index=self.round,
+            round_index=round_index,
             top_rank=max(self.cfg.ranks()),
-            freeze_a=self.server.op.shared_A,
+            freeze_a=server.op.shared_A,
             per_client_init=self.cfg.per_client_init,
         )
         return model
 
-    def _train(self, model: torch.nn.Module, shard: Examples, i: int) -> None:
+    def _train(
+        self, model: torch.nn.Module, shard: Examples, i: int, server: FederatedServer,
+        round_index: int,
+    ) -> None:  # fmt: skip
         # The factor the operator keeps frozen this round (FFA-LoRA: A; RoLoRA: A, then B).
-        frozen = self.server.op.frozen_factor(self.round + 1)
+        frozen = server.op.frozen_factor(round_index + 1)
         train_local(
             model,
             self.tok,
@@ -180,7 +185,7 @@ class Simulation:
             batch_size=self.cfg.batch_size,
             lr=self.cfg.lr,
             max_len=self.cfg.max_len,
-            seed=seed_for(self.cfg.seed, self.round, i, 2),
+            seed=seed_for(self.cfg.seed, round_index, i, 2),
             freeze_a=frozen == "A",
             freeze_b=frozen == "B",
             device=self.device,
@@ -196,21 +201,27 @@ class Simulation:
 
     # ------------------------------------------------------------------------- a round
 
-    def _participants(self) -> list[int]:
+    def _participants(self, round_index: int) -> list[int]:
         n = self.cfg.clients
         m = max(1, math.ceil(self.cfg.participation * n))
-        g = torch.Generator().manual_seed(seed_for(self.cfg.seed, self.round, 3))
+        g = torch.Generator().manual_seed(seed_for(self.cfg.seed, round_index, 3))
         return sorted(torch.randperm(n, generator=g)[:m].tolist())
 
-    def step(self) -> dict[str, Any]:
-        """One federated round: local training, aggregation, folds, evaluation."""
-        t0 = time.perf_counter()
+    def _local_round(
+        self, server: FederatedServer, round_index: int
+    ) -> tuple[list[int], list[ClientAdapter], list[float]]:
+        """Round ``round_index`` (from 0) of local training from what ``server`` sent.
+
+        Returns the participants, their uploads and their weights. Every random choice is
+        derived from (seed, round, client), so the same round from the same server state gives
+        the same uploads: the counterfactual arms train their clients through here too.
+        """
         ranks = self.cfg.ranks()
-        who = self._participants()
+        who = self._participants(round_index)
         adapters: list[ClientAdapter] = []
         for done, i in enumerate(who, start=1):
-            model = self._load_client(i, ranks[i])
-            self._train(model, self.shards[i], i)
+            model = self._load_client(i, ranks[i], server, round_index)
+            self._train(model, self.shards[i], i, server, round_index)
             self._progress(done, len(who))
             sd = {
                 k: v.detach().to("cpu", torch.float64)
@@ -219,17 +230,36 @@ class Simulation:
             adapter = adapter_from_state_dict(sd, self._config_dict(ranks[i]), client=i)
             if self.cfg.scramble_gauge > 0:
                 adapter = scramble_adapter(
-                    adapter, self.cfg.scramble_gauge, seed_for(self.cfg.seed, self.round, i, 4)
+                    adapter, self.cfg.scramble_gauge, seed_for(self.cfg.seed, round_index, i, 4)
                 )
             adapters.append(adapter)
-        weights = [float(len(self.shards[i])) for i in who]
+        return who, adapters, [float(len(self.shards[i])) for i in who]
+
+    def step(self) -> dict[str, Any]:
+        """One federated round: local training, aggregation, folds, evaluation."""
+        t0 = time.perf_counter()
+        ranks = self.cfg.ranks()
+        who, adapters, weights = self._local_round(self.server, self.round)
         # Counterfactual rounds first: the other operators on these very uploads; nothing of the
         # run changes (no state, no randomness consumed).
         counterfactual = {name: self._what_if(name, adapters, weights)
                           for name in self.cfg.counterfactual or []}  # fmt: skip
+        arms = (self.round % self.cfg.counterfactual_every) == 0
+        # Arm (b): each operator's own server, forked before this round's aggregation.
+        forks = {name: self.server.fork(name) for name in self.cfg.counterfactual or []
+                 if arms and self.cfg.counterfactual_next}  # fmt: skip
+        for fork in forks.values():
+            fork.aggregate(who, adapters, weights, client_ranks=[ranks[i] for i in who])
         outcome = self.server.aggregate(
             who, adapters, weights, client_ranks=[ranks[i] for i in who]
         )
+        next_round = {name: self._one_round_further(fork) for name, fork in forks.items()}
+        splits = {}
+        for split in (self.cfg.broadcast_splits or []) if arms else []:
+            fork = self.server.fork()
+            if split != "own":
+                fork.rebroadcast(split)  # type: ignore[arg-type]  # checked by SimConfig
+            splits[split] = self._one_round_further(fork)
         t_agg = time.perf_counter()
         ev = self.evaluate()
         row: dict[str, Any] = {
@@ -249,6 +279,10 @@ class Simulation:
         row["warnings"] = outcome.warnings
         if counterfactual:
             row["counterfactual"] = counterfactual
+        if next_round:
+            row["counterfactual_next"] = next_round
+        if splits:
+            row["broadcast_split"] = splits
         self.metrics.append(row)
         self.round += 1
         return row
@@ -275,18 +309,42 @@ class Simulation:
             "certified_residual": metrics["certified_residual"],
         }
 
-    def evaluate(self, examples: Examples | None = None) -> dict[str, float]:
+    def _one_round_further(self, server: FederatedServer) -> dict[str, Any]:
+        """The next round of local training from ``server``'s broadcast, aggregated by it.
+
+        ``server`` is a fork; the run itself does not change. The next round's participants
+        train with the batches the run's own next round uses; the result is evaluated like a
+        counterfactual round (test set if there is one).
+        """
+        who, adapters, weights = self._local_round(server, self.round + 1)
+        ranks = self.cfg.ranks()
+        with_ranks = [ranks[i] for i in who]
+        outcome = server.aggregate(who, adapters, weights, client_ranks=with_ranks)
+        examples = self.test if self.test is not None and self.cfg.evaluate_test else self.eval
+        ev = self.evaluate(examples, server=server)
+        metrics = outcome.metrics()
+        return {
+            "split": "test" if examples is self.test else "validation",
+            "accuracy": ev["accuracy"],
+            "loss": ev["eval_loss"],
+            "aggregation_error": metrics["aggregation_error"],
+            "certified_residual": metrics["certified_residual"],
+        }
+
+    def evaluate(
+        self, examples: Examples | None = None, *, server: FederatedServer | None = None
+    ) -> dict[str, float]:
         """``accuracy``, ``eval_loss`` (and ``mcc``, classification) of the global model.
 
-        On ``examples`` (default: the validation set). The global model is base + dense folds
-        + global update + averaged head, written into one evaluation model kept across rounds.
+        On ``examples`` (default: the validation set), of ``server`` (default: the run's). The
+        global model is base + dense folds + global update + averaged head, written into one
+        evaluation model kept across rounds.
         """
         examples = self.eval if examples is None else examples
+        server = self.server if server is None else server
         if self._eval_model is None:
             self._eval_model = copy.deepcopy(self.base)
-        model = merged_model(
-            self.base, self.server.dense_deltas(), self.server.dense, into=self._eval_model
-        )
+        model = merged_model(self.base, server.dense_deltas(), server.dense, into=self._eval_model)
         if self.cfg.objective == "causal_lm":
             acc, loss = lm_evaluate(
                 model, self.tok, self.cfg.task, examples, max_len=self.cfg.max_len,

@@ -311,17 +311,17 @@ def counterfactual_table(config: Mapping[str, Any], cell: str, docs: Path) -> st
             loss = "(reference)" if name == own else str(paired(zeros, dl))
             acc = "(reference)" if name == own else f"{statistics.fmean(da):+.4f}"
             lines.append(f"| {name} | {statistics.fmean(errs):.3e} | {cert} | {loss} | {acc} |")
-        corr = "-"
-        if len(xs) > 2 and statistics.pstdev(xs) > 0 and statistics.pstdev(ys) > 0:
-            corr = f"{statistics.correlation(xs, ys):+.3f} (n = {len(xs)})"
         blocks += [
             f"### Counterfactual rounds of {label(e)} ({len(recs)} seeds)",
             "",
             *lines,
             "",
-            f"Dose-response: correlation of (error - own error) with (loss - own loss): {corr}.",
+            "Dose-response: correlation of (error - own error) with (loss - own loss): "
+            f"{_correlation(xs, ys)}.",
             "",
         ]
+        blocks += _further(recs, "counterfactual_next", own, e)
+        blocks += _further(recs, "broadcast_split", "own", e)
     if not blocks:
         return ""
     return "\n".join(
@@ -337,6 +337,68 @@ def counterfactual_table(config: Mapping[str, Any], cell: str, docs: Path) -> st
             *blocks,
         ]
     )
+
+
+def _correlation(xs: Sequence[float], ys: Sequence[float]) -> str:
+    if len(xs) > 2 and statistics.pstdev(xs) > 0 and statistics.pstdev(ys) > 0:
+        return f"{statistics.correlation(xs, ys):+.3f} (n = {len(xs)})"
+    return "-"
+
+
+def _further(
+    recs: Sequence[Sequence[Mapping[str, Any]]], key: str, own: str, e: Mapping[str, Any]
+) -> list[str]:
+    """The block of a one-round-further arm (``counterfactual_next`` or ``broadcast_split``).
+
+    Per operator (arm b) or split: the mean aggregation error of the next round, and the
+    next round's test loss and accuracy against ``own`` (the run's operator, or the split it
+    sends itself), averaged over the rounds where the arm ran and paired by seed.
+    """
+    recs = [[r for r in rounds if key in r] for rounds in recs]
+    recs = [rounds for rounds in recs if rounds]
+    if not recs or own not in recs[0][0][key]:
+        return []
+    names = list(recs[0][0][key])
+    lines = [
+        "| " + ("operator" if key == "counterfactual_next" else "broadcast split")
+        + " | next-round aggregation error | Δloss vs own (paired by seed) | Δaccuracy vs own |",
+        "| --- | --- | --- | --- |",
+    ]  # fmt: skip
+    xs: list[float] = []
+    ys: list[float] = []
+    for name in names:
+        errs, dl, da = [], [], []
+        for rounds in recs:
+            arm = [r[key] for r in rounds]
+            errs += [a[name]["aggregation_error"] for a in arm]
+            dl.append(statistics.fmean(a[name]["loss"] - a[own]["loss"] for a in arm))
+            da.append(statistics.fmean(a[name]["accuracy"] - a[own]["accuracy"] for a in arm))
+            if key == "counterfactual_next" and name != own:
+                for r in rounds:
+                    now = r.get("counterfactual", {})
+                    if name in now and own in now:
+                        xs.append(now[name]["aggregation_error"] - now[own]["aggregation_error"])
+                        ys.append(r[key][name]["loss"] - r[key][own]["loss"])
+        loss = "(reference)" if name == own else str(paired([0.0] * len(dl), dl))
+        acc = "(reference)" if name == own else f"{statistics.fmean(da):+.4f}"
+        lines.append(f"| {name} | {statistics.fmean(errs):.3e} | {loss} | {acc} |")
+    rounds_run = sorted({int(r["round"]) for rounds in recs for r in rounds})
+    if key == "counterfactual_next":
+        title = "Arm (b): each operator's global model trained one round further"
+        tail = ("Dose-response: correlation of (round error - own round error) with (next-round "
+                f"loss - own next-round loss): {_correlation(xs, ys)}.")  # fmt: skip
+    else:
+        title = "Broadcast split: one global update handed back in different factorisations"
+        tail = ("Every split has the run's own product (the same global model at the round); "
+                "only the factorisation sent to the clients differs.")  # fmt: skip
+    return [
+        f"#### {title} ({label(e)}, {len(recs)} seeds, rounds {rounds_run})",
+        "",
+        *lines,
+        "",
+        tail,
+        "",
+    ]
 
 
 def selection(config: Mapping[str, Any], cell: str, docs: Path) -> str:

@@ -153,9 +153,9 @@ def _lora_a(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_clients_start_from_one_shared_init(tmp_path: Path) -> None:
     cfg = SimConfig(**(TINY | {"out": str(tmp_path / "s"), "client_ranks": [4, 2, 4]}))  # type: ignore[arg-type]
     sim = Simulation(cfg)
-    a0 = _lora_a(sim._load_client(0, 4))
-    a1 = _lora_a(sim._load_client(1, 2))
-    a2 = _lora_a(sim._load_client(2, 4))
+    a0 = _lora_a(sim._load_client(0, 4, sim.server, 0))
+    a1 = _lora_a(sim._load_client(1, 2, sim.server, 0))
+    a2 = _lora_a(sim._load_client(2, 4, sim.server, 0))
     assert a0
     assert set(a0) == set(a1) == set(a2)
     for name in a0:
@@ -163,7 +163,7 @@ def test_clients_start_from_one_shared_init(tmp_path: Path) -> None:
         assert torch.equal(a1[name], a0[name][:2])  # rank 2: the first 2 rows of the rank-4 A
     # The ablation: per-client inits differ.
     per = Simulation(SimConfig(**(TINY | {"out": str(tmp_path / "p"), "per_client_init": True})))  # type: ignore[arg-type]
-    p0, p1 = _lora_a(per._load_client(0, 4)), _lora_a(per._load_client(1, 4))
+    p0, p1 = (_lora_a(per._load_client(i, 4, per.server, 0)) for i in (0, 1))
     assert not any(torch.equal(p0[n], p1[n]) for n in p0)
 
 
@@ -171,12 +171,11 @@ def test_flora_draws_one_shared_fresh_init_per_round(tmp_path: Path) -> None:
     sim = Simulation(SimConfig(**(TINY | {"out": str(tmp_path / "f"), "operator": "flora"})))  # type: ignore[arg-type]
     sim.step()
     assert all(sim.server.start_for(i, 4) is None for i in range(3))  # FLoRA re-initialises
-    r1 = [_lora_a(sim._load_client(i, 4)) for i in range(3)]
+    r1 = [_lora_a(sim._load_client(i, 4, sim.server, sim.round)) for i in range(3)]
     for name in r1[0]:
         assert torch.equal(r1[0][name], r1[1][name])
         assert torch.equal(r1[0][name], r1[2][name])
-    sim.round = 0
-    r0 = _lora_a(sim._load_client(0, 4))
+    r0 = _lora_a(sim._load_client(0, 4, sim.server, 0))
     assert not any(torch.equal(r0[n], r1[0][n]) for n in r0)  # a new draw each round
 
 
@@ -483,6 +482,78 @@ def test_counterfactual_rounds_use_the_same_uploads_and_change_nothing(tmp_path:
     assert parsed.counterfactual == ["fedit", "glora"]
 
 
+def test_one_round_further_arms_reproduce_the_run_and_change_nothing(tmp_path: Path) -> None:
+    # Arm (b) and the broadcast-split arm train forks of the server one round further. The
+    # run's own operator in arm (b), and its "own" split, are exactly the run's next round (the
+    # same uploads, the same batches); the run itself is bit-identical with or without them.
+    base = {"rounds": 3, "test_holdout": 40, "operator": "fedit"}
+    plain = _run(tmp_path, "plain", **base)
+    rows = _run(
+        tmp_path, "arms", counterfactual=["fedit", "glora_auto"], counterfactual_next=True,
+        broadcast_splits=["own", "balanced", "left", "right"], counterfactual_every=2, **base,
+    )  # fmt: skip
+    for p, r in zip(plain, rows, strict=True):
+        for key in ("accuracy", "test_accuracy", "test_loss", "aggregation_error"):
+            assert p[key] == r[key]
+    assert [("counterfactual_next" in r, "broadcast_split" in r) for r in rows] == [
+        (True, True),
+        (False, False),
+        (True, True),
+    ]  # rounds 1 and 3 (every 2)
+    nxt, split, later = rows[0]["counterfactual_next"], rows[0]["broadcast_split"], rows[1]
+    for own in (nxt["fedit"], split["own"]):  # type: ignore[index]
+        assert own["split"] == "test"
+        assert (own["loss"], own["accuracy"]) == (later["test_loss"], later["test_accuracy"])
+        assert own["aggregation_error"] == later["aggregation_error"]
+    # The other splits hand back the same product in other gauges: FedIT's next aggregate,
+    # an average of factors, differs (the arm measures something).
+    assert {k: v["loss"] for k, v in split.items()} != dict.fromkeys(split, split["own"]["loss"])  # type: ignore[union-attr,index]
+    assert nxt["glora_auto"]["certified_residual"] is not None  # type: ignore[index]
+    bad = SimConfig(counterfactual_next=True, broadcast_splits=["top"], counterfactual_every=0)
+    found = " ".join(bad.problems())
+    for flag in ("--counterfactual-next", "--broadcast-splits", "--counterfactual-every"):
+        assert flag in found
+    assert "--broadcast-splits" in " ".join(
+        SimConfig(operator="ffa_lora", broadcast_splits=["left"]).problems()
+    )
+    parsed, _ = parse_args(["--broadcast-splits", "own,left", "--counterfactual-every", "3"])
+    assert (parsed.broadcast_splits, parsed.counterfactual_every) == (["own", "left"], 3)
+
+
+def test_fork_and_rebroadcast_leave_the_server_alone() -> None:
+    from glora_math.errors import GloraError
+    from integration.federated.server import FederatedServer
+    from integration.peft.io import AdapterModule, ClientAdapter
+
+    def adapter(seed: int) -> ClientAdapter:
+        g = torch.Generator().manual_seed(seed)
+        B = torch.randn(6, 2, generator=g, dtype=torch.float64)
+        A = torch.randn(2, 5, generator=g, dtype=torch.float64)
+        return ClientAdapter({"m": AdapterModule("m", LoRAFactors(B, A), 8.0, False)})
+
+    srv = FederatedServer("fedit")
+    srv.aggregate([0, 1], [adapter(0), adapter(1)], [1.0, 1.0])
+    before = {
+        c: {n: (f.B.clone(), f.A.clone()) for n, f in m.items()} for c, m in srv.client_init.items()
+    }
+    fork = srv.fork()
+    fork.rebroadcast("right")
+    for c, mods in srv.client_init.items():  # the original keeps what it sent
+        assert torch.equal(mods["m"].B, before[c]["m"][0])
+    upd = srv.global_update["m"]
+    got = fork.client_init[0]["m"]
+    tol = product_tol(torch.float64, n=6, scale=float(upd.B.norm() * upd.A.norm()))
+    assert float((got.delta() - upd.delta()).norm()) <= tol  # one product, another gauge
+    eye = torch.eye(2, dtype=torch.float64)
+    assert float((got.B.T @ got.B - eye).norm()) <= product_tol(torch.float64, n=6, scale=1.0)
+    with pytest.raises(GloraError, match="stateful"):
+        srv.fork("fedrot_lora")
+    flora = FederatedServer("flora")
+    flora.aggregate([0, 1], [adapter(0), adapter(1)], [1.0, 1.0])
+    with pytest.raises(GloraError, match="nothing to split"):
+        flora.fork().rebroadcast("left")
+
+
 def test_experiment_tables_the_counterfactual_rounds(tmp_path: Path) -> None:
     from integration import experiment
 
@@ -491,7 +562,15 @@ def test_experiment_tables_the_counterfactual_rounds(tmp_path: Path) -> None:
         "seeds": [0, 1],
         "base": TINY
         | {"rounds": 2, "test_holdout": 40, "max_len": 32, "threads": 1, "operator": "fedit"},
-        "runs": [{"operator": "fedit", "counterfactual": ["fedit", "flexlora", "glora_auto"]}],
+        "runs": [
+            {
+                "operator": "fedit",
+                "counterfactual": ["fedit", "flexlora", "glora_auto"],
+                "counterfactual_next": True,
+                "broadcast_splits": ["own", "left"],
+                "counterfactual_every": 2,
+            }
+        ],
     }
     path = tmp_path / "cf.json"
     path.write_text(json.dumps(cfg))
@@ -504,6 +583,17 @@ def test_experiment_tables_the_counterfactual_rounds(tmp_path: Path) -> None:
     rid = experiment.run_id(cfg["runs"][0])  # type: ignore[index]
     rounds = json.loads((docs / "raw" / "cf" / f"{rid}-seed0.json").read_text())["rounds"]
     assert set(rounds[0]["counterfactual"]) == {"fedit", "flexlora", "glora_auto"}
+    assert set(rounds[0]["counterfactual_next"]) == {"fedit", "flexlora", "glora_auto"}
+    assert set(rounds[0]["broadcast_split"]) == {"own", "left"}
+    assert "counterfactual_next" not in rounds[1]  # every 2 rounds: round 1 only
+    arm_b = text.split("#### Arm (b)")[1].split("####")[0]
+    assert "2 seeds, rounds [1]" in arm_b
+    assert "| flexlora |" in arm_b
+    assert "| fedit | " in arm_b
+    assert "(reference)" in arm_b
+    split = text.split("#### Broadcast split")[1]
+    assert "| left |" in split
+    assert "| own |" in split
 
 
 def test_the_runner_saves_the_global_adapter_peft_loads(tmp_path: Path) -> None:
