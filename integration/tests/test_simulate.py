@@ -627,3 +627,18 @@ def test_the_runner_saves_the_global_adapter_peft_loads(tmp_path: Path) -> None:
     model = PeftModel.from_pretrained(base, str(out / "global_adapter"))
     batch = sim.tok(["a fine film", "dull"], return_tensors="pt", padding=True)
     assert model(**batch).logits.shape == (2, sim.num_labels)
+
+
+def test_every_shipped_experiment_cell_is_a_valid_plan(tmp_path: Path) -> None:
+    # Each cell's every (entry, seed) passes the settings' checks before anything is loaded,
+    # so that a cell queued for hours does not fail on a typo at its 40th run.
+    from integration.runner.experiment import plan
+
+    cells = sorted((Path(__file__).parents[1] / "experiments").glob("*.json"))
+    assert len(cells) >= 10
+    for path in cells:
+        config = json.loads(path.read_text())
+        runs = plan(config, tmp_path)
+        assert runs, path.name
+        for _, _, cfg in runs:
+            assert cfg.problems() == [], (path.name, cfg.problems())
