@@ -258,6 +258,9 @@ COQ_THEOREMS: dict[str, tuple[str, ...]] = {
         "Projection.P2_single_client",
         "Projection.consensus_contains_clients",
         "Projection.P2_exact_if_consensus_range_in",
+        "TopEig.top_eig_contains_range",
+        "TopEig.consensus_rank_le",
+        "TopEig.P2_exact_top_eig",
     ),
     "P3": (
         "Gauge.P3_projector_basis_change",
@@ -307,6 +310,7 @@ COQ_THEOREMS: dict[str, tuple[str, ...]] = {
         "Projection.P11_right_exactness",
         "Projection.P11_exact_if_factor_rows_in",
         "Projection.P11_exact_if_right_consensus_range_in",
+        "TopEig.P11_exact_top_eig",
         "Gauge.P11_gauge_keeps_row_space",
         "Gauge.P11_client_projector_gauge_invariant",
         "Gauge.P11_right_consensus_gauge_invariant",
@@ -340,8 +344,10 @@ COQ_THEOREMS: dict[str, tuple[str, ...]] = {
 # Where the Coq statements are narrower than the registry's (details in proofs/coq/README.md).
 COQ_SCOPE: dict[str, str] = {
     "P1": "full (no hypothesis on U_ref needed)",
-    "P2": "from col(dW_i) inside col(U_ref), or from range(K) inside col(U_ref); that the top-R "
-    "eigenvectors of K span range(K) when R >= rank K is spectral and not checked",
+    "P2": "full for U_ref = TopEig_R(K) by definition (orthonormal eigenvectors of K whose "
+    "eigenvalues bound the Rayleigh quotient off their span): p >= 0 and R >= dim sum col(U_i) "
+    "give U_ref S = W_bar; that such a U_ref exists for every K (the spectral theorem) is not "
+    "checked",
     "P3": "K, W_bar, projectors and U_ref S for two orthonormal bases of one subspace; that "
     "TopEig_R(K) spans a subspace determined by K (eigengap > 0) is not checked",
     "P5": "K only (col(c B_i) = col(B_i) for c != 0); U_ref via TopEig_R(K) is not checked",
@@ -349,7 +355,8 @@ COQ_SCOPE: dict[str, str] = {
     "P7": "full: the identity, and an orthogonal-gauge witness that FedIT moves",
     "P10": "full; the transposed FedEx residual: an iff with symmetry of the residual (d = k) "
     "and a witness where it is not symmetric",
-    "P11": "as P1-P3 on the right; the spectral step is not checked",
+    "P11": "as P1-P3 on the right; exactness for V_ref = TopEig_R(K_R) by definition, as P2; "
+    "the existence of V_ref (spectral theorem) and its uniqueness (P3's step) are not checked",
     "P12": "full, both sides, and ||S||^2 <= ||W||^2 over an ordered field",
     "P16": "full, over any field: W = B D A for any m x m D (the operator's D is the diagonal "
     "of weights), the projector onto the columns of any X with X^T X invertible",
