@@ -69,16 +69,19 @@ clean:
 # Machine-checked proofs (Coq + mathcomp) of the algebraic propositions (proofs/coq/README.md):
 # compiles proofs/coq in a temporary directory and checks that every theorem listed in
 # proofs/formal.py is closed under the global context (no axiom, no Admitted); about 20 s.
-# Installs coq and mathcomp with apt-get where coqc is missing and we are root.
+# Installs coq and mathcomp (algebra, field, real-closed) with apt-get where they are missing
+# and we are root.
 .PHONY: formal
 formal:
-	@if ! command -v coqc >/dev/null 2>&1; then \
+	@if ! command -v coqc >/dev/null 2>&1 || \
+		[ ! -d "$$(coqc -where 2>/dev/null)/user-contrib/mathcomp/real_closed" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			apt-get update -q && \
-			apt-get install -y coq libcoq-mathcomp-algebra libcoq-mathcomp-field || exit 1; \
+			apt-get install -y coq libcoq-mathcomp-algebra libcoq-mathcomp-field \
+				libcoq-mathcomp-real-closed || exit 1; \
 		else \
-			echo "make formal: coqc is not installed and cannot be installed here (needs root and apt-get)."; \
-			echo "Install Coq 8.16 and Mathematical Components 1.15 (algebra, field), then rerun."; \
+			echo "make formal: coqc or mathcomp is not installed and cannot be installed here (needs root and apt-get)."; \
+			echo "Install Coq 8.16 and Mathematical Components 1.15 (algebra, field, real-closed), then rerun."; \
 			exit 1; \
 		fi; \
 	fi

@@ -17,6 +17,7 @@ theorems is "checked".
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -41,9 +42,29 @@ CLOSED = "Closed under the global context"
 DEFAULT_TIMEOUT = 300.0  # seconds per coqc call (the whole library compiles in about 10 s)
 
 
+#: The mathcomp libraries the proofs import (Debian: libcoq-mathcomp-algebra, -field and
+#: -real-closed; the last gives the complex numbers of a real closed field, for the spectral
+#: theorem in Spectral.v).
+LIBRARIES = ("ssreflect", "algebra", "field", "real_closed")
+
+
+def missing_libraries(coqc: str) -> list[str]:
+    """The :data:`LIBRARIES` that ``coqc`` cannot find (under its ``user-contrib/mathcomp``)."""
+    try:
+        res = subprocess.run(
+            [coqc, "-where"], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return list(LIBRARIES)
+    roots = [Path(res.stdout.strip()) / "user-contrib"]
+    roots += [Path(p) for p in os.environ.get("COQPATH", "").split(os.pathsep) if p]
+    return [lib for lib in LIBRARIES if not any((r / "mathcomp" / lib).is_dir() for r in roots)]
+
+
 def coq_available() -> bool:
-    """Whether ``coqc`` is on the PATH (mathcomp is needed too; check() reports it if absent)."""
-    return shutil.which("coqc") is not None
+    """Whether ``coqc`` is on the PATH with every library in :data:`LIBRARIES`."""
+    coqc = shutil.which("coqc")
+    return coqc is not None and not missing_libraries(coqc)
 
 
 def modules() -> tuple[str, ...]:
@@ -96,7 +117,8 @@ def check(ids: Sequence[str] | None = None, timeout: float = DEFAULT_TIMEOUT) ->
 
     Returns, per proposition id (all registry ids when ``ids`` is None), one of
     ``"checked"`` (every listed theorem compiled and is closed under the global context),
-    ``"not machine-checked"`` (no theorem listed), ``"failed: <one line>"`` or ``"no coqc"``.
+    ``"not machine-checked"`` (no theorem listed), ``"failed: <one line>"``, ``"no coqc"`` or
+    ``"no Coq library: ..."`` (a mathcomp library of :data:`LIBRARIES` missing).
     """
     wanted = _all_ids() if ids is None else list(ids)
     unknown = [i for i in wanted if i not in _all_ids()]
@@ -109,6 +131,10 @@ def check(ids: Sequence[str] | None = None, timeout: float = DEFAULT_TIMEOUT) ->
     coqc = shutil.which("coqc")
     if coqc is None:
         return out | {i: "no coqc" for i in todo}
+    missing = missing_libraries(coqc)
+    if missing:
+        libs = ", ".join(f"mathcomp {m}" for m in missing)
+        return out | {i: f"no Coq library: {libs}" for i in todo}
     with tempfile.TemporaryDirectory(prefix="glora-coq-") as tmp:
         build = Path(tmp)
         errors: dict[str, str] = {}
@@ -168,4 +194,13 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["NOT_CHECKED", "SCOPE", "THEOREMS", "check", "coq_available", "modules"]
+__all__ = [
+    "LIBRARIES",
+    "NOT_CHECKED",
+    "SCOPE",
+    "THEOREMS",
+    "check",
+    "coq_available",
+    "missing_libraries",
+    "modules",
+]

@@ -261,6 +261,9 @@ COQ_THEOREMS: dict[str, tuple[str, ...]] = {
         "TopEig.top_eig_contains_range",
         "TopEig.consensus_rank_le",
         "TopEig.P2_exact_top_eig",
+        "Spectral.spectral_theorem",
+        "Spectral.top_eig_exists",
+        "Spectral.P2_exact",
     ),
     "P3": (
         "Gauge.P3_projector_basis_change",
@@ -274,6 +277,8 @@ COQ_THEOREMS: dict[str, tuple[str, ...]] = {
         "Gauge.P3_consensus_gauge_invariant",
         "Gauge.P3_consensus_gauge_invariant_svd",
         "Gauge.P3_update_gauge_invariant",
+        "Unique.top_eig_unique",
+        "Unique.P3_update_gauge_invariant_top_eig",
     ),
     "P5": ("Gauge.P5_consensus_scale_invariant",),
     "P6": (
@@ -311,6 +316,8 @@ COQ_THEOREMS: dict[str, tuple[str, ...]] = {
         "Projection.P11_exact_if_factor_rows_in",
         "Projection.P11_exact_if_right_consensus_range_in",
         "TopEig.P11_exact_top_eig",
+        "Spectral.P11_exact",
+        "Unique.P11_right_update_gauge_invariant_top_eig",
         "Gauge.P11_gauge_keeps_row_space",
         "Gauge.P11_client_projector_gauge_invariant",
         "Gauge.P11_right_consensus_gauge_invariant",
@@ -344,19 +351,18 @@ COQ_THEOREMS: dict[str, tuple[str, ...]] = {
 # Where the Coq statements are narrower than the registry's (details in proofs/coq/README.md).
 COQ_SCOPE: dict[str, str] = {
     "P1": "full (no hypothesis on U_ref needed)",
-    "P2": "full for U_ref = TopEig_R(K) by definition (orthonormal eigenvectors of K whose "
-    "eigenvalues bound the Rayleigh quotient off their span): p >= 0 and R >= dim sum col(U_i) "
-    "give U_ref S = W_bar; that such a U_ref exists for every K (the spectral theorem) is not "
-    "checked",
-    "P3": "K, W_bar, projectors and U_ref S for two orthonormal bases of one subspace; that "
-    "TopEig_R(K) spans a subspace determined by K (eigengap > 0) is not checked",
+    "P2": "full: for U_ref = TopEig_R(K) by definition (orthonormal eigenvectors of K whose "
+    "eigenvalues bound the Rayleigh quotient off their span), p >= 0 and R >= dim sum col(U_i) "
+    "give U_ref S = W_bar; such a U_ref exists (the spectral theorem, over any real closed field)",
+    "P3": "full with a positive eigengap: TopEig_R(K) spans a subspace fixed by K, so per-client "
+    "gauges leave U_ref S unchanged whichever TopEig_R the gauged round picks",
     "P5": "K only (col(c B_i) = col(B_i) for c != 0); U_ref via TopEig_R(K) is not checked",
     "P6": "full, for every weighted client sum (W_bar, K, S, S', FedIT)",
     "P7": "full: the identity, and an orthogonal-gauge witness that FedIT moves",
     "P10": "full; the transposed FedEx residual: an iff with symmetry of the residual (d = k) "
     "and a witness where it is not symmetric",
-    "P11": "as P1-P3 on the right; exactness for V_ref = TopEig_R(K_R) by definition, as P2; "
-    "the existence of V_ref (spectral theorem) and its uniqueness (P3's step) are not checked",
+    "P11": "full, as P1-P3 on the right: exactness with an existing TopEig_R(K_R), gauge "
+    "invariance with a positive eigengap",
     "P12": "full, both sides, and ||S||^2 <= ||W||^2 over an ordered field",
     "P16": "full, over any field: W = B D A for any m x m D (the operator's D is the diagonal "
     "of weights), the projector onto the columns of any X with X^T X invertible",
@@ -364,14 +370,14 @@ COQ_SCOPE: dict[str, str] = {
 }
 
 COQ_NOT_CHECKED: dict[str, str] = {
-    "P4": "Eckart-Young optimality of the truncated SVD needs the SVD and spectral theory, "
-    "absent from mathcomp 1.15",
+    "P4": "Eckart-Young optimality of the truncated SVD: not yet proved (the spectral theorem "
+    "it rests on is, in Spectral.v)",
     "P8": "Eckart-Young again (best rank-R approximation of W_bar)",
     "P9": "Procrustes optimality over O(r) and the soft bound are analytic (polar "
     "decomposition, inequalities); product preservation is Gauge.P3_gauge_keeps_product",
     "P13": "monotonicity of the residual curve along nested top eigenvectors is spectral",
-    "P14": "min of the two certified residuals holds by construction of side='auto'; its "
-    "gauge invariance rests on P3/P11's spectral step",
+    "P14": "min of the two certified residuals holds by construction of side='auto'; not "
+    "stated in Coq (its gauge invariance is P3's and P11's, which are checked)",
     "P15": "a probability bound on Gaussian quadratic forms needs measure theory and the "
     "Gaussian integral, beyond mathcomp 1.15's algebra",
 }

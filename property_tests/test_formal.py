@@ -32,8 +32,8 @@ FORBIDDEN = (
 )
 NEEDS_COQ = pytest.mark.skipif(
     not formal.coq_available(),
-    reason="coqc is not on the PATH: the Coq proofs cannot be compiled here "
-    "(`make formal` installs coq and mathcomp where apt-get and root are available)",
+    reason="coqc or a mathcomp library (algebra, field, real-closed) is missing: the Coq proofs "
+    "cannot be compiled here (`make formal` installs them where apt-get and root are available)",
 )
 
 
@@ -119,6 +119,22 @@ def test_check_reports_no_coqc(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(formal.shutil, "which", lambda _name: None)
     assert not formal.coq_available()
     assert formal.check(["P1", "P4"]) == {"P1": "no coqc", "P4": "not machine-checked"}
+
+
+def test_check_reports_a_missing_library(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # A coqc whose library tree has no mathcomp real_closed (as on a machine with Coq and
+    # mathcomp algebra but not the real-closed package): reported, not a failure.
+    fake = tmp_path / "coqc"
+    for lib in ("ssreflect", "algebra", "field"):
+        (tmp_path / "lib" / "user-contrib" / "mathcomp" / lib).mkdir(parents=True)
+    fake.write_text(f"#!/bin/sh\necho {tmp_path / 'lib'}\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(formal.shutil, "which", lambda _name: str(fake))
+    monkeypatch.delenv("COQPATH", raising=False)
+    assert formal.missing_libraries(str(fake)) == ["real_closed"]
+    assert not formal.coq_available()
+    got = formal.check(["P1"])
+    assert got == {"P1": "no Coq library: mathcomp real_closed"}
 
 
 @NEEDS_COQ
