@@ -68,7 +68,7 @@ clean:
 
 # Machine-checked proofs (Coq + mathcomp) of the algebraic propositions (proofs/coq/README.md):
 # compiles proofs/coq in a temporary directory and checks that every theorem listed in
-# proofs/formal.py is closed under the global context (no axiom, no Admitted); about 20 s.
+# proofs/formal.py is closed under the global context (no axiom, no Admitted); about a minute.
 # Installs coq and mathcomp (algebra, field, real-closed) with apt-get where they are missing
 # and we are root.
 .PHONY: formal
