@@ -280,6 +280,12 @@ COQ_THEOREMS: dict[str, tuple[str, ...]] = {
         "Unique.top_eig_unique",
         "Unique.P3_update_gauge_invariant_top_eig",
     ),
+    "P4": (
+        "EckartYoung.ky_fan",
+        "EckartYoung.eckart_young",
+        "EckartYoung.P4_readout_is_best",
+        "EckartYoung.P4_full_readout",
+    ),
     "P5": ("Gauge.P5_consensus_scale_invariant",),
     "P6": (
         "Permutation.P6_weighted_sum_permutation",
@@ -299,6 +305,10 @@ COQ_THEOREMS: dict[str, tuple[str, ...]] = {
     "P7": (
         "FedIT.P7_fedit_error_identity",
         "FedIT.P7_fedit_not_gauge_invariant",
+    ),
+    "P8": (
+        "EckartYoung.P8_optimality_gap",
+        "EckartYoung.P8_equality",
     ),
     "P10": (
         "Exactness.P10_stacking_exact",
@@ -323,6 +333,11 @@ COQ_THEOREMS: dict[str, tuple[str, ...]] = {
         "Gauge.P11_right_consensus_gauge_invariant",
         "Gauge.P11_right_update_gauge_invariant",
     ),
+    "P13": (
+        "AutoRank.P13_residual_nonincreasing",
+        "AutoRank.P13_residual_zero_at_union",
+    ),
+    "P14": ("AutoRank.P14_auto_side_is_the_better_side",),
     "P12": (
         "Certificate.P12_certificate_left",
         "Certificate.P12_kept_left",
@@ -356,28 +371,33 @@ COQ_SCOPE: dict[str, str] = {
     "give U_ref S = W_bar; such a U_ref exists (the spectral theorem, over any real closed field)",
     "P3": "full with a positive eigengap: TopEig_R(K) spans a subspace fixed by K, so per-client "
     "gauges leave U_ref S unchanged whichever TopEig_R the gauged round picks",
+    "P4": "the optimality part, as Eckart-Young through TopEig_r(S S^T) (the top-r left singular "
+    "vectors of S, whichever split of the singular values the factors use): U_ref Ut Ut^T S is at "
+    "least as close to U_ref S as every product of inner dimension r; the full readout (r = R) "
+    "reproduces U_ref S. Nestedness and the closed form sum_{j>r} s_j^2 are not stated",
     "P5": "K only (col(c B_i) = col(B_i) for c != 0); U_ref via TopEig_R(K) is not checked",
     "P6": "full, for every weighted client sum (W_bar, K, S, S', FedIT)",
     "P7": "full: the identity, and an orthogonal-gauge witness that FedIT moves",
+    "P8": "full: the best rank-R approximation as the projection onto a TopEig_R(W_bar W_bar^T) "
+    "(Eckart-Young, proved); equality when col(U_ref) contains that subspace",
     "P10": "full; the transposed FedEx residual: an iff with symmetry of the residual (d = k) "
     "and a witness where it is not symmetric",
     "P11": "full, as P1-P3 on the right: exactness with an existing TopEig_R(K_R), gauge "
     "invariance with a positive eigengap",
     "P12": "full, both sides, and ||S||^2 <= ||W||^2 over an ordered field",
+    "P13": "monotonicity along any nested orthonormal bases, and 0 at R >= dim sum col(U_i) "
+    "(through P2); the existence of the smallest certified R follows",
+    "P14": "the decision rule: the kept side's residual is at most either side's; the gauge "
+    "invariance of both residuals is P3's and P11's",
     "P16": "full, over any field: W = B D A for any m x m D (the operator's D is the diagonal "
     "of weights), the projector onto the columns of any X with X^T X invertible",
     "L1": "full, as squared norms (no square roots)",
 }
 
 COQ_NOT_CHECKED: dict[str, str] = {
-    "P4": "Eckart-Young optimality of the truncated SVD: not yet proved (the spectral theorem "
-    "it rests on is, in Spectral.v)",
-    "P8": "Eckart-Young again (best rank-R approximation of W_bar)",
-    "P9": "Procrustes optimality over O(r) and the soft bound are analytic (polar "
-    "decomposition, inequalities); product preservation is Gauge.P3_gauge_keeps_product",
-    "P13": "monotonicity of the residual curve along nested top eigenvectors is spectral",
-    "P14": "min of the two certified residuals holds by construction of side='auto'; not "
-    "stated in Coq (its gauge invariance is P3's and P11's, which are checked)",
+    "P9": "Procrustes optimality over O(r) and the soft bound need the polar decomposition (an "
+    "SVD of a square matrix with orthonormal completion), not built on the spectral theorem yet; "
+    "product preservation is Gauge.P3_gauge_keeps_product",
     "P15": "a probability bound on Gaussian quadratic forms needs measure theory and the "
     "Gaussian integral, beyond mathcomp 1.15's algebra",
 }
