@@ -21,10 +21,12 @@ from .stats import auc, paired
 
 
 def floor(config: Mapping[str, Any]) -> float:
-    """Majority-class rate of the evaluation set, averaged over the cell's seeds."""
+    """Majority-class rate of the evaluation set, averaged over the cell's seeds.
+
+    For instruction tuning too: the answer words are the labels' names, so always answering
+    the commonest one scores this rate.
+    """
     base = SimConfig(**config["base"])
-    if base.objective != "classification":
-        return math.nan
     rates = []
     for seed in config["seeds"]:
         # the runner's own evaluation sample (a built-in task or the user's eval_file)
@@ -99,7 +101,8 @@ def table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
         "",
         f"- Floor (majority-class rate of the evaluation set): {floor(config):.4f}",
         f"- Centralised, same steps (one client with all {base.max_train} training examples, "
-        f"{steps} optimizer steps): {ceiling or 'not run yet'}",
+        f"{steps} optimizer steps): "
+        f"{ceiling or ('not run yet' if config.get('ceiling') else 'not part of this cell')}",
         f"- Settings: {json.dumps(config['base'], sort_keys=True)}",
         "- Accuracy: mean ± std over seeds; aggregation error: exact relative error of the "
         "server update against the mean update over all modules (round 1: every operator "
@@ -126,19 +129,26 @@ PAIRED_METRICS: tuple[tuple[str, str], ...] = (
 
 
 def run_metrics(rounds: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """The :data:`PAIRED_METRICS` of one run (test set if the run has one, else validation)."""
-    key = "test_accuracy" if "test_accuracy" in rounds[0] else "accuracy"
+    """The :data:`PAIRED_METRICS` of one run (test set if the run has one, else validation).
+
+    Without a test set there is no ``best_on_val``: the best validation round's validation
+    accuracy is the maximum of the very numbers reported, biased upward.
+    """
+    test = "test_accuracy" in rounds[0]
+    key = "test_accuracy" if test else "accuracy"
     loss = "test_loss" if "test_loss" in rounds[0] else "eval_loss"
     acc = [float(r[key]) for r in rounds]
     val = [float(r["accuracy"]) for r in rounds]
     best = max(range(len(val)), key=lambda j: (val[j], -j))  # the earliest best round
-    return {
+    out = {
         "final": acc[-1],
         "last3": statistics.fmean(acc[-3:]),
         "auc": auc(acc),
-        "best_on_val": acc[best],
         "final_loss": float(rounds[-1][loss]),
     }
+    if test:
+        out["best_on_val"] = acc[best]
+    return out
 
 
 def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
@@ -154,12 +164,15 @@ def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
         return ""
     raw = docs / "raw" / cell
 
+    has_test: list[bool] = []
+
     def load(e: Mapping[str, Any]) -> dict[int, dict[str, float]]:
         out = {}
         for seed in config["seeds"]:
             path = raw / f"{run_id(e)}-seed{seed}.json"
             if path.is_file():
                 out[int(seed)] = run_metrics(json.loads(path.read_text())["rounds"])
+                has_test.append("best_on_val" in out[int(seed)])
         return out
 
     by_id = {run_id(e): e for e in entries(config)}
@@ -175,7 +188,7 @@ def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
         "| "
         + " | ".join(
             [label(by_id[ref_id]) + " (reference, absolute)", str(len(ref))]
-            + [ms([v[name] for v in ref.values()]) for name, _ in PAIRED_METRICS]
+            + [ms([v[name] for v in ref.values() if name in v]) for name, _ in PAIRED_METRICS]
         )
         + " |",
     ]
@@ -184,13 +197,18 @@ def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
         seeds = sorted(set(runs) & set(ref))
         cells = [label(e), str(len(seeds))]
         for name, _ in PAIRED_METRICS:
-            if not seeds:
+            if not seeds or any(name not in runs[s] or name not in ref[s] for s in seeds):
                 cells.append("-")
                 continue
             cells.append(str(paired([runs[s][name] for s in seeds], [ref[s][name] for s in seeds])))
         lines.append("| " + " | ".join(cells) + " |")
     primary = _primary(config, by_id, ref, load, others)
     what = "; ".join(f"`{n}`: {w}" for n, w in PAIRED_METRICS)
+    if has_test and not all(has_test):
+        what += (
+            ". **This cell has no held-out test set**: every metric is on the validation set, "
+            "and `best_on_val` is left out (it would pick the best of the numbers it reports)"
+        )
     return "\n".join(
         [
             "",

@@ -62,3 +62,24 @@ def test_paired_edge_cases() -> None:
     with pytest.raises(ValueError, match="level"):
         paired([0.1, 0.2], [0.1, 0.3], level=1.0)
     assert auc([0.5, 0.7, 0.9]) == pytest.approx(0.7)
+
+
+def test_run_metrics_read_the_test_set_and_choose_on_validation() -> None:
+    from integration.runner.tables import run_metrics
+
+    rounds = [
+        {"accuracy": 0.6, "test_accuracy": 0.50, "test_loss": 0.9, "eval_loss": 1.0},
+        {"accuracy": 0.8, "test_accuracy": 0.55, "test_loss": 0.8, "eval_loss": 0.7},
+        {"accuracy": 0.7, "test_accuracy": 0.70, "test_loss": 0.6, "eval_loss": 0.8},
+    ]
+    got = run_metrics(rounds)
+    assert got["final"] == 0.70
+    assert got["last3"] == pytest.approx((0.50 + 0.55 + 0.70) / 3)
+    assert got["best_on_val"] == 0.55  # the test accuracy of round 2, best on validation
+    assert got["final_loss"] == 0.6
+    # Without a test set: validation numbers, and no best-on-validation (it would be the max).
+    plain = [{k: v for k, v in r.items() if not k.startswith("test")} for r in rounds]
+    got = run_metrics(plain)
+    assert got["final"] == 0.7
+    assert got["final_loss"] == 0.8
+    assert "best_on_val" not in got
