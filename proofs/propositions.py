@@ -310,6 +310,12 @@ COQ_THEOREMS: dict[str, tuple[str, ...]] = {
         "EckartYoung.P8_optimality_gap",
         "EckartYoung.P8_equality",
     ),
+    "P9": (
+        "Procrustes.tr_orth_psd",
+        "Procrustes.P9_procrustes_optimal",
+        "Procrustes.polar_of_svd",
+        "Procrustes.P9_procrustes_svd",
+    ),
     "P10": (
         "Exactness.P10_stacking_exact",
         "Exactness.P10_stacking_exact_weighted_B",
@@ -380,6 +386,9 @@ COQ_SCOPE: dict[str, str] = {
     "P7": "full: the identity, and an orthogonal-gauge witness that FedIT moves",
     "P8": "full: the best rank-R approximation as the projection onto a TopEig_R(W_bar W_bar^T) "
     "(Eckart-Young, proved); equality when col(U_ref) contains that subspace",
+    "P9": "optimality: a polar factor of A_i A_ref^T (U V^T from its SVD) minimises "
+    "||R^T A_i - A_ref|| over O(r); product preservation is Gauge.P3_gauge_keeps_product; the "
+    "soft-rotation bound is not machine-checked (its sympy proof and 50-digit check stand)",
     "P10": "full; the transposed FedEx residual: an iff with symmetry of the residual (d = k) "
     "and a witness where it is not symmetric",
     "P11": "full, as P1-P3 on the right: exactness with an existing TopEig_R(K_R), gauge "
@@ -395,9 +404,6 @@ COQ_SCOPE: dict[str, str] = {
 }
 
 COQ_NOT_CHECKED: dict[str, str] = {
-    "P9": "Procrustes optimality over O(r) and the soft bound need the polar decomposition (an "
-    "SVD of a square matrix with orthonormal completion), not built on the spectral theorem yet; "
-    "product preservation is Gauge.P3_gauge_keeps_product",
     "P15": "a probability bound on Gaussian quadratic forms needs measure theory and the "
     "Gaussian integral, beyond mathcomp 1.15's algebra",
 }
