@@ -286,7 +286,7 @@ COQ_THEOREMS: dict[str, tuple[str, ...]] = {
         "EckartYoung.P4_readout_is_best",
         "EckartYoung.P4_full_readout",
     ),
-    "P5": ("Gauge.P5_consensus_scale_invariant",),
+    "P5": ("Gauge.P5_consensus_scale_invariant", "Unique.P5_top_eig_scale_invariant"),
     "P6": (
         "Permutation.P6_weighted_sum_permutation",
         "Permutation.P6_weighted_sum_zero_weight",
@@ -381,7 +381,8 @@ COQ_SCOPE: dict[str, str] = {
     "vectors of S, whichever split of the singular values the factors use): U_ref Ut Ut^T S is at "
     "least as close to U_ref S as every product of inner dimension r; the full readout (r = R) "
     "reproduces U_ref S. Nestedness and the closed form sum_{j>r} s_j^2 are not stated",
-    "P5": "K only (col(c B_i) = col(B_i) for c != 0); U_ref via TopEig_R(K) is not checked",
+    "P5": "full with a positive eigengap, for any c_i != 0: K unchanged, and so span(U_ref) "
+    "(TopEig_R(K) is unique)",
     "P6": "full, for every weighted client sum (W_bar, K, S, S', FedIT)",
     "P7": "full: the identity, and an orthogonal-gauge witness that FedIT moves",
     "P8": "full: the best rank-R approximation as the projection onto a TopEig_R(W_bar W_bar^T) "

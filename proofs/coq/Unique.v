@@ -154,3 +154,27 @@ exact: hh.
 Qed.
 
 End P11TopEigGauge.
+
+Section P5TopEig.
+Variable R : realFieldType.
+Variables (N d rk : nat) (r u u' : 'I_N -> nat) (p : 'I_N -> R).
+Variables (B : forall i, 'M[R]_(d, r i)) (c : 'I_N -> R).
+Variables (U : forall i, 'M[R]_(d, u i)) (U' : forall i, 'M[R]_(d, u' i)).
+Variables (Uref Uref' : 'M[R]_(d, rk)) (lam lam' : 'rV[R]_rk).
+
+(* P5 for U_ref: scaling clients (c_i != 0) leaves span(TopEig_R(K)) unchanged, with a positive
+   eigengap. *)
+Theorem P5_top_eig_scale_invariant :
+  (forall i, c i != 0) ->
+  (forall i, (U i)^T *m U i = 1%:M) -> (forall i, (U' i)^T *m U' i = 1%:M) ->
+  (forall i, ((U i)^T == (B i)^T)%MS) -> (forall i, ((U' i)^T == (c i *: B i)^T)%MS) ->
+  top_eig (consensus p U) Uref lam -> eigengap (consensus p U) Uref lam ->
+  top_eig (consensus p U') Uref' lam' -> (Uref'^T == Uref^T)%MS.
+Proof.
+move=> hc hU hU' eU eU' ht hg ht'.
+have eK := P5_consensus_scale_invariant p hc hU hU' eU eU'.
+rewrite -eK in ht'.
+exact: top_eig_unique (consensus_sym p U) ht hg ht'.
+Qed.
+
+End P5TopEig.
