@@ -55,6 +55,7 @@ register(
         sends_back="stacked factors (rank sum r_i) merged into the base weight",
         guarantees=EXACT_GUARANTEES,
         fn=_flora,
+        restarts=True,
         cost=lambda d, k, r, R, n: Communication(up=r * (d + k), down=n * r * (d + k)),
     )
 )

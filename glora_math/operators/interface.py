@@ -207,6 +207,9 @@ class AggregationOperator:
     #: Clients keep personal factors between rounds (FedSA-LoRA): a client that sits a round
     #: out keeps its own, instead of receiving the broadcast.
     personal: bool = False
+    #: The server merges the round into the base weight and clients start a fresh LoRA (FLoRA):
+    #: no global update is handed back (``AggregateResult.client_factors`` is None).
+    restarts: bool = False
     #: The factor clients keep frozen (and shared) in round t, counted from 1: "A", "B" or
     #: None (RoLoRA alternates); clients train only the other one. Default: A for
     #: ``shared_A`` operators, else nothing.

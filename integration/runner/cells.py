@@ -24,11 +24,15 @@ def entries(config: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The cell's run entries, in order (the ceiling first, if asked for)."""
     runs = [dict(e) for e in config.get("runs", [])]
     runs += [{"operator": op} for op in config.get("operators", [])]
-    if config.get("ceiling"):
+    ceiling = config.get("ceiling")
+    if ceiling:
+        # ``"ceiling": {...}`` overrides its settings (e.g. ``client_ranks`` in a cell whose
+        # clients' ranks differ); it stays the reference that is not compared.
+        extra = dict(ceiling) if isinstance(ceiling, Mapping) else {}
         runs.insert(
             0,
             {"operator": "fedit", "clients": 1, "participation": 1.0, "id": CEILING_ID,
-             "label": "centralised, same steps"},
+             "label": "centralised, same steps"} | extra | {"id": CEILING_ID},
         )  # fmt: skip
     return runs
 

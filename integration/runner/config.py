@@ -96,10 +96,15 @@ class SimConfig(RunSettings):
              f"--broadcast-splits {self.broadcast_splits}: each must be one of {list(SPLITS)}"),
             (bool(self.broadcast_splits) and self.objective != "classification",
              "--broadcast-splits: classification only"),
-            (bool(self.broadcast_splits) and self.operator in list_operators()
-             and _keeps_factors(self.operator),
+            (any(x != "own" for x in self.broadcast_splits or [])
+             and self.operator in list_operators() and _keeps_factors(self.operator),
              f"--broadcast-splits: operator {self.operator!r} does not broadcast one update "
-             "(personal or frozen factors)"),
+             "(personal, frozen or restarted factors)"),
+            (bool(self.broadcast_splits) and "own" not in (self.broadcast_splits or []),
+             "--broadcast-splits must include own (the reference the others are paired with)"),
+            (self.counterfactual_next and self.operator not in (self.counterfactual or []),
+             f"--counterfactual-next: list the run's own operator {self.operator!r} in "
+             "--counterfactual (the reference of the arm)"),
             (self.counterfactual_every < 1,
              f"--counterfactual-every must be >= 1, got {self.counterfactual_every}"),
             (self.sketch and self.operator in list_operators()
@@ -152,7 +157,7 @@ SPLITS = ("own", "balanced", "left", "right")
 def _keeps_factors(operator: str) -> bool:
     """Whether clients of ``operator`` keep personal or frozen factors (nothing to re-split)."""
     op = get_operator(operator)
-    return op.personal or op.shared_A or op.frozen is not None
+    return op.personal or op.restarts or op.shared_A or op.frozen is not None
 
 
 def _device_problem(device: str) -> str | None:

@@ -17,7 +17,8 @@ Config keys: ``name`` (the cell; default: the file's stem), ``description``, ``s
 ``base`` (:class:`integration.simulate.SimConfig` fields), ``runs`` (entries, most important
 first: ``{"operator": ..., "label": ..., "id": ..., <SimConfig overrides>}``), ``ceiling``
 (true: add a centralised run, one client holding all the training data with the same number
-of optimizer steps, ``rounds * local_steps``, as each federated client), ``out`` (run
+of optimizer steps, ``rounds * local_steps``, as each federated client; a mapping: the same
+with these settings overridden, e.g. ``{"client_ranks": [8]}``), ``out`` (run
 folders; cells may share one, so that identical runs are done once). The older form with an
 ``operators`` list is accepted.
 """

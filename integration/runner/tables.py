@@ -204,10 +204,16 @@ def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     primary = _primary(config, by_id, ref, load, others)
     what = "; ".join(f"`{n}`: {w}" for n, w in PAIRED_METRICS)
-    if has_test and not all(has_test):
+    if has_test and not any(has_test):
         what += (
             ". **This cell has no held-out test set**: every metric is on the validation set, "
             "and `best_on_val` is left out (it would pick the best of the numbers it reports)"
+        )
+        m = len(others) * (len(PAIRED_METRICS) - 1)
+    elif has_test and not all(has_test):
+        what += (
+            ". **Some runs of this cell have no held-out test set**: theirs are validation "
+            "numbers, and `best_on_val` is left out wherever a run lacks one"
         )
     return "\n".join(
         [
@@ -251,7 +257,7 @@ def _primary(
     rows = []
     for rid in ids:
         runs = load(by_id[rid])
-        seeds = sorted(set(runs) & set(ref))
+        seeds = sorted(s for s in set(runs) & set(ref) if metric in runs[s] and metric in ref[s])
         if len(seeds) < 2:
             rows.append(f"| {label(by_id[rid])} | {len(seeds)} | - | not enough seeds |")
             continue
@@ -277,6 +283,10 @@ def _primary(
     ]
 
 
+#: The per-round keys of the counterfactual arms (a, b and the broadcast split).
+ARM_KEYS = ("counterfactual", "counterfactual_next", "broadcast_split")
+
+
 def counterfactual_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
     """The counterfactual rounds of every run that has them, against the run's own operator.
 
@@ -296,13 +306,17 @@ def counterfactual_table(config: Mapping[str, Any], cell: str, docs: Path) -> st
             path = raw / f"{run_id(e)}-seed{seed}.json"
             if path.is_file():
                 rounds = json.loads(path.read_text())["rounds"]
-                if rounds and "counterfactual" in rounds[0]:
+                if rounds and any(k in r for r in rounds for k in ARM_KEYS):
                     recs.append(rounds)
         if not recs:
             continue
         own = str(e.get("operator", config["base"].get("operator", "")))
-        names = list(recs[0][0]["counterfactual"])
+        # The one-round-further arms stand on their own (they need no arm-a list).
+        further = _further(recs, "counterfactual_next", own, e)
+        further += _further(recs, "broadcast_split", "own", e)
+        names = list(recs[0][0].get("counterfactual", {}))
         if own not in names:
+            blocks += further
             continue
         lines = [
             "| operator | mean aggregation error | mean certificate | Δloss vs own "
@@ -314,7 +328,7 @@ def counterfactual_table(config: Mapping[str, Any], cell: str, docs: Path) -> st
         for name in names:
             errs, certs, dl, da = [], [], [], []
             for rounds in recs:
-                cf = [r["counterfactual"] for r in rounds]
+                cf = [r["counterfactual"] for r in rounds if "counterfactual" in r]
                 errs += [c[name]["aggregation_error"] for c in cf]
                 certs += [c[name]["certified_residual"] for c in cf
                           if c[name]["certified_residual"] is not None]  # fmt: skip
@@ -338,8 +352,7 @@ def counterfactual_table(config: Mapping[str, Any], cell: str, docs: Path) -> st
             f"{_correlation(xs, ys)}.",
             "",
         ]
-        blocks += _further(recs, "counterfactual_next", own, e)
-        blocks += _further(recs, "broadcast_split", "own", e)
+        blocks += further
     if not blocks:
         return ""
     return "\n".join(
@@ -347,10 +360,12 @@ def counterfactual_table(config: Mapping[str, Any], cell: str, docs: Path) -> st
             "",
             "## The aggregation step isolated (counterfactual rounds)",
             "",
-            "Every listed operator aggregates the same uploads at every round of the run; "
-            "each global model is evaluated on the test set. Δloss: mean over the rounds of a "
-            "seed, then paired over seeds as (own - operator), so a positive difference means "
-            "the operator's aggregate has the *lower* loss; `*`: the interval excludes zero.",
+            "Arm (a): every listed operator aggregates the same uploads at every round of the "
+            "run. Arm (b) and the broadcast split run at the rounds their headings list. Each "
+            "global model is evaluated on the test set (on the validation set where a cell has "
+            "none). Δloss: mean over the rounds of a seed, then paired over seeds as "
+            "(own - operator), so a positive difference means the operator's model has the "
+            "*lower* loss; Δaccuracy is (operator - own); `*`: the interval excludes zero.",
             "",
             *blocks,
         ]
@@ -379,7 +394,8 @@ def _further(
     names = list(recs[0][0][key])
     lines = [
         "| " + ("operator" if key == "counterfactual_next" else "broadcast split")
-        + " | next-round aggregation error | Δloss vs own (paired by seed) | Δaccuracy vs own |",
+        + " | next-round aggregation error | Δloss: own - this (paired by seed) "
+        "| Δaccuracy: this - own |",
         "| --- | --- | --- | --- |",
     ]  # fmt: skip
     xs: list[float] = []
@@ -407,8 +423,10 @@ def _further(
                 f"loss - own next-round loss): {_correlation(xs, ys)}.")  # fmt: skip
     else:
         title = "Broadcast split: one global update handed back in different factorisations"
-        tail = ("Every split has the run's own product (the same global model at the round); "
-                "only the factorisation sent to the clients differs.")  # fmt: skip
+        tail = ("Where every client's rank is at least the update's (as in the shipped cell), "
+                "every split has the run's own product (the same global model at the round) and "
+                "only the factorisation sent to the clients differs; a client of smaller rank "
+                "gets the split's best rank-r_i truncation.")  # fmt: skip
     return [
         f"#### {title} ({label(e)}, {len(recs)} seeds, rounds {rounds_run})",
         "",

@@ -513,8 +513,13 @@ def test_one_round_further_arms_reproduce_the_run_and_change_nothing(tmp_path: P
     found = " ".join(bad.problems())
     for flag in ("--counterfactual-next", "--broadcast-splits", "--counterfactual-every"):
         assert flag in found
-    assert "--broadcast-splits" in " ".join(
-        SimConfig(operator="ffa_lora", broadcast_splits=["left"]).problems()
+    for op in ("ffa_lora", "flora"):  # frozen factors; clients restart: nothing to re-split
+        assert "does not broadcast one update" in " ".join(
+            SimConfig(operator=op, broadcast_splits=["own", "left"]).problems()
+        )
+    assert "must include own" in " ".join(SimConfig(broadcast_splits=["left"]).problems())
+    assert "list the run's own operator" in " ".join(
+        SimConfig(operator="fedit", counterfactual=["glora"], counterfactual_next=True).problems()
     )
     parsed, _ = parse_args(["--broadcast-splits", "own,left", "--counterfactual-every", "3"])
     assert (parsed.broadcast_splits, parsed.counterfactual_every) == (["own", "left"], 3)
