@@ -258,7 +258,7 @@ class FederatedServer:
         if op.stateful:
             raise GloraError(f"operator {op.name!r} is stateful: it has no counterfactual round")
         ranks = [max(m.factors.rank for m in a.modules.values()) for a in adapters]
-        opts = {k: v for k, v in self.options.items() if k in op.options} | dict(options or {})
+        opts = self._options_for(op) | dict(options or {})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", GloraWarning)
             rnd = aggregate_adapters(
@@ -292,7 +292,7 @@ class FederatedServer:
         new = FederatedServer(
             op,
             server_rank=self.server_rank,
-            options={k: v for k, v in self.options.items() if k in op.options},
+            options=self._options_for(op),
         )
         new.round = self.round
         new.global_update = dict(self.global_update)  # LoRAFactors are never changed in place
@@ -323,12 +323,8 @@ class FederatedServer:
                 f"operator {self.op.name!r} hands no global update back to its clients: "
                 "nothing to split"
             )
-        svds = {n: lowrank_svd(u.B, u.A) for n, u in self.global_update.items()}
-        self.client_init = {
-            c: {n: truncate_svd(U, s, Vh, r, self.global_update[n].B.dtype, split=split)
-                for n, (U, s, Vh) in svds.items()}
-            for c, r in self.client_rank.items()
-        }  # fmt: skip
+        readouts = {r: self._readout(r, split) for r in set(self.client_rank.values())}
+        self.client_init = {c: dict(readouts[r]) for c, r in self.client_rank.items()}
 
     def save_global_adapter(
         self, path: str | Path, lora_config: Any, *, base_model: str | None = None
@@ -409,11 +405,21 @@ class FederatedServer:
                 return mods
         if Guarantee.RANK_COMPATIBLE not in self.op.guarantees:
             return None
-        out = {}
-        for name, upd in self.global_update.items():
-            U, s, Vh = lowrank_svd(upd.B, upd.A)
-            out[name] = truncate_svd(U, s, Vh, rank, upd.B.dtype)
-        return out
+        return self._readout(rank, "balanced")
+
+    def _readout(self, rank: int, split: Split) -> dict[str, LoRAFactors]:
+        """Every module's global update truncated to ``rank``, its singular values split so.
+
+        The best rank-``rank`` truncation of each update (its SVD, from the factors).
+        """
+        return {
+            name: truncate_svd(*lowrank_svd(upd.B, upd.A), rank, upd.B.dtype, split=split)
+            for name, upd in self.global_update.items()
+        }
+
+    def _options_for(self, op: AggregationOperator) -> dict[str, float]:
+        """The options of this server that ``op`` takes."""
+        return {k: v for k, v in self.options.items() if k in op.options}
 
     def dense_deltas(self) -> dict[str, Tensor]:
         """Per module, the dense ``out x in`` change of the base: folds plus the update."""

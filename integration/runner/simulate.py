@@ -240,6 +240,7 @@ class Simulation:
         t0 = time.perf_counter()
         ranks = self.cfg.ranks()
         who, adapters, weights = self._local_round(self.server, self.round)
+        client_ranks = [ranks[i] for i in who]
         # Counterfactual rounds first: the other operators on these very uploads; nothing of the
         # run changes (no state, no randomness consumed).
         counterfactual = {name: self._what_if(name, adapters, weights)
@@ -249,10 +250,8 @@ class Simulation:
         forks = {name: self.server.fork(name) for name in self.cfg.counterfactual or []
                  if arms and self.cfg.counterfactual_next}  # fmt: skip
         for fork in forks.values():
-            fork.aggregate(who, adapters, weights, client_ranks=[ranks[i] for i in who])
-        outcome = self.server.aggregate(
-            who, adapters, weights, client_ranks=[ranks[i] for i in who]
-        )
+            fork.aggregate(who, adapters, weights, client_ranks=client_ranks)
+        outcome = self.server.aggregate(who, adapters, weights, client_ranks=client_ranks)
         next_round = {name: self._one_round_further(fork) for name, fork in forks.items()}
         splits = {}
         for split in (self.cfg.broadcast_splits or []) if arms else []:
