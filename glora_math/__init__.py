@@ -32,7 +32,12 @@ from glora_math.gauge import (
     random_special_orthogonal,
 )
 from glora_math.metrics import fro_distance, fro_norm, mean_update, relative_error, state_factors
-from glora_math.operators import AggregationOperator, get_operator, list_operators
+from glora_math.operators import (
+    DEFAULT_OPERATOR,
+    AggregationOperator,
+    get_operator,
+    list_operators,
+)
 from glora_math.readout import eckart_young_error, readout, readouts
 from glora_math.rounds import ModulesRound, aggregate_modules
 from glora_math.types import ConsensusBasis, GaugeFixed, LoRAFactors, ServerState, Sketch
@@ -40,6 +45,7 @@ from glora_math.types import ConsensusBasis, GaugeFixed, LoRAFactors, ServerStat
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_OPERATOR",
     "AggregationOperator",
     "ConsensusBasis",
     "DeviceMismatchError",

@@ -26,6 +26,7 @@ from glora_math.operators import glora  # noqa: F401
 
 # isort: on
 from glora_math.operators.interface import (
+    DEFAULT_OPERATOR,
     AggregateResult,
     AggregationOperator,
     Communication,
@@ -39,6 +40,7 @@ from glora_math.operators.interface import (
 )
 
 __all__ = [
+    "DEFAULT_OPERATOR",
     "AggregateResult",
     "AggregationOperator",
     "Communication",

@@ -409,6 +409,13 @@ def register(op: AggregationOperator) -> AggregationOperator:
     return op
 
 
+#: The operator the runner, the peft path and the Flower app use when none is named: the one
+#: the rule in README's "Which operator should I use?" picks from study F (docs/experiments.md).
+#: Until that study's 20 seeds are in, it stays ``glora_auto`` (certified and side-aware), and
+#: README says that the rule has not been applied yet.
+DEFAULT_OPERATOR = "glora_auto"
+
+
 def get_operator(name: str) -> AggregationOperator:
     """The registered operator called ``name``."""
     try:
@@ -485,6 +492,7 @@ EXACT_GUARANTEES = frozenset(
 
 
 __all__ = [
+    "DEFAULT_OPERATOR",
     "EXACT_GUARANTEES",
     "AggregateResult",
     "AggregationOperator",

@@ -35,7 +35,13 @@ from glora_math.baselines import truncate_svd
 from glora_math.compare import round_error
 from glora_math.errors import GloraError, GloraWarning
 from glora_math.linalg import lowrank_svd
-from glora_math.operators import AggregateResult, AggregationOperator, Guarantee, OperatorState
+from glora_math.operators import (
+    DEFAULT_OPERATOR,
+    AggregateResult,
+    AggregationOperator,
+    Guarantee,
+    OperatorState,
+)
 from glora_math.rounds import resolve_operator
 from glora_math.types import LoRAFactors, Split
 from glora_math.validation import WeightsLike
@@ -154,7 +160,7 @@ class FederatedServer:
 
     def __init__(
         self,
-        operator: str | AggregationOperator = "glora_auto",
+        operator: str | AggregationOperator = DEFAULT_OPERATOR,
         *,
         server_rank: int | None = None,
         options: Mapping[str, float] | None = None,

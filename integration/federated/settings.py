@@ -23,7 +23,7 @@ from typing import Any
 from huggingface_hub import try_to_load_from_cache
 
 from glora_math.errors import GloraError
-from glora_math.operators import get_operator, list_operators
+from glora_math.operators import DEFAULT_OPERATOR, get_operator, list_operators
 
 from ..data import TASKS, Examples, hold_out, load_examples, load_task, sample
 from ..peft.aggregate import DEFAULT_MAX_RESIDUAL
@@ -70,7 +70,7 @@ class RunSettings:
     rank: int = 4
     client_ranks: list[int] | None = None
     server_rank: int | None = None
-    operator: str = "glora_auto"
+    operator: str = DEFAULT_OPERATOR
     participation: float = 1.0
     seed: int = 0
     max_train: int = 2000

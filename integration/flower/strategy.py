@@ -53,7 +53,7 @@ from flwr.supercore import log
 from torch import Tensor
 
 from glora_math import GloraError, LoRAFactors
-from glora_math.operators import get_operator
+from glora_math.operators import DEFAULT_OPERATOR, get_operator
 
 from ..federated.server import FederatedServer, RoundOutcome
 from ..peft.aggregate import aggregate_adapters
@@ -131,7 +131,7 @@ class LoRAStrategy(Strategy):
 
     def __init__(
         self,
-        operator: str = "glora_auto",
+        operator: str = DEFAULT_OPERATOR,
         *,
         server_rank: int | None = None,
         max_residual: float = 0.2,

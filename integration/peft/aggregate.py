@@ -21,6 +21,7 @@ from torch import Tensor
 from glora_math import LoRAFactors
 from glora_math.errors import GloraError, ShapeMismatchError
 from glora_math.operators import (
+    DEFAULT_OPERATOR,
     AggregateResult,
     AggregationOperator,
     OperatorState,
@@ -174,7 +175,7 @@ def aggregate_adapters(
     clients: Sequence[ClientAdapter],
     weights: WeightsLike = None,
     *,
-    operator: str | AggregationOperator = "glora_auto",
+    operator: str | AggregationOperator = DEFAULT_OPERATOR,
     rank: int,
     client_ranks: Sequence[Mapping[str, int]] | None = None,
     states: Mapping[str, OperatorState | None] | None = None,
@@ -334,7 +335,7 @@ def aggregate_peft(
     clients: Sequence[ClientLike],
     weights: WeightsLike = None,
     *,
-    operator: str = "glora_auto",
+    operator: str = DEFAULT_OPERATOR,
     rank: int | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
@@ -412,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (must be empty or new)")
     p.add_argument("--weights", default=None, help="comma-separated client weights, e.g. "
                    "sample counts (default: equal)")  # fmt: skip
-    p.add_argument("--operator", default="glora_auto", help="a name of glora_math.list_operators()")
+    p.add_argument("--operator", default=DEFAULT_OPERATOR,
+                   help="a name of glora_math.list_operators()")  # fmt: skip
     p.add_argument("--rank", type=int, default=None, help="server rank R (default: the largest "
                    "client rank)")  # fmt: skip
     p.add_argument("--options", default="", help="operator options, name=value,...")

@@ -14,6 +14,16 @@ from typing import Any
 #: The id of the centralised reference run (one client holding all the training data).
 CEILING_ID = "ceiling"
 
+#: Keys of a run entry that are not :class:`SimConfig` settings: its operator, table label,
+#: id, and ``seeds`` (the entry runs only at these of the cell's seeds; a reference that is
+#: not compared need not cost as much as the compared runs).
+ENTRY_KEYS = ("operator", "label", "id", "seeds")
+
+
+def runs_at(entry: Mapping[str, Any], seed: int) -> bool:
+    """Whether the entry runs at this seed (every seed of the cell unless it lists its own)."""
+    return "seeds" not in entry or int(seed) in {int(s) for s in entry["seeds"]}
+
 
 def cell_name(config: Mapping[str, Any], path: Path) -> str:
     """The cell's name: ``name`` in the config, else the config file's stem."""
@@ -41,7 +51,7 @@ def run_id(entry: Mapping[str, Any]) -> str:
     """``id`` of an entry, or its operator with its overrides (``glora-server_rank8``)."""
     if "id" in entry:
         return str(entry["id"])
-    extra = [f"{k}{v}" for k, v in sorted(entry.items()) if k not in ("operator", "label")]
+    extra = [f"{k}{v}" for k, v in sorted(entry.items()) if k not in ENTRY_KEYS]
     return "-".join([str(entry["operator"]), *extra])
 
 

@@ -15,12 +15,13 @@ the majority-class rate of the evaluation set, and the ceiling, a centralised ru
 
 Config keys: ``name`` (the cell; default: the file's stem), ``description``, ``seeds``,
 ``base`` (:class:`integration.simulate.SimConfig` fields), ``runs`` (entries, most important
-first: ``{"operator": ..., "label": ..., "id": ..., <SimConfig overrides>}``), ``ceiling``
+first: ``{"operator": ..., "label": ..., "id": ..., "seeds": [...], <SimConfig overrides>}``;
+``seeds``, a subset of the cell's, runs the entry only at those), ``ceiling``
 (true: add a centralised run, one client holding all the training data with the same number
 of optimizer steps, ``rounds * local_steps``, as each federated client; a mapping: the same
-with these settings overridden, e.g. ``{"client_ranks": [8]}``), ``out`` (run
-folders; cells may share one, so that identical runs are done once). The older form with an
-``operators`` list is accepted.
+with these settings overridden, e.g. ``{"client_ranks": [8]}`` or ``{"seeds": [0, 1]}``),
+``out`` (run folders; cells may share one, so that identical runs are done once). The older
+form with an ``operators`` list is accepted.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .cells import CEILING_ID, cell_name, entries, label, run_id
+from .cells import CEILING_ID, cell_name, entries, label, run_id, runs_at
 from .config import SimConfig, results_config
 from .simulate import Simulation
 from .stats import paired
@@ -65,7 +66,7 @@ def run_config(
     config: Mapping[str, Any], entry: Mapping[str, Any], seed: int, out: Path, device: str
 ) -> SimConfig:
     """The :class:`SimConfig` of one (entry, seed)."""
-    over = {k: v for k, v in entry.items() if k not in ("id", "label")}
+    over = {k: v for k, v in entry.items() if k not in ("id", "label", "seeds")}
     kw = dict(config["base"]) | over | {"seed": seed, "device": device}
     kw["out"] = str(out / f"{run_id(entry)}-seed{seed}")
     return SimConfig(**kw)
@@ -79,6 +80,7 @@ def plan(
         (e, int(seed), run_config(config, e, int(seed), out, device))
         for seed in config["seeds"]
         for e in entries(config)
+        if runs_at(e, int(seed))
     ]
 
 
@@ -205,6 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         out = Path(config.get("out") or f"out/experiments/{cell}")
         docs = Path(args.docs or "docs/experiments")
+    cell_seeds = {int(s) for s in config["seeds"]}
+    for e in entries(config):
+        stray = sorted({int(s) for s in e.get("seeds", [])} - cell_seeds)
+        if stray:
+            p.error(f"{run_id(e)}: its seeds {stray} are not among the cell's {config['seeds']}")
     problems = [f"{run_id(e)} seed {s}: {msg}" for e, s, cfg in plan(config, out, args.device)
                 for msg in cfg.problems()][:5]  # fmt: skip
     if problems:

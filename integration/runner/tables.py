@@ -17,7 +17,8 @@ from typing import Any
 
 from .cells import CEILING_ID, entries, label, mean_or_none, ms, run_id
 from .config import SimConfig
-from .stats import auc, paired
+from .rule import Candidate, default_by_rule
+from .stats import Paired, auc, paired
 
 
 def floor(config: Mapping[str, Any]) -> float:
@@ -43,14 +44,14 @@ def table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
     raw = docs / "raw" / cell
     base = SimConfig(**config["base"])
     cola = base.task.lower() == "cola"
-    head = ["run", "seeds", "final accuracy", "best accuracy"]
+    head = ["run", "seeds", "final accuracy", "best accuracy (max over rounds, biased up)"]
     head += ["final MCC", "best MCC"] if cola else []
     head += [
         "round-1 aggregation error",
         "mean aggregation error",
         "mean certified residual",
         "server rank",
-        "s / round",
+        "median s / round",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     ceiling = ""
@@ -75,13 +76,10 @@ def table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
         err = [mean_or_none([x["aggregation_error"] for x in r["rounds"]]) for r in recs]
         cert = [mean_or_none([x.get("certified_residual") for x in r["rounds"]]) for r in recs]
         rank = [mean_or_none([x.get("server_rank_mean") for x in r["rounds"]]) for r in recs]
-        secs = [mean_or_none([x["seconds"] for x in r["rounds"]]) for r in recs]
-        e_m, c_m, r_m, s_m = (
-            mean_or_none(err),
-            mean_or_none(cert),
-            mean_or_none(rank),
-            mean_or_none(secs),
-        )
+        # wall-clock, so the median: a run paused to lend its core counts the pause
+        secs = [float(x["seconds"]) for r in recs for x in r["rounds"]]
+        e_m, c_m, r_m = mean_or_none(err), mean_or_none(cert), mean_or_none(rank)
+        s_m = statistics.median(secs) if secs else None
         cells += [
             ms(first, ".3f"),
             "-" if e_m is None else f"{e_m:.2e}",
@@ -107,7 +105,10 @@ def table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
         "- Accuracy: mean ± std over seeds; aggregation error: exact relative error of the "
         "server update against the mean update over all modules (round 1: every operator "
         "aggregates the very same client updates, mean ± std over seeds; mean: averaged over "
-        "rounds); certified residual: the same from the GLoRA-family certificates.",
+        "rounds); certified residual: the same from the GLoRA-family certificates; "
+        "s / round: wall-clock seconds of a round (training, aggregation and evaluation), "
+        "the median over every round of every seed (a run paused to lend its core to "
+        "another counts the pause, so the mean would mislead).",
         f"- Regenerate: `python -m integration.experiment --table <config of {cell}>`; raw "
         f"per-round JSON in `raw/{cell}/`.",
         "",
@@ -202,7 +203,9 @@ def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
                 continue
             cells.append(str(paired([runs[s][name] for s in seeds], [ref[s][name] for s in seeds])))
         lines.append("| " + " | ".join(cells) + " |")
-    primary = _primary(config, by_id, ref, load, others)
+    primary_results: dict[str, Paired] = {}
+    primary = _primary(config, by_id, ref, load, others, results=primary_results)
+    primary += _default_rule(config, by_id, raw, ref_id, primary_results)
     what = "; ".join(f"`{n}`: {w}" for n, w in PAIRED_METRICS)
     if has_test and not any(has_test):
         what += (
@@ -240,15 +243,20 @@ def _primary(
     ref: Mapping[int, Mapping[str, float]],
     load: Any,
     others: Sequence[Mapping[str, Any]],
+    *,
+    results: dict[str, Paired] | None = None,
 ) -> list[str]:
     """The pre-registered primary comparisons: ``"primary": {"metric": m, "runs": [ids]}``.
 
     Each listed run minus the reference on metric ``m``, paired by seed, with a Bonferroni
-    interval at family-wise 95% (each at ``1 - 0.05 / len(runs)``).
+    interval at family-wise 95% (each at ``1 - 0.05 / len(runs)``), also put in ``results``
+    (run id -> :class:`Paired`).
     """
+    results = {} if results is None else results
     rule = config.get("primary")
     if not rule:
         return []
+    results.clear()
     metric, ids = str(rule["metric"]), [str(i) for i in rule["runs"]]
     known = {run_id(e) for e in others}
     if metric not in dict(PAIRED_METRICS) or not set(ids) <= known:
@@ -263,6 +271,7 @@ def _primary(
             continue
         got = paired([runs[s][metric] for s in seeds], [ref[s][metric] for s in seeds],
                      level=level)  # fmt: skip
+        results[rid] = got
         if got.excludes_zero:
             verdict = "higher" if got.low > 0 else "lower"
         elif -0.01 <= got.low and got.high <= 0.01:
@@ -281,6 +290,54 @@ def _primary(
         *rows,
         "",
     ]
+
+
+def _default_rule(
+    config: Mapping[str, Any],
+    by_id: Mapping[str, Mapping[str, Any]],
+    raw: Path,
+    ref_id: str,
+    results: Mapping[str, Paired],
+) -> list[str]:
+    """The pre-registered default rule (:mod:`.rule`), where ``primary`` has ``default_rule``.
+
+    Applied only when the reference and every primary run have finished every seed of the
+    cell; until then the block says how many seeds are in and chooses nothing.
+    """
+    rule = config.get("primary") or {}
+    if not rule.get("default_rule"):
+        return []
+    ids = [ref_id, *(str(i) for i in rule["runs"])]
+    rank = int(config["base"].get("rank", SimConfig.rank))
+    seeds = [int(s) for s in config["seeds"]]
+    done = {rid: [s for s in seeds if (raw / f"{rid}-seed{s}.json").is_file()] for rid in ids}
+    head = [
+        "## The default, by the pre-registered rule",
+        "",
+        "The best run by the primary metric among those whose primary interval lies above "
+        "zero; if there is none, the smallest mean exact aggregation error at R = r (the "
+        "server kept the clients' rank every round) among runs whose interval does not lie "
+        "below zero. Applied only when every compared run has every seed.",
+        "",
+    ]
+    complete = min(len(v) for v in done.values())
+    if complete < len(seeds):
+        return [*head, f"Not applied yet: {complete} of {len(seeds)} seeds are in for every "
+                "compared run. Nothing is chosen before the cell is complete.", ""]  # fmt: skip
+    candidates = []
+    lines = ["| run | mean aggregation error | R = r every round | primary interval |",
+             "| --- | --- | --- | --- |"]  # fmt: skip
+    for rid in ids:
+        recs = [json.loads((raw / f"{rid}-seed{s}.json").read_text())["rounds"] for s in seeds]
+        err = statistics.fmean(statistics.fmean(x["aggregation_error"] for x in r) for r in recs)
+        at_rank = all(x.get("server_rank") == rank for r in recs for x in r)
+        cand = Candidate(rid, None if rid == ref_id else results[rid], err, at_rank)
+        candidates.append(cand)
+        shown = "(reference)" if cand.primary is None else str(cand.primary)
+        lines.append(f"| {label(by_id[rid])} | {err:.3e} | {'yes' if at_rank else 'no'} | "
+                     f"{shown} |")  # fmt: skip
+    verdict = default_by_rule(candidates)
+    return [*head, *lines, "", f"Chosen: **{verdict.run}** ({verdict.why}).", ""]
 
 
 #: The per-round keys of the counterfactual arms (a, b and the broadcast split).
@@ -319,8 +376,8 @@ def counterfactual_table(config: Mapping[str, Any], cell: str, docs: Path) -> st
             blocks += further
             continue
         lines = [
-            "| operator | mean aggregation error | mean certificate | Δloss vs own "
-            "(paired by seed) | Δaccuracy vs own |",
+            "| operator | mean aggregation error | mean certificate | Δloss: own - this "
+            "(paired by seed) | Δaccuracy: this - own |",
             "| --- | --- | --- | --- | --- |",
         ]
         xs: list[float] = []

@@ -410,7 +410,7 @@ def test_experiment_pairs_runs_by_seed_and_selects_on_validation(tmp_path: Path)
         "seeds": [0, 1],
         "reference": "fedit",
         "select": {"among": ["fedit", "flexlora"]},
-        "primary": {"metric": "last3", "runs": ["flexlora"]},
+        "primary": {"metric": "last3", "runs": ["flexlora"], "default_rule": True},
         "base": TINY | {"rounds": 3, "test_holdout": 40, "max_len": 32, "threads": 1},
         "runs": [{"operator": "fedit"}, {"operator": "flexlora"}],
     }
@@ -437,6 +437,30 @@ def test_experiment_pairs_runs_by_seed_and_selects_on_validation(tmp_path: Path)
     section = text.split("## Paired by seed")[1]
     row = next(line for line in section.splitlines() if line.startswith("| flexlora |"))
     assert row.split(" | ")[3] == str(want)
+    # The default rule, recomputed by hand from the same raw JSON: FlexLoRA if its primary
+    # interval lies above zero, else the smaller mean aggregation error (both keep R = r)
+    # unless FlexLoRA's interval lies below zero.
+    err = {
+        rid: sum(
+            sum(r["aggregation_error"] for r in rounds) / len(rounds)
+            for rounds in (json.loads((raw / f"{rid}-seed{s}.json").read_text())["rounds"]
+                           for s in (0, 1))
+        ) / 2
+        for rid in ("fedit", "flexlora")
+    }  # fmt: skip
+    if want.low > 0:
+        chosen = "flexlora"
+    elif want.high < 0:
+        chosen = "fedit"
+    else:
+        chosen = min(err, key=lambda rid: err[rid])
+    assert f"Chosen: **{chosen}** (" in text.split("## The default, by the pre-registered rule")[1]
+    # An incomplete cell chooses nothing.
+    path.write_text(json.dumps(cfg | {"seeds": [0, 1, 2]}))
+    assert experiment.main([str(path), "--table", "--docs", str(docs)]) == 0
+    text = (docs / "paired.md").read_text()
+    assert "Not applied yet: 2 of 3 seeds are in for every compared run." in text
+    assert "Chosen: **" not in text
 
 
 def test_any_operator_option_reaches_the_operator(tmp_path: Path) -> None:
@@ -647,3 +671,29 @@ def test_every_shipped_experiment_cell_is_a_valid_plan(tmp_path: Path) -> None:
         assert runs, path.name
         for _, _, cfg in runs:
             assert cfg.problems() == [], (path.name, cfg.problems())
+
+
+def test_an_entry_with_its_own_seeds_runs_only_at_those(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A reference that is in no comparison may run at fewer seeds than the compared runs; its
+    # ``seeds`` are not a setting (same folder and id as without them) and must be the cell's.
+    from integration.runner.experiment import main, plan, run_id
+
+    base = {"model": "tiny-roberta", "task": "sst2", "rounds": 1}
+    config = {
+        "seeds": [0, 1, 2],
+        "base": base,
+        "ceiling": {"seeds": [0]},
+        "runs": [{"operator": "fedit"}, {"operator": "flexlora", "seeds": [1, 2]}],
+    }
+    runs = [(run_id(e), s) for e, s, _ in plan(config, tmp_path)]
+    assert runs == [("ceiling", 0), ("fedit", 0), ("fedit", 1), ("flexlora", 1),
+                    ("fedit", 2), ("flexlora", 2)]  # fmt: skip
+    folders = {Path(cfg.out).name for _, _, cfg in plan(config, tmp_path)}
+    assert "flexlora-seed1" in folders
+    path = tmp_path / "cell.json"
+    path.write_text(json.dumps(config | {"runs": [{"operator": "fedit", "seeds": [0, 5]}]}))
+    with pytest.raises(SystemExit):
+        main([str(path), "--list"])
+    assert "fedit: its seeds [5] are not among the cell's" in capsys.readouterr().err

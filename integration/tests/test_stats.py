@@ -83,3 +83,34 @@ def test_run_metrics_read_the_test_set_and_choose_on_validation() -> None:
     assert got["final"] == 0.7
     assert got["final_loss"] == 0.8
     assert "best_on_val" not in got
+
+
+def test_default_rule_branches() -> None:
+    from integration.runner.rule import Candidate, default_by_rule
+
+    up = paired([0.9, 0.91, 0.92], [0.8, 0.8, 0.8])  # interval above zero
+    up_less = paired([0.85, 0.86, 0.87], [0.8, 0.8, 0.8])
+    flat = paired([0.81, 0.79, 0.8], [0.8, 0.8, 0.8])  # interval around zero
+    down = paired([0.6, 0.61, 0.62], [0.8, 0.8, 0.8])  # interval below zero
+    assert up.low > 0
+    assert up_less.low > 0
+    assert flat.low < 0 < flat.high
+    assert down.high < 0
+    ref = Candidate("fedit", None, 0.15, True)
+    # Branch 1: the best of those above zero, whatever their errors and ranks.
+    got = default_by_rule([ref, Candidate("a", up_less, 0.01, True),
+                           Candidate("b", up, 0.5, False)])  # fmt: skip
+    assert got.run == "b"
+    assert "above zero" in got.why
+    # Branch 2: the smallest error at R = r; a run off R = r, or below zero, is passed over.
+    got = default_by_rule([ref, Candidate("low_rank_free", flat, 0.01, False),
+                           Candidate("worse", down, 0.02, True),
+                           Candidate("flex", flat, 0.07, True)])  # fmt: skip
+    assert got.run == "flex"
+    assert "smallest mean exact aggregation error" in got.why
+    got = default_by_rule([ref, Candidate("flex", flat, 0.2, True)])
+    assert got.run == "fedit"  # the reference is eligible in branch 2
+    with pytest.raises(ValueError, match="below zero"):
+        default_by_rule([Candidate("worse", down, 0.02, True)])
+    with pytest.raises(ValueError, match="none"):
+        default_by_rule([])
