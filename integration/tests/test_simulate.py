@@ -697,3 +697,22 @@ def test_an_entry_with_its_own_seeds_runs_only_at_those(
     with pytest.raises(SystemExit):
         main([str(path), "--list"])
     assert "fedit: its seeds [5] are not among the cell's" in capsys.readouterr().err
+
+
+def test_shipped_cells_share_a_run_folder_only_for_the_same_run(tmp_path: Path) -> None:
+    # Cells may share an output folder so that identical runs are done once; two different
+    # runs in one folder would stop the second cell at its first run ("written with another
+    # config"), hours after it was queued.
+    from dataclasses import asdict
+
+    from integration.runner.config import results_config
+    from integration.runner.experiment import plan
+
+    seen: dict[str, tuple[str, dict[str, object]]] = {}
+    for path in sorted((Path(__file__).parents[1] / "experiments").glob("*.json")):
+        config = json.loads(path.read_text())
+        out = tmp_path / str(config.get("out") or path.stem)
+        for _, _, cfg in plan(config, out):
+            settings = results_config(asdict(cfg))
+            first = seen.setdefault(cfg.out, (path.name, settings))
+            assert first[1] == settings, f"{path.name} and {first[0]} both use {cfg.out}"
