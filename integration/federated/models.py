@@ -326,8 +326,8 @@ def train_local(
 
 def merged_model(
     base: torch.nn.Module,
-    updates: dict[str, Tensor],
-    dense: dict[str, Tensor],
+    updates: Mapping[str, Tensor],
+    dense: Mapping[str, Tensor],
     *,
     into: torch.nn.Module | None = None,
 ) -> torch.nn.Module:

@@ -88,14 +88,10 @@ class SimConfig(RunSettings):
                  for o in self.counterfactual or []),
              f"--counterfactual {self.counterfactual}: each must be a registered operator that "
              "keeps no state between rounds"),
-            (bool(self.counterfactual) and self.objective != "classification",
-             "--counterfactual: classification only"),
             (self.counterfactual_next and not self.counterfactual,
              "--counterfactual-next needs the operators of --counterfactual"),
             (any(x not in SPLITS for x in self.broadcast_splits or []),
              f"--broadcast-splits {self.broadcast_splits}: each must be one of {list(SPLITS)}"),
-            (bool(self.broadcast_splits) and self.objective != "classification",
-             "--broadcast-splits: classification only"),
             (any(x != "own" for x in self.broadcast_splits or [])
              and self.operator in list_operators() and _keeps_factors(self.operator),
              f"--broadcast-splits: operator {self.operator!r} does not broadcast one update "

