@@ -220,4 +220,15 @@ have hij := psumr_eq0P (fun i _ => sqr_ge0 (X i j)) (hj j isT).
 by apply/eqP; rewrite -sqrf_eq0 hij.
 Qed.
 
+(* tr(X X^T) is the energy of X's rows: never negative, and positive unless X = 0. *)
+Lemma tr_sq_ge0 m n (X : 'M[R]_(m, n)) : 0 <= \tr (X *m X^T).
+Proof. by have := fro2_ge0 X^T; rewrite /fro2 trmxK. Qed.
+
+Lemma tr_sq_gt0 m n (X : 'M[R]_(m, n)) : X != 0 -> 0 < \tr (X *m X^T).
+Proof.
+move=> x0; have e : \tr (X *m X^T) = fro2 X^T by rewrite /fro2 trmxK.
+rewrite e lt0r fro2_ge0 andbT; apply: contra x0 => /eqP /fro2_eq0 h.
+by rewrite -[X]trmxK h trmx0.
+Qed.
+
 End FroNum.

@@ -51,8 +51,25 @@ End Traces.
 Section KyFan.
 Variable R : realFieldType.
 
-Lemma tr_sq_ge0 m n (X : 'M[R]_(m, n)) : 0 <= \tr (X *m X^T).
-Proof. by have := fro2_ge0 X^T; rewrite /fro2 trmxK. Qed.
+(* For an orthonormal Q, 1 - Q Q^T is a symmetric idempotent ... *)
+Lemma compl_proj_sq n r (Q : 'M[R]_(n, r)) :
+  Q^T *m Q = 1%:M -> (1%:M - Q *m Q^T) *m (1%:M - Q *m Q^T)^T = 1%:M - Q *m Q^T.
+Proof.
+move=> hQ; rewrite trmxB trmx1 proj_sym mulmxBl mul1mx mulmxBr mulmx1 (proj_idem hQ).
+by rewrite subrr subr0.
+Qed.
+
+(* ... so projecting rows onto orthonormal directions never increases their energy. *)
+Lemma tr_proj_le m n r (x : 'M[R]_(m, n)) (Q : 'M[R]_(n, r)) :
+  Q^T *m Q = 1%:M -> \tr (x *m (Q *m Q^T) *m x^T) <= \tr (x *m x^T).
+Proof.
+move=> hQ; rewrite -subr_ge0 -linearB /=.
+have -> : x *m x^T - x *m (Q *m Q^T) *m x^T =
+    (x *m (1%:M - Q *m Q^T)) *m (x *m (1%:M - Q *m Q^T))^T.
+  rewrite [in RHS]trmx_mul [in RHS]mulmxA -[in RHS](mulmxA x) (compl_proj_sq hQ).
+  by rewrite [in RHS]mulmxBr [in RHS]mulmx1 [in RHS]mulmxBl.
+exact: tr_sq_ge0.
+Qed.
 
 (* Ky Fan for a TopEig: the trace of G on any r orthonormal directions is at most its trace on
    a TopEig_r(G). *)
@@ -97,21 +114,13 @@ have hXX : \tr (X *m X^T) = \sum_j (1 - M j j).
   rewrite hQ linearB /= mxtrace1 mxtrace_mulC sumrB sumr_const card_ord.
   congr (_ - _); rewrite trmx_mul trmxK mulmxA.
   by [].
-have hP2 : (1%:M - Q *m Q^T) *m (1%:M - Q *m Q^T)^T = 1%:M - Q *m Q^T.
-  by rewrite trmxB trmx1 proj_sym mulmxBl mul1mx mulmxBr mulmx1 (proj_idem hQ) subrr subr0.
 have hM j : 0 <= 1 - M j j.
   have e1 : M j j = \tr (row j U^T *m (Q *m Q^T) *m (row j U^T)^T).
     by rewrite -diag_entry trmxK /M !mulmxA.
   have e2 : 1 = \tr (row j U^T *m (row j U^T)^T).
     rewrite -diag_entry1 trmxK hU mxE eqxx /=.
     by [].
-  rewrite e1 {1}e2 -linearB /=.
-  set u := row j U^T.
-  have -> : u *m u^T - u *m (Q *m Q^T) *m u^T =
-      (u *m (1%:M - Q *m Q^T)) *m (u *m (1%:M - Q *m Q^T))^T.
-    rewrite [in RHS]trmx_mul [in RHS]mulmxA -[in RHS](mulmxA u) hP2.
-    by rewrite [in RHS]mulmxBr [in RHS]mulmx1 [in RHS]mulmxBl.
-  exact: tr_sq_ge0.
+  by rewrite e1 {1}e2 subr_ge0 tr_proj_le.
 rewrite hUGU mxtrace_diag {1}hsplit mulmxDr mulmxDl mxtraceD hA.
 case: (arg_minP (fun j => lam 0 j) (isT : predT (@ord0 r))) => j0 _ hmin.
 apply: le_trans (ler_add (lexx _) (hB j0)) _.
@@ -236,8 +245,6 @@ have hlam j : 0 <= lam 0 j.
   have -> : Ut^T *m (S *m S^T) *m Ut = (Ut^T *m S) *m (Ut^T *m S)^T.
     by rewrite trmx_mul trmxK !mulmxA.
   by rewrite diag_entry1 tr_sq_ge0.
-have hP2 : (1%:M - Uref *m Uref^T) *m (1%:M - Uref *m Uref^T)^T = 1%:M - Uref *m Uref^T.
-  by rewrite trmxB trmx1 proj_sym mulmxBl mul1mx mulmxBr mulmx1 (proj_idem hU) subrr subr0.
 have htop : top_eig ((Uref *m S) *m (Uref *m S)^T) V lam.
   split => // x j hx.
   pose y := x *m Uref.
@@ -245,12 +252,8 @@ have htop : top_eig ((Uref *m S) *m (Uref *m S)^T) V lam.
   have e1 : x *m ((Uref *m S) *m (Uref *m S)^T) *m x^T = y *m (S *m S^T) *m y^T.
     by rewrite /y trmx_mul trmx_mul !mulmxA.
   rewrite e1; apply: le_trans (hray y j hy) _; apply: ler_wpmul2l => //.
-  rewrite -subr_ge0 -linearB /=.
-  have -> : x *m x^T - y *m y^T =
-      (x *m (1%:M - Uref *m Uref^T)) *m (x *m (1%:M - Uref *m Uref^T))^T.
-    rewrite [in RHS]trmx_mul [in RHS]mulmxA -[in RHS](mulmxA x) hP2.
-    by rewrite [in RHS]mulmxBr [in RHS]mulmx1 [in RHS]mulmxBl /y trmx_mul !mulmxA.
-  exact: tr_sq_ge0.
+  have -> : y *m y^T = x *m (Uref *m Uref^T) *m x^T by rewrite /y trmx_mul !mulmxA.
+  exact: tr_proj_le.
 have := eckart_young Y Z htop.
 have -> : V *m V^T *m (Uref *m S) = Uref *m Ut *m Ut^T *m S.
   by rewrite /V trmx_mul !mulmxA -(mulmxA _ Uref^T) hU mulmx1.

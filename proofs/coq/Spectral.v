@@ -157,10 +157,7 @@ Lemma unit_row n (x : 'rV[R]_n) :
   x != 0 -> exists2 a : R, a != 0 & (a *: x) *m (a *: x)^T = 1%:M.
 Proof.
 move=> x0; pose s := (x *m x^T) 0 0.
-have hs : s = fro2 x^T by rewrite /s /fro2 trmxK /mxtrace big_ord1.
-have s0 : 0 < s.
-  rewrite lt0r hs fro2_ge0 andbT; apply: contra x0 => /eqP /fro2_eq0 h.
-  by rewrite -[x]trmxK h trmx0.
+have s0 : 0 < s by have := tr_sq_gt0 x0; rewrite /mxtrace big_ord1.
 have r0 : Num.sqrt s != 0 by rewrite gt_eqF // sqrtr_gt0.
 exists (Num.sqrt s)^-1; first by rewrite invr_eq0.
 rewrite trmxZ -scalemxAl -scalemxAr scalerA [x *m x^T]mx11_scalar -/s scale_scalar_mx.

@@ -97,7 +97,7 @@ have [j hj|hpos] := pickP (fun j => lam 0 j <= 0).
     rewrite (consensus_quad_ge0 _ _ hp) andbT.
     apply: (le_trans (hray (row i X) j _)); first by rewrite -row_mul hXU row0.
     rewrite mulr_le0_ge0 //.
-    by have := fro2_ge0 (row i X)^T; rewrite /fro2 trmxK.
+    exact: tr_sq_ge0.
   have eK : K = Uref *m Uref^T *m K.
     by apply/eqP; rewrite -subr_eq0 -{1}[K]mul1mx -mulmxBl hXK.
   rewrite -Ksym eK !trmx_mul trmxK mulmxA.

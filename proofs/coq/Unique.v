@@ -26,13 +26,6 @@ Definition eigengap (U : 'M[R]_(n, rk)) (lam : 'rV[R]_rk) : Prop :=
   forall (x : 'rV[R]_n) (j : 'I_rk),
     x != 0 -> x *m U = 0 -> \tr (x *m K *m x^T) < lam 0 j * \tr (x *m x^T).
 
-Lemma tr_self_gt0 (x : 'rV[R]_n) : x != 0 -> 0 < \tr (x *m x^T).
-Proof.
-move=> x0; have e : \tr (x *m x^T) = fro2 x^T by rewrite /fro2 trmxK.
-rewrite e lt0r fro2_ge0 andbT; apply: contra x0 => /eqP /fro2_eq0 h.
-by rewrite -[x]trmxK h trmx0.
-Qed.
-
 Lemma nonzero_row m (M : 'M[R]_(m, n)) : M != 0 -> exists j, row j M != 0.
 Proof.
 move=> M0; have [j hj|h] := pickP (fun j => row j M != 0); first by exists j.
@@ -89,8 +82,8 @@ have hxU : x *m U = 0.
 have hyU' : y *m U' = 0.
   by rewrite /y -row_mul -mulmxA mulmxBl mul1mx -mulmxA hU' mulmx1 subrr mulmx0 row0.
 have gx := hgap x i hj hxU; have gy := hrayU' y j hyU'.
-rewrite hx -scalemxAl mxtraceZ ltr_pmul2r ?tr_self_gt0 // in gx.
-rewrite hy -scalemxAl mxtraceZ ler_pmul2r ?tr_self_gt0 // in gy.
+rewrite hx -scalemxAl mxtraceZ ltr_pmul2r ?tr_sq_gt0 // in gx.
+rewrite hy -scalemxAl mxtraceZ ler_pmul2r ?tr_sq_gt0 // in gy.
 by have := lt_le_trans gx gy; rewrite ltxx.
 Qed.
 
