@@ -554,23 +554,36 @@ def write_table(config: Mapping[str, Any], cell: str, docs: Path) -> Path:
 
 
 def curves(config: Mapping[str, Any], cell: str, docs: Path) -> dict[str, dict[str, list[float]]]:
-    """Per run label: seed-mean accuracy and aggregation error per round (raw JSON present)."""
+    """Per run label: seed mean and standard deviation per round of accuracy and error.
+
+    The accuracy is the test accuracy where every run of the cell has a test set (what the
+    paired tables read), else the validation accuracy; ``"accuracy_on"`` says which (as a
+    one-item list: ``[1.0]`` test, ``[0.0]`` validation). With one seed the deviation is 0.
+    """
     raw = docs / "raw" / cell
-    out: dict[str, dict[str, list[float]]] = {}
+    found: list[tuple[str, list[list[Mapping[str, Any]]]]] = []
     for e in entries(config):
         runs = []
         for seed in config.get("seeds", [0]):
             path = raw / f"{run_id(e)}-seed{seed}.json"
             if path.is_file():
                 runs.append(json.loads(path.read_text())["rounds"])
-        if not runs:
-            continue
+        if runs:
+            found.append((label(e), runs))
+    on_test = bool(found) and all(
+        x.get("test_accuracy") is not None for _, runs in found for r in runs for x in r
+    )
+    acc_key = "test_accuracy" if on_test else "accuracy"
+    out: dict[str, dict[str, list[float]]] = {}
+    for name, runs in found:
         n = min(len(r) for r in runs)
         seeds = f"{len(runs)} seed" + ("s" if len(runs) > 1 else "")
-        out[f"{label(e)} ({seeds})"] = {
-            key: [statistics.fmean(float(r[j].get(key) or 0.0) for r in runs) for j in range(n)]
-            for key in ("accuracy", "aggregation_error")
-        }
+        row: dict[str, list[float]] = {"accuracy_on": [1.0 if on_test else 0.0]}
+        for key, src in (("accuracy", acc_key), ("aggregation_error", "aggregation_error")):
+            per_round = [[float(r[j].get(src) or 0.0) for r in runs] for j in range(n)]
+            row[key] = [statistics.fmean(v) for v in per_round]
+            row[f"{key}_std"] = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_round]
+        out[f"{name} ({seeds})"] = row
     return out
 
 
@@ -591,27 +604,40 @@ def write_plot(config: Mapping[str, Any], cell: str, docs: Path) -> Path | None:
 
     fig = Figure(figsize=(11, 4))
     ax_acc, ax_err = fig.subplots(1, 2)
+    ax_err.set_yscale("log")  # before the bands, which keep their lower edge positive on it
     for j, (name, c) in enumerate(data.items()):
         # Every run its own (colour, line style, marker): tab10 has 10 colours, the 4 styles
         # cycle against them, so no two of up to 40 runs look alike.
-        style = {"color": f"C{j % 10}", "linestyle": _STYLES[(j // 10 + j) % len(_STYLES)],
+        color = f"C{j % 10}"
+        style = {"color": color, "linestyle": _STYLES[(j // 10 + j) % len(_STYLES)],
                  "marker": _MARKERS[j % len(_MARKERS)], "ms": 3}  # fmt: skip
         rounds = list(range(1, len(c["accuracy"]) + 1))
         ax_acc.plot(rounds, c["accuracy"], label=name, **style)
+        _band(ax_acc, rounds, c["accuracy"], c["accuracy_std"], color)
         errs = c["aggregation_error"]
         if max(errs, default=0.0) > 1e-12:  # the one-client ceiling is exact: nothing to plot
             ax_err.plot(rounds, errs, **style)
+            _band(ax_err, rounds, errs, c["aggregation_error_std"], color)
+    on = "test" if next(iter(data.values()))["accuracy_on"][0] else "validation"
     for ax, title in (
-        (ax_acc, "accuracy (mean over seeds)"),
+        (ax_acc, f"{on} accuracy (mean over seeds, band ± 1 std)"),
         (ax_err, "aggregation error to the mean update"),
     ):
         ax.set_xlabel("round")
         ax.set_title(title, fontsize=10)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_err.set_yscale("log")
     fig.suptitle(f"{cell}: {config.get('base', {}).get('task', '')}", fontsize=11)
     fig.legend(loc="center right", fontsize=7)
     fig.subplots_adjust(right=0.78, wspace=0.25)
     path = docs / f"{cell}.png"
     fig.savefig(path, dpi=90)
     return path
+
+
+def _band(ax: Any, rounds: list[int], mean: list[float], std: list[float], color: str) -> None:
+    """The seed band (mean ± 1 std), faint, in the run's colour; nothing for one seed."""
+    if any(v > 0 for v in std):
+        low = [max(m - v, 1e-12) if ax.get_yscale() == "log" else m - v
+               for m, v in zip(mean, std, strict=True)]  # fmt: skip
+        high = [m + v for m, v in zip(mean, std, strict=True)]
+        ax.fill_between(rounds, low, high, color=color, alpha=0.12, linewidth=0)
