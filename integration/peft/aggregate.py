@@ -188,8 +188,9 @@ def aggregate_adapters(
     :func:`glora_math.aggregate_modules` (the core's round) does the rest; the dense tensors
     (``modules_to_save``) are averaged with the same normalised weights.
 
-    The default, ``glora_auto``, is GLoRA on the side (the B column spaces or the A row
-    spaces) with the smaller certified residual: at the same server rank its error is never
+    The default operator is :data:`glora_math.DEFAULT_OPERATOR` (README, "Which operator should
+    I use?"). ``glora_auto`` is GLoRA on the side (the B column spaces or the A row spaces)
+    with the smaller certified residual: at the same server rank its error is never
     above the paper's ``glora`` (P14), and in the shared-init regime of federated rounds the
     paper's left side misses most of the mean (SPEC extensions). Operators that declare a
     ``group_fn`` (the fixed-side GLoRA variants: one stacked call) get the modules grouped

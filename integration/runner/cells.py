@@ -15,9 +15,10 @@ from typing import Any
 CEILING_ID = "ceiling"
 
 #: Keys of a run entry that are not :class:`SimConfig` settings: its operator, table label,
-#: id, and ``seeds`` (the entry runs only at these of the cell's seeds; a reference that is
-#: not compared need not cost as much as the compared runs).
-ENTRY_KEYS = ("operator", "label", "id", "seeds")
+#: id, ``seeds`` (the entry runs only at these of the cell's seeds; a reference that is not
+#: compared need not cost as much as the compared runs) and ``compared`` (false: a reference
+#: run, left out of the paired table and its count of comparisons).
+ENTRY_KEYS = ("operator", "label", "id", "seeds", "compared")
 
 
 def runs_at(entry: Mapping[str, Any], seed: int) -> bool:

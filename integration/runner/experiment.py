@@ -33,7 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .cells import CEILING_ID, cell_name, entries, label, run_id, runs_at
+from .cells import CEILING_ID, ENTRY_KEYS, cell_name, entries, label, run_id, runs_at
 from .config import SimConfig, results_config
 from .simulate import Simulation
 from .stats import paired
@@ -66,7 +66,7 @@ def run_config(
     config: Mapping[str, Any], entry: Mapping[str, Any], seed: int, out: Path, device: str
 ) -> SimConfig:
     """The :class:`SimConfig` of one (entry, seed)."""
-    over = {k: v for k, v in entry.items() if k not in ("id", "label", "seeds")}
+    over = {k: v for k, v in entry.items() if k not in ENTRY_KEYS or k == "operator"}
     kw = dict(config["base"]) | over | {"seed": seed, "device": device}
     kw["out"] = str(out / f"{run_id(entry)}-seed{seed}")
     return SimConfig(**kw)
@@ -82,6 +82,26 @@ def plan(
         for e in entries(config)
         if runs_at(e, int(seed))
     ]
+
+
+def entry_problems(config: Mapping[str, Any]) -> list[str]:
+    """What is wrong with the entries' own ``seeds``.
+
+    Each must be a subset of the cell's, and a compared run (the reference or a primary run)
+    runs at every seed of the cell.
+    """
+    cell_seeds = {int(s) for s in config["seeds"]}
+    compared = [config.get("reference"), *(config.get("primary") or {}).get("runs", [])]
+    out = []
+    for e in entries(config):
+        stray = sorted({int(s) for s in e.get("seeds", [])} - cell_seeds)
+        if stray:
+            out.append(f"{run_id(e)}: its seeds {stray} are not among the cell's "
+                       f"{config['seeds']}")  # fmt: skip
+        if run_id(e) in compared and "seeds" in e:
+            out.append(f"{run_id(e)}: a compared run (the reference or a primary run) runs at "
+                       "every seed of the cell; leave out its own 'seeds'")  # fmt: skip
+    return out
 
 
 def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
@@ -207,11 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         out = Path(config.get("out") or f"out/experiments/{cell}")
         docs = Path(args.docs or "docs/experiments")
-    cell_seeds = {int(s) for s in config["seeds"]}
-    for e in entries(config):
-        stray = sorted({int(s) for s in e.get("seeds", [])} - cell_seeds)
-        if stray:
-            p.error(f"{run_id(e)}: its seeds {stray} are not among the cell's {config['seeds']}")
+    for msg in entry_problems(config):
+        p.error(msg)
     problems = [f"{run_id(e)} seed {s}: {msg}" for e, s, cfg in plan(config, out, args.device)
                 for msg in cfg.problems()][:5]  # fmt: skip
     if problems:

@@ -1,12 +1,10 @@
 """The pre-registered rule that picks the default operator from a powered cell.
 
-Study F (docs/experiments.md) fixed it before any run: the default is the best operator by the
-primary metric among those whose primary interval against the reference lies above zero; if
-there is none, the operator with the smallest mean exact aggregation error at R = r (server
-rank equal to the clients' rank in every round) among the compared ones, unless its primary
-interval lies below zero (then the next smallest). The reference (FedIT) has no interval of
-its own and is always eligible in the second branch. The rule is applied only to a complete
-cell: every compared run at every seed.
+:data:`RULE` is the rule as study F fixed it before any run (docs/experiments.md, "The
+default, by rule"); :data:`READING` is how this module reads the three things the text leaves
+open, written down on 2026-12-06 when the rule was first coded (two of the 20 seeds were in;
+no comparison had been read as evidence). docs/experiments.md and README quote both; a test
+checks that they do.
 """
 
 from __future__ import annotations
@@ -15,6 +13,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .stats import Paired
+
+#: The rule, word for word as pre-registered.
+RULE = (
+    "the best operator by the primary metric among those whose primary interval against "
+    "FedIT lies above zero; if there is none, the operator with the smallest mean exact "
+    "aggregation error at R = r among the four (a measured property that every run records), "
+    "unless its primary interval lies below zero."
+)
+
+#: How the rule is read where its text is silent.
+READING = (
+    '(1) "At R = r" compares errors at equal rank, as the issue\'s example rule does '
+    '("the smallest certified error at equal rank"): a run is at R = r when its server kept '
+    "the clients' rank in every round of every seed, so `glora_auto_rank`, whose server keeps "
+    "a larger rank, can be chosen only by the first branch. (2) When the smallest error's "
+    "interval lies below zero, the next smallest at R = r is taken. (3) FedIT, the reference, "
+    "has no interval of its own and is eligible in the second branch."
+)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 from .cells import CEILING_ID, entries, label, mean_or_none, ms, run_id
 from .config import SimConfig
-from .rule import Candidate, default_by_rule
+from .rule import READING, RULE, Candidate, default_by_rule
 from .stats import Paired, auc, paired
 
 
@@ -44,7 +44,12 @@ def table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
     raw = docs / "raw" / cell
     base = SimConfig(**config["base"])
     cola = base.task.lower() == "cola"
-    head = ["run", "seeds", "final accuracy", "best accuracy (max over rounds, biased up)"]
+    head = [
+        "run",
+        "seeds",
+        "final val. accuracy",
+        "best val. accuracy (max over rounds, biased up)",
+    ]
     head += ["final MCC", "best MCC"] if cola else []
     head += [
         "round-1 aggregation error",
@@ -102,7 +107,9 @@ def table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
         f"{steps} optimizer steps): "
         f"{ceiling or ('not run yet' if config.get('ceiling') else 'not part of this cell')}",
         f"- Settings: {json.dumps(config['base'], sort_keys=True)}",
-        "- Accuracy: mean ± std over seeds; aggregation error: exact relative error of the "
+        "- Accuracy: on the validation set, mean ± std over seeds (a held-out test set, where "
+        "the cell has one, is read in the paired tables below); aggregation error: exact "
+        "relative error of the "
         "server update against the mean update over all modules (round 1: every operator "
         "aggregates the very same client updates, mean ± std over seeds; mean: averaged over "
         "rounds); certified residual: the same from the GLoRA-family certificates; "
@@ -147,6 +154,9 @@ def run_metrics(rounds: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         "auc": auc(acc),
         "final_loss": float(rounds[-1][loss]),
     }
+    errs = [r.get("aggregation_error") for r in rounds]
+    if all(e is not None for e in errs):  # not a paired metric: for the error-accuracy line
+        out["mean_error"] = statistics.fmean(float(e) for e in errs if e is not None)
     if test:
         out["best_on_val"] = acc[best]
     return out
@@ -180,8 +190,11 @@ def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
     if ref_id not in by_id:
         raise SystemExit(f"reference {ref_id!r} is not a run of cell {cell}: {sorted(by_id)}")
     ref = load(by_id[ref_id])
-    others = [e for e in entries(config) if run_id(e) not in (ref_id, CEILING_ID)]
+    others = [e for e in entries(config)
+              if run_id(e) not in (ref_id, CEILING_ID) and e.get("compared", True)]  # fmt: skip
     m = len(others) * len(PAIRED_METRICS)
+    xs: list[float] = []  # per (run, seed): mean aggregation error minus the reference's
+    ys: list[float] = []  # ... and final accuracy (test if there is one) minus the reference's
     head = ["run", "paired seeds", *(name for name, _ in PAIRED_METRICS)]
     lines = [
         "| " + " | ".join(head) + " |",
@@ -197,14 +210,21 @@ def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
         runs = load(e)
         seeds = sorted(set(runs) & set(ref))
         cells = [label(e), str(len(seeds))]
+        for s in (s for s in seeds if "mean_error" in runs[s] and "mean_error" in ref[s]):
+            xs.append(runs[s]["mean_error"] - ref[s]["mean_error"])
+            ys.append(runs[s]["final"] - ref[s]["final"])
         for name, _ in PAIRED_METRICS:
             if not seeds or any(name not in runs[s] or name not in ref[s] for s in seeds):
                 cells.append("-")
                 continue
             cells.append(str(paired([runs[s][name] for s in seeds], [ref[s][name] for s in seeds])))
         lines.append("| " + " | ".join(cells) + " |")
+    interim = _interim(config, raw, [ref_id, *(run_id(e) for e in others)])
     primary_results: dict[str, Paired] = {}
     primary = _primary(config, by_id, ref, load, others, results=primary_results)
+    if interim and primary:
+        primary[0] += " (interim, not read)"
+        primary[2] = primary[2] + interim
     primary += _default_rule(config, by_id, raw, ref_id, primary_results)
     what = "; ".join(f"`{n}`: {w}" for n, w in PAIRED_METRICS)
     if has_test and not any(has_test):
@@ -228,13 +248,28 @@ def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
             f"zero. Metrics: {what}. The reference row gives absolute values (mean ± std). "
             f"Multiplicity: this table holds {m} comparisons; at a nominal 5% each, about "
             f"{0.05 * m:.1f} would exclude zero by chance if nothing differed, so only the "
-            f"pre-registered primary comparisons (docs/experiments.md) are read as evidence.",
+            f"pre-registered primary comparisons (docs/experiments.md) are read as evidence."
+            + interim,
             "",
             *lines,
+            "",
+            "Error and accuracy across runs: the correlation, over (run, seed), of the run's mean "
+            "aggregation error minus the reference's with its final accuracy minus the "
+            f"reference's: {_correlation(xs, ys)}.",
             "",
             *primary,
         ]
     )
+
+
+def _interim(config: Mapping[str, Any], raw: Path, ids: Sequence[str]) -> str:
+    """A sentence for a cell whose compared runs do not all have every seed yet, else ``""``."""
+    seeds = [int(s) for s in config["seeds"]]
+    done = min(sum((raw / f"{rid}-seed{s}.json").is_file() for s in seeds) for rid in ids)
+    if done == len(seeds):
+        return ""
+    return (f" **Interim: {done} of {len(seeds)} seeds are in for every compared run; nothing "
+            "here is read until the cell is complete.**")  # fmt: skip
 
 
 def _primary(
@@ -302,42 +337,55 @@ def _default_rule(
     """The pre-registered default rule (:mod:`.rule`), where ``primary`` has ``default_rule``.
 
     Applied only when the reference and every primary run have finished every seed of the
-    cell; until then the block says how many seeds are in and chooses nothing.
+    cell; until then the block says how many seeds are in and chooses nothing. A run is at
+    R = r when its server kept the clients' rank (its config's largest client rank) in every
+    round of every seed.
     """
     rule = config.get("primary") or {}
     if not rule.get("default_rule"):
         return []
     ids = [ref_id, *(str(i) for i in rule["runs"])]
-    rank = int(config["base"].get("rank", SimConfig.rank))
     seeds = [int(s) for s in config["seeds"]]
     done = {rid: [s for s in seeds if (raw / f"{rid}-seed{s}.json").is_file()] for rid in ids}
     head = [
         "## The default, by the pre-registered rule",
         "",
-        "The best run by the primary metric among those whose primary interval lies above "
-        "zero; if there is none, the smallest mean exact aggregation error at R = r (the "
-        "server kept the clients' rank every round) among runs whose interval does not lie "
-        "below zero. Applied only when every compared run has every seed.",
+        f"The rule, as pre-registered: {RULE} How it is read where the text is silent: "
+        f"{READING} Applied only when every compared run has every seed.",
         "",
     ]
     complete = min(len(v) for v in done.values())
     if complete < len(seeds):
         return [*head, f"Not applied yet: {complete} of {len(seeds)} seeds are in for every "
                 "compared run. Nothing is chosen before the cell is complete.", ""]  # fmt: skip
+    if any(rid not in results for rid in ids[1:]):
+        return [*head, "Not applicable: a primary comparison has fewer than 2 paired seeds.", ""]
     candidates = []
     lines = ["| run | mean aggregation error | R = r every round | primary interval |",
              "| --- | --- | --- | --- |"]  # fmt: skip
     for rid in ids:
-        recs = [json.loads((raw / f"{rid}-seed{s}.json").read_text())["rounds"] for s in seeds]
-        err = statistics.fmean(statistics.fmean(x["aggregation_error"] for x in r) for r in recs)
-        at_rank = all(x.get("server_rank") == rank for r in recs for x in r)
+        recs = [json.loads((raw / f"{rid}-seed{s}.json").read_text()) for s in seeds]
+        err = statistics.fmean(
+            statistics.fmean(float(x["aggregation_error"]) for x in rec["rounds"]) for rec in recs
+        )
+        at_rank = all(x.get("server_rank") == _client_rank(rec["config"])
+                      for rec in recs for x in rec["rounds"])  # fmt: skip
         cand = Candidate(rid, None if rid == ref_id else results[rid], err, at_rank)
         candidates.append(cand)
         shown = "(reference)" if cand.primary is None else str(cand.primary)
         lines.append(f"| {label(by_id[rid])} | {err:.3e} | {'yes' if at_rank else 'no'} | "
                      f"{shown} |")  # fmt: skip
-    verdict = default_by_rule(candidates)
+    try:
+        verdict = default_by_rule(candidates)
+    except ValueError as err:
+        return [*head, *lines, "", f"Nothing is chosen: {err}.", ""]
     return [*head, *lines, "", f"Chosen: **{verdict.run}** ({verdict.why}).", ""]
+
+
+def _client_rank(cfg: Mapping[str, Any]) -> int:
+    """The clients' rank r of a run's recorded config (the largest, where ranks differ)."""
+    ranks = cfg.get("client_ranks")
+    return int(max(ranks)) if ranks else int(cfg.get("rank", SimConfig.rank))
 
 
 #: The per-round keys of the counterfactual arms (a, b and the broadcast split).

@@ -42,5 +42,10 @@ def test_flower_template_and_readme_name_the_default() -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Which operator should I use?", 1)[1].split("\n## ", 1)[0]
     stated = re.search(r"The default today is `([a-z_]+)`", section)
+    # Wherever the docs name the default, they name the constant and today's value.
+    for doc in (readme, (ROOT / "docs" / "experiments.md").read_text()):
+        named = re.findall(r"DEFAULT_OPERATOR`,\s+today\s+`([a-z_]+)`", doc)
+        assert named
+        assert set(named) == {DEFAULT_OPERATOR}
     assert stated is not None
     assert stated.group(1) == DEFAULT_OPERATOR

@@ -661,12 +661,13 @@ def test_the_runner_saves_the_global_adapter_peft_loads(tmp_path: Path) -> None:
 def test_every_shipped_experiment_cell_is_a_valid_plan(tmp_path: Path) -> None:
     # Each cell's every (entry, seed) passes the settings' checks before anything is loaded,
     # so that a cell queued for hours does not fail on a typo at its 40th run.
-    from integration.runner.experiment import plan
+    from integration.runner.experiment import entry_problems, plan
 
     cells = sorted((Path(__file__).parents[1] / "experiments").glob("*.json"))
     assert len(cells) >= 10
     for path in cells:
         config = json.loads(path.read_text())
+        assert entry_problems(config) == [], path.name
         runs = plan(config, tmp_path)
         assert runs, path.name
         for _, _, cfg in runs:
@@ -697,6 +698,11 @@ def test_an_entry_with_its_own_seeds_runs_only_at_those(
     with pytest.raises(SystemExit):
         main([str(path), "--list"])
     assert "fedit: its seeds [5] are not among the cell's" in capsys.readouterr().err
+    # A compared run (here the reference) must run at every seed, or nothing could be paired.
+    path.write_text(json.dumps(config | {"reference": "flexlora"}))
+    with pytest.raises(SystemExit):
+        main([str(path), "--list"])
+    assert "flexlora: a compared run" in capsys.readouterr().err
 
 
 def test_shipped_cells_share_a_run_folder_only_for_the_same_run(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
 
 import mpmath
 import pytest
@@ -114,3 +115,76 @@ def test_default_rule_branches() -> None:
         default_by_rule([Candidate("worse", down, 0.02, True)])
     with pytest.raises(ValueError, match="none"):
         default_by_rule([])
+
+
+def _synthetic_cell(raw: Path, seeds: list[int]) -> None:
+    """Raw JSON of a small cell: FedIT, FlexLoRA (R = r, lower error), glora_auto_rank (a
+    larger server rank, the lowest error) and an uncompared reference, 3 rounds each."""
+    import json
+
+    raw.mkdir(parents=True, exist_ok=True)
+    runs = {  # id: (server ranks, error, accuracy offset per seed)
+        "fedit": ([4, 4, 4], 0.20, [0.0, 0.0, 0.0]),
+        "flexlora": ([4, 4, 4], 0.07, [0.004, -0.003, 0.001]),
+        "glora_auto_rank": ([9, 8, 7], 0.04, [-0.002, 0.003, 0.0]),
+        "central": ([4, 4, 4], 0.0, [0.05, 0.05, 0.05]),
+    }
+    for rid, (ranks, err, off) in runs.items():
+        for s in seeds:
+            rounds = [
+                {"round": j + 1, "accuracy": 0.7 + 0.01 * j, "eval_loss": 0.5,
+                 "test_accuracy": 0.8 + 0.01 * j + off[s] + 0.001 * s, "test_loss": 0.4,
+                 "aggregation_error": err * (1 + 0.1 * j), "server_rank": ranks[j]}
+                for j in range(3)
+            ]  # fmt: skip
+            rec = {"id": rid, "seed": s, "config": {"rank": 4}, "rounds": rounds}
+            (raw / f"{rid}-seed{s}.json").write_text(json.dumps(rec))
+
+
+def test_paired_table_reads_only_complete_cells_and_applies_the_rule(tmp_path: Path) -> None:
+    from integration.runner.tables import paired_table
+
+    config = {
+        "seeds": [0, 1, 2],
+        "reference": "fedit",
+        "primary": {"metric": "last3", "runs": ["flexlora", "glora_auto_rank"],
+                    "default_rule": True},
+        "base": {"model": "tiny-roberta", "task": "sst2", "rank": 4},
+        "runs": [{"operator": "fedit"}, {"operator": "flexlora"},
+                 {"operator": "glora_auto_rank"},
+                 {"operator": "fedit", "id": "central", "compared": False}],
+    }  # fmt: skip
+    _synthetic_cell(tmp_path / "raw" / "c", [0, 1, 2])
+    text = paired_table(config, "c", tmp_path)
+    assert "| central |" not in text  # a reference run is in no comparison
+    assert "this table holds 10 comparisons" in text  # 2 runs x 5 metrics
+    assert "Interim" not in text
+    rule = text.split("## The default, by the pre-registered rule")[1]
+    # glora_auto_rank has the smallest error but its server kept a larger rank: not at R = r.
+    assert "| glora_auto_rank | 4.400e-02 | no |" in rule
+    assert "| flexlora | 7.700e-02 | yes |" in rule
+    # No interval lies above zero (offsets around zero), so the smallest error at R = r wins.
+    assert "Chosen: **flexlora** (no primary interval lies above zero" in rule
+    # The figure reads what the paired tables read: the test accuracy, as every run has it.
+    from integration.runner.tables import curves
+
+    got = curves(config, "c", tmp_path)
+    assert got["flexlora (3 seeds)"]["accuracy_on"] == [1.0]
+    assert got["flexlora (3 seeds)"]["accuracy"][0] == pytest.approx(0.8 + 0.001 + 0.002 / 3)
+    # One missing seed of one compared run: everything is interim and nothing is chosen.
+    (tmp_path / "raw" / "c" / "flexlora-seed2.json").unlink()
+    text = paired_table(config, "c", tmp_path)
+    assert "(interim, not read)" in text
+    assert "Interim: 2 of 3 seeds are in for every compared run" in text
+    assert "Not applied yet: 2 of 3 seeds" in text
+    assert "Chosen:" not in text
+
+
+def test_the_rule_is_quoted_word_for_word() -> None:
+    from integration.runner.rule import READING, RULE
+
+    root = Path(__file__).resolve().parents[2]
+    for doc in ("docs/experiments.md", "README.md"):
+        text = " ".join((root / doc).read_text().split())
+        for part in (RULE, READING):
+            assert " ".join(part.split()) in text, (doc, part[:40])
