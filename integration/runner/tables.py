@@ -254,7 +254,7 @@ def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
             *lines,
             "",
             "Error and accuracy across runs: the correlation, over (run, seed), of the run's mean "
-            "aggregation error minus the reference's with its final accuracy minus the "
+            "aggregation error minus the reference's with its `final` (above) minus the "
             f"reference's: {_correlation(xs, ys)}.",
             "",
             *primary,
