@@ -1,12 +1,15 @@
 #!/bin/sh
-# The order in which the remaining cells run on a 2-core machine, as two chains that run at the
-# same time (one torch thread each) and never touch the same run folder. Resumable: rerun after
-# an interruption and it continues where it stopped; finished runs are skipped.
-#   chain 1: cell (a) (finished), alpha 0.1 (cell (d), finished), TREC seed 0 (cell (e)),
-#            RoLoRA and LoRA-FAIR in training beside four baselines (cell (e), SST-2);
-#   (CoLA at the longer budget, c_cola_long.json, stopped after its centralised run and FedIT
-#   seed 0 stayed at the majority class; run it alone if you want the other operators.)
-#   chain 2: heterogeneous ranks (cell (d)), TREC seeds 1 and 2, alpha 100, participation 0.3.
+# The order in which study F's cells run on a 2-core machine (docs/experiments.md), as two
+# chains that run at the same time (one torch thread each) and never touch the same run
+# folder. Resumable: rerun after an interruption and each chain continues where it stopped
+# (finished runs are skipped, an interrupted run resumes from its last round).
+#   chain 1: the powered cell's seeds 0-10 (with its references at seeds 0-4), then the
+#            counterfactual cell along FedIT's trajectory (g), at alpha 0.1 (l), then the
+#            heterogeneous-rank cell (k);
+#   chain 2: the LLM cell (h), the powered cell's seeds 11-19, the counterfactual cell along
+#            FlexLoRA's trajectory (m), alpha 0.1 (i), then 50 local steps (j).
+# The earlier cells (a)-(e) are complete or deliberately stopped (docs/experiments.md says
+# which); their configs still run alone with `python -m integration.experiment <config>`.
 # Usage (from the repository root):
 #   nohup sh integration/experiments/run_queue.sh 1 > /tmp/queue1.log 2>&1 &
 #   nohup sh integration/experiments/run_queue.sh 2 > /tmp/queue2.log 2>&1 &
@@ -17,20 +20,20 @@ E="$PY -m integration.experiment"
 X=integration/experiments
 case "${1:-1}" in
   1)
-    $E $X/a_sst2.json
-    $E $X/d_sst2_alpha0.1.json
-    $E --seeds 0 $X/e_trec.json
-    $E --seeds 0 $X/e_sst2_new_operators.json
-    $E $X/e_sst2_new_operators.json
+    $E --seeds 0,1,2,3,4,5,6,7,8,9,10 $X/f_sst2_powered.json
+    $E $X/g_sst2_counterfactual.json
+    $E $X/l_sst2_alpha0.1_counterfactual.json
+    $E $X/k_sst2_hetero.json
     ;;
   2)
-    $E $X/d_sst2_hetero.json
-    $E --seeds 1,2 $X/e_trec.json
-    $E $X/d_sst2_alpha100.json
-    $E $X/d_sst2_participation.json
+    $E $X/h_llm_subj.json
+    $E --seeds 11,12,13,14,15,16,17,18,19 $X/f_sst2_powered.json
+    $E $X/m_sst2_counterfactual_flexlora.json
+    $E $X/i_sst2_alpha0.1.json
+    $E $X/j_sst2_steps50.json
     ;;
   *)
-    echo "usage: $0 1|2" >&2
+    echo "usage: run_queue.sh 1|2" >&2
     exit 2
     ;;
 esac
