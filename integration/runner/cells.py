@@ -14,11 +14,11 @@ from typing import Any
 #: The id of the centralised reference run (one client holding all the training data).
 CEILING_ID = "ceiling"
 
-#: Keys of a run entry that are not :class:`SimConfig` settings: its operator, table label,
-#: id, ``seeds`` (the entry runs only at these of the cell's seeds; a reference that is not
+#: Keys of a run entry that are not :class:`SimConfig` settings: its table label, id,
+#: ``seeds`` (the entry runs only at these of the cell's seeds; a reference that is not
 #: compared need not cost as much as the compared runs) and ``compared`` (false: a reference
 #: run, left out of the paired table and its count of comparisons).
-ENTRY_KEYS = ("operator", "label", "id", "seeds", "compared")
+ENTRY_KEYS = ("label", "id", "seeds", "compared")
 
 
 def runs_at(entry: Mapping[str, Any], seed: int) -> bool:
@@ -52,7 +52,7 @@ def run_id(entry: Mapping[str, Any]) -> str:
     """``id`` of an entry, or its operator with its overrides (``glora-server_rank8``)."""
     if "id" in entry:
         return str(entry["id"])
-    extra = [f"{k}{v}" for k, v in sorted(entry.items()) if k not in ENTRY_KEYS]
+    extra = [f"{k}{v}" for k, v in sorted(entry.items()) if k not in ("operator", *ENTRY_KEYS)]
     return "-".join([str(entry["operator"]), *extra])
 
 

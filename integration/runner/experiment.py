@@ -66,7 +66,7 @@ def run_config(
     config: Mapping[str, Any], entry: Mapping[str, Any], seed: int, out: Path, device: str
 ) -> SimConfig:
     """The :class:`SimConfig` of one (entry, seed)."""
-    over = {k: v for k, v in entry.items() if k not in ENTRY_KEYS or k == "operator"}
+    over = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
     kw = dict(config["base"]) | over | {"seed": seed, "device": device}
     kw["out"] = str(out / f"{run_id(entry)}-seed{seed}")
     return SimConfig(**kw)

@@ -220,11 +220,7 @@ def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
             cells.append(str(paired([runs[s][name] for s in seeds], [ref[s][name] for s in seeds])))
         lines.append("| " + " | ".join(cells) + " |")
     interim = _interim(config, raw, [ref_id, *(run_id(e) for e in others)])
-    primary_results: dict[str, Paired] = {}
-    primary = _primary(config, by_id, ref, load, others, results=primary_results)
-    if interim and primary:
-        primary[0] += " (interim, not read)"
-        primary[2] = primary[2] + interim
+    primary, primary_results = _primary(config, by_id, ref, load, others, interim=interim)
     primary += _default_rule(config, by_id, raw, ref_id, primary_results)
     what = "; ".join(f"`{n}`: {w}" for n, w in PAIRED_METRICS)
     if has_test and not any(has_test):
@@ -262,10 +258,16 @@ def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
     )
 
 
+def _seeds_in(config: Mapping[str, Any], raw: Path, ids: Sequence[str]) -> int:
+    """How many of the cell's seeds every one of these runs has finished (raw JSON present)."""
+    seeds = [int(s) for s in config["seeds"]]
+    return min(sum((raw / f"{rid}-seed{s}.json").is_file() for s in seeds) for rid in ids)
+
+
 def _interim(config: Mapping[str, Any], raw: Path, ids: Sequence[str]) -> str:
     """A sentence for a cell whose compared runs do not all have every seed yet, else ``""``."""
-    seeds = [int(s) for s in config["seeds"]]
-    done = min(sum((raw / f"{rid}-seed{s}.json").is_file() for s in seeds) for rid in ids)
+    seeds = config["seeds"]
+    done = _seeds_in(config, raw, ids)
     if done == len(seeds):
         return ""
     return (f" **Interim: {done} of {len(seeds)} seeds are in for every compared run; nothing "
@@ -279,19 +281,19 @@ def _primary(
     load: Any,
     others: Sequence[Mapping[str, Any]],
     *,
-    results: dict[str, Paired] | None = None,
-) -> list[str]:
+    interim: str = "",
+) -> tuple[list[str], dict[str, Paired]]:
     """The pre-registered primary comparisons: ``"primary": {"metric": m, "runs": [ids]}``.
 
     Each listed run minus the reference on metric ``m``, paired by seed, with a Bonferroni
-    interval at family-wise 95% (each at ``1 - 0.05 / len(runs)``), also put in ``results``
-    (run id -> :class:`Paired`).
+    interval at family-wise 95% (each at ``1 - 0.05 / len(runs)``): the block's lines and
+    the intervals (run id -> :class:`Paired`). ``interim`` (:func:`_interim`) marks a cell
+    that is not complete.
     """
-    results = {} if results is None else results
+    results: dict[str, Paired] = {}
     rule = config.get("primary")
     if not rule:
-        return []
-    results.clear()
+        return [], results
     metric, ids = str(rule["metric"]), [str(i) for i in rule["runs"]]
     known = {run_id(e) for e in others}
     if metric not in dict(PAIRED_METRICS) or not set(ids) <= known:
@@ -315,16 +317,17 @@ def _primary(
             verdict = "not established"
         rows.append(f"| {label(by_id[rid])} | {len(seeds)} | {got} | {verdict} |")
     return [
-        f"## Primary comparisons (pre-registered): `{metric}`, family-wise 95%",
+        f"## Primary comparisons (pre-registered): `{metric}`, family-wise 95%"
+        + (" (interim, not read)" if interim else ""),
         "",
         f"Bonferroni over {len(ids)} comparisons: each interval at {100 * level:.2f}%. A "
-        "difference is claimed only where the interval excludes zero.",
+        "difference is claimed only where the interval excludes zero." + interim,
         "",
         "| run | paired seeds | difference [interval] won/lost | reading |",
         "| --- | --- | --- | --- |",
         *rows,
         "",
-    ]
+    ], results
 
 
 def _default_rule(
@@ -346,7 +349,6 @@ def _default_rule(
         return []
     ids = [ref_id, *(str(i) for i in rule["runs"])]
     seeds = [int(s) for s in config["seeds"]]
-    done = {rid: [s for s in seeds if (raw / f"{rid}-seed{s}.json").is_file()] for rid in ids}
     head = [
         "## The default, by the pre-registered rule",
         "",
@@ -354,7 +356,7 @@ def _default_rule(
         f"{READING} Applied only when every compared run has every seed.",
         "",
     ]
-    complete = min(len(v) for v in done.values())
+    complete = _seeds_in(config, raw, ids)
     if complete < len(seeds):
         return [*head, f"Not applied yet: {complete} of {len(seeds)} seeds are in for every "
                 "compared run. Nothing is chosen before the cell is complete.", ""]  # fmt: skip
