@@ -56,6 +56,11 @@ def run_id(entry: Mapping[str, Any]) -> str:
     return "-".join([str(entry["operator"]), *extra])
 
 
+def raw_file(raw: Path, rid: str, seed: int) -> Path:
+    """Where run ``rid``'s raw JSON at ``seed`` lives in a cell's raw folder ``raw``."""
+    return raw / f"{rid}-seed{int(seed)}.json"
+
+
 def label(entry: Mapping[str, Any]) -> str:
     """The entry's table label."""
     return str(entry.get("label") or run_id(entry))

@@ -33,7 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .cells import CEILING_ID, ENTRY_KEYS, cell_name, entries, label, run_id, runs_at
+from .cells import CEILING_ID, ENTRY_KEYS, cell_name, entries, label, raw_file, run_id, runs_at
 from .config import SimConfig, results_config
 from .simulate import Simulation
 from .stats import paired
@@ -167,7 +167,7 @@ def run_cell(
             results = _check_folder(cfg)
             assert results is not None
         rec = raw_record(cell, entry, seed, results)
-        (raw / f"{run_id(entry)}-seed{seed}.json").write_text(json.dumps(rec, indent=1) + "\n")
+        raw_file(raw, run_id(entry), seed).write_text(json.dumps(rec, indent=1) + "\n")
         write_table(config, cell, docs)
 
 

@@ -33,6 +33,11 @@ READING = (
 )
 
 
+#: The default until the rule is applied: the package's default when study F was
+#: pre-registered, kept until the powered cell is complete (docs/experiments.md).
+UNTIL_APPLIED = "glora_auto"
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One compared run as the rule sees it."""
@@ -80,4 +85,4 @@ def default_by_rule(candidates: Sequence[Candidate]) -> Verdict:
     raise ValueError("no run at R = r is eligible: every one's primary interval lies below zero")
 
 
-__all__ = ["Candidate", "Verdict", "default_by_rule"]
+__all__ = ["READING", "RULE", "UNTIL_APPLIED", "Candidate", "Verdict", "default_by_rule"]

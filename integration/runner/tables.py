@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .cells import CEILING_ID, entries, label, mean_or_none, ms, run_id
+from .cells import CEILING_ID, entries, label, mean_or_none, ms, raw_file, run_id
 from .config import SimConfig
-from .rule import READING, RULE, Candidate, default_by_rule
+from .rule import READING, RULE, Candidate, Verdict, default_by_rule
 from .stats import Paired, auc, paired
 
 
@@ -39,9 +39,44 @@ def floor(config: Mapping[str, Any]) -> float:
     return statistics.mean(rates)
 
 
+class CellRaw:
+    """A cell's raw per-run JSON (``<docs>/raw/<cell>/``), each file read at most once.
+
+    Every table of the cell reads its runs through one of these: a (run, seed)'s record, a
+    run's records over the cell's seeds, a run's paired metrics, and how many seeds a set of
+    runs has finished.
+    """
+
+    def __init__(self, config: Mapping[str, Any], cell: str, docs: Path) -> None:
+        self.dir = docs / "raw" / cell
+        self.seeds = [int(s) for s in config.get("seeds", [0])]
+        self._read: dict[tuple[str, int], dict[str, Any] | None] = {}
+
+    def record(self, rid: str, seed: int) -> dict[str, Any] | None:
+        """The raw record of run ``rid`` at ``seed`` (``None``: not finished)."""
+        key = (rid, int(seed))
+        if key not in self._read:
+            path = raw_file(self.dir, rid, seed)
+            self._read[key] = json.loads(path.read_text()) if path.is_file() else None
+        return self._read[key]
+
+    def records(self, rid: str) -> dict[int, dict[str, Any]]:
+        """Seed -> raw record, for the cell's seeds that run ``rid`` has finished."""
+        found = ((s, self.record(rid, s)) for s in self.seeds)
+        return {s: rec for s, rec in found if rec is not None}
+
+    def metrics(self, rid: str) -> dict[int, dict[str, float]]:
+        """Seed -> :func:`run_metrics`, for the seeds that run ``rid`` has finished."""
+        return {s: run_metrics(rec["rounds"]) for s, rec in self.records(rid).items()}
+
+    def seeds_in(self, ids: Sequence[str]) -> int:
+        """How many of the cell's seeds every one of the runs ``ids`` has finished."""
+        return min(len(self.records(rid)) for rid in ids)
+
+
 def table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
     """The markdown of a cell from the raw JSON files present (partial results included)."""
-    raw = docs / "raw" / cell
+    cr = CellRaw(config, cell, docs)
     base = SimConfig(**config["base"])
     cola = base.task.lower() == "cola"
     head = [
@@ -61,11 +96,7 @@ def table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     ceiling = ""
     for e in entries(config):
-        recs = []
-        for seed in config["seeds"]:
-            path = raw / f"{run_id(e)}-seed{seed}.json"
-            if path.is_file():
-                recs.append(json.loads(path.read_text()))
+        recs = list(cr.records(run_id(e)).values())
         if not recs:
             lines.append(f"| {label(e)} | 0 |" + " |" * (len(head) - 2))
             continue
@@ -173,25 +204,11 @@ def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
     ref_id = config.get("reference")
     if not ref_id:
         return ""
-    raw = docs / "raw" / cell
-
-    has_test: list[bool] = []
-
-    def load(e: Mapping[str, Any]) -> dict[int, dict[str, float]]:
-        out = {}
-        for seed in config["seeds"]:
-            path = raw / f"{run_id(e)}-seed{seed}.json"
-            if path.is_file():
-                out[int(seed)] = run_metrics(json.loads(path.read_text())["rounds"])
-                has_test.append("best_on_val" in out[int(seed)])
-        return out
-
-    by_id = {run_id(e): e for e in entries(config)}
-    if ref_id not in by_id:
-        raise SystemExit(f"reference {ref_id!r} is not a run of cell {cell}: {sorted(by_id)}")
-    ref = load(by_id[ref_id])
-    others = [e for e in entries(config)
-              if run_id(e) not in (ref_id, CEILING_ID) and e.get("compared", True)]  # fmt: skip
+    cr = CellRaw(config, cell, docs)
+    by_id, others = _compared(config, cell)
+    ref = cr.metrics(ref_id)
+    has_test = ["best_on_val" in v for rid in [ref_id, *(run_id(e) for e in others)]
+                for v in cr.metrics(rid).values()]  # fmt: skip
     m = len(others) * len(PAIRED_METRICS)
     xs: list[float] = []  # per (run, seed): mean aggregation error minus the reference's
     ys: list[float] = []  # ... and final accuracy (test if there is one) minus the reference's
@@ -207,7 +224,7 @@ def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
         + " |",
     ]
     for e in others:
-        runs = load(e)
+        runs = cr.metrics(run_id(e))
         seeds = sorted(set(runs) & set(ref))
         cells = [label(e), str(len(seeds))]
         for s in (s for s in seeds if "mean_error" in runs[s] and "mean_error" in ref[s]):
@@ -219,9 +236,9 @@ def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
                 continue
             cells.append(str(paired([runs[s][name] for s in seeds], [ref[s][name] for s in seeds])))
         lines.append("| " + " | ".join(cells) + " |")
-    interim = _interim(config, raw, [ref_id, *(run_id(e) for e in others)])
-    primary, primary_results = _primary(config, by_id, ref, load, others, interim=interim)
-    primary += _default_rule(config, by_id, raw, ref_id, primary_results)
+    interim = _interim(config, cr, [ref_id, *(run_id(e) for e in others)])
+    primary, primary_results = _primary(config, by_id, cr, ref_id, others, interim=interim)
+    primary += _default_rule(config, by_id, _rule_outcome(config, cr, ref_id, primary_results))
     what = "; ".join(f"`{n}`: {w}" for n, w in PAIRED_METRICS)
     if has_test and not any(has_test):
         what += (
@@ -258,16 +275,23 @@ def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
     )
 
 
-def _seeds_in(config: Mapping[str, Any], raw: Path, ids: Sequence[str]) -> int:
-    """How many of the cell's seeds every one of these runs has finished (raw JSON present)."""
-    seeds = [int(s) for s in config["seeds"]]
-    return min(sum((raw / f"{rid}-seed{s}.json").is_file() for s in seeds) for rid in ids)
+def _compared(
+    config: Mapping[str, Any], cell: str
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """The cell's entries by run id, and the entries compared with the reference."""
+    ref_id = config.get("reference")
+    by_id = {run_id(e): e for e in entries(config)}
+    if ref_id not in by_id:
+        raise SystemExit(f"reference {ref_id!r} is not a run of cell {cell}: {sorted(by_id)}")
+    others = [e for e in entries(config)
+              if run_id(e) not in (ref_id, CEILING_ID) and e.get("compared", True)]  # fmt: skip
+    return by_id, others
 
 
-def _interim(config: Mapping[str, Any], raw: Path, ids: Sequence[str]) -> str:
+def _interim(config: Mapping[str, Any], cr: CellRaw, ids: Sequence[str]) -> str:
     """A sentence for a cell whose compared runs do not all have every seed yet, else ``""``."""
     seeds = config["seeds"]
-    done = _seeds_in(config, raw, ids)
+    done = cr.seeds_in(ids)
     if done == len(seeds):
         return ""
     return (f" **Interim: {done} of {len(seeds)} seeds are in for every compared run; nothing "
@@ -277,8 +301,8 @@ def _interim(config: Mapping[str, Any], raw: Path, ids: Sequence[str]) -> str:
 def _primary(
     config: Mapping[str, Any],
     by_id: Mapping[str, Mapping[str, Any]],
-    ref: Mapping[int, Mapping[str, float]],
-    load: Any,
+    cr: CellRaw,
+    ref_id: str,
     others: Sequence[Mapping[str, Any]],
     *,
     interim: str = "",
@@ -299,9 +323,10 @@ def _primary(
     if metric not in dict(PAIRED_METRICS) or not set(ids) <= known:
         raise SystemExit(f"primary: metric {metric!r} or runs {ids} not in this cell")
     level = 1.0 - 0.05 / len(ids)
+    ref = cr.metrics(ref_id)
     rows = []
     for rid in ids:
-        runs = load(by_id[rid])
+        runs = cr.metrics(rid)
         seeds = sorted(s for s in set(runs) & set(ref) if metric in runs[s] and metric in ref[s])
         if len(seeds) < 2:
             rows.append(f"| {label(by_id[rid])} | {len(seeds)} | - | not enough seeds |")
@@ -330,64 +355,100 @@ def _primary(
     ], results
 
 
-def _default_rule(
-    config: Mapping[str, Any],
-    by_id: Mapping[str, Mapping[str, Any]],
-    raw: Path,
-    ref_id: str,
-    results: Mapping[str, Paired],
-) -> list[str]:
-    """The pre-registered default rule (:mod:`.rule`), where ``primary`` has ``default_rule``.
+@dataclasses.dataclass(frozen=True)
+class RuleOutcome:
+    """What the pre-registered default rule (:mod:`.rule`) made of a cell."""
+
+    #: the chosen run and why, or ``None``
+    verdict: Verdict | None
+    #: the sentence that says why nothing was chosen (empty when a run was chosen)
+    why_not: str = ""
+    #: the runs the rule compared (empty when it was not applied)
+    candidates: tuple[Candidate, ...] = ()
+
+
+def decide_default(config: Mapping[str, Any], cell: str, docs: Path) -> RuleOutcome:
+    """The default rule applied to a cell's finished runs: what its table's block prints.
+
+    The verdict's run is an entry of the cell (``run_id``); its ``operator`` is the default
+    the rule recommends. ``verdict`` is ``None`` until every compared run has every seed.
+    """
+    cr = CellRaw(config, cell, docs)
+    ref_id = str(config.get("reference"))
+    by_id, others = _compared(config, cell)
+    _, results = _primary(config, by_id, cr, ref_id, others)
+    return _rule_outcome(config, cr, ref_id, results)
+
+
+def _rule_outcome(
+    config: Mapping[str, Any], cr: CellRaw, ref_id: str, results: Mapping[str, Paired]
+) -> RuleOutcome:
+    """The rule applied to the reference and the ``primary`` runs (``results``: intervals).
 
     Applied only when the reference and every primary run have finished every seed of the
-    cell; until then the block says how many seeds are in and chooses nothing. A run is at
-    R = r when its server kept the clients' rank (its config's largest client rank) in every
-    round of every seed.
+    cell. A run is at R = r when its server kept the clients' rank (its config's largest
+    client rank) in every round of every seed.
     """
+    rule = config.get("primary") or {}
+    ids = [ref_id, *(str(i) for i in rule.get("runs", []))]
+    complete = cr.seeds_in(ids)
+    if complete < len(cr.seeds):
+        return RuleOutcome(None, f"Not applied yet: {complete} of {len(cr.seeds)} seeds are in "
+                           "for every compared run. Nothing is chosen before the cell is "
+                           "complete.")  # fmt: skip
+    if any(rid not in results for rid in ids[1:]):
+        return RuleOutcome(None, "Not applicable: a primary comparison has fewer than 2 "
+                           "paired seeds.")  # fmt: skip
+    candidates = []
+    for rid in ids:
+        recs = list(cr.records(rid).values())
+        err = statistics.fmean(
+            statistics.fmean(float(x["aggregation_error"]) for x in rec["rounds"]) for rec in recs
+        )
+        at_rank = all(x.get("server_rank") == _client_rank(rec["config"])
+                      for rec in recs for x in rec["rounds"])  # fmt: skip
+        candidates.append(Candidate(rid, None if rid == ref_id else results[rid], err, at_rank))
+    try:
+        return RuleOutcome(default_by_rule(candidates), "", tuple(candidates))
+    except ValueError as err:
+        return RuleOutcome(None, f"Nothing is chosen: {err}.", tuple(candidates))
+
+
+def _default_rule(
+    config: Mapping[str, Any], by_id: Mapping[str, Mapping[str, Any]], outcome: RuleOutcome
+) -> list[str]:
+    """The block of the default rule, where ``primary`` has ``default_rule``."""
     rule = config.get("primary") or {}
     if not rule.get("default_rule"):
         return []
-    ids = [ref_id, *(str(i) for i in rule["runs"])]
-    seeds = [int(s) for s in config["seeds"]]
-    head = [
+    lines = [
         "## The default, by the pre-registered rule",
         "",
         f"The rule, as pre-registered: {RULE} How it is read where the text is silent: "
         f"{READING} Applied only when every compared run has every seed.",
         "",
     ]
-    complete = _seeds_in(config, raw, ids)
-    if complete < len(seeds):
-        return [*head, f"Not applied yet: {complete} of {len(seeds)} seeds are in for every "
-                "compared run. Nothing is chosen before the cell is complete.", ""]  # fmt: skip
-    if any(rid not in results for rid in ids[1:]):
-        return [*head, "Not applicable: a primary comparison has fewer than 2 paired seeds.", ""]
-    candidates = []
-    lines = ["| run | mean aggregation error | R = r every round | primary interval |",
-             "| --- | --- | --- | --- |"]  # fmt: skip
-    for rid in ids:
-        recs = [json.loads((raw / f"{rid}-seed{s}.json").read_text()) for s in seeds]
-        err = statistics.fmean(
-            statistics.fmean(float(x["aggregation_error"]) for x in rec["rounds"]) for rec in recs
-        )
-        at_rank = all(x.get("server_rank") == _client_rank(rec["config"])
-                      for rec in recs for x in rec["rounds"])  # fmt: skip
-        cand = Candidate(rid, None if rid == ref_id else results[rid], err, at_rank)
-        candidates.append(cand)
-        shown = "(reference)" if cand.primary is None else str(cand.primary)
-        lines.append(f"| {label(by_id[rid])} | {err:.3e} | {'yes' if at_rank else 'no'} | "
-                     f"{shown} |")  # fmt: skip
-    try:
-        verdict = default_by_rule(candidates)
-    except ValueError as err:
-        return [*head, *lines, "", f"Nothing is chosen: {err}.", ""]
-    return [*head, *lines, "", f"Chosen: **{verdict.run}** ({verdict.why}).", ""]
+    if outcome.candidates:
+        lines += ["| run | mean aggregation error | R = r every round | primary interval |",
+                  "| --- | --- | --- | --- |"]  # fmt: skip
+        for c in outcome.candidates:
+            shown = "(reference)" if c.primary is None else str(c.primary)
+            lines.append(f"| {label(by_id[c.run])} | {c.error:.3e} | "
+                         f"{'yes' if c.at_client_rank else 'no'} | {shown} |")  # fmt: skip
+        lines.append("")
+    if outcome.verdict is None:
+        return [*lines, outcome.why_not, ""]
+    return [*lines, f"Chosen: **{outcome.verdict.run}** ({outcome.verdict.why}).", ""]
 
 
 def _client_rank(cfg: Mapping[str, Any]) -> int:
-    """The clients' rank r of a run's recorded config (the largest, where ranks differ)."""
-    ranks = cfg.get("client_ranks")
-    return int(max(ranks)) if ranks else int(cfg.get("rank", SimConfig.rank))
+    """The clients' rank r of a run's recorded config (the largest, where ranks differ).
+
+    Built from the three settings that fix the ranks, so records written before later
+    settings existed still read.
+    """
+    kept = {k: cfg[k] for k in ("clients", "rank", "client_ranks") if cfg.get(k) is not None}
+    return max(SimConfig(**kept).ranks())
 
 
 #: The per-round keys of the counterfactual arms (a, b and the broadcast split).
@@ -405,16 +466,11 @@ def counterfactual_table(config: Mapping[str, Any], cell: str, docs: Path) -> st
     lower loss). The dose-response line correlates, over (seed, round, operator), the error
     difference with the loss difference.
     """
-    raw = docs / "raw" / cell
+    cr = CellRaw(config, cell, docs)
     blocks = []
     for e in entries(config):
-        recs = []
-        for seed in config["seeds"]:
-            path = raw / f"{run_id(e)}-seed{seed}.json"
-            if path.is_file():
-                rounds = json.loads(path.read_text())["rounds"]
-                if rounds and any(k in r for r in rounds for k in ARM_KEYS):
-                    recs.append(rounds)
+        recs = [rec["rounds"] for rec in cr.records(run_id(e)).values()
+                if any(k in r for r in rec["rounds"] for k in ARM_KEYS)]  # fmt: skip
         if not recs:
             continue
         own = str(e.get("operator", config["base"].get("operator", "")))
@@ -555,15 +611,11 @@ def selection(config: Mapping[str, Any], cell: str, docs: Path) -> str:
     rule = config.get("select")
     if not rule:
         return ""
-    raw = docs / "raw" / cell
+    cr = CellRaw(config, cell, docs)
     scores: list[tuple[str, float | None]] = []
     for rid in rule["among"]:
-        vals = []
-        for seed in config["seeds"]:
-            path = raw / f"{rid}-seed{seed}.json"
-            if path.is_file():
-                rounds = json.loads(path.read_text())["rounds"]
-                vals.append(statistics.fmean(float(r["accuracy"]) for r in rounds[-3:]))
+        vals = [statistics.fmean(float(r["accuracy"]) for r in rec["rounds"][-3:])
+                for rec in cr.records(str(rid)).values()]  # fmt: skip
         full = len(vals) == len(config["seeds"])
         scores.append((rid, statistics.fmean(vals) if full else None))
     done = [(rid, v) for rid, v in scores if v is not None]
@@ -610,14 +662,10 @@ def curves(config: Mapping[str, Any], cell: str, docs: Path) -> dict[str, dict[s
     paired tables read), else the validation accuracy; ``"accuracy_on"`` says which (as a
     one-item list: ``[1.0]`` test, ``[0.0]`` validation). With one seed the deviation is 0.
     """
-    raw = docs / "raw" / cell
+    cr = CellRaw(config, cell, docs)
     found: list[tuple[str, list[list[Mapping[str, Any]]]]] = []
     for e in entries(config):
-        runs = []
-        for seed in config.get("seeds", [0]):
-            path = raw / f"{run_id(e)}-seed{seed}.json"
-            if path.is_file():
-                runs.append(json.loads(path.read_text())["rounds"])
+        runs = [rec["rounds"] for rec in cr.records(run_id(e)).values()]
         if runs:
             found.append((label(e), runs))
     on_test = bool(found) and all(

@@ -3,11 +3,14 @@
 Every entry point that picks an operator when none is named (the runner's settings, the
 framework-free server, the peft path and its command line, the Flower strategy and the
 Flower app template) takes that constant, and README names it where it states the rule.
+The constant follows the evidence: once study F's powered cell is complete, it is the
+operator the pre-registered rule chose from the committed runs.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -17,7 +20,10 @@ from integration.federated.server import FederatedServer
 from integration.flower.config import FlowerConfig
 from integration.flower.strategy import LoRAStrategy
 from integration.peft import aggregate
+from integration.runner.cells import entries, run_id
 from integration.runner.config import SimConfig, parse_args
+from integration.runner.rule import UNTIL_APPLIED
+from integration.runner.tables import decide_default
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,3 +55,26 @@ def test_flower_template_and_readme_name_the_default() -> None:
         assert set(named) == {DEFAULT_OPERATOR}
     assert stated is not None
     assert stated.group(1) == DEFAULT_OPERATOR
+
+
+def test_the_default_is_the_rules_choice_once_the_powered_cell_is_complete() -> None:
+    """Study F's rule, applied to the committed raw JSON, fixes ``DEFAULT_OPERATOR``.
+
+    Until every compared run has every seed, the default is the one kept from before the
+    study and README says the rule has not been applied; after, it is the chosen run's
+    operator and README no longer says so.
+    """
+    cell = "f_sst2_powered"
+    config = json.loads((ROOT / "integration" / "experiments" / f"{cell}.json").read_text())
+    outcome = decide_default(config, cell, ROOT / "docs" / "experiments")
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Which operator should I use?", 1)[1].split("\n## ", 1)[0]
+    not_applied = "the rule has not been applied yet" in " ".join(section.split())
+    if outcome.verdict is None:
+        assert outcome.why_not.startswith("Not applied yet"), outcome.why_not
+        assert DEFAULT_OPERATOR == UNTIL_APPLIED
+        assert not_applied
+    else:
+        chosen = {run_id(e): e for e in entries(config)}[outcome.verdict.run]["operator"]
+        assert DEFAULT_OPERATOR == chosen, outcome.verdict
+        assert not not_applied

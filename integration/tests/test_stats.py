@@ -165,6 +165,13 @@ def test_paired_table_reads_only_complete_cells_and_applies_the_rule(tmp_path: P
     assert "| flexlora | 7.700e-02 | yes |" in rule
     # No interval lies above zero (offsets around zero), so the smallest error at R = r wins.
     assert "Chosen: **flexlora** (no primary interval lies above zero" in rule
+    # The verdict the block prints is the one the package's default is held to.
+    from integration.runner.tables import decide_default
+
+    outcome = decide_default(config, "c", tmp_path)
+    assert outcome.verdict is not None
+    assert outcome.verdict.run == "flexlora"
+    assert [c.run for c in outcome.candidates] == ["fedit", "flexlora", "glora_auto_rank"]
     # The figure reads what the paired tables read: the test accuracy, as every run has it.
     from integration.runner.tables import curves
 
@@ -178,6 +185,9 @@ def test_paired_table_reads_only_complete_cells_and_applies_the_rule(tmp_path: P
     assert "Interim: 2 of 3 seeds are in for every compared run" in text
     assert "Not applied yet: 2 of 3 seeds" in text
     assert "Chosen:" not in text
+    outcome = decide_default(config, "c", tmp_path)
+    assert outcome.verdict is None
+    assert outcome.why_not.startswith("Not applied yet: 2 of 3 seeds")
 
 
 def test_the_rule_is_quoted_word_for_word() -> None:
