@@ -86,6 +86,8 @@ class Simulation:
         cfg.check()
         self.op = get_operator(cfg.operator)  # the one lookup of the run's operator
         train, self.eval, self.test, names = cfg.load_data(test_holdout=cfg.test_holdout)
+        # The held-out test set that every round (and every arm) is evaluated on, if any.
+        self.round_test = self.test if cfg.evaluate_test else None
         self.num_labels = max(*train.labels, *self.eval.labels) + 1
         self.label_names = names or [str(i) for i in range(self.num_labels)]
         parts = dirichlet_split(train.labels, cfg.clients, cfg.dirichlet, cfg.seed)
@@ -110,8 +112,8 @@ class Simulation:
         if cfg.objective == "classification":
             self.encoder.prefill(train.texts)
             self.encoder.prefill(self.eval.texts)
-            if self.test is not None and cfg.evaluate_test:
-                self.encoder.prefill(self.test.texts)
+            if self.round_test is not None:
+                self.encoder.prefill(self.round_test.texts)
         self.round = 0
         self.metrics: list[dict[str, Any]] = []
         # Called after each client's local training: (clients done, clients this round).
@@ -269,8 +271,8 @@ class Simulation:
         }
         if self.cfg.task.lower() == "cola" and "mcc" in ev:
             row["mcc"] = ev["mcc"]
-        if self.test is not None and self.cfg.evaluate_test:
-            te = self.evaluate(self.test)
+        if self.round_test is not None:
+            te = self.evaluate(self.round_test)
             row["test_accuracy"], row["test_loss"] = te["accuracy"], te["eval_loss"]
         row.update(outcome.metrics())
         row["seconds"] = time.perf_counter() - t0
@@ -314,11 +316,10 @@ class Simulation:
 
         Evaluated on the test set if there is one, else on the validation set.
         """
-        test = self.test is not None and self.cfg.evaluate_test
-        examples = self.test if test and self.test is not None else self.eval
+        examples = self.eval if self.round_test is None else self.round_test
         ev = self._evaluate_model(self._global_model(deltas, dense), examples)
         return {
-            "split": "test" if test else "validation",
+            "split": "validation" if self.round_test is None else "test",
             "accuracy": ev["accuracy"],
             "loss": ev["eval_loss"],
             "aggregation_error": metrics["aggregation_error"],
