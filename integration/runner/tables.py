@@ -390,7 +390,9 @@ def _rule_outcome(
     client rank) in every round of every seed.
     """
     rule = config.get("primary") or {}
-    ids = [ref_id, *(str(i) for i in rule.get("runs", []))]
+    if not rule.get("default_rule"):
+        return RuleOutcome(None, "This cell does not apply the default rule.")
+    ids = [ref_id, *(str(i) for i in rule["runs"])]
     complete = cr.seeds_in(ids)
     if complete < len(cr.seeds):
         return RuleOutcome(None, f"Not applied yet: {complete} of {len(cr.seeds)} seeds are in "
