@@ -12,7 +12,7 @@ import hmac
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +102,7 @@ def write_checkpoint(
     """
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"checkpoint-{round_index}.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file(dict(tensors), str(tmp))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: save_file(dict(tensors), str(tmp)))
     manifest: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "round": round_index, **meta,
                                 "tensors": path.name, "sha256": _sha256(path)}  # fmt: skip
     # The digest is of the manifest as it will be read back: JSON turns integer keys into
@@ -114,9 +112,7 @@ def write_checkpoint(
     key = os.environ.get("GLORA_CHECKPOINT_KEY")
     if key:  # a signed manifest: an edit with recomputed hashes is refused on resume
         manifest["hmac"] = _signature(key, manifest["digest"])
-    tmpj = folder / "checkpoint.json.tmp"
-    tmpj.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmpj, folder / "checkpoint.json")
+    write_text_atomic(folder / "checkpoint.json", json.dumps(manifest, indent=2))
     for old in folder.glob("checkpoint-*.safetensors"):
         if old != path:
             old.unlink()
@@ -167,10 +163,32 @@ def restore_server(
         raise CheckpointError(f"cannot restore {where}: {err}"[:300]) from None
 
 
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Write ``path`` so that a reader sees the old file or the new one, never a part.
+
+    ``write`` writes a temporary file beside ``path``, named by this process (two processes
+    may write the same file: the two chains of a cell both rewrite its table), which then
+    replaces ``path``. A write that fails leaves ``path`` as it was and no temporary file.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """:func:`write_atomic` of a text file."""
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
     "read_checkpoint",
     "restore_server",
+    "write_atomic",
     "write_checkpoint",
+    "write_text_atomic",
 ]

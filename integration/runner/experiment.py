@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .cells import CEILING_ID, ENTRY_KEYS, cell_name, entries, label, raw_file, run_id, runs_at
+from .checkpoint import write_text_atomic
 from .config import SimConfig, results_config
 from .simulate import Simulation
 from .stats import paired
@@ -167,7 +168,7 @@ def run_cell(
             results = _check_folder(cfg)
             assert results is not None
         rec = raw_record(cell, entry, seed, results)
-        raw_file(raw, run_id(entry), seed).write_text(json.dumps(rec, indent=1) + "\n")
+        write_text_atomic(raw_file(raw, run_id(entry), seed), json.dumps(rec, indent=1) + "\n")
         write_table(config, cell, docs)
 
 

@@ -49,7 +49,13 @@ from ..federated.models import (
 from ..federated.server import FederatedServer
 from ..peft.io import PREFIX, ClientAdapter, adapter_from_state_dict
 from .causal_lm import build_causal_lm, lm_batch_loss, lm_evaluate, template
-from .checkpoint import CheckpointError, read_checkpoint, restore_server, write_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    read_checkpoint,
+    restore_server,
+    write_checkpoint,
+    write_text_atomic,
+)
 from .config import (
     ConfigError,
     SimConfig,
@@ -496,7 +502,7 @@ def write_results(
     """results.json (config, versions, metrics and ``extra``) and PNG plots per round."""
     out.mkdir(parents=True, exist_ok=True)
     doc = {"config": asdict(cfg), "versions": versions(), "metrics": metrics, **(extra or {})}
-    (out / "results.json").write_text(json.dumps(doc, indent=2))
+    write_text_atomic(out / "results.json", json.dumps(doc, indent=2))
     if not metrics:
         return
     # The object-oriented API: no pyplot, no global backend change (a notebook keeps its own).

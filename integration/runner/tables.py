@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .cells import CEILING_ID, entries, label, mean_or_none, ms, raw_file, run_id
+from .checkpoint import write_atomic, write_text_atomic
 from .config import SimConfig
 from .rule import READING, RULE, Candidate, Verdict, default_by_rule
 from .stats import Paired, auc, paired
@@ -653,7 +654,7 @@ def write_table(config: Mapping[str, Any], cell: str, docs: Path) -> Path:
     text += paired_table(config, cell, docs) + counterfactual_table(config, cell, docs)
     if write_plot(config, cell, docs) is not None:
         text += f"\n![accuracy and aggregation error per round]({cell}.png)\n"
-    path.write_text(text)
+    write_text_atomic(path, text)
     return path
 
 
@@ -730,7 +731,7 @@ def write_plot(config: Mapping[str, Any], cell: str, docs: Path) -> Path | None:
     fig.legend(loc="center right", fontsize=7)
     fig.subplots_adjust(right=0.78, wspace=0.25)
     path = docs / f"{cell}.png"
-    fig.savefig(path, dpi=90)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     return path
 
 

@@ -365,3 +365,24 @@ def test_a_checkpoint_whose_metrics_have_integer_keys_reads_back(tmp_path: Path)
     meta, flat = found
     assert meta["metrics"][0]["rejected"] == {"10": "NaN", "9": "shape"}
     assert torch.equal(flat["x"], torch.zeros(2))
+
+
+def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path: Path) -> None:
+    """Raw JSON, tables, manifests and tensors are replaced whole: a reader (the other chain
+    of a cell rebuilding its table) sees the old file or the new one, never a part."""
+    from integration.runner.checkpoint import write_atomic, write_text_atomic
+
+    path = tmp_path / "fedit-seed0.json"
+    write_text_atomic(path, '{"old": 1}')
+    assert json.loads(path.read_text()) == {"old": 1}
+
+    def half_then_fail(tmp: Path) -> None:
+        tmp.write_text('{"new": ')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, half_then_fail)
+    assert json.loads(path.read_text()) == {"old": 1}
+    write_text_atomic(path, '{"new": 2}')
+    assert json.loads(path.read_text()) == {"new": 2}
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
