@@ -57,6 +57,7 @@ from ..federated.models import (
     train_local,
 )
 from ..federated.settings import HELP
+from ..files import write_text_atomic
 from ..peft.io import PREFIX
 from ..runner.checkpoint import CheckpointError, read_checkpoint, restore_server, write_checkpoint
 from .cli import TEMPLATE
@@ -319,9 +320,7 @@ def _write_results(
         "rounds": rounds,
         "global_adapter": None if adapter is None else str(adapter),
     }
-    tmp = out / "flower_results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "flower_results.json")
+    write_text_atomic(out / "flower_results.json", json.dumps(results, indent=2))
 
 
 def save_round(

@@ -21,6 +21,11 @@ CEILING_ID = "ceiling"
 ENTRY_KEYS = ("label", "id", "seeds", "compared")
 
 
+def seeds_of(config: Mapping[str, Any]) -> list[int]:
+    """The cell's seeds, in order (``seeds``: a non-empty list of integers, required)."""
+    return [int(s) for s in config["seeds"]]
+
+
 def runs_at(entry: Mapping[str, Any], seed: int) -> bool:
     """Whether the entry runs at this seed (every seed of the cell unless it lists its own)."""
     return "seeds" not in entry or int(seed) in {int(s) for s in entry["seeds"]}

@@ -12,7 +12,7 @@ import hmac
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from torch import Tensor
 from glora_math.errors import GloraError
 
 from ..federated.server import FederatedServer
+from ..files import write_atomic, write_text_atomic
 
 
 class CheckpointError(GloraError):
@@ -163,32 +164,10 @@ def restore_server(
         raise CheckpointError(f"cannot restore {where}: {err}"[:300]) from None
 
 
-def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write ``path`` so that a reader sees the old file or the new one, never a part.
-
-    ``write`` writes a temporary file beside ``path``, named by this process (two processes
-    may write the same file: the two chains of a cell both rewrite its table), which then
-    replaces ``path``. A write that fails leaves ``path`` as it was and no temporary file.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """:func:`write_atomic` of a text file."""
-    write_atomic(path, lambda tmp: tmp.write_text(text))
-
-
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
     "read_checkpoint",
     "restore_server",
-    "write_atomic",
     "write_checkpoint",
-    "write_text_atomic",
 ]

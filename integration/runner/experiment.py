@@ -33,12 +33,22 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .cells import CEILING_ID, ENTRY_KEYS, cell_name, entries, label, raw_file, run_id, runs_at
-from .checkpoint import write_text_atomic
+from ..files import write_text_atomic
+from .cells import (
+    CEILING_ID,
+    ENTRY_KEYS,
+    cell_name,
+    entries,
+    label,
+    raw_file,
+    run_id,
+    runs_at,
+    seeds_of,
+)
 from .config import SimConfig, results_config
 from .simulate import Simulation
 from .stats import paired
-from .tables import table, write_table
+from .tables import PAIRED_METRICS, table, write_table
 
 #: Per-round metrics kept in the raw JSON.
 ROUND_KEYS = (
@@ -79,21 +89,46 @@ def plan(
     """Every (entry, seed, config) in run order: all entries of a seed, then the next seed."""
     return [
         (e, int(seed), run_config(config, e, int(seed), out, device))
-        for seed in config["seeds"]
+        for seed in seeds_of(config)
         for e in entries(config)
         if runs_at(e, int(seed))
     ]
 
 
 def entry_problems(config: Mapping[str, Any]) -> list[str]:
-    """What is wrong with the entries' own ``seeds``.
+    """What is wrong with the cell's seeds, its comparisons and the entries' own ``seeds``.
 
-    Each must be a subset of the cell's, and a compared run (the reference or a primary run)
-    runs at every seed of the cell.
+    The cell's ``seeds`` is a non-empty list of integers; the ``reference`` and the
+    ``primary`` runs are compared entries of the cell, on a known metric; an entry's own
+    seeds are a subset of the cell's, and a compared run runs at every seed of the cell.
     """
-    cell_seeds = {int(s) for s in config["seeds"]}
-    compared = [config.get("reference"), *(config.get("primary") or {}).get("runs", [])]
+    seeds = config.get("seeds")
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
+        return [f"'seeds' must be a non-empty list of integers, got {seeds!r}"]
+    cell_seeds = set(seeds_of(config))
+    ids = [run_id(e) for e in entries(config)]
+    primary = config.get("primary") or {}
+    compared = [config.get("reference"), *primary.get("runs", [])]
     out = []
+    if "reference" in config and config["reference"] not in ids:
+        out.append(f"reference {config['reference']!r} is not a run of the cell: {ids}")
+    if primary:
+        if "reference" not in config:
+            out.append("'primary' compares runs with the 'reference', and the cell names none")
+        if primary.get("metric") not in dict(PAIRED_METRICS):
+            out.append(f"primary: metric {primary.get('metric')!r} is not one of "
+                       f"{[n for n, _ in PAIRED_METRICS]}")  # fmt: skip
+        skip = (config.get("reference"), CEILING_ID)
+        others = [i for i, e in zip(ids, entries(config), strict=True)
+                  if i not in skip and e.get("compared", True)]  # fmt: skip
+        unknown = [r for r in primary.get("runs", []) if r not in others]
+        if unknown or not primary.get("runs"):
+            out.append(f"primary: runs {unknown or '[]'} are not compared runs of the cell: "
+                       f"{others}")  # fmt: skip
     for e in entries(config):
         stray = sorted({int(s) for s in e.get("seeds", [])} - cell_seeds)
         if stray:
@@ -216,10 +251,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         p.error(str(err))
+    for msg in entry_problems(config):
+        p.error(msg)
     wanted: list[int] | None = None
     if args.seeds is not None:
-        wanted = [int(s) for s in args.seeds.split(",") if s.strip()]
-        unknown = sorted(set(wanted) - {int(s) for s in config["seeds"]})
+        try:
+            wanted = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            p.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+        unknown = sorted(set(wanted) - set(seeds_of(config)))
         if unknown:
             p.error(f"--seeds {unknown} not in the config's seeds {config['seeds']}")
     cell = cell_name(config, path)
@@ -228,8 +268,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         out = Path(config.get("out") or f"out/experiments/{cell}")
         docs = Path(args.docs or "docs/experiments")
-    for msg in entry_problems(config):
-        p.error(msg)
     problems = [f"{run_id(e)} seed {s}: {msg}" for e, s, cfg in plan(config, out, args.device)
                 for msg in cfg.problems()][:5]  # fmt: skip
     if problems:

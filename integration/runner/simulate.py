@@ -47,15 +47,10 @@ from ..federated.models import (
     train_local,
 )
 from ..federated.server import FederatedServer
+from ..files import held, write_text_atomic
 from ..peft.io import PREFIX, ClientAdapter, adapter_from_state_dict
 from .causal_lm import build_causal_lm, lm_batch_loss, lm_evaluate, template
-from .checkpoint import (
-    CheckpointError,
-    read_checkpoint,
-    restore_server,
-    write_checkpoint,
-    write_text_atomic,
-)
+from .checkpoint import CheckpointError, read_checkpoint, restore_server, write_checkpoint
 from .config import (
     ConfigError,
     SimConfig,
@@ -451,23 +446,30 @@ class Simulation:
         bar.set_postfix_str(f"round {self.round + 1}: client {done}/{total} trained")
 
     def run(self, *, resume: bool = False) -> list[dict[str, Any]]:
-        """Run the remaining rounds, checkpointing after each; write results and plots."""
-        if resume:
-            self.load()
-        # disable=None: no bar when stderr is not a terminal (logs, notebooks, CI)
-        bar = tqdm(range(self.round, self.cfg.rounds), desc=f"{self.cfg.operator}", unit="round",
-                   disable=None)  # fmt: skip
-        for _ in bar:
-            self._progress = functools.partial(self._show_progress, bar)
-            row = self.step()
-            self.save()
-            if self.cfg.save_every_round:
-                self.save_adapter(self.out / "rounds" / str(self.round))
-            bar.set_postfix(acc=f"{row['accuracy']:.3f}", agg_err=f"{row['aggregation_error']:.2e}")
-        written = self.save_adapter(self.out / "global_adapter")
-        extra = {"label_names": self.label_names,
-                 "global_adapter": [str(p.relative_to(self.out)) for p in written]}  # fmt: skip
-        write_results(self.out, self.cfg, self.metrics, extra)
+        """Run the remaining rounds, checkpointing after each; write results and plots.
+
+        The run folder is held for the whole run: a second process started on the same
+        folder is refused at once (:class:`~integration.files.FolderInUseError`) rather than
+        interleaving its checkpoints with this one's.
+        """
+        with held(self.out, wait=False):
+            if resume:
+                self.load()
+            # disable=None: no bar when stderr is not a terminal (logs, notebooks, CI)
+            bar = tqdm(range(self.round, self.cfg.rounds), desc=f"{self.cfg.operator}",
+                       unit="round", disable=None)  # fmt: skip
+            for _ in bar:
+                self._progress = functools.partial(self._show_progress, bar)
+                row = self.step()
+                self.save()
+                if self.cfg.save_every_round:
+                    self.save_adapter(self.out / "rounds" / str(self.round))
+                bar.set_postfix(acc=f"{row['accuracy']:.3f}",
+                                agg_err=f"{row['aggregation_error']:.2e}")  # fmt: skip
+            written = self.save_adapter(self.out / "global_adapter")
+            extra = {"label_names": self.label_names,
+                     "global_adapter": [str(p.relative_to(self.out)) for p in written]}  # fmt: skip
+            write_results(self.out, self.cfg, self.metrics, extra)
         return self.metrics
 
     def base_model(self) -> str | None:

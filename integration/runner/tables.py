@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .cells import CEILING_ID, entries, label, mean_or_none, ms, raw_file, run_id
-from .checkpoint import write_atomic, write_text_atomic
-from .config import SimConfig
+from ..files import held, write_atomic, write_text_atomic
+from .cells import CEILING_ID, entries, label, mean_or_none, ms, raw_file, run_id, seeds_of
+from .config import ConfigError, SimConfig
 from .rule import READING, RULE, Candidate, Verdict, default_by_rule
 from .stats import Paired, auc, paired
 
@@ -30,7 +30,7 @@ def floor(config: Mapping[str, Any]) -> float:
     """
     base = SimConfig(**config["base"])
     rates = []
-    for seed in config["seeds"]:
+    for seed in seeds_of(config):
         # the runner's own evaluation sample (a built-in task or the user's eval_file)
         ev = dataclasses.replace(base, seed=int(seed)).load_data()[1]
         counts: dict[int, int] = {}
@@ -50,7 +50,7 @@ class CellRaw:
 
     def __init__(self, config: Mapping[str, Any], cell: str, docs: Path) -> None:
         self.dir = docs / "raw" / cell
-        self.seeds = [int(s) for s in config.get("seeds", [0])]
+        self.seeds = seeds_of(config)
         self._read: dict[tuple[str, int], dict[str, Any] | None] = {}
 
     def record(self, rid: str, seed: int) -> dict[str, Any] | None:
@@ -75,9 +75,9 @@ class CellRaw:
         return min(len(self.records(rid)) for rid in ids)
 
 
-def table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
+def table(config: Mapping[str, Any], cell: str, docs: Path, *, cr: CellRaw | None = None) -> str:
     """The markdown of a cell from the raw JSON files present (partial results included)."""
-    cr = CellRaw(config, cell, docs)
+    cr = cr or CellRaw(config, cell, docs)
     base = SimConfig(**config["base"])
     cola = base.task.lower() == "cola"
     head = [
@@ -194,7 +194,9 @@ def run_metrics(rounds: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
-def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
+def paired_table(
+    config: Mapping[str, Any], cell: str, docs: Path, *, cr: CellRaw | None = None
+) -> str:
     """Every entry against the config's ``reference`` entry, paired by seed.
 
     For each metric of :data:`PAIRED_METRICS`: the mean per-seed difference (entry minus
@@ -205,7 +207,7 @@ def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
     ref_id = config.get("reference")
     if not ref_id:
         return ""
-    cr = CellRaw(config, cell, docs)
+    cr = cr or CellRaw(config, cell, docs)
     by_id, others = _compared(config, cell)
     ref = cr.metrics(ref_id)
     has_test = ["best_on_val" in v for rid in [ref_id, *(run_id(e) for e in others)]
@@ -239,7 +241,7 @@ def paired_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     interim = _interim(config, cr, [ref_id, *(run_id(e) for e in others)])
     primary, primary_results = _primary(config, by_id, cr, ref_id, others, interim=interim)
-    primary += _default_rule(config, by_id, _rule_outcome(config, cr, ref_id, primary_results))
+    primary += _default_rule(by_id, _rule_outcome(config, cr, ref_id, primary_results))
     what = "; ".join(f"`{n}`: {w}" for n, w in PAIRED_METRICS)
     if has_test and not any(has_test):
         what += (
@@ -283,7 +285,7 @@ def _compared(
     ref_id = config.get("reference")
     by_id = {run_id(e): e for e in entries(config)}
     if ref_id not in by_id:
-        raise SystemExit(f"reference {ref_id!r} is not a run of cell {cell}: {sorted(by_id)}")
+        raise ConfigError(f"reference {ref_id!r} is not a run of cell {cell}: {sorted(by_id)}")
     others = [e for e in entries(config)
               if run_id(e) not in (ref_id, CEILING_ID) and e.get("compared", True)]  # fmt: skip
     return by_id, others
@@ -291,7 +293,7 @@ def _compared(
 
 def _interim(config: Mapping[str, Any], cr: CellRaw, ids: Sequence[str]) -> str:
     """A sentence for a cell whose compared runs do not all have every seed yet, else ``""``."""
-    seeds = config["seeds"]
+    seeds = cr.seeds
     done = cr.seeds_in(ids)
     if done == len(seeds):
         return ""
@@ -322,7 +324,7 @@ def _primary(
     metric, ids = str(rule["metric"]), [str(i) for i in rule["runs"]]
     known = {run_id(e) for e in others}
     if metric not in dict(PAIRED_METRICS) or not set(ids) <= known:
-        raise SystemExit(f"primary: metric {metric!r} or runs {ids} not in this cell")
+        raise ConfigError(f"primary: metric {metric!r} or runs {ids} not in this cell")
     level = 1.0 - 0.05 / len(ids)
     ref = cr.metrics(ref_id)
     rows = []
@@ -366,6 +368,12 @@ class RuleOutcome:
     why_not: str = ""
     #: the runs the rule compared (empty when it was not applied)
     candidates: tuple[Candidate, ...] = ()
+    #: whether the cell applies the rule at all (``primary`` with ``default_rule``)
+    applies: bool = True
+
+
+#: The outcome of a cell that does not apply the rule.
+NOT_APPLIED = RuleOutcome(None, "This cell does not apply the default rule.", applies=False)
 
 
 def decide_default(config: Mapping[str, Any], cell: str, docs: Path) -> RuleOutcome:
@@ -374,8 +382,10 @@ def decide_default(config: Mapping[str, Any], cell: str, docs: Path) -> RuleOutc
     The verdict's run is an entry of the cell (``run_id``); its ``operator`` is the default
     the rule recommends. ``verdict`` is ``None`` until every compared run has every seed.
     """
+    if not _applies_rule(config):
+        return NOT_APPLIED
     cr = CellRaw(config, cell, docs)
-    ref_id = str(config.get("reference"))
+    ref_id = str(config["reference"])
     by_id, others = _compared(config, cell)
     _, results = _primary(config, by_id, cr, ref_id, others)
     return _rule_outcome(config, cr, ref_id, results)
@@ -390,10 +400,9 @@ def _rule_outcome(
     cell. A run is at R = r when its server kept the clients' rank (its config's largest
     client rank) in every round of every seed.
     """
-    rule = config.get("primary") or {}
-    if not rule.get("default_rule"):
-        return RuleOutcome(None, "This cell does not apply the default rule.")
-    ids = [ref_id, *(str(i) for i in rule["runs"])]
+    if not _applies_rule(config):
+        return NOT_APPLIED
+    ids = [ref_id, *(str(i) for i in config["primary"]["runs"])]
     complete = cr.seeds_in(ids)
     if complete < len(cr.seeds):
         return RuleOutcome(None, f"Not applied yet: {complete} of {len(cr.seeds)} seeds are in "
@@ -417,12 +426,14 @@ def _rule_outcome(
         return RuleOutcome(None, f"Nothing is chosen: {err}.", tuple(candidates))
 
 
-def _default_rule(
-    config: Mapping[str, Any], by_id: Mapping[str, Mapping[str, Any]], outcome: RuleOutcome
-) -> list[str]:
-    """The block of the default rule, where ``primary`` has ``default_rule``."""
-    rule = config.get("primary") or {}
-    if not rule.get("default_rule"):
+def _applies_rule(config: Mapping[str, Any]) -> bool:
+    """Whether the cell applies the default rule: a reference, and ``primary.default_rule``."""
+    return "reference" in config and bool((config.get("primary") or {}).get("default_rule"))
+
+
+def _default_rule(by_id: Mapping[str, Mapping[str, Any]], outcome: RuleOutcome) -> list[str]:
+    """The block of the default rule (nothing where the cell does not apply it)."""
+    if not outcome.applies:
         return []
     lines = [
         "## The default, by the pre-registered rule",
@@ -448,7 +459,8 @@ def _client_rank(cfg: Mapping[str, Any]) -> int:
     """The clients' rank r of a run's recorded config (the largest, where ranks differ).
 
     Built from the three settings that fix the ranks, so records written before later
-    settings existed still read.
+    settings existed still read. Ranks are cycled over the clients (``SimConfig.ranks``), so
+    a list longer than the clients counts only the ranks of clients that exist.
     """
     kept = {k: cfg[k] for k in ("clients", "rank", "client_ranks") if cfg.get(k) is not None}
     return max(SimConfig(**kept).ranks())
@@ -458,7 +470,9 @@ def _client_rank(cfg: Mapping[str, Any]) -> int:
 ARM_KEYS = ("counterfactual", "counterfactual_next", "broadcast_split")
 
 
-def counterfactual_table(config: Mapping[str, Any], cell: str, docs: Path) -> str:
+def counterfactual_table(
+    config: Mapping[str, Any], cell: str, docs: Path, *, cr: CellRaw | None = None
+) -> str:
     """The counterfactual rounds of every run that has them, against the run's own operator.
 
     At every round of a run, each listed operator aggregated the very uploads of that round
@@ -469,7 +483,7 @@ def counterfactual_table(config: Mapping[str, Any], cell: str, docs: Path) -> st
     lower loss). The dose-response line correlates, over (seed, round, operator), the error
     difference with the loss difference.
     """
-    cr = CellRaw(config, cell, docs)
+    cr = cr or CellRaw(config, cell, docs)
     blocks = []
     for e in entries(config):
         recs = [rec["rounds"] for rec in cr.records(run_id(e)).values()
@@ -603,7 +617,9 @@ def _further(
     ]
 
 
-def selection(config: Mapping[str, Any], cell: str, docs: Path) -> str:
+def selection(
+    config: Mapping[str, Any], cell: str, docs: Path, *, cr: CellRaw | None = None
+) -> str:
     """The config's ``select`` rule applied to the finished runs (validation only).
 
     ``"select": {"among": [ids...]}``: among those entries, the one whose mean over the
@@ -614,12 +630,12 @@ def selection(config: Mapping[str, Any], cell: str, docs: Path) -> str:
     rule = config.get("select")
     if not rule:
         return ""
-    cr = CellRaw(config, cell, docs)
+    cr = cr or CellRaw(config, cell, docs)
     scores: list[tuple[str, float | None]] = []
     for rid in rule["among"]:
         vals = [statistics.fmean(float(r["accuracy"]) for r in rec["rounds"][-3:])
                 for rec in cr.records(str(rid)).values()]  # fmt: skip
-        full = len(vals) == len(config["seeds"])
+        full = len(vals) == len(cr.seeds)
         scores.append((rid, statistics.fmean(vals) if full else None))
     done = [(rid, v) for rid, v in scores if v is not None]
     rows = [f"| {rid} | {'-' if v is None else f'{v:.4f}'} |" for rid, v in scores]
@@ -647,25 +663,33 @@ def selection(config: Mapping[str, Any], cell: str, docs: Path) -> str:
 
 
 def write_table(config: Mapping[str, Any], cell: str, docs: Path) -> Path:
-    """Write ``<docs>/<cell>.md`` and its curves ``<docs>/<cell>.png``."""
-    docs.mkdir(parents=True, exist_ok=True)
+    """Write ``<docs>/<cell>.md`` and its curves ``<docs>/<cell>.png``.
+
+    From one reading of the raw JSON, while holding ``docs`` (:func:`~integration.files.held`):
+    when two processes finish runs of one cell, the table written last has both.
+    """
     path = docs / f"{cell}.md"
-    text = table(config, cell, docs) + selection(config, cell, docs)
-    text += paired_table(config, cell, docs) + counterfactual_table(config, cell, docs)
-    if write_plot(config, cell, docs) is not None:
-        text += f"\n![accuracy and aggregation error per round]({cell}.png)\n"
-    write_text_atomic(path, text)
+    with held(docs):
+        cr = CellRaw(config, cell, docs)
+        text = table(config, cell, docs, cr=cr) + selection(config, cell, docs, cr=cr)
+        text += paired_table(config, cell, docs, cr=cr)
+        text += counterfactual_table(config, cell, docs, cr=cr)
+        if write_plot(config, cell, docs, cr=cr) is not None:
+            text += f"\n![accuracy and aggregation error per round]({cell}.png)\n"
+        write_text_atomic(path, text)
     return path
 
 
-def curves(config: Mapping[str, Any], cell: str, docs: Path) -> dict[str, dict[str, list[float]]]:
+def curves(
+    config: Mapping[str, Any], cell: str, docs: Path, *, cr: CellRaw | None = None
+) -> dict[str, dict[str, list[float]]]:
     """Per run label: seed mean and standard deviation per round of accuracy and error.
 
     The accuracy is the test accuracy where every run of the cell has a test set (what the
     paired tables read), else the validation accuracy; ``"accuracy_on"`` says which (as a
     one-item list: ``[1.0]`` test, ``[0.0]`` validation). With one seed the deviation is 0.
     """
-    cr = CellRaw(config, cell, docs)
+    cr = cr or CellRaw(config, cell, docs)
     found: list[tuple[str, list[list[Mapping[str, Any]]]]] = []
     for e in entries(config):
         runs = [rec["rounds"] for rec in cr.records(run_id(e)).values()]
@@ -692,12 +716,14 @@ _STYLES = ("-", "--", "-.", ":")
 _MARKERS = ("o", "s", "^", "v", "D", "x", "+", "*")
 
 
-def write_plot(config: Mapping[str, Any], cell: str, docs: Path) -> Path | None:
+def write_plot(
+    config: Mapping[str, Any], cell: str, docs: Path, *, cr: CellRaw | None = None
+) -> Path | None:
     """``<docs>/<cell>.png``: accuracy and aggregation error per round, one line per run.
 
     Uses matplotlib's object API (no pyplot, no global backend change).
     """
-    data = curves(config, cell, docs)
+    data = curves(config, cell, docs, cr=cr)
     if not data:
         return None
     from matplotlib.figure import Figure  # noqa: PLC0415 - heavy, only needed here

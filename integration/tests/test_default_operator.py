@@ -20,7 +20,7 @@ from integration.federated.server import FederatedServer
 from integration.flower.config import FlowerConfig
 from integration.flower.strategy import LoRAStrategy
 from integration.peft import aggregate
-from integration.runner.cells import entries, run_id
+from integration.runner.cells import ENTRY_KEYS, entries, run_id
 from integration.runner.config import SimConfig, parse_args
 from integration.runner.rule import UNTIL_APPLIED
 from integration.runner.tables import decide_default
@@ -70,11 +70,17 @@ def test_the_default_is_the_rules_choice_once_the_powered_cell_is_complete() -> 
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Which operator should I use?", 1)[1].split("\n## ", 1)[0]
     not_applied = "the rule has not been applied yet" in " ".join(section.split())
+    assert outcome.applies
     if outcome.verdict is None:
-        assert outcome.why_not.startswith("Not applied yet"), outcome.why_not
+        # A complete cell where the rule chose nothing needs a decision the rule does not make.
+        assert outcome.why_not.startswith("Not applied yet"), (
+            f"the powered cell is complete and the rule chose nothing: {outcome.why_not}"
+        )
         assert DEFAULT_OPERATOR == UNTIL_APPLIED
         assert not_applied
     else:
-        chosen = {run_id(e): e for e in entries(config)}[outcome.verdict.run]["operator"]
-        assert DEFAULT_OPERATOR == chosen, outcome.verdict
+        chosen = {run_id(e): e for e in entries(config)}[outcome.verdict.run]
+        # The default is an operator with its defaults: the chosen entry sets nothing else.
+        assert set(chosen) - set(ENTRY_KEYS) == {"operator"}, chosen
+        assert DEFAULT_OPERATOR == chosen["operator"], outcome.verdict
         assert not not_applied

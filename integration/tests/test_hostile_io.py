@@ -370,7 +370,7 @@ def test_a_checkpoint_whose_metrics_have_integer_keys_reads_back(tmp_path: Path)
 def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path: Path) -> None:
     """Raw JSON, tables, manifests and tensors are replaced whole: a reader (the other chain
     of a cell rebuilding its table) sees the old file or the new one, never a part."""
-    from integration.runner.checkpoint import write_atomic, write_text_atomic
+    from integration.files import write_atomic, write_text_atomic
 
     path = tmp_path / "fedit-seed0.json"
     write_text_atomic(path, '{"old": 1}')
@@ -386,3 +386,28 @@ def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path: Path) -> None:
     write_text_atomic(path, '{"new": 2}')
     assert json.loads(path.read_text()) == {"new": 2}
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_a_held_folder_is_refused_to_a_second_holder_and_freed_after(tmp_path: Path) -> None:
+    from integration.files import FolderInUseError, held
+
+    folder = tmp_path / "run"
+    with held(folder):
+        assert folder.is_dir()
+        with (
+            pytest.raises(FolderInUseError, match="in use by another process"),
+            held(folder, wait=False),
+        ):
+            pass  # pragma: no cover - never entered
+    with held(folder, wait=False):  # released when the block ended
+        pass
+
+
+def test_a_run_folder_in_use_is_refused_not_interleaved(tmp_path: Path) -> None:
+    from integration.files import FolderInUseError, held
+
+    out = tmp_path / "run"
+    sim = Simulation(SimConfig(**(TINY | {"out": str(out)})))  # type: ignore[arg-type]
+    with held(out), pytest.raises(FolderInUseError, match=str(out)):
+        sim.run()
+    assert not (out / "checkpoint.json").exists()  # nothing was written by the refused run

@@ -705,6 +705,45 @@ def test_an_entry_with_its_own_seeds_runs_only_at_those(
     assert "flexlora: a compared run" in capsys.readouterr().err
 
 
+def test_a_cell_config_is_checked_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The cell's seeds, its reference and its primary comparisons are checked with the
+    # entries, in one line each, before a run or a table starts (not hours later, at the
+    # first table).
+    from integration.runner.experiment import entry_problems, main
+
+    base = {"model": "tiny-roberta", "task": "sst2", "rounds": 1}
+    good = {"seeds": [0, 1], "base": base, "reference": "fedit",
+            "primary": {"metric": "last3", "runs": ["flexlora"]},
+            "runs": [{"operator": "fedit"}, {"operator": "flexlora"},
+                     {"operator": "fedit", "id": "central", "compared": False}]}  # fmt: skip
+    assert entry_problems(good) == []
+    cases = {
+        "'seeds' must be a non-empty list of integers, got None": {"seeds": None},
+        "'seeds' must be a non-empty list of integers, got []": {"seeds": []},
+        "reference 'fedavg' is not a run of the cell": {"reference": "fedavg"},
+        "primary: metric 'best' is not one of": {"primary": {"metric": "best",
+                                                              "runs": ["flexlora"]}},
+        "primary: runs ['central'] are not compared runs": {"primary": {"metric": "last3",
+                                                                         "runs": ["central"]}},
+    }  # fmt: skip
+    path = tmp_path / "cell.json"
+    for message, change in cases.items():
+        config = good | change
+        assert any(message in m for m in entry_problems(config)), (message, entry_problems(config))
+        path.write_text(json.dumps(config))
+        with pytest.raises(SystemExit) as exc:
+            main([str(path), "--table", "--out", str(tmp_path / "o")])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+    path.write_text(json.dumps(good))
+    with pytest.raises(SystemExit):
+        main([str(path), "--list", "--seeds", "0,x"])
+    assert "--seeds takes comma-separated integers" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing was written for a refused config
+
+
 def test_shipped_cells_share_a_run_folder_only_for_the_same_run(tmp_path: Path) -> None:
     # Cells may share an output folder so that identical runs are done once; two different
     # runs in one folder would stop the second cell at its first run ("written with another

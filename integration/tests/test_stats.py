@@ -188,7 +188,9 @@ def test_paired_table_reads_only_complete_cells_and_applies_the_rule(tmp_path: P
     outcome = decide_default(config, "c", tmp_path)
     assert outcome.verdict is None
     assert outcome.why_not.startswith("Not applied yet: 2 of 3 seeds")
-    # A cell without the rule chooses nothing and prints no block.
+    # A cell without a reference or without the rule chooses nothing and prints no block.
+    bare = {k: v for k, v in config.items() if k not in ("reference", "primary")}
+    assert not decide_default(bare, "c", tmp_path).applies
     plain = config | {"primary": {"metric": "last3", "runs": ["flexlora", "glora_auto_rank"]}}
     assert decide_default(plain, "c", tmp_path).verdict is None
     assert "## The default, by the pre-registered rule" not in paired_table(plain, "c", tmp_path)
