@@ -47,7 +47,7 @@ from ..federated.models import (
     train_local,
 )
 from ..federated.server import FederatedServer
-from ..files import held, write_text_atomic
+from ..files import held, write_atomic, write_text_atomic
 from ..peft.io import PREFIX, ClientAdapter, adapter_from_state_dict
 from .causal_lm import build_causal_lm, lm_batch_loss, lm_evaluate, template
 from .checkpoint import CheckpointError, read_checkpoint, restore_server, write_checkpoint
@@ -529,7 +529,7 @@ def write_results(
             ax.set_yscale("symlog", linthresh=1e-16)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / fname, dpi=100)
+        write_atomic(out / fname, functools.partial(fig.savefig, dpi=100, format="png"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
