@@ -159,6 +159,23 @@ def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
     return None
 
 
+def run_state(cfg: SimConfig) -> str:
+    """Where a run stands: ``finished``, ``round k of n`` (its checkpoint) or ``not started``.
+
+    Read from the run folder's files alone (no model is loaded, nothing is verified).
+    """
+    folder = Path(cfg.out)
+    if (folder / "results.json").is_file():
+        return "finished"
+    try:
+        done = int(json.loads((folder / "checkpoint.json").read_text())["round"])
+    except FileNotFoundError:
+        return "not started"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "checkpoint unreadable (the run will say why when it resumes)"
+    return f"round {done} of {cfg.rounds}"
+
+
 def raw_record(
     cell: str, entry: Mapping[str, Any], seed: int, results: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -231,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("config", help="a config file, or the name of a shipped cell (e.g. a_sst2)")
     p.add_argument("--table", action="store_true", help="only regenerate the table")
-    p.add_argument("--list", action="store_true", help="print the run order and exit")
+    p.add_argument("--list", action="store_true", help="print the run order, where each run "
+                   "stands (finished, the round it reached, not started), and exit")  # fmt: skip
     p.add_argument("--out", default=None, help="everything under this folder: the runs in "
                    "OUT/runs, the table and raw JSON in OUT (default: the runs in the config's "
                    "'out', the tables in --docs)")  # fmt: skip
@@ -274,8 +292,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("; ".join(problems))
     if args.list:
         listed = config if wanted is None else dict(config) | {"seeds": wanted}
-        for entry, seed, cfg in plan(listed, out, args.device):
-            print(f"{run_id(entry)} seed {seed}: {cfg.out}")
+        states = [(entry, seed, cfg, run_state(cfg))
+                  for entry, seed, cfg in plan(listed, out, args.device)]  # fmt: skip
+        for entry, seed, cfg, state in states:
+            print(f"{run_id(entry)} seed {seed}: {cfg.out} [{state}]")
+        finished = sum(state == "finished" for *_, state in states)
+        started = sum(state.startswith("round") for *_, state in states)
+        print(f"{finished} of {len(states)} runs finished, {started} in progress")
         return 0
     if not args.table:
         run_cell(config, cell, out, docs, args.device, seeds=wanted)

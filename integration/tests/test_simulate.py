@@ -744,6 +744,20 @@ def test_a_cell_config_is_checked_before_anything_runs(
     assert not (tmp_path / "o").exists()  # nothing was written for a refused config
 
 
+def test_list_says_where_each_run_stands(tmp_path: Path) -> None:
+    from integration.runner.experiment import run_state
+
+    cfg = SimConfig(model="tiny-roberta", rounds=20, out=str(tmp_path / "run"))
+    assert run_state(cfg) == "not started"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.json").write_text('{"round": 7}')
+    assert run_state(cfg) == "round 7 of 20"
+    (tmp_path / "run" / "checkpoint.json").write_text('{"round": ')
+    assert run_state(cfg).startswith("checkpoint unreadable")
+    (tmp_path / "run" / "results.json").write_text("{}")
+    assert run_state(cfg) == "finished"
+
+
 def test_shipped_cells_share_a_run_folder_only_for_the_same_run(tmp_path: Path) -> None:
     # Cells may share an output folder so that identical runs are done once; two different
     # runs in one folder would stop the second cell at its first run ("written with another
