@@ -13,6 +13,7 @@
 # Usage (from the repository root):
 #   nohup sh integration/experiments/run_queue.sh 1 > /tmp/queue1.log 2>&1 &
 #   nohup sh integration/experiments/run_queue.sh 2 > /tmp/queue2.log 2>&1 &
+# Where a cell stands: .venv/bin/python -m integration.experiment --list <config of the cell>
 set -e
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
