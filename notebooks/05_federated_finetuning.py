@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -25,8 +25,10 @@
 # This is CPU-sized so that the notebook executes in CI: a few hundred examples, 4 clients,
 # 3 rounds. At that size accuracy differences between operators are within noise; what the
 # run does show exactly is the *aggregation error*, the distance of each round's server
-# update from the true mean update of the clients. The full comparison (10 clients, 3 seeds)
-# is `python -m glora_math.integration.experiment integration/experiments/sst2_compare.json`.
+# update from the true mean update of the clients. The study powered to compare operators
+# (10 clients, 20 seeds, a held-out test set, paired by seed) is study F:
+# `glora experiment f_sst2_powered --out results` runs it (about 17 minutes of one core per
+# run), and docs/experiments.md in the repository holds its pre-registration and tables.
 
 # %%
 import tempfile
