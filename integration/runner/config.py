@@ -292,9 +292,25 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _cpu_model() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def versions() -> dict[str, str]:
-    """The versions of Python and of the packages that define a run's numbers."""
-    out = {"python": platform.python_version(), "glora-math": _version()}
+    """What defines a run's numbers: Python, the packages, and the processor.
+
+    The processor is recorded because float rounding in BLAS kernels differs between
+    processor families.
+    """
+    out = {"python": platform.python_version(), "glora-math": _version(), "cpu": _cpu_model()}
     for name in ("torch", "transformers", "peft", "numpy"):
         try:
             out[name] = importlib.metadata.version(name)

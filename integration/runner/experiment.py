@@ -191,6 +191,8 @@ def raw_record(
         "label": label(entry),
         "seed": seed,
         "config": {k: v for k, v in results["config"].items() if k not in ("out",)},
+        # what computed the numbers (absent from runs recorded before 2026-12-06)
+        "versions": dict(results.get("versions") or {}),
         "rounds": rounds,
     }
 

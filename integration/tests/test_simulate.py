@@ -270,6 +270,7 @@ def test_experiment_smoke_config_runs_resumably_and_writes_tables(
         rec = json.loads((docs / "raw" / "smoke" / f"{rid}-seed0.json").read_text())
         assert [r["round"] for r in rec["rounds"]] == [1]
         assert {"accuracy", "eval_loss", "aggregation_error", "seconds"} <= set(rec["rounds"][0])
+        assert rec["versions"]["torch"] == torch.__version__  # what computed the numbers
     ceiling = json.loads((docs / "raw" / "smoke" / "ceiling-seed0.json").read_text())
     assert ceiling["config"]["clients"] == 1
     table = (docs / "smoke.md").read_text()
@@ -335,7 +336,8 @@ def test_own_data_files_run_and_results_record_versions(tmp_path: Path) -> None:
                    label_column="verdict")  # fmt: skip
     assert len(metrics) == 1
     saved = json.loads((tmp_path / "own" / "results.json").read_text())
-    assert set(saved["versions"]) >= {"python", "glora-math", "torch", "transformers", "peft"}
+    assert set(saved["versions"]) >= {"python", "glora-math", "torch", "transformers", "peft",
+                                      "cpu"}  # fmt: skip
 
 
 def test_bad_settings_are_refused_before_anything_loads(capsys: pytest.CaptureFixture[str]) -> None:
