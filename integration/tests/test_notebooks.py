@@ -16,8 +16,8 @@ NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 SCRIPTS = sorted(NOTEBOOKS.glob("[0-9]*.py"))
 
 
-def test_there_are_six_study_notebooks() -> None:
-    assert [p.stem[:2] for p in SCRIPTS] == ["01", "02", "03", "04", "05", "06"]
+def test_there_are_seven_study_notebooks() -> None:
+    assert [p.stem[:2] for p in SCRIPTS] == ["01", "02", "03", "04", "05", "06", "07"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
