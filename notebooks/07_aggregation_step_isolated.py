@@ -86,7 +86,7 @@ for row in rows:
     for name, arm in row["counterfactual"].items():
         print(
             f"  {name:16s} aggregation error {arm['aggregation_error']:.3f}   "
-            f"test loss {arm['loss']:.4f} (own - this {own['loss'] - arm['loss']:+.4f})   "
+            f"test loss {arm['loss']:.4f} (this - own {arm['loss'] - own['loss']:+.4f})   "
             f"accuracy {arm['accuracy']:.3f}"
         )
 

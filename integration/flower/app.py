@@ -57,9 +57,9 @@ from ..federated.models import (
     train_local,
 )
 from ..federated.settings import HELP
-from ..files import write_text_atomic
 from ..peft.io import PREFIX
 from ..runner.checkpoint import CheckpointError, read_checkpoint, restore_server, write_checkpoint
+from ..runner.files import write_text_atomic
 from .cli import TEMPLATE
 from .config import _BOOL, _FLOAT, _INT, FlowerConfig, FlowerConfigError
 from .deploy import LocalDeployment

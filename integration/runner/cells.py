@@ -21,6 +21,63 @@ CEILING_ID = "ceiling"
 ENTRY_KEYS = ("label", "id", "seeds", "compared")
 
 
+#: The paired metrics: name, what it is, and how it is read from one run's rounds. "Best" is
+#: the test accuracy of the round with the best validation accuracy (chosen on validation,
+#: reported on test). Every metric is "higher is better" except the test loss.
+PAIRED_METRICS: tuple[tuple[str, str], ...] = (
+    ("final", "final-round test accuracy"),
+    ("last3", "mean test accuracy of the last 3 rounds"),
+    ("auc", "area under the test-accuracy curve (mean over rounds)"),
+    ("best_on_val", "test accuracy at the round of best validation accuracy"),
+    ("final_loss", "final-round test loss (lower is better)"),
+)
+
+
+def cell_problems(config: Mapping[str, Any]) -> list[str]:
+    """What is wrong with the cell's seeds, its comparisons and the entries' own ``seeds``.
+
+    The cell's ``seeds`` is a non-empty list of integers; the ``reference`` and the
+    ``primary`` runs are compared entries of the cell, on a known metric; an entry's own
+    seeds are a subset of the cell's, and a compared run runs at every seed of the cell.
+    """
+    seeds = config.get("seeds")
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
+        return [f"'seeds' must be a non-empty list of integers, got {seeds!r}"]
+    cell_seeds = set(seeds_of(config))
+    ids = [run_id(e) for e in entries(config)]
+    primary = config.get("primary") or {}
+    compared = [config.get("reference"), *primary.get("runs", [])]
+    out = []
+    if "reference" in config and config["reference"] not in ids:
+        out.append(f"reference {config['reference']!r} is not a run of the cell: {ids}")
+    if primary:
+        if "reference" not in config:
+            out.append("'primary' compares runs with the 'reference', and the cell names none")
+        if primary.get("metric") not in dict(PAIRED_METRICS):
+            out.append(f"primary: metric {primary.get('metric')!r} is not one of "
+                       f"{[n for n, _ in PAIRED_METRICS]}")  # fmt: skip
+        skip = (config.get("reference"), CEILING_ID)
+        others = [i for i, e in zip(ids, entries(config), strict=True)
+                  if i not in skip and e.get("compared", True)]  # fmt: skip
+        unknown = [r for r in primary.get("runs", []) if r not in others]
+        if unknown or not primary.get("runs"):
+            out.append(f"primary: runs {unknown or '[]'} are not compared runs of the cell: "
+                       f"{others}")  # fmt: skip
+    for e in entries(config):
+        stray = sorted({int(s) for s in e.get("seeds", [])} - cell_seeds)
+        if stray:
+            out.append(f"{run_id(e)}: its seeds {stray} are not among the cell's "
+                       f"{config['seeds']}")  # fmt: skip
+        if run_id(e) in compared and "seeds" in e:
+            out.append(f"{run_id(e)}: a compared run (the reference or a primary run) runs at "
+                       "every seed of the cell; leave out its own 'seeds'")  # fmt: skip
+    return out
+
+
 def seeds_of(config: Mapping[str, Any]) -> list[int]:
     """The cell's seeds, in order (``seeds``: a non-empty list of integers, required)."""
     return [int(s) for s in config["seeds"]]

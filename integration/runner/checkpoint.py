@@ -22,7 +22,7 @@ from torch import Tensor
 from glora_math.errors import GloraError
 
 from ..federated.server import FederatedServer
-from ..files import write_atomic, write_text_atomic
+from .files import write_atomic, write_text_atomic
 
 
 class CheckpointError(GloraError):

@@ -28,16 +28,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..files import write_text_atomic
+from glora_math.errors import GloraError
+
 from .cells import (
     CEILING_ID,
     ENTRY_KEYS,
     cell_name,
+    cell_problems,
     entries,
     label,
     raw_file,
@@ -46,9 +49,10 @@ from .cells import (
     seeds_of,
 )
 from .config import SimConfig, results_config
+from .files import FolderInUseError, busy, write_text_atomic
 from .simulate import Simulation
 from .stats import paired
-from .tables import PAIRED_METRICS, table, write_table
+from .tables import table, write_table
 
 #: Per-round metrics kept in the raw JSON.
 ROUND_KEYS = (
@@ -95,51 +99,6 @@ def plan(
     ]
 
 
-def entry_problems(config: Mapping[str, Any]) -> list[str]:
-    """What is wrong with the cell's seeds, its comparisons and the entries' own ``seeds``.
-
-    The cell's ``seeds`` is a non-empty list of integers; the ``reference`` and the
-    ``primary`` runs are compared entries of the cell, on a known metric; an entry's own
-    seeds are a subset of the cell's, and a compared run runs at every seed of the cell.
-    """
-    seeds = config.get("seeds")
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-    ):
-        return [f"'seeds' must be a non-empty list of integers, got {seeds!r}"]
-    cell_seeds = set(seeds_of(config))
-    ids = [run_id(e) for e in entries(config)]
-    primary = config.get("primary") or {}
-    compared = [config.get("reference"), *primary.get("runs", [])]
-    out = []
-    if "reference" in config and config["reference"] not in ids:
-        out.append(f"reference {config['reference']!r} is not a run of the cell: {ids}")
-    if primary:
-        if "reference" not in config:
-            out.append("'primary' compares runs with the 'reference', and the cell names none")
-        if primary.get("metric") not in dict(PAIRED_METRICS):
-            out.append(f"primary: metric {primary.get('metric')!r} is not one of "
-                       f"{[n for n, _ in PAIRED_METRICS]}")  # fmt: skip
-        skip = (config.get("reference"), CEILING_ID)
-        others = [i for i, e in zip(ids, entries(config), strict=True)
-                  if i not in skip and e.get("compared", True)]  # fmt: skip
-        unknown = [r for r in primary.get("runs", []) if r not in others]
-        if unknown or not primary.get("runs"):
-            out.append(f"primary: runs {unknown or '[]'} are not compared runs of the cell: "
-                       f"{others}")  # fmt: skip
-    for e in entries(config):
-        stray = sorted({int(s) for s in e.get("seeds", [])} - cell_seeds)
-        if stray:
-            out.append(f"{run_id(e)}: its seeds {stray} are not among the cell's "
-                       f"{config['seeds']}")  # fmt: skip
-        if run_id(e) in compared and "seeds" in e:
-            out.append(f"{run_id(e)}: a compared run (the reference or a primary run) runs at "
-                       "every seed of the cell; leave out its own 'seeds'")  # fmt: skip
-    return out
-
-
 def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
     """The finished results of a run folder (None if unfinished); its config must match."""
     folder = Path(cfg.out)
@@ -160,9 +119,11 @@ def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
 
 
 def run_state(cfg: SimConfig) -> str:
-    """Where a run stands: ``finished``, ``round k of n`` (its checkpoint) or ``not started``.
+    """Where a run stands: finished, the round its checkpoint reached, or not started.
 
-    Read from the run folder's files alone (no model is loaded, nothing is verified).
+    ``finished``, ``round k of n, running`` (a process holds its folder), ``round k of n,
+    stopped`` (it resumes when run again) or ``not started``; read from the run folder alone
+    (no model is loaded, nothing is verified).
     """
     folder = Path(cfg.out)
     if (folder / "results.json").is_file():
@@ -173,7 +134,7 @@ def run_state(cfg: SimConfig) -> str:
         return "not started"
     except (OSError, ValueError, KeyError, TypeError):
         return "checkpoint unreadable (the run will say why when it resumes)"
-    return f"round {done} of {cfg.rounds}"
+    return f"round {done} of {cfg.rounds}, {'running' if busy(folder) else 'stopped'}"
 
 
 def raw_record(
@@ -191,7 +152,8 @@ def raw_record(
         "label": label(entry),
         "seed": seed,
         "config": {k: v for k, v in results["config"].items() if k not in ("out",)},
-        # what computed the numbers (absent from runs recorded before 2026-12-06)
+        # what computed the numbers (absent from the raw JSON of cells (a)-(e) and the trap,
+        # whose run folders are gone; added to study F's from each run's results.json)
         "versions": dict(results.get("versions") or {}),
         "rounds": rounds,
     }
@@ -209,7 +171,8 @@ def run_cell(
     """Run (or resume, or skip) every (seed, entry) in order; raw JSON and table after each.
 
     ``seeds`` restricts what runs now to a subset of the config's seeds; the table is always
-    written for the whole config (every finished seed).
+    written for the whole config (every finished seed). A run that another process is running
+    is skipped (that process records it), so several processes can share a cell's runs.
     """
     raw = docs / "raw" / cell
     raw.mkdir(parents=True, exist_ok=True)
@@ -217,8 +180,17 @@ def run_cell(
     for entry, seed, cfg in plan(todo, out, device):
         results = _check_folder(cfg)
         if results is None:
+            if busy(Path(cfg.out)):
+                print(f"[{cell}] skipping {run_id(entry)} seed {seed}: another process is "
+                      f"running it in {cfg.out}", flush=True)  # fmt: skip
+                continue
             print(f"[{cell}] running {run_id(entry)} seed {seed} -> {cfg.out}", flush=True)
-            Simulation(cfg).run(resume=True)
+            try:
+                Simulation(cfg).run(resume=True)
+            except FolderInUseError:  # taken by another process since the check above
+                print(f"[{cell}] skipping {run_id(entry)} seed {seed}: another process took "
+                      "it", flush=True)  # fmt: skip
+                continue
             results = _check_folder(cfg)
             assert results is not None
         rec = raw_record(cell, entry, seed, results)
@@ -271,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         p.error(str(err))
-    for msg in entry_problems(config):
+    for msg in cell_problems(config):
         p.error(msg)
     wanted: list[int] | None = None
     if args.seeds is not None:
@@ -298,12 +270,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                   for entry, seed, cfg in plan(listed, out, args.device)]  # fmt: skip
         for entry, seed, cfg, state in states:
             print(f"{run_id(entry)} seed {seed}: {cfg.out} [{state}]")
-        finished = sum(state == "finished" for *_, state in states)
-        started = sum(state.startswith("round") for *_, state in states)
-        print(f"{finished} of {len(states)} runs finished, {started} in progress")
+        count = {w: sum(state.endswith(w) for *_, state in states)
+                 for w in ("finished", "running", "stopped")}  # fmt: skip
+        print(f"{count['finished']} of {len(states)} runs finished, {count['running']} running, "
+              f"{count['stopped']} stopped partway (they resume)")  # fmt: skip
         return 0
     if not args.table:
-        run_cell(config, cell, out, docs, args.device, seeds=wanted)
+        try:
+            run_cell(config, cell, out, docs, args.device, seeds=wanted)
+        except GloraError as err:  # bad data, a damaged checkpoint, a refused round
+            sys.stderr.write(f"glora experiment: error: {err}\n")
+            return 2
     print(write_table(config, cell, docs).read_text())
     return 0
 
@@ -317,6 +294,7 @@ __all__ = [
     "ROUND_KEYS",
     "Simulation",
     "cell_name",
+    "cell_problems",
     "entries",
     "label",
     "main",
@@ -326,6 +304,7 @@ __all__ = [
     "run_cell",
     "run_config",
     "run_id",
+    "run_state",
     "table",
     "write_table",
 ]

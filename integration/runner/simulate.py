@@ -47,7 +47,6 @@ from ..federated.models import (
     train_local,
 )
 from ..federated.server import FederatedServer
-from ..files import held, write_atomic, write_text_atomic
 from ..peft.io import PREFIX, ClientAdapter, adapter_from_state_dict
 from .causal_lm import build_causal_lm, lm_batch_loss, lm_evaluate, template
 from .checkpoint import CheckpointError, read_checkpoint, restore_server, write_checkpoint
@@ -58,6 +57,7 @@ from .config import (
     results_config,
     versions,
 )
+from .files import held, write_atomic, write_text_atomic
 
 
 def scramble_adapter(adapter: ClientAdapter, cond: float, seed: int) -> ClientAdapter:
@@ -448,9 +448,10 @@ class Simulation:
     def run(self, *, resume: bool = False) -> list[dict[str, Any]]:
         """Run the remaining rounds, checkpointing after each; write results and plots.
 
-        The run folder is held for the whole run: a second process started on the same
-        folder is refused at once (:class:`~integration.files.FolderInUseError`) rather than
-        interleaving its checkpoints with this one's.
+        The run folder is held for the whole run: a second process on the same folder is
+        refused before it trains or writes anything
+        (:class:`~integration.runner.files.FolderInUseError`) rather than interleaving its
+        checkpoints with this one's.
         """
         with held(self.out, wait=False):
             if resume:

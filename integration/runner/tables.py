@@ -15,9 +15,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..files import held, write_atomic, write_text_atomic
-from .cells import CEILING_ID, entries, label, mean_or_none, ms, raw_file, run_id, seeds_of
+from .cells import (
+    CEILING_ID,
+    PAIRED_METRICS,
+    cell_problems,
+    entries,
+    label,
+    mean_or_none,
+    ms,
+    raw_file,
+    run_id,
+    seeds_of,
+)
 from .config import ConfigError, SimConfig
+from .files import held, write_atomic, write_text_atomic
 from .rule import READING, RULE, Candidate, Verdict, default_by_rule
 from .stats import Paired, auc, paired
 
@@ -156,18 +167,6 @@ def table(config: Mapping[str, Any], cell: str, docs: Path, *, cr: CellRaw | Non
     return "\n".join(notes) + "\n".join(lines) + "\n"
 
 
-#: The paired metrics: name, what it is, and how it is read from one run's rounds. "Best" is
-#: the test accuracy of the round with the best validation accuracy (chosen on validation,
-#: reported on test). Every metric is "higher is better" except the test loss.
-PAIRED_METRICS: tuple[tuple[str, str], ...] = (
-    ("final", "final-round test accuracy"),
-    ("last3", "mean test accuracy of the last 3 rounds"),
-    ("auc", "area under the test-accuracy curve (mean over rounds)"),
-    ("best_on_val", "test accuracy at the round of best validation accuracy"),
-    ("final_loss", "final-round test loss (lower is better)"),
-)
-
-
 def run_metrics(rounds: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """The :data:`PAIRED_METRICS` of one run (test set if the run has one, else validation).
 
@@ -239,7 +238,7 @@ def paired_table(
                 continue
             cells.append(str(paired([runs[s][name] for s in seeds], [ref[s][name] for s in seeds])))
         lines.append("| " + " | ".join(cells) + " |")
-    interim = _interim(config, cr, [ref_id, *(run_id(e) for e in others)])
+    interim = _interim(cr, [ref_id, *(run_id(e) for e in others)])
     primary, primary_results = _primary(config, by_id, cr, ref_id, others, interim=interim)
     primary += _default_rule(by_id, _rule_outcome(config, cr, ref_id, primary_results))
     what = "; ".join(f"`{n}`: {w}" for n, w in PAIRED_METRICS)
@@ -281,17 +280,24 @@ def paired_table(
 def _compared(
     config: Mapping[str, Any], cell: str
 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    """The cell's entries by run id, and the entries compared with the reference."""
+    """The cell's entries by run id, and the entries compared with the reference.
+
+    Raises
+    ------
+    ConfigError
+        If the cell's config has a problem (:func:`.cells.cell_problems`).
+    """
+    problems = cell_problems(config)
+    if problems:
+        raise ConfigError(f"cell {cell}: " + "; ".join(problems))
     ref_id = config.get("reference")
     by_id = {run_id(e): e for e in entries(config)}
-    if ref_id not in by_id:
-        raise ConfigError(f"reference {ref_id!r} is not a run of cell {cell}: {sorted(by_id)}")
     others = [e for e in entries(config)
               if run_id(e) not in (ref_id, CEILING_ID) and e.get("compared", True)]  # fmt: skip
     return by_id, others
 
 
-def _interim(config: Mapping[str, Any], cr: CellRaw, ids: Sequence[str]) -> str:
+def _interim(cr: CellRaw, ids: Sequence[str]) -> str:
     """A sentence for a cell whose compared runs do not all have every seed yet, else ``""``."""
     seeds = cr.seeds
     done = cr.seeds_in(ids)
@@ -321,10 +327,7 @@ def _primary(
     rule = config.get("primary")
     if not rule:
         return [], results
-    metric, ids = str(rule["metric"]), [str(i) for i in rule["runs"]]
-    known = {run_id(e) for e in others}
-    if metric not in dict(PAIRED_METRICS) or not set(ids) <= known:
-        raise ConfigError(f"primary: metric {metric!r} or runs {ids} not in this cell")
+    metric, ids = str(rule["metric"]), [str(i) for i in rule["runs"]]  # checked by _compared
     level = 1.0 - 0.05 / len(ids)
     ref = cr.metrics(ref_id)
     rows = []
@@ -665,8 +668,8 @@ def selection(
 def write_table(config: Mapping[str, Any], cell: str, docs: Path) -> Path:
     """Write ``<docs>/<cell>.md`` and its curves ``<docs>/<cell>.png``.
 
-    From one reading of the raw JSON, while holding ``docs`` (:func:`~integration.files.held`):
-    when two processes finish runs of one cell, the table written last has both.
+    From one reading of the raw JSON, while holding ``docs`` (:func:`.files.held`): when two
+    processes finish runs of one cell, the table written last has both.
     """
     path = docs / f"{cell}.md"
     with held(docs):

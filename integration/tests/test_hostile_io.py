@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -368,9 +369,10 @@ def test_a_checkpoint_whose_metrics_have_integer_keys_reads_back(tmp_path: Path)
 
 
 def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path: Path) -> None:
-    """Raw JSON, tables, manifests and tensors are replaced whole: a reader (the other chain
-    of a cell rebuilding its table) sees the old file or the new one, never a part."""
-    from integration.files import write_atomic, write_text_atomic
+    """``write_atomic``, which writes the raw JSON, tables, plots, manifests and tensors: a
+    reader (the other chain of a cell rebuilding its table) sees the old file or the new
+    one, never a part."""
+    from integration.runner.files import write_atomic, write_text_atomic
 
     path = tmp_path / "fedit-seed0.json"
     write_text_atomic(path, '{"old": 1}')
@@ -389,25 +391,68 @@ def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path: Path) -> None:
 
 
 def test_a_held_folder_is_refused_to_a_second_holder_and_freed_after(tmp_path: Path) -> None:
-    from integration.files import FolderInUseError, held
+    import fcntl
+    import os
+
+    from integration.runner.files import FolderInUseError, busy, held
 
     folder = tmp_path / "run"
+    assert not busy(folder)
     with held(folder):
         assert folder.is_dir()
+        assert busy(folder)
+        # Held twice by one process: refused, not a wait for itself.
+        with pytest.raises(FolderInUseError, match="by this process already"), held(folder):
+            pass  # pragma: no cover - never entered
+    assert not busy(folder)  # released when the block ended
+    # Another holder (here a second open description of the folder, as another process has).
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert busy(folder)
         with (
             pytest.raises(FolderInUseError, match="in use by another process"),
             held(folder, wait=False),
         ):
             pass  # pragma: no cover - never entered
-    with held(folder, wait=False):  # released when the block ended
+    finally:
+        os.close(fd)
+    with held(folder, wait=False):
         pass
 
 
+def test_a_table_waits_for_the_other_writer_of_its_folder(tmp_path: Path) -> None:
+    """While another writer holds the docs folder, ``write_table`` waits; after, it writes."""
+    import fcntl
+    import os
+    import threading
+
+    from integration.runner.tables import write_table
+
+    config = {"seeds": [0], "base": {"model": "tiny-roberta", "task": "sst2"},
+              "runs": [{"operator": "fedit"}]}  # fmt: skip
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    fd = os.open(docs, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    writer = threading.Thread(target=write_table, args=(config, "c", docs))
+    try:
+        writer.start()
+        writer.join(timeout=3.0)  # the table of a cell with no runs takes well under that
+        assert writer.is_alive()
+        assert not (docs / "c.md").exists()
+    finally:
+        os.close(fd)  # the other writer is done
+    writer.join(timeout=60.0)
+    assert not writer.is_alive()
+    assert (docs / "c.md").is_file()
+
+
 def test_a_run_folder_in_use_is_refused_not_interleaved(tmp_path: Path) -> None:
-    from integration.files import FolderInUseError, held
+    from integration.runner.files import FolderInUseError, held
 
     out = tmp_path / "run"
     sim = Simulation(SimConfig(**(TINY | {"out": str(out)})))  # type: ignore[arg-type]
-    with held(out), pytest.raises(FolderInUseError, match=str(out)):
+    with held(out), pytest.raises(FolderInUseError, match=re.escape(str(out))):
         sim.run()
     assert not (out / "checkpoint.json").exists()  # nothing was written by the refused run

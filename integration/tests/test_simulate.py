@@ -663,13 +663,13 @@ def test_the_runner_saves_the_global_adapter_peft_loads(tmp_path: Path) -> None:
 def test_every_shipped_experiment_cell_is_a_valid_plan(tmp_path: Path) -> None:
     # Each cell's every (entry, seed) passes the settings' checks before anything is loaded,
     # so that a cell queued for hours does not fail on a typo at its 40th run.
-    from integration.runner.experiment import entry_problems, plan
+    from integration.runner.experiment import cell_problems, plan
 
     cells = sorted((Path(__file__).parents[1] / "experiments").glob("*.json"))
     assert len(cells) >= 10
     for path in cells:
         config = json.loads(path.read_text())
-        assert entry_problems(config) == [], path.name
+        assert cell_problems(config) == [], path.name
         runs = plan(config, tmp_path)
         assert runs, path.name
         for _, _, cfg in runs:
@@ -713,14 +713,14 @@ def test_a_cell_config_is_checked_before_anything_runs(
     # The cell's seeds, its reference and its primary comparisons are checked with the
     # entries, in one line each, before a run or a table starts (not hours later, at the
     # first table).
-    from integration.runner.experiment import entry_problems, main
+    from integration.runner.experiment import cell_problems, main
 
     base = {"model": "tiny-roberta", "task": "sst2", "rounds": 1}
     good = {"seeds": [0, 1], "base": base, "reference": "fedit",
             "primary": {"metric": "last3", "runs": ["flexlora"]},
             "runs": [{"operator": "fedit"}, {"operator": "flexlora"},
                      {"operator": "fedit", "id": "central", "compared": False}]}  # fmt: skip
-    assert entry_problems(good) == []
+    assert cell_problems(good) == []
     cases = {
         "'seeds' must be a non-empty list of integers, got None": {"seeds": None},
         "'seeds' must be a non-empty list of integers, got []": {"seeds": []},
@@ -733,7 +733,7 @@ def test_a_cell_config_is_checked_before_anything_runs(
     path = tmp_path / "cell.json"
     for message, change in cases.items():
         config = good | change
-        assert any(message in m for m in entry_problems(config)), (message, entry_problems(config))
+        assert any(message in m for m in cell_problems(config)), (message, cell_problems(config))
         path.write_text(json.dumps(config))
         with pytest.raises(SystemExit) as exc:
             main([str(path), "--table", "--out", str(tmp_path / "o")])
@@ -748,16 +748,51 @@ def test_a_cell_config_is_checked_before_anything_runs(
 
 def test_list_says_where_each_run_stands(tmp_path: Path) -> None:
     from integration.runner.experiment import run_state
+    from integration.runner.files import held
 
     cfg = SimConfig(model="tiny-roberta", rounds=20, out=str(tmp_path / "run"))
     assert run_state(cfg) == "not started"
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoint.json").write_text('{"round": 7}')
-    assert run_state(cfg) == "round 7 of 20"
+    assert run_state(cfg) == "round 7 of 20, stopped"
+    with held(tmp_path / "run"):  # a process is running it
+        assert run_state(cfg) == "round 7 of 20, running"
     (tmp_path / "run" / "checkpoint.json").write_text('{"round": ')
     assert run_state(cfg).startswith("checkpoint unreadable")
     (tmp_path / "run" / "results.json").write_text("{}")
     assert run_state(cfg) == "finished"
+
+
+def test_processes_share_a_cell_a_run_held_elsewhere_is_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Another process holding a run's folder is running that run: the driver leaves it to that
+    # process, runs the rest, and --list says which is running and how many are done.
+    import fcntl
+    import os
+
+    from integration.runner.experiment import main
+
+    config = Path(__file__).parents[1] / "experiments" / "smoke.json"
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    taken = out / "runs" / "glora_auto-seed0"
+    taken.mkdir(parents=True)
+    fd = os.open(taken, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert main([str(config), "--out", str(out), "--docs", str(docs)]) == 0
+        said = capsys.readouterr().out
+        assert "skipping glora_auto seed 0: another process is running it" in said
+        raw = docs / "raw" / "smoke"
+        assert not (raw / "glora_auto-seed0.json").exists()
+        assert (raw / "fedit-seed0.json").is_file()
+        assert main([str(config), "--out", str(out), "--list"]) == 0
+        listed = capsys.readouterr().out
+        assert "glora_auto seed 0: " in listed
+        assert "[not started]" in listed.split("glora_auto seed 0: ")[1].splitlines()[0]
+        assert "5 of 6 runs finished, 0 running, 0 stopped partway" in listed
+    finally:
+        os.close(fd)
 
 
 def test_shipped_cells_share_a_run_folder_only_for_the_same_run(tmp_path: Path) -> None:

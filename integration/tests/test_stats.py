@@ -192,7 +192,7 @@ def test_paired_table_reads_only_complete_cells_and_applies_the_rule(tmp_path: P
     bare = {k: v for k, v in config.items() if k not in ("reference", "primary")}
     assert not decide_default(bare, "c", tmp_path).applies
     plain = config | {"primary": {"metric": "last3", "runs": ["flexlora", "glora_auto_rank"]}}
-    assert decide_default(plain, "c", tmp_path).verdict is None
+    assert not decide_default(plain, "c", tmp_path).applies
     assert "## The default, by the pre-registered rule" not in paired_table(plain, "c", tmp_path)
 
 

@@ -4,7 +4,7 @@ Every result file of the runner and of the Flower app (raw per-run JSON, tables,
 ``results.json``, checkpoints) is written with :func:`write_atomic`, so a reader sees the old
 file or the new one and never a part. :func:`held` serialises the writers of one folder (the
 two chains of an experiment cell rebuild the same table) and lets a run refuse a run folder
-that another live process is using.
+that another live process is using; :func:`busy` asks whether one is held, without waiting.
 """
 
 from __future__ import annotations
@@ -23,7 +23,12 @@ if sys.platform != "win32":  # POSIX locks; on Windows nothing is locked (see ``
 
 
 class FolderInUseError(GloraError):
-    """Another live process holds the folder (a second run of the same run folder)."""
+    """The folder is held: by another live process, or already by this one."""
+
+
+#: The folders this process holds now (``held`` is not re-entrant: a second hold would wait
+#: for itself forever, so it is refused instead).
+_HELD: set[Path] = set()
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
@@ -51,15 +56,20 @@ def held(folder: Path, *, wait: bool = True) -> Iterator[None]:
     """Hold ``folder`` (created if absent) against other processes that hold it.
 
     An advisory lock on the folder itself, released when the block ends or the process dies
-    (nothing to clean up after a crash). ``wait=False``: raise :class:`FolderInUseError` at
-    once if another process holds it. On Windows (no ``fcntl``) nothing is locked.
+    (nothing to clean up after a crash). ``wait=True`` waits for another holder to finish;
+    ``wait=False`` raises :class:`FolderInUseError` at once instead. Not re-entrant: a process
+    that holds a folder and asks for it again is refused (it would wait for itself). On
+    Windows (no ``fcntl``) nothing is locked.
 
     Raises
     ------
     FolderInUseError
-        With ``wait=False``, if another process holds ``folder``.
+        If this process holds ``folder`` already, or (``wait=False``) another process does.
     """
     folder.mkdir(parents=True, exist_ok=True)
+    key = folder.resolve()
+    if key in _HELD:
+        raise FolderInUseError(f"{folder} is held by this process already (a nested hold)")
     if sys.platform == "win32":  # pragma: no cover
         yield
         return
@@ -69,12 +79,35 @@ def held(folder: Path, *, wait: bool = True) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise FolderInUseError(
-                f"{folder} is in use by another process (a second run of the same folder?); "
-                "wait for it to finish or give this run another --out"
+                f"{folder} is in use by another process (a second run of the same run "
+                "folder?); wait for it to finish, or run in another output folder"
             ) from None
-        yield
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
     finally:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-__all__ = ["FolderInUseError", "held", "write_atomic", "write_text_atomic"]
+def busy(folder: Path) -> bool:
+    """Whether another process holds ``folder`` now (never waits, creates nothing).
+
+    False for a folder that does not exist, and always on Windows.
+    """
+    if sys.platform == "win32" or not folder.is_dir():  # pragma: no cover - windows
+        return False
+    if folder.resolve() in _HELD:
+        return True
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's lock, if it got one
+    return False
+
+
+__all__ = ["FolderInUseError", "busy", "held", "write_atomic", "write_text_atomic"]
