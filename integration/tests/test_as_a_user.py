@@ -134,9 +134,10 @@ def test_every_cli_command_runs_from_the_wheel(installed: Installed, tmp_path: P
     assert "--client-ranks" in _ok(installed.run([glora, "flower", "run", "--help"], tmp_path))
     # The study notebooks ship in the wheel.
     _ok(installed.run([glora, "notebooks", "nb"], tmp_path))
+    # Every one of them (test_notebooks.py holds the list).
     shipped = sorted(p.name for p in (tmp_path / "nb").glob("*.ipynb"))
+    assert shipped
     assert shipped == sorted(p.name for p in (ROOT / "notebooks").glob("[0-9]*.ipynb"))
-    assert len(shipped) == 6
 
 
 def _readme_blocks(lang: str) -> list[str]:
