@@ -60,9 +60,7 @@ def cell_problems(config: Mapping[str, Any]) -> list[str]:
         if primary.get("metric") not in dict(PAIRED_METRICS):
             out.append(f"primary: metric {primary.get('metric')!r} is not one of "
                        f"{[n for n, _ in PAIRED_METRICS]}")  # fmt: skip
-        skip = (config.get("reference"), CEILING_ID)
-        others = [i for i, e in zip(ids, entries(config), strict=True)
-                  if i not in skip and e.get("compared", True)]  # fmt: skip
+        others = [run_id(e) for e in compared_entries(config)]
         unknown = [r for r in primary.get("runs", []) if r not in others]
         if unknown or not primary.get("runs"):
             out.append(f"primary: runs {unknown or '[]'} are not compared runs of the cell: "
@@ -76,6 +74,16 @@ def cell_problems(config: Mapping[str, Any]) -> list[str]:
             out.append(f"{run_id(e)}: a compared run (the reference or a primary run) runs at "
                        "every seed of the cell; leave out its own 'seeds'")  # fmt: skip
     return out
+
+
+def compared_entries(config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The entries compared with the cell's reference.
+
+    Every entry but the reference, the centralised ceiling and those marked
+    ``"compared": false``.
+    """
+    skip = (config.get("reference"), CEILING_ID)
+    return [e for e in entries(config) if run_id(e) not in skip and e.get("compared", True)]
 
 
 def seeds_of(config: Mapping[str, Any]) -> list[int]:

@@ -96,18 +96,13 @@ def busy(folder: Path) -> bool:
 
     False for a folder that does not exist, and always on Windows.
     """
-    if sys.platform == "win32" or not folder.is_dir():  # pragma: no cover - windows
+    if not folder.is_dir():
         return False
-    if folder.resolve() in _HELD:
-        return True
-    fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        with held(folder, wait=False):  # a probe: released at once
+            return False
+    except FolderInUseError:
         return True
-    finally:
-        os.close(fd)  # releases the probe's lock, if it got one
-    return False
 
 
 __all__ = ["FolderInUseError", "busy", "held", "write_atomic", "write_text_atomic"]

@@ -19,6 +19,7 @@ from .cells import (
     CEILING_ID,
     PAIRED_METRICS,
     cell_problems,
+    compared_entries,
     entries,
     label,
     mean_or_none,
@@ -63,6 +64,7 @@ class CellRaw:
         self.dir = docs / "raw" / cell
         self.seeds = seeds_of(config)
         self._read: dict[tuple[str, int], dict[str, Any] | None] = {}
+        self._metrics: dict[str, dict[int, dict[str, float]]] = {}
 
     def record(self, rid: str, seed: int) -> dict[str, Any] | None:
         """The raw record of run ``rid`` at ``seed`` (``None``: not finished)."""
@@ -79,7 +81,10 @@ class CellRaw:
 
     def metrics(self, rid: str) -> dict[int, dict[str, float]]:
         """Seed -> :func:`run_metrics`, for the seeds that run ``rid`` has finished."""
-        return {s: run_metrics(rec["rounds"]) for s, rec in self.records(rid).items()}
+        if rid not in self._metrics:
+            found = self.records(rid).items()
+            self._metrics[rid] = {s: run_metrics(rec["rounds"]) for s, rec in found}
+        return self._metrics[rid]
 
     def seeds_in(self, ids: Sequence[str]) -> int:
         """How many of the cell's seeds every one of the runs ``ids`` has finished."""
@@ -239,7 +244,7 @@ def paired_table(
             cells.append(str(paired([runs[s][name] for s in seeds], [ref[s][name] for s in seeds])))
         lines.append("| " + " | ".join(cells) + " |")
     interim = _interim(cr, [ref_id, *(run_id(e) for e in others)])
-    primary, primary_results = _primary(config, by_id, cr, ref_id, others, interim=interim)
+    primary, primary_results = _primary(config, by_id, cr, ref_id, interim=interim)
     primary += _default_rule(by_id, _rule_outcome(config, cr, ref_id, primary_results))
     what = "; ".join(f"`{n}`: {w}" for n, w in PAIRED_METRICS)
     if has_test and not any(has_test):
@@ -290,11 +295,7 @@ def _compared(
     problems = cell_problems(config)
     if problems:
         raise ConfigError(f"cell {cell}: " + "; ".join(problems))
-    ref_id = config.get("reference")
-    by_id = {run_id(e): e for e in entries(config)}
-    others = [e for e in entries(config)
-              if run_id(e) not in (ref_id, CEILING_ID) and e.get("compared", True)]  # fmt: skip
-    return by_id, others
+    return {run_id(e): e for e in entries(config)}, compared_entries(config)
 
 
 def _interim(cr: CellRaw, ids: Sequence[str]) -> str:
@@ -312,7 +313,6 @@ def _primary(
     by_id: Mapping[str, Mapping[str, Any]],
     cr: CellRaw,
     ref_id: str,
-    others: Sequence[Mapping[str, Any]],
     *,
     interim: str = "",
 ) -> tuple[list[str], dict[str, Paired]]:
@@ -389,8 +389,8 @@ def decide_default(config: Mapping[str, Any], cell: str, docs: Path) -> RuleOutc
         return NOT_APPLIED
     cr = CellRaw(config, cell, docs)
     ref_id = str(config["reference"])
-    by_id, others = _compared(config, cell)
-    _, results = _primary(config, by_id, cr, ref_id, others)
+    by_id, _ = _compared(config, cell)
+    _, results = _primary(config, by_id, cr, ref_id)
     return _rule_outcome(config, cr, ref_id, results)
 
 
