@@ -31,9 +31,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict glora_math integration bench
 
-# The property suite, the integration tests (peft, the runner, Flower) and the notebooks (nbmake).
+# The property suite, the integration tests (peft, the runner, Flower) and the notebooks (nbmake);
+# the 20 slowest tests are listed at the end, to watch CI's time budget.
 pytest: $(STAMP)
-	$(BIN)/python -m pytest -n 2 property_tests integration/tests --nbmake notebooks
+	$(BIN)/python -m pytest -n 2 --durations=20 property_tests integration/tests --nbmake notebooks
 
 # Propositions table: symbolic proofs, 50-digit checks and their properties (exit 1 on failure).
 # Without the Coq column: the test suite has just compiled the Coq proofs where coqc exists
