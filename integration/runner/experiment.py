@@ -121,9 +121,9 @@ def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
 def run_state(cfg: SimConfig) -> str:
     """Where a run stands: finished, the round its checkpoint reached, or not started.
 
-    ``finished``, ``round k of n, running`` (a process holds its folder), ``round k of n,
-    stopped`` (it resumes when run again) or ``not started``; read from the run folder alone
-    (no model is loaded, nothing is verified).
+    ``finished``, ``round k of n, running`` (a process holds its folder; k = 0 before its
+    first checkpoint), ``round k of n, stopped`` (it resumes when run again) or ``not
+    started``; read from the run folder alone (no model is loaded, nothing is verified).
     """
     folder = Path(cfg.out)
     if (folder / "results.json").is_file():
@@ -131,7 +131,7 @@ def run_state(cfg: SimConfig) -> str:
     try:
         done = int(json.loads((folder / "checkpoint.json").read_text())["round"])
     except FileNotFoundError:
-        return "not started"
+        return f"round 0 of {cfg.rounds}, running" if busy(folder) else "not started"
     except (OSError, ValueError, KeyError, TypeError):
         return "checkpoint unreadable (the run will say why when it resumes)"
     return f"round {done} of {cfg.rounds}, {'running' if busy(folder) else 'stopped'}"

@@ -753,6 +753,9 @@ def test_list_says_where_each_run_stands(tmp_path: Path) -> None:
     cfg = SimConfig(model="tiny-roberta", rounds=20, out=str(tmp_path / "run"))
     assert run_state(cfg) == "not started"
     (tmp_path / "run").mkdir()
+    assert run_state(cfg) == "not started"
+    with held(tmp_path / "run"):  # a process has started it and saved no round yet
+        assert run_state(cfg) == "round 0 of 20, running"
     (tmp_path / "run" / "checkpoint.json").write_text('{"round": 7}')
     assert run_state(cfg) == "round 7 of 20, stopped"
     with held(tmp_path / "run"):  # a process is running it
@@ -789,8 +792,8 @@ def test_processes_share_a_cell_a_run_held_elsewhere_is_skipped(
         assert main([str(config), "--out", str(out), "--list"]) == 0
         listed = capsys.readouterr().out
         assert "glora_auto seed 0: " in listed
-        assert "[not started]" in listed.split("glora_auto seed 0: ")[1].splitlines()[0]
-        assert "5 of 6 runs finished, 0 running, 0 stopped partway" in listed
+        assert "[round 0 of 1, running]" in listed.split("glora_auto seed 0: ")[1].splitlines()[0]
+        assert "5 of 6 runs finished, 1 running, 0 stopped partway" in listed
     finally:
         os.close(fd)
 
