@@ -4,8 +4,8 @@
 as large as the machine, so two workers on two cores ran four threads. Small linear algebra
 (most of the property suite) then spends its time handing work between threads: on two
 cores that also ran two other processes, two property-test files took four times longer
-than with one thread per worker, and on an idle 2-core machine the whole pytest step of CI
-took 17 min 47 s against 12 min 51 s with one thread per worker. Each worker, and
+than with one thread per worker; on an idle 2-core machine, CI's whole pytest step took
+16 and 18 minutes in the two runs before the change and 12 min 51 s after it. Each worker, and
 every process a test starts (notebook kernels, the installed wheel's commands, Flower nodes),
 gets ``cores // workers`` threads, unless the caller has set ``OMP_NUM_THREADS``.
 """
