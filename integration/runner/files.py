@@ -94,7 +94,8 @@ def held(folder: Path, *, wait: bool = True) -> Iterator[None]:
 def busy(folder: Path) -> bool:
     """Whether another process holds ``folder`` now (never waits, creates nothing).
 
-    False for a folder that does not exist, and always on Windows.
+    False for a folder that does not exist. On Windows (where nothing is locked) only a
+    folder this process holds is busy.
     """
     if not folder.is_dir():
         return False
