@@ -6,7 +6,10 @@ cell shipped with the package; ``python -m integration.experiment`` in a checkou
 partial results are useful), each in its own folder ``<out>/<id>-seed<k>/``: a finished run
 (``results.json`` present) is skipped, an interrupted one resumes from its checkpoint. After
 each run it writes the run's small raw JSON (config and per-round metrics) to
-``<docs>/raw/<cell>/<id>-seed<k>.json`` and regenerates the table ``<docs>/<cell>.md``.
+``<docs>/raw/<cell>/<id>-seed<k>.json`` and regenerates the table ``<docs>/<cell>.md``. A run
+whose raw JSON is already there, written with the same settings, is recorded and skipped too:
+a fresh clone continues a cell from its committed record instead of redoing hours of runs
+(remove the file, or write elsewhere with ``--out``, to rerun it).
 
 ``python -m integration.experiment --table integration/experiments/a_sst2.json`` only
 regenerates the table from the raw JSON files (final and best accuracy mean ± std over seeds,
@@ -118,16 +121,51 @@ def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
     return None
 
 
-def run_state(cfg: SimConfig) -> str:
+def _differences(saved: Mapping[str, Any], cfg: SimConfig) -> list[str]:
+    """The result-defining settings in which a saved config differs from ``cfg``."""
+    old, new = results_config(saved), results_config(asdict(cfg))
+    keys = sorted(old.keys() | new.keys())
+    return [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in keys
+            if old.get(k) != new.get(k)]  # fmt: skip
+
+
+def recorded(cfg: SimConfig, record: Path) -> bool:
+    """Whether ``record`` (a run's raw JSON in the cell's record) holds this very run.
+
+    False where there is no such file; True where it was written with the same
+    result-defining settings. A record of the same run with other settings, or one that
+    cannot be read, stops the driver with what differs: it is neither overwritten nor
+    silently taken for this run.
+    """
+    if not record.is_file():
+        return False
+    try:
+        saved = json.loads(record.read_text())["config"]
+        diff = _differences(saved, cfg)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"{record}: unreadable raw record ({err!r}); remove it to rerun "
+                         "the run") from None  # fmt: skip
+    if diff:
+        raise SystemExit(f"{record} records this run with other settings ({'; '.join(diff[:3])}"
+                         "); remove it to rerun the run with the current settings")  # fmt: skip
+    return True
+
+
+def run_state(cfg: SimConfig, record: Path | None = None) -> str:
     """Where a run stands: finished, the round its checkpoint reached, or not started.
 
-    ``finished``, ``round k of n, running`` (a process holds its folder; k = 0 before its
-    first checkpoint), ``round k of n, stopped`` (it resumes when run again) or ``not
-    started``; read from the run folder alone (no model is loaded, nothing is verified).
+    ``finished``, ``finished (recorded in <record>)`` (no run folder, but the cell's record
+    holds the run's raw JSON with the same settings), ``round k of n, running`` (a process
+    holds its folder; k = 0 before its first checkpoint), ``round k of n, stopped`` (it
+    resumes when run again) or ``not started``; read from the run folder and the record alone
+    (no model is loaded, nothing is verified). A record with other settings stops the caller
+    (:func:`recorded`).
     """
     folder = Path(cfg.out)
     if (folder / "results.json").is_file():
         return "finished"
+    if record is not None and recorded(cfg, record):
+        return f"finished (recorded in {record})"
     try:
         done = int(json.loads((folder / "checkpoint.json").read_text())["round"])
     except FileNotFoundError:
@@ -179,6 +217,11 @@ def run_cell(
     todo = config if seeds is None else dict(config) | {"seeds": list(seeds)}
     for entry, seed, cfg in plan(todo, out, device):
         results = _check_folder(cfg)
+        record = raw_file(raw, run_id(entry), seed)
+        if results is None and recorded(cfg, record):
+            print(f"[{cell}] {run_id(entry)} seed {seed} is recorded in {record}; skipping it",
+                  flush=True)  # fmt: skip
+            continue
         if results is None:
             if busy(Path(cfg.out)):
                 print(f"[{cell}] skipping {run_id(entry)} seed {seed}: another process is "
@@ -194,7 +237,7 @@ def run_cell(
             results = _check_folder(cfg)
             assert results is not None
         rec = raw_record(cell, entry, seed, results)
-        write_text_atomic(raw_file(raw, run_id(entry), seed), json.dumps(rec, indent=1) + "\n")
+        write_text_atomic(record, json.dumps(rec, indent=1) + "\n")
         write_table(config, cell, docs)
 
 
@@ -266,11 +309,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("; ".join(problems))
     if args.list:
         listed = config if wanted is None else dict(config) | {"seeds": wanted}
-        states = [(entry, seed, cfg, run_state(cfg))
+        raw = docs / "raw" / cell
+        states = [(entry, seed, cfg, run_state(cfg, raw_file(raw, run_id(entry), seed)))
                   for entry, seed, cfg in plan(listed, out, args.device)]  # fmt: skip
         for entry, seed, cfg, state in states:
             print(f"{run_id(entry)} seed {seed}: {cfg.out} [{state}]")
-        count = {w: sum(state.endswith(w) for *_, state in states)
+        count = {w: sum(w in state.split(" (")[0] for *_, state in states)
                  for w in ("finished", "running", "stopped")}  # fmt: skip
         print(f"{count['finished']} of {len(states)} runs finished, {count['running']} running, "
               f"{count['stopped']} stopped partway (they resume)")  # fmt: skip
@@ -301,6 +345,7 @@ __all__ = [
     "paired",
     "plan",
     "raw_record",
+    "recorded",
     "run_cell",
     "run_config",
     "run_id",

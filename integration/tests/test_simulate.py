@@ -766,6 +766,58 @@ def test_list_says_where_each_run_stands(tmp_path: Path) -> None:
     assert run_state(cfg) == "finished"
 
 
+def test_a_fresh_clone_continues_a_cell_from_its_committed_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Run folders are not committed; the raw JSON is. A fresh clone (the run folders gone)
+    # must take a run whose raw JSON was written with the same settings as done, not redo
+    # it (hours, for a real cell), and must refuse a record written with other settings
+    # rather than overwrite it or take it for this run.
+    import shutil
+
+    from integration.runner.experiment import main
+
+    base = {"model": "tiny-roberta", "task": "sst2", "clients": 2, "rounds": 1,
+            "local_steps": 1, "batch_size": 4, "rank": 2, "max_train": 16, "max_eval": 8,
+            "max_len": 16, "threads": 1}  # fmt: skip
+    config = {"name": "cell", "seeds": [0, 1], "base": base, "runs": [{"operator": "fedit"}]}
+    path, out, docs = tmp_path / "cell.json", tmp_path / "out", tmp_path / "docs"
+    path.write_text(json.dumps(config | {"seeds": [0]}))
+    assert main([str(path), "--out", str(out), "--docs", str(docs)]) == 0
+    record = docs / "raw" / "cell" / "fedit-seed0.json"
+    written = record.read_bytes()
+    shutil.rmtree(out)  # a fresh clone: the record without the run folder
+
+    path.write_text(json.dumps(config))
+    assert main([str(path), "--out", str(out), "--docs", str(docs), "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert f"fedit seed 0: {out / 'runs' / 'fedit-seed0'} [finished (recorded in {record})]" in (
+        listed
+    )
+    assert f"fedit seed 1: {out / 'runs' / 'fedit-seed1'} [not started]" in listed
+    assert "1 of 2 runs finished, 0 running, 0 stopped partway" in listed
+    assert main([str(path), "--out", str(out), "--docs", str(docs)]) == 0
+    said = capsys.readouterr().out
+    assert f"fedit seed 0 is recorded in {record}; skipping it" in said
+    assert "running fedit seed 1" in said
+    assert "running fedit seed 0" not in said
+    assert not (out / "runs" / "fedit-seed0").exists()
+    assert record.read_bytes() == written
+
+    # The same run with another learning rate: the record is not this run's.
+    path.write_text(json.dumps(config | {"base": base | {"lr": 0.5}}))
+    for args in ([], ["--list"]):
+        with pytest.raises(SystemExit) as exc:
+            main([str(path), "--out", str(out), "--docs", str(docs), *args])
+        assert f"{record} records this run with other settings (lr: " in str(exc.value)
+        assert "remove it to rerun" in str(exc.value)
+    assert record.read_bytes() == written
+    record.write_text('{"config": ')
+    with pytest.raises(SystemExit) as exc:
+        main([str(path), "--out", str(out), "--docs", str(docs)])
+    assert f"{record}: unreadable raw record" in str(exc.value)
+
+
 def test_processes_share_a_cell_a_run_held_elsewhere_is_skipped(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
