@@ -9,7 +9,7 @@ each run it writes the run's small raw JSON (config and per-round metrics) to
 ``<docs>/raw/<cell>/<id>-seed<k>.json`` and regenerates the table ``<docs>/<cell>.md``. A run
 whose raw JSON is already there, written with the same settings, is recorded and skipped too:
 a fresh clone continues a cell from its committed record instead of redoing hours of runs
-(remove the file, or write elsewhere with ``--out``, to rerun it).
+(to recompute, give a fresh ``--out`` without ``--docs``: the record is then ``--out``'s own).
 
 ``python -m integration.experiment --table integration/experiments/a_sst2.json`` only
 regenerates the table from the raw JSON files (final and best accuracy mean ± std over seeds,
@@ -122,32 +122,45 @@ def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
 
 
 def _differences(saved: Mapping[str, Any], cfg: SimConfig) -> list[str]:
-    """The result-defining settings in which a saved config differs from ``cfg``."""
+    """The result-defining settings in which a saved config differs from ``cfg``.
+
+    A saved field that is no longer a setting counts as a difference (``not a setting now``).
+    """
     old, new = results_config(saved), results_config(asdict(cfg))
-    keys = sorted(old.keys() | new.keys())
-    return [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in keys
-            if old.get(k) != new.get(k)]  # fmt: skip
+    out = []
+    for k in sorted(old.keys() | new.keys()):
+        if k not in new:
+            out.append(f"{k}: {old[k]!r} there, not a setting now")
+        elif old.get(k) != new[k]:
+            out.append(f"{k}: {old.get(k)!r} there, {new[k]!r} now")
+    return out
 
 
 def recorded(cfg: SimConfig, record: Path) -> bool:
     """Whether ``record`` (a run's raw JSON in the cell's record) holds this very run.
 
-    False where there is no such file; True where it was written with the same
-    result-defining settings. A record of the same run with other settings, or one that
-    cannot be read, stops the driver with what differs: it is neither overwritten nor
-    silently taken for this run.
+    False where there is no such file; True where it holds every round of a run with the
+    same result-defining settings (the device is not one). A record of the same run with
+    other settings, an incomplete or an unreadable one stops the driver with what is wrong:
+    it is not silently taken for this run, and the driver, which writes a record only after
+    its run has finished in a run folder, does not replace it unasked.
     """
     if not record.is_file():
         return False
+    keep = ("restore the cell's config, compute elsewhere with a fresh --out (without --docs), "
+            "or delete the record deliberately to recompute the run here")  # fmt: skip
     try:
-        saved = json.loads(record.read_text())["config"]
-        diff = _differences(saved, cfg)
+        saved = json.loads(record.read_text())
+        diff = _differences(saved["config"], cfg)
+        rounds = len(saved["rounds"])
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise SystemExit(f"{record}: unreadable raw record ({err!r}); remove it to rerun "
-                         "the run") from None  # fmt: skip
+        raise SystemExit(f"{record}: unreadable raw record ({err!r}); {keep}") from None
     if diff:
+        more = f"; and {len(diff) - 3} more" if len(diff) > 3 else ""
         raise SystemExit(f"{record} records this run with other settings ({'; '.join(diff[:3])}"
-                         "); remove it to rerun the run with the current settings")  # fmt: skip
+                         f"{more}): {keep}")  # fmt: skip
+    if rounds != cfg.rounds:
+        raise SystemExit(f"{record} holds {rounds} of the run's {cfg.rounds} rounds: {keep}")
     return True
 
 
