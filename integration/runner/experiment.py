@@ -167,12 +167,12 @@ def recorded(cfg: SimConfig, record: Path) -> bool:
 def run_state(cfg: SimConfig, record: Path | None = None) -> str:
     """Where a run stands: finished, the round its checkpoint reached, or not started.
 
-    ``finished``, ``finished (recorded in <record>)`` (no run folder, but the cell's record
-    holds the run's raw JSON with the same settings), ``round k of n, running`` (a process
-    holds its folder; k = 0 before its first checkpoint), ``round k of n, stopped`` (it
-    resumes when run again) or ``not started``; read from the run folder and the record alone
-    (no model is loaded, nothing is verified). A record with other settings stops the caller
-    (:func:`recorded`).
+    ``finished``, ``finished (recorded in <record>)`` (no finished run folder, but the cell's
+    record holds the run's complete raw JSON with the same settings), ``round k of n,
+    running`` (a process holds its folder; k = 0 before its first checkpoint), ``round k of
+    n, stopped`` (it resumes when run again) or ``not started``; read from the run folder and
+    the record alone (no model is loaded, nothing is verified). A record with other
+    settings, an incomplete or an unreadable one stops the caller (:func:`recorded`).
     """
     folder = Path(cfg.out)
     if (folder / "results.json").is_file():
