@@ -102,25 +102,6 @@ def plan(
     ]
 
 
-def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
-    """The finished results of a run folder (None if unfinished); its config must match."""
-    folder = Path(cfg.out)
-    for name in ("results.json", "checkpoint.json"):
-        path = folder / name
-        if not path.is_file():
-            continue
-        saved = json.loads(path.read_text())
-        if results_config(saved["config"]) != results_config(asdict(cfg)):
-            raise SystemExit(
-                f"{path} was written with another config; remove {folder} to rerun it "
-                "with the current settings"
-            )
-        if name == "results.json":
-            out: dict[str, Any] = saved
-            return out
-    return None
-
-
 def _differences(saved: Mapping[str, Any], cfg: SimConfig) -> list[str]:
     """The result-defining settings in which a saved config differs from ``cfg``.
 
@@ -134,6 +115,26 @@ def _differences(saved: Mapping[str, Any], cfg: SimConfig) -> list[str]:
         elif old.get(k) != new[k]:
             out.append(f"{k}: {old.get(k)!r} there, {new[k]!r} now")
     return out
+
+
+def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
+    """The finished results of a run folder (None if unfinished); its config must match."""
+    folder = Path(cfg.out)
+    for name in ("results.json", "checkpoint.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        saved = json.loads(path.read_text())
+        diff = _differences(saved["config"], cfg)
+        if diff:
+            raise SystemExit(
+                f"{path} was written with another config ({'; '.join(diff[:3])}); remove "
+                f"{folder} to rerun it with the current settings"
+            )
+        if name == "results.json":
+            out: dict[str, Any] = saved
+            return out
+    return None
 
 
 def recorded(cfg: SimConfig, record: Path) -> bool:

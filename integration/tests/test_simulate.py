@@ -837,6 +837,31 @@ def test_a_fresh_clone_continues_a_cell_from_its_committed_record(
     ]  # the runner is deterministic: recomputed, the same numbers
 
 
+def test_a_run_folder_with_other_settings_is_refused_naming_what_differs(tmp_path: Path) -> None:
+    # The twin of the record's check: a run folder's results.json written with another
+    # setting stops the driver (nothing is run or overwritten) and says which setting.
+    from dataclasses import asdict
+
+    from integration.runner.experiment import main, plan
+
+    config = {"name": "cell", "seeds": [0], "base": {"model": "tiny-roberta", "rounds": 1},
+              "runs": [{"operator": "fedit"}]}  # fmt: skip
+    path, out = tmp_path / "cell.json", tmp_path / "out"
+    path.write_text(json.dumps(config))
+    ((_, _, cfg),) = plan(config, out / "runs")
+    folder = Path(cfg.out)
+    folder.mkdir(parents=True)
+    saved = json.dumps({"config": asdict(cfg) | {"lr": 0.5}, "metrics": []})
+    (folder / "results.json").write_text(saved)
+    with pytest.raises(SystemExit) as exc:
+        main([str(path), "--out", str(out)])
+    assert f"{folder / 'results.json'} was written with another config (lr: 0.5 there, " in str(
+        exc.value
+    )
+    assert (folder / "results.json").read_text() == saved
+    assert not (out / "raw").exists() or not any((out / "raw").rglob("*.json"))
+
+
 def test_every_committed_run_counts_as_finished_for_its_cell(tmp_path: Path) -> None:
     # The committed raw JSON of a shipped cell's run must match the cell's config as it is
     # now: an edited config, or a setting whose default changed, would stop a queued chain
