@@ -33,7 +33,6 @@ import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,6 @@ from glora_math.errors import GloraError
 
 from .cells import (
     CEILING_ID,
-    ENTRY_KEYS,
     cell_name,
     cell_problems,
     entries,
@@ -51,43 +49,12 @@ from .cells import (
     runs_at,
     seeds_of,
 )
-from .config import SimConfig, results_config
+from .config import SimConfig
 from .files import FolderInUseError, busy, write_text_atomic
+from .records import ROUND_KEYS, differences, record_problems, run_config
 from .simulate import Simulation
 from .stats import paired
 from .tables import table, write_table
-
-#: Per-round metrics kept in the raw JSON.
-ROUND_KEYS = (
-    "round",
-    "accuracy",
-    "eval_loss",
-    "test_accuracy",
-    "test_loss",
-    "mcc",
-    "aggregation_error",
-    "aggregation_error_max",
-    "certified_residual",
-    "certified_residual_max",
-    "server_rank",
-    "server_rank_mean",
-    "sides",
-    "seconds",
-    "eval_seconds",
-    "counterfactual",
-    "counterfactual_next",
-    "broadcast_split",
-)
-
-
-def run_config(
-    config: Mapping[str, Any], entry: Mapping[str, Any], seed: int, out: Path, device: str
-) -> SimConfig:
-    """The :class:`SimConfig` of one (entry, seed)."""
-    over = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
-    kw = dict(config["base"]) | over | {"seed": seed, "device": device}
-    kw["out"] = str(out / f"{run_id(entry)}-seed{seed}")
-    return SimConfig(**kw)
 
 
 def plan(
@@ -102,21 +69,6 @@ def plan(
     ]
 
 
-def _differences(saved: Mapping[str, Any], cfg: SimConfig) -> list[str]:
-    """The result-defining settings in which a saved config differs from ``cfg``.
-
-    A saved field that is no longer a setting counts as a difference (``not a setting now``).
-    """
-    old, new = results_config(saved), results_config(asdict(cfg))
-    out = []
-    for k in sorted(old.keys() | new.keys()):
-        if k not in new:
-            out.append(f"{k}: {old[k]!r} there, not a setting now")
-        elif old.get(k) != new[k]:
-            out.append(f"{k}: {old.get(k)!r} there, {new[k]!r} now")
-    return out
-
-
 def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
     """The finished results of a run folder (None if unfinished); its config must match."""
     folder = Path(cfg.out)
@@ -125,7 +77,7 @@ def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
         if not path.is_file():
             continue
         saved = json.loads(path.read_text())
-        diff = _differences(saved["config"], cfg)
+        diff = differences(saved["config"], cfg)
         if diff:
             raise SystemExit(
                 f"{path} was written with another config ({'; '.join(diff[:3])}); remove "
@@ -140,11 +92,12 @@ def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
 def recorded(cfg: SimConfig, record: Path) -> bool:
     """Whether ``record`` (a run's raw JSON in the cell's record) holds this very run.
 
-    False where there is no such file; True where it holds every round of a run with the
-    same result-defining settings (the device is not one). A record of the same run with
-    other settings, an incomplete or an unreadable one stops the driver with what is wrong:
-    it is not silently taken for this run, and the driver, which writes a record only after
-    its run has finished in a run folder, does not replace it unasked.
+    False where there is no such file; True where it is the finished run ``cfg``
+    (:func:`~integration.runner.records.record_problems`: the same result-defining settings,
+    the device not being one; every round, with finite metrics). A record of the same run
+    with other settings, an incomplete, damaged or unreadable one stops the driver with what
+    is wrong: it is not silently taken for this run, and the driver, which writes a record
+    only after its run has finished in a run folder, does not replace it unasked.
     """
     if not record.is_file():
         return False
@@ -152,16 +105,11 @@ def recorded(cfg: SimConfig, record: Path) -> bool:
             "or delete the record deliberately to recompute the run here")  # fmt: skip
     try:
         saved = json.loads(record.read_text())
-        diff = _differences(saved["config"], cfg)
-        rounds = len(saved["rounds"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError) as err:
         raise SystemExit(f"{record}: unreadable raw record ({err!r}); {keep}") from None
-    if diff:
-        more = f"; and {len(diff) - 3} more" if len(diff) > 3 else ""
-        raise SystemExit(f"{record} records this run with other settings ({'; '.join(diff[:3])}"
-                         f"{more}): {keep}")  # fmt: skip
-    if rounds != cfg.rounds:
-        raise SystemExit(f"{record} holds {rounds} of the run's {cfg.rounds} rounds: {keep}")
+    problems = record_problems(saved, cfg)
+    if problems:
+        raise SystemExit(f"{record} {'; '.join(problems)}: {keep}")
     return True
 
 
@@ -339,7 +287,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except GloraError as err:  # bad data, a damaged checkpoint, a refused round
             sys.stderr.write(f"glora experiment: error: {err}\n")
             return 2
-    print(write_table(config, cell, docs).read_text())
+    return _print_table(config, cell, docs)
+
+
+def _print_table(config: Mapping[str, Any], cell: str, docs: Path) -> int:
+    """Write and print the cell's table; 2 (and why, on stderr) if a raw record is damaged."""
+    try:
+        print(write_table(config, cell, docs).read_text())
+    except GloraError as err:  # a damaged raw record: no table is made from it
+        sys.stderr.write(f"glora experiment: error: {err}\n")
+        return 2
     return 0
 
 

@@ -2,9 +2,10 @@
 
 :data:`RULE` is the rule as study F fixed it before any run (docs/experiments.md, "The
 default, by rule"); :data:`READING` is how this module reads the three things the text leaves
-open, written down on 2026-12-06 when the rule was first coded (two of the 20 seeds were in;
-no comparison had been read as evidence). docs/experiments.md and README quote both; a test
-checks that they do.
+open: (1)-(3) written down on 2026-12-06 when the rule was first coded (two of the 20 seeds
+were in), (4)-(5) on 2026-12-07, when a review of this code found the text silent on ties and
+on a difference without spread (ten seeds were in); no comparison had been read as evidence
+either time. docs/experiments.md and README quote both; a test checks that they do.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ READING = (
     "the clients' rank in every round of every seed, so `glora_auto_rank`, whose server keeps "
     "a larger rank, can be chosen only by the first branch. (2) When the smallest error's "
     "interval lies below zero, the next smallest at R = r is taken. (3) FedIT, the reference, "
-    "has no interval of its own and is eligible in the second branch."
+    "has no interval of its own and is eligible in the second branch. (4) Ties go to the run "
+    "listed first: FedIT, then the primary runs in the config's order (FlexLoRA, "
+    "`glora_auto`, `glora_auto_rank`). (5) A difference that is the same at every seed has "
+    "a zero-width interval, which lies above zero when that difference is positive and "
+    "below zero when it is negative."
 )
 
 

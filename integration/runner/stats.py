@@ -80,10 +80,16 @@ def paired(x: Sequence[float], ref: Sequence[float], *, level: float = 0.95) -> 
     Raises
     ------
     ValueError
-        If the sequences differ in length, are empty, or ``level`` is not in (0, 1).
+        If the sequences differ in length, are empty, hold a value that is not finite, or
+        ``level`` is not in (0, 1).
     """
     if len(x) != len(ref) or not x:
         raise ValueError(f"paired samples need equal, non-zero lengths, got {len(x)}, {len(ref)}")
+    bad = [j for j, (a, b) in enumerate(zip(x, ref, strict=True))
+           if not (math.isfinite(a) and math.isfinite(b))]  # fmt: skip
+    if bad:
+        raise ValueError(f"paired samples must be finite; pair {bad[0]} is ({x[bad[0]]}, "
+                         f"{ref[bad[0]]})")  # fmt: skip
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
     diffs = [a - b for a, b in zip(x, ref, strict=True)]

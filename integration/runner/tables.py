@@ -30,6 +30,7 @@ from .cells import (
 )
 from .config import ConfigError, SimConfig
 from .files import held, write_atomic, write_text_atomic
+from .records import RecordError, check_record, run_config
 from .rule import READING, RULE, Candidate, Verdict, default_by_rule
 from .stats import Paired, auc, paired
 
@@ -62,16 +63,34 @@ class CellRaw:
 
     def __init__(self, config: Mapping[str, Any], cell: str, docs: Path) -> None:
         self.dir = docs / "raw" / cell
+        self.config = config
         self.seeds = seeds_of(config)
+        self.entries = {run_id(e): e for e in entries(config)}
         self._read: dict[tuple[str, int], dict[str, Any] | None] = {}
         self._metrics: dict[str, dict[int, dict[str, float]]] = {}
 
     def record(self, rid: str, seed: int) -> dict[str, Any] | None:
-        """The raw record of run ``rid`` at ``seed`` (``None``: not finished)."""
+        """The raw record of run ``rid`` at ``seed`` (``None``: not finished).
+
+        Raises
+        ------
+        RecordError
+            If the file is not the finished run of the cell's config at that seed
+            (:func:`~integration.runner.records.record_problems`): no table or choice is
+            made from it.
+        """
         key = (rid, int(seed))
         if key not in self._read:
             path = raw_file(self.dir, rid, seed)
-            self._read[key] = json.loads(path.read_text()) if path.is_file() else None
+            rec = None
+            if path.is_file():
+                try:
+                    rec = json.loads(path.read_text())
+                except ValueError as err:
+                    raise RecordError(f"{path}: unreadable raw record ({err})") from None
+                cfg = run_config(self.config, self.entries[rid], int(seed), Path("."), "cpu")
+                check_record(path, rec, cfg)
+            self._read[key] = rec
         return self._read[key]
 
     def records(self, rid: str) -> dict[int, dict[str, Any]]:
