@@ -7,9 +7,11 @@ partial results are useful), each in its own folder ``<out>/<id>-seed<k>/``: a f
 (``results.json`` present) is skipped, an interrupted one resumes from its checkpoint. After
 each run it writes the run's small raw JSON (config and per-round metrics) to
 ``<docs>/raw/<cell>/<id>-seed<k>.json`` and regenerates the table ``<docs>/<cell>.md``. A run
-whose raw JSON is already there, written with the same settings, is recorded and skipped too:
-a fresh clone continues a cell from its committed record instead of redoing hours of runs
-(to recompute, give a fresh ``--out`` without ``--docs``: the record is then ``--out``'s own).
+whose raw JSON is already there, complete and written with the same settings, is recorded and
+skipped too: a fresh clone continues a cell from its committed record instead of redoing hours
+of runs (to recompute, give a fresh ``--out`` without ``--docs``: the record is then
+``--out``'s own). A record that is not a finished run of the cell's config
+(:mod:`integration.runner.records`) stops the driver before it runs anything, and ``--table``.
 
 ``python -m integration.experiment --table integration/experiments/a_sst2.json`` only
 regenerates the table from the raw JSON files (final and best accuracy mean ± std over seeds,
@@ -51,10 +53,10 @@ from .cells import (
 )
 from .config import SimConfig
 from .files import FolderInUseError, busy, write_text_atomic
-from .records import ROUND_KEYS, differences, record_problems, run_config
+from .records import ROUND_KEYS, RecordError, differences, read_record, record_problems, run_config
 from .simulate import Simulation
 from .stats import paired
-from .tables import table, write_table
+from .tables import CellRaw, table, write_table
 
 
 def plan(
@@ -93,24 +95,17 @@ def recorded(cfg: SimConfig, record: Path) -> bool:
     """Whether ``record`` (a run's raw JSON in the cell's record) holds this very run.
 
     False where there is no such file; True where it is the finished run ``cfg``
-    (:func:`~integration.runner.records.record_problems`: the same result-defining settings,
-    the device not being one; every round, with finite metrics). A record of the same run
-    with other settings, an incomplete, damaged or unreadable one stops the driver with what
-    is wrong: it is not silently taken for this run, and the driver, which writes a record
-    only after its run has finished in a run folder, does not replace it unasked.
+    (:func:`~integration.runner.records.read_record`: the same result-defining settings, the
+    device not being one; every round, with finite metrics).
+
+    Raises
+    ------
+    RecordError
+        If the record is of the same run with other settings, incomplete, damaged or
+        unreadable: it is not silently taken for this run, and the driver, which writes a
+        record only after its run has finished in a run folder, does not replace it unasked.
     """
-    if not record.is_file():
-        return False
-    keep = ("restore the cell's config, compute elsewhere with a fresh --out (without --docs), "
-            "or delete the record deliberately to recompute the run here")  # fmt: skip
-    try:
-        saved = json.loads(record.read_text())
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"{record}: unreadable raw record ({err!r}); {keep}") from None
-    problems = record_problems(saved, cfg)
-    if problems:
-        raise SystemExit(f"{record} {'; '.join(problems)}: {keep}")
-    return True
+    return read_record(record, cfg) is not None
 
 
 def run_state(cfg: SimConfig, record: Path | None = None) -> str:
@@ -121,7 +116,8 @@ def run_state(cfg: SimConfig, record: Path | None = None) -> str:
     running`` (a process holds its folder; k = 0 before its first checkpoint), ``round k of
     n, stopped`` (it resumes when run again) or ``not started``; read from the run folder and
     the record alone (no model is loaded, nothing is verified). A record with other
-    settings, an incomplete or an unreadable one stops the caller (:func:`recorded`).
+    settings, an incomplete, damaged or unreadable one raises ``RecordError``
+    (:func:`recorded`).
     """
     folder = Path(cfg.out)
     if (folder / "results.json").is_file():
@@ -176,6 +172,9 @@ def run_cell(
     """
     raw = docs / "raw" / cell
     raw.mkdir(parents=True, exist_ok=True)
+    cr = CellRaw(config, cell, docs)
+    for entry in entries(config):  # a damaged record stops the driver now, not after a run
+        cr.records(run_id(entry))
     todo = config if seeds is None else dict(config) | {"seeds": list(seeds)}
     for entry, seed, cfg in plan(todo, out, device):
         results = _check_folder(cfg)
@@ -199,6 +198,11 @@ def run_cell(
             results = _check_folder(cfg)
             assert results is not None
         rec = raw_record(cell, entry, seed, results)
+        problems = record_problems(rec, cfg)
+        if problems:  # never write a record that every reader would refuse
+            raise RecordError(f"the run in {cfg.out} makes a record that is not a finished "
+                              f"run of its config ({'; '.join(problems)}); nothing was "
+                              f"written to {record}")  # fmt: skip
         write_text_atomic(record, json.dumps(rec, indent=1) + "\n")
         write_table(config, cell, docs)
 
@@ -269,35 +273,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for msg in cfg.problems()][:5]  # fmt: skip
     if problems:
         p.error("; ".join(problems))
-    if args.list:
-        listed = config if wanted is None else dict(config) | {"seeds": wanted}
-        raw = docs / "raw" / cell
-        states = [(entry, seed, cfg, run_state(cfg, raw_file(raw, run_id(entry), seed)))
-                  for entry, seed, cfg in plan(listed, out, args.device)]  # fmt: skip
-        for entry, seed, cfg, state in states:
-            print(f"{run_id(entry)} seed {seed}: {cfg.out} [{state}]")
-        count = {w: sum(w in state.split(" (")[0] for *_, state in states)
-                 for w in ("finished", "running", "stopped")}  # fmt: skip
-        print(f"{count['finished']} of {len(states)} runs finished, {count['running']} running, "
-              f"{count['stopped']} stopped partway (they resume)")  # fmt: skip
-        return 0
-    if not args.table:
-        try:
-            run_cell(config, cell, out, docs, args.device, seeds=wanted)
-        except GloraError as err:  # bad data, a damaged checkpoint, a refused round
-            sys.stderr.write(f"glora experiment: error: {err}\n")
-            return 2
-    return _print_table(config, cell, docs)
-
-
-def _print_table(config: Mapping[str, Any], cell: str, docs: Path) -> int:
-    """Write and print the cell's table; 2 (and why, on stderr) if a raw record is damaged."""
     try:
+        if args.list:
+            listed = config if wanted is None else dict(config) | {"seeds": wanted}
+            _list(listed, cell, out, docs, args.device)
+            return 0
+        if not args.table:
+            run_cell(config, cell, out, docs, args.device, seeds=wanted)
         print(write_table(config, cell, docs).read_text())
-    except GloraError as err:  # a damaged raw record: no table is made from it
+    except GloraError as err:  # bad data, a damaged checkpoint or raw record, a refused round
         sys.stderr.write(f"glora experiment: error: {err}\n")
         return 2
     return 0
+
+
+def _list(config: Mapping[str, Any], cell: str, out: Path, docs: Path, device: str) -> None:
+    """Print the run order and where each run stands, and how many are finished."""
+    raw = docs / "raw" / cell
+    states = [(entry, seed, cfg, run_state(cfg, raw_file(raw, run_id(entry), seed)))
+              for entry, seed, cfg in plan(config, out, device)]  # fmt: skip
+    for entry, seed, cfg, state in states:
+        print(f"{run_id(entry)} seed {seed}: {cfg.out} [{state}]")
+    count = {w: sum(w in state.split(" (")[0] for *_, state in states)
+             for w in ("finished", "running", "stopped")}  # fmt: skip
+    print(f"{count['finished']} of {len(states)} runs finished, {count['running']} running, "
+          f"{count['stopped']} stopped partway (they resume)")  # fmt: skip
 
 
 if __name__ == "__main__":

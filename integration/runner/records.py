@@ -1,18 +1,22 @@
 """A run's raw record: what it holds, and when it is a finished run of its cell.
 
-The record is ``<docs>/raw/<cell>/<run>-seed<k>.json``. The one check of a record, used by
-everything that reads one: the driver (a recorded run is skipped, a record with other settings
-stops it), the cell's tables and the default rule (a table or a choice is never made from a
-record that is not a finished run of the cell's config). A record is refused, naming the file
-and what is wrong, when it is not a JSON object with a ``config`` and a list of ``rounds``;
-when its settings differ from the run's (the device does not count); when it is another seed's;
-when it holds fewer or more rounds than the run, or rounds out of order; when a round lacks the
-validation accuracy, the aggregation error, or the held-out test accuracy and loss of a run
-that evaluates a test set; or when a recorded metric is not a finite number.
+The record is ``<docs>/raw/<cell>/<run>-seed<k>.json``. This module holds the one reading
+and the one check of a record, used by everything that reads one: the driver (a recorded run
+is skipped; it checks the cell's records before it runs anything, and a fresh record before
+it writes it), the cell's tables and the default rule (no table and no choice is made from a
+record that is not a finished run of the cell's config). A record is refused, naming the file,
+what is wrong and what to do, when it is not JSON, or not an object with a ``config`` and a
+list of ``rounds``; when its settings differ from the run's (the device does not count); when
+it is another seed's; when it holds fewer or more rounds than the run, or rounds out of order;
+when a round lacks a metric every round holds (:data:`ROUND_NEEDS`, and the held-out test
+accuracy and loss of a run that evaluates a test set), holds test-set metrics the run does not
+evaluate, or a counterfactual arm lacks its accuracy, loss or error; or when a recorded metric
+is not a finite number.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -46,20 +50,43 @@ ROUND_KEYS = (
     "broadcast_split",
 )
 
+#: What every round of a finished run holds, whatever its settings (``Simulation.step``).
+ROUND_NEEDS = (
+    "accuracy",
+    "eval_loss",
+    "aggregation_error",
+    "server_rank",
+    "server_rank_mean",
+    "seconds",
+)
+
+#: What a round also holds when the run evaluates a held-out test set, and only then.
+TEST_KEYS = ("test_accuracy", "test_loss")
+
 #: The per-round scalars that must be finite numbers where recorded (``None``: not measured,
 #: as the certificate of an operator that has none).
 SCALAR_KEYS = (
-    "accuracy",
-    "eval_loss",
-    "test_accuracy",
-    "test_loss",
+    *ROUND_NEEDS,
+    *TEST_KEYS,
     "mcc",
-    "aggregation_error",
     "aggregation_error_max",
     "certified_residual",
     "certified_residual_max",
-    "server_rank",
-    "server_rank_mean",
+    "eval_seconds",
+)
+
+#: The counterfactual arms of a round (``None`` in rounds that have none): operator or split
+#: name -> what its global model scored, which must hold :data:`ARM_NEEDS`.
+ARM_KEYS = ("counterfactual", "counterfactual_next", "broadcast_split")
+ARM_NEEDS = ("accuracy", "loss", "aggregation_error")
+
+#: What to do about a refused record: one whose settings differ, and a damaged one.
+_OTHER_SETTINGS = (
+    "restore the cell's config, compute elsewhere with a fresh --out (without --docs), or "
+    "delete the record deliberately to recompute the run here"
+)
+_DAMAGED = (
+    "restore the record from version control, or delete it deliberately to recompute the run here"
 )
 
 
@@ -96,11 +123,56 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _not_finite(where: str, row: Mapping[str, Any], keys: tuple[str, ...]) -> str | None:
+    """``"<where>'s <key> (<value>) is not a finite number"`` for the first such key."""
+    for key in keys:
+        if row.get(key) is not None and not _finite(row[key]):
+            return f"{where}'s {key} ({row[key]!r}) is not a finite number"
+    return None
+
+
+def _arm_problem(k: int, row: Mapping[str, Any]) -> str | None:
+    """What is wrong with round ``k``'s counterfactual arms (``None`` if nothing)."""
+    for arm in ARM_KEYS:
+        arms = row.get(arm)
+        if arms is None:
+            continue
+        if not isinstance(arms, Mapping):
+            return f"round {k}'s {arm} is not a JSON object"
+        for name, m in arms.items():
+            where = f"round {k}'s {arm} {name}"
+            if not isinstance(m, Mapping):
+                return f"{where} is not a JSON object"
+            missing = [x for x in ARM_NEEDS if m.get(x) is None]
+            if missing:
+                return f"{where} lacks {', '.join(missing)}"
+            bad = _not_finite(where, m, (*ARM_NEEDS, "certified_residual"))
+            if bad:
+                return bad
+    return None
+
+
+def _round_problem(k: int, row: Any, test: bool) -> str | None:
+    """What is wrong with round ``k`` of a record (``None`` if nothing)."""
+    if not isinstance(row, Mapping):
+        return f"round {k} is not a JSON object"
+    if row.get("round", k) != k:
+        return f"its round {k} is numbered {row.get('round')!r}"
+    missing = [key for key in (*ROUND_NEEDS, *(TEST_KEYS if test else ())) if row.get(key) is None]
+    if missing:
+        return f"round {k} lacks {', '.join(missing)}"
+    if not test and any(key in row for key in TEST_KEYS):
+        return f"round {k} holds test-set metrics, but the run evaluates no test set"
+    return _not_finite(f"round {k}", row, SCALAR_KEYS) or _arm_problem(k, row)
+
+
 def record_problems(rec: Any, cfg: SimConfig) -> list[str]:
     """What keeps ``rec`` (a parsed raw record) from being the finished run ``cfg``.
 
-    Empty if nothing. Each problem is a phrase that follows the record's path ("<file>
-    holds 17 of the run's 20 rounds"); the first problem of a kind stands for the rest.
+    Empty if nothing. Each problem is a phrase that follows the record's path ("<file> holds
+    17 of the run's 20 rounds"). Settings that differ are reported alone (the rest would
+    follow from them); otherwise another seed, the number of rounds and the first round that
+    is wrong.
     """
     if not (
         isinstance(rec, Mapping)
@@ -118,41 +190,54 @@ def record_problems(rec: Any, cfg: SimConfig) -> list[str]:
     rounds = rec["rounds"]
     if len(rounds) != cfg.rounds:
         out.append(f"holds {len(rounds)} of the run's {cfg.rounds} rounds")
-    needed = ["accuracy", "aggregation_error"]
-    if cfg.test_holdout > 0 and cfg.evaluate_test:
-        needed += ["test_accuracy", "test_loss"]
+    test = cfg.test_holdout > 0 and cfg.evaluate_test
     for k, row in enumerate(rounds, start=1):
-        if not isinstance(row, Mapping):
-            out.append(f"round {k} is not a JSON object")
-            break
-        if row.get("round", k) != k:
-            out.append(f"its round {k} is numbered {row.get('round')!r}")
-            break
-        missing = [key for key in needed if row.get(key) is None]
-        if missing:
-            out.append(f"round {k} lacks {', '.join(missing)}")
-            break
-        bad = [key for key in SCALAR_KEYS if key in row and row[key] is not None
-               and not _finite(row[key])]  # fmt: skip
-        if bad:
-            out.append(f"round {k} has a non-finite {', '.join(f'{b} ({row[b]!r})' for b in bad)}")
+        problem = _round_problem(k, row, test)
+        if problem:
+            out.append(problem)
             break
     return out
 
 
 def check_record(path: Path, rec: Any, cfg: SimConfig) -> None:
-    """Raise :class:`RecordError` naming ``path`` and its problems, unless there are none."""
+    """Raise :class:`RecordError` naming ``path``, its problems and what to do, if any."""
     problems = record_problems(rec, cfg)
     if problems:
-        raise RecordError(f"{path} {'; '.join(problems)}")
+        todo = _OTHER_SETTINGS if problems[0].startswith("records this run with") else _DAMAGED
+        raise RecordError(f"{path} {'; '.join(problems)}: {todo}")
+
+
+def read_record(path: Path, cfg: SimConfig) -> dict[str, Any] | None:
+    """The raw record at ``path`` if it is the finished run ``cfg``; ``None`` if there is none.
+
+    Raises
+    ------
+    RecordError
+        If the file cannot be read as JSON, or is not the finished run ``cfg``
+        (:func:`record_problems`): nothing is taken from it, and nothing overwrites it.
+    """
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RecordError(f"{path}: unreadable raw record ({err}); {_DAMAGED}") from None
+    check_record(path, rec, cfg)
+    out: dict[str, Any] = rec
+    return out
 
 
 __all__ = [
+    "ARM_KEYS",
+    "ARM_NEEDS",
     "ROUND_KEYS",
+    "ROUND_NEEDS",
     "SCALAR_KEYS",
+    "TEST_KEYS",
     "RecordError",
     "check_record",
     "differences",
+    "read_record",
     "record_problems",
     "run_config",
 ]

@@ -1,7 +1,7 @@
 """The pre-registered rule that picks the default operator from a powered cell.
 
 :data:`RULE` is the rule as study F fixed it before any run (docs/experiments.md, "The
-default, by rule"); :data:`READING` is how this module reads the three things the text leaves
+default, by rule"); :data:`READING` is how this module reads the five points the text leaves
 open: (1)-(3) written down on 2026-12-06 when the rule was first coded (two of the 20 seeds
 were in), (4)-(5) on 2026-12-07, when a review of this code found the text silent on ties and
 on a difference without spread (ten seeds were in); no comparison had been read as evidence

@@ -30,7 +30,7 @@ from .cells import (
 )
 from .config import ConfigError, SimConfig
 from .files import held, write_atomic, write_text_atomic
-from .records import RecordError, check_record, run_config
+from .records import read_record, run_config
 from .rule import READING, RULE, Candidate, Verdict, default_by_rule
 from .stats import Paired, auc, paired
 
@@ -76,21 +76,17 @@ class CellRaw:
         ------
         RecordError
             If the file is not the finished run of the cell's config at that seed
-            (:func:`~integration.runner.records.record_problems`): no table or choice is
-            made from it.
+            (:func:`~integration.runner.records.read_record`): no table or choice is made
+            from it.
+        ConfigError
+            If ``rid`` is not a run of the cell.
         """
         key = (rid, int(seed))
         if key not in self._read:
-            path = raw_file(self.dir, rid, seed)
-            rec = None
-            if path.is_file():
-                try:
-                    rec = json.loads(path.read_text())
-                except ValueError as err:
-                    raise RecordError(f"{path}: unreadable raw record ({err})") from None
-                cfg = run_config(self.config, self.entries[rid], int(seed), Path("."), "cpu")
-                check_record(path, rec, cfg)
-            self._read[key] = rec
+            if rid not in self.entries:
+                raise ConfigError(f"{rid!r} is not a run of the cell: {sorted(self.entries)}")
+            cfg = run_config(self.config, self.entries[rid], int(seed), Path("."), "cpu")
+            self._read[key] = read_record(raw_file(self.dir, rid, seed), cfg)
         return self._read[key]
 
     def records(self, rid: str) -> dict[int, dict[str, Any]]:

@@ -280,12 +280,14 @@ def test_experiment_smoke_config_runs_resumably_and_writes_tables(
     monkeypatch.setattr(experiment.Simulation, "run", lambda *a, **k: pytest.fail("reran"))
     assert experiment.main(args) == 0
     assert experiment.main([*args, "--table"]) == 0
-    # A folder written with other settings is refused, not silently reused.
+    # A folder or a record written with other settings is refused, not silently reused: the
+    # record first (the driver checks the cell's records before it runs anything).
     changed = cfg | {"base": cfg["base"] | {"lr": 0.5}}
     other = tmp_path / "changed.json"
     other.write_text(json.dumps(changed))
-    with pytest.raises(SystemExit):
-        experiment.main([str(other), "--out", str(out), "--docs", str(docs)])
+    assert experiment.main([str(other), "--out", str(out), "--docs", str(docs)]) == 2
+    with pytest.raises(SystemExit, match="was written with another config"):
+        experiment.main([str(other), "--out", str(out), "--docs", str(tmp_path / "new")])
 
 
 def test_glora_experiment_on_own_data_writes_everything_under_out(
@@ -807,10 +809,10 @@ def test_a_fresh_clone_continues_a_cell_from_its_committed_record(
     # The same run with another learning rate: the record is not this run's.
     path.write_text(json.dumps(config | {"base": base | {"lr": 0.5}}))
     for args in ([], ["--list"]):
-        with pytest.raises(SystemExit) as exc:
-            main([str(path), "--out", str(out), "--docs", str(docs), *args])
-        assert f"{record} records this run with other settings (lr: " in str(exc.value)
-        assert "restore the cell's config" in str(exc.value)
+        assert main([str(path), "--out", str(out), "--docs", str(docs), *args]) == 2
+        err = capsys.readouterr().err
+        assert f"{record} records this run with other settings (lr: " in err
+        assert "restore the cell's config" in err
     assert record.read_bytes() == written
     # The device is not a setting: a record computed on a GPU is the same run.
     rec = json.loads(written)
@@ -819,13 +821,11 @@ def test_a_fresh_clone_continues_a_cell_from_its_committed_record(
     assert main([str(path), "--out", str(out), "--docs", str(docs)]) == 0
     assert "fedit seed 0 is recorded in" in capsys.readouterr().out
     record.write_text(json.dumps(rec | {"rounds": []}))  # a record missing its round
-    with pytest.raises(SystemExit) as exc:
-        main([str(path), "--out", str(out), "--docs", str(docs)])
-    assert f"{record} holds 0 of the run's 1 rounds" in str(exc.value)
+    assert main([str(path), "--out", str(out), "--docs", str(docs)]) == 2
+    assert f"{record} holds 0 of the run's 1 rounds" in capsys.readouterr().err
     record.write_text('{"config": ')
-    with pytest.raises(SystemExit) as exc:
-        main([str(path), "--out", str(out), "--docs", str(docs)])
-    assert f"{record}: unreadable raw record" in str(exc.value)
+    assert main([str(path), "--out", str(out), "--docs", str(docs)]) == 2
+    assert f"{record}: unreadable raw record" in capsys.readouterr().err
     # A fresh --out without --docs has its own (empty) record: everything is computed there.
     fresh = tmp_path / "fresh"
     assert main([str(path), "--out", str(fresh)]) == 0

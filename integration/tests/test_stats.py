@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
-from typing import Any
 
 import mpmath
 import pytest
 
 from integration.stats import auc, paired, t_cdf, t_quantile
+from integration.tests.synthetic import CELL, synthetic_cell
 
 # Student-t 97.5% quantiles, from the tables (e.g. Abramowitz & Stegun, table 26.10).
 _T975 = {1: 12.7062047, 2: 4.3026527, 5: 2.5705818, 9: 2.2621572, 19: 2.0930241, 30: 2.0422725}
@@ -66,12 +66,14 @@ def test_paired_edge_cases() -> None:
     # A value that is not a number is refused by name, not averaged into a NaN interval.
     with pytest.raises(ValueError, match=r"finite; pair 1 is \(nan, 0.2\)"):
         paired([0.1, math.nan], [0.1, 0.2])
-    # No spread: the interval has zero width, on the side of the one difference.
-    const = paired([0.8002, 0.7002, 0.9002], [0.8, 0.7, 0.9])
-    assert const.low == pytest.approx(0.0002)
-    assert const.high == pytest.approx(0.0002)
-    assert const.low > 0.0
+    # No spread: the interval has zero width, on the side of the one difference (exact
+    # binary fractions, so the differences are exactly equal).
+    const = paired([0.75, 0.5, 0.25], [0.5, 0.25, 0.0])
+    assert (const.mean, const.low, const.high) == (0.25, 0.25, 0.25)
     assert const.excludes_zero
+    none = paired([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+    assert (none.low, none.high) == (0.0, 0.0)
+    assert not none.excludes_zero  # no difference lies on neither side
     assert auc([0.5, 0.7, 0.9]) == pytest.approx(0.7)
 
 
@@ -129,7 +131,8 @@ def test_default_rule_branches() -> None:
     assert default_by_rule([ref, b, a]).run == "b"
     assert default_by_rule([ref, Candidate("flex", flat, 0.15, True)]).run == "fedit"
     # Reading (5): the same difference at every seed lies above zero, and branch 1 takes it.
-    const = paired([0.8002, 0.7002, 0.9002], [0.8, 0.7, 0.9])
+    const = paired([0.75, 0.5, 0.25], [0.5, 0.25, 0.0])
+    assert const.low == const.high > 0.0
     got = default_by_rule([ref, Candidate("flex", flat, 0.01, True),
                            Candidate("steady", const, 0.3, False)])  # fmt: skip
     assert got.run == "steady"
@@ -137,60 +140,11 @@ def test_default_rule_branches() -> None:
         default_by_rule([])
 
 
-def _synthetic_cell(raw: Path, seeds: list[int], config: dict[str, Any] | None = None) -> None:
-    """Raw JSON of a small cell: FedIT, FlexLoRA (R = r, lower error), glora_auto_rank (a
-    larger server rank, the lowest error) and an uncompared reference, 3 rounds each.
-
-    Each record holds its run's settings (``_CELL``'s, or ``config``'s), as the driver's do.
-    """
-    import json
-    from dataclasses import asdict
-
-    from integration.runner.cells import entries, run_id
-    from integration.runner.records import run_config
-
-    config = config or _CELL
-    by_id = {run_id(e): e for e in entries(config)}
-    raw.mkdir(parents=True, exist_ok=True)
-    runs = {  # id: (server ranks, error, accuracy offset per seed)
-        "fedit": ([4, 4, 4], 0.20, [0.0, 0.0, 0.0]),
-        "flexlora": ([4, 4, 4], 0.07, [0.004, -0.003, 0.001]),
-        "glora_auto_rank": ([9, 8, 7], 0.04, [-0.002, 0.003, 0.0]),
-        "central": ([4, 4, 4], 0.0, [0.05, 0.05, 0.05]),
-    }
-    for rid, (ranks, err, off) in runs.items():
-        for s in seeds:
-            rounds = [
-                {"round": j + 1, "accuracy": 0.7 + 0.01 * j, "eval_loss": 0.5,
-                 "test_accuracy": 0.8 + 0.01 * j + off[s] + 0.001 * s, "test_loss": 0.4,
-                 "aggregation_error": err * (1 + 0.1 * j), "server_rank": ranks[j],
-                 "seconds": 1.0}
-                for j in range(3)
-            ]  # fmt: skip
-            cfg = asdict(run_config(config, by_id[rid], s, raw, "cpu"))
-            rec = {"id": rid, "seed": s, "config": cfg, "rounds": rounds}
-            (raw / f"{rid}-seed{s}.json").write_text(json.dumps(rec))
-
-
-#: The small cell of :func:`_synthetic_cell`: a reference, two primary runs, one uncompared.
-_CELL: dict[str, Any] = {
-    "seeds": [0, 1, 2],
-    "reference": "fedit",
-    "primary": {"metric": "last3", "runs": ["flexlora", "glora_auto_rank"],
-                "default_rule": True},
-    "base": {"model": "tiny-roberta", "task": "sst2", "rank": 4, "rounds": 3,
-             "test_holdout": 100},
-    "runs": [{"operator": "fedit"}, {"operator": "flexlora"},
-             {"operator": "glora_auto_rank"},
-             {"operator": "fedit", "id": "central", "compared": False}],
-}  # fmt: skip
-
-
 def test_paired_table_reads_only_complete_cells_and_applies_the_rule(tmp_path: Path) -> None:
     from integration.runner.tables import paired_table
 
-    config = _CELL
-    _synthetic_cell(tmp_path / "raw" / "c", [0, 1, 2])
+    config = CELL
+    synthetic_cell(tmp_path / "raw" / "c", [0, 1, 2])
     text = paired_table(config, "c", tmp_path)
     assert "| central |" not in text  # a reference run is in no comparison
     assert "this table holds 10 comparisons" in text  # 2 runs x 5 metrics
@@ -240,66 +194,3 @@ def test_the_rule_is_quoted_word_for_word() -> None:
         text = " ".join((root / doc).read_text().split())
         for part in (RULE, READING):
             assert " ".join(part.split()) in text, (doc, part[:40])
-
-
-@pytest.mark.parametrize(
-    ("damage", "said"),
-    [
-        ("truncated", "holds 2 of the run's 3 rounds"),
-        ("another lr", "records this run with other settings (lr: 0.5 there, "),
-        ("another seed", "is the record of seed 1, not of seed 0"),
-        ("no test accuracy", "round 2 lacks test_accuracy"),
-        ("no aggregation error", "round 1 lacks aggregation_error"),
-        ("NaN", "round 3 has a non-finite test_accuracy (nan)"),
-        ("rounds out of order", "its round 2 is numbered 3"),
-        ("not a record", "is not a raw record"),
-        ("unreadable", ": unreadable raw record"),
-    ],
-)
-def test_a_record_that_is_not_a_finished_run_of_the_cell_makes_no_table_and_no_choice(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str, said: str
-) -> None:
-    # The rule and every table read a record only if it is a finished run of the cell's
-    # config: a run cut short, another seed's or lr's record, a metric missing or not a
-    # number would otherwise decide the default silently (a truncated run changes which
-    # three rounds are "the last 3"). Each is refused, naming the file and what is wrong.
-    import json
-
-    from integration.runner.experiment import main
-    from integration.runner.records import RecordError
-    from integration.runner.tables import decide_default, paired_table
-
-    config = _CELL | {"name": "c"}
-    raw = tmp_path / "raw" / "c"
-    _synthetic_cell(raw, [0, 1, 2], config)
-    assert decide_default(config, "c", tmp_path).verdict is not None  # intact: a choice
-    path = raw / "flexlora-seed0.json"
-    rec = json.loads(path.read_text())
-    rounds = rec["rounds"]
-    if damage == "truncated":
-        rec["rounds"] = rounds[:2]
-    elif damage == "another lr":
-        rec["config"]["lr"] = 0.5
-    elif damage == "another seed":
-        rec["seed"] = 1
-    elif damage == "no test accuracy":
-        del rounds[1]["test_accuracy"]
-    elif damage == "no aggregation error":
-        rounds[0]["aggregation_error"] = None
-    elif damage == "NaN":
-        rounds[2]["test_accuracy"] = math.nan
-    elif damage == "rounds out of order":
-        rounds[1]["round"], rounds[2]["round"] = 3, 2
-    elif damage == "not a record":
-        rec = rounds
-    text = "{" if damage == "unreadable" else json.dumps(rec)
-    path.write_text(text)
-    for make in (paired_table, decide_default):
-        with pytest.raises(RecordError) as exc:
-            make(config, "c", tmp_path)
-        assert f"{path}{'' if said.startswith(':') else ' '}{said}" in str(exc.value)
-    cfile = tmp_path / "c.json"
-    cfile.write_text(json.dumps(config))
-    assert main([str(cfile), "--docs", str(tmp_path), "--table"]) == 2
-    assert said in capsys.readouterr().err
-    assert path.read_text() == text  # nothing rewritten
