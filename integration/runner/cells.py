@@ -37,8 +37,9 @@ def cell_problems(config: Mapping[str, Any]) -> list[str]:
     """What is wrong with the cell's seeds, its comparisons and the entries' own ``seeds``.
 
     The cell's ``seeds`` is a non-empty list of integers; the ``reference`` and the
-    ``primary`` runs are compared entries of the cell, on a known metric; an entry's own
-    seeds are a subset of the cell's, and a compared run runs at every seed of the cell.
+    ``primary`` runs are compared entries of the cell, on a known metric; the runs that
+    ``select`` chooses among are runs of the cell; an entry's own seeds are a subset of the
+    cell's, and a compared run runs at every seed of the cell.
     """
     seeds = config.get("seeds")
     if (
@@ -65,6 +66,14 @@ def cell_problems(config: Mapping[str, Any]) -> list[str]:
         if unknown or not primary.get("runs"):
             out.append(f"primary: runs {unknown or '[]'} are not compared runs of the cell: "
                        f"{others}")  # fmt: skip
+    select = config.get("select")
+    if select is not None:
+        among = select.get("among") if isinstance(select, Mapping) else None
+        if not isinstance(among, list) or not among:
+            out.append(f"select: 'among' must be a non-empty list of run ids, got {among!r}")
+        elif [r for r in among if r not in ids]:
+            out.append(f"select: runs {[r for r in among if r not in ids]} are not runs of the "
+                       f"cell: {ids}")  # fmt: skip
     for e in entries(config):
         stray = sorted({int(s) for s in e.get("seeds", [])} - cell_seeds)
         if stray:

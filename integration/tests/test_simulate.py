@@ -731,6 +731,8 @@ def test_a_cell_config_is_checked_before_anything_runs(
                                                               "runs": ["flexlora"]}},
         "primary: runs ['central'] are not compared runs": {"primary": {"metric": "last3",
                                                                          "runs": ["central"]}},
+        "select: runs ['lr9'] are not runs of the cell": {"select": {"among": ["fedit", "lr9"]}},
+        "select: 'among' must be a non-empty list of run ids, got []": {"select": {"among": []}},
     }  # fmt: skip
     path = tmp_path / "cell.json"
     for message, change in cases.items():
