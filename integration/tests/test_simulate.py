@@ -934,3 +934,25 @@ def test_shipped_cells_share_a_run_folder_only_for_the_same_run(tmp_path: Path) 
             settings = results_config(asdict(cfg))
             first = seen.setdefault(cfg.out, (path.name, settings))
             assert first[1] == settings, f"{path.name} and {first[0]} both use {cfg.out}"
+
+
+def test_the_run_queue_runs_every_cell_study_f_still_needs_once() -> None:
+    # The two chains of run_queue.sh are how study F's cells get computed on a 2-core
+    # machine: a cell left out, named twice or misspelt would be noticed only hours later.
+    import re
+
+    root = Path(__file__).parents[1] / "experiments"
+    script = (root / "run_queue.sh").read_text()
+    named = re.findall(r"\$X/([\w.]+)\.json", script)
+    assert all((root / f"{n}.json").is_file() for n in named), named
+    cells = {"f_sst2_powered", "g_sst2_counterfactual", "h_llm_subj", "i_sst2_alpha0.1",
+               "j_sst2_steps50", "k_sst2_hetero", "l_sst2_alpha0.1_counterfactual",
+               "m_sst2_counterfactual_flexlora"}  # fmt: skip
+    assert set(named) == cells
+    # Each cell once, except the powered cell, whose seeds the two chains split between them.
+    assert sorted(n for n in named if n != "f_sst2_powered") == sorted(cells - {"f_sst2_powered"})
+    seeds = [{int(s) for s in m.split(",")} for m in re.findall(r"--seeds ([\d,]+)", script)]
+    assert len(seeds) == 2
+    assert not seeds[0] & seeds[1]
+    powered = json.loads((root / "f_sst2_powered.json").read_text())
+    assert seeds[0] | seeds[1] == set(powered["seeds"])
