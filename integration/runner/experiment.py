@@ -179,7 +179,7 @@ def run_cell(
     for entry, seed, cfg in plan(todo, out, device):
         results = _check_folder(cfg)
         record = raw_file(raw, run_id(entry), seed)
-        if results is None and recorded(cfg, record):
+        if results is None and cr.record(run_id(entry), seed) is not None:  # read above
             print(f"[{cell}] {run_id(entry)} seed {seed} is recorded in {record}; skipping it",
                   flush=True)  # fmt: skip
             continue

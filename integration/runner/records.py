@@ -199,14 +199,6 @@ def record_problems(rec: Any, cfg: SimConfig) -> list[str]:
     return out
 
 
-def check_record(path: Path, rec: Any, cfg: SimConfig) -> None:
-    """Raise :class:`RecordError` naming ``path``, its problems and what to do, if any."""
-    problems = record_problems(rec, cfg)
-    if problems:
-        todo = _OTHER_SETTINGS if problems[0].startswith("records this run with") else _DAMAGED
-        raise RecordError(f"{path} {'; '.join(problems)}: {todo}")
-
-
 def read_record(path: Path, cfg: SimConfig) -> dict[str, Any] | None:
     """The raw record at ``path`` if it is the finished run ``cfg``; ``None`` if there is none.
 
@@ -222,7 +214,10 @@ def read_record(path: Path, cfg: SimConfig) -> dict[str, Any] | None:
         rec = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise RecordError(f"{path}: unreadable raw record ({err}); {_DAMAGED}") from None
-    check_record(path, rec, cfg)
+    problems = record_problems(rec, cfg)
+    if problems:  # what to do: settings that differ are the config's business, damage is not
+        todo = _OTHER_SETTINGS if problems[0].startswith("records this run with") else _DAMAGED
+        raise RecordError(f"{path} {'; '.join(problems)}: {todo}")
     out: dict[str, Any] = rec
     return out
 
@@ -235,7 +230,6 @@ __all__ = [
     "SCALAR_KEYS",
     "TEST_KEYS",
     "RecordError",
-    "check_record",
     "differences",
     "read_record",
     "record_problems",

@@ -946,8 +946,8 @@ def test_the_run_queue_runs_every_cell_study_f_still_needs_once() -> None:
     named = re.findall(r"\$X/([\w.]+)\.json", script)
     assert all((root / f"{n}.json").is_file() for n in named), named
     cells = {"f_sst2_powered", "g_sst2_counterfactual", "h_llm_subj", "i_sst2_alpha0.1",
-               "j_sst2_steps50", "k_sst2_hetero", "l_sst2_alpha0.1_counterfactual",
-               "m_sst2_counterfactual_flexlora"}  # fmt: skip
+             "j_sst2_steps50", "k_sst2_hetero", "l_sst2_alpha0.1_counterfactual",
+             "m_sst2_counterfactual_flexlora"}  # fmt: skip
     assert set(named) == cells
     # Each cell once, except the powered cell, whose seeds the two chains split between them.
     assert sorted(n for n in named if n != "f_sst2_powered") == sorted(cells - {"f_sst2_powered"})
