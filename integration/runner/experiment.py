@@ -71,17 +71,41 @@ def plan(
     ]
 
 
+class RunFolderError(GloraError):
+    """A run folder that cannot be taken for its run: written with other settings, or unreadable.
+
+    Nothing in the folder is run, overwritten or removed; the message names the file, what is
+    wrong, and what to do (remove the folder to rerun the run with the current settings).
+    """
+
+
 def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
-    """The finished results of a run folder (None if unfinished); its config must match."""
+    """The finished results of a run folder (None if unfinished); its config must match.
+
+    Raises
+    ------
+    RunFolderError
+        If the folder's ``results.json`` or ``checkpoint.json`` was written with other
+        settings, or its ``results.json`` is unreadable. An unreadable checkpoint is left to
+        the resume, which refuses it naming what is wrong (``CheckpointError``).
+    """
     folder = Path(cfg.out)
     for name in ("results.json", "checkpoint.json"):
         path = folder / name
         if not path.is_file():
             continue
-        saved = json.loads(path.read_text())
-        diff = differences(saved["config"], cfg)
+        try:
+            saved = json.loads(path.read_text())
+            diff = differences(saved["config"], cfg)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            if name == "checkpoint.json":
+                return None
+            raise RunFolderError(
+                f"{path} is unreadable or holds no config ({type(err).__name__}: {err}"[:200]
+                + f"); remove {folder} to rerun the run"
+            ) from None
         if diff:
-            raise SystemExit(
+            raise RunFolderError(
                 f"{path} was written with another config ({'; '.join(diff[:3])}); remove "
                 f"{folder} to rerun it with the current settings"
             )
@@ -117,10 +141,11 @@ def run_state(cfg: SimConfig, record: Path | None = None) -> str:
     n, stopped`` (it resumes when run again) or ``not started``; read from the run folder and
     the record alone (no model is loaded, nothing is verified). A record with other
     settings, an incomplete, damaged or unreadable one raises ``RecordError``
-    (:func:`recorded`).
+    (:func:`recorded`); a run folder written with other settings, or with an unreadable
+    ``results.json``, raises ``RunFolderError``.
     """
     folder = Path(cfg.out)
-    if (folder / "results.json").is_file():
+    if _check_folder(cfg) is not None:
         return "finished"
     if record is not None and recorded(cfg, record):
         return f"finished (recorded in {record})"
@@ -307,6 +332,7 @@ if __name__ == "__main__":
 __all__ = [
     "CEILING_ID",
     "ROUND_KEYS",
+    "RunFolderError",
     "Simulation",
     "cell_name",
     "cell_problems",

@@ -255,7 +255,7 @@ def test_encoder_pads_like_the_tokenizer_and_mcc() -> None:
 
 
 def test_experiment_smoke_config_runs_resumably_and_writes_tables(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from integration import experiment
 
@@ -286,8 +286,9 @@ def test_experiment_smoke_config_runs_resumably_and_writes_tables(
     other = tmp_path / "changed.json"
     other.write_text(json.dumps(changed))
     assert experiment.main([str(other), "--out", str(out), "--docs", str(docs)]) == 2
-    with pytest.raises(SystemExit, match="was written with another config"):
-        experiment.main([str(other), "--out", str(out), "--docs", str(tmp_path / "new")])
+    capsys.readouterr()
+    assert experiment.main([str(other), "--out", str(out), "--docs", str(tmp_path / "new")]) == 2
+    assert "was written with another config" in capsys.readouterr().err
 
 
 def test_glora_experiment_on_own_data_writes_everything_under_out(
@@ -751,7 +752,9 @@ def test_a_cell_config_is_checked_before_anything_runs(
 
 
 def test_list_says_where_each_run_stands(tmp_path: Path) -> None:
-    from integration.runner.experiment import run_state
+    from dataclasses import asdict
+
+    from integration.runner.experiment import RunFolderError, run_state
     from integration.runner.files import held
 
     cfg = SimConfig(model="tiny-roberta", rounds=20, out=str(tmp_path / "run"))
@@ -766,8 +769,14 @@ def test_list_says_where_each_run_stands(tmp_path: Path) -> None:
         assert run_state(cfg) == "round 7 of 20, running"
     (tmp_path / "run" / "checkpoint.json").write_text('{"round": ')
     assert run_state(cfg).startswith("checkpoint unreadable")
-    (tmp_path / "run" / "results.json").write_text("{}")
+    (tmp_path / "run" / "results.json").write_text("{}")  # damaged: no config
+    with pytest.raises(RunFolderError, match="is unreadable or holds no config"):
+        run_state(cfg)
+    (tmp_path / "run" / "results.json").write_text(json.dumps({"config": asdict(cfg)}))
     assert run_state(cfg) == "finished"
+    (tmp_path / "run" / "results.json").write_text(json.dumps({"config": asdict(cfg) | {"lr": 1}}))
+    with pytest.raises(RunFolderError, match=r"written with another config \(lr: 1 there"):
+        run_state(cfg)
 
 
 def test_a_fresh_clone_continues_a_cell_from_its_committed_record(
@@ -839,7 +848,9 @@ def test_a_fresh_clone_continues_a_cell_from_its_committed_record(
     ]  # the runner is deterministic: recomputed, the same numbers
 
 
-def test_a_run_folder_with_other_settings_is_refused_naming_what_differs(tmp_path: Path) -> None:
+def test_a_run_folder_with_other_settings_is_refused_naming_what_differs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # The twin of the record's check: a run folder's results.json written with another
     # setting stops the driver (nothing is run or overwritten) and says which setting.
     from dataclasses import asdict
@@ -855,13 +866,21 @@ def test_a_run_folder_with_other_settings_is_refused_naming_what_differs(tmp_pat
     folder.mkdir(parents=True)
     saved = json.dumps({"config": asdict(cfg) | {"lr": 0.5}, "metrics": []})
     (folder / "results.json").write_text(saved)
-    with pytest.raises(SystemExit) as exc:
-        main([str(path), "--out", str(out)])
-    assert f"{folder / 'results.json'} was written with another config (lr: 0.5 there, " in str(
-        exc.value
-    )
+    assert main([str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"glora experiment: error: {folder / 'results.json'} was written with "
+                          "another config (lr: 0.5 there, ")  # fmt: skip
     assert (folder / "results.json").read_text() == saved
     assert not (out / "raw").exists() or not any((out / "raw").rglob("*.json"))
+    # A damaged results.json (not JSON, or JSON without a config) is refused the same way,
+    # naming the file and what to do, and left as it is.
+    for damaged in ("{not json", json.dumps({"metrics": []}), json.dumps([1, 2])):
+        (folder / "results.json").write_text(damaged)
+        assert main([str(path), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{folder / 'results.json'} is unreadable or holds no config (" in err
+        assert f"remove {folder} to rerun the run" in err
+        assert (folder / "results.json").read_text() == damaged
 
 
 def test_every_committed_run_counts_as_finished_for_its_cell(tmp_path: Path) -> None:
