@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -323,6 +324,39 @@ def _list(config: Mapping[str, Any], cell: str, out: Path, docs: Path, device: s
              for w in ("finished", "running", "stopped")}  # fmt: skip
     print(f"{count['finished']} of {len(states)} runs finished, {count['running']} running, "
           f"{count['stopped']} stopped partway (they resume)")  # fmt: skip
+    left = [(run_id(e), _rounds_done(state), cfg.rounds) for e, _, cfg, state in states
+            if not state.startswith("finished")]  # fmt: skip
+    if left and count["finished"]:
+        print(_time_left(left, CellRaw(config, cell, docs)))
+
+
+def _rounds_done(state: str) -> int:
+    """The rounds a run that is not finished has saved (``round k of n, ...``; else 0)."""
+    return int(state.split()[1]) if state.startswith("round ") else 0
+
+
+def _time_left(left: Sequence[tuple[str, int, int]], cr: CellRaw) -> str:
+    """How long the rounds ``left`` (run id, rounds saved, rounds) take, at each run's pace.
+
+    A run's pace is, for each round, the median over its finished seeds of the ``seconds``
+    that round took (training, aggregation, evaluation and any counterfactual arms, measured
+    beside whatever else ran on the machine): round by round, because rounds differ (the
+    first loads the model; a counterfactual cell runs its further arms at some rounds only),
+    and the median, because a round during which the process was paused or the machine
+    busier counts its whole wall time. A run without a finished seed is not estimated.
+    """
+    pace: dict[str, list[float] | None] = {}
+    for rid, _, _ in left:
+        if rid not in pace:
+            recs = list(cr.records(rid).values())
+            by_round = zip(*([r["seconds"] for r in rec["rounds"]] for rec in recs), strict=True)
+            pace[rid] = [statistics.median(secs) for secs in by_round] if recs else None
+    known = [sum(p[done:n]) for rid, done, n in left if (p := pace[rid]) is not None]
+    say = (f"about {sum(known) / 3600:.1f} one-core hours left for {len(known)} runs (each "
+           "round at the median seconds of that round over the run's finished seeds)")  # fmt: skip
+    if len(known) < len(left):
+        say += f"; {len(left) - len(known)} runs not estimated (no finished seed of their run)"
+    return say
 
 
 if __name__ == "__main__":

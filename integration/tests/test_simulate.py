@@ -779,6 +779,46 @@ def test_list_says_where_each_run_stands(tmp_path: Path) -> None:
         run_state(cfg)
 
 
+def test_list_estimates_the_time_left_round_by_round_from_finished_seeds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--list` says how long the runs left take: each round at the median, over the run's
+    # finished seeds, of what that round took (a round paused for hours in one seed does not
+    # count), from the round a stopped run has saved; a run with no finished seed is not
+    # estimated, and a cell with nothing finished gets no estimate.
+    from dataclasses import asdict
+
+    from integration.runner.experiment import main, plan
+    from integration.tests.synthetic import CELL, synthetic_cell
+
+    config = CELL | {"seeds": [0, 1, 2, 3], "runs": [*CELL["runs"], {"operator": "glora_auto"}]}
+    path, out, docs = tmp_path / "cell.json", tmp_path / "out", tmp_path / "docs"
+    path.write_text(json.dumps(config))
+    assert main([str(path), "--out", str(out), "--docs", str(docs), "--list"]) == 0
+    assert "hours left" not in capsys.readouterr().out  # nothing finished: no estimate
+    synthetic_cell(docs / "raw" / "cell", [0, 1, 2], config)  # every round took 1 s
+    hours = {0: [1, 2, 3], 1: [3, 4, 100], 2: [2, 3, 4]}  # fedit; round-wise medians 2, 3, 4
+    for seed, took in hours.items():
+        f = docs / "raw" / "cell" / f"fedit-seed{seed}.json"
+        rec = json.loads(f.read_text())
+        for row, h in zip(rec["rounds"], took, strict=True):
+            row["seconds"] = 3600.0 * h
+        f.write_text(json.dumps(rec))
+    (cfg,) = [c for e, s, c in plan(config, out / "runs") if s == 3 and e["operator"] == "fedit"
+              and "id" not in e]  # fmt: skip
+    Path(cfg.out).mkdir(parents=True)  # fedit seed 3 stopped after its first round
+    (Path(cfg.out) / "checkpoint.json").write_text(json.dumps({"round": 1, "config": asdict(cfg)}))
+    assert main([str(path), "--out", str(out), "--docs", str(docs), "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert "[round 1 of 3, stopped]" in listed
+    # fedit: rounds 2 and 3 at 3 h and 4 h; flexlora, glora_auto_rank, central: 3 s each.
+    assert listed.rstrip().endswith(
+        "about 7.0 one-core hours left for 4 runs (each round at the median seconds of that "
+        "round over the run's finished seeds); 4 runs not estimated (no finished seed of "
+        "their run)"
+    )
+
+
 def test_a_fresh_clone_continues_a_cell_from_its_committed_record(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
