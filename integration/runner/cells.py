@@ -39,7 +39,8 @@ def cell_problems(config: Mapping[str, Any]) -> list[str]:
     The cell's ``seeds`` is a non-empty list of integers; the ``reference`` and the
     ``primary`` runs are compared entries of the cell, on a known metric; the runs that
     ``select`` chooses among are runs of the cell; an entry's own seeds are a subset of the
-    cell's, and a compared run runs at every seed of the cell.
+    cell's, and a compared run runs at every seed of the cell; ``other_trajectory`` names a
+    cell and a run, and the cell has one run with counterfactual rounds to compare with it.
     """
     seeds = config.get("seeds")
     if (
@@ -74,6 +75,7 @@ def cell_problems(config: Mapping[str, Any]) -> list[str]:
         elif [r for r in among if r not in ids]:
             out.append(f"select: runs {[r for r in among if r not in ids]} are not runs of the "
                        f"cell: {ids}")  # fmt: skip
+    out += _other_trajectory_problems(config)
     for e in entries(config):
         stray = sorted({int(s) for s in e.get("seeds", [])} - cell_seeds)
         if stray:
@@ -82,6 +84,24 @@ def cell_problems(config: Mapping[str, Any]) -> list[str]:
         if run_id(e) in compared and "seeds" in e:
             out.append(f"{run_id(e)}: a compared run (the reference or a primary run) runs at "
                        "every seed of the cell; leave out its own 'seeds'")  # fmt: skip
+    return out
+
+
+def _other_trajectory_problems(config: Mapping[str, Any]) -> list[str]:
+    """What is wrong with ``other_trajectory`` (nothing where the cell has none)."""
+    other = config.get("other_trajectory")
+    if other is None:
+        return []
+    out = []
+    own = [e for e in entries(config) if e.get("counterfactual")]
+    if not (isinstance(other, Mapping) and set(other) == {"cell", "run"}
+            and all(isinstance(v, str) and v for v in other.values())):  # fmt: skip
+        out.append("other_trajectory: must be {'cell': <a cell's config or name>, 'run': "
+                   f"<its run with counterfactual rounds>}}, got {other!r}")  # fmt: skip
+    if len(own) != 1:
+        out.append("other_trajectory: compares arm (a) along this cell's trajectory with "
+                   "another's, and needs exactly one run with counterfactual rounds here, "
+                   f"found {[run_id(e) for e in own]}")  # fmt: skip
     return out
 
 
@@ -158,3 +178,21 @@ def mean_or_none(xs: Sequence[float | None]) -> float | None:
     """The mean of the values that are not ``None`` (``None`` if there are none)."""
     vals = [float(x) for x in xs if x is not None]
     return statistics.mean(vals) if vals else None
+
+
+#: The cells shipped with the package (``glora experiment a_sst2`` finds ``a_sst2.json`` here).
+SHIPPED = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def find_config(name: str) -> Path:
+    """A config file's path, or a shipped cell's by name (``a_sst2``, ``f_sst2_powered``, ...)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = SHIPPED / f"{path.stem}.json"
+    if not path.suffix and shipped.is_file():
+        return shipped
+    cells = sorted(q.stem for q in SHIPPED.glob("*.json"))
+    raise FileNotFoundError(
+        f"{name}: no such config file, and not a shipped cell ({', '.join(cells)})"
+    )

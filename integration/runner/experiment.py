@@ -25,8 +25,11 @@ first: ``{"operator": ..., "label": ..., "id": ..., "seeds": [...], <SimConfig o
 (true: add a centralised run, one client holding all the training data with the same number
 of optimizer steps, ``rounds * local_steps``, as each federated client; a mapping: the same
 with these settings overridden, e.g. ``{"client_ranks": [8]}`` or ``{"seeds": [0, 1]}``),
-``out`` (run folders; cells may share one, so that identical runs are done once). The older
-form with an ``operators`` list is accepted.
+``out`` (run folders; cells may share one, so that identical runs are done once),
+``other_trajectory`` (``{"cell": <config or shipped cell>, "run": <id>}``: arm (a) of this
+cell's counterfactual run compared, seed by seed, with the same arm along that run's
+trajectory; :func:`~integration.runner.tables.trajectory_table`). The older form with an
+``operators`` list is accepted.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from .cells import (
     cell_name,
     cell_problems,
     entries,
+    find_config,
     label,
     raw_file,
     run_id,
@@ -231,24 +235,6 @@ def run_cell(
                               f"written to {record}")  # fmt: skip
         write_text_atomic(record, json.dumps(rec, indent=1) + "\n")
         write_table(config, cell, docs)
-
-
-#: The cells shipped with the package (``glora experiment a_sst2`` finds ``a_sst2.json`` here).
-SHIPPED = Path(__file__).resolve().parents[1] / "experiments"
-
-
-def find_config(name: str) -> Path:
-    """A config file's path, or a shipped cell's by name (``a_sst2``, ``f_sst2_powered``, ...)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    shipped = SHIPPED / f"{path.stem}.json"
-    if not path.suffix and shipped.is_file():
-        return shipped
-    cells = sorted(q.stem for q in SHIPPED.glob("*.json"))
-    raise FileNotFoundError(
-        f"{name}: no such config file, and not a shipped cell ({', '.join(cells)})"
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

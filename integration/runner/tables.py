@@ -18,9 +18,11 @@ from typing import Any
 from .cells import (
     CEILING_ID,
     PAIRED_METRICS,
+    cell_name,
     cell_problems,
     compared_entries,
     entries,
+    find_config,
     label,
     mean_or_none,
     ms,
@@ -570,6 +572,99 @@ def counterfactual_table(
     )
 
 
+def trajectory_table(
+    config: Mapping[str, Any], cell: str, docs: Path, *, cr: CellRaw | None = None
+) -> str:
+    """Arm (a) along two trajectories: whether its comparison of two operators follows the owner.
+
+    Arm (a) evaluates each operator's aggregate of a round's uploads in the state the
+    trajectory left (the clients trained from the trajectory's own previous aggregate), which
+    may favour the trajectory's operator. ``other_trajectory`` names another cell's run with
+    counterfactual rounds and another operator of its own (cell m names cell g: FlexLoRA's
+    trajectory against FedIT's); both cells' raw records are read from ``docs``. Per seed and
+    trajectory, d = the mean over rounds of the other owner's test loss minus this cell's
+    owner's (positive: this cell's owner has the lower loss). Per trajectory, the mean of d
+    with a nominal 95% t-interval over its seeds; then the change of d from the other
+    trajectory to this one, paired over the seeds both have. The sign follows the
+    trajectory's owner when each trajectory's mean favours its own operator.
+
+    Raises
+    ------
+    ConfigError
+        If the other cell's run does not exist or has no counterfactual rounds, the two runs
+        have the same operator, or either run's arm (a) leaves out one of the two operators.
+    """
+    other = config.get("other_trajectory")
+    if not other:
+        return ""
+    cr = cr or CellRaw(config, cell, docs)
+    (mine,) = [e for e in entries(config) if e.get("counterfactual")]
+    path = find_config(str(other["cell"]))
+    other_config = json.loads(path.read_text())
+    other_cell = cell_name(other_config, path)
+    theirs = {run_id(e): e for e in entries(other_config)}.get(str(other["run"]))
+    if theirs is None or not theirs.get("counterfactual"):
+        raise ConfigError(f"other_trajectory: {other['run']!r} is not a run with counterfactual "
+                          f"rounds of {other_cell} ({path})")  # fmt: skip
+    a = str(mine.get("operator", config["base"].get("operator", "")))
+    b = str(theirs.get("operator", other_config["base"].get("operator", "")))
+    if a == b:
+        raise ConfigError(f"other_trajectory: both trajectories are {a}'s; name a run of "
+                          "another operator")  # fmt: skip
+    for e, name in ((mine, cell), (theirs, other_cell)):
+        left_out = [op for op in (a, b) if op not in e["counterfactual"]]
+        if left_out:
+            raise ConfigError(f"other_trajectory: {run_id(e)} of {name} does not aggregate "
+                              f"{left_out} in arm (a)")  # fmt: skip
+
+    def d(c: CellRaw, rid: str) -> dict[int, float]:
+        out = {}
+        for seed, rec in c.records(rid).items():
+            arms = [r["counterfactual"] for r in rec["rounds"] if r.get("counterfactual")]
+            out[seed] = statistics.fmean(x[b]["loss"] - x[a]["loss"] for x in arms)
+        return out
+
+    along = {b: d(CellRaw(other_config, other_cell, docs), run_id(theirs)), a: d(cr, run_id(mine))}
+    where = {b: f"{other_cell}, run {run_id(theirs)}", a: f"this cell, run {run_id(mine)}"}
+    lines = [
+        f"| trajectory | seeds | d = loss({b}'s aggregate) - loss({a}'s), mean over rounds: "
+        f"mean [95% t-interval] seeds {a} lower/higher |",
+        "| --- | --- | --- |",
+    ]
+    for owner in (b, a):
+        got = list(along[owner].values())
+        shown = str(paired(got, [0.0] * len(got))) if got else "no finished seed yet"
+        lines.append(f"| {owner}'s ({where[owner]}) | {len(got)} | {shown} |")
+    both = sorted(along[a].keys() & along[b].keys())
+    change = (str(paired([along[a][s] for s in both], [along[b][s] for s in both]))
+              if both else "no seed in both yet")  # fmt: skip
+    lines.append(f"| change: along {a}'s - along {b}'s, paired by seed | {len(both)} | {change} |")
+    if along[a] and along[b]:
+        follows = statistics.fmean(along[b].values()) < 0 < statistics.fmean(along[a].values())
+        verdict = (f"The sign follows the trajectory's owner (each trajectory's mean d favours "
+                   f"its own operator): {'yes' if follows else 'no'}.")  # fmt: skip
+    else:
+        verdict = "The sign cannot be read until both trajectories have a finished seed."
+    return "\n".join(
+        [
+            "",
+            f"## Arm (a) along two trajectories: {b}'s and {a}'s",
+            "",
+            f"Does arm (a)'s comparison of {a} and {b} keep its sign when the trajectory is "
+            f"{a}'s rather than {b}'s? Both are arm (a) of the same settings and seeds, "
+            f"along {b}'s trajectory ({other_cell}) and along {a}'s (this cell); "
+            "intervals are nominal and descriptive.",
+            "",
+            *lines,
+            "",
+            f"{verdict} Where it does, arm (a) measures the trajectory's home advantage and no "
+            "operator is ranked from it; arm (b) and the broadcast split, which train one "
+            "round further, are the arms read (docs/experiments.md, pre-registered).",
+            "",
+        ]
+    )
+
+
 def _correlation(xs: Sequence[float], ys: Sequence[float]) -> str:
     if len(xs) > 2 and statistics.pstdev(xs) > 0 and statistics.pstdev(ys) > 0:
         return f"{statistics.correlation(xs, ys):+.3f} (n = {len(xs)})"
@@ -692,6 +787,7 @@ def write_table(config: Mapping[str, Any], cell: str, docs: Path) -> Path:
         text = table(config, cell, docs, cr=cr) + selection(config, cell, docs, cr=cr)
         text += paired_table(config, cell, docs, cr=cr)
         text += counterfactual_table(config, cell, docs, cr=cr)
+        text += trajectory_table(config, cell, docs, cr=cr)
         if write_plot(config, cell, docs, cr=cr) is not None:
             text += f"\n![accuracy and aggregation error per round]({cell}.png)\n"
         write_text_atomic(path, text)
