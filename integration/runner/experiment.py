@@ -61,7 +61,7 @@ from .files import FolderInUseError, busy, write_text_atomic
 from .records import ROUND_KEYS, RecordError, differences, read_record, record_problems, run_config
 from .simulate import Simulation
 from .stats import paired
-from .tables import CellRaw, table, write_table
+from .tables import CellRaw, table, trajectory_table, write_table
 
 
 def plan(
@@ -91,8 +91,10 @@ def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
     ------
     RunFolderError
         If the folder's ``results.json`` or ``checkpoint.json`` was written with other
-        settings, or its ``results.json`` is unreadable. An unreadable checkpoint is left to
-        the resume, which refuses it naming what is wrong (``CheckpointError``).
+        settings (for a checkpoint, other than the number of rounds: a run may be extended),
+        or its ``results.json`` is unreadable or holds no config or metrics. An unreadable
+        checkpoint is left to the resume, which refuses it naming what is wrong
+        (``CheckpointError``).
     """
     folder = Path(cfg.out)
     for name in ("results.json", "checkpoint.json"):
@@ -102,13 +104,19 @@ def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
         try:
             saved = json.loads(path.read_text())
             diff = differences(saved["config"], cfg)
+            if name == "results.json" and not isinstance(saved.get("metrics"), list):
+                raise KeyError("metrics")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             if name == "checkpoint.json":
                 return None
             raise RunFolderError(
-                f"{path} is unreadable or holds no config ({type(err).__name__}: {err}"[:200]
+                f"{path} is unreadable or holds no config or metrics ({type(err).__name__}: {err}"[
+                    :200
+                ]
                 + f"); remove {folder} to rerun the run"
             ) from None
+        if name == "checkpoint.json":  # a run may be extended (Simulation.load): more rounds
+            diff = [d for d in diff if not d.startswith("rounds: ")]
         if diff:
             raise RunFolderError(
                 f"{path} was written with another config ({'; '.join(diff[:3])}); remove "
@@ -205,6 +213,7 @@ def run_cell(
     cr = CellRaw(config, cell, docs)
     for entry in entries(config):  # a damaged record stops the driver now, not after a run
         cr.records(run_id(entry))
+    trajectory_table(config, cell, docs, cr=cr)  # so does the other trajectory's, if any
     todo = config if seeds is None else dict(config) | {"seeds": list(seeds)}
     for entry, seed, cfg in plan(todo, out, device):
         results = _check_folder(cfg)
@@ -288,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.list:
             listed = config if wanted is None else dict(config) | {"seeds": wanted}
-            _list(listed, cell, out, docs, args.device)
+            _list(listed, cell, out, docs, args.device, whole=config)
             return 0
         if not args.table:
             run_cell(config, cell, out, docs, args.device, seeds=wanted)
@@ -299,8 +308,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _list(config: Mapping[str, Any], cell: str, out: Path, docs: Path, device: str) -> None:
-    """Print the run order and where each run stands, and how many are finished."""
+def _list(
+    config: Mapping[str, Any],
+    cell: str,
+    out: Path,
+    docs: Path,
+    device: str,
+    *,
+    whole: Mapping[str, Any],
+) -> None:
+    """Print the run order, where each run stands, how many are finished and the time left.
+
+    ``config`` lists the seeds asked for (``--seeds``); ``whole`` is the cell's config, whose
+    every finished seed gives the pace of the runs left.
+    """
     raw = docs / "raw" / cell
     states = [(entry, seed, cfg, run_state(cfg, raw_file(raw, run_id(entry), seed)))
               for entry, seed, cfg in plan(config, out, device)]  # fmt: skip
@@ -312,8 +333,8 @@ def _list(config: Mapping[str, Any], cell: str, out: Path, docs: Path, device: s
           f"{count['stopped']} stopped partway (they resume)")  # fmt: skip
     left = [(run_id(e), _rounds_done(state), cfg.rounds) for e, _, cfg, state in states
             if not state.startswith("finished")]  # fmt: skip
-    if left and count["finished"]:
-        print(_time_left(left, CellRaw(config, cell, docs)))
+    if left:
+        print(_time_left(left, CellRaw(whole, cell, docs)))
 
 
 def _rounds_done(state: str) -> int:
@@ -338,6 +359,8 @@ def _time_left(left: Sequence[tuple[str, int, int]], cr: CellRaw) -> str:
             by_round = zip(*([r["seconds"] for r in rec["rounds"]] for rec in recs), strict=True)
             pace[rid] = [statistics.median(secs) for secs in by_round] if recs else None
     known = [sum(p[done:n]) for rid, done, n in left if (p := pace[rid]) is not None]
+    if not known:
+        return f"{len(left)} runs left, not estimated (no finished seed of their run)"
     say = (f"about {sum(known) / 3600:.1f} one-core hours left for {len(known)} runs (each "
            "round at the median seconds of that round over the run's finished seeds)")  # fmt: skip
     if len(known) < len(left):

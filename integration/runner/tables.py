@@ -30,9 +30,9 @@ from .cells import (
     run_id,
     seeds_of,
 )
-from .config import ConfigError, SimConfig
+from .config import ConfigError, SimConfig, results_config
 from .files import held, write_atomic, write_text_atomic
-from .records import read_record, run_config
+from .records import RecordError, read_record, run_config
 from .rule import READING, RULE, Candidate, Verdict, default_by_rule
 from .stats import Paired, auc, paired
 
@@ -572,6 +572,98 @@ def counterfactual_table(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Trajectories:
+    """A cell's counterfactual run and the other cell's run it is compared with.
+
+    ``a`` and ``b`` are the two runs' own operators (this cell's and the other's).
+    """
+
+    mine: dict[str, Any]
+    theirs: dict[str, Any]
+    other_config: dict[str, Any]
+    other_cell: str
+    a: str
+    b: str
+
+
+def trajectories(config: Mapping[str, Any]) -> Trajectories | None:
+    """The run ``other_trajectory`` names, checked against this cell's (None: no such key).
+
+    Raises
+    ------
+    ConfigError
+        If the other cell cannot be found or read, its run does not exist or has no
+        counterfactual rounds, the two runs have the same operator, either run's arm (a)
+        leaves out one of the two operators, or the runs differ in a setting other than the
+        operator (then the two trajectories would not be arm (a) of the same settings).
+    """
+    other = config.get("other_trajectory")
+    if not other:
+        return None
+    problems = [x for x in cell_problems(config) if x.startswith("other_trajectory")]
+    if problems:
+        raise ConfigError("; ".join(problems))
+    try:
+        path = find_config(str(other["cell"]))
+        other_config = dict(json.loads(path.read_text()))
+        other_cell = cell_name(other_config, path)
+        found = {run_id(e): e for e in entries(other_config)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ConfigError(f"other_trajectory: cannot read the cell {other['cell']!r} "
+                          f"({type(err).__name__}: {err})"[:300]) from None  # fmt: skip
+    (mine,) = [e for e in entries(config) if e.get("counterfactual")]
+    theirs = found.get(str(other["run"]))
+    if theirs is None or not theirs.get("counterfactual"):
+        raise ConfigError(f"other_trajectory: {other['run']!r} is not a run with counterfactual "
+                          f"rounds of {other_cell} ({path})")  # fmt: skip
+    seed = seeds_of(config)[0]
+    now = results_config(dataclasses.asdict(run_config(config, mine, seed, Path("."), "cpu")))
+    try:
+        there = run_config(other_config, theirs, seed, Path("."), "cpu")
+    except (ConfigError, KeyError, TypeError, ValueError) as err:
+        raise ConfigError(
+            f"other_trajectory: the run {other['run']!r} of {other_cell} has "
+            f"no valid settings ({type(err).__name__}: {err})"[:300]
+        ) from None
+    then = results_config(dataclasses.asdict(there))
+    a, b = str(now["operator"]), str(then["operator"])
+    if a == b:
+        raise ConfigError(f"other_trajectory: both trajectories are {a}'s; name a run of "
+                          "another operator")  # fmt: skip
+    for e, name in ((mine, "this cell"), (theirs, other_cell)):
+        left_out = [op for op in (a, b) if op not in e["counterfactual"]]
+        if left_out:
+            raise ConfigError(f"other_trajectory: {run_id(e)} of {name} does not aggregate "
+                              f"{left_out} in arm (a)")  # fmt: skip
+    differ = [f"{k}: {now.get(k)!r} here, {then.get(k)!r} there"
+              for k in sorted(now.keys() | then.keys())
+              if k != "operator" and now.get(k) != then.get(k)]  # fmt: skip
+    if differ:
+        raise ConfigError(f"other_trajectory: the runs differ in more than their operator "
+                          f"({'; '.join(differ[:3])}); arm (a) along two trajectories compares "
+                          "runs of the same settings")  # fmt: skip
+    return Trajectories(dict(mine), dict(theirs), other_config, other_cell, a, b)
+
+
+def _arm_a_d(cr: CellRaw, rid: str, a: str, b: str) -> dict[int, float]:
+    """Seed -> the mean over rounds of arm (a)'s loss of ``b``'s aggregate minus ``a``'s."""
+    out = {}
+    for seed, rec in cr.records(rid).items():
+        diffs = []
+        for k, r in enumerate(rec["rounds"], start=1):
+            arm = r.get("counterfactual")
+            if not (isinstance(arm, Mapping) and a in arm and b in arm):
+                raise RecordError(
+                    f"{raw_file(cr.dir, rid, seed)}: round {k} holds no arm (a) result of both "
+                    f"{a} and {b}, which the comparison of trajectories reads at every round: "
+                    "restore the file from git, or delete it to rerun the run"
+                )
+            diffs.append(arm[b]["loss"] - arm[a]["loss"])
+        out[seed] = statistics.fmean(diffs)
+    return out
+
+
 def trajectory_table(
     config: Mapping[str, Any], cell: str, docs: Path, *, cr: CellRaw | None = None
 ) -> str:
@@ -580,80 +672,70 @@ def trajectory_table(
     Arm (a) evaluates each operator's aggregate of a round's uploads in the state the
     trajectory left (the clients trained from the trajectory's own previous aggregate), which
     may favour the trajectory's operator. ``other_trajectory`` names another cell's run with
-    counterfactual rounds and another operator of its own (cell m names cell g: FlexLoRA's
-    trajectory against FedIT's); both cells' raw records are read from ``docs``. Per seed and
-    trajectory, d = the mean over rounds of the other owner's test loss minus this cell's
-    owner's (positive: this cell's owner has the lower loss). Per trajectory, the mean of d
-    with a nominal 95% t-interval over its seeds; then the change of d from the other
-    trajectory to this one, paired over the seeds both have. The sign follows the
-    trajectory's owner when each trajectory's mean favours its own operator.
+    counterfactual rounds, the same settings and another operator of its own (cell m names
+    cell g: FlexLoRA's trajectory against FedIT's); both cells' raw records are read from
+    ``docs``. Per seed and trajectory, d = the mean over every round of arm (a)'s test loss
+    of the other owner's aggregate minus this cell's owner's (positive: this cell's owner has
+    the lower loss). Over the seeds both cells have finished: per trajectory, the mean of d
+    with a nominal 95% t-interval, and the change of d from the other trajectory to this
+    one, paired by seed. The sign follows the trajectory's owner when each trajectory's mean
+    favours its own operator; it is read only once every seed both cells list is in.
 
     Raises
     ------
     ConfigError
-        If the other cell's run does not exist or has no counterfactual rounds, the two runs
-        have the same operator, or either run's arm (a) leaves out one of the two operators.
+        As :func:`trajectories`.
+    RecordError
+        If a record of either run is not a finished run of its cell, or a round of it holds
+        no arm (a) result of both operators.
     """
-    other = config.get("other_trajectory")
-    if not other:
+    t = trajectories(config)
+    if t is None:
         return ""
     cr = cr or CellRaw(config, cell, docs)
-    (mine,) = [e for e in entries(config) if e.get("counterfactual")]
-    path = find_config(str(other["cell"]))
-    other_config = json.loads(path.read_text())
-    other_cell = cell_name(other_config, path)
-    theirs = {run_id(e): e for e in entries(other_config)}.get(str(other["run"]))
-    if theirs is None or not theirs.get("counterfactual"):
-        raise ConfigError(f"other_trajectory: {other['run']!r} is not a run with counterfactual "
-                          f"rounds of {other_cell} ({path})")  # fmt: skip
-    a = str(mine.get("operator", config["base"].get("operator", "")))
-    b = str(theirs.get("operator", other_config["base"].get("operator", "")))
-    if a == b:
-        raise ConfigError(f"other_trajectory: both trajectories are {a}'s; name a run of "
-                          "another operator")  # fmt: skip
-    for e, name in ((mine, cell), (theirs, other_cell)):
-        left_out = [op for op in (a, b) if op not in e["counterfactual"]]
-        if left_out:
-            raise ConfigError(f"other_trajectory: {run_id(e)} of {name} does not aggregate "
-                              f"{left_out} in arm (a)")  # fmt: skip
-
-    def d(c: CellRaw, rid: str) -> dict[int, float]:
-        out = {}
-        for seed, rec in c.records(rid).items():
-            arms = [r["counterfactual"] for r in rec["rounds"] if r.get("counterfactual")]
-            out[seed] = statistics.fmean(x[b]["loss"] - x[a]["loss"] for x in arms)
-        return out
-
-    along = {b: d(CellRaw(other_config, other_cell, docs), run_id(theirs)), a: d(cr, run_id(mine))}
-    where = {b: f"{other_cell}, run {run_id(theirs)}", a: f"this cell, run {run_id(mine)}"}
+    a, b = t.a, t.b
+    along = {
+        b: _arm_a_d(CellRaw(t.other_config, t.other_cell, docs), run_id(t.theirs), a, b),
+        a: _arm_a_d(cr, run_id(t.mine), a, b),
+    }
+    listed = sorted(set(seeds_of(config)) & set(seeds_of(t.other_config)))
+    both = sorted(along[a].keys() & along[b].keys())
+    where = {b: f"{t.other_cell}, run {run_id(t.theirs)}", a: f"this cell, run {run_id(t.mine)}"}
     lines = [
-        f"| trajectory | seeds | d = loss({b}'s aggregate) - loss({a}'s), mean over rounds: "
-        f"mean [95% t-interval] seeds {a} lower/higher |",
+        "| over the seeds both cells have | seeds | mean [95% t-interval] seeds +/- |",
         "| --- | --- | --- |",
     ]
     for owner in (b, a):
-        got = list(along[owner].values())
-        shown = str(paired(got, [0.0] * len(got))) if got else "no finished seed yet"
-        lines.append(f"| {owner}'s ({where[owner]}) | {len(got)} | {shown} |")
-    both = sorted(along[a].keys() & along[b].keys())
+        got = [along[owner][s] for s in both]
+        shown = str(paired(got, [0.0] * len(got))) if got else "no seed in both yet"
+        lines.append(f"| d along {owner}'s trajectory ({where[owner]}) | {len(both)} | {shown} |")
     change = (str(paired([along[a][s] for s in both], [along[b][s] for s in both]))
               if both else "no seed in both yet")  # fmt: skip
-    lines.append(f"| change: along {a}'s - along {b}'s, paired by seed | {len(both)} | {change} |")
-    if along[a] and along[b]:
-        follows = statistics.fmean(along[b].values()) < 0 < statistics.fmean(along[a].values())
+    lines.append(f"| change of d: along {a}'s - along {b}'s | {len(both)} | {change} |")
+    if both and both == listed:
+        follows = (
+            statistics.fmean(along[b][s] for s in both)
+            < 0
+            < statistics.fmean(along[a][s] for s in both)
+        )
         verdict = (f"The sign follows the trajectory's owner (each trajectory's mean d favours "
                    f"its own operator): {'yes' if follows else 'no'}.")  # fmt: skip
     else:
-        verdict = "The sign cannot be read until both trajectories have a finished seed."
+        verdict = (f"Interim: {len(both)} of the {len(listed)} seeds both cells list are "
+                   f"finished in both (this cell: {sorted(along[a])}, {t.other_cell}: "
+                   f"{sorted(along[b])}); whether the sign follows the trajectory's owner is "
+                   "read when all are in.")  # fmt: skip
     return "\n".join(
         [
             "",
             f"## Arm (a) along two trajectories: {b}'s and {a}'s",
             "",
             f"Does arm (a)'s comparison of {a} and {b} keep its sign when the trajectory is "
-            f"{a}'s rather than {b}'s? Both are arm (a) of the same settings and seeds, "
-            f"along {b}'s trajectory ({other_cell}) and along {a}'s (this cell); "
-            "intervals are nominal and descriptive.",
+            f"{a}'s rather than {b}'s? Both are arm (a) of the same settings, along {b}'s "
+            f"trajectory ({t.other_cell}) and along {a}'s (this cell). Per seed, d = the mean "
+            f"over the rounds of the test loss of {b}'s aggregate minus {a}'s (positive: "
+            f"{a}'s has the lower loss); seeds +/-: where d (or its change) is above / below "
+            "zero. Intervals are nominal and descriptive.",
             "",
             *lines,
             "",

@@ -772,9 +772,22 @@ def test_list_says_where_each_run_stands(tmp_path: Path) -> None:
     (tmp_path / "run" / "results.json").write_text("{}")  # damaged: no config
     with pytest.raises(RunFolderError, match="is unreadable or holds no config"):
         run_state(cfg)
+    (tmp_path / "run" / "results.json").unlink()
+    # A checkpoint saved by the same run with fewer rounds asked for: the run is extended.
+    (tmp_path / "run" / "checkpoint.json").write_text(
+        json.dumps({"round": 7, "config": asdict(cfg) | {"rounds": 10}})
+    )
+    assert run_state(cfg) == "round 7 of 20, stopped"
     (tmp_path / "run" / "results.json").write_text(json.dumps({"config": asdict(cfg)}))
+    with pytest.raises(RunFolderError, match="holds no config or metrics"):  # no metrics
+        run_state(cfg)
+    (tmp_path / "run" / "results.json").write_text(
+        json.dumps({"config": asdict(cfg), "metrics": []})
+    )
     assert run_state(cfg) == "finished"
-    (tmp_path / "run" / "results.json").write_text(json.dumps({"config": asdict(cfg) | {"lr": 1}}))
+    (tmp_path / "run" / "results.json").write_text(
+        json.dumps({"config": asdict(cfg) | {"lr": 1}, "metrics": []})
+    )
     with pytest.raises(RunFolderError, match=r"written with another config \(lr: 1 there"):
         run_state(cfg)
 
@@ -795,7 +808,13 @@ def test_list_estimates_the_time_left_round_by_round_from_finished_seeds(
     path, out, docs = tmp_path / "cell.json", tmp_path / "out", tmp_path / "docs"
     path.write_text(json.dumps(config))
     assert main([str(path), "--out", str(out), "--docs", str(docs), "--list"]) == 0
-    assert "hours left" not in capsys.readouterr().out  # nothing finished: no estimate
+    assert (
+        capsys.readouterr()
+        .out.rstrip()
+        .endswith(  # nothing finished: no estimate
+            "20 runs left, not estimated (no finished seed of their run)"
+        )
+    )
     synthetic_cell(docs / "raw" / "cell", [0, 1, 2], config)  # every round took 1 s
     hours = {0: [1, 2, 3], 1: [3, 4, 100], 2: [2, 3, 4]}  # fedit; round-wise medians 2, 3, 4
     for seed, took in hours.items():
@@ -816,6 +835,23 @@ def test_list_estimates_the_time_left_round_by_round_from_finished_seeds(
         "about 7.0 one-core hours left for 4 runs (each round at the median seconds of that "
         "round over the run's finished seeds); 4 runs not estimated (no finished seed of "
         "their run)"
+    )
+    # --seeds lists seed 3 only; the pace still comes from every finished seed of the cell.
+    assert main([str(path), "--out", str(out), "--docs", str(docs), "--list", "--seeds", "3"]) == 0
+    assert "about 7.0 one-core hours left for 4 runs" in capsys.readouterr().out
+    # Where no run left has a finished seed of its own, they are counted, not estimated.
+    only = {k: v for k, v in config.items() if k != "primary"}
+    path.write_text(
+        json.dumps(only | {"runs": [{"operator": "fedit"}, {"operator": "glora_auto"}]})
+    )
+    assert main([str(path), "--out", str(out), "--docs", str(docs), "--list", "--seeds", "0"]) == 0
+    assert (
+        capsys.readouterr()
+        .out.rstrip()
+        .endswith(
+            "1 of 2 runs finished, 0 running, 0 stopped partway (they resume)\n"
+            "1 runs left, not estimated (no finished seed of their run)"
+        )
     )
 
 
@@ -918,7 +954,7 @@ def test_a_run_folder_with_other_settings_is_refused_naming_what_differs(
         (folder / "results.json").write_text(damaged)
         assert main([str(path), "--out", str(out)]) == 2
         err = capsys.readouterr().err
-        assert f"{folder / 'results.json'} is unreadable or holds no config (" in err
+        assert f"{folder / 'results.json'} is unreadable or holds no config or metrics (" in err
         assert f"remove {folder} to rerun the run" in err
         assert (folder / "results.json").read_text() == damaged
 

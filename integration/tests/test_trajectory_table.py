@@ -17,11 +17,10 @@ from typing import Any
 import pytest
 
 from integration.runner.cells import cell_problems, entries, run_id
-from integration.runner.config import ConfigError
 from integration.runner.experiment import main
 from integration.runner.records import run_config
 from integration.runner.stats import paired
-from integration.runner.tables import trajectory_table
+from integration.runner.tables import trajectories, trajectory_table
 
 BASE = {"model": "tiny-roberta", "task": "sst2", "rank": 4, "rounds": 3, "test_holdout": 100}
 ARMS = ["fedit", "flexlora", "glora_auto"]
@@ -65,7 +64,11 @@ def _m_loss(op: str, s: int, j: int) -> float:  # along FlexLoRA's: FedIT worse,
     return 0.5 + (0.05 + 0.001 * s + 0.01 * j if op == "fedit" else 0.0)
 
 
-def _setup(tmp_path: Path, m_loss: Any = _m_loss) -> tuple[Path, Path, dict[str, Any]]:
+def _setup(
+    tmp_path: Path, m_loss: Any = _m_loss, g_seeds: list[int] | None = None,
+    m_seeds: list[int] | None = None,
+) -> tuple[Path, Path, dict[str, Any]]:  # fmt: skip
+    tmp_path.mkdir(parents=True, exist_ok=True)
     docs = tmp_path / "docs"
     g = _cell("g", "fedit")
     g_path = tmp_path / "g.json"
@@ -73,8 +76,8 @@ def _setup(tmp_path: Path, m_loss: Any = _m_loss) -> tuple[Path, Path, dict[str,
     m = _cell("m", "flexlora", {"cell": str(g_path), "run": "fedit-arms"})
     m_path = tmp_path / "m.json"
     m_path.write_text(json.dumps(m))
-    _write(docs, g, [0, 1, 2], _g_loss)
-    _write(docs, m, [0, 1], m_loss)  # seed 2 of m not finished yet
+    _write(docs, g, [0, 1, 2] if g_seeds is None else g_seeds, _g_loss)
+    _write(docs, m, [0, 1, 2] if m_seeds is None else m_seeds, m_loss)
     return docs, m_path, m
 
 
@@ -83,25 +86,49 @@ def _row(text: str, start: str) -> list[str]:
     return [c.strip() for c in line.strip("|").split("|")]
 
 
+G_ROW, M_ROW = "| d along fedit's trajectory (g, run fedit-arms)", "| d along flexlora's trajectory"
+CHANGE = "| change of d: along flexlora's - along fedit's"
+# d = loss(fedit's aggregate) - loss(flexlora's), the mean over the rounds of a seed.
+D_G = {s: -(0.1 + 0.01 * s) for s in (0, 1, 2)}  # FedIT's trajectory: FedIT's loss is lower
+D_M = {s: 0.05 + 0.001 * s + 0.01 for s in (0, 1, 2)}  # FlexLoRA's: mean of 0, 0.01, 0.02
+
+
 def test_the_table_pairs_each_trajectorys_loss_difference_by_seed(tmp_path: Path) -> None:
     docs, m_path, m = _setup(tmp_path)
     assert cell_problems(m) == []
     assert main([str(m_path), "--docs", str(docs), "--table"]) == 0
     text = (docs / "m.md").read_text()
     assert "## Arm (a) along two trajectories: fedit's and flexlora's" in text
-    # d = loss(fedit's aggregate) - loss(flexlora's), mean over the rounds of a seed.
-    d_g = {s: -(0.1 + 0.01 * s) for s in (0, 1, 2)}  # FedIT's trajectory: FedIT lower
-    d_m = {s: 0.05 + 0.001 * s + 0.01 for s in (0, 1)}  # FlexLoRA's: the mean of 0, 0.01, 0.02
-    g_row = _row(text, "| fedit's (g, run fedit-arms)")
-    assert g_row[1:] == ["3", str(paired(list(d_g.values()), [0.0] * 3))]
+    g_row, m_row, change = _row(text, G_ROW), _row(text, M_ROW), _row(text, CHANGE)
+    assert g_row[1:] == ["3", str(paired(list(D_G.values()), [0.0] * 3))]
     assert g_row[2].startswith("-0.1100 [")  # the sign: FlexLoRA's loss is higher here
-    m_row = _row(text, "| flexlora's (this cell, run flexlora-arms)")
-    assert m_row[1:] == ["2", str(paired(list(d_m.values()), [0.0] * 2))]
-    change = _row(text, "| change: along flexlora's - along fedit's, paired by seed")
-    assert change[1:] == ["2", str(paired([d_m[0], d_m[1]], [d_g[0], d_g[1]]))]
-    assert change[2].startswith("+0.1655 [")  # (0.06 + 0.10 + 0.061 + 0.11) / 2
+    assert m_row[0] == "d along flexlora's trajectory (this cell, run flexlora-arms)"
+    assert m_row[1:] == ["3", str(paired(list(D_M.values()), [0.0] * 3))]
+    assert m_row[2].startswith("+0.0610 [")
+    assert change[1:] == ["3", str(paired(list(D_M.values()), list(D_G.values())))]
+    assert change[2].startswith("+0.1710 [")  # 0.061 + 0.110
     assert "The sign follows the trajectory's owner (each trajectory's mean d favours its own " \
         "operator): yes." in " ".join(text.split())  # fmt: skip
+
+
+def test_only_seeds_both_cells_have_are_read_and_the_sign_waits_for_all(tmp_path: Path) -> None:
+    docs, _, m = _setup(tmp_path, m_seeds=[0, 1])  # m's seed 2 not finished yet
+    text = " ".join(trajectory_table(m, "m", docs).split())
+    assert _row(trajectory_table(m, "m", docs), G_ROW)[1:] == [
+        "2", str(paired([D_G[0], D_G[1]], [0.0, 0.0]))  # g's seed 2 left out: not in m yet
+    ]  # fmt: skip
+    assert "Interim: 2 of the 3 seeds both cells list are finished in both (this cell: [0, 1], " \
+        "g: [0, 1, 2]); whether the sign follows the trajectory's owner is read when all are " \
+        "in." in text  # fmt: skip
+    assert "favours its own operator)" not in text
+    docs, _, m = _setup(tmp_path / "disjoint", g_seeds=[0], m_seeds=[2])
+    table = trajectory_table(m, "m", docs)
+    for row in (G_ROW, M_ROW, CHANGE):
+        assert _row(table, row)[1:] == ["0", "no seed in both yet"]
+    assert "Interim: 0 of the 3 seeds" in table
+    assert (
+        trajectory_table({k: v for k, v in m.items() if k != "other_trajectory"}, "m", docs) == ""
+    )
 
 
 def test_a_comparison_that_keeps_its_sign_does_not_follow_the_owner(tmp_path: Path) -> None:
@@ -109,55 +136,85 @@ def test_a_comparison_that_keeps_its_sign_does_not_follow_the_owner(tmp_path: Pa
     docs, _, m = _setup(tmp_path, lambda op, s, j: 0.5 + (0.03 if op == "flexlora" else 0.0))
     text = trajectory_table(m, "m", docs)
     assert "favours its own operator): no." in " ".join(text.split())
-    assert _row(text, "| flexlora's (this cell")[2].startswith("-0.0300 [-0.0300, -0.0300] 0/2")
+    assert _row(text, M_ROW)[2].startswith("-0.0300 [-0.0300, -0.0300] 0/3")
 
 
-def test_before_both_trajectories_have_a_seed_the_sign_is_not_read(tmp_path: Path) -> None:
-    docs, _, m = _setup(tmp_path)
-    for f in (docs / "raw" / "m").glob("*.json"):
-        f.unlink()
-    text = trajectory_table(m, "m", docs)
-    assert _row(text, "| flexlora's (this cell")[1:] == ["0", "no finished seed yet"]
-    assert _row(text, "| change:")[1:] == ["0", "no seed in both yet"]
-    assert "The sign cannot be read until both trajectories have a finished seed." in text
-    assert (
-        trajectory_table({k: v for k, v in m.items() if k != "other_trajectory"}, "m", docs) == ""
-    )
+def test_a_trajectory_that_cannot_be_compared_stops_the_driver_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Refused before anything runs (a run of cell m takes hours), as a one-line error.
+    from integration.runner import experiment
 
-
-def test_a_trajectory_that_cannot_be_compared_is_refused(tmp_path: Path) -> None:
-    docs, _, m = _setup(tmp_path)
-    g_path = m["other_trajectory"]["cell"]
-    for other, why in (
-        ({"cell": g_path, "run": "nope"}, "'nope' is not a run with counterfactual rounds of g"),
-        ({"cell": str(tmp_path / "none.json"), "run": "fedit-arms"}, "no such config file"),
-    ):
-        with pytest.raises((ConfigError, FileNotFoundError), match=why):
-            trajectory_table(m | {"other_trajectory": other}, "m", docs)
-    same = m | {"runs": [m["runs"][0] | {"operator": "fedit"}]}
-    with pytest.raises(ConfigError, match="both trajectories are fedit's"):
-        trajectory_table(same, "m", docs)
-    narrow = m | {"runs": [m["runs"][0] | {"counterfactual": ["flexlora", "glora_auto"]}]}
-    with pytest.raises(ConfigError, match=r"flexlora-arms of m does not aggregate \['fedit'\]"):
-        trajectory_table(narrow, "m", docs)
-    assert cell_problems(m | {"other_trajectory": {"cell": "g"}})[0].startswith(
-        "other_trajectory: must be {'cell': "
-    )
+    monkeypatch.setattr(experiment.Simulation, "run", lambda *a, **k: pytest.fail("ran"))
+    docs, m_path, m = _setup(tmp_path, m_seeds=[])  # m's records would not fit some changes
+    g_path = Path(m["other_trajectory"]["cell"])
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    no_base = tmp_path / "nobase.json"
+    no_base.write_text(json.dumps({k: v for k, v in _cell("g", "fedit").items() if k != "base"}))
+    other_lr = tmp_path / "lr.json"
+    other_lr.write_text(json.dumps(_cell("g", "fedit") | {"base": BASE | {"lr": 0.5}}))
+    cases = [
+        ({"other_trajectory": {"cell": g_path.name + "x", "run": "fedit-arms"}},
+         "other_trajectory: cannot read the cell 'g.jsonx' (FileNotFoundError"),
+        ({"other_trajectory": {"cell": str(bad_json), "run": "fedit-arms"}},
+         "(JSONDecodeError"),
+        ({"other_trajectory": {"cell": str(no_base), "run": "fedit-arms"}},
+         "other_trajectory: the run 'fedit-arms' of g has no valid settings (KeyError"),
+        ({"other_trajectory": {"cell": str(g_path), "run": "nope"}},
+         "'nope' is not a run with counterfactual rounds of g"),
+        ({"other_trajectory": {"cell": str(other_lr), "run": "fedit-arms"}},
+         "the runs differ in more than their operator (lr: 0.0005 here, 0.5 there)"),
+        ({"runs": [m["runs"][0] | {"operator": "fedit"}]}, "both trajectories are fedit's"),
+        ({"runs": [m["runs"][0] | {"counterfactual": ["flexlora", "glora_auto"]}]},
+         "flexlora-arms of this cell does not aggregate ['fedit'] in arm (a)"),
+    ]  # fmt: skip
+    for change, why in cases:
+        m_path.write_text(json.dumps(m | change))
+        for args in ([], ["--table"]):
+            assert main([str(m_path), "--docs", str(docs), "--out", str(tmp_path), *args]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("glora experiment: error: ")
+            assert why in err, (why, err)
+            assert err.count("\n") == 1
+    # A malformed key is a config problem: refused as any other, before anything is read.
+    m_path.write_text(json.dumps(m | {"other_trajectory": {"cell": "g"}}))
+    with pytest.raises(SystemExit) as exc:
+        main([str(m_path), "--docs", str(docs), "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "other_trajectory: must be {'cell': " in capsys.readouterr().err
     two = m | {"runs": [*m["runs"], m["runs"][0] | {"id": "again"}]}
     assert "needs exactly one run with counterfactual rounds here" in cell_problems(two)[0]
+
+
+def test_a_round_without_both_operators_in_arm_a_is_refused_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Every round is read: a record whose arm (a) lacks a round, or one of the two operators
+    # in a round, is not averaged over the rest.
+    for damage in ("none", "no flexlora"):
+        docs, m_path, _ = _setup(tmp_path / damage)
+        record = docs / "raw" / "g" / "fedit-arms-seed1.json"
+        rec = json.loads(record.read_text())
+        if damage == "none":
+            rec["rounds"][1]["counterfactual"] = None
+        else:
+            del rec["rounds"][1]["counterfactual"]["flexlora"]
+        record.write_text(json.dumps(rec))
+        assert main([str(m_path), "--docs", str(docs), "--table"]) == 2
+        err = capsys.readouterr().err
+        assert f"{record}: round 2 holds no arm (a) result of both flexlora and fedit" in err
+        assert err.count("\n") == 1
 
 
 def test_the_shipped_cell_m_compares_with_cell_gs_fedit_trajectory() -> None:
     root = Path(__file__).resolve().parents[1] / "experiments"
     m = json.loads((root / "m_sst2_counterfactual_flexlora.json").read_text())
-    g = json.loads((root / "g_sst2_counterfactual.json").read_text())
     assert m["other_trajectory"] == {"cell": "g_sst2_counterfactual", "run": "fedit-arms"}
     assert cell_problems(m) == []
-    # The same arm (a), seeds and settings along both trajectories; only the owner differs.
-    (mine,), (theirs,) = entries(m), entries(g)
-    assert m["base"] == g["base"]
-    assert m["seeds"] == g["seeds"]
-    assert {k: v for k, v in mine.items() if k not in ("operator", "id")} == {
-        k: v for k, v in theirs.items() if k not in ("operator", "id")
+    t = trajectories(m)  # the same settings along both trajectories; only the owner differs
+    assert t is not None
+    assert (t.a, t.b, t.other_cell) == ("flexlora", "fedit", "g_sst2_counterfactual")
+    assert {k: v for k, v in t.mine.items() if k not in ("operator", "id")} == {
+        k: v for k, v in t.theirs.items() if k not in ("operator", "id")
     }
-    assert (mine["operator"], theirs["operator"]) == ("flexlora", "fedit")
