@@ -10,8 +10,9 @@ list of ``rounds``; when its settings differ from the run's (the device does not
 it is another seed's; when it holds fewer or more rounds than the run, or rounds out of order;
 when a round lacks a metric every round holds (:data:`ROUND_NEEDS`, and the held-out test
 accuracy and loss of a run that evaluates a test set), holds test-set metrics the run does not
-evaluate, or a counterfactual arm lacks its accuracy, loss or error; or when a recorded metric
-is not a finite number.
+evaluate, or a counterfactual arm lacks its accuracy, loss or error, or holds other operators
+or splits than the run's settings ask for at that round; or when a recorded metric is not a
+finite number.
 """
 
 from __future__ import annotations
@@ -152,6 +153,32 @@ def _arm_problem(k: int, row: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _arms_asked(k: int, cfg: SimConfig) -> dict[str, set[str]]:
+    """The operators or splits each counterfactual arm of round ``k`` holds in run ``cfg``.
+
+    Arm (a) at every round; arm (b) and the broadcast split at rounds 1, 1 + e, 1 + 2e, ...
+    (e: ``counterfactual_every``), as ``Simulation.step`` runs them.
+    """
+    ops = set(cfg.counterfactual or [])
+    arms = (k - 1) % max(int(cfg.counterfactual_every), 1) == 0
+    return {
+        "counterfactual": ops,
+        "counterfactual_next": ops if arms and cfg.counterfactual_next else set(),
+        "broadcast_split": set(cfg.broadcast_splits or []) if arms else set(),
+    }
+
+
+def _arms_differ(k: int, row: Mapping[str, Any], cfg: SimConfig) -> str | None:
+    """Whether round ``k``'s arms hold other operators or splits than the run asks for."""
+    for arm, want in _arms_asked(k, cfg).items():
+        got = row.get(arm)
+        names = set(got) if isinstance(got, Mapping) else set()
+        if names != want:
+            return (f"round {k}'s {arm} holds {sorted(names) or 'nothing'}, and the run's "
+                    f"settings ask for {sorted(want) or 'nothing'}")  # fmt: skip
+    return None
+
+
 def _round_problem(k: int, row: Any, test: bool) -> str | None:
     """What is wrong with round ``k`` of a record (``None`` if nothing)."""
     if not isinstance(row, Mapping):
@@ -192,7 +219,7 @@ def record_problems(rec: Any, cfg: SimConfig) -> list[str]:
         out.append(f"holds {len(rounds)} of the run's {cfg.rounds} rounds")
     test = cfg.test_holdout > 0 and cfg.evaluate_test
     for k, row in enumerate(rounds, start=1):
-        problem = _round_problem(k, row, test)
+        problem = _round_problem(k, row, test) or _arms_differ(k, row, cfg)
         if problem:
             out.append(problem)
             break

@@ -32,7 +32,7 @@ from .cells import (
 )
 from .config import ConfigError, SimConfig, results_config
 from .files import held, write_atomic, write_text_atomic
-from .records import RecordError, read_record, run_config
+from .records import read_record, run_config
 from .rule import READING, RULE, Candidate, Verdict, default_by_rule
 from .stats import Paired, auc, paired
 
@@ -647,21 +647,17 @@ def trajectories(config: Mapping[str, Any]) -> Trajectories | None:
 
 
 def _arm_a_d(cr: CellRaw, rid: str, a: str, b: str) -> dict[int, float]:
-    """Seed -> the mean over rounds of arm (a)'s loss of ``b``'s aggregate minus ``a``'s."""
-    out = {}
-    for seed, rec in cr.records(rid).items():
-        diffs = []
-        for k, r in enumerate(rec["rounds"], start=1):
-            arm = r.get("counterfactual")
-            if not (isinstance(arm, Mapping) and a in arm and b in arm):
-                raise RecordError(
-                    f"{raw_file(cr.dir, rid, seed)}: round {k} holds no arm (a) result of both "
-                    f"{a} and {b}, which the comparison of trajectories reads at every round: "
-                    "restore the file from git, or delete it to rerun the run"
-                )
-            diffs.append(arm[b]["loss"] - arm[a]["loss"])
-        out[seed] = statistics.fmean(diffs)
-    return out
+    """Seed -> the mean over rounds of arm (a)'s loss of ``b``'s aggregate minus ``a``'s.
+
+    Every round holds both (the run's settings list them, and a record whose arms differ
+    from its settings is refused by :func:`~integration.runner.records.read_record`).
+    """
+    return {
+        seed: statistics.fmean(
+            r["counterfactual"][b]["loss"] - r["counterfactual"][a]["loss"] for r in rec["rounds"]
+        )
+        for seed, rec in cr.records(rid).items()
+    }
 
 
 def trajectory_table(
@@ -686,8 +682,8 @@ def trajectory_table(
     ConfigError
         As :func:`trajectories`.
     RecordError
-        If a record of either run is not a finished run of its cell, or a round of it holds
-        no arm (a) result of both operators.
+        If a record of either run is not a finished run of its cell (a round whose arm (a)
+        lacks an operator the run's settings list included).
     """
     t = trajectories(config)
     if t is None:

@@ -74,6 +74,10 @@ DAMAGES: dict[str, tuple[Callable[[Rec], Any], str]] = {
         lambda r: _arm(r, math.nan),
         "round 1's counterfactual flexlora's loss (nan) is not a finite number",
     ),
+    "an arm not asked for": (
+        lambda r: _arm(r, 0.4),
+        "round 1's counterfactual holds ['flexlora'], and the run's settings ask for nothing",
+    ),
     "rounds out of order": (_swap_rounds, "its round 2 is numbered 3"),
     "not a record": (lambda r: r["rounds"], "is not a raw record"),
 }

@@ -191,7 +191,8 @@ def test_a_round_without_both_operators_in_arm_a_is_refused_naming_the_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Every round is read: a record whose arm (a) lacks a round, or one of the two operators
-    # in a round, is not averaged over the rest.
+    # in a round, is refused (it is not the run its settings describe), not averaged over
+    # the rest.
     for damage in ("none", "no flexlora"):
         docs, m_path, _ = _setup(tmp_path / damage)
         record = docs / "raw" / "g" / "fedit-arms-seed1.json"
@@ -203,7 +204,9 @@ def test_a_round_without_both_operators_in_arm_a_is_refused_naming_the_file(
         record.write_text(json.dumps(rec))
         assert main([str(m_path), "--docs", str(docs), "--table"]) == 2
         err = capsys.readouterr().err
-        assert f"{record}: round 2 holds no arm (a) result of both flexlora and fedit" in err
+        held = "nothing" if damage == "none" else "['fedit', 'glora_auto']"
+        assert f"{record} round 2's counterfactual holds {held}, and the run's settings ask " \
+            "for ['fedit', 'flexlora', 'glora_auto']" in err  # fmt: skip
         assert err.count("\n") == 1
 
 
