@@ -28,6 +28,7 @@ from .cells import (
     ms,
     raw_file,
     run_id,
+    runs_at,
     seeds_of,
 )
 from .config import ConfigError, SimConfig, results_config
@@ -504,20 +505,28 @@ def counterfactual_table(
     difference with the loss difference.
     """
     cr = cr or CellRaw(config, cell, docs)
-    blocks = []
+    blocks: list[str] = []
+    compared = 0
     for e in entries(config):
         recs = [rec["rounds"] for rec in cr.records(run_id(e)).values()
                 if any(k in r for r in rec["rounds"] for k in ARM_KEYS)]  # fmt: skip
         if not recs:
             continue
         own = str(e.get("operator", config["base"].get("operator", "")))
+        listed = [s for s in cr.seeds if runs_at(e, s)]
+        if len(recs) < len(listed):
+            blocks += [f"**Interim ({label(e)}): {len(recs)} of {len(listed)} seeds are in; "
+                       "nothing here is read until every seed is.**", ""]  # fmt: skip
         # The one-round-further arms stand on their own (they need no arm-a list).
-        further = _further(recs, "counterfactual_next", own, e)
-        further += _further(recs, "broadcast_split", "own", e)
+        further, n_next = _further(recs, "counterfactual_next", own, e)
+        split, n_split = _further(recs, "broadcast_split", "own", e)
+        further += split
+        compared += n_next + n_split
         names = list(recs[0][0].get("counterfactual", {}))
         if own not in names:
             blocks += further
             continue
+        compared += len(names) - 1
         lines = [
             "| operator | mean aggregation error | mean certificate | Δloss: own - this "
             "(paired by seed) | Δaccuracy: this - own |",
@@ -565,7 +574,9 @@ def counterfactual_table(
             "global model is evaluated on the test set (on the validation set where a cell has "
             "none). Δloss: mean over the rounds of a seed, then paired over seeds as "
             "(own - operator), so a positive difference means the operator's model has the "
-            "*lower* loss; Δaccuracy is (operator - own); `*`: the interval excludes zero.",
+            "*lower* loss; Δaccuracy is (operator - own); `*`: the interval excludes zero. "
+            "The intervals are nominal 95% Student-t intervals over seeds, descriptive: this "
+            f"section holds {compared} comparisons, none corrected for the others.",
             "",
             *blocks,
         ]
@@ -751,17 +762,18 @@ def _correlation(xs: Sequence[float], ys: Sequence[float]) -> str:
 
 def _further(
     recs: Sequence[Sequence[Mapping[str, Any]]], key: str, own: str, e: Mapping[str, Any]
-) -> list[str]:
+) -> tuple[list[str], int]:
     """The block of a one-round-further arm (``counterfactual_next`` or ``broadcast_split``).
 
     Per operator (arm b) or split: the mean aggregation error of the next round, and the
     next round's test loss and accuracy against ``own`` (the run's operator, or the split it
-    sends itself), averaged over the rounds where the arm ran and paired by seed.
+    sends itself), averaged over the rounds where the arm ran and paired by seed. Returns the
+    block's lines and how many comparisons it holds.
     """
     recs = [[r for r in rounds if key in r] for rounds in recs]
     recs = [rounds for rounds in recs if rounds]
     if not recs or own not in recs[0][0][key]:
-        return []
+        return [], 0
     names = list(recs[0][0][key])
     lines = [
         "| " + ("operator" if key == "counterfactual_next" else "broadcast split")
@@ -805,7 +817,7 @@ def _further(
         "",
         tail,
         "",
-    ]
+    ], len(names) - 1
 
 
 def selection(

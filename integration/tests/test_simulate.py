@@ -612,6 +612,9 @@ def test_experiment_tables_the_counterfactual_rounds(tmp_path: Path) -> None:
     assert experiment.main([str(path), "--out", str(tmp_path / "out"), "--docs", str(docs)]) == 0
     text = (docs / "cf.md").read_text()
     assert "## The aggregation step isolated (counterfactual rounds)" in text
+    # arm (a) and arm (b): 2 operators against FedIT each; the split: left against own
+    assert "this section holds 5 comparisons, none corrected for the others." in text
+    assert "Interim" not in text  # both seeds are in
     for name in ("| fedit |", "| flexlora |", "| glora_auto |"):
         assert name in text.split("counterfactual rounds")[-1]
     rid = experiment.run_id(cfg["runs"][0])  # type: ignore[index]

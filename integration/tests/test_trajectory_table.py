@@ -20,7 +20,7 @@ from integration.runner.cells import cell_problems, entries, run_id
 from integration.runner.experiment import main
 from integration.runner.records import run_config
 from integration.runner.stats import paired
-from integration.runner.tables import trajectories, trajectory_table
+from integration.runner.tables import counterfactual_table, trajectories, trajectory_table
 
 BASE = {"model": "tiny-roberta", "task": "sst2", "rank": 4, "rounds": 3, "test_holdout": 100}
 ARMS = ["fedit", "flexlora", "glora_auto"]
@@ -121,6 +121,10 @@ def test_only_seeds_both_cells_have_are_read_and_the_sign_waits_for_all(tmp_path
         "g: [0, 1, 2]); whether the sign follows the trajectory's owner is read when all are " \
         "in." in text  # fmt: skip
     assert "favours its own operator)" not in text
+    arms = " ".join(counterfactual_table(m, "m", docs).split())  # m's own arm (a) table
+    assert "**Interim (flexlora-arms): 2 of 3 seeds are in; nothing here is read until every " \
+        "seed is.**" in arms  # fmt: skip
+    assert "this section holds 2 comparisons" in arms
     docs, _, m = _setup(tmp_path / "disjoint", g_seeds=[0], m_seeds=[2])
     table = trajectory_table(m, "m", docs)
     for row in (G_ROW, M_ROW, CHANGE):
