@@ -781,6 +781,11 @@ def test_list_says_where_each_run_stands(tmp_path: Path) -> None:
         json.dumps({"round": 7, "config": asdict(cfg) | {"rounds": 10}})
     )
     assert run_state(cfg) == "round 7 of 20, stopped"
+    (tmp_path / "run" / "checkpoint.json").write_text(  # any other setting: refused
+        json.dumps({"round": 7, "config": asdict(cfg) | {"rounds": 10, "lr": 1}})
+    )
+    with pytest.raises(RunFolderError, match=r"checkpoint.json was written with another config"):
+        run_state(cfg)
     (tmp_path / "run" / "results.json").write_text(json.dumps({"config": asdict(cfg)}))
     with pytest.raises(RunFolderError, match="holds no config or metrics"):  # no metrics
         run_state(cfg)
