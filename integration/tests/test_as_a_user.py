@@ -254,3 +254,11 @@ def test_a_user_journey_from_the_wheel(installed: Installed, tmp_path: Path) -> 
     _ok(installed.run([glora, "experiment", "mine.json", "--out", "study"], tmp_path))
     assert "Floor" in (tmp_path / "study" / "mine.md").read_text()
     assert (tmp_path / "study" / "runs" / "fedit-seed0" / "global_adapter").is_dir()
+    # A shipped cell that names another shipped cell (m's other_trajectory, cell g) finds it
+    # in the installed package, and says where it stands before anything has run.
+    m, env = "m_sst2_counterfactual_flexlora", {"GLORA_DATA": str(DATA)}
+    cell = [glora, "experiment", m, "--out", "cells"]
+    assert "5 runs left, not estimated" in _ok(installed.run([*cell, "--list"], tmp_path))
+    _ok(installed.run([*cell, "--table"], tmp_path, extra=env))  # the floor reads SST-2
+    table = (tmp_path / "cells" / f"{m}.md").read_text()
+    assert "d along fedit's trajectory (g_sst2_counterfactual, run fedit-arms) | 0 |" in table
