@@ -70,6 +70,14 @@ class SimConfig(RunSettings):
     # with this condition number, seeded by (seed, round, client). Products are unchanged.
     scramble_gauge: float = 0.0
 
+    def further_arms_at(self, k: int) -> bool:
+        """Whether arm (b) and the broadcast split run at round ``k`` (1-based).
+
+        Rounds 1, 1 + e, 1 + 2e, ... (e = ``counterfactual_every``); the one place that says
+        so, for the run that makes the arms and the record check that reads them.
+        """
+        return (k - 1) % max(int(self.counterfactual_every), 1) == 0
+
     def problems(self) -> list[str]:
         """What is wrong with these settings, as flags (empty if nothing); nothing is loaded."""
         out = [f"--{name.replace('_', '-')} = {_show(value)} {why}"

@@ -156,11 +156,11 @@ def _arm_problem(k: int, row: Mapping[str, Any]) -> str | None:
 def _arms_asked(k: int, cfg: SimConfig) -> dict[str, set[str]]:
     """The operators or splits each counterfactual arm of round ``k`` holds in run ``cfg``.
 
-    Arm (a) at every round; arm (b) and the broadcast split at rounds 1, 1 + e, 1 + 2e, ...
-    (e: ``counterfactual_every``), as ``Simulation.step`` runs them.
+    Arm (a) at every round; arm (b) and the broadcast split where
+    :meth:`~integration.runner.config.SimConfig.further_arms_at` says, as the run makes them.
     """
     ops = set(cfg.counterfactual or [])
-    arms = (k - 1) % max(int(cfg.counterfactual_every), 1) == 0
+    arms = cfg.further_arms_at(k)
     return {
         "counterfactual": ops,
         "counterfactual_next": ops if arms and cfg.counterfactual_next else set(),

@@ -248,7 +248,7 @@ class Simulation:
         # run changes (no state, no randomness consumed).
         counterfactual = {name: self._what_if(name, adapters, weights)
                           for name in self.cfg.counterfactual or []}  # fmt: skip
-        arms = (self.round % self.cfg.counterfactual_every) == 0
+        arms = self.cfg.further_arms_at(self.round + 1)
         # Arm (b): each operator's own server, forked before this round's aggregation.
         forks = {name: self.server.fork(name) for name in self.cfg.counterfactual or []
                  if arms and self.cfg.counterfactual_next}  # fmt: skip
