@@ -920,6 +920,25 @@ _STYLES = ("-", "--", "-.", ":")
 _MARKERS = ("o", "s", "^", "v", "D", "x", "+", "*")
 
 
+def plot_styles(n: int) -> list[dict[str, Any]]:
+    """The line styles of ``n`` runs in a cell's curves (matplotlib ``plot`` keywords).
+
+    Every run its own colour (tab10, or tab20 beyond 10 runs), with line styles and markers
+    cycling against the colours: no two of up to 20 runs share a colour, and no two of up to
+    80 share colour, line style and marker.
+    """
+    from matplotlib import colormaps  # noqa: PLC0415 - heavy, only needed here
+    from matplotlib.colors import to_hex  # noqa: PLC0415
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [
+        {"color": to_hex(cmap(j % cmap.N)),
+         "linestyle": _STYLES[(j // cmap.N + j) % len(_STYLES)],
+         "marker": _MARKERS[j % len(_MARKERS)], "ms": 3}
+        for j in range(n)
+    ]  # fmt: skip
+
+
 def write_plot(
     config: Mapping[str, Any], cell: str, docs: Path, *, cr: CellRaw | None = None
 ) -> Path | None:
@@ -933,15 +952,16 @@ def write_plot(
     from matplotlib.figure import Figure  # noqa: PLC0415 - heavy, only needed here
     from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
 
-    fig = Figure(figsize=(11, 4))
+    # The legend goes below both panels, in up to three columns, so that it covers no curve
+    # however long the labels are.
+    cols = min(3, len(data))
+    rows = -(-len(data) // cols)
+    height = 4.0 + 0.2 * rows
+    fig = Figure(figsize=(11, height))
     ax_acc, ax_err = fig.subplots(1, 2)
     ax_err.set_yscale("log")  # before the bands, which keep their lower edge positive on it
-    for j, (name, c) in enumerate(data.items()):
-        # Every run its own (colour, line style, marker): tab10 has 10 colours, the 4 styles
-        # cycle against them, so no two of up to 40 runs look alike.
-        color = f"C{j % 10}"
-        style = {"color": color, "linestyle": _STYLES[(j // 10 + j) % len(_STYLES)],
-                 "marker": _MARKERS[j % len(_MARKERS)], "ms": 3}  # fmt: skip
+    for (name, c), style in zip(data.items(), plot_styles(len(data)), strict=True):
+        color = str(style["color"])
         rounds = list(range(1, len(c["accuracy"]) + 1))
         ax_acc.plot(rounds, c["accuracy"], label=name, **style)
         _band(ax_acc, rounds, c["accuracy"], c["accuracy_std"], color)
@@ -958,8 +978,9 @@ def write_plot(
         ax.set_title(title, fontsize=10)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{cell}: {config.get('base', {}).get('task', '')}", fontsize=11)
-    fig.legend(loc="center right", fontsize=7)
-    fig.subplots_adjust(right=0.78, wspace=0.25)
+    fig.legend(loc="lower center", ncol=cols, fontsize=8, frameon=False)
+    fig.subplots_adjust(left=0.06, right=0.98, top=0.86, wspace=0.2,
+                        bottom=(0.55 + 0.2 * rows) / height)  # fmt: skip
     path = docs / f"{cell}.png"
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     return path

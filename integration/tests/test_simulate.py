@@ -1059,3 +1059,16 @@ def test_the_run_queue_runs_every_cell_study_f_still_needs_once() -> None:
     assert not seeds[0] & seeds[1]
     powered = json.loads((root / "f_sst2_powered.json").read_text())
     assert seeds[0] | seeds[1] == set(powered["seeds"])
+
+
+def test_no_two_runs_of_a_cell_look_alike_in_its_curves() -> None:
+    # The issue asks for plots where no two operators share a colour, and a distinct colour
+    # and line style per operator: up to 20 runs, all colours differ; up to 80, no two runs
+    # share colour, line style and marker.
+    from integration.runner.tables import plot_styles
+
+    for n in (1, 6, 10, 11, 20):
+        colours = [s["color"] for s in plot_styles(n)]
+        assert len(set(colours)) == n, n
+    looks = [(s["color"], s["linestyle"], s["marker"]) for s in plot_styles(80)]
+    assert len(set(looks)) == 80
