@@ -76,7 +76,7 @@ class SimConfig(RunSettings):
         Rounds 1, 1 + e, 1 + 2e, ... (e = ``counterfactual_every``); the one place that says
         so, for the run that makes the arms and the record check that reads them.
         """
-        return (k - 1) % max(int(self.counterfactual_every), 1) == 0
+        return (k - 1) % self.counterfactual_every == 0
 
     def problems(self) -> list[str]:
         """What is wrong with these settings, as flags (empty if nothing); nothing is loaded."""
@@ -109,8 +109,9 @@ class SimConfig(RunSettings):
             (self.counterfactual_next and self.operator not in (self.counterfactual or []),
              f"--counterfactual-next: list the run's own operator {self.operator!r} in "
              "--counterfactual (the reference of the arm)"),
-            (self.counterfactual_every < 1,
-             f"--counterfactual-every must be >= 1, got {self.counterfactual_every}"),
+            (not isinstance(self.counterfactual_every, int)
+             or isinstance(self.counterfactual_every, bool) or self.counterfactual_every < 1,
+             f"--counterfactual-every must be an integer >= 1, got {self.counterfactual_every!r}"),
             (self.sketch and self.operator in list_operators()
              and "sketch" not in get_operator(self.operator).options,
              f"--sketch: operator {self.operator!r} has no randomized consensus"),

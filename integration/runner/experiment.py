@@ -91,7 +91,8 @@ def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
     ------
     RunFolderError
         If the folder's ``results.json`` or ``checkpoint.json`` was written with other
-        settings (for a checkpoint, other than the number of rounds: a run may be extended),
+        settings (for a checkpoint, other than a number of rounds it has not passed: a run
+        may be extended),
         or its ``results.json`` is unreadable or holds no config or metrics. An unreadable
         checkpoint is left to the resume, which refuses it naming what is wrong
         (``CheckpointError``).
@@ -117,6 +118,12 @@ def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
             ) from None
         if name == "checkpoint.json":  # a run may be extended (Simulation.load): more rounds
             diff = [d for d in diff if not d.startswith("rounds: ")]
+            reached = saved.get("round")
+            if not diff and isinstance(reached, int) and reached > cfg.rounds:
+                raise RunFolderError(
+                    f"{path} has reached round {reached}, past the {cfg.rounds} rounds the run "
+                    f"now asks for; remove {folder} to rerun it with the current settings"
+                )
         if diff:
             raise RunFolderError(
                 f"{path} was written with another config ({'; '.join(diff[:3])}); remove "
@@ -342,6 +349,10 @@ def _rounds_done(state: str) -> int:
     return int(state.split()[1]) if state.startswith("round ") else 0
 
 
+def _runs(n: int) -> str:
+    return f"{n} run" if n == 1 else f"{n} runs"
+
+
 def _time_left(left: Sequence[tuple[str, int, int]], cr: CellRaw) -> str:
     """How long the rounds ``left`` (run id, rounds saved, rounds) take, at each run's pace.
 
@@ -360,11 +371,11 @@ def _time_left(left: Sequence[tuple[str, int, int]], cr: CellRaw) -> str:
             pace[rid] = [statistics.median(secs) for secs in by_round] if recs else None
     known = [sum(p[done:n]) for rid, done, n in left if (p := pace[rid]) is not None]
     if not known:
-        return f"{len(left)} runs left, not estimated (no finished seed of their run)"
-    say = (f"about {sum(known) / 3600:.1f} one-core hours left for {len(known)} runs (each "
+        return f"{_runs(len(left))} left, not estimated (no finished seed of their run)"
+    say = (f"about {sum(known) / 3600:.1f} one-core hours left for {_runs(len(known))} (each "
            "round at the median seconds of that round over the run's finished seeds)")  # fmt: skip
     if len(known) < len(left):
-        say += f"; {len(left) - len(known)} runs not estimated (no finished seed of their run)"
+        say += f"; {_runs(len(left) - len(known))} not estimated (no finished seed of their run)"
     return say
 
 

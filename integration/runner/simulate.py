@@ -389,7 +389,8 @@ class Simulation:
             return False
         meta, flat = found
         tensors = self.out / meta["tensors"]
-        # More (or fewer) rounds may be asked for; nothing else that defines results may change.
+        # More rounds may be asked for (fewer, down to the round reached); nothing else that
+        # defines results may change.
         saved, now = results_config(meta["config"]), results_config(asdict(self.cfg))
         saved.pop("rounds")
         now.pop("rounds")
@@ -399,6 +400,12 @@ class Simulation:
             raise ConfigError(
                 f"--resume: the checkpoint in {self.out} was made with other settings "
                 f"({'; '.join(diff[:5])}); use another --out or the same settings"
+            )
+        if int(meta["round"]) > self.cfg.rounds:
+            raise ConfigError(
+                f"--resume: the checkpoint in {self.out} has reached round {meta['round']}, past "
+                f"the {self.cfg.rounds} rounds asked for; ask for at least {meta['round']} "
+                "rounds, or use another --out"
             )
         self.round = int(meta["round"])
         self.metrics = list(meta["metrics"])

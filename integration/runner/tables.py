@@ -502,20 +502,22 @@ def counterfactual_table(
     own aggregate (the run's operator, which must be listed too), averaged over the rounds
     of each seed and paired by seed (95% t-interval, seeds won/lost on the loss: "won" is a
     lower loss). The dose-response line correlates, over (seed, round, operator), the error
-    difference with the loss difference.
+    difference with the loss difference. The section says how many comparisons it holds
+    (its intervals are nominal), and marks interim a run that lacks some of its seeds.
     """
     cr = cr or CellRaw(config, cell, docs)
     blocks: list[str] = []
     compared = 0
     for e in entries(config):
-        recs = [rec["rounds"] for rec in cr.records(run_id(e)).values()
+        listed = [s for s in cr.seeds if runs_at(e, s)]
+        have = {s: rec for s, rec in cr.records(run_id(e)).items() if s in listed}
+        recs = [rec["rounds"] for rec in have.values()
                 if any(k in r for r in rec["rounds"] for k in ARM_KEYS)]  # fmt: skip
         if not recs:
             continue
         own = str(e.get("operator", config["base"].get("operator", "")))
-        listed = [s for s in cr.seeds if runs_at(e, s)]
-        if len(recs) < len(listed):
-            blocks += [f"**Interim ({label(e)}): {len(recs)} of {len(listed)} seeds are in; "
+        if set(have) != set(listed):
+            blocks += [f"**Interim ({label(e)}): {len(have)} of {len(listed)} seeds are in; "
                        "nothing here is read until every seed is.**", ""]  # fmt: skip
         # The one-round-further arms stand on their own (they need no arm-a list).
         further, n_next = _further(recs, "counterfactual_next", own, e)
@@ -623,6 +625,9 @@ def trajectories(config: Mapping[str, Any]) -> Trajectories | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise ConfigError(f"other_trajectory: cannot read the cell {other['cell']!r} "
                           f"({type(err).__name__}: {err})"[:300]) from None  # fmt: skip
+    wrong = cell_problems(other_config)
+    if wrong:
+        raise ConfigError(f"other_trajectory: {other_cell} ({path}): {'; '.join(wrong[:3])}")
     (mine,) = [e for e in entries(config) if e.get("counterfactual")]
     theirs = found.get(str(other["run"]))
     if theirs is None or not theirs.get("counterfactual"):
@@ -668,6 +673,7 @@ def _arm_a_d(cr: CellRaw, rid: str, a: str, b: str) -> dict[int, float]:
             r["counterfactual"][b]["loss"] - r["counterfactual"][a]["loss"] for r in rec["rounds"]
         )
         for seed, rec in cr.records(rid).items()
+        if runs_at(cr.entries[rid], seed)
     }
 
 
@@ -705,7 +711,8 @@ def trajectory_table(
         b: _arm_a_d(CellRaw(t.other_config, t.other_cell, docs), run_id(t.theirs), a, b),
         a: _arm_a_d(cr, run_id(t.mine), a, b),
     }
-    listed = sorted(set(seeds_of(config)) & set(seeds_of(t.other_config)))
+    listed = sorted({s for s in seeds_of(config) if runs_at(t.mine, s)}
+                    & {s for s in seeds_of(t.other_config) if runs_at(t.theirs, s)})  # fmt: skip
     both = sorted(along[a].keys() & along[b].keys())
     where = {b: f"{t.other_cell}, run {run_id(t.theirs)}", a: f"this cell, run {run_id(t.mine)}"}
     lines = [
@@ -932,7 +939,8 @@ def plot_styles(n: int) -> list[dict[str, Any]]:
 
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [
-        {"color": to_hex(cmap(j % cmap.N)),
+        # tab20 lists each hue dark then light: the first ten runs take the ten dark ones
+        {"color": to_hex(cmap(j % cmap.N if n <= 10 else (2 * j) % 20 + (j // 10) % 2)),
          "linestyle": _STYLES[(j // cmap.N + j) % len(_STYLES)],
          "marker": _MARKERS[j % len(_MARKERS)], "ms": 3}
         for j in range(n)

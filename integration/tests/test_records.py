@@ -198,3 +198,51 @@ def test_the_driver_checks_the_cells_records_before_it_runs_anything(
     err = capsys.readouterr().err
     assert "makes a record that is not a finished run of its config (holds 0 of" in err
     assert not (out / "raw" / "cell" / "fedit-seed1.json").exists()
+
+
+def test_arm_b_and_the_split_must_be_at_the_rounds_the_run_makes_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # With arm (b) and the broadcast split every 2 rounds of 3, rounds 1 and 3 hold them and
+    # round 2 holds neither; a record that says otherwise is not the run its settings make.
+    from dataclasses import asdict
+
+    from integration.runner.cells import entries
+    from integration.runner.records import run_config
+
+    ops, splits = ["fedit", "flexlora"], ["own", "left"]
+    run = {"operator": "fedit", "id": "arms", "counterfactual": ops, "counterfactual_next": True,
+           "broadcast_splits": splits, "counterfactual_every": 2}  # fmt: skip
+    config = {"name": "c", "seeds": [0], "base": CELL["base"], "runs": [run]}
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    cfg = run_config(config, entries(config)[0], 0, tmp_path, "cpu")
+    arm = {"split": "test", "accuracy": 0.5, "loss": 0.4, "aggregation_error": 0.1,
+           "certified_residual": None}  # fmt: skip
+    rounds = [
+        {"round": k, "accuracy": 0.7, "eval_loss": 0.5, "test_accuracy": 0.8, "test_loss": 0.4,
+         "aggregation_error": 0.1, "server_rank": 4, "server_rank_mean": 4.0, "seconds": 1.0,
+         "counterfactual": dict.fromkeys(ops, arm)}
+        | ({"counterfactual_next": dict.fromkeys(ops, arm),
+            "broadcast_split": dict.fromkeys(splits, arm)} if k != 2 else {})
+        for k in (1, 2, 3)
+    ]  # fmt: skip
+    path = tmp_path / "raw" / "c" / "arms-seed0.json"
+    path.parent.mkdir(parents=True)
+    intact = {"id": "arms", "seed": 0, "config": asdict(cfg), "rounds": rounds}
+    path.write_text(json.dumps(intact))
+    assert main([str(tmp_path / "c.json"), "--docs", str(tmp_path), "--table"]) == 0
+    damages = {
+        "round 1's counterfactual_next holds nothing, and the run's settings ask for "
+        "['fedit', 'flexlora']": lambda r: r["rounds"][0].pop("counterfactual_next"),
+        "round 2's broadcast_split holds ['left', 'own'], and the run's settings ask for "
+        "nothing": lambda r: r["rounds"][1].update(broadcast_split=dict.fromkeys(splits, arm)),
+        "round 3's broadcast_split holds ['own'], and the run's settings ask for ['left', "
+        "'own']": lambda r: r["rounds"][2]["broadcast_split"].pop("left"),
+    }
+    capsys.readouterr()
+    for said, damage in damages.items():
+        rec = json.loads(json.dumps(intact))
+        damage(rec)
+        path.write_text(json.dumps(rec))
+        assert main([str(tmp_path / "c.json"), "--docs", str(tmp_path), "--table"]) == 2
+        assert f"{path} {said}" in capsys.readouterr().err

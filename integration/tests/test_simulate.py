@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -385,6 +386,10 @@ def test_resume_refuses_a_changed_configuration(tmp_path: Path) -> None:
     # Settings that do not change results (threads, device, out) may differ.
     same = SimConfig(**(TINY | {"out": str(tmp_path / "r"), "threads": 1}))  # type: ignore[arg-type]
     assert len(Simulation(same).run(resume=True)) == 2
+    # More rounds extend a run; fewer than it has reached would make a record it is not.
+    fewer = SimConfig(**(TINY | {"out": str(tmp_path / "r"), "rounds": 1}))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="has reached round 2, past the 1 rounds asked for"):
+        Simulation(fewer).run(resume=True)
 
 
 def test_held_out_test_set_is_evaluated_and_never_trained_on(tmp_path: Path) -> None:
@@ -552,6 +557,10 @@ def test_one_round_further_arms_reproduce_the_run_and_change_nothing(tmp_path: P
     )
     parsed, _ = parse_args(["--broadcast-splits", "own,left", "--counterfactual-every", "3"])
     assert (parsed.broadcast_splits, parsed.counterfactual_every) == (["own", "left"], 3)
+    for every in (2.5, "3", True):  # a config file's value is refused, not rounded or crashed
+        assert f"--counterfactual-every must be an integer >= 1, got {every!r}" in " ".join(
+            SimConfig(counterfactual_every=every).problems()  # type: ignore[arg-type]
+        )
 
 
 def test_fork_and_rebroadcast_leave_the_server_alone() -> None:
@@ -781,6 +790,9 @@ def test_list_says_where_each_run_stands(tmp_path: Path) -> None:
         json.dumps({"round": 7, "config": asdict(cfg) | {"rounds": 10}})
     )
     assert run_state(cfg) == "round 7 of 20, stopped"
+    past = dataclasses.replace(cfg, rounds=5)  # now asks for fewer rounds than it has run
+    with pytest.raises(RunFolderError, match="has reached round 7, past the 5 rounds the run"):
+        run_state(past)
     (tmp_path / "run" / "checkpoint.json").write_text(  # any other setting: refused
         json.dumps({"round": 7, "config": asdict(cfg) | {"rounds": 10, "lr": 1}})
     )
@@ -858,7 +870,7 @@ def test_list_estimates_the_time_left_round_by_round_from_finished_seeds(
         .out.rstrip()
         .endswith(
             "1 of 2 runs finished, 0 running, 0 stopped partway (they resume)\n"
-            "1 runs left, not estimated (no finished seed of their run)"
+            "1 run left, not estimated (no finished seed of their run)"
         )
     )
 

@@ -156,6 +156,8 @@ def test_a_trajectory_that_cannot_be_compared_stops_the_driver_in_one_line(
     bad_json.write_text("{not json")
     no_base = tmp_path / "nobase.json"
     no_base.write_text(json.dumps({k: v for k, v in _cell("g", "fedit").items() if k != "base"}))
+    no_seeds = tmp_path / "noseeds.json"
+    no_seeds.write_text(json.dumps(_cell("g", "fedit") | {"seeds": ["a"]}))
     other_lr = tmp_path / "lr.json"
     other_lr.write_text(json.dumps(_cell("g", "fedit") | {"base": BASE | {"lr": 0.5}}))
     cases = [
@@ -172,6 +174,8 @@ def test_a_trajectory_that_cannot_be_compared_stops_the_driver_in_one_line(
         ({"runs": [m["runs"][0] | {"operator": "fedit"}]}, "both trajectories are fedit's"),
         ({"runs": [m["runs"][0] | {"counterfactual": ["flexlora", "glora_auto"]}]},
          "flexlora-arms of this cell does not aggregate ['fedit'] in arm (a)"),
+        ({"other_trajectory": {"cell": str(no_seeds), "run": "fedit-arms"}},
+         "other_trajectory: g (" + str(no_seeds) + "): 'seeds' must be a non-empty list"),
     ]  # fmt: skip
     for change, why in cases:
         m_path.write_text(json.dumps(m | change))
@@ -225,3 +229,22 @@ def test_the_shipped_cell_m_compares_with_cell_gs_fedit_trajectory() -> None:
     assert {k: v for k, v in t.mine.items() if k not in ("operator", "id")} == {
         k: v for k, v in t.theirs.items() if k not in ("operator", "id")
     }
+
+
+def test_a_run_with_its_own_seeds_is_read_at_those_seeds_only(tmp_path: Path) -> None:
+    # An entry that runs at some of its cell's seeds: a record left at another seed is not
+    # read, and the run is complete (not interim) once its own seeds are in.
+    docs, _, m = _setup(tmp_path)  # records at seeds 0, 1, 2 in both cells
+    m = m | {"runs": [m["runs"][0] | {"seeds": [0, 1]}]}
+    text = trajectory_table(m, "m", docs)
+    assert _row(text, M_ROW)[1:] == ["2", str(paired([D_M[0], D_M[1]], [0.0, 0.0]))]
+    assert "favours its own operator): yes." in " ".join(text.split())  # seeds 0, 1: all in
+    arms = counterfactual_table(m, "m", docs)
+    assert "Interim" not in arms
+    assert "(2 seeds)" in arms  # seed 2's record is not the run's
+    own = {k: v for k, v in m["runs"][0].items() if k != "seeds"}
+    assert "Interim" not in counterfactual_table(m | {"runs": [own]}, "m", docs)
+    more = m | {"runs": [own], "seeds": [0, 1, 2, 3]}  # every seed of the cell, one missing
+    assert "**Interim (flexlora-arms): 3 of 4 seeds are in;" in counterfactual_table(
+        more, "m", docs
+    )
