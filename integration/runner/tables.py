@@ -38,6 +38,10 @@ from .rule import READING, RULE, Candidate, Verdict, default_by_rule
 from .stats import Paired, auc, paired
 
 
+def _n_seeds(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
 def floor(config: Mapping[str, Any]) -> float:
     """Majority-class rate of the evaluation set, averaged over the cell's seeds.
 
@@ -160,7 +164,7 @@ def table(config: Mapping[str, Any], cell: str, docs: Path, *, cr: CellRaw | Non
         ]
         lines.append("| " + " | ".join(cells) + " |")
         if run_id(e) == CEILING_ID:
-            ceiling = f"final accuracy {ms(final)}, best {ms(best)} ({len(recs)} seeds)"
+            ceiling = f"final accuracy {ms(final)}, best {ms(best)} ({_n_seeds(len(recs))})"
     b = config["base"]
     steps = int(b.get("rounds", base.rounds)) * int(b.get("local_steps", base.local_steps))
     notes = [
@@ -555,7 +559,7 @@ def counterfactual_table(
             acc = "(reference)" if name == own else f"{statistics.fmean(da):+.4f}"
             lines.append(f"| {name} | {statistics.fmean(errs):.3e} | {cert} | {loss} | {acc} |")
         blocks += [
-            f"### Counterfactual rounds of {label(e)} ({len(recs)} seeds)",
+            f"### Counterfactual rounds of {label(e)} ({_n_seeds(len(recs))})",
             "",
             *lines,
             "",
@@ -818,7 +822,7 @@ def _further(
                 "only the factorisation sent to the clients differs; a client of smaller rank "
                 "gets the split's best rank-r_i truncation.")  # fmt: skip
     return [
-        f"#### {title} ({label(e)}, {len(recs)} seeds, rounds {rounds_run})",
+        f"#### {title} ({label(e)}, {_n_seeds(len(recs))}, rounds {rounds_run})",
         "",
         *lines,
         "",
