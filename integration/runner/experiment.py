@@ -92,10 +92,9 @@ def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
     RunFolderError
         If the folder's ``results.json`` or ``checkpoint.json`` was written with other
         settings (for a checkpoint, other than a number of rounds it has not passed: a run
-        may be extended),
-        or its ``results.json`` is unreadable or holds no config or metrics. An unreadable
-        checkpoint is left to the resume, which refuses it naming what is wrong
-        (``CheckpointError``).
+        may be extended), or its ``results.json`` is unreadable or holds no config or
+        metrics. An unreadable checkpoint is left to the resume, which refuses it naming what
+        is wrong (``CheckpointError``).
     """
     folder = Path(cfg.out)
     for name in ("results.json", "checkpoint.json"):
@@ -110,12 +109,9 @@ def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             if name == "checkpoint.json":
                 return None
-            raise RunFolderError(
-                f"{path} is unreadable or holds no config or metrics ({type(err).__name__}: {err}"[
-                    :200
-                ]
-                + f"); remove {folder} to rerun the run"
-            ) from None
+            what = f"{type(err).__name__}: {err}"[:200]
+            raise RunFolderError(f"{path} is unreadable or holds no config or metrics ({what}); "
+                                 f"remove {folder} to rerun the run") from None  # fmt: skip
         if name == "checkpoint.json":  # a run may be extended (Simulation.load): more rounds
             diff = [d for d in diff if not d.startswith("rounds: ")]
             reached = saved.get("round")
