@@ -174,6 +174,11 @@ def ms(xs: Sequence[float], fmt: str = ".4f") -> str:
     return f"{statistics.mean(xs):{fmt}} ± {statistics.stdev(xs):{fmt}}"
 
 
+def count(n: int, noun: str) -> str:
+    """``"1 seed"``, ``"3 seeds"``: a number with its noun in the singular or plural."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def mean_or_none(xs: Sequence[float | None]) -> float | None:
     """The mean of the values that are not ``None`` (``None`` if there are none)."""
     vals = [float(x) for x in xs if x is not None]

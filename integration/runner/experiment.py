@@ -48,6 +48,7 @@ from .cells import (
     CEILING_ID,
     cell_name,
     cell_problems,
+    count,
     entries,
     find_config,
     label,
@@ -103,7 +104,9 @@ def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
             continue
         try:
             saved = json.loads(path.read_text())
-            diff = differences(saved["config"], cfg)
+            # a checkpoint's run may be extended (Simulation.load): its rounds may differ
+            ignore = ("rounds",) if name == "checkpoint.json" else ()
+            diff = differences(saved["config"], cfg, ignore=ignore)
             if name == "results.json" and not isinstance(saved.get("metrics"), list):
                 raise KeyError("metrics")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
@@ -112,8 +115,7 @@ def _check_folder(cfg: SimConfig) -> dict[str, Any] | None:
             what = f"{type(err).__name__}: {err}"[:200]
             raise RunFolderError(f"{path} is unreadable or holds no config or metrics ({what}); "
                                  f"remove {folder} to rerun the run") from None  # fmt: skip
-        if name == "checkpoint.json":  # a run may be extended (Simulation.load): more rounds
-            diff = [d for d in diff if not d.startswith("rounds: ")]
+        if name == "checkpoint.json":
             reached = saved.get("round")
             if not diff and isinstance(reached, int) and reached > cfg.rounds:
                 raise RunFolderError(
@@ -345,10 +347,6 @@ def _rounds_done(state: str) -> int:
     return int(state.split()[1]) if state.startswith("round ") else 0
 
 
-def _runs(n: int) -> str:
-    return f"{n} run" if n == 1 else f"{n} runs"
-
-
 def _time_left(left: Sequence[tuple[str, int, int]], cr: CellRaw) -> str:
     """How long the rounds ``left`` (run id, rounds saved, rounds) take, at each run's pace.
 
@@ -367,11 +365,13 @@ def _time_left(left: Sequence[tuple[str, int, int]], cr: CellRaw) -> str:
             pace[rid] = [statistics.median(secs) for secs in by_round] if recs else None
     known = [sum(p[done:n]) for rid, done, n in left if (p := pace[rid]) is not None]
     if not known:
-        return f"{_runs(len(left))} left, not estimated (no finished seed of their run)"
-    say = (f"about {sum(known) / 3600:.1f} one-core hours left for {_runs(len(known))} (each "
-           "round at the median seconds of that round over the run's finished seeds)")  # fmt: skip
+        return f"{count(len(left), 'run')} left, not estimated (no finished seed of their run)"
+    runs = count(len(known), "run")
+    say = (f"about {sum(known) / 3600:.1f} one-core hours left for {runs} (each round at the "
+           "median seconds of that round over the run's finished seeds)")  # fmt: skip
     if len(known) < len(left):
-        say += f"; {_runs(len(left) - len(known))} not estimated (no finished seed of their run)"
+        rest = count(len(left) - len(known), "run")
+        say += f"; {rest} not estimated (no finished seed of their run)"
     return say
 
 

@@ -105,14 +105,17 @@ def run_config(
     return SimConfig(**kw)
 
 
-def differences(saved: Mapping[str, Any], cfg: SimConfig) -> list[str]:
+def differences(
+    saved: Mapping[str, Any], cfg: SimConfig, *, ignore: tuple[str, ...] = ()
+) -> list[str]:
     """The result-defining settings in which a saved config differs from ``cfg``.
 
-    A saved field that is no longer a setting counts as a difference (``not a setting now``).
+    A saved field that is no longer a setting counts as a difference (``not a setting now``);
+    the settings named in ``ignore`` are not compared.
     """
     old, new = results_config(saved), results_config(asdict(cfg))
     out = []
-    for k in sorted(old.keys() | new.keys()):
+    for k in sorted((old.keys() | new.keys()) - set(ignore)):
         if k not in new:
             out.append(f"{k}: {old[k]!r} there, not a setting now")
         elif old.get(k) != new[k]:

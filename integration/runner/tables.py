@@ -21,6 +21,7 @@ from .cells import (
     cell_name,
     cell_problems,
     compared_entries,
+    count,
     entries,
     find_config,
     label,
@@ -31,15 +32,11 @@ from .cells import (
     runs_at,
     seeds_of,
 )
-from .config import ConfigError, SimConfig, results_config
+from .config import ConfigError, SimConfig
 from .files import held, write_atomic, write_text_atomic
-from .records import read_record, run_config
+from .records import differences, read_record, run_config
 from .rule import READING, RULE, Candidate, Verdict, default_by_rule
 from .stats import Paired, auc, paired
-
-
-def _n_seeds(n: int) -> str:
-    return f"{n} seed" if n == 1 else f"{n} seeds"
 
 
 def floor(config: Mapping[str, Any]) -> float:
@@ -96,9 +93,18 @@ class CellRaw:
             self._read[key] = read_record(raw_file(self.dir, rid, seed), cfg)
         return self._read[key]
 
+    def seeds_of_run(self, rid: str) -> list[int]:
+        """The cell's seeds that run ``rid`` runs at (its own ``seeds``, else all)."""
+        if rid not in self.entries:
+            raise ConfigError(f"{rid!r} is not a run of the cell: {sorted(self.entries)}")
+        return [s for s in self.seeds if runs_at(self.entries[rid], s)]
+
     def records(self, rid: str) -> dict[int, dict[str, Any]]:
-        """Seed -> raw record, for the cell's seeds that run ``rid`` has finished."""
-        found = ((s, self.record(rid, s)) for s in self.seeds)
+        """Seed -> raw record, for the seeds run ``rid`` runs at and has finished.
+
+        A file left at a seed the run does not run at is not the run's, and is not read.
+        """
+        found = ((s, self.record(rid, s)) for s in self.seeds_of_run(rid))
         return {s: rec for s, rec in found if rec is not None}
 
     def metrics(self, rid: str) -> dict[int, dict[str, float]]:
@@ -164,7 +170,7 @@ def table(config: Mapping[str, Any], cell: str, docs: Path, *, cr: CellRaw | Non
         ]
         lines.append("| " + " | ".join(cells) + " |")
         if run_id(e) == CEILING_ID:
-            ceiling = f"final accuracy {ms(final)}, best {ms(best)} ({_n_seeds(len(recs))})"
+            ceiling = f"final accuracy {ms(final)}, best {ms(best)} ({count(len(recs), 'seed')})"
     b = config["base"]
     steps = int(b.get("rounds", base.rounds)) * int(b.get("local_steps", base.local_steps))
     notes = [
@@ -513,8 +519,8 @@ def counterfactual_table(
     blocks: list[str] = []
     compared = 0
     for e in entries(config):
-        listed = [s for s in cr.seeds if runs_at(e, s)]
-        have = {s: rec for s, rec in cr.records(run_id(e)).items() if s in listed}
+        listed = cr.seeds_of_run(run_id(e))
+        have = cr.records(run_id(e))
         recs = [rec["rounds"] for rec in have.values()
                 if any(k in r for r in rec["rounds"] for k in ARM_KEYS)]  # fmt: skip
         if not recs:
@@ -559,7 +565,7 @@ def counterfactual_table(
             acc = "(reference)" if name == own else f"{statistics.fmean(da):+.4f}"
             lines.append(f"| {name} | {statistics.fmean(errs):.3e} | {cert} | {loss} | {acc} |")
         blocks += [
-            f"### Counterfactual rounds of {label(e)} ({_n_seeds(len(recs))})",
+            f"### Counterfactual rounds of {label(e)} ({count(len(recs), 'seed')})",
             "",
             *lines,
             "",
@@ -638,7 +644,7 @@ def trajectories(config: Mapping[str, Any]) -> Trajectories | None:
         raise ConfigError(f"other_trajectory: {other['run']!r} is not a run with counterfactual "
                           f"rounds of {other_cell} ({path})")  # fmt: skip
     seed = seeds_of(config)[0]
-    now = results_config(dataclasses.asdict(run_config(config, mine, seed, Path("."), "cpu")))
+    here = run_config(config, mine, seed, Path("."), "cpu")
     try:
         there = run_config(other_config, theirs, seed, Path("."), "cpu")
     except (ConfigError, KeyError, TypeError, ValueError) as err:
@@ -646,8 +652,7 @@ def trajectories(config: Mapping[str, Any]) -> Trajectories | None:
             f"other_trajectory: the run {other['run']!r} of {other_cell} has "
             f"no valid settings ({type(err).__name__}: {err})"[:300]
         ) from None
-    then = results_config(dataclasses.asdict(there))
-    a, b = str(now["operator"]), str(then["operator"])
+    a, b = here.operator, there.operator
     if a == b:
         raise ConfigError(f"other_trajectory: both trajectories are {a}'s; name a run of "
                           "another operator")  # fmt: skip
@@ -656,12 +661,11 @@ def trajectories(config: Mapping[str, Any]) -> Trajectories | None:
         if left_out:
             raise ConfigError(f"other_trajectory: {run_id(e)} of {name} does not aggregate "
                               f"{left_out} in arm (a)")  # fmt: skip
-    differ = [f"{k}: {now.get(k)!r} here, {then.get(k)!r} there"
-              for k in sorted(now.keys() | then.keys())
-              if k != "operator" and now.get(k) != then.get(k)]  # fmt: skip
+    differ = differences(dataclasses.asdict(there), here, ignore=("operator",))
     if differ:
-        raise ConfigError(f"other_trajectory: the runs differ in more than their operator "
-                          f"({'; '.join(differ[:3])}); arm (a) along two trajectories compares "
+        raise ConfigError(f"other_trajectory: {other_cell}'s run differs from this cell's in "
+                          "more than the operator (there: the other cell's, now: this one's; "
+                          f"{'; '.join(differ[:3])}); arm (a) along two trajectories compares "
                           "runs of the same settings")  # fmt: skip
     return Trajectories(dict(mine), dict(theirs), other_config, other_cell, a, b)
 
@@ -677,7 +681,6 @@ def _arm_a_d(cr: CellRaw, rid: str, a: str, b: str) -> dict[int, float]:
             r["counterfactual"][b]["loss"] - r["counterfactual"][a]["loss"] for r in rec["rounds"]
         )
         for seed, rec in cr.records(rid).items()
-        if runs_at(cr.entries[rid], seed)
     }
 
 
@@ -710,13 +713,11 @@ def trajectory_table(
     if t is None:
         return ""
     cr = cr or CellRaw(config, cell, docs)
+    other = CellRaw(t.other_config, t.other_cell, docs)
     a, b = t.a, t.b
-    along = {
-        b: _arm_a_d(CellRaw(t.other_config, t.other_cell, docs), run_id(t.theirs), a, b),
-        a: _arm_a_d(cr, run_id(t.mine), a, b),
-    }
-    listed = sorted({s for s in seeds_of(config) if runs_at(t.mine, s)}
-                    & {s for s in seeds_of(t.other_config) if runs_at(t.theirs, s)})  # fmt: skip
+    along = {b: _arm_a_d(other, run_id(t.theirs), a, b), a: _arm_a_d(cr, run_id(t.mine), a, b)}
+    listed = sorted(set(cr.seeds_of_run(run_id(t.mine)))
+                    & set(other.seeds_of_run(run_id(t.theirs))))  # fmt: skip
     both = sorted(along[a].keys() & along[b].keys())
     where = {b: f"{t.other_cell}, run {run_id(t.theirs)}", a: f"this cell, run {run_id(t.mine)}"}
     lines = [
@@ -822,7 +823,7 @@ def _further(
                 "only the factorisation sent to the clients differs; a client of smaller rank "
                 "gets the split's best rank-r_i truncation.")  # fmt: skip
     return [
-        f"#### {title} ({label(e)}, {_n_seeds(len(recs))}, rounds {rounds_run})",
+        f"#### {title} ({label(e)}, {count(len(recs), 'seed')}, rounds {rounds_run})",
         "",
         *lines,
         "",

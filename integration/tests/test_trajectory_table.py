@@ -170,7 +170,8 @@ def test_a_trajectory_that_cannot_be_compared_stops_the_driver_in_one_line(
         ({"other_trajectory": {"cell": str(g_path), "run": "nope"}},
          "'nope' is not a run with counterfactual rounds of g"),
         ({"other_trajectory": {"cell": str(other_lr), "run": "fedit-arms"}},
-         "the runs differ in more than their operator (lr: 0.0005 here, 0.5 there)"),
+         "g's run differs from this cell's in more than the operator (there: the other cell's, "
+         "now: this one's; lr: 0.5 there, 0.0005 now)"),
         ({"runs": [m["runs"][0] | {"operator": "fedit"}]}, "both trajectories are fedit's"),
         ({"runs": [m["runs"][0] | {"counterfactual": ["flexlora", "glora_auto"]}]},
          "flexlora-arms of this cell does not aggregate ['fedit'] in arm (a)"),
