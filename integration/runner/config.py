@@ -206,6 +206,24 @@ def results_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in full.items() if k not in NOT_RESULTS}
 
 
+def differences(
+    saved: Mapping[str, Any], cfg: SimConfig, *, ignore: tuple[str, ...] = ()
+) -> list[str]:
+    """The result-defining settings in which a saved config differs from ``cfg``.
+
+    A saved field that is no longer a setting counts as a difference (``not a setting now``);
+    the settings named in ``ignore`` are not compared.
+    """
+    old, new = results_config(saved), results_config(asdict(cfg))
+    out = []
+    for k in sorted((old.keys() | new.keys()) - set(ignore)):
+        if k not in new:
+            out.append(f"{k}: {old[k]!r} there, not a setting now")
+        elif old.get(k) != new[k]:
+            out.append(f"{k}: {old.get(k)!r} there, {new[k]!r} now")
+    return out
+
+
 _HELP = HELP | {
     "device": "torch device, e.g. cpu or cuda",
     "test_holdout": "training examples set aside as a held-out test set, the same for every "

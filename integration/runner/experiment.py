@@ -39,8 +39,9 @@ import json
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from glora_math.errors import GloraError
 
@@ -150,30 +151,58 @@ def recorded(cfg: SimConfig, record: Path) -> bool:
     return read_record(record, cfg) is not None
 
 
-def run_state(cfg: SimConfig, record: Path | None = None) -> str:
-    """Where a run stands: finished, the round its checkpoint reached, or not started.
+@dataclass(frozen=True)
+class RunState:
+    """Where one run of a cell stands (``str()`` is the line ``--list`` prints).
 
-    ``finished``, ``finished (recorded in <record>)`` (no finished run folder, but the cell's
-    record holds the run's complete raw JSON with the same settings), ``round k of n,
-    running`` (a process holds its folder; k = 0 before its first checkpoint), ``round k of
-    n, stopped`` (it resumes when run again) or ``not started``; read from the run folder and
-    the record alone (no model is loaded, nothing is verified). A record with other
-    settings, an incomplete, damaged or unreadable one raises ``RecordError``
-    (:func:`recorded`); a run folder written with other settings, or with an unreadable
-    ``results.json``, raises ``RunFolderError``.
+    ``status`` is ``finished``, ``recorded`` (no finished run folder, but the cell's record
+    holds the run's complete raw JSON with the same settings), ``running`` (a process holds
+    its folder), ``stopped`` (it resumes when run again), ``not started`` or ``unreadable``
+    (its checkpoint; the run says why when it resumes). ``done`` is the rounds its checkpoint
+    has saved (0 before the first), of ``rounds`` asked for.
+    """
+
+    status: Literal["finished", "recorded", "running", "stopped", "not started", "unreadable"]
+    rounds: int
+    done: int = 0
+    record: Path | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Finished in its run folder or in the cell's record."""
+        return self.status in ("finished", "recorded")
+
+    def __str__(self) -> str:
+        if self.status == "finished":
+            return "finished"
+        if self.status == "recorded":
+            return f"finished (recorded in {self.record})"
+        if self.status == "unreadable":
+            return "checkpoint unreadable (the run will say why when it resumes)"
+        if self.status == "not started":
+            return "not started"
+        return f"round {self.done} of {self.rounds}, {self.status}"
+
+
+def run_state(cfg: SimConfig, record: Path | None = None) -> RunState:
+    """Where a run stands (:class:`RunState`), read from its run folder and record alone.
+
+    No model is loaded and nothing is verified. A record with other settings, an incomplete,
+    damaged or unreadable one raises ``RecordError`` (:func:`recorded`); a run folder written
+    with other settings, or with an unreadable ``results.json``, raises ``RunFolderError``.
     """
     folder = Path(cfg.out)
     if _check_folder(cfg) is not None:
-        return "finished"
+        return RunState("finished", cfg.rounds, cfg.rounds)
     if record is not None and recorded(cfg, record):
-        return f"finished (recorded in {record})"
+        return RunState("recorded", cfg.rounds, cfg.rounds, record)
     try:
         done = int(json.loads((folder / "checkpoint.json").read_text())["round"])
     except FileNotFoundError:
-        return f"round 0 of {cfg.rounds}, running" if busy(folder) else "not started"
+        return RunState("running" if busy(folder) else "not started", cfg.rounds)
     except (OSError, ValueError, KeyError, TypeError):
-        return "checkpoint unreadable (the run will say why when it resumes)"
-    return f"round {done} of {cfg.rounds}, {'running' if busy(folder) else 'stopped'}"
+        return RunState("unreadable", cfg.rounds)
+    return RunState("running" if busy(folder) else "stopped", cfg.rounds, done)
 
 
 def raw_record(
@@ -332,19 +361,14 @@ def _list(
               for entry, seed, cfg in plan(config, out, device)]  # fmt: skip
     for entry, seed, cfg, state in states:
         print(f"{run_id(entry)} seed {seed}: {cfg.out} [{state}]")
-    count = {w: sum(w in state.split(" (")[0] for *_, state in states)
-             for w in ("finished", "running", "stopped")}  # fmt: skip
-    print(f"{count['finished']} of {len(states)} runs finished, {count['running']} running, "
-          f"{count['stopped']} stopped partway (they resume)")  # fmt: skip
-    left = [(run_id(e), _rounds_done(state), cfg.rounds) for e, _, cfg, state in states
-            if not state.startswith("finished")]  # fmt: skip
+    n = {w: sum(state.status == w for *_, state in states) for w in ("running", "stopped")}
+    done = sum(state.finished for *_, state in states)
+    print(f"{done} of {len(states)} runs finished, {n['running']} running, "
+          f"{n['stopped']} stopped partway (they resume)")  # fmt: skip
+    left = [(run_id(e), state.done, cfg.rounds) for e, _, cfg, state in states
+            if not state.finished]  # fmt: skip
     if left:
         print(_time_left(left, CellRaw(whole, cell, docs)))
-
-
-def _rounds_done(state: str) -> int:
-    """The rounds a run that is not finished has saved (``round k of n, ...``; else 0)."""
-    return int(state.split()[1]) if state.startswith("round ") else 0
 
 
 def _time_left(left: Sequence[tuple[str, int, int]], cr: CellRaw) -> str:
@@ -383,6 +407,7 @@ __all__ = [
     "CEILING_ID",
     "ROUND_KEYS",
     "RunFolderError",
+    "RunState",
     "Simulation",
     "cell_name",
     "cell_problems",

@@ -20,14 +20,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from glora_math.errors import GloraError
 
 from .cells import ENTRY_KEYS, run_id
-from .config import SimConfig, results_config
+from .config import SimConfig, differences
 
 #: Per-round metrics kept in the raw JSON.
 ROUND_KEYS = (
@@ -103,24 +102,6 @@ def run_config(
     kw = dict(config["base"]) | over | {"seed": seed, "device": device}
     kw["out"] = str(out / f"{run_id(entry)}-seed{seed}")
     return SimConfig(**kw)
-
-
-def differences(
-    saved: Mapping[str, Any], cfg: SimConfig, *, ignore: tuple[str, ...] = ()
-) -> list[str]:
-    """The result-defining settings in which a saved config differs from ``cfg``.
-
-    A saved field that is no longer a setting counts as a difference (``not a setting now``);
-    the settings named in ``ignore`` are not compared.
-    """
-    old, new = results_config(saved), results_config(asdict(cfg))
-    out = []
-    for k in sorted((old.keys() | new.keys()) - set(ignore)):
-        if k not in new:
-            out.append(f"{k}: {old[k]!r} there, not a setting now")
-        elif old.get(k) != new[k]:
-            out.append(f"{k}: {old.get(k)!r} there, {new[k]!r} now")
-    return out
 
 
 def _finite(value: Any) -> bool:

@@ -53,8 +53,8 @@ from .checkpoint import CheckpointError, read_checkpoint, restore_server, write_
 from .config import (
     ConfigError,
     SimConfig,
+    differences,
     parse_args,
-    results_config,
     versions,
 )
 from .files import held, write_atomic, write_text_atomic
@@ -391,12 +391,8 @@ class Simulation:
         tensors = self.out / meta["tensors"]
         # More rounds may be asked for (fewer, down to the round reached); nothing else that
         # defines results may change.
-        saved, now = results_config(meta["config"]), results_config(asdict(self.cfg))
-        saved.pop("rounds")
-        now.pop("rounds")
-        if saved != now:
-            diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(now)
-                    if saved.get(k) != now.get(k)]  # fmt: skip
+        diff = differences(meta["config"], self.cfg, ignore=("rounds",))
+        if diff:
             raise ConfigError(
                 f"--resume: the checkpoint in {self.out} was made with other settings "
                 f"({'; '.join(diff[:5])}); use another --out or the same settings"

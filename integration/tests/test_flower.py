@@ -25,7 +25,7 @@ from flwr.app import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
-from glora_math import LoRAFactors
+from glora_math import DEFAULT_OPERATOR, LoRAFactors
 from glora_math.linalg import lowrank_svd
 from glora_math.operators import Guarantee, list_operators
 from glora_math.tolerances import product_tol
@@ -327,8 +327,8 @@ def test_glora_rounds_report_a_certificate_equal_to_the_measured_error(operator:
         assert any("ResidualWarning" in w for w in st.history[-1].warnings)
 
 
-def test_the_default_strategy_is_the_side_aware_glora() -> None:
-    assert LoRAStrategy().op.name == "glora_auto"
+def test_the_default_strategy_is_the_default_operator() -> None:
+    assert LoRAStrategy().op.name == DEFAULT_OPERATOR
     _, metrics = LoRAStrategy("fedit").aggregate_train(1, [_reply(n, 4, n) for n in (1, 2)])
     assert metrics is not None
     assert math.isnan(metrics["certified-residual"])
@@ -507,7 +507,10 @@ def test_the_template_readme_runs_what_local_deployment_runs(tmp_path: Path) -> 
         ({"operator": "glora_atuo"}, "(did you mean 'glora_auto'?)"),
         ({"per-client-init": 1}, "'per-client-init' must be true or false, got 1 (int)"),
         ({"options": "lam"}, "run-config key 'options' = 'lam' cannot be read"),
-        ({"options": "lam=0.5"}, "'options' = 'lam=0.5' names ['lam']; operator 'glora_auto'"),
+        (
+            {"options": "lam=0.5"},
+            f"'options' = 'lam=0.5' names ['lam']; operator '{DEFAULT_OPERATOR}'",
+        ),
         ({"train-file": "a.tsv"}, "'train-file' = 'a.tsv' needs its partner"),
         ({"task": "imdb"}, "'task' = 'imdb' is not one of"),
         ({"server-rank": -1}, "'server-rank' = -1 must be positive"),

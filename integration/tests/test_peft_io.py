@@ -352,10 +352,11 @@ def test_glora_aggregate_command_on_three_real_adapter_folders(
 
     folders = _adapter_folders(tmp_path)
     out = tmp_path / "round"
-    # Clients from independent inits keep little of the mean at R = r: the default threshold
-    # (DEFAULT_MAX_RESIDUAL) warns, naming the module.
+    # Clients from independent inits keep little of the mean at R = r: a certified operator's
+    # default threshold (DEFAULT_MAX_RESIDUAL) warns, naming the module.
+    args = ["aggregate", *folders, "--weights", "1,2,3", "--operator", "glora_auto"]
     with pytest.warns(ResidualWarning) as caught:
-        assert main(["aggregate", *folders, "--weights", "1,2,3", "--out", str(out)]) == 0
+        assert main([*args, "--out", str(out)]) == 0
     assert all(re.match(r"module '.*(query|value)': certified relative residual", str(w.message))
                for w in caught)  # fmt: skip
     assert "wrote" in capsys.readouterr().out

@@ -379,17 +379,33 @@ def test_target_modules_the_model_lacks_are_one_line_errors_naming_its_layers(
 def test_resume_refuses_a_changed_configuration(tmp_path: Path) -> None:
     from integration.simulate import ConfigError
 
-    _run(tmp_path, "r", rounds=1)
+    _run(tmp_path, "r", rounds=1, operator="glora_auto")
     changed = SimConfig(**(TINY | {"out": str(tmp_path / "r"), "operator": "fedit"}))  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"operator: 'glora_auto' -> 'fedit'"):
+    with pytest.raises(ConfigError, match=r"operator: 'glora_auto' there, 'fedit' now"):
         Simulation(changed).run(resume=True)
     # Settings that do not change results (threads, device, out) may differ.
-    same = SimConfig(**(TINY | {"out": str(tmp_path / "r"), "threads": 1}))  # type: ignore[arg-type]
+    same = SimConfig(
+        **(TINY | {"out": str(tmp_path / "r"), "operator": "glora_auto", "threads": 1})
+    )  # type: ignore[arg-type]
     assert len(Simulation(same).run(resume=True)) == 2
     # More rounds extend a run; fewer than it has reached would make a record it is not.
-    fewer = SimConfig(**(TINY | {"out": str(tmp_path / "r"), "rounds": 1}))  # type: ignore[arg-type]
+    fewer = SimConfig(
+        **(TINY | {"out": str(tmp_path / "r"), "operator": "glora_auto", "rounds": 1})
+    )  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="has reached round 2, past the 1 rounds asked for"):
         Simulation(fewer).run(resume=True)
+    # A checkpoint made with a setting this version does not have is not this run either: the
+    # refusal names it (the same comparison the driver makes for run folders and records).
+    from integration.runner.checkpoint import read_checkpoint, write_checkpoint
+
+    found = read_checkpoint(tmp_path / "r")
+    assert found is not None
+    meta, flat = found
+    meta["config"]["retired_setting"] = 3
+    keep = {k: meta[k] for k in ("server", "config", "metrics")}
+    write_checkpoint(tmp_path / "r", int(meta["round"]), flat, keep)
+    with pytest.raises(ConfigError, match=r"retired_setting: 3 there, not a setting now"):
+        Simulation(same).run(resume=True)
 
 
 def test_held_out_test_set_is_evaluated_and_never_trained_on(tmp_path: Path) -> None:
@@ -490,7 +506,7 @@ def test_any_operator_option_reaches_the_operator(tmp_path: Path) -> None:
 
 
 def test_counterfactual_rounds_use_the_same_uploads_and_change_nothing(tmp_path: Path) -> None:
-    base = {"rounds": 2, "test_holdout": 40}
+    base = {"rounds": 2, "test_holdout": 40, "operator": "glora_auto"}
     plain = _run(tmp_path, "plain", **base)
     cf = ["glora_auto", "fedit", "flexlora", "glora"]  # the run's own operator first
     rows = _run(tmp_path, "cf", counterfactual=cf, **base)
@@ -770,17 +786,22 @@ def test_list_says_where_each_run_stands(tmp_path: Path) -> None:
     from integration.runner.files import held
 
     cfg = SimConfig(model="tiny-roberta", rounds=20, out=str(tmp_path / "run"))
-    assert run_state(cfg) == "not started"
+    assert str(run_state(cfg)) == "not started"
     (tmp_path / "run").mkdir()
-    assert run_state(cfg) == "not started"
+    assert str(run_state(cfg)) == "not started"
     with held(tmp_path / "run"):  # a process has started it and saved no round yet
-        assert run_state(cfg) == "round 0 of 20, running"
+        assert str(run_state(cfg)) == "round 0 of 20, running"
     (tmp_path / "run" / "checkpoint.json").write_text('{"round": 7}')
-    assert run_state(cfg) == "round 7 of 20, stopped"
+    assert str(run_state(cfg)) == "round 7 of 20, stopped"
+    assert (run_state(cfg).status, run_state(cfg).done, run_state(cfg).finished) == (
+        "stopped",
+        7,
+        False,
+    )
     with held(tmp_path / "run"):  # a process is running it
-        assert run_state(cfg) == "round 7 of 20, running"
+        assert str(run_state(cfg)) == "round 7 of 20, running"
     (tmp_path / "run" / "checkpoint.json").write_text('{"round": ')
-    assert run_state(cfg).startswith("checkpoint unreadable")
+    assert str(run_state(cfg)).startswith("checkpoint unreadable")
     (tmp_path / "run" / "results.json").write_text("{}")  # damaged: no config
     with pytest.raises(RunFolderError, match="is unreadable or holds no config"):
         run_state(cfg)
@@ -789,7 +810,7 @@ def test_list_says_where_each_run_stands(tmp_path: Path) -> None:
     (tmp_path / "run" / "checkpoint.json").write_text(
         json.dumps({"round": 7, "config": asdict(cfg) | {"rounds": 10}})
     )
-    assert run_state(cfg) == "round 7 of 20, stopped"
+    assert str(run_state(cfg)) == "round 7 of 20, stopped"
     past = dataclasses.replace(cfg, rounds=5)  # now asks for fewer rounds than it has run
     with pytest.raises(RunFolderError, match="has reached round 7, past the 5 rounds the run"):
         run_state(past)
@@ -804,7 +825,7 @@ def test_list_says_where_each_run_stands(tmp_path: Path) -> None:
     (tmp_path / "run" / "results.json").write_text(
         json.dumps({"config": asdict(cfg), "metrics": []})
     )
-    assert run_state(cfg) == "finished"
+    assert str(run_state(cfg)) == "finished"
     (tmp_path / "run" / "results.json").write_text(
         json.dumps({"config": asdict(cfg) | {"lr": 1}, "metrics": []})
     )
