@@ -603,10 +603,11 @@ def test_the_command_line_checks_its_settings_and_runs_the_deployment(
 
     monkeypatch.setattr(flower_app, "run", fake_run)
     argv = ["--rounds", "1", "--client-ranks", "2,8", "--faulty", "2:nan", "--out", "o",
-            "--options", "max_residual=0.5", "--per-client-init"]  # fmt: skip
+            "--operator", "glora_auto", "--options", "max_residual=0.5", "--per-client-init"]  # fmt: skip
     assert flower_app.main(argv) == 0
     assert seen == [flower_app.FlowerConfig(rounds=1, client_ranks=[2, 8], faulty=((2, "nan"),),
-                                            out="o", options={"max_residual": 0.5},
+                                            out="o", operator="glora_auto",
+                                            options={"max_residual": 0.5},
                                             per_client_init=True)]  # fmt: skip
     assert "round 1: accepted partitions [0, 1], rejected {'2': 'NaN'}" in capsys.readouterr().out
 
