@@ -260,8 +260,9 @@ LLAMA_7B_SHAPES = {  # (d, k) of the update -> modules per model (32 layers)
 }
 
 
-#: What the LLaMA-7B-shaped set measures (``default_glora_auto``: the default operator, as the
-#: peft path, the runner and Flower call it on a whole model).
+#: What the LLaMA-7B-shaped set measures (``default_glora_auto``: ``glora_auto``, the default
+#: operator when this benchmark was written, as the peft path, the runner and Flower call an
+#: operator on a whole model).
 LLAMA_METHODS = ("fedit", "gram_floor", "glora_exact", "glora_sketch", "glora_exact_certified",
                  "glora_sketch_estimate", "default_glora_auto")  # fmt: skip
 

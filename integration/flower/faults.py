@@ -124,7 +124,8 @@ def run_faults(
     cfg = FlowerConfig(model="tiny-roberta", clients=nodes, rounds=rounds, local_steps=2,
                        batch_size=8, client_ranks=[2, 4, 4], max_train=40 * nodes,
                        max_eval=20 * nodes, max_len=32, threads=1, faulty=((bad, "nan"),),
-                       out=str(out), timeout=timeout, keep_replies=True)  # fmt: skip
+                       out=str(out), timeout=timeout, keep_replies=True,
+                       operator="glora_auto")  # mixed ranks (not FedIT)  # fmt: skip
     app = new_app(workdir / "app", overwrite=True)
     killed = list(range(kill))
     stop_link_after = max(1, rounds - 1)

@@ -58,9 +58,9 @@ from .cells import (
     runs_at,
     seeds_of,
 )
-from .config import SimConfig
+from .config import SimConfig, differences
 from .files import FolderInUseError, busy, write_text_atomic
-from .records import ROUND_KEYS, RecordError, differences, read_record, record_problems, run_config
+from .records import ROUND_KEYS, RecordError, read_record, record_problems, run_config
 from .simulate import Simulation
 from .stats import paired
 from .tables import CellRaw, table, trajectory_table, write_table
@@ -158,14 +158,19 @@ class RunState:
     ``status`` is ``finished``, ``recorded`` (no finished run folder, but the cell's record
     holds the run's complete raw JSON with the same settings), ``running`` (a process holds
     its folder), ``stopped`` (it resumes when run again), ``not started`` or ``unreadable``
-    (its checkpoint; the run says why when it resumes). ``done`` is the rounds its checkpoint
-    has saved (0 before the first), of ``rounds`` asked for.
+    (its checkpoint; the run says why when it resumes). ``done`` is the rounds saved of the
+    ``rounds`` asked for: all of them once finished, the checkpoint's round while running or
+    stopped, 0 otherwise. ``record`` is the record that holds a ``recorded`` run (only then).
     """
 
     status: Literal["finished", "recorded", "running", "stopped", "not started", "unreadable"]
     rounds: int
     done: int = 0
     record: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.status == "recorded") != (self.record is not None):
+            raise ValueError(f"RunState: status {self.status!r} with record {self.record!r}")
 
     @property
     def finished(self) -> bool:

@@ -241,7 +241,6 @@ __all__ = [
     "SCALAR_KEYS",
     "TEST_KEYS",
     "RecordError",
-    "differences",
     "read_record",
     "record_problems",
     "run_config",

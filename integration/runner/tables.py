@@ -32,9 +32,9 @@ from .cells import (
     runs_at,
     seeds_of,
 )
-from .config import ConfigError, SimConfig
+from .config import ConfigError, SimConfig, differences
 from .files import held, write_atomic, write_text_atomic
-from .records import differences, read_record, run_config
+from .records import read_record, run_config
 from .rule import READING, RULE, Candidate, Verdict, default_by_rule
 from .stats import Paired, auc, paired
 

@@ -55,7 +55,8 @@ def test_deployment_engine_rejects_the_faulty_partition_and_exports_the_adapter(
     out = tmp_path / "out"
     cfg = FlowerConfig(model="tiny-roberta", clients=3, rounds=1, local_steps=2, batch_size=8,
                        client_ranks=[2, 4, 4], max_train=120, max_eval=60, max_len=32,
-                       threads=1, faulty=((2, "nan"),), out=str(out), timeout=60.0)  # fmt: skip
+                       threads=1, faulty=((2, "nan"),), out=str(out), timeout=60.0,
+                       operator="glora_auto")  # mixed ranks, rank-4 readouts  # fmt: skip
     workdir = tmp_path / "deployment"
     app = new_app(tmp_path / "app")  # the folder `glora flower new` writes, as a user has it
     start = time.monotonic()

@@ -453,8 +453,8 @@ def test_aggregate_peft_output_folders_rank_and_module_sets(tmp_path: Path) -> N
 def test_fresh_adapters_with_zero_updates_aggregate_and_write_a_loadable_zero_adapter(
     tmp_path: Path,
 ) -> None:
-    # peft initialises B = 0: a round over such clients has a zero mean update (the GLoRA
-    # family clamps the server rank to 0); it is written at rank 1 with zero factors.
+    # peft initialises B = 0: a round over such clients has a zero mean update (a GLoRA-family
+    # operator clamps the server rank to 0 and warns); it is written at rank 1, zero factors.
     import warnings
 
     from glora_math import RankClampedWarning

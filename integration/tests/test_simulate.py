@@ -31,7 +31,10 @@ def _run(tmp_path: Path, name: str, **kw: object) -> list[dict[str, object]]:
 
 
 def test_glora_run_with_heterogeneous_ranks_and_sparse_participation(tmp_path: Path) -> None:
-    metrics = _run(tmp_path, "glora", client_ranks=[2, 4, 3], server_rank=6, participation=0.5)
+    metrics = _run(
+        tmp_path, "glora", operator="glora", client_ranks=[2, 4, 3], server_rank=6,
+        participation=0.5,
+    )  # fmt: skip
     assert [m["round"] for m in metrics] == [1, 2]
     assert all(len(m["participants"]) == 2 for m in metrics)  # ceil(0.5 * 3)
     assert all(0.0 <= float(m["accuracy"]) <= 1.0 for m in metrics)  # type: ignore[arg-type]
@@ -118,6 +121,7 @@ def test_absent_clients_receive_the_current_broadcast(tmp_path: Path) -> None:
                 TINY
                 | {
                     "out": str(tmp_path / "b"),
+                    "operator": "glora_auto",  # mixed ranks: not FedIT
                     "participation": 0.5,
                     "client_ranks": [2, 2, 3],
                     "server_rank": 4,
@@ -782,11 +786,13 @@ def test_a_cell_config_is_checked_before_anything_runs(
 def test_list_says_where_each_run_stands(tmp_path: Path) -> None:
     from dataclasses import asdict
 
-    from integration.runner.experiment import RunFolderError, run_state
+    from integration.runner.experiment import RunFolderError, RunState, run_state
     from integration.runner.files import held
 
     cfg = SimConfig(model="tiny-roberta", rounds=20, out=str(tmp_path / "run"))
     assert str(run_state(cfg)) == "not started"
+    with pytest.raises(ValueError, match="status 'recorded' with record None"):
+        RunState("recorded", 20, 20)  # a recorded run names its record
     (tmp_path / "run").mkdir()
     assert str(run_state(cfg)) == "not started"
     with held(tmp_path / "run"):  # a process has started it and saved no round yet
