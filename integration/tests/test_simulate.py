@@ -384,18 +384,15 @@ def test_resume_refuses_a_changed_configuration(tmp_path: Path) -> None:
     from integration.simulate import ConfigError
 
     _run(tmp_path, "r", rounds=1, operator="glora_auto")
-    changed = SimConfig(**(TINY | {"out": str(tmp_path / "r"), "operator": "fedit"}))  # type: ignore[arg-type]
+    at_r = TINY | {"out": str(tmp_path / "r"), "operator": "glora_auto"}
+    changed = SimConfig(**(at_r | {"operator": "fedit"}))  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"operator: 'glora_auto' there, 'fedit' now"):
         Simulation(changed).run(resume=True)
     # Settings that do not change results (threads, device, out) may differ.
-    same = SimConfig(
-        **(TINY | {"out": str(tmp_path / "r"), "operator": "glora_auto", "threads": 1})
-    )  # type: ignore[arg-type]
+    same = SimConfig(**(at_r | {"threads": 1}))  # type: ignore[arg-type]
     assert len(Simulation(same).run(resume=True)) == 2
     # More rounds extend a run; fewer than it has reached would make a record it is not.
-    fewer = SimConfig(
-        **(TINY | {"out": str(tmp_path / "r"), "operator": "glora_auto", "rounds": 1})
-    )  # type: ignore[arg-type]
+    fewer = SimConfig(**(at_r | {"rounds": 1}))  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="has reached round 2, past the 1 rounds asked for"):
         Simulation(fewer).run(resume=True)
     # A checkpoint made with a setting this version does not have is not this run either: the
@@ -799,11 +796,8 @@ def test_list_says_where_each_run_stands(tmp_path: Path) -> None:
         assert str(run_state(cfg)) == "round 0 of 20, running"
     (tmp_path / "run" / "checkpoint.json").write_text('{"round": 7}')
     assert str(run_state(cfg)) == "round 7 of 20, stopped"
-    assert (run_state(cfg).status, run_state(cfg).done, run_state(cfg).finished) == (
-        "stopped",
-        7,
-        False,
-    )
+    state = run_state(cfg)
+    assert (state.status, state.done, state.finished) == ("stopped", 7, False)
     with held(tmp_path / "run"):  # a process is running it
         assert str(run_state(cfg)) == "round 7 of 20, running"
     (tmp_path / "run" / "checkpoint.json").write_text('{"round": ')
