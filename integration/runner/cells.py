@@ -32,6 +32,9 @@ PAIRED_METRICS: tuple[tuple[str, str], ...] = (
     ("final_loss", "final-round test loss (lower is better)"),
 )
 
+#: The paired metrics where lower is better: a seed is "won" where the run's value is lower.
+LOWER_IS_BETTER = frozenset({"final_loss"})
+
 
 def cell_problems(config: Mapping[str, Any]) -> list[str]:
     """What is wrong with the cell's seeds, its comparisons and the entries' own ``seeds``.

@@ -49,7 +49,10 @@ def t_quantile(p: float, df: int) -> float:
 
 @dataclass(frozen=True)
 class Paired:
-    """Summary of per-seed differences ``x_s - ref_s`` (positive: x is higher)."""
+    """Summary of per-seed differences ``x_s - ref_s`` (positive: x is higher).
+
+    ``won`` / ``lost``: the seeds where x is better / worse (see :func:`paired`).
+    """
 
     n: int
     mean: float
@@ -71,11 +74,19 @@ class Paired:
         return f"{self.mean:+.4f} [{self.low:+.4f}, {self.high:+.4f}] {self.won}/{self.lost}{mark}"
 
 
-def paired(x: Sequence[float], ref: Sequence[float], *, level: float = 0.95) -> Paired:
+def paired(
+    x: Sequence[float],
+    ref: Sequence[float],
+    *,
+    level: float = 0.95,
+    higher_is_better: bool = True,
+) -> Paired:
     """Mean of ``x - ref`` over paired seeds with its two-sided ``level`` t-interval.
 
-    ``won`` / ``lost`` count the seeds where ``x`` is above / below ``ref`` (ties count in
-    neither). With one seed the interval is infinite.
+    ``won`` / ``lost`` count the seeds where ``x`` is better / worse than ``ref``: above /
+    below it, or below / above it where ``higher_is_better`` is false (a loss). Ties count in
+    neither. The mean and interval are of ``x - ref`` either way. With one seed the interval
+    is infinite.
 
     Raises
     ------
@@ -95,8 +106,8 @@ def paired(x: Sequence[float], ref: Sequence[float], *, level: float = 0.95) -> 
     diffs = [a - b for a, b in zip(x, ref, strict=True)]
     n = len(diffs)
     mean = statistics.fmean(diffs)
-    won = sum(d > 0 for d in diffs)
-    lost = sum(d < 0 for d in diffs)
+    won = sum(d > 0 if higher_is_better else d < 0 for d in diffs)
+    lost = sum(d < 0 if higher_is_better else d > 0 for d in diffs)
     if n < 2:
         return Paired(n, mean, -math.inf, math.inf, won, lost, level)
     half = t_quantile(0.5 + level / 2.0, n - 1) * statistics.stdev(diffs) / math.sqrt(n)

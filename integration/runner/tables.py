@@ -17,6 +17,7 @@ from typing import Any
 
 from .cells import (
     CEILING_ID,
+    LOWER_IS_BETTER,
     PAIRED_METRICS,
     cell_name,
     cell_problems,
@@ -232,7 +233,8 @@ def paired_table(
     """Every entry against the config's ``reference`` entry, paired by seed.
 
     For each metric of :data:`PAIRED_METRICS`: the mean per-seed difference (entry minus
-    reference), its 95% t-interval, and seeds won/lost; ``*`` marks an interval that excludes
+    reference), its 95% t-interval, and seeds won/lost (better / worse than the reference:
+    higher accuracy, lower loss); ``*`` marks an interval that excludes
     zero. Only seeds that both runs finished are paired. Empty when the config names no
     reference.
     """
@@ -269,7 +271,9 @@ def paired_table(
             if not seeds or any(name not in runs[s] or name not in ref[s] for s in seeds):
                 cells.append("-")
                 continue
-            cells.append(str(paired([runs[s][name] for s in seeds], [ref[s][name] for s in seeds])))
+            got = paired([runs[s][name] for s in seeds], [ref[s][name] for s in seeds],
+                         higher_is_better=name not in LOWER_IS_BETTER)  # fmt: skip
+            cells.append(str(got))
         lines.append("| " + " | ".join(cells) + " |")
     interim = _interim(cr, [ref_id, *(run_id(e) for e in others)])
     primary, primary_results = _primary(config, by_id, cr, ref_id, interim=interim)
@@ -292,7 +296,8 @@ def paired_table(
             f"## Paired by seed against {label(by_id[ref_id])}",
             "",
             f"Each cell: mean of (run - reference) over the seeds both finished, its 95% "
-            f"Student-t interval, and seeds won/lost; `*` marks an interval that excludes "
+            f"Student-t interval, and seeds won/lost (won: the run is better than the reference, "
+            f"higher in accuracy, lower in loss); `*` marks an interval that excludes "
             f"zero. Metrics: {what}. The reference row gives absolute values (mean ± std). "
             f"Multiplicity: this table holds {m} comparisons; at a nominal 5% each, about "
             f"{0.05 * m:.1f} would exclude zero by chance if nothing differed, so only the "
@@ -366,7 +371,7 @@ def _primary(
             rows.append(f"| {label(by_id[rid])} | {len(seeds)} | - | not enough seeds |")
             continue
         got = paired([runs[s][metric] for s in seeds], [ref[s][metric] for s in seeds],
-                     level=level)  # fmt: skip
+                     level=level, higher_is_better=metric not in LOWER_IS_BETTER)  # fmt: skip
         results[rid] = got
         if got.excludes_zero:
             verdict = "higher" if got.low > 0 else "lower"

@@ -32,7 +32,7 @@ def synthetic_cell(raw: Path, seeds: list[int], config: dict[str, Any] | None = 
             cfg = run_config(config, by_id[rid], s, raw, "cpu")
             rounds = [
                 {"round": j + 1, "accuracy": 0.7 + 0.01 * j, "eval_loss": 0.5,
-                 "test_accuracy": 0.8 + 0.01 * j + off[s] + 0.001 * s, "test_loss": 0.4,
+                 "test_accuracy": 0.8 + 0.01 * j + off[s] + 0.001 * s, "test_loss": 0.4 - off[s],
                  "aggregation_error": err * (1 + 0.1 * j), "server_rank": ranks[j],
                  "server_rank_mean": float(ranks[j]), "seconds": 1.0}
                 for j in range(3)

@@ -49,6 +49,10 @@ def test_paired_interval_wins_and_losses() -> None:
     back = paired(ref, x)
     assert (back.low, back.high) == pytest.approx((-got.high, -got.low))
     assert (back.won, back.lost) == (1, 4)
+    # Where lower is better (a loss), a lower value wins; the difference itself is unchanged.
+    loss = paired(x, ref, higher_is_better=False)
+    assert (loss.mean, loss.low, loss.high) == (got.mean, got.low, got.high)
+    assert (loss.won, loss.lost) == (1, 4)
 
 
 def test_paired_edge_cases() -> None:
@@ -149,6 +153,11 @@ def test_paired_table_reads_only_complete_cells_and_applies_the_rule(tmp_path: P
     assert "| central |" not in text  # a reference run is in no comparison
     assert "this table holds 10 comparisons" in text  # 2 runs x 5 metrics
     assert "Interim" not in text
+    # The loss column counts a seed as won where the run's loss is lower (flexlora: 2 of 3).
+    flex = next(line for line in text.splitlines() if line.startswith("| flexlora |"))
+    loss = flex.strip("| ").split(" | ")[-1]
+    assert loss.startswith("-0.0007 ["), flex
+    assert loss.endswith(" 2/1"), flex
     rule = text.split("## The default, by the pre-registered rule")[1]
     # glora_auto_rank has the smallest error but its server kept a larger rank: not at R = r.
     assert "| glora_auto_rank | 4.400e-02 | no |" in rule
