@@ -410,10 +410,10 @@ def register(op: AggregationOperator) -> AggregationOperator:
 
 
 #: The operator the runner, the peft path and the Flower app use when none is named: the one
-#: the rule in README's "Which operator should I use?" picks from study F (docs/experiments.md).
-#: Until that study's 20 seeds are in, it stays ``glora_auto`` (certified and side-aware), and
-#: README says that the rule has not been applied yet.
-DEFAULT_OPERATOR = "glora_auto"
+#: the rule in README's "Which operator should I use?" picked from study F's powered cell
+#: (docs/experiments.md, 2026-12-07): FlexLoRA. No operator's accuracy separated from FedIT's,
+#: so the rule took the smallest mean aggregation error at the clients' rank.
+DEFAULT_OPERATOR = "flexlora"
 
 
 def get_operator(name: str) -> AggregationOperator:
