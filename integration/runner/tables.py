@@ -897,6 +897,9 @@ def write_table(config: Mapping[str, Any], cell: str, docs: Path) -> Path:
         text += trajectory_table(config, cell, docs, cr=cr)
         if write_plot(config, cell, docs, cr=cr) is not None:
             text += f"\n![accuracy and aggregation error per round]({cell}.png)\n"
+        if write_primary_plot(config, cell, docs, cr=cr) is not None:
+            text += (f"\n![the primary comparisons: per-seed differences and family-wise "
+                     f"intervals]({cell}_primary.png)\n")  # fmt: skip
         write_text_atomic(path, text)
     return path
 
@@ -1000,6 +1003,62 @@ def write_plot(
     fig.subplots_adjust(left=0.06, right=0.98, top=0.86, wspace=0.2,
                         bottom=(0.55 + 0.2 * rows) / height)  # fmt: skip
     path = docs / f"{cell}.png"
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    return path
+
+
+def write_primary_plot(
+    config: Mapping[str, Any], cell: str, docs: Path, *, cr: CellRaw | None = None
+) -> Path | None:
+    """``<docs>/<cell>_primary.png``: the pre-registered primary comparisons, drawn.
+
+    One row per primary run: its per-seed differences from the reference on the primary
+    metric (dots), their mean and the Bonferroni interval the primary table prints (a bar),
+    zero and the ±0.01 band the table's reading uses. Drawn only for a complete cell (every
+    compared run has every seed), as the rule is applied only then; ``None`` otherwise, or
+    where the cell has no primary comparisons.
+    """
+    rule = config.get("primary")
+    ref_id = config.get("reference")
+    if not rule or not ref_id:
+        return None
+    cr = cr or CellRaw(config, cell, docs)
+    by_id, _ = _compared(config, cell)
+    metric, ids = str(rule["metric"]), [str(i) for i in rule["runs"]]
+    if _interim(cr, [str(ref_id), *ids]):
+        return None
+    level = 1.0 - 0.05 / len(ids)
+    ref = cr.metrics(str(ref_id))
+    shown = [label(e) for e in entries(config) if cr.records(run_id(e))]  # as the curves
+    styles = dict(zip(shown, plot_styles(len(shown)), strict=True))
+    from matplotlib.figure import Figure  # noqa: PLC0415 - heavy, only needed here
+
+    fig = Figure(figsize=(8, 1.2 + 0.7 * len(ids)))
+    ax = fig.subplots()
+    ax.axvspan(-0.01, 0.01, color="0.92", zorder=0, label="±0.01")
+    ax.axvline(0.0, color="0.3", linewidth=0.8, zorder=1)
+    for row, rid in enumerate(reversed(ids)):
+        runs = cr.metrics(rid)
+        seeds = sorted(s for s in set(runs) & set(ref) if metric in runs[s] and metric in ref[s])
+        diffs = [runs[s][metric] - ref[s][metric] for s in seeds]
+        if len(diffs) < 2:
+            continue
+        got = paired([runs[s][metric] for s in seeds], [ref[s][metric] for s in seeds],
+                     level=level, higher_is_better=metric not in LOWER_IS_BETTER)  # fmt: skip
+        color = str(styles[label(by_id[rid])]["color"])
+        # the seeds' dots above the bar, spread a little (fixed by seed order) so none hide
+        ys = [row + 0.3 + 0.05 * ((j % 5) - 2) for j in range(len(diffs))]
+        ax.scatter(diffs, ys, s=10, alpha=0.6, color=color, zorder=2)
+        ax.errorbar([got.mean], [row], xerr=[[got.mean - got.low], [got.high - got.mean]],
+                    fmt="o", color=color, capsize=4, zorder=3)  # fmt: skip
+    ax.set_yticks(range(len(ids)), [label(by_id[rid]) for rid in reversed(ids)], fontsize=9)
+    ax.set_ylim(-0.6, len(ids) - 0.2)
+    ax.set_xlabel(f"{metric}: run minus {label(by_id[str(ref_id)])}, per seed (dots); mean and "
+                  f"{100 * level:.2f}% interval (bar)", fontsize=9)  # fmt: skip
+    ax.set_title(f"{cell}: primary comparisons (Bonferroni over {len(ids)})", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8, frameon=False)
+    fig.subplots_adjust(left=0.25, right=0.97, top=0.85, bottom=0.75 / (1.2 + 0.7 * len(ids)))
+    path = docs / f"{cell}_primary.png"
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     return path
 

@@ -203,3 +203,22 @@ def test_the_rule_is_quoted_word_for_word() -> None:
         text = " ".join((root / doc).read_text().split())
         for part in (RULE, READING):
             assert " ".join(part.split()) in text, (doc, part[:40])
+
+
+def test_the_primary_comparisons_are_drawn_only_for_a_complete_cell(tmp_path: Path) -> None:
+    from integration.runner.tables import write_primary_plot, write_table
+
+    synthetic_cell(tmp_path / "raw" / "c", [0, 1, 2])
+    text = write_table(CELL, "c", tmp_path).read_text()
+    drawn = tmp_path / "c_primary.png"
+    assert drawn.read_bytes().startswith(b"\x89PNG")
+    assert "(c_primary.png)" in text
+    # A cell without primary comparisons draws none.
+    plain = {k: v for k, v in CELL.items() if k != "primary"}
+    assert write_primary_plot(plain, "c", tmp_path) is None
+    # One missing seed of one compared run: nothing is drawn, and the table links nothing.
+    drawn.unlink()
+    (tmp_path / "raw" / "c" / "glora_auto_rank-seed1.json").unlink()
+    text = write_table(CELL, "c", tmp_path).read_text()
+    assert not drawn.exists()
+    assert "c_primary.png" not in text
