@@ -86,8 +86,12 @@ def replay_error(out: Path, cfg: FlowerConfig, last: int) -> dict[str, Any]:
 
     From the round's accepted replies as the server decoded them (stateless operators without
     folds: the last round alone defines the update). The largest relative error of a module's
-    product, and whether it is within float32 rounding.
+    product, and whether it is within float32 rounding. Where the run kept no replies of round
+    ``last`` (it did not get there), nothing is replayed: ``ok`` is false and ``why`` says so.
     """
+    if not (out / "replies" / f"round-{last}.safetensors").is_file():
+        why = f"no replies of round {last} were kept: the run did not reach it"
+        return {"round": last, "ok": False, "why": why}
     server = FederatedServer(cfg.operator, server_rank=cfg.server_rank,
                              options=cfg.operator_options())  # fmt: skip
     replies = load_replies(out / "replies", last)
@@ -199,6 +203,8 @@ def run_faults(
         "checks": checks,
         "ok": all(checks.values()),
     }
+    if not summary["ok"]:  # what the resumed run said, to tell why (the log's end)
+        summary["resumed_run_log_tail"] = result.log[-4000:]
     (workdir / "faults.json").write_text(json.dumps(summary, indent=2))
     return summary
 
