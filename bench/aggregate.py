@@ -501,7 +501,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             + ", ".join(
                 f"{m} {ll[m + '_seconds']:.2f} s (+{_mib(ll[m + '_peak_extra_bytes'])} MiB)"
                 for m in LLAMA_METHODS
-                if m + "_seconds" in ll
             )
         )
     print(f"wrote {args.out}")

@@ -341,6 +341,34 @@ def _interim(cr: CellRaw, ids: Sequence[str]) -> str:
             "here is read until the cell is complete.**")  # fmt: skip
 
 
+def _primary_pairs(
+    config: Mapping[str, Any], cr: CellRaw, ref_id: str
+) -> tuple[str, float, dict[str, tuple[list[float], Paired | None]]]:
+    """The primary metric, the level of each comparison, and per primary run its differences.
+
+    The level is Bonferroni's (``1 - 0.05 / len(runs)``); per run: the per-seed differences
+    from the reference (the seeds both have, in order) and their :class:`Paired` summary
+    (``None`` under 2 seeds). Needs ``config["primary"]``; shared by the primary table and
+    its figure.
+    """
+    rule = config["primary"]
+    metric, ids = str(rule["metric"]), [str(i) for i in rule["runs"]]  # checked by _compared
+    level = 1.0 - 0.05 / len(ids)
+    ref = cr.metrics(ref_id)
+    pairs: dict[str, tuple[list[float], Paired | None]] = {}
+    for rid in ids:
+        runs = cr.metrics(rid)
+        seeds = sorted(s for s in set(runs) & set(ref) if metric in runs[s] and metric in ref[s])
+        x, r = [runs[s][metric] for s in seeds], [ref[s][metric] for s in seeds]
+        got = (
+            None
+            if len(seeds) < 2
+            else paired(x, r, level=level, higher_is_better=metric not in LOWER_IS_BETTER)
+        )
+        pairs[rid] = ([a - b for a, b in zip(x, r, strict=True)], got)
+    return metric, level, pairs
+
+
 def _primary(
     config: Mapping[str, Any],
     by_id: Mapping[str, Mapping[str, Any]],
@@ -357,21 +385,15 @@ def _primary(
     that is not complete.
     """
     results: dict[str, Paired] = {}
-    rule = config.get("primary")
-    if not rule:
+    if not config.get("primary"):
         return [], results
-    metric, ids = str(rule["metric"]), [str(i) for i in rule["runs"]]  # checked by _compared
-    level = 1.0 - 0.05 / len(ids)
-    ref = cr.metrics(ref_id)
+    metric, level, pairs = _primary_pairs(config, cr, ref_id)
+    ids = list(pairs)
     rows = []
-    for rid in ids:
-        runs = cr.metrics(rid)
-        seeds = sorted(s for s in set(runs) & set(ref) if metric in runs[s] and metric in ref[s])
-        if len(seeds) < 2:
-            rows.append(f"| {label(by_id[rid])} | {len(seeds)} | - | not enough seeds |")
+    for rid, (diffs, got) in pairs.items():
+        if got is None:
+            rows.append(f"| {label(by_id[rid])} | {len(diffs)} | - | not enough seeds |")
             continue
-        got = paired([runs[s][metric] for s in seeds], [ref[s][metric] for s in seeds],
-                     level=level, higher_is_better=metric not in LOWER_IS_BETTER)  # fmt: skip
         results[rid] = got
         if got.excludes_zero:
             verdict = "higher" if got.low > 0 else "lower"
@@ -379,7 +401,7 @@ def _primary(
             verdict = "no difference larger than 0.01"
         else:
             verdict = "not established"
-        rows.append(f"| {label(by_id[rid])} | {len(seeds)} | {got} | {verdict} |")
+        rows.append(f"| {label(by_id[rid])} | {len(diffs)} | {got} | {verdict} |")
     return [
         f"## Primary comparisons (pre-registered): `{metric}`, family-wise 95%"
         + (" (interim, not read)" if interim else ""),
@@ -1024,11 +1046,10 @@ def write_primary_plot(
         return None
     cr = cr or CellRaw(config, cell, docs)
     by_id, _ = _compared(config, cell)
-    metric, ids = str(rule["metric"]), [str(i) for i in rule["runs"]]
+    ids = [str(i) for i in rule["runs"]]
     if _interim(cr, [str(ref_id), *ids]):
         return None
-    level = 1.0 - 0.05 / len(ids)
-    ref = cr.metrics(str(ref_id))
+    metric, level, pairs = _primary_pairs(config, cr, str(ref_id))
     shown = [label(e) for e in entries(config) if cr.records(run_id(e))]  # as the curves
     styles = dict(zip(shown, plot_styles(len(shown)), strict=True))
     from matplotlib.figure import Figure  # noqa: PLC0415 - heavy, only needed here
@@ -1038,13 +1059,9 @@ def write_primary_plot(
     ax.axvspan(-0.01, 0.01, color="0.92", zorder=0, label="±0.01")
     ax.axvline(0.0, color="0.3", linewidth=0.8, zorder=1)
     for row, rid in enumerate(reversed(ids)):
-        runs = cr.metrics(rid)
-        seeds = sorted(s for s in set(runs) & set(ref) if metric in runs[s] and metric in ref[s])
-        diffs = [runs[s][metric] - ref[s][metric] for s in seeds]
-        if len(diffs) < 2:
+        diffs, got = pairs[rid]
+        if got is None:
             continue
-        got = paired([runs[s][metric] for s in seeds], [ref[s][metric] for s in seeds],
-                     level=level, higher_is_better=metric not in LOWER_IS_BETTER)  # fmt: skip
         color = str(styles[label(by_id[rid])]["color"])
         # the seeds' dots above the bar, spread a little (fixed by seed order) so none hide
         ys = [row + 0.3 + 0.05 * ((j % 5) - 2) for j in range(len(diffs))]

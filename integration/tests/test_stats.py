@@ -158,6 +158,21 @@ def test_paired_table_reads_only_complete_cells_and_applies_the_rule(tmp_path: P
     loss = flex.strip("| ").split(" | ")[-1]
     assert loss.startswith("-0.0007 ["), flex
     assert loss.endswith(" 2/1"), flex
+    # The primary rows: last-3 differences at the Bonferroni level (2 comparisons: 97.5% each),
+    # recomputed here from the raw JSON.
+    import json
+
+    from integration.runner.tables import run_metrics
+
+    def last3(rid: str) -> list[float]:
+        raw = tmp_path / "raw" / "c"
+        return [run_metrics(json.loads((raw / f"{rid}-seed{s}.json").read_text())["rounds"])[
+            "last3"] for s in (0, 1, 2)]  # fmt: skip
+
+    primary = text.split("## Primary comparisons")[1].split("\n## ")[0]
+    assert "each interval at 97.50%" in primary
+    want = paired(last3("flexlora"), last3("fedit"), level=1 - 0.05 / 2)
+    assert f"| flexlora | 3 | {want} |" in primary
     rule = text.split("## The default, by the pre-registered rule")[1]
     # glora_auto_rank has the smallest error but its server kept a larger rank: not at R = r.
     assert "| glora_auto_rank | 4.400e-02 | no |" in rule
