@@ -53,6 +53,25 @@ def server_error(
     return num / den
 
 
+def module_errors(
+    results: Mapping[str, AggregateResult],
+    factors: Mapping[str, Sequence[LoRAFactors]],
+    weights: WeightsLike | Mapping[str, WeightsLike] = None,
+) -> dict[str, float]:
+    """Per module, the exact relative error of its server update against its clients' mean.
+
+    :func:`server_error` of every module, whatever the operator: from factors, certified or
+    not, so an operator without a certificate (FedIT, FlexLoRA) reports its error too.
+    ``weights`` are the clients' weights, or per module the weights of the clients in
+    ``factors[name]`` (a round over clients holding different modules).
+    """
+    if isinstance(weights, Mapping):
+        per = {name: weights[name] for name in results}
+    else:
+        per = dict.fromkeys(results, weights)
+    return {name: server_error(res, factors[name], per[name]) for name, res in results.items()}
+
+
 @dataclass(frozen=True)
 class RoundError:
     """The error of a whole round (all modules) against the exact mean updates.
@@ -240,6 +259,7 @@ __all__ = [
     "CompareRow",
     "compare_operators",
     "gauge_sensitivity",
+    "module_errors",
     "server_error",
     "update_distance",
     "warm_state",

@@ -12,7 +12,10 @@ clients' factors of that module and
 - owns the residual-warning policy: option ``max_residual`` > 0 emits one
   :class:`~glora_math.errors.ResidualWarning` per module whose certified relative residual
   exceeds it, naming the module,
-- attaches the module's name to every error (``err.module``).
+- attaches the module's name to every error (``err.module``),
+- measures itself: :meth:`ModulesRound.errors` is each module's exact relative error against
+  its clients' mean, for every operator (the GLoRA family's certificates are
+  :meth:`ModulesRound.certificates`).
 
 The peft path (:func:`glora_math.integration.peft.aggregate.aggregate_adapters`), the
 federated server, the runner and the Flower strategy all aggregate through it.
@@ -27,6 +30,7 @@ import torch
 from torch import Tensor
 
 from glora_math.certificate import warn_residual
+from glora_math.compare import module_errors
 from glora_math.errors import EmptyClientsError, GloraError, ShapeMismatchError
 from glora_math.operators import AggregateResult, AggregationOperator, OperatorState, get_operator
 from glora_math.types import LoRAFactors
@@ -65,6 +69,16 @@ class ModulesRound:
     def certificates(self) -> dict[str, float]:
         """Per certified module, its exact relative residual against the module's mean."""
         return certificates(self.results)
+
+    def errors(self) -> dict[str, float]:
+        """Per module, the exact relative error of its update against the module's mean.
+
+        Every operator, certified or not (:func:`~glora_math.compare.module_errors`). For the
+        GLoRA family it equals :meth:`certificates` up to rounding, except where a dense
+        residual is folded (the ``_residual`` variants): the certificate is of the low-rank
+        update, this error of the whole server update.
+        """
+        return module_errors(self.results, self.clients, self.weights)
 
     def __repr__(self) -> str:
         certs = self.certificates()

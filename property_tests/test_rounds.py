@@ -90,6 +90,37 @@ def test_the_round_equals_the_operator_module_by_module(name: str) -> None:
                 assert float((mine[m].delta() - cf.delta()).norm()) <= tol
 
 
+@pytest.mark.parametrize("name", list_operators())
+def test_the_round_measures_every_operator_against_each_module_mean(name: str) -> None:
+    """``errors()``: per module ``||update - W_bar|| / ||W_bar||`` for every operator, certified
+    or not, equal to the dense computation and, for the GLoRA family, to the certificate (of the
+    low-rank update)."""
+    modules = _modules(name, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gm.GloraWarning)
+        rnd = gm.aggregate_modules(modules, _WEIGHTS, operator=name, rank=2)
+    errors = rnd.errors()
+    assert list(errors) == list(modules)
+    p = [w / sum(_WEIGHTS) for w in _WEIGHTS]
+    for m, fs in modules.items():
+        mean = sum(pi * (f.B.double() @ f.A.double()) for pi, f in zip(p, fs, strict=True))
+        assert isinstance(mean, torch.Tensor)
+        res = rnd.results[m]
+        dense = float((res.dense().double() - mean).norm() / mean.norm())
+        d, k = _SHAPES[m]
+        dtype = fs[0].B.dtype
+        scale = sum(pi * float(f.B.norm() * f.A.norm()) for pi, f in zip(p, fs, strict=True))
+        scale += float(res.update.B.norm() * res.update.A.norm())
+        # Two roundings of one difference (from factors; densely): each within product_tol of
+        # the norms involved, relative to ||W_bar||.
+        tol = 2 * product_tol(dtype, n=d + k + 6 + 2, scale=scale) / float(mean.norm())
+        assert abs(errors[m] - dense) <= tol, (m, errors[m], dense)
+        if res.certificate is not None and res.residual is None:
+            # The certificate is of the low-rank update; a folded dense residual (the
+            # ``_residual`` variants) is counted by errors() only.
+            assert abs(errors[m] - res.certificate.relative_residual) <= tol
+
+
 def test_errors_and_warnings_name_the_module() -> None:
     modules = _modules("glora")
     bad = dict(modules)

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from glora_math import LoRAFactors
+from glora_math.compare import module_errors
 from glora_math.errors import GloraError, ShapeMismatchError
 from glora_math.operators import (
     DEFAULT_OPERATOR,
@@ -49,7 +50,10 @@ class AdapterRound:
     ``results[name]`` is the operator's result for module ``name``; ``client_modules[i]`` are
     the folded factors client i continues from (None where the operator re-initialises);
     ``dense`` is the FedAvg of the dense tensors; ``weights`` the clients' normalised weights
-    and ``clients`` each module's validated client factors (to measure the round against).
+    and ``clients`` each module's validated client factors (to measure the round against);
+    ``module_weights``, where clients hold different modules (``modules="union"``), each
+    module's normalised weights over the clients that hold it (the clients of
+    ``clients[name]``, in that order).
     """
 
     results: dict[str, AggregateResult]
@@ -58,6 +62,7 @@ class AdapterRound:
     states: dict[str, OperatorState | None]
     weights: Tensor | None = None
     clients: Mapping[str, Sequence[LoRAFactors]] = field(default_factory=dict)
+    module_weights: Mapping[str, Tensor] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         certs = self.certificates()
@@ -80,6 +85,28 @@ class AdapterRound:
     def certificates(self) -> dict[str, float]:
         """Per module, the certified relative residual (GLoRA family; others are absent)."""
         return certificates(self.results)
+
+    def errors(self) -> dict[str, float]:
+        """Per module, the exact relative error ``||update - W_bar|| / ||W_bar||``.
+
+        Every operator, certified or not (:func:`glora_math.compare.module_errors`), each
+        module against the mean of the clients that hold it.
+
+        Raises
+        ------
+        AdapterError
+            If the round kept no weights or client factors to measure against (a round built
+            by hand rather than by :func:`aggregate_adapters`).
+        """
+        missing = [m for m in self.results if m not in self.clients]
+        if missing or (self.weights is None and not self.module_weights):
+            raise AdapterError(
+                "this round kept no client factors and weights to measure against "
+                f"(module {(missing or list(self.results))[0]!r}); build it with "
+                "aggregate_adapters"
+            )
+        weights = self.module_weights or self.weights
+        return module_errors(self.results, self.clients, weights)
 
 
 #: The certified relative residual above which a round warns (``ResidualWarning``, naming the
@@ -272,6 +299,7 @@ def _aggregate_groups(
     results: dict[str, AggregateResult] = {}
     kept: dict[str, OperatorState | None] = {}
     validated: dict[str, Any] = {}
+    per_module: dict[str, Tensor] = {}
     continues: list[dict[str, LoRAFactors] | None] = [{} for _ in clients]
     for who, names in groups.items():
         sub = p[list(who)]
@@ -290,6 +318,7 @@ def _aggregate_groups(
         results.update(rnd.results)
         kept.update(rnd.states)
         validated.update(rnd.clients)
+        per_module.update(dict.fromkeys(names, rnd.weights))
         for j, i in enumerate(who):
             got, mine = rnd.client_modules[j], continues[i]
             continues[i] = None if got is None or mine is None else mine | got
@@ -300,6 +329,7 @@ def _aggregate_groups(
         states=kept,
         weights=p,
         clients=validated,
+        module_weights=per_module,
     )
 
 
@@ -352,7 +382,9 @@ def aggregate_peft(
     ``out/client_<i>`` (what client i continues from, at its own rank; not for operators whose
     clients re-initialise), ``out/base_delta.safetensors`` (dense changes to fold into the base
     weights, for FedEx-LoRA and the ``_residual`` operators) and ``out/round.json`` (operator,
-    weights, server rank, per-module certificates). ``out`` must be new or empty unless
+    weights, server rank, per module the exact relative error against the clients' mean update
+    (:meth:`AdapterRound.errors`, every operator) and the certificates of the GLoRA family).
+    ``out`` must be new or empty unless
     ``overwrite`` (which replaces it whole); it is written at once, so a failed round leaves it
     as it was (:func:`~integration.peft.io.write_folder`, :class:`OutputError`). A GLoRA-family
     operator warns (``ResidualWarning``, naming the module) where a module's certified relative
@@ -375,6 +407,7 @@ def aggregate_peft(
                              modules=modules)  # fmt: skip
 
     emb = {n for a in adapters for n, m in a.modules.items() if m.embedding}
+    errors = rnd.errors() if out is not None else {}
 
     def write(folder: Path) -> None:
         save_adapter(folder / "global", rnd.global_modules, rnd.dense, adapters[0].config,
@@ -393,6 +426,7 @@ def aggregate_peft(
             "modules": modules,
             "weights": None if weights is None else [float(w) for w in weights],
             "normalized_weights": None if rnd.weights is None else rnd.weights.tolist(),
+            "relative_error": errors,
             "certified_relative_residual": rnd.certificates(),
         }
         (folder / "round.json").write_text(json.dumps(summary, indent=2))
@@ -447,8 +481,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ValueError as err:  # --weights that are not numbers
         p.error(str(err))
-    certs = rnd.certificates()
-    worst = f"; worst certified residual {max(certs.values()):.3e}" if certs else ""
+    errors = rnd.errors()
+    worst = ""
+    if errors:
+        name = max(errors, key=lambda m: errors[m])
+        worst = f"; worst relative error {errors[name]:.3e} (module {name})"
     print(f"wrote {out}/global ({len(rnd.results)} modules, operator {args.operator}){worst}")
     return 0
 

@@ -364,9 +364,16 @@ def test_glora_aggregate_command_on_three_real_adapter_folders(
         assert main([*args, "--out", str(out)]) == 0
     assert all(re.match(r"module '.*(query|value)': certified relative residual", str(w.message))
                for w in caught)  # fmt: skip
-    assert "wrote" in capsys.readouterr().out
+    said = capsys.readouterr().out
     summary = json.loads((out / "round.json").read_text())
     assert (summary["operator"], summary["weights"]) == ("glora_auto", [1.0, 2.0, 3.0])
+    # The worst module's exact relative error is printed (every module has one, and every
+    # module of a certified operator its certificate too).
+    errors, certs = summary["relative_error"], summary["certified_relative_residual"]
+    worst = max(errors, key=errors.get)
+    assert f"worst relative error {errors[worst]:.3e} (module {worst})" in said
+    assert set(errors) == set(certs)
+    assert len(errors) == 2 * TINY.num_hidden_layers  # query and value of every layer
     assert (out / "global" / "adapter_model.safetensors").is_file()
     # A non-empty --out is refused unless told to overwrite; bad inputs are one-line errors.
     assert main(["aggregate", *folders, "--out", str(out)]) == 2
@@ -388,6 +395,23 @@ def test_glora_aggregate_command_on_three_real_adapter_folders(
     save_file({"x": torch.zeros(1)}, str(ia3 / "adapter_model.safetensors"))
     assert main(["aggregate", folders[0], str(ia3), "--out", str(tmp_path / "o")]) == 2
     assert "peft_type 'IA3' is not LoRA" in capsys.readouterr().err
+
+
+def test_the_default_operator_reports_its_exact_error_per_module(tmp_path: Path) -> None:
+    """Certified or not (the default, FlexLoRA, has no certificate), a round reports each
+    module's ||update - W_bar|| / ||W_bar||, and round.json holds it."""
+    from integration.peft_io import aggregate_peft, as_adapter
+
+    models = [_peft_roberta(s, r=4, lora_alpha=8) for s in range(3)]
+    rnd = aggregate_peft(models, out=tmp_path / "round")
+    ads = [as_adapter(m, i) for i, m in enumerate(models)]
+    written = json.loads((tmp_path / "round" / "round.json").read_text())["relative_error"]
+    assert written == rnd.errors()
+    assert set(written) == set(rnd.results)
+    for name, res in rnd.results.items():
+        mean = sum(a.modules[name].factors.delta().double() for a in ads) / 3
+        want = float((res.dense().double() - mean).norm() / mean.norm())
+        assert abs(written[name] - want) <= 2 * _tol(mean.float()) / float(mean.norm()), name
 
 
 @pytest.mark.filterwarnings("ignore::glora_math.errors.ResidualWarning")  # as above
@@ -444,6 +468,9 @@ def test_aggregate_peft_output_folders_rank_and_module_sets(tmp_path: Path) -> N
         # the rounding of the float32 arithmetic it ran in).
         err = float((got - mean).norm())
         assert abs(err - float(torch.linalg.svdvals(mean)[4:].norm())) <= _tol(mean.float())
+        # errors() measures each module against its holders' mean, not all clients'.
+        rel = union.errors()[name] * float(mean.norm())
+        assert abs(rel - err) <= 2 * _tol(mean.float()), name
     assert union.client_modules[2] is not None
     assert set(union.client_modules[2]) == set(ads[2].modules)
     with pytest.raises(AdapterError, match="modules must be"):
