@@ -99,9 +99,10 @@ def round_error(
     num = den = cnum = 0.0
     worst = 0.0
     certified = True
+    errors = module_errors(results, factors, weights)
     for name, res in results.items():
         mean_norm = fro_norm(mean_update(factors[name], weights))
-        e = server_error(res, factors[name], weights)
+        e = errors[name]
         worst = max(worst, e)
         if mean_norm > 0:
             num += (e * mean_norm) ** 2

@@ -14,6 +14,7 @@ import torch
 
 import glora_math as gm
 from glora_math import validation
+from glora_math.compare import round_error
 from glora_math.errors import (
     EmptyClientsError,
     NonFiniteError,
@@ -102,6 +103,7 @@ def test_the_round_measures_every_operator_against_each_module_mean(name: str) -
     errors = rnd.errors()
     assert list(errors) == list(modules)
     p = [w / sum(_WEIGHTS) for w in _WEIGHTS]
+    num = den = worst_tol = 0.0
     for m, fs in modules.items():
         mean = sum(pi * (f.B.double() @ f.A.double()) for pi, f in zip(p, fs, strict=True))
         assert isinstance(mean, torch.Tensor)
@@ -119,6 +121,13 @@ def test_the_round_measures_every_operator_against_each_module_mean(name: str) -
             # The certificate is of the low-rank update; a folded dense residual (the
             # ``_residual`` variants) is counted by errors() only.
             assert abs(errors[m] - res.certificate.relative_residual) <= tol
+        num += (dense * float(mean.norm())) ** 2
+        den += float(mean.norm()) ** 2
+        worst_tol = max(worst_tol, tol)
+    # The whole round's error pools the modules by their mean's norm (server metrics).
+    whole = round_error(rnd.results, rnd.clients, rnd.weights)
+    assert abs(whole.worst_module - max(errors.values())) <= worst_tol
+    assert abs(whole.relative - (num / den) ** 0.5) <= worst_tol
 
 
 def test_errors_and_warnings_name_the_module() -> None:
