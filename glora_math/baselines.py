@@ -210,10 +210,23 @@ def svd_of_mean(
     ``(sum r_i)``-by-k core. Never forms ``W_bar``: O(d (sum r_i)^2 + (sum r_i)^2 k).
     """
     R = validate_rank(rank)
+    U, s, Vh = spectrum_of_mean(factors, weights)
+    return U[:, :R], s[:R], Vh[:R]
+
+
+def spectrum_of_mean(
+    factors: Sequence[LoRAFactors], weights: WeightsLike = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Every singular triplet of the mean update (``p = min(d, sum r_i, k)`` of them).
+
+    The route of :func:`svd_of_mean`, untruncated: ``s`` holds the whole spectrum of
+    ``W_bar`` (its rank is at most ``p``), so ``||s|| = ||W_bar||_F`` and the error of the
+    rank-R truncation is ``||s[R:]||`` (Eckart-Young, :func:`~glora_math.certificate.
+    truncation_certificate`).
+    """
     _, p, fs = _prepare(factors, weights)
     mean = mean_update(fs, p)
-    U, s, Vh = lowrank_svd(mean.B, mean.A)
-    return U[:, :R], s[:R], Vh[:R]
+    return lowrank_svd(mean.B, mean.A)
 
 
 def truncate_svd(
@@ -579,6 +592,7 @@ __all__ = [
     "lora_fair",
     "procrustes",
     "rolora",
+    "spectrum_of_mean",
     "svd_of_mean",
     "truncate_svd",
 ]

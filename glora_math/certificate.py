@@ -276,6 +276,23 @@ def as_certificate(num: float, mean: float) -> Certificate:
     return Certificate(num / mean, mean)
 
 
+def truncation_certificate(s: Tensor, rank: int) -> Certificate:
+    """The certificate of the best rank-``rank`` approximation of a matrix with spectrum ``s``.
+
+    Eckart-Young (Frobenius norm): ``||W - W_R||_F = ||s[R:]||`` and ``||W||_F = ||s||``, for
+    ``s`` the whole spectrum of ``W``. Both norms are taken directly from the singular values
+    (in float64), so a small residual loses no digits to a subtraction; each computed singular
+    value is within the backward error of the SVD route that produced it (about
+    ``n eps sum_i p_i ||B_i|| ||A_i||`` for the factor route of
+    :func:`~glora_math.baselines.spectrum_of_mean`: column-wise stable QRs and a small SVD).
+    ``method == "svd"``. FlexLoRA and ``svd_mean`` carry it: their update is that truncation.
+    """
+    sd = s.detach().to(torch.float64)
+    tail = float(torch.linalg.vector_norm(sd[rank:])) if rank < sd.numel() else 0.0
+    cert = as_certificate(tail, float(torch.linalg.vector_norm(sd)))
+    return Certificate(cert.relative_residual, cert.mean_norm, method="svd")
+
+
 def certify(
     factors: Sequence[LoRAFactors], p: Tensor, U: Tensor, S: Tensor, wd: torch.dtype
 ) -> Certificate:
@@ -323,5 +340,6 @@ __all__ = [
     "gram_parts",
     "residual_curve",
     "stored_basis_products",
+    "truncation_certificate",
     "warn_residual",
 ]

@@ -61,7 +61,7 @@ def module_errors(
     """Per module, the exact relative error of its server update against its clients' mean.
 
     :func:`server_error` of every module, whatever the operator: from factors, certified or
-    not, so an operator without a certificate (FedIT, FlexLoRA) reports its error too.
+    not, so an operator without a certificate (FedIT, HetLoRA) reports its error too.
     ``weights`` are the clients' weights, or per module the weights of the clients in
     ``factors[name]`` (a round over clients holding different modules).
     """

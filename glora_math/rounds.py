@@ -14,7 +14,7 @@ clients' factors of that module and
   exceeds it, naming the module,
 - attaches the module's name to every error (``err.module``),
 - measures itself: :meth:`ModulesRound.errors` is each module's exact relative error against
-  its clients' mean, for every operator (the GLoRA family's certificates are
+  its clients' mean, for every operator (the certified operators' certificates are
   :meth:`ModulesRound.certificates`).
 
 The peft path (:func:`glora_math.integration.peft.aggregate.aggregate_adapters`), the
@@ -73,10 +73,11 @@ class ModulesRound:
     def errors(self) -> dict[str, float]:
         """Per module, the exact relative error of its update against the module's mean.
 
-        Every operator, certified or not (:func:`~glora_math.compare.module_errors`). For the
-        GLoRA family it equals :meth:`certificates` up to rounding, except where a dense
-        residual is folded (the ``_residual`` variants): the certificate is of the low-rank
-        update, this error of the whole server update.
+        Every operator, certified or not (:func:`~glora_math.compare.module_errors`). Where a
+        module has an exact certificate it equals :meth:`certificates` up to rounding, except
+        where a dense residual is folded (the ``_residual`` variants: the certificate is of the
+        low-rank update, this error of the whole server update); an estimated certificate
+        (``sketch_probes``) is an estimate of it.
         """
         return module_errors(self.results, self.clients, self.weights)
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 from hypothesis import event, given
 from hypothesis import strategies as st
 
 from glora_math import LoRAFactors, ServerState, glora_aggregate
 from glora_math.certificate import certify, residual_curve, warn_residual
-from glora_math.errors import GloraWarning
+from glora_math.errors import GloraWarning, ResidualWarning
+from glora_math.operators import get_operator
 from glora_math.testing.helpers import n_dims
 from glora_math.testing.strategies import Problem, conditioned_matrix, problems
 from glora_math.tolerances import certificate_tol
@@ -230,3 +232,55 @@ def test_P16_certifies_the_stored_state_for_clients_near_the_gram_routes_limit(
     tol = certificate_tol(torch.float32, n=n_dims(d, k, pb.ranks), scale=scale)
     event(f"certificate method: {state.certificate.method}")
     assert abs(state.relative_residual - _qr_truth(pb, state)) <= tol
+
+
+def test_the_svd_operators_certify_their_truncation_by_the_spectrum() -> None:
+    """P4 with S = W_bar: the rank-R truncation's error is ||s[R:]||, free from the SVD.
+
+    One function (``glora verify`` runs it by name for P4), every case in it.
+    """
+    for name in ("flexlora", "svd_mean"):
+        for dtype in (torch.float32, torch.float64):
+            _certifies_its_truncation(name, dtype)
+
+
+def _certifies_its_truncation(name: str, dtype: torch.dtype) -> None:
+    op = get_operator(name)
+    g = torch.Generator().manual_seed(11)
+    d, k, r, n = 9, 7, 2, 3
+    fs = [LoRAFactors(torch.randn(d, r, generator=g, dtype=dtype),
+                      torch.randn(r, k, generator=g, dtype=dtype)) for _ in range(n)]  # fmt: skip
+    w = [1.0, 2.0, 5.0]
+    p = [x / sum(w) for x in w]
+    W = sum(pi * (f.B.double() @ f.A.double()) for pi, f in zip(p, fs, strict=True))
+    assert isinstance(W, torch.Tensor)
+    mean = float(W.norm())
+    scale = sum(pi * float(f.B.norm() * f.A.norm()) for pi, f in zip(p, fs, strict=True)) / mean
+    tol = certificate_tol(dtype, n=n_dims(d, k, [r] * n), scale=scale)
+    for R in (1, 2, 5, n * r, n * r + 2):
+        res = op(fs, w, rank=R)
+        assert res.certificate is not None
+        assert res.certificate.method == "svd"
+        measured = float((res.update.delta().double() - W).norm()) / mean
+        assert abs(res.certificate.relative_residual - measured) <= tol, (R, measured)
+        assert abs(res.certificate.mean_norm - mean) <= tol * mean
+    # A direct call warns above max_residual, pointing at the caller (the round warns per
+    # module by name instead, test_rounds).
+    with pytest.warns(ResidualWarning, match="rank-1 truncation of the mean") as caught:
+        op(fs, w, rank=1, options={"max_residual": 1e-3})
+    assert {c.filename for c in caught} == {__file__}
+    # A zero mean is certified exactly.
+    zero = [LoRAFactors(torch.zeros(d, r, dtype=dtype), f.A) for f in fs]
+    cert = op(zero, w, rank=1).certificate
+    assert cert is not None
+    assert (cert.relative_residual, cert.mean_norm) == (0.0, 0.0)
+
+
+def test_half_precision_clients_get_no_truncation_certificate() -> None:
+    # Their update is rounded to the clients' dtype, which the spectrum's tail does not see;
+    # errors() of the round still measures it.
+    g = torch.Generator().manual_seed(2)
+    fs = [LoRAFactors(torch.randn(6, 2, generator=g).bfloat16(),
+                      torch.randn(2, 5, generator=g).bfloat16()) for _ in range(3)]  # fmt: skip
+    for name in ("flexlora", "svd_mean"):
+        assert get_operator(name)(fs, rank=2).certificate is None

@@ -115,7 +115,8 @@ def test_the_round_measures_every_operator_against_each_module_mean(name: str) -
         scale += float(res.update.B.norm() * res.update.A.norm())
         # Two roundings of one difference (from factors; densely): each within product_tol of
         # the norms involved, relative to ||W_bar||.
-        tol = 2 * product_tol(dtype, n=d + k + 6 + 2, scale=scale) / float(mean.norm())
+        dims = d + k + sum(f.rank for f in fs) + res.update.rank
+        tol = 2 * product_tol(dtype, n=dims, scale=scale) / float(mean.norm())
         assert abs(errors[m] - dense) <= tol, (m, errors[m], dense)
         if res.certificate is not None and res.residual is None:
             # The certificate is of the low-rank update; a folded dense residual (the

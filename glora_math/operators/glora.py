@@ -85,7 +85,8 @@ def _glora(
             mean = mean_update(fs, p)
             residual = mean.B @ mean.A - update.B @ update.A
         basis = state.U if state.side == "left" else None
-        return AggregateResult(update, residual, per, basis=basis, certificate=state.certificate)
+        return AggregateResult(update, residual, per, basis=basis, certificate=state.certificate,
+                               side=state.side)  # fmt: skip
 
     return fn
 
@@ -162,7 +163,8 @@ def _glora_auto_group(modules: Sequence[Sequence[LoRAFactors]], p: Tensor,
     for st in states:
         basis = st.U if st.side == "left" else None
         results.append(AggregateResult(state_factors(st), None, readouts(st, ctx.client_ranks),
-                                       basis=basis, certificate=st.certificate))  # fmt: skip
+                                       basis=basis, certificate=st.certificate,
+                                       side=st.side))  # fmt: skip
     return results
 
 
@@ -199,7 +201,8 @@ def _glora_group(gauge: GaugeMode, fold_residual: bool) -> GroupFn:
                 mean = mean_update(fs, p)
                 residual = mean.B @ mean.A - update.B @ update.A
             cert = None if certs is None else certs[j]
-            results.append(AggregateResult(update, residual, per, basis=st.U[j], certificate=cert))
+            results.append(AggregateResult(update, residual, per, basis=st.U[j], certificate=cert,
+                                           side=st.side))  # fmt: skip
         return results
 
     return group

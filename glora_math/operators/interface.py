@@ -121,10 +121,14 @@ class AggregateResult:
         column space of the update.
     certificate
         The exact relative error of ``update`` against the mean update, where the operator
-        certifies it (the GLoRA family); ``None`` otherwise.
+        certifies it (the GLoRA family; FlexLoRA and ``svd_mean`` from the spectrum's tail,
+        Eckart-Young, for float32/float64 clients); ``None`` otherwise.
     route
         For operators with a dense alternative (FlexLoRA, ``svd_mean``): the route the cost
         model chose (``"factors"`` or ``"dense"``, :func:`glora_math.linalg.svd_route`).
+    side
+        The side of the consensus subspace (the GLoRA family: ``"left"``, the B column
+        spaces, or ``"right"``, the A row spaces); ``None`` for operators without one.
     """
 
     update: LoRAFactors
@@ -134,6 +138,7 @@ class AggregateResult:
     basis: Tensor | None = None
     certificate: Certificate | None = None
     route: str | None = None
+    side: Literal["left", "right"] | None = None
 
     def __repr__(self) -> str:
         """The parts' shapes and the certificate, never the entries."""
@@ -248,7 +253,7 @@ class AggregationOperator:
         state
             The previous round's state for stateful methods.
         options
-            Operator options: the GLoRA family reads ``max_residual`` (warn above it) and, for
+            Operator options: the certified operators read ``max_residual`` (warn above it); for
             ``rank="auto"`` operators, ``tol``; unknown keys are an error.
         """
         fs, p, ctx = self._context(

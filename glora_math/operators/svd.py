@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from glora_math import baselines as bl
+from glora_math.certificate import truncation_certificate, warn_residual
 from glora_math.linalg import svd_route
 from glora_math.operators.interface import (
     AggregateResult,
@@ -25,6 +26,7 @@ from glora_math.operators.interface import (
     factors_cost,
     register,
 )
+from glora_math.tolerances import working_dtype
 from glora_math.types import LoRAFactors
 from glora_math.validation import validate_clients
 
@@ -37,11 +39,22 @@ def _svd_result(default: Literal["balanced", "left"]) -> OperatorFn:
         split = default
         if "balanced_split" in ctx.options:
             split = "balanced" if ctx.options["balanced_split"] > 0 else "left"
-        U, s, Vh = bl.svd_of_mean(fs, p, rank=ctx.rank)
+        U_all, s_all, Vh_all = bl.spectrum_of_mean(fs, p)
+        U, s, Vh = U_all[:, : ctx.rank], s_all[: ctx.rank], Vh_all[: ctx.rank]
         glob = bl.truncate_svd(U, s, Vh, ctx.rank, info.dtype, split=split)
         per = [bl.truncate_svd(U, s, Vh, r, info.dtype, split=split) for r in ctx.client_ranks]
         route = svd_route(info.d, info.k, sum(f.rank for f in fs))
-        return AggregateResult(glob, None, per, basis=U, route=route)
+        # The update is the rank-R truncation (Eckart-Young): its error is the spectrum's tail,
+        # free from the SVD. Half-precision clients get their update rounded to their dtype,
+        # which the tail does not see: no certificate there (errors() still measures it).
+        cert = None
+        if info.dtype == working_dtype(info.dtype):
+            cert = truncation_certificate(s_all, ctx.rank)
+            # Called directly (the round strips the option and warns per module by name).
+            where = f"rank-{ctx.rank} truncation of the mean"
+            limit = ctx.options.get("max_residual", 0.0)
+            warn_residual(cert.relative_residual, limit, where, stacklevel=4)
+        return AggregateResult(glob, None, per, basis=U, certificate=cert, route=route)
 
     return fn
 
@@ -65,8 +78,13 @@ _SVD_GUARANTEES = frozenset(
         G.COMMON_GAUGE_EQUIVARIANT,
         G.PERMUTATION_INVARIANT,
         G.RANK_COMPATIBLE,
+        G.CERTIFIED,
     }
 )
+
+#: ``max_residual`` > 0: a ``ResidualWarning`` naming the module where the certified relative
+#: residual exceeds it (raised by the round, :func:`glora_math.aggregate_modules`).
+_SVD_OPTIONS = {"max_residual": 0.0}
 
 register(
     AggregationOperator(
@@ -77,7 +95,7 @@ register(
         sends_back="rank-r_i factors per client",
         guarantees=_SVD_GUARANTEES,
         fn=_svd_result("left"),
-        options={"balanced_split": 0.0},
+        options={**_SVD_OPTIONS, "balanced_split": 0.0},
         cost=lambda d, k, r, R, n: Communication(up=r * (d + k), down=r * (d + k)),
         sensitivity=_svd_sensitivity,
     )
@@ -91,6 +109,7 @@ register(
         sends_back="rank-r_i factors per client",
         guarantees=_SVD_GUARANTEES,
         fn=_svd_result("balanced"),
+        options=_SVD_OPTIONS,
         cost=lambda d, k, r, R, n: Communication(up=r * (d + k), down=r * (d + k)),
         sensitivity=_svd_sensitivity,
     )

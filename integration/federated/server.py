@@ -58,9 +58,10 @@ class RoundOutcome:
     update over all modules, ``sqrt(sum_m ||W_bar_m - update_m||^2 / sum_m ||W_bar_m||^2)``
     (from factors; dense only where the operator folds a dense residual);
     ``aggregation_error_max``: the worst module's. ``certified_residual`` (and ``_max``): the
-    same from the GLoRA family's certificates, None for operators without one.
+    same from the certificates (the GLoRA family; FlexLoRA and ``svd_mean``, Eckart-Young),
+    None for operators without one.
     ``server_rank``/``server_rank_mean``: max and mean update rank over modules; ``sides``:
-    for certified results, how many modules took each consensus side.
+    for the GLoRA family, how many modules took each consensus side.
     """
 
     round: int
@@ -106,8 +107,8 @@ def measure(
     worst = max((c.relative_residual for c in certs if c is not None), default=0.0)
     ranks = [res.update.rank for res in results.values()]
     sides = None
-    if results and all(c is not None for c in certs):
-        right = sum(res.basis is None for res in results.values())
+    if results and all(res.side is not None for res in results.values()):
+        right = sum(res.side == "right" for res in results.values())
         sides = {"left": len(results) - right, "right": right}
     return {
         "aggregation_error": err.relative,
@@ -193,7 +194,8 @@ class FederatedServer:
 
         ``clients`` names each adapter's client; ``weights`` are their weights (e.g. sample
         counts); ``client_ranks`` the rank each client reads out next (default: its adapter's
-        largest module rank). GLoRA-family warnings are caught and returned in the outcome.
+        largest module rank). The certified operators' warnings are caught and returned in the
+        outcome.
 
         Raises
         ------

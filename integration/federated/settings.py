@@ -81,8 +81,8 @@ class RunSettings:
     # first r_i rows of one draw at the largest client rank), as every federated LoRA system
     # broadcasts one initial adapter. True: each client draws its own A (an ablation).
     per_client_init: bool = False
-    # GLoRA family: a ResidualWarning (recorded in the round's row) per module whose certified
-    # relative residual exceeds this; 0 disables the warning.
+    # Certified operators: a ResidualWarning (recorded in the round's row) per module whose
+    # certified relative residual exceeds this; 0 disables the warning.
     max_residual: float = DEFAULT_MAX_RESIDUAL
     # Any operator option by name (e.g. {"lam": 0.02, "steps": 10} for LoRA-FAIR), passed to the
     # operator as is; it wins over max_residual.
@@ -280,7 +280,8 @@ HELP = {
     "q_proj,v_proj for causal LMs)",
     "per_client_init": "each client draws its own initial LoRA A (an ablation; default: one "
     "shared initial adapter, as every federated LoRA system broadcasts)",
-    "max_residual": "GLoRA family: warn (ResidualWarning, in the round's row) when a module's "
+    "max_residual": "certified operators (the GLoRA family, FlexLoRA, svd_mean): warn "
+    "(ResidualWarning, in the round's row) when a module's "
     "certified relative residual exceeds this; <= 0 turns it off",
     "options": "operator options as name=value pairs, e.g. lam=0.02,steps=10 (LoRA-FAIR); any "
     "option the operator declares",

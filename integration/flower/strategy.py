@@ -88,7 +88,8 @@ class LoRAStrategy(Strategy):
         The server rank R (default: the largest client rank of the round). It is also the
         reference rank for operators that need equal client ranks.
     max_residual
-        For the GLoRA family: a logged ``ResidualWarning`` naming the module when its
+        For a certified operator (the GLoRA family, FlexLoRA, ``svd_mean``): a logged
+        ``ResidualWarning`` naming the module when its
         certified relative residual exceeds this (0 turns the warning off).
     options
         Further operator options (e.g. ``{"tol": 0.05}`` for ``glora_auto_rank``); a

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -83,7 +84,10 @@ class AdapterRound:
         return {n: r.residual for n, r in self.results.items() if r.residual is not None}
 
     def certificates(self) -> dict[str, float]:
-        """Per module, the certified relative residual (GLoRA family; others are absent)."""
+        """Per certified module, its certified relative residual.
+
+        The certified operators: the GLoRA family, FlexLoRA, ``svd_mean``; others are absent.
+        """
         return certificates(self.results)
 
     def errors(self) -> dict[str, float]:
@@ -98,15 +102,18 @@ class AdapterRound:
             If the round kept no weights or client factors to measure against (a round built
             by hand rather than by :func:`aggregate_adapters`).
         """
-        missing = [m for m in self.results if m not in self.clients]
-        if missing or (self.weights is None and not self.module_weights):
+        per = self.module_weights
+        missing = [
+            m
+            for m in self.results
+            if m not in self.clients or (per and m not in per) or (not per and self.weights is None)
+        ]
+        if missing:
             raise AdapterError(
-                "this round kept no client factors and weights to measure against "
-                f"(module {(missing or list(self.results))[0]!r}); build it with "
-                "aggregate_adapters"
+                f"this round kept no client factors or weights of module {missing[0]!r} to "
+                "measure it against; build it with aggregate_adapters"
             )
-        weights = self.module_weights or self.weights
-        return module_errors(self.results, self.clients, weights)
+        return module_errors(self.results, self.clients, per or self.weights)
 
 
 #: The certified relative residual above which a round warns (``ResidualWarning``, naming the
@@ -239,7 +246,7 @@ def aggregate_adapters(
         Per-module operator states (stateful operators), from the previous round.
     options
         Operator options (:attr:`glora_math.operators.AggregationOperator.options`), e.g.
-        ``{"max_residual": 0.1}`` for the GLoRA family: a ``ResidualWarning`` naming the
+        ``{"max_residual": 0.1}`` for a certified operator: a ``ResidualWarning`` naming the
         module when a module's certified relative residual exceeds it.
     modules
         Clients with different module sets (:func:`module_holders`): ``"same"`` (the
@@ -247,7 +254,8 @@ def aggregate_adapters(
         ``"union"`` every module over the clients that hold it (a client continues only
         from the modules it holds).
 
-    Every GLoRA-family result carries ``certificate`` (its exact relative error against the
+    Every result of a certified operator (the GLoRA family, FlexLoRA, ``svd_mean``) carries
+    ``certificate`` (its exact relative error against the
     module's mean update).
     """
     if not clients:
@@ -383,10 +391,10 @@ def aggregate_peft(
     clients re-initialise), ``out/base_delta.safetensors`` (dense changes to fold into the base
     weights, for FedEx-LoRA and the ``_residual`` operators) and ``out/round.json`` (operator,
     weights, server rank, per module the exact relative error against the clients' mean update
-    (:meth:`AdapterRound.errors`, every operator) and the certificates of the GLoRA family).
+    (:meth:`AdapterRound.errors`, every operator) and the certificates of certified operators).
     ``out`` must be new or empty unless
     ``overwrite`` (which replaces it whole); it is written at once, so a failed round leaves it
-    as it was (:func:`~integration.peft.io.write_folder`, :class:`OutputError`). A GLoRA-family
+    as it was (:func:`~integration.peft.io.write_folder`, :class:`OutputError`). A certified
     operator warns (``ResidualWarning``, naming the module) where a module's certified relative
     residual exceeds ``options["max_residual"]``, by default :data:`DEFAULT_MAX_RESIDUAL`
     (0 turns it off). Everything else as :func:`aggregate_adapters`.
@@ -426,10 +434,12 @@ def aggregate_peft(
             "modules": modules,
             "weights": None if weights is None else [float(w) for w in weights],
             "normalized_weights": None if rnd.weights is None else rnd.weights.tolist(),
-            "relative_error": errors,
+            # null where the mean update is zero and the server update is not (no relative
+            # error exists; JSON has no infinity)
+            "relative_error": {m: e if math.isfinite(e) else None for m, e in errors.items()},
             "certified_relative_residual": rnd.certificates(),
         }
-        (folder / "round.json").write_text(json.dumps(summary, indent=2))
+        (folder / "round.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
 
     if out is not None:
         write_folder(out, write, overwrite=overwrite)
@@ -481,7 +491,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ValueError as err:  # --weights that are not numbers
         p.error(str(err))
-    errors = rnd.errors()
+    # As written to round.json (computed once, by aggregate_peft).
+    written = json.loads((out / "round.json").read_text())["relative_error"]
+    errors = {m: math.inf if e is None else float(e) for m, e in written.items()}
     worst = ""
     if errors:
         name = max(errors, key=lambda m: errors[m])

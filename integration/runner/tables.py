@@ -160,7 +160,10 @@ def table(config: Mapping[str, Any], cell: str, docs: Path, *, cr: CellRaw | Non
         rank = [mean_or_none([x.get("server_rank_mean") for x in r["rounds"]]) for r in recs]
         # wall-clock, so the median: a run paused to lend its core counts the pause
         secs = [float(x["seconds"]) for r in recs for x in r["rounds"]]
-        e_m, c_m, r_m = mean_or_none(err), mean_or_none(cert), mean_or_none(rank)
+        # A certificate mean only where every round recorded one (as counterfactual_table).
+        whole = all(x.get("certified_residual") is not None for r in recs for x in r["rounds"])
+        e_m, r_m = mean_or_none(err), mean_or_none(rank)
+        c_m = mean_or_none(cert) if whole else None
         s_m = statistics.median(secs) if secs else None
         cells += [
             ms(first, ".3f"),
@@ -189,7 +192,8 @@ def table(config: Mapping[str, Any], cell: str, docs: Path, *, cr: CellRaw | Non
         "relative error of the "
         "server update against the mean update over all modules (round 1: every operator "
         "aggregates the very same client updates, mean ± std over seeds; mean: averaged over "
-        "rounds); certified residual: the same from the GLoRA-family certificates; "
+        "rounds); certified residual: the same from the certificates the runs recorded ('-' where "
+        "none did); "
         "s / round: wall-clock seconds of a round (training, aggregation and evaluation), "
         "the median over every round of every seed (a run paused to lend its core to "
         "another counts the pause, so the mean would mislead).",
@@ -587,7 +591,9 @@ def counterfactual_table(
                         xs.append(c[name]["aggregation_error"] - c[own]["aggregation_error"])
                         ys.append(c[name]["loss"] - c[own]["loss"])
             zeros = [0.0] * len(dl)
-            cert = f"{statistics.fmean(certs):.3e}" if certs else "-"
+            # Only where every round of every seed recorded one: runs from before FlexLoRA and
+            # svd_mean carried a certificate have none, and a mean over some rounds would mislead.
+            cert = f"{statistics.fmean(certs):.3e}" if certs and len(certs) == len(errs) else "-"
             loss = "(reference)" if name == own else str(paired(zeros, dl))
             acc = "(reference)" if name == own else f"{statistics.fmean(da):+.4f}"
             lines.append(f"| {name} | {statistics.fmean(errs):.3e} | {cert} | {loss} | {acc} |")

@@ -18,7 +18,7 @@ from transformers import (
 
 from glora_math import NonFiniteError, ShapeMismatchError, glora_aggregate, readout
 from glora_math.errors import OptionError, ResidualWarning
-from glora_math.tolerances import product_tol
+from glora_math.tolerances import certificate_tol, product_tol
 from integration.peft_io import (
     AdapterError,
     adapter_from_state_dict,
@@ -397,19 +397,27 @@ def test_glora_aggregate_command_on_three_real_adapter_folders(
     assert "peft_type 'IA3' is not LoRA" in capsys.readouterr().err
 
 
-def test_the_default_operator_reports_its_exact_error_per_module(tmp_path: Path) -> None:
-    """Certified or not (the default, FlexLoRA, has no certificate), a round reports each
-    module's ||update - W_bar|| / ||W_bar||, and round.json holds it."""
+@pytest.mark.filterwarnings("ignore::glora_math.errors.ResidualWarning")  # independent inits
+@pytest.mark.parametrize("operator", [None, "fedit"])
+def test_every_operator_reports_its_exact_error_per_module(
+    tmp_path: Path, operator: str | None
+) -> None:
+    """The default (FlexLoRA) and an operator without a certificate (FedIT): a round reports
+    each module's ||update - W_bar|| / ||W_bar|| against the weighted mean, in round.json too."""
+    from glora_math import DEFAULT_OPERATOR
     from integration.peft_io import aggregate_peft, as_adapter
 
     models = [_peft_roberta(s, r=4, lora_alpha=8) for s in range(3)]
-    rnd = aggregate_peft(models, out=tmp_path / "round")
+    rnd = aggregate_peft(models, [1.0, 2.0, 3.0], operator=operator or DEFAULT_OPERATOR,
+                         out=tmp_path / "round")  # fmt: skip
     ads = [as_adapter(m, i) for i, m in enumerate(models)]
     written = json.loads((tmp_path / "round" / "round.json").read_text())["relative_error"]
     errors = rnd.errors()
     assert set(written) == set(errors) == set(rnd.results)
     for name, res in rnd.results.items():
-        mean = sum(a.modules[name].factors.delta().double() for a in ads) / 3
+        mean = sum(w * a.modules[name].factors.delta().double()
+                   for w, a in zip((1 / 6, 2 / 6, 3 / 6), ads, strict=True))  # fmt: skip
+        assert isinstance(mean, torch.Tensor)
         want = float((res.dense().double() - mean).norm() / mean.norm())
         tol = 2 * _tol(mean.float()) / float(mean.norm())
         assert abs(written[name] - want) <= tol, name
@@ -568,3 +576,33 @@ def test_glora_compare_over_real_adapter_folders(
     assert float(rows["glora"][1]) <= tol < float(rows["fedit"][1])
     assert main([*argv[:2], folders[0], folders[1], "--module", "nope"]) == 1
     assert "client 0:" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::glora_math.errors.ResidualWarning")  # independent inits
+def test_the_server_metrics_of_a_certified_svd_operator_have_no_sides() -> None:
+    """FlexLoRA certifies its update (the spectrum's tail) but has no consensus side: the
+    round's metrics carry its certificate, equal to its exact error, and no side counts."""
+    from glora_math.metrics import mean_update
+    from integration.federated.server import measure
+    from integration.peft_io import as_adapter
+
+    ads = [as_adapter(_peft_roberta(s, r=4, lora_alpha=8), s) for s in range(3)]
+    for name in ("flexlora", "glora_auto"):
+        rnd = aggregate_adapters(ads, [1.0, 2.0, 3.0], operator=name, rank=4)
+        got = measure(rnd.results, ads, rnd.weights, clients=rnd.clients)
+        assert got["certified_residual"] is not None
+        # float32 adapters: both are the same number to float32 rounding (certificate_tol, the
+        # cancellation scale of the worst module)
+        p = rnd.weights.tolist()
+        scale = max(
+            (sum(pi * float(f.B.norm() * f.A.norm()) for pi, f in zip(p, fs, strict=True))
+             + float(rnd.results[m].update.B.norm() * rnd.results[m].update.A.norm()))
+            / float(mean_update(fs, p).B.double().mm(mean_update(fs, p).A.double()).norm())
+            for m, fs in rnd.clients.items()
+        )  # fmt: skip
+        tol = certificate_tol(torch.float32, n=TINY.hidden_size * 2 + 12, scale=scale)
+        assert abs(got["certified_residual"] - got["aggregation_error"]) <= tol
+        if name == "flexlora":
+            assert got["sides"] is None
+        else:
+            assert sum(got["sides"].values()) == len(rnd.results)
