@@ -41,11 +41,15 @@ def update_distance(a: AggregateResult, b: AggregateResult) -> float:
 def server_error(
     result: AggregateResult, factors: Sequence[LoRAFactors], weights: WeightsLike = None
 ) -> float:
-    """``||server update - W_bar||_F / ||W_bar||_F`` (d-by-k only for dense-residual methods)."""
-    mean = mean_update(factors, weights)
+    """``||server update - W_bar||_F / ||W_bar||_F`` (d-by-k only for dense-residual methods).
+
+    In float64 (float32 products underflow below about 1e-23 per entry; float64 factors, as
+    the runner's, are used as they are).
+    """
+    mean = mean_update([LoRAFactors(f.B.double(), f.A.double()) for f in factors], weights)
     den = fro_norm(mean)
     if result.residual is None:
-        num = fro_distance(result.update, mean)
+        num = fro_distance(LoRAFactors(result.update.B.double(), result.update.A.double()), mean)
     else:
         num = float(torch.linalg.matrix_norm(result.dense().double() - (mean.B @ mean.A).double()))
     if den == 0.0:

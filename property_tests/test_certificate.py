@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from glora_math import LoRAFactors, ServerState, glora_aggregate
 from glora_math.certificate import certify, residual_curve, warn_residual
-from glora_math.errors import GloraWarning, ResidualWarning
+from glora_math.errors import GloraWarning, ResidualWarning, UnderflowWarning
 from glora_math.operators import get_operator
 from glora_math.testing.helpers import n_dims
 from glora_math.testing.strategies import Problem, conditioned_matrix, problems
@@ -276,11 +276,49 @@ def _certifies_its_truncation(name: str, dtype: torch.dtype) -> None:
     assert (cert.relative_residual, cert.mean_norm) == (0.0, 0.0)
 
 
-def test_half_precision_clients_get_no_truncation_certificate() -> None:
-    # Their update is rounded to the clients' dtype, which the spectrum's tail does not see;
-    # errors() of the round still measures it.
+def test_half_precision_and_extreme_clients_get_their_measured_error() -> None:
+    """Where the update is not exactly the truncation (rounded to half precision after the
+    SVD; scaled back from unit scale for clients outside the comfortable band), the
+    certificate is the update's error measured from the factors in float64."""
     g = torch.Generator().manual_seed(2)
-    fs = [LoRAFactors(torch.randn(6, 2, generator=g).bfloat16(),
-                      torch.randn(2, 5, generator=g).bfloat16()) for _ in range(3)]  # fmt: skip
-    for name in ("flexlora", "svd_mean"):
-        assert get_operator(name)(fs, rank=2).certificate is None
+    cases = [
+        (torch.bfloat16, 1.0),
+        (torch.float16, 1.0),
+        (torch.float32, 2.0**-70),  # products near float32's smallest normal
+        (torch.float32, 2.0**60),  # squares beyond float32's range
+        (torch.float64, 2.0**-500),
+    ]
+    d, k, r = 6, 5, 2
+    for dtype, c in cases:
+        fs = [LoRAFactors((c * torch.randn(d, r, generator=g, dtype=torch.float64)).to(dtype),
+                          (c * torch.randn(r, k, generator=g, dtype=torch.float64)).to(dtype))
+              for _ in range(3)]  # fmt: skip
+        # at unit scale in float64 (exact: powers of 2)
+        W = sum((f.B.double() / c) @ (f.A.double() / c) for f in fs) / 3
+        assert isinstance(W, torch.Tensor)
+        scale = sum(float((f.B.double() / c).norm() * (f.A.double() / c).norm()) for f in fs) / 3
+        tol = certificate_tol(torch.float64, n=n_dims(d, k, [r] * 3), scale=scale / float(W.norm()))
+        for name in ("flexlora", "svd_mean"):
+            res = get_operator(name)(fs, rank=2)
+            assert res.certificate is not None
+            assert res.certificate.method == "qr", (dtype, c)
+            U = (res.update.B.double() / c) @ (res.update.A.double() / c)
+            measured = float((U - W).norm() / W.norm())
+            assert abs(res.certificate.relative_residual - measured) <= tol, (dtype, c, name)
+
+
+def test_an_update_that_underflows_is_certified_as_lost_and_said_so() -> None:
+    # Float32 factors of 2^-80 entries: the mean's entries (about 2^-160) are below float32's
+    # smallest subnormal (2^-149), so the update is zero; the certificate says 1 and a warning
+    # why. (At 2^-75 a few subnormal entries survive, and the certificate measures them.)
+    g = torch.Generator().manual_seed(4)
+    c = 2.0**-80
+    fs = [LoRAFactors(c * torch.randn(6, 2, generator=g), c * torch.randn(2, 5, generator=g))
+          for _ in range(3)]  # fmt: skip
+    with pytest.warns(UnderflowWarning, match="returned as zero"):
+        res = get_operator("flexlora")(fs, rank=2)
+    assert res.certificate is not None
+    assert not bool(res.update.B.any() and res.update.A.any())
+    assert abs(res.certificate.relative_residual - 1.0) <= certificate_tol(
+        torch.float64, n=n_dims(6, 5, [2] * 3), scale=1.0
+    )

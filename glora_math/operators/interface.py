@@ -121,8 +121,9 @@ class AggregateResult:
         column space of the update.
     certificate
         The exact relative error of ``update`` against the mean update, where the operator
-        certifies it (the GLoRA family; FlexLoRA and ``svd_mean`` from the spectrum's tail,
-        Eckart-Young, for float32/float64 clients); ``None`` otherwise.
+        certifies it (the GLoRA family; FlexLoRA and ``svd_mean``: the spectrum's tail,
+        Eckart-Young, or the error measured in float64 where the update is not exactly that
+        truncation); ``None`` otherwise.
     route
         For operators with a dense alternative (FlexLoRA, ``svd_mean``): the route the cost
         model chose (``"factors"`` or ``"dense"``, :func:`glora_math.linalg.svd_route`).

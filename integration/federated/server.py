@@ -146,8 +146,8 @@ class FederatedServer:
     Parameters
     ----------
     operator
-        A name from :func:`glora_math.operators.list_operators` (default: the certified,
-        side-aware GLoRA).
+        A name from :func:`glora_math.operators.list_operators` (default:
+        :data:`glora_math.DEFAULT_OPERATOR`).
     server_rank
         The server rank R (default: the largest client rank of each round).
     options

@@ -192,8 +192,8 @@ def table(config: Mapping[str, Any], cell: str, docs: Path, *, cr: CellRaw | Non
         "relative error of the "
         "server update against the mean update over all modules (round 1: every operator "
         "aggregates the very same client updates, mean ± std over seeds; mean: averaged over "
-        "rounds); certified residual: the same from the certificates the runs recorded ('-' where "
-        "none did); "
+        "rounds); certified residual: the same from the certificates the runs recorded ('-' unless "
+        "every round of every seed recorded one); "
         "s / round: wall-clock seconds of a round (training, aggregation and evaluation), "
         "the median over every round of every seed (a run paused to lend its core to "
         "another counts the pause, so the mean would mislead).",

@@ -314,8 +314,8 @@ def test_evaluation_replies_are_weighted_and_bad_ones_skipped() -> None:
     assert out["num-examples"] == 40
 
 
-@pytest.mark.parametrize("operator", ["glora", "glora_auto", "glora_auto_rank"])
-def test_glora_rounds_report_a_certificate_equal_to_the_measured_error(operator: str) -> None:
+@pytest.mark.parametrize("operator", ["glora", "glora_auto", "glora_auto_rank", "flexlora"])
+def test_certified_rounds_report_a_certificate_equal_to_the_measured_error(operator: str) -> None:
     st = LoRAStrategy(operator, max_residual=1e-3)
     _, metrics = st.aggregate_train(1, [_reply(n, 4, n) for n in (1, 2, 3)])
     assert metrics is not None

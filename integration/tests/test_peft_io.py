@@ -606,3 +606,22 @@ def test_the_server_metrics_of_a_certified_svd_operator_have_no_sides() -> None:
             assert got["sides"] is None
         else:
             assert sum(got["sides"].values()) == len(rnd.results)
+
+
+def test_the_default_operator_warns_above_the_default_threshold_naming_the_module() -> None:
+    """FlexLoRA certifies its update, so the peft path's default threshold (0.2) applies to the
+    default operator too; options={"max_residual": 0} turns it off."""
+    import warnings
+
+    from integration.peft.aggregate import DEFAULT_MAX_RESIDUAL
+    from integration.peft_io import aggregate_peft
+
+    models = [_peft_roberta(s, r=4, lora_alpha=8) for s in range(3)]
+    with pytest.warns(ResidualWarning) as caught:
+        rnd = aggregate_peft(models)
+    over = {m for m, c in rnd.certificates().items() if c > DEFAULT_MAX_RESIDUAL}
+    assert over  # independent inits at R = r keep little of the mean
+    assert {re.match(r"module '(.*)':", str(w.message)).group(1) for w in caught} == over  # type: ignore[union-attr]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResidualWarning)
+        aggregate_peft(models, options={"max_residual": 0.0})

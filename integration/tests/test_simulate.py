@@ -184,7 +184,9 @@ def test_flora_draws_one_shared_fresh_init_per_round(tmp_path: Path) -> None:
     assert not any(torch.equal(r0[n], r1[0][n]) for n in r0)  # a new draw each round
 
 
-@pytest.mark.parametrize(("operator", "server_rank"), [("glora", 2), ("glora_auto", 2)])
+@pytest.mark.parametrize(
+    ("operator", "server_rank"), [("glora", 2), ("glora_auto", 2), ("flexlora", 2)]
+)
 def test_certified_residual_equals_the_aggregation_error(
     tmp_path: Path, operator: str, server_rank: int
 ) -> None:
@@ -200,6 +202,9 @@ def test_certified_residual_equals_the_aggregation_error(
     assert abs(float(row["certified_residual_max"]) - float(row["aggregation_error_max"])) <= 1e-6
     assert row["server_rank"] == server_rank
     sides = row["sides"]
+    if operator == "flexlora":  # certified (the spectrum's tail), but no consensus side
+        assert sides is None
+        sides = {"left": 4}
     assert isinstance(sides, dict)
     assert sum(sides.values()) == 4  # 2 layers x (query, value)
     if operator == "glora":

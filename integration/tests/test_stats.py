@@ -237,3 +237,35 @@ def test_the_primary_comparisons_are_drawn_only_for_a_complete_cell(tmp_path: Pa
     text = write_table(CELL, "c", tmp_path).read_text()
     assert not drawn.exists()
     assert "c_primary.png" not in text
+
+
+def test_a_certificate_mean_needs_every_round_of_every_seed(tmp_path: Path) -> None:
+    """Rounds of runs from before FlexLoRA certified its update record none: a run whose seeds
+    mix both shows no mean certificate (a mean over some rounds would mislead); a run with
+    one in every round shows its mean."""
+    import json
+
+    from integration.runner.tables import table
+
+    raw = tmp_path / "raw" / "c"
+    synthetic_cell(raw, [0, 1, 2])
+    for rid, seeds in (("flexlora", (1, 2)), ("glora_auto_rank", (0, 1, 2))):
+        for s in seeds:
+            path = raw / f"{rid}-seed{s}.json"
+            rec = json.loads(path.read_text())
+            for r in rec["rounds"]:
+                r["certified_residual"] = r["aggregation_error"]
+            path.write_text(json.dumps(rec))
+    text = table(CELL, "c", tmp_path)
+    header = next(line for line in text.splitlines() if "certified residual" in line
+                  and line.startswith("|"))  # fmt: skip
+    col = [c.strip() for c in header.strip("|").split("|")].index("mean certified residual")
+
+    def cell(rid: str) -> str:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {rid}"))
+        return [c.strip() for c in row.strip("|").split("|")][col]
+
+    assert cell("flexlora") == "-"
+    rank = [json.loads((raw / f"glora_auto_rank-seed{s}.json").read_text()) for s in (0, 1, 2)]
+    errs = [statistics.fmean(r["aggregation_error"] for r in rec["rounds"]) for rec in rank]
+    assert cell("glora_auto_rank") == f"{statistics.fmean(errs):.2e}"
