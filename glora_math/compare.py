@@ -105,7 +105,8 @@ def round_error(
     certified = True
     errors = module_errors(results, factors, weights)
     for name, res in results.items():
-        mean_norm = fro_norm(mean_update(factors[name], weights))
+        wide = [LoRAFactors(f.B.double(), f.A.double()) for f in factors[name]]
+        mean_norm = fro_norm(mean_update(wide, weights))  # in float64, as server_error
         e = errors[name]
         worst = max(worst, e)
         if mean_norm > 0:
