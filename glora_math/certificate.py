@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 from glora_math.errors import NonFiniteError, ResidualWarning
-from glora_math.linalg import scaled_fro_norm
+from glora_math.linalg import lowrank_fro_norm, scaled_fro_norm
+from glora_math.scaling import times_pow2
 from glora_math.tolerances import SAFETY, certificate_tol
 from glora_math.types import Certificate, LoRAFactors
 from glora_math.validation import all_finite
@@ -293,6 +294,67 @@ def truncation_certificate(s: Tensor, rank: int) -> Certificate:
     return Certificate(cert.relative_residual, cert.mean_norm, method="svd")
 
 
+def _exponent(x: Tensor) -> int | None:
+    """``e`` with ``max |x|`` in ``[2^(e-1), 2^e)``; ``None`` for an all-zero ``x``."""
+    top = float(x.abs().max()) if x.numel() else 0.0
+    return math.frexp(top)[1] if top > 0.0 else None
+
+
+def _at_unit_scale(f: LoRAFactors, k: int) -> LoRAFactors | None:
+    """``f``'s product times ``2**-k`` as float64 factors of balanced magnitude (``None``: 0).
+
+    Powers of 2 only: exact wherever the results are normal float64 numbers, which holds for
+    every factorisation whose own product is within ``2**±1000`` of ``2**k``.
+    """
+    eb, ea = _exponent(f.B), _exponent(f.A)
+    if eb is None or ea is None:
+        return None
+    # B 2^-tb and A 2^-ta both near 2^((eb + ea - k) / 2): the product is scaled by 2^-k.
+    half = (eb + ea - k) // 2
+    tb, ta = eb - half, k - (eb - half)
+    return LoRAFactors(times_pow2(f.B.double(), -tb), times_pow2(f.A.double(), -ta))
+
+
+def measured_certificate(
+    factors: Sequence[LoRAFactors], p: Tensor, update: LoRAFactors
+) -> Certificate:
+    """The exact relative error of any low-rank ``update`` against the mean, measured.
+
+    From factors (one QR of the stacked difference), in float64 and at unit scale whatever
+    the clients' dtype and range: each factorisation (every client's, and the update's) is
+    rebalanced by powers of 2, which leave its product unchanged, and all products are
+    scaled by one power of 2 that brings the largest weighted product near 1. For operators
+    whose update is not a projection this module can certify from a state (FlexLoRA's
+    truncation rounded to half precision; clients near the ends of their dtype's range).
+    ``method == "qr"``.
+    """
+    pl = [float(x) for x in p]
+    tops = [
+        e_b + e_a + math.frexp(pi)[1]
+        for pi, f in zip(pl, factors, strict=True)
+        if pi > 0 and (e_b := _exponent(f.B)) is not None and (e_a := _exponent(f.A)) is not None
+    ]
+    if not tops:  # a zero mean
+        return as_certificate(0.0, 0.0)
+    k = max(tops)
+    live = [(pi, g) for pi, f in zip(pl, factors, strict=True)
+            if pi > 0 and (g := _at_unit_scale(f, k)) is not None]  # fmt: skip
+    B = torch.cat([pi * g.B for pi, g in live], dim=1)
+    A = torch.cat([g.A for _, g in live], dim=0)
+    mean_norm = lowrank_fro_norm(B, A)
+    mine = _at_unit_scale(update, k)
+    if mine is None:
+        num = mean_norm
+    else:
+        num = lowrank_fro_norm(torch.cat([B, -mine.B], dim=1), torch.cat([A, mine.A], dim=0))
+    cert = as_certificate(num, mean_norm)
+    try:
+        scaled = math.ldexp(cert.mean_norm, k)
+    except OverflowError:
+        scaled = math.inf
+    return Certificate(cert.relative_residual, scaled, method="qr")
+
+
 def certify(
     factors: Sequence[LoRAFactors], p: Tensor, U: Tensor, S: Tensor, wd: torch.dtype
 ) -> Certificate:
@@ -338,6 +400,7 @@ __all__ = [
     "certify_norms",
     "gram_certificates",
     "gram_parts",
+    "measured_certificate",
     "residual_curve",
     "stored_basis_products",
     "truncation_certificate",

@@ -297,7 +297,8 @@ def test_half_precision_and_extreme_clients_get_their_measured_error() -> None:
         W = sum((f.B.double() / c) @ (f.A.double() / c) for f in fs) / 3
         assert isinstance(W, torch.Tensor)
         scale = sum(float((f.B.double() / c).norm() * (f.A.double() / c).norm()) for f in fs) / 3
-        tol = certificate_tol(torch.float64, n=n_dims(d, k, [r] * 3), scale=scale / float(W.norm()))
+        # The weights are normalised in the clients' working dtype, as every certificate's.
+        tol = certificate_tol(dtype, n=n_dims(d, k, [r] * 3), scale=scale / float(W.norm()))
         for name in ("flexlora", "svd_mean"):
             res = get_operator(name)(fs, rank=2)
             assert res.certificate is not None
@@ -322,3 +323,34 @@ def test_an_update_that_underflows_is_certified_as_lost_and_said_so() -> None:
     assert abs(res.certificate.relative_residual - 1.0) <= certificate_tol(
         torch.float64, n=n_dims(6, 5, [2] * 3), scale=1.0
     )
+
+
+def test_an_imbalanced_factorisation_is_certified_as_its_product() -> None:
+    # Found by review: a power-of-2 imbalance inside one client's factorisation (B 2^600,
+    # A 2^-600: the same product) or a zero-weight client with huge entries must not change
+    # the update or its certificate (the range check flags them; the measurement rebalances
+    # each factorisation before scaling).
+    g = torch.Generator().manual_seed(6)
+    d, k, r = 6, 5, 2
+    f64 = torch.float64
+    fs = [LoRAFactors(torch.randn(d, r, generator=g, dtype=f64),
+                      torch.randn(r, k, generator=g, dtype=f64)) for _ in range(3)]  # fmt: skip
+    c = 2.0**600
+    odd = [LoRAFactors(fs[0].B * c, fs[0].A / c), LoRAFactors(fs[1].B / c, fs[1].A * c), fs[2]]
+    huge = [*fs, LoRAFactors(fs[0].B * c, fs[0].A * c)]
+    p = [1 / 6, 2 / 6, 3 / 6]
+    W = sum(pi * f.B @ f.A for pi, f in zip(p, fs, strict=True))
+    assert isinstance(W, torch.Tensor)
+    for name in ("flexlora", "svd_mean"):
+        op = get_operator(name)
+        base = op(fs, [1.0, 2.0, 3.0], rank=2)
+        assert base.certificate is not None
+        spread = sum(pi * float(f.B.norm() * f.A.norm()) for pi, f in zip(p, fs, strict=True))
+        spread += float(base.update.B.norm() * base.update.A.norm())
+        tol = certificate_tol(f64, n=n_dims(d, k, [r] * 4), scale=spread / float(W.norm()))
+        for clients, w in ((odd, [1.0, 2.0, 3.0]), (huge, [1.0, 2.0, 3.0, 0.0])):
+            res = op(clients, w, rank=2)
+            assert res.certificate is not None
+            assert res.certificate.method == "qr"
+            got, want = res.certificate.relative_residual, base.certificate.relative_residual
+            assert abs(got - want) <= tol, (name, got, want)

@@ -6,7 +6,6 @@ Eckart-Young optimum at rank R) and HetLoRA (arXiv 2401.06432: zero-pad, average
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from typing import Literal
@@ -15,10 +14,9 @@ import torch
 from torch import Tensor
 
 from glora_math import baselines as bl
-from glora_math.certificate import as_certificate, truncation_certificate, warn_residual
+from glora_math.certificate import measured_certificate, truncation_certificate, warn_residual
 from glora_math.errors import UnderflowWarning
 from glora_math.linalg import svd_route
-from glora_math.metrics import fro_distance, fro_norm, mean_update
 from glora_math.operators.interface import (
     AggregateResult,
     AggregationOperator,
@@ -30,51 +28,40 @@ from glora_math.operators.interface import (
     factors_cost,
     register,
 )
-from glora_math.scaling import shift, times_pow2
+from glora_math.scaling import shift
 from glora_math.tolerances import working_dtype
 from glora_math.types import Certificate, LoRAFactors
 from glora_math.validation import validate_clients
 
 
 def _certificate(
-    fs: Sequence[LoRAFactors],
-    p: Tensor,
-    update: LoRAFactors,
-    *,
-    s_unit: Tensor,
-    rank: int,
-    unit: Sequence[LoRAFactors],
-    k: int,
+    fs: Sequence[LoRAFactors], p: Tensor, update: LoRAFactors, s: Tensor, rank: int
 ) -> Certificate:
     """The exact relative error of ``update``, the rank-``rank`` truncation of the mean.
 
-    Float32/float64 clients in the dtype's comfortable band (every realistic adapter): the tail
-    of the spectrum ``s_unit`` (Eckart-Young, :func:`~glora_math.certificate.
-    truncation_certificate`), free from the SVD. Otherwise the update is not exactly that
-    truncation, and the error is measured from the factors in float64 (one QR of the stacked
-    factors, ``method == "qr"``): half-precision clients get their update rounded to their
-    dtype after the SVD, and clients outside the band (computed at unit scale, ``unit`` =
-    the factors times powers of 2 whose product is ``2**-k``) get an update whose entries may
-    under- or overflow when scaled back; an :class:`~glora_math.errors.UnderflowWarning` says
-    so where the whole update is lost.
+    Float32/float64 clients whose entries lie in the dtype's comfortable band (every realistic
+    adapter; :func:`~glora_math.scaling.shift`): the tail of the spectrum ``s`` (Eckart-Young,
+    :func:`~glora_math.certificate.truncation_certificate`), free from the SVD, exact to
+    working precision. Otherwise the update may not be exactly that truncation (rounded to
+    half precision after the SVD; entries that under- or overflow near the ends of the range),
+    and its error is measured from the factors in float64 at unit scale
+    (:func:`~glora_math.certificate.measured_certificate`); an
+    :class:`~glora_math.errors.UnderflowWarning` says so where the whole update is lost.
     """
-    half = fs[0].B.dtype != working_dtype(fs[0].B.dtype)
-    if not half and not k:
-        return truncation_certificate(s_unit, rank)
-    wide = [LoRAFactors(f.B.double(), f.A.double()) for f in unit]
-    mean = mean_update(wide, p.double())
-    mine = LoRAFactors(times_pow2(update.B.double(), -k), update.A.double())
-    cert = as_certificate(fro_distance(mine, mean), fro_norm(mean))
+    dtype = fs[0].B.dtype
+    if dtype == working_dtype(dtype) and shift(fs, dtype) == (0, 0):
+        return truncation_certificate(s, rank)
+    cert = measured_certificate(fs, p, update)
     if cert.mean_norm > 0 and not bool((update.B != 0).any() and (update.A != 0).any()):
         warnings.warn(
             UnderflowWarning(
                 f"the server update underflows {update.B.dtype}: it is returned as zero (the "
-                f"mean update has norm {cert.mean_norm:.3e} x 2^{k}); rescale the factors"
+                f"mean update has norm {cert.mean_norm:.3e}); rescale the factors"
                 + (" or aggregate in float64" if update.B.dtype != torch.float64 else "")
             ),
             stacklevel=5,
         )
-    return Certificate(cert.relative_residual, math.ldexp(cert.mean_norm, k), method="qr")
+    return cert
 
 
 def _svd_result(default: Literal["balanced", "left"]) -> OperatorFn:
@@ -85,21 +72,12 @@ def _svd_result(default: Literal["balanced", "left"]) -> OperatorFn:
         split = default
         if "balanced_split" in ctx.options:
             split = "balanced" if ctx.options["balanced_split"] > 0 else "left"
-        # Clients outside the dtype's comfortable band are computed at unit scale (powers of 2,
-        # exact; scaling.py); inside it (every realistic adapter) nothing changes, bit for bit.
-        kb, ka = shift(fs, info.dtype)
-        work = fs
-        if kb or ka:
-            wd = info.work_dtype
-            work = [LoRAFactors(times_pow2(f.B.to(wd), -kb), times_pow2(f.A.to(wd), -ka))
-                    for f in fs]  # fmt: skip
-        U_all, s_unit, Vh_all = bl.spectrum_of_mean(work, p)
-        s_all = times_pow2(s_unit, kb + ka) if kb or ka else s_unit
+        U_all, s_all, Vh_all = bl.spectrum_of_mean(fs, p)
         U, s, Vh = U_all[:, : ctx.rank], s_all[: ctx.rank], Vh_all[: ctx.rank]
         glob = bl.truncate_svd(U, s, Vh, ctx.rank, info.dtype, split=split)
         per = [bl.truncate_svd(U, s, Vh, r, info.dtype, split=split) for r in ctx.client_ranks]
         route = svd_route(info.d, info.k, sum(f.rank for f in fs))
-        cert = _certificate(fs, p, glob, s_unit=s_unit, rank=ctx.rank, unit=work, k=kb + ka)
+        cert = _certificate(fs, p, glob, s_all, ctx.rank)
         # Called directly (the round strips the option and warns per module by name).
         where = f"rank-{ctx.rank} truncation of the mean"
         limit = ctx.options.get("max_residual", 0.0)
