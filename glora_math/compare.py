@@ -38,13 +38,13 @@ def update_distance(a: AggregateResult, b: AggregateResult) -> float:
     return float(torch.linalg.matrix_norm(a.dense().double() - b.dense().double()))
 
 
-def server_error(
-    result: AggregateResult, factors: Sequence[LoRAFactors], weights: WeightsLike = None
-) -> float:
-    """``||server update - W_bar||_F / ||W_bar||_F`` (d-by-k only for dense-residual methods).
+def _error_norms(
+    result: AggregateResult, factors: Sequence[LoRAFactors], weights: WeightsLike
+) -> tuple[float, float]:
+    """``(||server update - W_bar||_F, ||W_bar||_F)`` in float64, from one mean update.
 
-    In float64 (float32 products underflow below about 1e-23 per entry; float64 factors, as
-    the runner's, are used as they are).
+    Float32 products underflow below about 1e-23 per entry; float64 factors, as the
+    runner's, are used as they are. d-by-k only for dense-residual methods.
     """
     mean = mean_update([LoRAFactors(f.B.double(), f.A.double()) for f in factors], weights)
     den = fro_norm(mean)
@@ -52,9 +52,21 @@ def server_error(
         num = fro_distance(LoRAFactors(result.update.B.double(), result.update.A.double()), mean)
     else:
         num = float(torch.linalg.matrix_norm(result.dense().double() - (mean.B @ mean.A).double()))
+    return num, den
+
+
+def _ratio(num: float, den: float) -> float:
+    """``num / den``: 0 when both are zero, inf when only ``den`` is."""
     if den == 0.0:
         return 0.0 if num == 0.0 else float("inf")
     return num / den
+
+
+def server_error(
+    result: AggregateResult, factors: Sequence[LoRAFactors], weights: WeightsLike = None
+) -> float:
+    """``||server update - W_bar||_F / ||W_bar||_F``, in float64 (:func:`_error_norms`)."""
+    return _ratio(*_error_norms(result, factors, weights))
 
 
 def module_errors(
@@ -103,11 +115,9 @@ def round_error(
     num = den = cnum = 0.0
     worst = 0.0
     certified = True
-    errors = module_errors(results, factors, weights)
     for name, res in results.items():
-        wide = [LoRAFactors(f.B.double(), f.A.double()) for f in factors[name]]
-        mean_norm = fro_norm(mean_update(wide, weights))  # in float64, as server_error
-        e = errors[name]
+        err_norm, mean_norm = _error_norms(res, factors[name], weights)
+        e = _ratio(err_norm, mean_norm)
         worst = max(worst, e)
         if mean_norm > 0:
             num += (e * mean_norm) ** 2
