@@ -47,6 +47,22 @@ def shift(factors: Sequence[LoRAFactors], dtype: torch.dtype) -> tuple[int, int]
     return math.frexp(nb)[1], math.frexp(na)[1]
 
 
+def warn_lost_update(dtype: torch.dtype, norm: str, *, stacklevel: int) -> None:
+    """The :class:`~glora_math.errors.UnderflowWarning` of a server update returned as zero.
+
+    ``norm`` is the mean update's norm as text; ``stacklevel`` counts from the caller of this
+    function, as :func:`warnings.warn` does.
+    """
+    hint = "rescale the factors" + (" or aggregate in float64" if dtype != torch.float64 else "")
+    warnings.warn(
+        UnderflowWarning(
+            f"the server update underflows {dtype}: it is returned as zero (the mean update "
+            f"has norm {norm}); {hint}"
+        ),
+        stacklevel=stacklevel + 1,
+    )
+
+
 def unscaled(state: ServerState, k: int) -> ServerState:
     """The state of the original factors from the state of factors scaled by ``2**-k``.
 
@@ -71,16 +87,7 @@ def unscaled(state: ServerState, k: int) -> ServerState:
 
     if lost:
         norm = state.certificate.mean_norm if state.certificate else 0.0
-        hint = "rescale the factors" + (
-            " or aggregate in float64" if S.dtype != torch.float64 else ""
-        )
-        warnings.warn(
-            UnderflowWarning(
-                f"the server update underflows {S.dtype}: it is returned as zero (the mean "
-                f"update has norm {norm:.3e} x 2^{k}); {hint}"
-            ),
-            stacklevel=3,
-        )
+        warn_lost_update(S.dtype, f"{norm:.3e} x 2^{k}", stacklevel=3)
     mods = state.module_certificates
     return dataclasses.replace(
         state,
@@ -90,4 +97,4 @@ def unscaled(state: ServerState, k: int) -> ServerState:
     )
 
 
-__all__ = ["shift", "times_pow2", "unscaled"]
+__all__ = ["shift", "times_pow2", "unscaled", "warn_lost_update"]

@@ -316,8 +316,9 @@ def test_an_update_that_underflows_is_certified_as_lost_and_said_so() -> None:
     c = 2.0**-80
     fs = [LoRAFactors(c * torch.randn(6, 2, generator=g), c * torch.randn(2, 5, generator=g))
           for _ in range(3)]  # fmt: skip
-    with pytest.warns(UnderflowWarning, match="returned as zero"):
+    with pytest.warns(UnderflowWarning, match="returned as zero") as caught:
         res = get_operator("flexlora")(fs, rank=2)
+    assert {w.filename for w in caught} == {__file__}  # the caller's line
     assert res.certificate is not None
     assert not bool(res.update.B.any() and res.update.A.any())
     assert abs(res.certificate.relative_residual - 1.0) <= certificate_tol(

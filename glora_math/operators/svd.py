@@ -6,7 +6,6 @@ Eckart-Young optimum at rank R) and HetLoRA (arXiv 2401.06432: zero-pad, average
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -15,7 +14,6 @@ from torch import Tensor
 
 from glora_math import baselines as bl
 from glora_math.certificate import measured_certificate, truncation_certificate, warn_residual
-from glora_math.errors import UnderflowWarning
 from glora_math.linalg import svd_route
 from glora_math.operators.interface import (
     AggregateResult,
@@ -28,7 +26,7 @@ from glora_math.operators.interface import (
     factors_cost,
     register,
 )
-from glora_math.scaling import shift
+from glora_math.scaling import shift, warn_lost_update
 from glora_math.tolerances import working_dtype
 from glora_math.types import Certificate, LoRAFactors
 from glora_math.validation import validate_clients
@@ -53,14 +51,7 @@ def _certificate(
         return truncation_certificate(s, rank)
     cert = measured_certificate(fs, p, update)
     if cert.mean_norm > 0 and not bool((update.B != 0).any() and (update.A != 0).any()):
-        warnings.warn(
-            UnderflowWarning(
-                f"the server update underflows {update.B.dtype}: it is returned as zero (the "
-                f"mean update has norm {cert.mean_norm:.3e}); rescale the factors"
-                + (" or aggregate in float64" if update.B.dtype != torch.float64 else "")
-            ),
-            stacklevel=5,
-        )
+        warn_lost_update(update.B.dtype, f"{cert.mean_norm:.3e}", stacklevel=5)
     return cert
 
 
