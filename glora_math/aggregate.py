@@ -14,6 +14,7 @@ state, and the smallest server rank that meets a certified tolerance (``rank="au
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -21,20 +22,22 @@ from typing import Literal
 
 from torch import Tensor
 
-from glora_math.certificate import (
-    warn_residual,
-)
+from glora_math.certificate import combined_certificate, warn_residual
 from glora_math.errors import (
     GloraError,
+    GloraWarning,
     NonFiniteError,
     ResidualWarning,
 )
 from glora_math.implicit import GramCache
+from glora_math.scaling import module_shifts as _module_shifts
 from glora_math.scaling import shift as _shift
 from glora_math.scaling import times_pow2 as _times_pow2
+from glora_math.scaling import times_pow2_modules as _pow2_modules
 from glora_math.scaling import unscaled as _unscaled
+from glora_math.scaling import unscaled_stack as _unscaled_stack
 from glora_math.sides import Route, side_state, stacked_state
-from glora_math.types import GaugeMode, LoRAFactors, ServerState, Side, Sketch
+from glora_math.types import Certificate, GaugeMode, LoRAFactors, ServerState, Side, Sketch
 from glora_math.validation import (
     KERNEL_ERRORS,
     ClientsInfo,
@@ -159,7 +162,7 @@ def glora_aggregate(
         except _OVERFLOWS as err:
             raise _overflow(err, factors) from None
         check_finite_output([stacked.U, stacked.S], factors, "glora_aggregate")
-        stacked = _unscaled(stacked, sum(shift))
+        stacked = _unscaled_stack(stacked, shift, _combiner(sketch))
         check_finite_output([stacked.S], given, "glora_aggregate")
         return stacked
     sides: tuple[Literal["left", "right"], ...] = ("left", "right") if side == "auto" else (side,)
@@ -191,28 +194,46 @@ def glora_aggregate(
             stacklevel=2,
         )
     warn_residual(best.relative_residual, limit, f"side={best.side}, R={best.rank}", stacklevel=2)
-    best = _unscaled(best, sum(shift))
+    best = _unscaled(best, shift[0])
     check_finite_output([best.S], given, "glora_aggregate")
     return best
 
 
 def _prepared(
     factors: Sequence[LoRAFactors], weights: WeightsLike, info: ClientsInfo
-) -> tuple[Tensor, list[LoRAFactors], list[LoRAFactors], tuple[int, int]]:
-    """``(p, given, scaled, shift)`` of checked clients, for the operator's entry points.
+) -> tuple[Tensor, list[LoRAFactors], list[LoRAFactors], list[int]]:
+    """``(p, given, scaled, shifts)`` of checked clients, for the operator's entry points.
 
     The normalised weights, the clients as given (detached) and at unit scale, and the
-    power-of-2 shift between them (``(0, 0)`` inside the dtype's comfortable band).
+    power of 2 of each module's update between them (0 inside the dtype's comfortable band;
+    one entry for one module, one per module of a stack in flattened batch order: each
+    module of a stack is brought to its own unit scale).
     """
     p = normalize_weights(weights, len(factors), dtype=info.work_dtype, device=info.device)
     # Detached views: the math is not differentiable, and autograd would refuse its out= kernels.
     given = [_detached(as_factors(f, i)) for i, f in enumerate(factors)]
-    shift = _shift(given, info.work_dtype)
-    if shift == (0, 0):
-        return p, given, given, shift
-    # near the ends of the dtype's range: compute at unit scale
-    scaled = [LoRAFactors(_times_pow2(f.B, -shift[0]), _times_pow2(f.A, -shift[1])) for f in given]
-    return p, given, scaled, shift
+    if not info.batch_shape:
+        kb, ka = _shift(given, info.work_dtype)
+        if (kb, ka) == (0, 0):
+            return p, given, given, [0]
+        # near the ends of the dtype's range: compute at unit scale
+        scaled = [LoRAFactors(_times_pow2(f.B, -kb), _times_pow2(f.A, -ka)) for f in given]
+        return p, given, scaled, [kb + ka]
+    each = _module_shifts(given, info.work_dtype, math.prod(info.batch_shape))
+    if not any(kb or ka for kb, ka in each):
+        return p, given, given, [0] * len(each)
+    kbs, kas = [-kb for kb, _ in each], [-ka for _, ka in each]
+    scaled = [LoRAFactors(_pow2_modules(f.B, kbs), _pow2_modules(f.A, kas)) for f in given]
+    return p, given, scaled, [kb + ka for kb, ka in each]
+
+
+def _combiner(sketch: Sketch | None) -> Callable[[Sequence[Certificate]], Certificate]:
+    """How a stack's certificate combines its modules' (with the sketch's probes)."""
+    if sketch is None or sketch.certificate != "estimate":
+        return combined_certificate
+    return functools.partial(
+        combined_certificate, probes=sketch.probes, confidence=sketch.confidence
+    )
 
 
 def _each_side(
@@ -350,7 +371,12 @@ def glora_aggregate_stack(
         factors,
         "glora_aggregate_stack",
     )  # fmt: skip
-    states = [_unscaled(st, sum(shift)) for st, _ in found]
+    states, lost = [], []
+    for st, _ in found:  # a module lost on a side it does not keep is not reported
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            states.append(_unscaled_stack(st, shift, _combiner(sketch)))
+        lost.append([w.message for w in caught if isinstance(w.message, Warning)])
     for st in states:
         check_finite_output([st.S], given, "glora_aggregate_stack")
     out = []
@@ -360,9 +386,14 @@ def glora_aggregate_stack(
         where = f"module {j}, side={best.side}, R={best.rank}"
         warn_residual(best.relative_residual, limit, where, stacklevel=2)
     kept = {st.side for st in out}
-    for st, notes in found:
-        for note in notes if st.side in kept else ():
-            warnings.warn(note, stacklevel=2)
+    said: set[tuple[type, str]] = set()  # both sides clamp R alike: say it once
+    for (st, notes), gone in zip(found, lost, strict=True):
+        mine = [n for n in gone if isinstance(n, GloraWarning) and all(
+            isinstance(j, int) and out[j].side == st.side for j in n.modules)]  # fmt: skip
+        for note in [*(notes if st.side in kept else ()), *mine]:
+            if (type(note), str(note)) not in said:
+                said.add((type(note), str(note)))
+                warnings.warn(note, stacklevel=2)
     return out
 
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from glora_math.errors import OptionError, ProtocolError, ShapeMismatchError
 from glora_math.linalg import lowrank_fro_norm, lowrank_svd, sign_fixed_svd
 from glora_math.metrics import mean_update
+from glora_math.scaling import shift, times_pow2
 from glora_math.tolerances import comfortable_band
 from glora_math.types import LoRAFactors, Split
 from glora_math.validation import (
@@ -565,15 +566,19 @@ def flora_na(
     _require_equal_ranks(fs, "FLoRA-NA")
     if steps < 0:
         raise OptionError(f"steps must be >= 0, got {steps}")
-    B = _weighted_sum(p, [f.B for f in fs])
-    A = _weighted_sum(p, [f.A for f in fs])
+    # Every step is homogeneous in the B_i and in the A_i: near the ends of the dtype's range
+    # (where B^T B would under- or overflow) it runs at unit scale, exactly rescaled.
+    kb, ka = shift(fs, info.work_dtype)
+    units = [LoRAFactors(times_pow2(f.B, -kb), times_pow2(f.A, -ka)) for f in fs]
+    B = _weighted_sum(p, [f.B for f in units])
+    A = _weighted_sum(p, [f.A for f in units])
     B, A = _balanced(B, A)
     for _ in range(steps):
-        rhs = sum((p[i] * ((B.mT @ f.B) @ f.A) for i, f in enumerate(fs)), torch.zeros_like(A))
+        rhs = sum((p[i] * ((B.mT @ f.B) @ f.A) for i, f in enumerate(units)), torch.zeros_like(A))
         A = torch.linalg.pinv(B.mT @ B, hermitian=True) @ rhs
-        rhs_b = sum((p[i] * (f.B @ (f.A @ A.mT)) for i, f in enumerate(fs)), torch.zeros_like(B))
+        rhs_b = sum((p[i] * (f.B @ (f.A @ A.mT)) for i, f in enumerate(units)), torch.zeros_like(B))
         B = rhs_b @ torch.linalg.pinv(A @ A.mT, hermitian=True)
-    return _cast(LoRAFactors(B, A), info.dtype)
+    return _cast(LoRAFactors(times_pow2(B, kb), times_pow2(A, ka)), info.dtype)
 
 
 __all__ = [

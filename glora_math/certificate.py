@@ -27,6 +27,7 @@ clients ``(A_i^T, B_i^T)``, which have the same residual norms.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from glora_math.errors import NonFiniteError, ResidualWarning
+from glora_math.errors import GloraError, NonFiniteError, ResidualWarning
 from glora_math.linalg import lowrank_fro_norm, scaled_fro_norm
 from glora_math.scaling import times_pow2
 from glora_math.tolerances import SAFETY, certificate_tol
@@ -165,6 +166,36 @@ def estimated_certificate(x: float, s2: float, probes: int, confidence: float) -
         confidence=confidence,
         method="estimate",
     )
+
+
+def combined_certificate(
+    certs: Sequence[Certificate], *, probes: int | None = None, confidence: float | None = None
+) -> Certificate:
+    """The certificate of a stack of modules (all of them together) from its modules'.
+
+    Exact certificates combine as ``sqrt(sum_l ||E_l||^2 / sum_l ||W_bar_l||^2)``; estimated
+    ones (``probes`` and ``confidence`` of the sketch that estimated every one of them) as
+    :func:`estimated_certificate` of the summed estimates, which is what one estimate of the
+    whole stack with the same probes gives. The sums run at the scale of the largest mean
+    norm (a power of 2: the same bits as unscaled where nothing under- or overflows), so
+    modules of any magnitude combine.
+    """
+    top = max((c.mean_norm for c in certs), default=0.0)
+    if not math.isfinite(top):  # some module's mean norm is beyond float64: bound it
+        worst = max(c.relative_residual for c in certs)
+        return Certificate(worst, math.inf, estimated=any(c.estimated for c in certs))
+    e = math.frexp(top)[1]
+    norms = [math.ldexp(c.mean_norm, -e) for c in certs]
+    if any(c.estimated for c in certs):
+        if probes is None or confidence is None:
+            raise GloraError("combining estimated certificates needs the sketch's probes")
+        xs = [(c.relative_residual * n) ** 2 for c, n in zip(certs, norms, strict=True)]
+        s2 = sum(n * n - x for n, x in zip(norms, xs, strict=True))
+        est = estimated_certificate(sum(xs), s2, probes, confidence)
+        return dataclasses.replace(est, mean_norm=math.ldexp(est.mean_norm, e))
+    sq = sum(n * n for n in norms)
+    res = sum((c.relative_residual * n) ** 2 for c, n in zip(certs, norms, strict=True))
+    return Certificate(math.sqrt(res / sq) if sq > 0 else 0.0, math.ldexp(math.sqrt(sq), e))
 
 
 _EPS64 = float(torch.finfo(torch.float64).eps)
@@ -398,6 +429,7 @@ __all__ = [
     "as_certificate",
     "certify",
     "certify_norms",
+    "combined_certificate",
     "gram_certificates",
     "gram_parts",
     "measured_certificate",

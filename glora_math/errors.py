@@ -7,6 +7,7 @@ client (0-based index in the list passed in) and, where the caller supplied one,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Self
 
 
@@ -98,7 +99,46 @@ class UnknownOperatorError(GloraError, KeyError):
 
 
 class GloraWarning(UserWarning):
-    """Base class of glora-math warnings."""
+    """Base class of glora-math warnings.
+
+    Parameters
+    ----------
+    message
+        What happened, in words.
+    modules
+        Where, when known: module names (as :func:`glora_math.rounds.aggregate_modules` and
+        the framework glue give them) or positions in a stack of same-shape modules
+        (flattened batch order, as the batched kernels know them). The rendered message
+        starts with them, as a :class:`GloraError`'s starts with its module and client.
+    """
+
+    def __init__(self, message: str, *, modules: Sequence[str | int] = ()):
+        self.message = message
+        self.modules = tuple(modules)
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        if not self.modules:
+            return self.message
+        where = ", ".join(repr(m) if isinstance(m, str) else str(m) for m in self.modules)
+        return f"module{'s' if len(self.modules) > 1 else ''} {where}: {self.message}"
+
+    def located(self, modules: Sequence[str | int]) -> Self:
+        """A copy naming ``modules``, unless this warning names modules already."""
+        return self if self.modules else type(self)(self.message, modules=modules)
+
+    def named(self, names: Sequence[str]) -> Self:
+        """A copy with stack positions ``j`` replaced by ``names[j]``.
+
+        A warning that names no module concerns every module of the call that raised it,
+        and names all of ``names``.
+        """
+        if not self.modules:
+            return type(self)(self.message, modules=names)
+        return type(self)(
+            self.message,
+            modules=[names[m] if isinstance(m, int) else m for m in self.modules],
+        )
 
 
 class ZeroEigengapWarning(GloraWarning):

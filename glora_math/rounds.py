@@ -12,7 +12,9 @@ clients' factors of that module and
 - owns the residual-warning policy: option ``max_residual`` > 0 emits one
   :class:`~glora_math.errors.ResidualWarning` per module whose certified relative residual
   exceeds it, naming the module,
-- attaches the module's name to every error (``err.module``),
+- attaches the module's name to every error (``err.module``) and to every warning an
+  operator raises (:attr:`GloraWarning.modules <glora_math.errors.GloraWarning>`: a batched
+  call's stack positions become the names), and points each warning at its own caller,
 - measures itself: :meth:`ModulesRound.errors` is each module's exact relative error against
   its clients' mean, for every operator (the certified operators' certificates are
   :meth:`ModulesRound.certificates`).
@@ -23,15 +25,17 @@ federated server, the runner and the Flower strategy all aggregate through it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from glora_math.certificate import warn_residual
 from glora_math.compare import module_errors
-from glora_math.errors import EmptyClientsError, GloraError, ShapeMismatchError
+from glora_math.errors import EmptyClientsError, GloraError, GloraWarning, ShapeMismatchError
 from glora_math.operators import AggregateResult, AggregationOperator, OperatorState, get_operator
 from glora_math.types import LoRAFactors
 from glora_math.validation import ValidatedClients, WeightsLike, normalize_weights, validated
@@ -175,9 +179,13 @@ def aggregate_modules(
             fs = [checked[m] for m in group]
             ranks = [want[i][group[0]] for i in range(n)]
             try:
-                out = op.aggregate_group(
-                    fs, p, rank=rank, client_ranks=ranks, options=per_call
-                )  # fmt: skip
+                out = _naming_warnings(
+                    group,
+                    lambda fs=fs, ranks=ranks: op.aggregate_group(  # type: ignore[misc]
+                        fs, p, rank=rank, client_ranks=ranks, options=per_call
+                    ),
+                    stacklevel=_stacklevel + 1,
+                )
             except GloraError as err:
                 where = group[0] if len(group) == 1 else f"{group[0]} (+{len(group) - 1})"
                 raise err.with_context(module=where) from None
@@ -185,13 +193,17 @@ def aggregate_modules(
     else:
         for name in names:
             try:
-                results[name] = op(
-                    checked[name],
-                    p,
-                    rank=rank,
-                    client_ranks=[w[name] for w in want],
-                    state=(states or {}).get(name),
-                    options=per_call,
+                results[name] = _naming_warnings(
+                    [name],
+                    lambda name=name: op(  # type: ignore[misc]
+                        checked[name],
+                        p,
+                        rank=rank,
+                        client_ranks=[w[name] for w in want],
+                        state=(states or {}).get(name),
+                        options=per_call,
+                    ),
+                    stacklevel=_stacklevel + 1,
                 )
             except GloraError as err:
                 raise err.with_context(module=name) from None
@@ -217,6 +229,29 @@ def aggregate_modules(
         states={m: results[m].state for m in names},
         clients=checked,
     )
+
+
+_T = TypeVar("_T")
+
+
+def _naming_warnings(names: Sequence[str], call: Callable[[], _T], *, stacklevel: int) -> _T:
+    """``call()``; its warnings (also when it raises) re-emitted at ``stacklevel``, counted here.
+
+    A :class:`~glora_math.errors.GloraWarning` comes out naming its modules (``names[j]`` for
+    stack position ``j``; all of ``names`` when it names none); any other warning keeps its
+    own location.
+    """
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            return call()
+    finally:
+        for w in caught:
+            if isinstance(w.message, GloraWarning):
+                warnings.warn(w.message.named(names), stacklevel=stacklevel)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _groups(

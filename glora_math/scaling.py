@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from glora_math.errors import UnderflowWarning
+from glora_math.errors import GloraError, UnderflowWarning
 from glora_math.tolerances import comfortable_band
 from glora_math.types import Certificate, LoRAFactors, ServerState
 
@@ -38,29 +38,84 @@ def shift(factors: Sequence[LoRAFactors], dtype: torch.dtype) -> tuple[int, int]
     ``[sqrt(tiny) / eps, sqrt(max) * eps]`` (where no square or product of the certificate
     under- or overflows) are left alone, bit for bit; the others are computed at unit scale.
     """
+    return module_shifts(factors, dtype, 1)[0]
+
+
+def module_shifts(
+    factors: Sequence[LoRAFactors], dtype: torch.dtype, count: int
+) -> list[tuple[int, int]]:
+    """:func:`shift` of each module of a stack of ``count`` modules (flattened batch order).
+
+    Each module is brought to its own unit scale: one shift for a whole stack would leave a
+    module far smaller than the others outside the band, to under- or overflow as if it had
+    not been rescaled.
+    """
     lo, hi = comfortable_band(dtype)
     # The largest entries (a norm of tiny entries would underflow while it is measured).
-    nb = max((float(f.B.abs().max()) for f in factors if f.B.numel()), default=0.0)
-    na = max((float(f.A.abs().max()) for f in factors if f.A.numel()), default=0.0)
-    if nb == 0.0 or na == 0.0 or (lo <= nb <= hi and lo <= na <= hi):
-        return 0, 0
-    return math.frexp(nb)[1], math.frexp(na)[1]
+    nb = torch.zeros(count, dtype=torch.float64)
+    na = torch.zeros(count, dtype=torch.float64)
+    for f in factors:
+        if f.B.numel() and f.A.numel():
+            nb = torch.maximum(nb, f.B.detach().reshape(count, -1).abs().amax(-1).double().cpu())
+            na = torch.maximum(na, f.A.detach().reshape(count, -1).abs().amax(-1).double().cpu())
+    return [
+        (0, 0) if b == 0.0 or a == 0.0 or (lo <= b <= hi and lo <= a <= hi)
+        else (math.frexp(b)[1], math.frexp(a)[1])
+        for b, a in zip(nb.tolist(), na.tolist(), strict=True)
+    ]  # fmt: skip
 
 
-def warn_lost_update(dtype: torch.dtype, norm: str, *, stacklevel: int) -> None:
+def times_pow2_modules(x: Tensor, ks: Sequence[int]) -> Tensor:
+    """Module ``j`` of the stack ``x`` (flattened batch order) times ``2**ks[j]``, exactly."""
+    if len(set(ks)) == 1:
+        return times_pow2(x, ks[0])
+    flat = x.reshape(len(ks), *x.shape[-2:])
+    return torch.stack([times_pow2(flat[j], k) for j, k in enumerate(ks)]).reshape(x.shape)
+
+
+def _ldexp(x: float, k: int) -> float:
+    """``x * 2**k`` as a float, ``inf`` beyond float64 (never an ``OverflowError``)."""
+    try:
+        return math.ldexp(x, k)
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def warn_lost_update(
+    dtype: torch.dtype, norm: str, *, stacklevel: int, modules: Sequence[int] = ()
+) -> None:
     """The :class:`~glora_math.errors.UnderflowWarning` of a server update returned as zero.
 
-    ``norm`` is the mean update's norm as text; ``stacklevel`` counts from the caller of this
-    function, as :func:`warnings.warn` does.
+    ``norm`` is the mean update's norm as text, ``modules`` the stack positions it concerns
+    (none for one module); ``stacklevel`` counts from the caller of this function, as
+    :func:`warnings.warn` does.
     """
     hint = "rescale the factors" + (" or aggregate in float64" if dtype != torch.float64 else "")
     warnings.warn(
         UnderflowWarning(
             f"the server update underflows {dtype}: it is returned as zero (the mean update "
-            f"has norm {norm}); {hint}"
+            f"has norm {norm}); {hint}",
+            modules=modules,
         ),
         stacklevel=stacklevel + 1,
     )
+
+
+def _back(c: Certificate | None, k: int, lost: bool) -> Certificate | None:
+    """A certificate of factors scaled by ``2**-k``, for the original factors."""
+    if c is None:
+        return None
+    return dataclasses.replace(
+        c,
+        relative_residual=1.0 if lost else c.relative_residual,
+        mean_norm=_ldexp(c.mean_norm, k),
+        bound=1.0 if lost and c.bound is not None else c.bound,
+    )
+
+
+def _lost(before: Tensor, after: Tensor) -> bool:
+    """Whether a nonzero ``before`` became all zero when scaled."""
+    return bool(before.numel()) and bool(before.abs().max() > 0) and not bool(after.abs().max() > 0)
 
 
 def unscaled(state: ServerState, k: int) -> ServerState:
@@ -72,29 +127,61 @@ def unscaled(state: ServerState, k: int) -> ServerState:
     """
     if k == 0:
         return state
+    if state.batch_shape:
+        raise GloraError("unscaled takes one module's state; a stack's is unscaled_stack's")
     S = times_pow2(state.S, k)
-    lost = bool(state.S.abs().max() > 0) and not bool(S.abs().max() > 0)
-
-    def back(c: Certificate | None) -> Certificate | None:
-        if c is None:
-            return None
-        return dataclasses.replace(
-            c,
-            relative_residual=1.0 if lost else c.relative_residual,
-            mean_norm=c.mean_norm * 2.0**k,
-            bound=1.0 if lost and c.bound is not None else c.bound,
-        )
-
+    lost = _lost(state.S, S)
     if lost:
         norm = state.certificate.mean_norm if state.certificate else 0.0
         warn_lost_update(S.dtype, f"{norm:.3e} x 2^{k}", stacklevel=3)
+    return dataclasses.replace(state, S=S, certificate=_back(state.certificate, k, lost))
+
+
+def unscaled_stack(
+    state: ServerState,
+    ks: Sequence[int],
+    combine: Callable[[Sequence[Certificate]], Certificate],
+) -> ServerState:
+    """The state of a stack whose module ``j`` was computed from factors scaled by ``2**-ks[j]``.
+
+    As :func:`unscaled`, module by module: each module's ``S`` and certificate scale back by
+    its own power of 2, and a module whose ``S`` underflows entirely is zero, with relative
+    residual 1 and an :class:`~glora_math.errors.UnderflowWarning` naming its stack position.
+    The stack's own certificate is then ``combine`` of the modules' (it is rescaled as it is
+    where every module had the same shift and none was lost).
+    """
+    if not any(ks):
+        return state
+    flat = state.S.reshape(len(ks), *state.S.shape[-2:])
+    S = times_pow2_modules(state.S, ks)
+    lost = [_lost(flat[j], part) for j, part in enumerate(S.reshape(flat.shape))]
     mods = state.module_certificates
+    for j in (j for j, gone in enumerate(lost) if gone):
+        norm = mods[j].mean_norm if mods is not None else 0.0
+        warn_lost_update(S.dtype, f"{norm:.3e} x 2^{ks[j]}", stacklevel=3, modules=[j])
+    backs = (
+        None
+        if mods is None
+        else tuple(_back(c, k, g) for c, k, g in zip(mods, ks, lost, strict=True))
+    )
+    if len(set(ks)) == 1 and not any(lost):
+        total = _back(state.certificate, ks[0], False)
+    else:
+        total = None if backs is None else combine([c for c in backs if c is not None])
     return dataclasses.replace(
         state,
         S=S,
-        certificate=back(state.certificate),
-        module_certificates=None if mods is None else tuple(back(c) for c in mods),  # type: ignore[misc]
+        certificate=total,
+        module_certificates=backs,  # type: ignore[arg-type]
     )
 
 
-__all__ = ["shift", "times_pow2", "unscaled", "warn_lost_update"]
+__all__ = [
+    "module_shifts",
+    "shift",
+    "times_pow2",
+    "times_pow2_modules",
+    "unscaled",
+    "unscaled_stack",
+    "warn_lost_update",
+]

@@ -22,6 +22,7 @@ from glora_math.certificate import (
     GramParts,
     as_certificate,
     certify_norms,
+    combined_certificate,
     estimate_norms,
     estimated_certificate,
     gram_certificates,
@@ -120,9 +121,7 @@ def stack_certificates(
         for i, a, b in zip(todo, nums.tolist(), means.tolist(), strict=True):
             found[i] = as_certificate(a, b)
     certs = tuple(ct for ct in found if ct is not None)
-    sq = sum(ct.mean_norm**2 for ct in certs)
-    res = sum(ct.residual**2 for ct in certs)
-    return certs, Certificate(math.sqrt(res / sq) if sq > 0 else 0.0, math.sqrt(sq))
+    return certs, combined_certificate(certs)
 
 
 def side_state(  # noqa: PLR0917 - private, called once with every setting of the public call
@@ -310,9 +309,9 @@ def stacked_state(  # noqa: PLR0917 - private, called once by the public operato
     if bool((zero_gap & uniform).any()):
         warnings.warn(
             ZeroEigengapWarning(
-                f"consensus eigengap at R={R} is numerically zero in modules "
-                f"{torch.nonzero(zero_gap & uniform).flatten().tolist()}: the server subspace "
-                "is not unique"
+                f"consensus eigengap at R={R} is numerically zero: the server subspace is not "
+                "unique",
+                modules=torch.nonzero(zero_gap & uniform).flatten().tolist(),
             ),
             stacklevel=3,
         )
@@ -380,7 +379,7 @@ def redo_modules(  # noqa: PLR0917 - private, called once by stacked_state
             msg = w.message
             if isinstance(msg, GloraWarning):
                 # From here: stacked_state, glora_aggregate, then the caller.
-                warnings.warn(type(msg)(f"module {layer}: {msg}"), stacklevel=4)
+                warnings.warn(msg.located([layer]), stacklevel=4)
             elif isinstance(msg, Warning):
                 warnings.warn(msg, stacklevel=4)
         U[layer] = 0.0

@@ -598,9 +598,10 @@ def test_a_numerically_zero_gap_is_reported_for_exactly_the_modules_that_have_it
         state = run()
     assert len(rec) == 1
     assert str(rec[0].message) == (
-        "consensus eigengap at R=1 is numerically zero in modules [0, 1, 2, 3, 4, 5]: the "
+        "modules 0, 1, 2, 3, 4, 5: consensus eigengap at R=1 is numerically zero: the "
         "server subspace is not unique"
     )
+    assert rec[0].message.modules == (0, 1, 2, 3, 4, 5)  # type: ignore[union-attr]
     if not UNDER_MUTMUT:
         assert (rec[0].filename, rec[0].lineno) == (__file__, _caller_line(run))
     assert state.route == "stacked-householder"

@@ -28,7 +28,7 @@ from glora_math.errors import (
     WeightError,
 )
 from glora_math.operators import AggregateResult, get_operator, list_operators
-from glora_math.tolerances import certificate_tol, storage_tol
+from glora_math.tolerances import aggregate_tol, certificate_tol, storage_tol
 
 OPERATORS = list_operators()
 
@@ -421,3 +421,134 @@ def test_flora_na_with_unbalanced_scales_is_no_worse_than_fedit() -> None:
     unit = gm.baselines.flora_na(_clients())
     tol = certificate_tol(torch.float64, n=12 + 10 + 6, scale=10.0)
     assert abs(relative_error(na, fs) - relative_error(unit, _clients())) <= tol
+
+
+def _stacked(modules: list[list[gm.LoRAFactors]]) -> list[gm.LoRAFactors]:
+    """Module j's clients as the j-th entry of a stack (clients in the same order)."""
+    return [
+        gm.LoRAFactors(
+            torch.stack([m[i].B for m in modules]), torch.stack([m[i].A for m in modules])
+        )
+        for i in range(len(modules[0]))
+    ]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    # outside the comfortable band; at 1e-160 the update (scale^2) is subnormal in float64
+    [
+        (torch.float32, 1e-17),
+        (torch.float32, 1e18),
+        (torch.float64, 1e-150),
+        (torch.float64, 1e-160),
+        (torch.float64, 1e150),
+    ],
+)
+def test_each_module_of_a_stack_is_rescaled_on_its_own(dtype: torch.dtype, scale: float) -> None:
+    # One power of 2 for a whole stack left a module far smaller than the others outside the
+    # comfortable band: next to a unit-size module, float64 clients of 1e-160 entries were
+    # certified 0.725368 for 0.725355, and of 1e-162 entries 1.0 with half the mean norm.
+    # Each module is now rescaled on its own: its relative residual is the one at unit scale
+    # in float64, to the dtype's rounding.
+    unit = [_clients(seed=0), _clients(seed=1)]
+    scaled = [
+        [gm.LoRAFactors(f.B.to(dtype), f.A.to(dtype)) for f in unit[0]],
+        [gm.LoRAFactors((f.B * scale).to(dtype), (f.A * scale).to(dtype)) for f in unit[1]],
+    ]
+    refs = [gm.glora_aggregate(m, rank=2, side="left") for m in unit]
+    for ref in refs:
+        assert ref.certificate is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gm.GloraWarning)
+        each = gm.glora_aggregate_stack(_stacked(scaled), rank=2, side="left")
+        whole = gm.glora_aggregate(_stacked(scaled), rank=2, side="left")
+    assert whole.module_certificates is not None
+    assert whole.certificate is not None
+    for j, (ref, c) in enumerate(zip(refs, (1.0, scale * scale), strict=True)):
+        tol = certificate_tol(dtype, n=2 * (12 + 10 + 6), scale=1.0 / (1.0 - ref.relative_residual))
+        for cert in (each[j].certificate, whole.module_certificates[j]):
+            assert cert is not None
+            assert abs(cert.relative_residual - ref.relative_residual) <= tol, (j, cert)
+            assert cert.mean_norm == pytest.approx(ref.certificate.mean_norm * c, rel=tol)  # type: ignore[union-attr]
+        if c < torch.finfo(dtype).tiny:  # a subnormal update keeps only some of its digits
+            continue
+        # the update itself, scaled back to unit size (scale is not a power of 2: the scaled
+        # clients are rounded in dtype, which the tolerance covers)
+        got = each[j].delta().double() / c
+        kappa = max(float(torch.linalg.cond(x)) for f in unit[j] for x in (f.B, f.A))
+        size = sum(float(f.B.norm() * f.A.norm()) for f in unit[j]) / len(unit[j])
+        utol = aggregate_tol(dtype, n=12 + 10 + 6, kappa=kappa, gap=ref.gap, scale=size)
+        assert float((got - ref.delta()).norm()) <= utol, j
+    # The stack's certificate combines the modules' at their own scales.
+    n = [r.certificate.mean_norm * c for r, c in zip(refs, (1.0, scale * scale), strict=True)]  # type: ignore[union-attr]
+    res = [r.relative_residual * m for r, m in zip(refs, n, strict=True)]
+    want_total = math.hypot(*res) / math.hypot(*n)
+    assert abs(whole.certificate.relative_residual - want_total) <= certificate_tol(
+        dtype, n=2 * (12 + 10 + 6), scale=2.0
+    )
+
+
+def test_a_module_of_a_stack_that_underflows_is_lost_by_name() -> None:
+    # Float32 module 1 of 1e-23 entries: its mean (about 1e-46) is below float32's smallest
+    # number; module 0 is of unit size. Module 1 alone is certified lost, and the warning
+    # names its position in the stack; module 0 is untouched. (With one shift for the whole
+    # stack, module 1 was certified 0.725 with its update lost, and nothing was said.)
+    dtype = torch.float32
+    unit = [_clients(seed=0), _clients(seed=1)]
+    scaled = [
+        [gm.LoRAFactors(f.B.to(dtype), f.A.to(dtype)) for f in unit[0]],
+        [gm.LoRAFactors((f.B * 1e-23).to(dtype), (f.A * 1e-23).to(dtype)) for f in unit[1]],
+    ]
+    with pytest.warns(gm.UnderflowWarning, match="underflows torch.float32") as caught:
+        each = gm.glora_aggregate_stack(_stacked(scaled), rank=2, side="left")
+    assert [w.message.modules for w in caught] == [(1,)]  # type: ignore[union-attr]
+    assert str(caught[0].message).startswith("module 1: ")
+    assert {w.filename for w in caught} == {__file__}
+    assert not bool(each[1].S.any())
+    assert each[1].relative_residual == 1.0
+    ref = gm.glora_aggregate(unit[0], rank=2, side="left")
+    tol = certificate_tol(dtype, n=2 * (12 + 10 + 6), scale=1.0 / (1.0 - ref.relative_residual))
+    assert abs(each[0].relative_residual - ref.relative_residual) <= tol
+
+
+@pytest.mark.parametrize(
+    ("dtype", "kb", "ka"),
+    [(torch.float32, -100, -60), (torch.float32, 70, 60), (torch.bfloat16, 80, 70),
+     (torch.float64, -600, -500), (torch.float64, 500, -400)],
+)  # fmt: skip
+def test_flora_na_runs_at_unit_scale_and_rescales_exactly(
+    dtype: torch.dtype, kb: int, ka: int
+) -> None:
+    # In float32, clients of 1e-30 entries gave FLoRA-NA a zero update (B^T B underflowed)
+    # and 1e30 a typed overflow. Its steps are homogeneous in the B_i and the
+    # A_i, so it runs at unit scale: clients whose largest entries are in [1/2, 1) (unit
+    # scale exactly), times 2^kb and 2^ka, give that update times 2^kb and 2^ka, bit for bit.
+    from glora_math.scaling import shift, times_pow2
+
+    fs = _clients()
+    top_b = max(float(f.B.abs().max()) for f in fs)
+    top_a = max(float(f.A.abs().max()) for f in fs)
+    eb, ea = math.frexp(top_b)[1], math.frexp(top_a)[1]
+    unit = [gm.LoRAFactors((f.B * 2.0**-eb).to(dtype), (f.A * 2.0**-ea).to(dtype)) for f in fs]
+    far = [gm.LoRAFactors(times_pow2(f.B, kb), times_pow2(f.A, ka)) for f in unit]
+    assert shift(far, torch.float32 if dtype == torch.bfloat16 else dtype) == (kb, ka)
+    want = gm.baselines.flora_na(unit)
+    got = gm.baselines.flora_na(far)
+    assert torch.equal(got.B, times_pow2(want.B, kb))
+    assert torch.equal(got.A, times_pow2(want.A, ka))
+    assert bool(got.B.any())
+    assert bool(got.A.any())
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_an_update_beyond_float64_is_a_typed_error(stacked: bool) -> None:
+    # The certificate's mean norm (1e600) was scaled back in Python floats and raised a raw
+    # OverflowError before the typed check on the state.
+    fs = [gm.LoRAFactors(f.B * 1e300, f.A * 1e300) for f in _clients()]
+    if stacked:
+        fs = _stacked([_clients(seed=1), fs])
+    with pytest.raises(NonFiniteError, match="overflowed"):
+        gm.glora_aggregate(fs, rank=2, side="left")
+    if stacked:
+        with pytest.raises(NonFiniteError, match="overflowed"):
+            gm.glora_aggregate_stack(fs, rank=2)

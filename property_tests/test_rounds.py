@@ -164,6 +164,38 @@ def test_errors_and_warnings_name_the_module() -> None:
     )
 
 
+@pytest.mark.parametrize("name", ["glora", "glora_auto", "flexlora"])
+def test_an_operators_own_warnings_name_the_module_and_point_at_the_caller(name: str) -> None:
+    # Inside a batched call the operator knows modules only by stack position; the round
+    # names them. q and v (one shape: batched together where the operator can) and o: R = 7
+    # exceeds what the clients span (6 in q and v, at most 6 in o); v's float32 entries of
+    # 1e-23 give a mean (about 1e-46) below float32's smallest number.
+    g = torch.Generator().manual_seed(0)
+    modules = {
+        m: [
+            gm.LoRAFactors(f.B.float() * (1e-23 if m == "v" else 1.0),
+                           f.A.float() * (1e-23 if m == "v" else 1.0))
+            for f in gaussian_clients(3, d, 2, k, generator=g)
+        ]
+        for m, (d, k) in _SHAPES.items()
+    }  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm.aggregate_modules(modules, operator=name, rank=7)
+    said = sorted((w.category.__name__, w.message.modules) for w in caught)  # type: ignore[union-attr]
+    lost = ("UnderflowWarning", ("v",))
+    if name == "flexlora":  # truncates at the clients' span without a warning
+        assert said == [lost]
+    else:
+        assert said == sorted(
+            [("RankClampedWarning", ("q", "v")), ("RankClampedWarning", ("o",)), lost]
+        )
+    assert {w.filename for w in caught} == {__file__}
+    for w in caught:
+        where = ", ".join(repr(m) for m in w.message.modules)  # type: ignore[union-attr]
+        assert str(w.message).startswith(f"module{'s' * (len(w.message.modules) > 1)} {where}: ")  # type: ignore[union-attr]
+
+
 def test_results_print_shapes_never_entries() -> None:
     """A printed round, result or factor names shapes and the certificate, not the tensors."""
     g = torch.Generator().manual_seed(3)

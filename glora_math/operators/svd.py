@@ -50,8 +50,10 @@ def _certificate(
     if dtype == working_dtype(dtype) and shift(fs, dtype) == (0, 0):
         return truncation_certificate(s, rank)
     cert = measured_certificate(fs, p, update)
-    if cert.mean_norm > 0 and not bool((update.B != 0).any() and (update.A != 0).any()):
-        warn_lost_update(update.B.dtype, f"{cert.mean_norm:.3e}", stacklevel=5)
+    # A nonzero mean (its norm may be below float64's range) and a zero update.
+    if cert.relative_residual > 0 and not bool((update.B != 0).any() and (update.A != 0).any()):
+        norm = f"{cert.mean_norm:.3e}" if cert.mean_norm > 0 else "below float64's range"
+        warn_lost_update(update.B.dtype, norm, stacklevel=5)
     return cert
 
 
