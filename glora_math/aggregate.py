@@ -157,13 +157,16 @@ def glora_aggregate(
             )
         try:
             stacked = stacked_state(
-                factors, info, p, R, gauge, sketch, side, certify=certify, limit=limit, route=route
+                factors, info, p, R, gauge, sketch, side, certify=certify, route=route
             )
         except _OVERFLOWS as err:
             raise _overflow(err, factors) from None
         check_finite_output([stacked.U, stacked.S], factors, "glora_aggregate")
         stacked = _unscaled_stack(stacked, shift, _combiner(sketch))
         check_finite_output([stacked.S], given, "glora_aggregate")
+        for j, ct in enumerate(stacked.module_certificates or ()):  # as scaled back
+            where = f"side={side}, R={stacked.rank}"
+            warn_residual(ct.relative_residual, limit, where, stacklevel=2, modules=[j])
         return stacked
     sides: tuple[Literal["left", "right"], ...] = ("left", "right") if side == "auto" else (side,)
     grams = GramCache()  # side="auto": each side's raw Gram matrices are the other's too
@@ -193,9 +196,9 @@ def glora_aggregate(
             ),
             stacklevel=2,
         )
-    warn_residual(best.relative_residual, limit, f"side={best.side}, R={best.rank}", stacklevel=2)
     best = _unscaled(best, shift[0])
     check_finite_output([best.S], given, "glora_aggregate")
+    warn_residual(best.relative_residual, limit, f"side={best.side}, R={best.rank}", stacklevel=2)
     return best
 
 
@@ -367,7 +370,7 @@ def glora_aggregate_stack(
     found = _each_side(
         sides,
         lambda sd: stacked_state(factors, info, p, R, gauge, sketch, sd, certify=True,
-                                 limit=None, route=route, grams=grams),
+                                 route=route, grams=grams),
         factors,
         "glora_aggregate_stack",
     )  # fmt: skip
@@ -383,8 +386,8 @@ def glora_aggregate_stack(
     for j in range(math.prod(info.batch_shape)):
         best = min((st.module(j) for st in states), key=lambda s: s.relative_residual)
         out.append(best)
-        where = f"module {j}, side={best.side}, R={best.rank}"
-        warn_residual(best.relative_residual, limit, where, stacklevel=2)
+        where = f"side={best.side}, R={best.rank}"
+        warn_residual(best.relative_residual, limit, where, stacklevel=2, modules=[j])
     kept = {st.side for st in out}
     said: set[tuple[type, str]] = set()  # both sides clamp R alike: say it once
     for (st, notes), gone in zip(found, lost, strict=True):

@@ -578,7 +578,10 @@ def flora_na(
         A = torch.linalg.pinv(B.mT @ B, hermitian=True) @ rhs
         rhs_b = sum((p[i] * (f.B @ (f.A @ A.mT)) for i, f in enumerate(units)), torch.zeros_like(B))
         B = rhs_b @ torch.linalg.pinv(A @ A.mT, hermitian=True)
-    return _cast(LoRAFactors(times_pow2(B, kb), times_pow2(A, ka)), info.dtype)
+    # Back to the clients' scale, split evenly between the factors (the product is exact;
+    # the clients' own split could overflow one factor of a balanced result).
+    half = (kb + ka) // 2
+    return _cast(LoRAFactors(times_pow2(B, half), times_pow2(A, kb + ka - half)), info.dtype)
 
 
 __all__ = [

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from glora_math.errors import GloraError, NonFiniteError, ResidualWarning
 from glora_math.linalg import lowrank_fro_norm, scaled_fro_norm
-from glora_math.scaling import times_pow2
+from glora_math.scaling import ldexp_or_inf, times_pow2
 from glora_math.tolerances import SAFETY, certificate_tol
 from glora_math.types import Certificate, LoRAFactors
 from glora_math.validation import all_finite
@@ -181,21 +181,29 @@ def combined_certificate(
     modules of any magnitude combine.
     """
     top = max((c.mean_norm for c in certs), default=0.0)
-    if not math.isfinite(top):  # some module's mean norm is beyond float64: bound it
-        worst = max(c.relative_residual for c in certs)
-        return Certificate(worst, math.inf, estimated=any(c.estimated for c in certs))
+    estimated = any(c.estimated for c in certs)
+    if top == 0.0 or not math.isfinite(top):
+        # No module's mean norm weighs (all zero or below float64's range: a lost module is
+        # certified 1 with norm 0), or one is beyond float64: the largest module residual
+        # bounds the stack's.
+        worst = max((c.relative_residual for c in certs), default=0.0)
+        if not estimated:
+            return Certificate(worst, top)
+        bound = max((c.bound if c.bound is not None else worst for c in certs), default=0.0)
+        return Certificate(worst, top, estimated=True, bound=bound, confidence=confidence,
+                           method="estimate")  # fmt: skip
     e = math.frexp(top)[1]
     norms = [math.ldexp(c.mean_norm, -e) for c in certs]
-    if any(c.estimated for c in certs):
+    if estimated:
         if probes is None or confidence is None:
             raise GloraError("combining estimated certificates needs the sketch's probes")
         xs = [(c.relative_residual * n) ** 2 for c, n in zip(certs, norms, strict=True)]
         s2 = sum(n * n - x for n, x in zip(norms, xs, strict=True))
         est = estimated_certificate(sum(xs), s2, probes, confidence)
-        return dataclasses.replace(est, mean_norm=math.ldexp(est.mean_norm, e))
+        return dataclasses.replace(est, mean_norm=ldexp_or_inf(est.mean_norm, e))
     sq = sum(n * n for n in norms)
     res = sum((c.relative_residual * n) ** 2 for c, n in zip(certs, norms, strict=True))
-    return Certificate(math.sqrt(res / sq) if sq > 0 else 0.0, math.ldexp(math.sqrt(sq), e))
+    return Certificate(math.sqrt(res / sq), ldexp_or_inf(math.sqrt(sq), e))
 
 
 _EPS64 = float(torch.finfo(torch.float64).eps)
@@ -411,15 +419,24 @@ def residual_curve(S: Tensor, mean_norm: float) -> Tensor:
     return (1.0 - kept / (mean_norm * mean_norm)).clamp_(min=0.0)
 
 
-def warn_residual(rho: float, limit: float | None, where: str, *, stacklevel: int) -> None:
+def warn_residual(
+    rho: float,
+    limit: float | None,
+    where: str,
+    *,
+    stacklevel: int,
+    modules: Sequence[str | int] = (),
+) -> None:
     """A :class:`~glora_math.errors.ResidualWarning` when ``rho`` exceeds ``limit`` (> 0).
 
-    ``where`` says what the residual belongs to (module, side, rank); ``stacklevel`` counts
-    from the caller of this function, as :func:`warnings.warn` does.
+    ``where`` says what the residual belongs to (side, rank; empty for nothing more),
+    ``modules`` which modules (names, or positions in a stack); ``stacklevel`` counts from the
+    caller of this function, as :func:`warnings.warn` does.
     """
     if limit is not None and limit > 0 and rho > limit:
+        what = f"certified relative residual {rho:.3e} exceeds {limit:.3e}"
         warnings.warn(
-            ResidualWarning(f"{where}: certified relative residual {rho:.3e} exceeds {limit:.3e}"),
+            ResidualWarning(f"{where}: {what}" if where else what, modules=modules),
             stacklevel=stacklevel + 1,
         )
 

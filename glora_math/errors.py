@@ -112,7 +112,7 @@ class GloraWarning(UserWarning):
         starts with them, as a :class:`GloraError`'s starts with its module and client.
     """
 
-    def __init__(self, message: str, *, modules: Sequence[str | int] = ()):
+    def __init__(self, message: str = "", *, modules: Sequence[str | int] = ()):
         self.message = message
         self.modules = tuple(modules)
         super().__init__(self._render())
@@ -125,7 +125,7 @@ class GloraWarning(UserWarning):
 
     def located(self, modules: Sequence[str | int]) -> Self:
         """A copy naming ``modules``, unless this warning names modules already."""
-        return self if self.modules else type(self)(self.message, modules=modules)
+        return self if self.modules else self._with(modules)
 
     def named(self, names: Sequence[str]) -> Self:
         """A copy with stack positions ``j`` replaced by ``names[j]``.
@@ -134,11 +134,16 @@ class GloraWarning(UserWarning):
         and names all of ``names``.
         """
         if not self.modules:
-            return type(self)(self.message, modules=names)
-        return type(self)(
-            self.message,
-            modules=[names[m] if isinstance(m, int) else m for m in self.modules],
+            return self._with(names)
+        return self._with(
+            [names[m] if isinstance(m, int) and 0 <= m < len(names) else m for m in self.modules]
         )
+
+    def _with(self, modules: Sequence[str | int]) -> Self:
+        try:
+            return type(self)(self.message, modules=modules)
+        except TypeError:  # a subclass with another signature: left as it is
+            return self
 
 
 class ZeroEigengapWarning(GloraWarning):

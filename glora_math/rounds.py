@@ -213,8 +213,9 @@ def aggregate_modules(
             warn_residual(
                 res.certificate.relative_residual,
                 limit,
-                f"module {name!r}",
+                "",
                 stacklevel=_stacklevel,
+                modules=[name],
             )
     reinit = any(r.client_factors is None for r in results.values())
     per_client: list[dict[str, LoRAFactors] | None] = [
@@ -238,20 +239,21 @@ def _naming_warnings(names: Sequence[str], call: Callable[[], _T], *, stacklevel
     """``call()``; its warnings (also when it raises) re-emitted at ``stacklevel``, counted here.
 
     A :class:`~glora_math.errors.GloraWarning` comes out naming its modules (``names[j]`` for
-    stack position ``j``; all of ``names`` when it names none); any other warning keeps its
-    own location.
+    stack position ``j``; all of ``names`` when it names none), through the caller's filters
+    at the caller's line. Any other warning went through the filters where it was raised
+    (a ``module=`` filter matches there) and is shown as it would have been.
     """
     caught: list[warnings.WarningMessage] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+            warnings.simplefilter("always", GloraWarning)
             return call()
     finally:
         for w in caught:
             if isinstance(w.message, GloraWarning):
                 warnings.warn(w.message.named(names), stacklevel=stacklevel)
             else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
 
 
 def _groups(

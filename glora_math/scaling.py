@@ -73,7 +73,7 @@ def times_pow2_modules(x: Tensor, ks: Sequence[int]) -> Tensor:
     return torch.stack([times_pow2(flat[j], k) for j, k in enumerate(ks)]).reshape(x.shape)
 
 
-def _ldexp(x: float, k: int) -> float:
+def ldexp_or_inf(x: float, k: int) -> float:
     """``x * 2**k`` as a float, ``inf`` beyond float64 (never an ``OverflowError``)."""
     try:
         return math.ldexp(x, k)
@@ -101,15 +101,24 @@ def warn_lost_update(
     )
 
 
-def _back(c: Certificate | None, k: int, lost: bool) -> Certificate | None:
-    """A certificate of factors scaled by ``2**-k``, for the original factors."""
+def _back(c: Certificate | None, k: int, lost: bool, rounding: float) -> Certificate | None:
+    """A certificate of factors scaled by ``2**-k``, for the original factors.
+
+    ``rounding`` is what scaling ``S`` back lost (:func:`_rounding`, at unit scale). The
+    update's residual before it is orthogonal to the basis and the lost part ``U dS`` lies
+    in it, so the residual becomes ``hypot(residual, ||dS||)`` (Pythagoras); all of ``S``
+    lost is a relative residual of 1.
+    """
     if c is None:
         return None
+    rho, bound = c.relative_residual, c.bound
+    if lost:
+        rho, bound = 1.0, (None if bound is None else 1.0)
+    elif rounding > 0.0 and c.mean_norm > 0.0:
+        rho = min(1.0, math.hypot(rho, rounding / c.mean_norm))
+        bound = None if bound is None else min(1.0, math.hypot(bound, rounding / c.mean_norm))
     return dataclasses.replace(
-        c,
-        relative_residual=1.0 if lost else c.relative_residual,
-        mean_norm=_ldexp(c.mean_norm, k),
-        bound=1.0 if lost and c.bound is not None else c.bound,
+        c, relative_residual=rho, mean_norm=ldexp_or_inf(c.mean_norm, k), bound=bound
     )
 
 
@@ -118,12 +127,26 @@ def _lost(before: Tensor, after: Tensor) -> bool:
     return bool(before.numel()) and bool(before.abs().max() > 0) and not bool(after.abs().max() > 0)
 
 
+def _rounding(before: Tensor, after: Tensor, k: int) -> float:
+    """``||before - after * 2**-k||_F`` in float64: what ``after = before * 2**k`` lost.
+
+    Zero wherever ``after`` is in the dtype's normal range (a power of 2 scales exactly);
+    positive where entries became subnormal or zero. (Entries that overflowed are refused
+    by the caller's finiteness check.)
+    """
+    if not before.numel():
+        return 0.0
+    diff = before.to(torch.float64) - times_pow2(after.to(torch.float64), -k)
+    return float(torch.linalg.vector_norm(diff)) if bool(torch.isfinite(diff).all()) else 0.0
+
+
 def unscaled(state: ServerState, k: int) -> ServerState:
     """The state of the original factors from the state of factors scaled by ``2**-k``.
 
-    ``S`` and the norms of the mean scale back by ``2**k``; relative residuals do not. Where
-    ``S`` then underflows the dtype entirely, the update is zero: its certificate says so
-    (relative residual 1) and an :class:`~glora_math.errors.UnderflowWarning` is emitted.
+    ``S`` and the norms of the mean scale back by ``2**k``; relative residuals do not, unless
+    entries of ``S`` become subnormal or zero: the certificate then includes what rounding
+    lost. Where ``S`` underflows the dtype entirely, the update is zero: its certificate says
+    so (relative residual 1) and an :class:`~glora_math.errors.UnderflowWarning` is emitted.
     """
     if k == 0:
         return state
@@ -134,7 +157,8 @@ def unscaled(state: ServerState, k: int) -> ServerState:
     if lost:
         norm = state.certificate.mean_norm if state.certificate else 0.0
         warn_lost_update(S.dtype, f"{norm:.3e} x 2^{k}", stacklevel=3)
-    return dataclasses.replace(state, S=S, certificate=_back(state.certificate, k, lost))
+    cert = _back(state.certificate, k, lost, _rounding(state.S, S, k))
+    return dataclasses.replace(state, S=S, certificate=cert)
 
 
 def unscaled_stack(
@@ -148,13 +172,15 @@ def unscaled_stack(
     its own power of 2, and a module whose ``S`` underflows entirely is zero, with relative
     residual 1 and an :class:`~glora_math.errors.UnderflowWarning` naming its stack position.
     The stack's own certificate is then ``combine`` of the modules' (it is rescaled as it is
-    where every module had the same shift and none was lost).
+    where every module had the same shift and rounding lost nothing).
     """
     if not any(ks):
         return state
     flat = state.S.reshape(len(ks), *state.S.shape[-2:])
     S = times_pow2_modules(state.S, ks)
-    lost = [_lost(flat[j], part) for j, part in enumerate(S.reshape(flat.shape))]
+    parts = S.reshape(flat.shape)
+    lost = [_lost(flat[j], parts[j]) for j in range(len(ks))]
+    rounding = [_rounding(flat[j], parts[j], k) for j, k in enumerate(ks)]
     mods = state.module_certificates
     for j in (j for j, gone in enumerate(lost) if gone):
         norm = mods[j].mean_norm if mods is not None else 0.0
@@ -162,10 +188,10 @@ def unscaled_stack(
     backs = (
         None
         if mods is None
-        else tuple(_back(c, k, g) for c, k, g in zip(mods, ks, lost, strict=True))
+        else tuple(_back(*a) for a in zip(mods, ks, lost, rounding, strict=True))
     )
-    if len(set(ks)) == 1 and not any(lost):
-        total = _back(state.certificate, ks[0], False)
+    if len(set(ks)) == 1 and not any(lost) and not any(rounding):
+        total = _back(state.certificate, ks[0], False, 0.0)
     else:
         total = None if backs is None else combine([c for c in backs if c is not None])
     return dataclasses.replace(
@@ -177,6 +203,7 @@ def unscaled_stack(
 
 
 __all__ = [
+    "ldexp_or_inf",
     "module_shifts",
     "shift",
     "times_pow2",

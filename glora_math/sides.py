@@ -27,7 +27,6 @@ from glora_math.certificate import (
     estimated_certificate,
     gram_certificates,
     residual_curve,
-    warn_residual,
 )
 from glora_math.certificate import certify as certificate_of
 from glora_math.consensus import consensus, eigengap, live_clients, stacked_weights
@@ -241,7 +240,6 @@ def stacked_state(  # noqa: PLR0917 - private, called once by the public operato
     side: Literal["left", "right"],
     *,
     certify: bool,
-    limit: float | None,
     route: Route = "auto",
     grams: GramCache | None = None,
 ) -> ServerState:
@@ -325,9 +323,6 @@ def stacked_state(  # noqa: PLR0917 - private, called once by the public operato
         stacked = [LoRAFactors(B, A) for B, A in zip(Bs, As, strict=True)]
         certs, total = stack_certificates(stacked, p, U, S, wd, sketch=sketch,
                                            gram=(parts, uniform, n + c + m))  # fmt: skip
-        for layer, ct in enumerate(certs):
-            where = f"module {layer}, side={side}, R={R}"
-            warn_residual(ct.relative_residual, limit, where, stacklevel=3)
     return ServerState(
         U=U.reshape(*batch, n, R),
         S=S.reshape(*batch, R, c),

@@ -687,10 +687,11 @@ def test_max_residual_names_each_module_that_exceeds_it() -> None:
     certs = state.module_certificates
     assert certs is not None
     assert [str(w.message) for w in rec] == [
-        f"module {i}, side=left, R=1: certified relative residual "
+        f"module {i}: side=left, R=1: certified relative residual "
         f"{certs[i].relative_residual:.3e} exceeds 1.000e-03"
         for i in range(2)
     ]
+    assert [w.message.modules for w in rec] == [(0,), (1,)]  # type: ignore[union-attr]
     if not UNDER_MUTMUT:
         assert {(w.filename, w.lineno) for w in rec} == {(__file__, _caller_line(run))}
 

@@ -7,6 +7,7 @@ module in every error and warning.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -194,6 +195,36 @@ def test_an_operators_own_warnings_name_the_module_and_point_at_the_caller(name:
     for w in caught:
         where = ", ".join(repr(m) for m in w.message.modules)  # type: ignore[union-attr]
         assert str(w.message).startswith(f"module{'s' * (len(w.message.modules) > 1)} {where}: ")  # type: ignore[union-attr]
+
+
+def test_other_warnings_meet_the_filters_where_they_were_raised() -> None:
+    # aggregate_modules records an operator's warnings to name them; a warning that is not
+    # glora-math's must still meet a module= filter where it was raised (re-emitted with
+    # warn_explicit it was matched against the file name instead, and shown). A GloraWarning
+    # subclass with its own signature comes out as it was, not as an error in the round.
+    base = get_operator("fedit")
+
+    class Odd(gm.GloraWarning):
+        def __init__(self, a: int, b: int) -> None:
+            super().__init__(f"odd {a} {b}")
+
+    def fn(fs, p, ctx):  # type: ignore[no-untyped-def]
+        warnings.warn("from the operator", UserWarning, stacklevel=1)
+        warnings.warn(Odd(1, 2), stacklevel=1)
+        return base.fn(fs, p, ctx)
+
+    op = dataclasses.replace(base, name="noisy", fn=fn)
+    modules = _modules("fedit")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", "from the operator", UserWarning, module=__name__)
+        gm.aggregate_modules(modules, operator=op, rank=2)
+    assert [str(w.message) for w in caught] == ["odd 1 2"] * 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm.aggregate_modules(modules, operator=op, rank=2)
+    plain = [w for w in caught if w.category is UserWarning]
+    assert [(str(w.message), w.filename) for w in plain] == [("from the operator", __file__)] * 3
 
 
 def test_results_print_shapes_never_entries() -> None:
