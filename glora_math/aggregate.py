@@ -177,6 +177,8 @@ def glora_aggregate(
         factors,
         "glora_aggregate",
     )  # fmt: skip
+    # Each side scaled back before the choice: rounding to subnormals can change certificates.
+    found = [_unscaled_noting(st, notes, shift[0]) for st, notes in found]
     if auto:  # a side that meets tol first, then the smaller rank, then the smaller residual
         best, notes = min(
             found,
@@ -191,12 +193,11 @@ def glora_aggregate(
         warnings.warn(
             ResidualWarning(
                 f"rank='auto' could not meet tol={target:.3e}: the certified relative "
-                f"residual is {best.relative_residual:.3e} at the largest rank R={best.rank} "
+                f"residual is {best.relative_residual:.3e} at R={best.rank} "
                 f"(side={best.side}; rounding in {info.work_dtype} limits it)"
             ),
             stacklevel=2,
         )
-    best = _unscaled(best, shift[0])
     check_finite_output([best.S], given, "glora_aggregate")
     warn_residual(best.relative_residual, limit, f"side={best.side}, R={best.rank}", stacklevel=2)
     return best
@@ -228,6 +229,16 @@ def _prepared(
     kbs, kas = [-kb for kb, _ in each], [-ka for _, ka in each]
     scaled = [LoRAFactors(_pow2_modules(f.B, kbs), _pow2_modules(f.A, kas)) for f in given]
     return p, given, scaled, [kb + ka for kb, ka in each]
+
+
+def _unscaled_noting(
+    state: ServerState, notes: list[Warning], k: int
+) -> tuple[ServerState, list[Warning]]:
+    """:func:`~glora_math.scaling.unscaled`, its warnings added to the side's held-back notes."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        back = _unscaled(state, k)
+    return back, [*notes, *(w.message for w in caught if isinstance(w.message, Warning))]
 
 
 def _combiner(sketch: Sketch | None) -> Callable[[Sequence[Certificate]], Certificate]:

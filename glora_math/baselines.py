@@ -578,10 +578,15 @@ def flora_na(
         A = torch.linalg.pinv(B.mT @ B, hermitian=True) @ rhs
         rhs_b = sum((p[i] * (f.B @ (f.A @ A.mT)) for i, f in enumerate(units)), torch.zeros_like(B))
         B = rhs_b @ torch.linalg.pinv(A @ A.mT, hermitian=True)
-    # Back to the clients' scale, split evenly between the factors (the product is exact;
-    # the clients' own split could overflow one factor of a balanced result).
-    half = (kb + ka) // 2
-    return _cast(LoRAFactors(times_pow2(B, half), times_pow2(A, kb + ka - half)), info.dtype)
+    # Back to the clients' scale, the power of 2 split so that B and A end balanced (their
+    # largest entries within a factor 2): the product is exact, and neither factor over- or
+    # underflows where the update itself fits (ALS can end far from the clients' split).
+    t, x = kb + ka, 0
+    if (kb, ka) != (0, 0):
+        eb = math.frexp(float(B.abs().max()))[1] if B.numel() else 0
+        ea = math.frexp(float(A.abs().max()))[1] if A.numel() else 0
+        x = (ea - eb + t) // 2
+    return _cast(LoRAFactors(times_pow2(B, x), times_pow2(A, t - x)), info.dtype)
 
 
 __all__ = [

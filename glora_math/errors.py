@@ -139,11 +139,22 @@ class GloraWarning(UserWarning):
             [names[m] if isinstance(m, int) and 0 <= m < len(names) else m for m in self.modules]
         )
 
+    def __reduce__(self) -> str | tuple[object, ...]:
+        # Keep the modules across pickling (the default rebuilds from the rendered text).
+        if type(self).__init__ is not GloraWarning.__init__:
+            return super().__reduce__()
+        return (_rebuilt, (type(self), self.message, self.modules))
+
     def _with(self, modules: Sequence[str | int]) -> Self:
         try:
             return type(self)(self.message, modules=modules)
         except TypeError:  # a subclass with another signature: left as it is
             return self
+
+
+def _rebuilt(cls: type[GloraWarning], message: str, modules: Sequence[str | int]) -> GloraWarning:
+    """A :class:`GloraWarning` from its parts (unpickling)."""
+    return cls(message, modules=modules)
 
 
 class ZeroEigengapWarning(GloraWarning):

@@ -101,13 +101,13 @@ def warn_lost_update(
     )
 
 
-def _back(c: Certificate | None, k: int, lost: bool, rounding: float) -> Certificate | None:
-    """A certificate of factors scaled by ``2**-k``, for the original factors.
+def _corrected(c: Certificate | None, lost: bool, rounding: float) -> Certificate | None:
+    """A certificate of a state at unit scale, for its ``S`` as scaled back (still at unit scale).
 
     ``rounding`` is what scaling ``S`` back lost (:func:`_rounding`, at unit scale). The
-    update's residual before it is orthogonal to the basis and the lost part ``U dS`` lies
-    in it, so the residual becomes ``hypot(residual, ||dS||)`` (Pythagoras); all of ``S``
-    lost is a relative residual of 1.
+    update's residual is orthogonal to the basis and the lost part ``U dS`` lies in it, so
+    the residual becomes ``hypot(residual, ||dS||)`` (Pythagoras); all of ``S`` lost is a
+    relative residual of 1.
     """
     if c is None:
         return None
@@ -117,9 +117,12 @@ def _back(c: Certificate | None, k: int, lost: bool, rounding: float) -> Certifi
     elif rounding > 0.0 and c.mean_norm > 0.0:
         rho = min(1.0, math.hypot(rho, rounding / c.mean_norm))
         bound = None if bound is None else min(1.0, math.hypot(bound, rounding / c.mean_norm))
-    return dataclasses.replace(
-        c, relative_residual=rho, mean_norm=ldexp_or_inf(c.mean_norm, k), bound=bound
-    )
+    return dataclasses.replace(c, relative_residual=rho, bound=bound)
+
+
+def _scaled(c: Certificate | None, k: int) -> Certificate | None:
+    """``c`` with its mean norm times ``2**k`` (infinite beyond float64)."""
+    return None if c is None else dataclasses.replace(c, mean_norm=ldexp_or_inf(c.mean_norm, k))
 
 
 def _lost(before: Tensor, after: Tensor) -> bool:
@@ -140,24 +143,52 @@ def _rounding(before: Tensor, after: Tensor, k: int) -> float:
     return float(torch.linalg.vector_norm(diff)) if bool(torch.isfinite(diff).all()) else 0.0
 
 
+def _warn_rounding(
+    dtype: torch.dtype,
+    c: Certificate | None,
+    lost: bool,
+    rounding: float,
+    k: int,
+    *,
+    stacklevel: int,
+    modules: Sequence[int] = (),
+) -> None:
+    """The :class:`~glora_math.errors.UnderflowWarning` of an update lost, or partly lost.
+
+    Partly: where rounding ``S`` to the dtype's subnormals costs more than the dtype's unit
+    roundoff relative to the mean (which rounding in the normal range never does).
+    """
+    norm = c.mean_norm if c is not None else 0.0
+    if lost:
+        warn_lost_update(dtype, f"{norm:.3e} x 2^{k}", stacklevel=stacklevel + 1, modules=modules)
+    elif norm > 0.0 and rounding > torch.finfo(dtype).eps * norm:
+        warnings.warn(
+            UnderflowWarning(
+                f"the server update is partly below {dtype}'s normal range: rounding it costs "
+                f"{rounding / norm:.3e} of the mean update (its certificate includes this)",
+                modules=modules,
+            ),
+            stacklevel=stacklevel + 1,
+        )
+
+
 def unscaled(state: ServerState, k: int) -> ServerState:
     """The state of the original factors from the state of factors scaled by ``2**-k``.
 
     ``S`` and the norms of the mean scale back by ``2**k``; relative residuals do not, unless
     entries of ``S`` become subnormal or zero: the certificate then includes what rounding
-    lost. Where ``S`` underflows the dtype entirely, the update is zero: its certificate says
-    so (relative residual 1) and an :class:`~glora_math.errors.UnderflowWarning` is emitted.
+    lost (an :class:`~glora_math.errors.UnderflowWarning` where that is more than the
+    dtype's unit roundoff of the mean). Where ``S`` underflows the dtype entirely, the update
+    is zero: its certificate says so (relative residual 1), and the warning too.
     """
     if k == 0:
         return state
     if state.batch_shape:
         raise GloraError("unscaled takes one module's state; a stack's is unscaled_stack's")
     S = times_pow2(state.S, k)
-    lost = _lost(state.S, S)
-    if lost:
-        norm = state.certificate.mean_norm if state.certificate else 0.0
-        warn_lost_update(S.dtype, f"{norm:.3e} x 2^{k}", stacklevel=3)
-    cert = _back(state.certificate, k, lost, _rounding(state.S, S, k))
+    lost, rounding = _lost(state.S, S), _rounding(state.S, S, k)
+    _warn_rounding(S.dtype, state.certificate, lost, rounding, k, stacklevel=3)
+    cert = _scaled(_corrected(state.certificate, lost, rounding), k)
     return dataclasses.replace(state, S=S, certificate=cert)
 
 
@@ -168,11 +199,11 @@ def unscaled_stack(
 ) -> ServerState:
     """The state of a stack whose module ``j`` was computed from factors scaled by ``2**-ks[j]``.
 
-    As :func:`unscaled`, module by module: each module's ``S`` and certificate scale back by
-    its own power of 2, and a module whose ``S`` underflows entirely is zero, with relative
-    residual 1 and an :class:`~glora_math.errors.UnderflowWarning` naming its stack position.
-    The stack's own certificate is then ``combine`` of the modules' (it is rescaled as it is
-    where every module had the same shift and rounding lost nothing).
+    As :func:`unscaled`, module by module (warnings name the stack position). The stack's
+    own certificate is then ``combine`` of the modules' at unit scale, each mean norm
+    weighed by its module's power of 2 relative to the largest, and scaled back once (its
+    modules' scaled-back norms may be subnormal, with few digits); it is rescaled as it is
+    where every module had the same shift and rounding lost nothing.
     """
     if not any(ks):
         return state
@@ -182,23 +213,26 @@ def unscaled_stack(
     lost = [_lost(flat[j], parts[j]) for j in range(len(ks))]
     rounding = [_rounding(flat[j], parts[j], k) for j, k in enumerate(ks)]
     mods = state.module_certificates
-    for j in (j for j, gone in enumerate(lost) if gone):
-        norm = mods[j].mean_norm if mods is not None else 0.0
-        warn_lost_update(S.dtype, f"{norm:.3e} x 2^{ks[j]}", stacklevel=3, modules=[j])
-    backs = (
-        None
-        if mods is None
-        else tuple(_back(*a) for a in zip(mods, ks, lost, rounding, strict=True))
+    for j, k in enumerate(ks):
+        c = None if mods is None else mods[j]
+        _warn_rounding(S.dtype, c, lost[j], rounding[j], k, stacklevel=3, modules=[j])
+    fixed = (
+        None if mods is None else [_corrected(*a) for a in zip(mods, lost, rounding, strict=True)]
     )
     if len(set(ks)) == 1 and not any(lost) and not any(rounding):
-        total = _back(state.certificate, ks[0], False, 0.0)
+        total = _scaled(state.certificate, ks[0])
+    elif fixed is None:
+        total = None
     else:
-        total = None if backs is None else combine([c for c in backs if c is not None])
+        top = max(ks)
+        weighed = [_scaled(c, k - top) for c, k in zip(fixed, ks, strict=True)]
+        total = _scaled(combine([c for c in weighed if c is not None]), top)
+    backs = None if fixed is None else [_scaled(c, k) for c, k in zip(fixed, ks, strict=True)]
     return dataclasses.replace(
         state,
         S=S,
         certificate=total,
-        module_certificates=backs,  # type: ignore[arg-type]
+        module_certificates=None if backs is None else tuple(c for c in backs if c is not None),
     )
 
 
