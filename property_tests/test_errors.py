@@ -179,3 +179,22 @@ def test_single_module_metrics_refuse_a_stack_with_a_typed_error(name: str) -> N
     }[name]
     with pytest.raises(ShapeMismatchError, match=f"{name} takes one module"):
         call()
+
+
+def test_warnings_keep_their_modules_through_pickling_and_copies() -> None:
+    import copy
+    import pickle
+
+    from glora_math.errors import GloraWarning, UnderflowWarning
+
+    w = UnderflowWarning("the update underflows", modules=["q_proj", 3])
+    assert str(w) == "modules 'q_proj', 3: the update underflows"
+    # (our own object, pickled here: never a client payload)
+    for back in (pickle.loads(pickle.dumps(w)), copy.deepcopy(w)):
+        assert type(back) is UnderflowWarning
+        assert (back.message, back.modules, str(back)) == (w.message, w.modules, str(w))
+    assert str(GloraWarning()) == ""
+    # stack positions become names; a name stays; a position outside the names stays a position
+    assert GloraWarning("x", modules=[1, "o", 5]).named(["q", "v"]).modules == ("v", "o", 5)
+    assert GloraWarning("x").named(["q", "v"]).modules == ("q", "v")
+    assert GloraWarning("x", modules=[0]).located([2]).modules == (0,)
