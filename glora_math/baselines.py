@@ -578,9 +578,10 @@ def flora_na(
         A = torch.linalg.pinv(B.mT @ B, hermitian=True) @ rhs
         rhs_b = sum((p[i] * (f.B @ (f.A @ A.mT)) for i, f in enumerate(units)), torch.zeros_like(B))
         B = rhs_b @ torch.linalg.pinv(A @ A.mT, hermitian=True)
-    # Back to the clients' scale, the power of 2 split so that B and A end balanced (their
-    # largest entries within a factor 2): the product is exact, and neither factor over- or
-    # underflows where the update itself fits (ALS can end far from the clients' split).
+    # Back to the clients' scale, the power of 2 split so that B and A end balanced (the
+    # binary exponents of their largest entries at most 1 apart): the product is exact, and
+    # neither factor over- or underflows where the update fits (ALS can end far from the
+    # clients' split).
     t, x = kb + ka, 0
     if (kb, ka) != (0, 0):
         eb = math.frexp(float(B.abs().max()))[1] if B.numel() else 0

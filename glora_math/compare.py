@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from glora_math.certificate import measured_certificate
 from glora_math.errors import GloraError, GloraWarning, OptionError, ProtocolError
 from glora_math.gauge import apply_gauge, random_invertible, random_orthogonal
 from glora_math.metrics import fro_distance, fro_norm, mean_update
@@ -27,8 +28,9 @@ from glora_math.operators import (
     get_operator,
     list_operators,
 )
+from glora_math.scaling import ldexp_or_inf, shift
 from glora_math.types import LoRAFactors
-from glora_math.validation import WeightsLike
+from glora_math.validation import WeightsLike, normalize_weights
 
 
 def update_distance(a: AggregateResult, b: AggregateResult) -> float:
@@ -41,18 +43,28 @@ def update_distance(a: AggregateResult, b: AggregateResult) -> float:
 def _error_norms(
     result: AggregateResult, factors: Sequence[LoRAFactors], weights: WeightsLike
 ) -> tuple[float, float]:
-    """``(||server update - W_bar||_F, ||W_bar||_F)`` in float64, from one mean update.
+    """``(||server update - W_bar||_F / ||W_bar||_F, ||W_bar||_F)`` in float64.
 
-    Float32 products underflow below about 1e-23 per entry; float64 factors, as the
-    runner's, are used as they are. d-by-k only for dense-residual methods.
+    From one mean update, with the factors in float64 (float32 products underflow below
+    about 1e-23 per entry; float64 factors, as the runner's, are used as they are); d-by-k
+    only for dense-residual methods. Clients whose float64 entries lie outside float64's
+    comfortable band (where squares under- or overflow) are measured at unit scale by
+    :func:`~glora_math.certificate.measured_certificate` instead (its mean norm is 0 or
+    inf where float64 cannot hold it; the relative error stays right).
     """
-    mean = mean_update([LoRAFactors(f.B.double(), f.A.double()) for f in factors], weights)
+    fs = [LoRAFactors(f.B.double(), f.A.double()) for f in factors]
+    if result.residual is None and shift(fs, torch.float64) != (0, 0):
+        p = normalize_weights(weights, len(fs), dtype=torch.float64, device=fs[0].B.device)
+        mine = LoRAFactors(result.update.B.double(), result.update.A.double())
+        cert = measured_certificate(fs, p, mine)
+        return cert.relative_residual, cert.mean_norm
+    mean = mean_update(fs, weights)
     den = fro_norm(mean)
     if result.residual is None:
         num = fro_distance(LoRAFactors(result.update.B.double(), result.update.A.double()), mean)
     else:
         num = float(torch.linalg.matrix_norm(result.dense().double() - (mean.B @ mean.A).double()))
-    return num, den
+    return _ratio(num, den), den
 
 
 def _ratio(num: float, den: float) -> float:
@@ -66,7 +78,7 @@ def server_error(
     result: AggregateResult, factors: Sequence[LoRAFactors], weights: WeightsLike = None
 ) -> float:
     """``||server update - W_bar||_F / ||W_bar||_F``, in float64 (:func:`_error_norms`)."""
-    return _ratio(*_error_norms(result, factors, weights))
+    return _error_norms(result, factors, weights)[0]
 
 
 def module_errors(
@@ -112,20 +124,25 @@ def round_error(
 
     Computed from factors: no d-by-k matrix except for operators with a dense residual.
     """
+    measured = {name: _error_norms(res, factors[name], weights) for name, res in results.items()}
+    # Sums of squares at the scale of the largest mean norm, a power of 2: the same bits as
+    # unscaled wherever those neither overflow nor underflow, and no OverflowError where
+    # they would.
+    top = max((m for _, m in measured.values() if math.isfinite(m)), default=0.0)
+    k = math.frexp(top)[1]
     num = den = cnum = 0.0
     worst = 0.0
     certified = True
     for name, res in results.items():
-        err_norm, mean_norm = _error_norms(res, factors[name], weights)
-        e = _ratio(err_norm, mean_norm)
+        e, mean_norm = measured[name]
         worst = max(worst, e)
         if mean_norm > 0:
-            num += (e * mean_norm) ** 2
-            den += mean_norm**2
+            num += (e * ldexp_or_inf(mean_norm, -k)) ** 2
+            den += ldexp_or_inf(mean_norm, -k) ** 2
         if res.certificate is None:
             certified = False
         else:
-            cnum += res.certificate.residual**2
+            cnum += ldexp_or_inf(res.certificate.residual, -k) ** 2
     rel = math.sqrt(num / den) if den else 0.0
     cert = (math.sqrt(cnum / den) if den else 0.0) if certified and results else None
     return RoundError(rel, worst, cert)

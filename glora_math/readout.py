@@ -7,6 +7,7 @@ of ``U_ref S`` (Eckart-Young, P4); readouts are nested in r. Cost O(R^2 k + d R 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +15,7 @@ from torch import Tensor
 
 from glora_math.errors import NonFiniteError, OptionError, RankError
 from glora_math.linalg import sign_fixed_svd
+from glora_math.scaling import ldexp_or_inf, times_pow2
 from glora_math.types import LoRAFactors, ServerState, Split
 from glora_math.validation import all_finite, validate_rank
 
@@ -107,8 +109,14 @@ def eckart_young_error(state: ServerState, rank: int) -> float:
     For stacked modules: the error of the stacked readouts (all modules together).
     """
     r = _check_readout_rank(state, rank)
-    s = torch.linalg.svdvals(state.S)
-    return float(s[..., r:].pow(2).sum().sqrt())
+    # At unit scale (a power of 2, exact): subnormal coordinates keep their digits through
+    # the SVD, and the squares of the tail neither under- nor overflow.
+    top = float(state.S.abs().max()) if state.S.numel() else 0.0
+    if top == 0.0 or not math.isfinite(top):
+        return top
+    e = math.frexp(top)[1]
+    tail = torch.linalg.svdvals(times_pow2(state.S, -e))[..., r:].to(torch.float64)
+    return ldexp_or_inf(float(torch.linalg.vector_norm(tail)), e)
 
 
 __all__ = ["eckart_young_error", "readout", "readouts"]

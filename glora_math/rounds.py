@@ -12,9 +12,10 @@ clients' factors of that module and
 - owns the residual-warning policy: option ``max_residual`` > 0 emits one
   :class:`~glora_math.errors.ResidualWarning` per module whose certified relative residual
   exceeds it, naming the module,
-- attaches the module's name to every error (``err.module``) and to every warning an
-  operator raises (:attr:`GloraWarning.modules <glora_math.errors.GloraWarning>`: a batched
-  call's stack positions become the names), and points each warning at its own caller,
+- attaches the module's name to every error (``err.module``) and to every glora-math
+  warning an operator raises (:attr:`GloraWarning.modules <glora_math.errors.GloraWarning>`:
+  a batched call's stack positions become the names), pointing it at its own caller; other
+  libraries' warnings pass through as they were raised,
 - measures itself: :meth:`ModulesRound.errors` is each module's exact relative error against
   its clients' mean, for every operator (the certified operators' certificates are
   :meth:`ModulesRound.certificates`).

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from glora_math.errors import GloraError, UnderflowWarning
-from glora_math.tolerances import comfortable_band
+from glora_math.tolerances import certificate_tol, comfortable_band
 from glora_math.types import Certificate, LoRAFactors, ServerState
 
 
@@ -56,8 +56,8 @@ def module_shifts(
     na = torch.zeros(count, dtype=torch.float64)
     for f in factors:
         if f.B.numel() and f.A.numel():
-            nb = torch.maximum(nb, f.B.detach().reshape(count, -1).abs().amax(-1).double().cpu())
-            na = torch.maximum(na, f.A.detach().reshape(count, -1).abs().amax(-1).double().cpu())
+            nb = torch.maximum(nb, f.B.detach().reshape(count, -1).abs().amax(-1).cpu().double())
+            na = torch.maximum(na, f.A.detach().reshape(count, -1).abs().amax(-1).cpu().double())
     return [
         (0, 0) if b == 0.0 or a == 0.0 or (lo <= b <= hi and lo <= a <= hi)
         else (math.frexp(b)[1], math.frexp(a)[1])
@@ -82,18 +82,23 @@ def ldexp_or_inf(x: float, k: int) -> float:
 
 
 def warn_lost_update(
-    dtype: torch.dtype, norm: str, *, stacklevel: int, modules: Sequence[int] = ()
+    dtype: torch.dtype,
+    norm: str,
+    *,
+    stacklevel: int,
+    modules: Sequence[int] = (),
+    what: str = "the mean update",
 ) -> None:
     """The :class:`~glora_math.errors.UnderflowWarning` of a server update returned as zero.
 
-    ``norm`` is the mean update's norm as text, ``modules`` the stack positions it concerns
+    ``norm`` is the norm of ``what`` as text, ``modules`` the stack positions it concerns
     (none for one module); ``stacklevel`` counts from the caller of this function, as
     :func:`warnings.warn` does.
     """
     hint = "rescale the factors" + (" or aggregate in float64" if dtype != torch.float64 else "")
     warnings.warn(
         UnderflowWarning(
-            f"the server update underflows {dtype}: it is returned as zero (the mean update "
+            f"the server update underflows {dtype}: it is returned as zero ({what} "
             f"has norm {norm}); {hint}",
             modules=modules,
         ),
@@ -144,7 +149,7 @@ def _rounding(before: Tensor, after: Tensor, k: int) -> float:
 
 
 def _warn_rounding(
-    dtype: torch.dtype,
+    before: Tensor,
     c: Certificate | None,
     lost: bool,
     rounding: float,
@@ -155,17 +160,26 @@ def _warn_rounding(
 ) -> None:
     """The :class:`~glora_math.errors.UnderflowWarning` of an update lost, or partly lost.
 
-    Partly: where rounding ``S`` to the dtype's subnormals costs more than the dtype's unit
-    roundoff relative to the mean (which rounding in the normal range never does).
+    ``before`` is ``S`` at unit scale. Partly: where rounding ``S`` to the dtype's subnormals
+    costs more of the mean (of ``S`` without a certificate) than the certificate's own
+    tolerance (:func:`~glora_math.tolerances.certificate_tol`): less is within the error
+    of any certificate in that dtype.
     """
-    norm = c.mean_norm if c is not None else 0.0
+    mean = c.mean_norm if c is not None else float(torch.linalg.vector_norm(before.double()))
+    what = "the mean update" if c is not None else "the update"
     if lost:
-        warn_lost_update(dtype, f"{norm:.3e} x 2^{k}", stacklevel=stacklevel + 1, modules=modules)
-    elif norm > 0.0 and rounding > torch.finfo(dtype).eps * norm:
+        warn_lost_update(
+            before.dtype, f"{mean:.3e} x 2^{k}", stacklevel=stacklevel + 1, modules=modules,
+            what=what,
+        )  # fmt: skip
+        return
+    n = int(before.shape[-2]) + int(before.shape[-1])
+    if mean > 0.0 and rounding > certificate_tol(before.dtype, n=n, scale=1.0) * mean:
         warnings.warn(
             UnderflowWarning(
-                f"the server update is partly below {dtype}'s normal range: rounding it costs "
-                f"{rounding / norm:.3e} of the mean update (its certificate includes this)",
+                f"the server update is partly below {before.dtype}'s normal range: rounding "
+                f"it costs {rounding / mean:.3e} of {what}"
+                + (" (its certificate includes this)" if c is not None else ""),
                 modules=modules,
             ),
             stacklevel=stacklevel + 1,
@@ -187,7 +201,7 @@ def unscaled(state: ServerState, k: int) -> ServerState:
         raise GloraError("unscaled takes one module's state; a stack's is unscaled_stack's")
     S = times_pow2(state.S, k)
     lost, rounding = _lost(state.S, S), _rounding(state.S, S, k)
-    _warn_rounding(S.dtype, state.certificate, lost, rounding, k, stacklevel=3)
+    _warn_rounding(state.S, state.certificate, lost, rounding, k, stacklevel=3)
     cert = _scaled(_corrected(state.certificate, lost, rounding), k)
     return dataclasses.replace(state, S=S, certificate=cert)
 
@@ -215,7 +229,7 @@ def unscaled_stack(
     mods = state.module_certificates
     for j, k in enumerate(ks):
         c = None if mods is None else mods[j]
-        _warn_rounding(S.dtype, c, lost[j], rounding[j], k, stacklevel=3, modules=[j])
+        _warn_rounding(flat[j], c, lost[j], rounding[j], k, stacklevel=3, modules=[j])
     fixed = (
         None if mods is None else [_corrected(*a) for a in zip(mods, lost, rounding, strict=True)]
     )

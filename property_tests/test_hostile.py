@@ -706,3 +706,72 @@ def test_flora_na_keeps_an_update_that_fits_when_its_clients_cancel() -> None:
     # the same product as at unit scale, times 2^240, exactly (scaled down to compare)
     prod = times_pow2(got.B.double(), -120) @ times_pow2(got.A.double(), -120)
     assert torch.equal(prod, want.B.double() @ want.A.double())
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e-162, 1e100, 1e150])
+def test_round_errors_are_measured_at_unit_scale(scale: float) -> None:
+    # Found by review: errors() measured float64 clients as they were: a module of 1e-200
+    # entries (its update lost, certified 1) reported 0.0, and round_error summed squared
+    # mean norms in Python floats (OverflowError at 1e100 entries). Beyond float64's band the
+    # clients are measured at unit scale, and the round pools at one power-of-2 scale.
+    from glora_math.compare import round_error
+
+    modules = {"a": _clients(seed=0), "b": [gm.LoRAFactors(f.B * scale, f.A * scale)
+                                            for f in _clients(seed=1)]}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gm.UnderflowWarning)
+        rnd = gm.aggregate_modules(modules, operator="glora", rank=2)
+    errs = rnd.errors()
+    certs = rnd.certificates()
+    tol = certificate_tol(torch.float64, n=2 * (12 + 10 + 6), scale=2.0)
+    for name in modules:
+        assert abs(errs[name] - certs[name]) <= tol, name
+    pooled = round_error(rnd.results, modules)
+    assert pooled.certified is not None
+    assert math.isfinite(pooled.relative)
+    assert abs(pooled.relative - pooled.certified) <= tol
+    assert pooled.worst_module == max(errs.values())
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    [
+        (torch.float32, 1e-17),
+        (torch.float32, 1e18),
+        (torch.float64, 1e-160),
+        (torch.float64, 1e150),
+    ],
+)
+def test_the_eckart_young_error_holds_at_any_scale(dtype: torch.dtype, scale: float) -> None:
+    # Found by review: the tail of the spectrum was squared in the working dtype (0.0 at
+    # float32 1e-17, inf at 1e18 though the error fits). It is the tail of S's spectrum
+    # computed at unit scale (a power of 2), to the singular values' absolute error.
+    from glora_math.scaling import times_pow2
+
+    far = [gm.LoRAFactors((f.B * scale).to(dtype), (f.A * scale).to(dtype)) for f in _clients()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gm.UnderflowWarning)
+        got = gm.glora_aggregate(far, rank=4)
+    S = got.S.double()
+    e = math.frexp(float(S.abs().max()))[1]
+    unit = times_pow2(S, -e)
+    want = float(torch.linalg.svdvals(unit)[2:].norm())
+    have = math.ldexp(gm.eckart_young_error(got, 2), -e)
+    assert want > 0.0
+    # the singular values' absolute error, and the spacing of float64 where the result is
+    # subnormal (at 1e-160 it is about 1e-320: a float holds it to a few bits)
+    tol = certificate_tol(dtype, n=sum(S.shape), scale=1.0) * float(unit.norm())
+    assert abs(have - want) <= tol + math.ldexp(math.ulp(0.0), -e)
+
+
+def test_without_a_certificate_a_lost_or_partly_lost_update_is_still_said() -> None:
+    # Found by review: with certify=False the partial loss was measured against no norm and
+    # never reported, and a lost update's message gave the mean norm as 0.
+    fs = [gm.LoRAFactors(f.B * 1e-162, f.A * 1e-162) for f in _clients()]
+    with pytest.warns(gm.UnderflowWarning, match="partly below") as caught:
+        gm.glora_aggregate(fs, rank=2, side="left", certify=False)
+    assert str(caught[0].message).endswith(" of the update")  # no certificate to include it
+    lost = [gm.LoRAFactors(f.B * 1e-200, f.A * 1e-200) for f in _clients()]
+    with pytest.warns(gm.UnderflowWarning, match="returned as zero") as caught:
+        gm.glora_aggregate(lost, rank=2, side="left", certify=False)
+    assert "(the update has norm 0.000e+00" not in str(caught[0].message)
