@@ -18,7 +18,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, TypeVar
 
 from torch import Tensor
 
@@ -51,6 +51,7 @@ from glora_math.validation import (
 )
 
 RankLike = int | Literal["auto"]
+_T = TypeVar("_T")
 #: Errors that mean the working dtype overflowed on validated (finite) input.
 _OVERFLOWS: tuple[type[Exception], ...] = (*KERNEL_ERRORS, NonFiniteError)
 
@@ -231,14 +232,20 @@ def _prepared(
     return p, given, scaled, [kb + ka for kb, ka in each]
 
 
+def _recorded(call: Callable[[], _T]) -> tuple[_T, list[Warning]]:
+    """``call()`` and the warnings it raised, held back for the caller to emit or drop."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = call()
+    return out, [w.message for w in caught if isinstance(w.message, Warning)]
+
+
 def _unscaled_noting(
     state: ServerState, notes: list[Warning], k: int
 ) -> tuple[ServerState, list[Warning]]:
     """:func:`~glora_math.scaling.unscaled`, its warnings added to the side's held-back notes."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        back = _unscaled(state, k)
-    return back, [*notes, *(w.message for w in caught if isinstance(w.message, Warning))]
+    back, more = _recorded(functools.partial(_unscaled, state, k))
+    return back, [*notes, *more]
 
 
 def _combiner(sketch: Sketch | None) -> Callable[[Sequence[Certificate]], Certificate]:
@@ -264,11 +271,9 @@ def _each_side(
     found: list[tuple[ServerState, list[Warning]]] = []
     try:
         for sd in sides:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                st = run(sd)
+            st, notes = _recorded(functools.partial(run, sd))
             check_finite_output([st.U, st.S], factors, name)
-            found.append((st, [w.message for w in caught if isinstance(w.message, Warning)]))
+            found.append((st, notes))
     except _OVERFLOWS as err:
         raise _overflow(err, factors) from None
     return found
@@ -385,12 +390,11 @@ def glora_aggregate_stack(
         factors,
         "glora_aggregate_stack",
     )  # fmt: skip
-    states, lost = [], []
-    for st, _ in found:  # a module lost on a side it does not keep is not reported
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            states.append(_unscaled_stack(st, shift, _combiner(sketch)))
-        lost.append([w.message for w in caught if isinstance(w.message, Warning)])
+    # A module lost on a side it does not keep is not reported.
+    combine = _combiner(sketch)
+    scaled_back = [_recorded(functools.partial(_unscaled_stack, st, shift, combine))
+                   for st, _ in found]  # fmt: skip
+    states, lost = [st for st, _ in scaled_back], [notes for _, notes in scaled_back]
     for st in states:
         check_finite_output([st.S], given, "glora_aggregate_stack")
     out = []

@@ -387,11 +387,7 @@ def measured_certificate(
     else:
         num = lowrank_fro_norm(torch.cat([B, -mine.B], dim=1), torch.cat([A, mine.A], dim=0))
     cert = as_certificate(num, mean_norm)
-    try:
-        scaled = math.ldexp(cert.mean_norm, k)
-    except OverflowError:
-        scaled = math.inf
-    return Certificate(cert.relative_residual, scaled, method="qr")
+    return Certificate(cert.relative_residual, ldexp_or_inf(cert.mean_norm, k), method="qr")
 
 
 def certify(

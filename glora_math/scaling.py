@@ -165,6 +165,8 @@ def _warn_rounding(
     tolerance (:func:`~glora_math.tolerances.certificate_tol`): less is within the error
     of any certificate in that dtype.
     """
+    if not lost and rounding == 0.0:  # scaled back exactly: nothing to say
+        return
     mean = c.mean_norm if c is not None else float(torch.linalg.vector_norm(before.double()))
     what = "the mean update" if c is not None else "the update"
     if lost:
@@ -191,8 +193,8 @@ def unscaled(state: ServerState, k: int) -> ServerState:
 
     ``S`` and the norms of the mean scale back by ``2**k``; relative residuals do not, unless
     entries of ``S`` become subnormal or zero: the certificate then includes what rounding
-    lost (an :class:`~glora_math.errors.UnderflowWarning` where that is more than the
-    dtype's unit roundoff of the mean). Where ``S`` underflows the dtype entirely, the update
+    lost (an :class:`~glora_math.errors.UnderflowWarning` where that is more of the mean than
+    the certificate's own tolerance). Where ``S`` underflows the dtype entirely, the update
     is zero: its certificate says so (relative residual 1), and the warning too.
     """
     if k == 0:
