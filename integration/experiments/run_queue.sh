@@ -12,6 +12,8 @@
 # g + l + i + k about 58 hours, m + j about 63 (j's runs are about three times as long).
 # The earlier cells (a)-(e) are complete or deliberately stopped (docs/experiments.md says
 # which); their configs still run alone with `python -m integration.experiment <config>`.
+# A fresh machine starts with an empty out/: every run resumes from its checkpoint parked in
+# docs/experiments/parked (glora experiment --park; docs/experiments.md says when to park).
 # Usage (from the repository root):
 #   nohup sh integration/experiments/run_queue.sh 1 > /tmp/queue1.log 2>&1 &
 #   nohup sh integration/experiments/run_queue.sh 2 > /tmp/queue2.log 2>&1 &
@@ -19,7 +21,7 @@
 set -e
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-E="$PY -m integration.experiment"
+E="$PY -m integration.experiment --unpark docs/experiments/parked"
 X=integration/experiments
 case "${1:-1}" in
   1)

@@ -60,6 +60,7 @@ from .cells import (
 )
 from .config import SimConfig, differences
 from .files import FolderInUseError, busy, write_text_atomic
+from .park import forget_parked, park_run, unpark_run
 from .records import ROUND_KEYS, RecordError, read_record, record_problems, run_config
 from .simulate import Simulation
 from .stats import paired
@@ -240,12 +241,15 @@ def run_cell(
     device: str,
     *,
     seeds: Sequence[int] | None = None,
+    unpark: Path | None = None,
 ) -> None:
     """Run (or resume, or skip) every (seed, entry) in order; raw JSON and table after each.
 
     ``seeds`` restricts what runs now to a subset of the config's seeds; the table is always
     written for the whole config (every finished seed). A run that another process is running
     is skipped (that process records it), so several processes can share a cell's runs.
+    ``unpark``: a folder of parked checkpoints (:func:`park_cell`); a run resumes from its
+    parked round where that is further than its own folder's.
     """
     raw = docs / "raw" / cell
     raw.mkdir(parents=True, exist_ok=True)
@@ -266,6 +270,10 @@ def run_cell(
                 print(f"[{cell}] skipping {run_id(entry)} seed {seed}: another process is "
                       f"running it in {cfg.out}", flush=True)  # fmt: skip
                 continue
+            if unpark is not None:
+                said = unpark_run(parked_folder(unpark, cell, cfg), Path(cfg.out))
+                if said:
+                    print(f"[{cell}] {said}", flush=True)
             print(f"[{cell}] running {run_id(entry)} seed {seed} -> {cfg.out}", flush=True)
             try:
                 Simulation(cfg).run(resume=True)
@@ -285,6 +293,34 @@ def run_cell(
         write_table(config, cell, docs)
 
 
+def parked_folder(store: Path, cell: str, cfg: SimConfig) -> Path:
+    """Where ``store`` parks the run of ``cfg`` (one folder per cell, named as the run's)."""
+    return store / cell / Path(cfg.out).name
+
+
+def park_cell(
+    config: Mapping[str, Any], cell: str, out: Path, docs: Path, *, store: Path, device: str = "cpu"
+) -> list[str]:
+    """Park the checkpoint of every unfinished run of the cell in ``store`` (a committed folder).
+
+    A later round replaces a parked one; a run that has finished (``results.json``) or is
+    recorded (its raw JSON in ``docs``) has its parked copy removed. Returns one line per
+    change. A fresh machine resumes the parked rounds with ``run_cell(..., unpark=store)``.
+    """
+    cr = CellRaw(config, cell, docs)
+    said = []
+    for entry, seed, cfg in plan(config, out, device):
+        dest = parked_folder(store, cell, cfg)
+        if cr.record(run_id(entry), seed) is not None:
+            line = f"{dest.name}: recorded; its parked checkpoint removed" if forget_parked(
+                dest) else None  # fmt: skip
+        else:
+            line = park_run(Path(cfg.out), dest)
+        if line:
+            said.append(f"[{cell}] {line}")
+    return said
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
     p = argparse.ArgumentParser(prog="glora experiment", description=__doc__,
@@ -299,6 +335,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--docs", default=None, help="tables and raw JSON (default: OUT with --out, "
                    "else docs/experiments, the source checkout's record)")  # fmt: skip
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--park",
+        default=None,
+        metavar="DIR",
+        help="copy the checkpoint of every "
+        "unfinished run of the cell into DIR/<cell> (compressed, checked; meant to "
+        "be committed) and exit; a fresh machine resumes from it with --unpark DIR",
+    )
+    p.add_argument("--unpark", default=None, metavar="DIR", help="before each run, restore "
+                   "its checkpoint parked in DIR/<cell> where that is further than the run "
+                   "folder's")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="ignored: runs always resume")
     p.add_argument(
         "--seeds",
@@ -334,16 +381,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problems:
         p.error("; ".join(problems))
     try:
-        if args.list:
-            listed = config if wanted is None else dict(config) | {"seeds": wanted}
-            _list(listed, cell, out, docs, args.device, whole=config)
-            return 0
-        if not args.table:
-            run_cell(config, cell, out, docs, args.device, seeds=wanted)
-        print(write_table(config, cell, docs).read_text())
+        return _act(args, config, cell, out, docs, wanted=wanted)
     except GloraError as err:  # bad data, a damaged checkpoint or raw record, a refused round
         sys.stderr.write(f"glora experiment: error: {err}\n")
         return 2
+
+
+def _act(
+    args: argparse.Namespace,
+    config: Mapping[str, Any],
+    cell: str,
+    out: Path,
+    docs: Path,
+    *,
+    wanted: list[int] | None,
+) -> int:
+    """What the command line asks for, once its arguments are checked: list, park, or run."""
+    if args.list:
+        listed = config if wanted is None else dict(config) | {"seeds": wanted}
+        _list(listed, cell, out, docs, args.device, whole=config)
+        return 0
+    if args.park is not None:
+        store = Path(args.park)
+        for line in park_cell(config, cell, out, docs, store=store, device=args.device):
+            print(line)
+        return 0
+    if not args.table:
+        unpark = None if args.unpark is None else Path(args.unpark)
+        run_cell(config, cell, out, docs, args.device, seeds=wanted, unpark=unpark)
+    print(write_table(config, cell, docs).read_text())
     return 0
 
 
