@@ -399,7 +399,8 @@ def _act(
     """What the command line asks for, once its arguments are checked: list, park, or run."""
     if args.list:
         listed = config if wanted is None else dict(config) | {"seeds": wanted}
-        _list(listed, cell, out, docs, args.device, whole=config)
+        unpark = None if args.unpark is None else Path(args.unpark)
+        _list(listed, cell, out, docs, args.device, whole=config, unpark=unpark)
         return 0
     if args.park is not None:
         store = Path(args.park)
@@ -421,25 +422,40 @@ def _list(
     device: str,
     *,
     whole: Mapping[str, Any],
+    unpark: Path | None = None,
 ) -> None:
     """Print the run order, where each run stands, how many are finished and the time left.
 
     ``config`` lists the seeds asked for (``--seeds``); ``whole`` is the cell's config, whose
-    every finished seed gives the pace of the runs left.
+    every finished seed gives the pace of the runs left. ``unpark``: a folder of parked
+    checkpoints (:func:`park_cell`); a run whose parked round is further than its folder's is
+    said to resume from it, and its time left counted from there.
     """
     raw = docs / "raw" / cell
     states = [(entry, seed, cfg, run_state(cfg, raw_file(raw, run_id(entry), seed)))
               for entry, seed, cfg in plan(config, out, device)]  # fmt: skip
+    left = []
     for entry, seed, cfg, state in states:
-        print(f"{run_id(entry)} seed {seed}: {cfg.out} [{state}]")
+        parked = 0 if unpark is None or state.finished else _parked_round(unpark, cell, cfg)
+        more = f"; round {parked} parked, it resumes from there" if parked > state.done else ""
+        print(f"{run_id(entry)} seed {seed}: {cfg.out} [{state}{more}]")
+        if not state.finished:
+            left.append((run_id(entry), max(state.done, parked), cfg.rounds))
     n = {w: sum(state.status == w for *_, state in states) for w in ("running", "stopped")}
     done = sum(state.finished for *_, state in states)
     print(f"{done} of {len(states)} runs finished, {n['running']} running, "
           f"{n['stopped']} stopped partway (they resume)")  # fmt: skip
-    left = [(run_id(e), state.done, cfg.rounds) for e, _, cfg, state in states
-            if not state.finished]  # fmt: skip
     if left:
         print(_time_left(left, CellRaw(whole, cell, docs)))
+
+
+def _parked_round(store: Path, cell: str, cfg: SimConfig) -> int:
+    """The round parked for ``cfg``'s run in ``store``, read as ``--list`` reads (0: none)."""
+    manifest = parked_folder(store, cell, cfg) / "checkpoint.json"
+    try:
+        return int(json.loads(manifest.read_text())["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _time_left(left: Sequence[tuple[str, int, int]], cr: CellRaw) -> str:

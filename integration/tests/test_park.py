@@ -179,6 +179,8 @@ def test_glora_experiment_parks_and_unparks_a_cell(
     assert experiment.main([*args, "--park", str(store)]) == 0
     assert capsys.readouterr().out == "[p] fedit-seed0: round 1 parked\n"
     shutil.rmtree(out)
+    assert experiment.main([*args, "--list", "--unpark", str(store)]) == 0
+    assert "[not started; round 1 parked, it resumes from there]" in capsys.readouterr().out
     assert experiment.main([*args, "--unpark", str(store)]) == 0
     assert f"[p] fedit-seed0: round 1 unparked from {store / 'p' / 'fedit-seed0'}\n" in (
         capsys.readouterr().out
