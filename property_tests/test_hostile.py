@@ -775,3 +775,68 @@ def test_without_a_certificate_a_lost_or_partly_lost_update_is_still_said() -> N
     with pytest.warns(gm.UnderflowWarning, match="returned as zero") as caught:
         gm.glora_aggregate(lost, rank=2, side="left", certify=False)
     assert "(the update has norm 0.000e+00" not in str(caught[0].message)
+
+
+def _unit_errors(
+    fs: list[gm.LoRAFactors], update: gm.LoRAFactors, rank: int
+) -> tuple[float, float]:
+    """The relative errors of ``update`` and of the exact rank-``rank`` truncation of the
+    clients' mean, both dense in float64 after scaling everything to unit size by powers of 2
+    (exact, also for subnormal entries)."""
+    from glora_math.scaling import times_pow2
+
+    kb = -math.frexp(max(float(f.B.abs().max()) for f in fs))[1]
+    ka = -math.frexp(max(float(f.A.abs().max()) for f in fs))[1]
+    W = sum(times_pow2(f.B.double(), kb) @ times_pow2(f.A.double(), ka) for f in fs)
+    assert isinstance(W, torch.Tensor)
+    W = W / len(fs)
+    mine = times_pow2(update.B.double(), kb + ka) @ update.A.double()
+    s = torch.linalg.svdvals(W)
+    return float((W - mine).norm() / W.norm()), float(s[rank:].norm() / s.norm())
+
+
+@pytest.mark.parametrize("op_name", ["flexlora", "svd_mean"])
+@pytest.mark.parametrize("scale", [1e-160, 1e-161, 1e-162])
+def test_a_truncation_partly_lost_to_rounding_is_said(op_name: str, scale: float) -> None:
+    # Float64 clients of 1e-162 entries: FlexLoRA's factors, rounded to subnormals, had an
+    # error of 1.03 of the mean (worse than a zero update) against 0.615 for the exact
+    # truncation, certified but silent. The warning states the excess over the exact
+    # truncation, a lower bound on what rounding cost (triangle inequality).
+    fs = [gm.LoRAFactors(f.B * scale, f.A * scale) for f in _clients()]
+    with pytest.warns(
+        gm.UnderflowWarning, match="partly outside torch.float64's normal range"
+    ) as w:
+        got = gm.aggregate_modules({"m": fs}, operator=op_name, rank=2).results["m"]
+    measured, ideal = _unit_errors(fs, got.update, 2)
+    tol = certificate_tol(torch.float64, n=2 * (12 + 10 + 6), scale=2.0)
+    assert got.certificate is not None
+    assert abs(got.certificate.relative_residual - measured) <= tol
+    assert measured - ideal > certificate_tol(torch.float64, n=12 + 10, scale=1.0)
+    (said,) = [str(x.message) for x in w if "partly outside" in str(x.message)]
+    assert said.startswith("module 'm': ")
+    excess = float(said.split("costs at least ")[1].split(" ")[0])
+    # printed with 4 significant digits: half a unit of the last one, relative
+    assert excess == pytest.approx(measured - ideal, rel=5e-4, abs=tol)
+
+
+@pytest.mark.parametrize("op_name", ["flexlora", "svd_mean"])
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    [
+        (torch.float64, 1e-158),
+        (torch.float64, 1e150),
+        (torch.float32, 1e-19),
+        (torch.float32, 1e18),
+    ],
+)
+def test_a_truncation_that_rounding_leaves_whole_is_silent(
+    op_name: str, dtype: torch.dtype, scale: float
+) -> None:
+    # Outside the comfortable band, but nothing rounds away: the update is the exact
+    # truncation to the dtype's rounding, and nothing is said.
+    fs = [gm.LoRAFactors((f.B * scale).to(dtype), (f.A * scale).to(dtype)) for f in _clients()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = gm.aggregate_modules({"m": fs}, operator=op_name, rank=2).results["m"]
+    measured, ideal = _unit_errors(fs, got.update, 2)
+    assert abs(measured - ideal) <= certificate_tol(dtype, n=2 * (12 + 10 + 6), scale=2.0)
