@@ -56,8 +56,24 @@ def _signature(key: str, digest: str) -> str:
 def _read_manifest(path: Path) -> dict[str, Any]:
     """The checked ``checkpoint.json``: parseable, self-consistent, paths inside the folder."""
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError, UnicodeDecodeError) as err:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"{path} is not readable JSON: {err}"[:300]) from None
+    return parse_manifest(raw, path)
+
+
+def parse_manifest(raw: bytes, path: Path) -> dict[str, Any]:
+    """:func:`_read_manifest` of the bytes ``raw`` read from ``path`` (named in errors).
+
+    Raises
+    ------
+    CheckpointError
+        Unparseable, not a manifest, edited (digest), unsigned under ``GLORA_CHECKPOINT_KEY``,
+        a tensor file name outside the folder, or round, metrics and file name that disagree.
+    """
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not readable JSON: {err}"[:300]) from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path} is not a checkpoint manifest")
@@ -167,6 +183,7 @@ def restore_server(
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
+    "parse_manifest",
     "read_checkpoint",
     "restore_server",
     "write_checkpoint",

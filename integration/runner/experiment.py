@@ -60,7 +60,7 @@ from .cells import (
 )
 from .config import SimConfig, differences
 from .files import FolderInUseError, busy, write_text_atomic
-from .park import forget_parked, park_run, unpark_run
+from .park import forget_parked, park_run, parked_round, unpark_run
 from .records import ROUND_KEYS, RecordError, read_record, record_problems, run_config
 from .simulate import Simulation
 from .stats import paired
@@ -271,7 +271,7 @@ def run_cell(
                       f"running it in {cfg.out}", flush=True)  # fmt: skip
                 continue
             if unpark is not None:
-                said = unpark_run(parked_folder(unpark, cell, cfg), Path(cfg.out))
+                said = unpark_run(parked_folder(unpark, cell, cfg), Path(cfg.out), cfg)
                 if said:
                     print(f"[{cell}] {said}", flush=True)
             print(f"[{cell}] running {run_id(entry)} seed {seed} -> {cfg.out}", flush=True)
@@ -303,9 +303,10 @@ def park_cell(
 ) -> list[str]:
     """Park the checkpoint of every unfinished run of the cell in ``store`` (a committed folder).
 
-    A later round replaces a parked one; a run that has finished (``results.json``) or is
-    recorded (its raw JSON in ``docs``) has its parked copy removed. Returns one line per
-    change. A fresh machine resumes the parked rounds with ``run_cell(..., unpark=store)``.
+    A later round replaces a parked one (:func:`~integration.runner.park.park_run`); a run
+    that has finished (``results.json``) or is recorded (its raw JSON in ``docs``) has its
+    parked copy removed. Returns one line per change. A fresh machine resumes the parked
+    rounds with ``run_cell(..., unpark=store)``.
     """
     cr = CellRaw(config, cell, docs)
     said = []
@@ -315,7 +316,7 @@ def park_cell(
             line = f"{dest.name}: recorded; its parked checkpoint removed" if forget_parked(
                 dest) else None  # fmt: skip
         else:
-            line = park_run(Path(cfg.out), dest)
+            line = park_run(Path(cfg.out), dest, cfg)
         if line:
             said.append(f"[{cell}] {line}")
     return said
@@ -326,26 +327,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="glora experiment", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("config", help="a config file, or the name of a shipped cell (e.g. a_sst2)")
-    p.add_argument("--table", action="store_true", help="only regenerate the table")
-    p.add_argument("--list", action="store_true", help="print the run order, where each run "
-                   "stands (finished, the round it reached, not started), and exit")  # fmt: skip
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--table", action="store_true", help="only regenerate the table")
+    what.add_argument("--list", action="store_true", help="print the run order, where each run "
+                      "stands (finished, the round it reached, not started), and exit")  # fmt: skip
+    what.add_argument("--park", default=None, metavar="DIR", help="copy the checkpoint of "
+                      "every unfinished run of the cell (of --seeds, if given) into "
+                      "DIR/<cell>/<run>/ (compressed, checked; meant to be committed), remove "
+                      "finished runs' copies, and exit")  # fmt: skip
     p.add_argument("--out", default=None, help="everything under this folder: the runs in "
                    "OUT/runs, the table and raw JSON in OUT (default: the runs in the config's "
                    "'out', the tables in --docs)")  # fmt: skip
     p.add_argument("--docs", default=None, help="tables and raw JSON (default: OUT with --out, "
                    "else docs/experiments, the source checkout's record)")  # fmt: skip
     p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--park",
-        default=None,
-        metavar="DIR",
-        help="copy the checkpoint of every "
-        "unfinished run of the cell into DIR/<cell> (compressed, checked; meant to "
-        "be committed) and exit; a fresh machine resumes from it with --unpark DIR",
-    )
     p.add_argument("--unpark", default=None, metavar="DIR", help="before each run, restore "
-                   "its checkpoint parked in DIR/<cell> where that is further than the run "
-                   "folder's")  # fmt: skip
+                   "its checkpoint parked in DIR/<cell>/<run>/ where that is this run's and "
+                   "further than its own folder's; with --list, say which runs will")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="ignored: runs always resume")
     p.add_argument(
         "--seeds",
@@ -403,8 +401,8 @@ def _act(
         _list(listed, cell, out, docs, args.device, whole=config, unpark=unpark)
         return 0
     if args.park is not None:
-        store = Path(args.park)
-        for line in park_cell(config, cell, out, docs, store=store, device=args.device):
+        todo = config if wanted is None else dict(config) | {"seeds": wanted}
+        for line in park_cell(todo, cell, out, docs, store=Path(args.park), device=args.device):
             print(line)
         return 0
     if not args.table:
@@ -436,7 +434,9 @@ def _list(
               for entry, seed, cfg in plan(config, out, device)]  # fmt: skip
     left = []
     for entry, seed, cfg, state in states:
-        parked = 0 if unpark is None or state.finished else _parked_round(unpark, cell, cfg)
+        parked = 0
+        if unpark is not None and not state.finished and state.status != "running":
+            parked = parked_round(parked_folder(unpark, cell, cfg), cfg)
         more = f"; round {parked} parked, it resumes from there" if parked > state.done else ""
         print(f"{run_id(entry)} seed {seed}: {cfg.out} [{state}{more}]")
         if not state.finished:
@@ -447,15 +447,6 @@ def _list(
           f"{n['stopped']} stopped partway (they resume)")  # fmt: skip
     if left:
         print(_time_left(left, CellRaw(whole, cell, docs)))
-
-
-def _parked_round(store: Path, cell: str, cfg: SimConfig) -> int:
-    """The round parked for ``cfg``'s run in ``store``, read as ``--list`` reads (0: none)."""
-    manifest = parked_folder(store, cell, cfg) / "checkpoint.json"
-    try:
-        return int(json.loads(manifest.read_text())["round"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
 
 
 def _time_left(left: Sequence[tuple[str, int, int]], cr: CellRaw) -> str:

@@ -1,12 +1,15 @@
 """Parking unfinished runs (integration.runner.park, ``glora experiment --park/--unpark``): a
 run resumed on a machine that lost its output folder gives the uninterrupted run's results,
-and nothing damaged, stale or half-written is copied."""
+and nothing damaged, stale, not the run's or half-written is copied."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import lzma
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from integration.runner import park as parking
-from integration.runner.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
-from integration.runner.files import held
+from integration.runner.checkpoint import read_checkpoint, write_checkpoint
 from integration.runner.simulate import SimConfig, Simulation
 
 TINY = {
@@ -32,8 +34,8 @@ TINY = {
 TIMING = ("seconds", "eval_seconds")
 
 
-def _sim(out: Path, **kw: object) -> Simulation:
-    return Simulation(SimConfig(**(TINY | {"out": str(out)} | kw)))  # type: ignore[arg-type]
+def _cfg(out: Path, **kw: object) -> SimConfig:
+    return SimConfig(**(TINY | {"out": str(out)} | kw))  # type: ignore[arg-type]
 
 
 def _strip(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -42,7 +44,7 @@ def _strip(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _cut(run: Path) -> None:
     """One round of two in ``run``, stopped there (no results.json)."""
-    _sim(run, rounds=1).run()
+    Simulation(_cfg(run, rounds=1)).run()
     (run / "results.json").unlink()
 
 
@@ -56,111 +58,218 @@ def _advance(folder: Path) -> None:
                      keep | {"metrics": [*meta["metrics"], meta["metrics"][-1]]})  # fmt: skip
 
 
+def _round(folder: Path) -> int:
+    return int(json.loads((folder / "checkpoint.json").read_text())["round"])
+
+
 @pytest.fixture
-def cut(tmp_path: Path) -> tuple[Path, Path]:
-    """A run stopped after round 1 of 2, and where it parks (already parked there)."""
+def cut(tmp_path: Path) -> tuple[Path, Path, SimConfig]:
+    """A run stopped after round 1 of 2, where it parks (parked there), and its config."""
     run, dest = tmp_path / "out" / "run", tmp_path / "parked" / "cell" / "run"
     _cut(run)
-    assert parking.park_run(run, dest) == "run: round 1 parked"
-    return run, dest
+    cfg = _cfg(run)
+    assert parking.park_run(run, dest, cfg) == "run: round 1 parked"
+    return run, dest, cfg
 
 
 def test_a_parked_run_resumes_on_a_fresh_machine_to_the_uninterrupted_results(
-    tmp_path: Path, cut: tuple[Path, Path]
+    tmp_path: Path, cut: tuple[Path, Path, SimConfig]
 ) -> None:
-    run, dest = cut
-    full = _sim(tmp_path / "full").run()
+    run, dest, cfg = cut
+    full = Simulation(_cfg(tmp_path / "full")).run()
     # parked packed: the copy is smaller than the run's own tensor file (clients repeat)
     assert sorted(p.name for p in dest.iterdir()) == ["checkpoint-1.safetensors.xz",
                                                       "checkpoint.json"]  # fmt: skip
     packed = (dest / "checkpoint-1.safetensors.xz").stat().st_size
     assert packed < (run / "checkpoint-1.safetensors").stat().st_size
     shutil.rmtree(run.parent)  # the fresh machine: the committed parking folder, nothing else
-    assert parking.unpark_run(dest, run) == f"run: round 1 unparked from {dest}"
-    resumed = _sim(run).run(resume=True)
+    assert parking.parked_round(dest, cfg) == 1
+    assert parking.unpark_run(dest, run, cfg) == f"run: round 1 unparked from {dest}"
+    resumed = Simulation(cfg).run(resume=True)
     assert _strip(resumed) == _strip(full)
     a = load_file(str(tmp_path / "full" / "checkpoint-2.safetensors"))
     b = load_file(str(run / "checkpoint-2.safetensors"))
     assert set(a) == set(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # finished: the next park removes the parked copy, and nothing is unparked any more
-    assert parking.park_run(run, dest) == "run: finished; its parked checkpoint removed"
+    assert parking.park_run(run, dest, cfg) == "run: finished; its parked checkpoint removed"
     assert not dest.exists()
-    assert parking.unpark_run(dest, run) is None
-    assert parking.park_run(run, dest) is None
+    assert parking.unpark_run(dest, run, cfg) is None
+    assert parking.park_run(run, dest, cfg) is None
 
 
-def test_park_replaces_a_parked_round_only_by_a_later_one(cut: tuple[Path, Path]) -> None:
-    run, dest = cut
+def test_park_replaces_a_parked_round_only_by_a_later_one(
+    cut: tuple[Path, Path, SimConfig],
+) -> None:
+    run, dest, cfg = cut
     before = (dest / "checkpoint.json").read_bytes()
-    assert parking.park_run(run, dest) is None  # the same round: nothing to do
+    assert parking.park_run(run, dest, cfg) is None  # the same round: nothing to do
     assert (dest / "checkpoint.json").read_bytes() == before
     _advance(run)
-    assert parking.park_run(run, dest) == "run: round 2 parked"
+    assert parking.park_run(run, dest, cfg) == "run: round 2 parked"
     assert sorted(p.name for p in dest.iterdir()) == ["checkpoint-2.safetensors.xz",
                                                       "checkpoint.json"]  # fmt: skip
     # a run restarted from round 0 (a machine that was not unparked) keeps the parked round
     shutil.rmtree(run)
     _cut(run)
-    assert parking.park_run(run, dest) == "run: round 1 here, round 2 parked; the parked one kept"
-    assert json.loads((dest / "checkpoint.json").read_text())["round"] == 2
-    assert not [p for p in dest.parent.iterdir() if p.name.startswith(".park-")]
+    assert parking.park_run(run, dest, cfg) == (
+        "run: round 1 here, round 2 parked; the parked one kept"
+    )
+    assert _round(dest) == 2
+    assert not [p for p in dest.parent.rglob(".*")]  # no temporary file left to commit
 
 
-def test_unpark_leaves_a_run_that_is_ahead_running_or_finished(cut: tuple[Path, Path]) -> None:
-    run, dest = cut
-    assert parking.unpark_run(dest, run) == "run: round 1 here, round 1 parked; left as it is"
+def test_a_parked_copy_that_is_not_this_runs_is_never_resumed(
+    cut: tuple[Path, Path, SimConfig],
+) -> None:
+    # Found by review: the rounds alone were compared, so a parked copy made with another
+    # learning rate replaced the run's own checkpoint, which the run then refused.
+    run, dest, cfg = cut
+    other = dataclasses.replace(cfg, lr=cfg.lr * 2)
+    _advance(run)
+    assert parking.unpark_run(dest, run, other) == (
+        f"run: the parked checkpoint was made with other settings: lr: {cfg.lr!r} there, "
+        f"{other.lr!r} now; left"
+    )
+    assert parking.unpark_run(dest, run, dataclasses.replace(cfg, rounds=0)) == (
+        "run: the parked checkpoint was at round 1, past the 0 rounds asked for; left"
+    )
+    assert parking.parked_round(dest, other) == 0
+    assert _round(run) == 2  # the run's own checkpoint untouched
+    # park replaces a copy that is not the run's, even by an earlier round
+    assert parking.park_run(run, dest, other) == (
+        f"run: its checkpoint was made with other settings: lr: {cfg.lr!r} there, "
+        f"{other.lr!r} now; not parked"
+    )
+    assert _round(dest) == 1
+    # and a parked copy that is not the run's is replaced, even by an earlier round
+    stray = run.parent / "stray"
+    Simulation(dataclasses.replace(other, out=str(stray), rounds=1)).run()
+    (stray / "results.json").unlink()
+    _advance(stray)
+    shutil.rmtree(dest)
+    assert parking.park_run(stray, dest, dataclasses.replace(other, rounds=5)) == (
+        "stray: round 2 parked"
+    )
     shutil.rmtree(run)
-    with held(run):  # a run in progress holds its folder
-        assert parking.unpark_run(dest, run) == "run: in use by another process; left as it is"
+    _cut(run)
+    assert parking.park_run(run, dest, cfg) == (
+        f"run: round 1 parked (the parked copy was made with other settings: lr: "
+        f"{other.lr!r} there, {cfg.lr!r} now; replaced)"
+    )
+    assert _round(dest) == 1
+
+
+def test_unpark_leaves_a_run_that_is_ahead_running_or_finished(
+    cut: tuple[Path, Path, SimConfig],
+) -> None:
+    run, dest, cfg = cut
+    assert parking.unpark_run(dest, run, cfg) == (
+        "run: round 1 here, round 1 parked; left as it is"
+    )
+    shutil.rmtree(run)
+    # a run in progress in another process holds its folder (an advisory lock)
+    code = (
+        "import sys, time; from pathlib import Path\n"
+        "from integration.runner.files import held\n"
+        "with held(Path(sys.argv[1])):\n"
+        "    print('held', flush=True); time.sleep(60)\n"
+    )
+    root = Path(__file__).parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run)], cwd=root,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "held\n"
+        assert parking.unpark_run(dest, run, cfg) == (
+            "run: in use by another process; left as it is"
+        )
+    finally:
+        proc.kill()
+        proc.communicate()
     assert not (run / "checkpoint.json").exists()
     (run / "results.json").write_text("{}")
-    assert parking.unpark_run(dest, run) is None
+    assert parking.unpark_run(dest, run, cfg) is None
 
 
 def test_a_checkpoint_written_while_it_is_parked_is_left_for_the_next_park(
-    cut: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    cut: tuple[Path, Path, SimConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    run, dest = cut
+    run, dest, cfg = cut
+    cfg = dataclasses.replace(cfg, rounds=5)  # a run of more rounds than its two checkpoints
     _advance(run)
-    copy = shutil.copy2
+    load = parking._load
 
-    def racing(src: Path, dst: Path) -> object:
-        out = copy(src, dst)  # the manifest is copied; the run writes its next round now
-        _advance(run)
-        return out
+    def racing(path: Path) -> bytes:
+        _advance(run)  # the manifest is read; the run writes its next round now
+        return load(path)
 
-    monkeypatch.setattr(parking.shutil, "copy2", racing)
-    assert parking.park_run(run, dest) == "run: being written; left for the next park"
-    monkeypatch.setattr(parking.shutil, "copy2", copy)
-    assert json.loads((dest / "checkpoint.json").read_text())["round"] == 1
-    assert parking.park_run(run, dest) == "run: round 3 parked"
+    monkeypatch.setattr(parking, "_load", racing)
+    assert parking.park_run(run, dest, cfg) == "run: being written; left for the next park"
+    monkeypatch.setattr(parking, "_load", load)
+    assert _round(dest) == 1
+    assert parking.park_run(run, dest, cfg) == "run: round 3 parked"
 
 
-def test_damaged_checkpoints_are_named_and_never_copied(cut: tuple[Path, Path]) -> None:
-    run, dest = cut
+def test_damaged_checkpoints_are_named_and_never_copied(
+    cut: tuple[Path, Path, SimConfig],
+) -> None:
+    run, dest, cfg = cut
     packed = dest / "checkpoint-1.safetensors.xz"
-    data = bytearray(packed.read_bytes())
+    good = lzma.decompress(packed.read_bytes())
+    shutil.rmtree(run)
+    # tensors that decompress but are not the ones the manifest hashed (the SHA-256 check)
+    packed.write_bytes(lzma.compress(good[:-1] + bytes([good[-1] ^ 1])))
+    said = parking.unpark_run(dest, run, cfg)
+    assert said is not None
+    assert "checkpoint-1.safetensors.xz does not match the SHA-256" in said
+    assert said.endswith("the run goes on from its own")
+    # a file that does not decompress (LZMA's own check)
+    data = bytearray(lzma.compress(good))
     data[len(data) // 2] ^= 0xFF
     packed.write_bytes(bytes(data))
-    shutil.rmtree(run)
-    with pytest.raises(CheckpointError, match=r"cell/run/checkpoint-1.safetensors.xz"):
-        parking.unpark_run(dest, run)
+    said = parking.unpark_run(dest, run, cfg)
+    assert said is not None
+    assert "checkpoint-1.safetensors.xz is damaged" in said
     assert not (run / "checkpoint.json").exists()
+    assert parking.parked_round(dest, cfg) == 0
     # the run's own checkpoint replaces a damaged parked copy
     _cut(run)
-    assert parking.park_run(run, dest) == "run: round 1 parked"
-    assert parking.unpark_run(dest, run) == "run: round 1 here, round 1 parked; left as it is"
+    said = parking.park_run(run, dest, cfg)
+    assert said is not None
+    assert said.startswith("run: round 1 parked (the parked copy was damaged (")
+    assert parking.unpark_run(dest, run, cfg) == (
+        "run: round 1 here, round 1 parked; left as it is"
+    )
     # a damaged checkpoint of the run is named, and not parked
     meta = json.loads((run / "checkpoint.json").read_text())
     meta["round"] = 7
     (run / "checkpoint.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=r"out/run/checkpoint.json was edited"):
-        parking.park_run(run, dest)
-    assert json.loads((dest / "checkpoint.json").read_text())["round"] == 1
-    # and a damaged checkpoint here is replaced by the verified parked one
-    assert parking.unpark_run(dest, run) == f"run: round 1 unparked from {dest}"
+    with pytest.raises(parking.CheckpointError, match=r"out/run/checkpoint.json was edited"):
+        parking.park_run(run, dest, cfg)
+    assert _round(dest) == 1
+    # and a damaged checkpoint here is replaced by the checked parked one
+    assert parking.unpark_run(dest, run, cfg) == f"run: round 1 unparked from {dest}"
     assert read_checkpoint(run) is not None
+
+
+def test_a_parked_copy_unsigned_under_the_key_is_refused_and_replaced(
+    cut: tuple[Path, Path, SimConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run, dest, cfg = cut
+    monkeypatch.setenv("GLORA_CHECKPOINT_KEY", "k")
+    shutil.rmtree(run)
+    said = parking.unpark_run(dest, run, cfg)
+    assert said is not None
+    assert "is not signed with GLORA_CHECKPOINT_KEY" in said
+    Simulation(_cfg(run, rounds=1)).run()  # a signed checkpoint
+    (run / "results.json").unlink()
+    said = parking.park_run(run, dest, cfg)
+    assert said is not None
+    assert said.startswith("run: round 1 parked (the parked copy was damaged (")
+    shutil.rmtree(run)
+    assert parking.unpark_run(dest, run, cfg) == f"run: round 1 unparked from {dest}"
+    assert read_checkpoint(run) is not None  # signed, checked under the key
 
 
 def test_glora_experiment_parks_and_unparks_a_cell(
@@ -195,3 +304,6 @@ def test_glora_experiment_parks_and_unparks_a_cell(
     assert experiment.main([*args, "--park", str(store)]) == 0
     assert capsys.readouterr().out == "[p] fedit-seed0: recorded; its parked checkpoint removed\n"
     assert not (store / "p" / "fedit-seed0").exists()
+    # --park is an action of its own
+    with pytest.raises(SystemExit):
+        experiment.main([*args, "--park", str(store), "--list"])
