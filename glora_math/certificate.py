@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from glora_math.errors import GloraError, NonFiniteError, ResidualWarning
-from glora_math.linalg import lowrank_fro_norm, lowrank_svd, scaled_fro_norm
+from glora_math.linalg import lowrank_fro_norm, scaled_fro_norm
 from glora_math.scaling import ldexp_or_inf, times_pow2
 from glora_math.tolerances import SAFETY, certificate_tol
 from glora_math.types import Certificate, LoRAFactors
@@ -354,44 +354,6 @@ def _at_unit_scale(f: LoRAFactors, k: int) -> LoRAFactors | None:
     return LoRAFactors(times_pow2(f.B.double(), -tb), times_pow2(f.A.double(), -ta))
 
 
-def _mean_at_unit_scale(
-    factors: Sequence[LoRAFactors], p: Tensor
-) -> tuple[Tensor, Tensor, int] | None:
-    """Float64 factors ``(B, A)`` of the weighted mean times ``2**-k``, and ``k`` (None: 0).
-
-    Each factorisation is rebalanced by powers of 2 (its product unchanged), and all products
-    are scaled by the one power of 2 that brings the largest weighted product near 1; clients
-    of weight 0 are left out. ``B = [p_i B_i]``, ``A = [A_i]`` stacked.
-    """
-    pl = [float(x) for x in p]
-    tops = [
-        e_b + e_a + math.frexp(pi)[1]
-        for pi, f in zip(pl, factors, strict=True)
-        if pi > 0 and (e_b := _exponent(f.B)) is not None and (e_a := _exponent(f.A)) is not None
-    ]
-    if not tops:
-        return None
-    k = max(tops)
-    live = [(pi, g) for pi, f in zip(pl, factors, strict=True)
-            if pi > 0 and (g := _at_unit_scale(f, k)) is not None]  # fmt: skip
-    B = torch.cat([pi * g.B for pi, g in live], dim=1)
-    A = torch.cat([g.A for _, g in live], dim=0)
-    return B, A, k
-
-
-def unit_truncation_residual(factors: Sequence[LoRAFactors], p: Tensor, rank: int) -> float:
-    """The relative error of the exact rank-``rank`` truncation of the mean, at unit scale.
-
-    Eckart-Young from the spectrum of the mean (:func:`truncation_certificate`), computed in
-    float64 on the factors of :func:`measured_certificate` (powers of 2, exact): what an
-    update of that rank can reach whatever the clients' dtype and range (0 for a zero mean).
-    """
-    unit = _mean_at_unit_scale(factors, p)
-    if unit is None:
-        return 0.0
-    return truncation_certificate(lowrank_svd(unit[0], unit[1])[1], rank).relative_residual
-
-
 def measured_certificate(
     factors: Sequence[LoRAFactors], p: Tensor, update: LoRAFactors
 ) -> Certificate:
@@ -405,10 +367,19 @@ def measured_certificate(
     truncation rounded to half precision; clients near the ends of their dtype's range).
     ``method == "qr"``.
     """
-    unit = _mean_at_unit_scale(factors, p)
-    if unit is None:  # a zero mean
+    pl = [float(x) for x in p]
+    tops = [
+        e_b + e_a + math.frexp(pi)[1]
+        for pi, f in zip(pl, factors, strict=True)
+        if pi > 0 and (e_b := _exponent(f.B)) is not None and (e_a := _exponent(f.A)) is not None
+    ]
+    if not tops:  # a zero mean
         return as_certificate(0.0, 0.0)
-    B, A, k = unit
+    k = max(tops)
+    live = [(pi, g) for pi, f in zip(pl, factors, strict=True)
+            if pi > 0 and (g := _at_unit_scale(f, k)) is not None]  # fmt: skip
+    B = torch.cat([pi * g.B for pi, g in live], dim=1)
+    A = torch.cat([g.A for _, g in live], dim=0)
     mean_norm = lowrank_fro_norm(B, A)
     mine = _at_unit_scale(update, k)
     if mine is None:
@@ -478,6 +449,5 @@ __all__ = [
     "residual_curve",
     "stored_basis_products",
     "truncation_certificate",
-    "unit_truncation_residual",
     "warn_residual",
 ]

@@ -6,7 +6,6 @@ Eckart-Young optimum at rank R) and HetLoRA (arXiv 2401.06432: zero-pad, average
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -14,13 +13,7 @@ import torch
 from torch import Tensor
 
 from glora_math import baselines as bl
-from glora_math.certificate import (
-    measured_certificate,
-    truncation_certificate,
-    unit_truncation_residual,
-    warn_residual,
-)
-from glora_math.errors import UnderflowWarning
+from glora_math.certificate import measured_certificate, truncation_certificate, warn_residual
 from glora_math.linalg import svd_route
 from glora_math.operators.interface import (
     AggregateResult,
@@ -34,7 +27,7 @@ from glora_math.operators.interface import (
     register,
 )
 from glora_math.scaling import shift, warn_lost_update
-from glora_math.tolerances import certificate_tol, working_dtype
+from glora_math.tolerances import working_dtype
 from glora_math.types import Certificate, LoRAFactors
 from glora_math.validation import validate_clients
 
@@ -61,35 +54,7 @@ def _certificate(
     if cert.relative_residual > 0 and not bool((update.B != 0).any() and (update.A != 0).any()):
         norm = f"{cert.mean_norm:.3e}" if cert.mean_norm > 0 else "below float64's range"
         warn_lost_update(update.B.dtype, norm, stacklevel=5)
-    elif shift(fs, dtype) != (0, 0):
-        _warn_partly_lost(fs, p, cert, rank)
     return cert
-
-
-def _warn_partly_lost(fs: Sequence[LoRAFactors], p: Tensor, cert: Certificate, rank: int) -> None:
-    """The :class:`~glora_math.errors.UnderflowWarning` of a truncation partly lost to rounding.
-
-    Clients outside their dtype's comfortable band: the factors returned may round to the
-    dtype's subnormals (float64 clients of 1e-162 entries: FlexLoRA's error 1.03 of the mean,
-    worse than a zero update, against 0.615 for the exact truncation). The exact truncation's
-    error is the Eckart-Young tail of the mean, computed in float64 at unit scale (powers of 2,
-    exact, each client's factorisation rebalanced); the update's distance from that
-    truncation is at least the difference of the two errors (triangle inequality), said where
-    it exceeds the certificate's own tolerance.
-    """
-    ideal = unit_truncation_residual(fs, p, rank)
-    excess = cert.relative_residual - ideal
-    dtype = fs[0].B.dtype
-    if excess > certificate_tol(dtype, n=int(fs[0].B.shape[0]) + int(fs[0].A.shape[1]), scale=1.0):
-        warnings.warn(
-            UnderflowWarning(
-                f"the server update is partly outside {dtype}'s normal range: rounding it "
-                f"costs at least {excess:.3e} of the mean update (its error "
-                f"{cert.relative_residual:.3e}, the exact rank-{rank} truncation's {ideal:.3e}; "
-                "its certificate includes this)"
-            ),
-            stacklevel=6,
-        )
 
 
 def _svd_result(default: Literal["balanced", "left"]) -> OperatorFn:
