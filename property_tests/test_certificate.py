@@ -308,22 +308,33 @@ def test_half_precision_and_extreme_clients_get_their_measured_error() -> None:
             assert abs(res.certificate.relative_residual - measured) <= tol, (dtype, c, name)
 
 
-def test_an_update_that_underflows_is_certified_as_lost_and_said_so() -> None:
+def test_a_truncation_far_below_the_normal_range_is_returned_and_its_loss_said() -> None:
     # Float32 factors of 2^-80 entries: the mean's entries (about 2^-160) are below float32's
-    # smallest subnormal (2^-149), so the update is zero; the certificate says 1 and a warning
-    # why. (At 2^-75 a few subnormal entries survive, and the certificate measures them.)
-    g = torch.Generator().manual_seed(4)
-    c = 2.0**-80
-    fs = [LoRAFactors(c * torch.randn(6, 2, generator=g), c * torch.randn(2, 5, generator=g))
-          for _ in range(3)]  # fmt: skip
-    with pytest.warns(UnderflowWarning, match="returned as zero") as caught:
-        res = get_operator("flexlora")(fs, rank=2)
-    assert {w.filename for w in caught} == {__file__}  # the caller's line
+    # smallest subnormal (2^-149). FlexLoRA's U s was zero, the update lost (certified 1, with
+    # a warning). Computed at unit scale and split back between B and A (2^-80 each), the
+    # update is returned whole: its certificate is the unit problem's, and nothing is said.
+    # Clients that are themselves subnormal (2^-146: two or three digits each) give factors
+    # that are subnormal too: the certificate measures what that cost, and a warning says it.
+    def clients(c: float) -> list[LoRAFactors]:
+        g = torch.Generator().manual_seed(4)
+        return [LoRAFactors(c * torch.randn(6, 2, generator=g), c * torch.randn(2, 5, generator=g))
+                for _ in range(3)]  # fmt: skip
+
+    op = get_operator("flexlora")
+    unit = op(clients(1.0), rank=2).certificate
+    assert unit is not None
+    tol = certificate_tol(torch.float32, n=n_dims(6, 5, [2] * 3), scale=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = op(clients(2.0**-80), rank=2)
     assert res.certificate is not None
-    assert not bool(res.update.B.any() and res.update.A.any())
-    assert abs(res.certificate.relative_residual - 1.0) <= certificate_tol(
-        torch.float64, n=n_dims(6, 5, [2] * 3), scale=1.0
-    )
+    assert bool(res.update.B.any() and res.update.A.any())
+    assert abs(res.certificate.relative_residual - unit.relative_residual) <= tol
+    with pytest.warns(UnderflowWarning, match="partly below torch.float32's normal range") as w:
+        res = op(clients(2.0**-146), rank=2)
+    assert {x.filename for x in w} == {__file__}  # the caller's line
+    assert res.certificate is not None
+    assert res.certificate.relative_residual > unit.relative_residual + tol
 
 
 def test_an_imbalanced_factorisation_is_certified_as_its_product() -> None:
