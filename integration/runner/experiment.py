@@ -38,7 +38,7 @@ import argparse
 import json
 import statistics
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +58,7 @@ from .cells import (
     runs_at,
     seeds_of,
 )
+from .checkpoint import CheckpointError
 from .config import SimConfig, differences
 from .files import FolderInUseError, busy, write_text_atomic
 from .park import forget_parked, park_run, parked_round, unpark_run
@@ -300,26 +301,28 @@ def parked_folder(store: Path, cell: str, cfg: SimConfig) -> Path:
 
 def park_cell(
     config: Mapping[str, Any], cell: str, out: Path, docs: Path, *, store: Path, device: str = "cpu"
-) -> list[str]:
+) -> Iterator[str]:
     """Park the checkpoint of every unfinished run of the cell in ``store`` (a committed folder).
 
     A later round replaces a parked one (:func:`~integration.runner.park.park_run`); a run
     that has finished (``results.json``) or is recorded (its raw JSON in ``docs``) has its
-    parked copy removed. Returns one line per change. A fresh machine resumes the parked
-    rounds with ``run_cell(..., unpark=store)``.
+    parked copy removed. Yields one line per change as it is made; a run whose checkpoint is
+    damaged is named in its line and the other runs are still parked. A fresh machine
+    resumes the parked rounds with ``run_cell(..., unpark=store)``.
     """
     cr = CellRaw(config, cell, docs)
-    said = []
     for entry, seed, cfg in plan(config, out, device):
         dest = parked_folder(store, cell, cfg)
         if cr.record(run_id(entry), seed) is not None:
-            line = f"{dest.name}: recorded; its parked checkpoint removed" if forget_parked(
-                dest) else None  # fmt: skip
+            gone = forget_parked(dest)
+            line = f"{dest.name}: recorded; its parked checkpoint removed" if gone else None
         else:
-            line = park_run(Path(cfg.out), dest, cfg)
+            try:
+                line = park_run(Path(cfg.out), dest, cfg)
+            except CheckpointError as err:
+                line = f"{dest.name}: not parked, its checkpoint is damaged: {err}"
         if line:
-            said.append(f"[{cell}] {line}")
-    return said
+            yield f"[{cell}] {line}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -402,11 +405,19 @@ def _act(
         return 0
     if args.park is not None:
         todo = config if wanted is None else dict(config) | {"seeds": wanted}
+        said = False
         for line in park_cell(todo, cell, out, docs, store=Path(args.park), device=args.device):
-            print(line)
+            print(line, flush=True)
+            said = True
+        if not said:
+            print(f"[{cell}] nothing to park or remove: no unfinished run has a newer "
+                  f"checkpoint under {out}")  # fmt: skip
         return 0
     if not args.table:
         unpark = None if args.unpark is None else Path(args.unpark)
+        if unpark is not None and not unpark.is_dir():
+            print(f"[{cell}] --unpark {unpark}: no such folder; every run goes on from its own",
+                  flush=True)  # fmt: skip
         run_cell(config, cell, out, docs, args.device, seeds=wanted, unpark=unpark)
     print(write_table(config, cell, docs).read_text())
     return 0

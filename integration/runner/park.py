@@ -123,6 +123,14 @@ def _write(folder: Path, ckpt: _Checkpoint, *, pack: bool) -> None:
 
 def forget_parked(dest: Path) -> bool:
     """Remove the parked copy ``dest`` of a run that has finished (True if there was one)."""
+    if not dest.is_dir():
+        return False
+    with held(dest.parent, wait=True):
+        return _forget(dest)
+
+
+def _forget(dest: Path) -> bool:
+    """:func:`forget_parked` once the cell's parking folder is held."""
     files = [p for p in (dest / _MANIFEST, *dest.glob("checkpoint-*")) if p.is_file()]
     for p in files:  # the manifest first: what is left is no checkpoint, never a wrong one
         p.unlink()
@@ -154,20 +162,41 @@ def park_run(run: Path, dest: Path, cfg: SimConfig) -> str | None:
     ParkError
         If the parked copy cannot be written.
     """
-    if (run / _RESULTS).is_file():
-        return (
-            f"{run.name}: finished; its parked checkpoint removed" if forget_parked(dest) else None
-        )
+    finished = (run / _RESULTS).is_file()
+    if not (dest / _MANIFEST).is_file() and (finished or not (run / _MANIFEST).is_file()):
+        return None  # nothing to park or remove (and no empty folder made)
     with held(dest.parent, wait=True):  # one park at a time per cell: no round goes back
+        if finished:
+            removed = _forget(dest)
+            return f"{run.name}: finished; its parked checkpoint removed" if removed else None
         return _park_held(run, dest, cfg)
+
+
+def _read_settled(folder: Path) -> _Checkpoint | None:
+    """:func:`_read` of a run's folder, once more if its tensor file went meanwhile.
+
+    A run that writes its next round between the reads of its manifest and of its tensors
+    removes the file the first manifest named; the second read finds the new round whole.
+
+    Raises
+    ------
+    CheckpointError
+        If the manifest names a tensor file that is still missing (a damaged checkpoint).
+    """
+    try:
+        return _read(folder)
+    except FileNotFoundError:
+        pass
+    try:
+        return _read(folder)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{folder / _MANIFEST} points at {err.filename}, which is "
+                              "missing") from None  # fmt: skip
 
 
 def _park_held(run: Path, dest: Path, cfg: SimConfig) -> str | None:
     """:func:`park_run` once the cell's parking folder is held."""
-    try:
-        mine = _read(run)
-    except FileNotFoundError:
-        return f"{run.name}: being written; left for the next park"
+    mine = _read_settled(run)
     if mine is None:
         return None
     why = _other_run(mine.meta, cfg)
@@ -205,7 +234,8 @@ def unpark_run(parked: Path, run: Path, cfg: SimConfig) -> str | None:
     if not (parked / _MANIFEST).is_file() or (run / _RESULTS).is_file():
         return None
     try:
-        there = _read(parked)
+        with held(parked.parent, wait=True):  # not while a park replaces it
+            there = _read(parked)
     except (CheckpointError, OSError) as err:
         return f"{run.name}: the parked checkpoint is refused ({err}); the run goes on from its own"
     why = None if there is None else _other_run(there.meta, cfg)

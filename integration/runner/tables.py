@@ -197,8 +197,9 @@ def table(config: Mapping[str, Any], cell: str, docs: Path, *, cr: CellRaw | Non
         "s / round: wall-clock seconds of a round (training, aggregation and evaluation), "
         "the median over every round of every seed (a run paused to lend its core to "
         "another counts the pause, so the mean would mislead).",
-        f"- Regenerate: `python -m integration.experiment --table <config of {cell}>`; raw "
-        f"per-round JSON in `raw/{cell}/`.",
+        f"- Regenerate: `glora experiment --table <config of {cell}>` (in a source checkout, "
+        f"also `python -m integration.experiment --table ...`); raw per-round JSON in "
+        f"`raw/{cell}/`.",
         "",
         "",
     ]

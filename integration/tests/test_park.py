@@ -192,7 +192,7 @@ def test_unpark_leaves_a_run_that_is_ahead_running_or_finished(
     assert parking.unpark_run(dest, run, cfg) is None
 
 
-def test_a_checkpoint_written_while_it_is_parked_is_left_for_the_next_park(
+def test_a_checkpoint_written_while_it_is_parked_is_parked_whole(
     cut: tuple[Path, Path, SimConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run, dest, cfg = cut
@@ -200,15 +200,26 @@ def test_a_checkpoint_written_while_it_is_parked_is_left_for_the_next_park(
     _advance(run)
     load = parking._load
 
+    calls: list[Path] = []
+
     def racing(path: Path) -> bytes:
-        _advance(run)  # the manifest is read; the run writes its next round now
+        calls.append(path)
+        if len(calls) == 1:  # the manifest is read; the run writes its next round now
+            _advance(run)
         return load(path)
 
     monkeypatch.setattr(parking, "_load", racing)
-    assert parking.park_run(run, dest, cfg) == "run: being written; left for the next park"
-    monkeypatch.setattr(parking, "_load", load)
-    assert _round(dest) == 1
+    # round 2's tensor file is gone when it is read: the next read finds round 3 whole
     assert parking.park_run(run, dest, cfg) == "run: round 3 parked"
+    monkeypatch.setattr(parking, "_load", load)
+    assert _round(dest) == 3
+    # a manifest whose tensor file stays missing is a damaged checkpoint, said by name
+    (run / "checkpoint-3.safetensors").unlink()
+    with pytest.raises(
+        parking.CheckpointError, match=r"checkpoint-3.safetensors, which is missing"
+    ):
+        parking.park_run(run, dest, cfg)
+    assert _round(dest) == 3
 
 
 def test_damaged_checkpoints_are_named_and_never_copied(
@@ -304,6 +315,32 @@ def test_glora_experiment_parks_and_unparks_a_cell(
     assert experiment.main([*args, "--park", str(store)]) == 0
     assert capsys.readouterr().out == "[p] fedit-seed0: recorded; its parked checkpoint removed\n"
     assert not (store / "p" / "fedit-seed0").exists()
+    assert experiment.main([*args, "--park", str(store)]) == 0  # nothing left to do: said
+    assert capsys.readouterr().out.startswith("[p] nothing to park or remove")
+    assert not (store / "p").exists() or not any((store / "p").iterdir())
     # --park is an action of its own
     with pytest.raises(SystemExit):
         experiment.main([*args, "--park", str(store), "--list"])
+
+
+def test_park_cell_names_a_damaged_run_and_parks_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Found by review: a damaged checkpoint of one run stopped --park for the whole cell.
+    from integration import experiment
+
+    cfg = {"name": "q", "seeds": [0, 1], "base": TINY, "runs": [{"operator": "fedit"}]}
+    config = tmp_path / "q.json"
+    config.write_text(json.dumps(cfg))
+    out, store = tmp_path / "out", tmp_path / "parked"
+    for _, _, sim in experiment.plan(cfg, out / "runs"):
+        Simulation(dataclasses.replace(sim, rounds=1)).run()
+        (Path(sim.out) / "results.json").unlink()
+    manifest = out / "runs" / "fedit-seed0" / "checkpoint.json"
+    manifest.write_text(manifest.read_text().replace('"round": 1', '"round": 1 '))
+    (out / "runs" / "fedit-seed0" / "checkpoint-1.safetensors").unlink()
+    assert experiment.main([str(config), "--out", str(out), "--park", str(store)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[q] fedit-seed0: not parked, its checkpoint is damaged: ")
+    assert lines[0].endswith("checkpoint-1.safetensors, which is missing")
+    assert lines[1] == "[q] fedit-seed1: round 1 parked"
