@@ -21,7 +21,7 @@ from torch import Tensor
 from glora_math.errors import OptionError, ProtocolError, ShapeMismatchError
 from glora_math.linalg import lowrank_fro_norm, lowrank_svd, sign_fixed_svd
 from glora_math.metrics import mean_update
-from glora_math.scaling import shift, times_pow2
+from glora_math.scaling import balanced_power, shift, times_pow2
 from glora_math.tolerances import comfortable_band
 from glora_math.types import LoRAFactors, Split
 from glora_math.validation import (
@@ -584,9 +584,7 @@ def flora_na(
     # clients' split).
     t, x = kb + ka, 0
     if (kb, ka) != (0, 0):
-        eb = math.frexp(float(B.abs().max()))[1] if B.numel() else 0
-        ea = math.frexp(float(A.abs().max()))[1] if A.numel() else 0
-        x = (ea - eb + t) // 2
+        x = balanced_power(B, A, t)
     return _cast(LoRAFactors(times_pow2(B, x), times_pow2(A, t - x)), info.dtype)
 
 

@@ -30,6 +30,22 @@ def times_pow2(x: Tensor, k: int) -> Tensor:
     return x
 
 
+def exponent(x: Tensor) -> int:
+    """``e`` with ``max |x|`` in ``[2^(e-1), 2^e)`` (0 for an all-zero or empty ``x``)."""
+    top = float(x.abs().max()) if x.numel() else 0.0
+    return math.frexp(top)[1]
+
+
+def balanced_power(B: Tensor, A: Tensor, t: int) -> int:
+    """The part ``x`` of ``2**t`` for ``B`` (``2**(t - x)`` for ``A``), balanced.
+
+    It leaves the binary exponents of the largest entries of ``B 2^x`` and ``A 2^(t - x)`` at
+    most 1 apart: a factorisation scaled back from unit scale that neither under- nor
+    overflows where its product fits.
+    """
+    return (exponent(A) - exponent(B) + t) // 2
+
+
 def shift(factors: Sequence[LoRAFactors], dtype: torch.dtype) -> tuple[int, int]:
     """Powers of 2 that bring the largest entries of the B_i and A_i to unit scale, or (0, 0).
 
@@ -253,6 +269,8 @@ def unscaled_stack(
 
 
 __all__ = [
+    "balanced_power",
+    "exponent",
     "ldexp_or_inf",
     "module_shifts",
     "shift",

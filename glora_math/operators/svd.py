@@ -6,7 +6,6 @@ Eckart-Young optimum at rank R) and HetLoRA (arXiv 2401.06432: zero-pad, average
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from typing import Literal
@@ -29,7 +28,7 @@ from glora_math.operators.interface import (
     factors_cost,
     register,
 )
-from glora_math.scaling import shift, times_pow2, warn_lost_update
+from glora_math.scaling import balanced_power, exponent, shift, times_pow2, warn_lost_update
 from glora_math.tolerances import certificate_tol, storage_tol, working_dtype
 from glora_math.types import Certificate, LoRAFactors
 from glora_math.validation import validate_clients
@@ -60,12 +59,6 @@ def _certificate(
     return cert
 
 
-def _exponent(x: Tensor) -> int:
-    """``e`` with ``max |x|`` in ``[2^(e-1), 2^e)`` (0 for an all-zero or empty ``x``)."""
-    top = float(x.abs().max()) if x.numel() else 0.0
-    return math.frexp(top)[1]
-
-
 def _at_unit_scale(
     fs: Sequence[LoRAFactors], p: Tensor, work: torch.dtype
 ) -> tuple[Sequence[LoRAFactors], Tensor, tuple[int, int]]:
@@ -83,7 +76,7 @@ def _at_unit_scale(
     keep = [i for i in range(len(fs)) if float(p[i]) > 0]
     bal = []
     for i in keep:
-        e = (_exponent(fs[i].B) - _exponent(fs[i].A)) // 2
+        e = (exponent(fs[i].B) - exponent(fs[i].A)) // 2
         bal.append(LoRAFactors(times_pow2(fs[i].B, -e), times_pow2(fs[i].A, e)))
     kb, ka = shift(bal, work)
     units = [LoRAFactors(times_pow2(f.B, -kb), times_pow2(f.A, -ka)) for f in bal]
@@ -98,7 +91,7 @@ def _split_power(f: LoRAFactors, t: int) -> int:
     """
     if t == 0 or not f.B.numel() or not f.A.numel():
         return 0
-    return (_exponent(f.A) - _exponent(f.B) + t) // 2
+    return balanced_power(f.B, f.A, t)
 
 
 def _back(f: LoRAFactors, x: int, t: int, dtype: torch.dtype) -> LoRAFactors:

@@ -398,9 +398,9 @@ def _act(
     wanted: list[int] | None,
 ) -> int:
     """What the command line asks for, once its arguments are checked: list, park, or run."""
+    unpark = None if args.unpark is None else Path(args.unpark)
     if args.list:
         listed = config if wanted is None else dict(config) | {"seeds": wanted}
-        unpark = None if args.unpark is None else Path(args.unpark)
         _list(listed, cell, out, docs, args.device, whole=config, unpark=unpark)
         return 0
     if args.park is not None:
@@ -414,7 +414,6 @@ def _act(
                   f"checkpoint under {out}")  # fmt: skip
         return 0
     if not args.table:
-        unpark = None if args.unpark is None else Path(args.unpark)
         if unpark is not None and not unpark.is_dir():
             print(f"[{cell}] --unpark {unpark}: no such folder; every run goes on from its own",
                   flush=True)  # fmt: skip

@@ -20,17 +20,9 @@ from safetensors.torch import load_file
 from integration.runner import park as parking
 from integration.runner.checkpoint import read_checkpoint, write_checkpoint
 from integration.runner.simulate import SimConfig, Simulation
+from integration.tests.test_simulate import TINY as SIMULATE_TINY
 
-TINY = {
-    "model": "tiny-roberta",
-    "clients": 3,
-    "rounds": 2,
-    "local_steps": 2,
-    "max_train": 48,
-    "max_eval": 32,
-    "batch_size": 8,
-    "operator": "glora_auto",
-}
+TINY = SIMULATE_TINY | {"operator": "glora_auto"}
 TIMING = ("seconds", "eval_seconds")
 
 
